@@ -1,0 +1,5 @@
+"""npucc: a model compiler for phone NPUs."""
+
+from compiler.errors import NpuccError
+
+__all__ = ["NpuccError"]

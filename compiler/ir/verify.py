@@ -1,0 +1,112 @@
+"""Graph verification: structure, then types. Every problem names the node at fault.
+
+Checks, in order: cycles, use before definition, values defined twice, dangling outputs
+(a returned value no node or input defines), unknown ops, operand counts, attributes
+against the op's schema, declared result types against the op's type inference, and
+weights referenced by ``const`` nodes against their arrays.
+"""
+
+from __future__ import annotations
+
+from compiler.errors import NpuccError, OpError, VerificationError
+from compiler.ir.graph import Graph, Node
+from compiler.ir.registry import get_op, has_op
+from compiler.ir.types import TensorType
+
+__all__ = ["verify", "verify_node"]
+
+
+def _find_cycle(graph: Graph) -> list[Node] | None:
+    state: dict[int, int] = {}  # 1 = on stack, 2 = done
+    in_graph = {id(n) for n in graph.nodes}
+    for root in graph.nodes:
+        if id(root) in state:
+            continue
+        stack: list[tuple[Node, int]] = [(root, 0)]
+        path: list[Node] = []
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                state[id(node)] = 1
+                path.append(node)
+            preds = [v.producer for v in node.inputs if v.producer is not None
+                     and id(v.producer) in in_graph]
+            if i < len(preds):
+                stack.append((node, i + 1))
+                p = preds[i]
+                s = state.get(id(p))
+                if s == 1:
+                    return path[path.index(p):]
+                if s is None:
+                    stack.append((p, 0))
+            else:
+                state[id(node)] = 2
+                path.pop()
+    return None
+
+
+def verify_node(graph: Graph, node: Node) -> None:
+    """Check one node's op, arity, attributes and declared types; raises OpError."""
+    if not has_op(node.op):
+        get_op(node.op)  # raises with the list of known ops
+    opdef = get_op(node.op)
+    opdef.check_arity(len(node.inputs))
+    normalized = opdef.normalize_attrs(node.attrs)
+    if normalized.keys() != node.attrs.keys():
+        missing = sorted(set(normalized) - set(node.attrs))
+        raise OpError(f"attributes not normalised (missing {', '.join(missing)})")
+    if node.op == "const":
+        (out,) = node.outputs
+        arr = graph.const_value(out)
+        if node.attrs["ref"] and node.attrs["ref"] not in graph.weights:
+            if graph.weights:  # a graph parsed without its weights file has none at all
+                raise OpError(f"weight {node.attrs['ref']!r} is missing")
+            return
+        if arr is not None and TensorType.of(arr) != out.type:
+            raise OpError(f"constant is {TensorType.of(arr)} but declared {out.type}")
+        return
+    inferred = opdef.infer([v.type for v in node.inputs], node.attrs)
+    declared = [v.type for v in node.outputs]
+    if len(inferred) != len(declared):
+        raise OpError(f"has {len(declared)} result(s), the op produces {len(inferred)}")
+    for i, (d, t) in enumerate(zip(declared, inferred, strict=True)):
+        if d != t:
+            raise OpError(f"result {i} is declared {d} but the op infers {t}")
+
+
+def verify(graph: Graph) -> None:
+    """Raise VerificationError listing every problem found (each names its node)."""
+    problems: list[str] = []
+    cycle = _find_cycle(graph)
+    if cycle:
+        raise VerificationError("cycle: " + " -> ".join(n.label for n in cycle + cycle[:1]))
+    defined: set[int] = {id(v) for v in graph.inputs}
+    names: dict[str, str] = {}
+    for v in graph.inputs:
+        if v.name in names:
+            problems.append(f"input %{v.name} is defined twice")
+        names[v.name] = "input"
+    for node in graph.nodes:
+        for v in node.inputs:
+            if id(v) not in defined:
+                where = "is never defined" if v.producer is None else \
+                    f"is defined later, by {v.producer.label}"
+                problems.append(f"{node.label}: uses %{v.name}, which {where}")
+        for v in node.outputs:
+            if v.producer is not node:
+                problems.append(f"{node.label}: result %{v.name} names another producer")
+            if v.name in names:
+                problems.append(f"{node.label}: redefines %{v.name}")
+            names[v.name] = node.label
+            defined.add(id(v))
+        try:
+            verify_node(graph, node)
+        except NpuccError as e:
+            problems.append(f"{node.label}: {e}")
+    for i, v in enumerate(graph.outputs):
+        if id(v) not in defined:
+            problems.append(f"output {i} (%{v.name}) is dangling: no node or input defines it")
+    if not graph.outputs:
+        problems.append("the graph returns nothing")
+    if problems:
+        raise VerificationError(problems)
