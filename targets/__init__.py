@@ -1,0 +1,1 @@
+"""Targets: hardware descriptions and TVM code generation for them."""
