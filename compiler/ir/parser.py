@@ -62,10 +62,15 @@ def parse(text: str, weights: Mapping[str, np.ndarray] | None = None,
                          text.count("\n") + 1, len(text) - text.rfind("\n"), source) from None
     except UnexpectedInput as e:
         tok = getattr(e, "token", None)
-        got = repr(str(tok)) if tok is not None and str(tok) else "end of input"
         expected = getattr(e, "expected", None) or getattr(e, "allowed", None) or []
+        line, col = getattr(e, "line", None), getattr(e, "column", None)
+        if tok is None or tok.type == "$END" or not str(tok):
+            got = "end of input"
+            line, col = text.count("\n") + 1, len(text) - text.rfind("\n")
+        else:
+            got = repr(str(tok))
         raise ParseError(f"unexpected {got}; expected {_describe_expected(expected)}",
-                         getattr(e, "line", None), getattr(e, "column", None), source) from None
+                         line, col, source) from None
     except (LarkError, RecursionError) as e:
         raise ParseError(f"cannot parse: {e}", 1, 1, source) from None
     return _Builder(weights, source).build(tree.children[0])
