@@ -11,8 +11,20 @@ import importlib
 from importlib.metadata import entry_points
 
 # pass name -> module (filled in by each family as it lands)
-PASS_MODULES: dict[str, str] = {}
-FAMILIES: tuple[str, ...] = ()
+PASS_MODULES: dict[str, str] = {
+    **dict.fromkeys(("fold-constants", "dce", "cse", "fold-batchnorm", "simplify-reshapes",
+                     "canonicalize"), "passes.canonicalize"),
+    **dict.fromkeys(("fuse-matmul-add", "fuse-gemm", "fuse-conv-act", "fuse-conv-relu",
+                     "fuse-dense-act"), "passes.fusion"),
+    "to-nhwc": "passes.layout",
+}
+FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
+
+# The graph-level pipeline every target starts from (targets may replace or extend it).
+# fold-batchnorm runs after the fusions to dense so BN reading a conv folds into it first;
+# fuse-conv-relu is fuse-conv-act under the name the acceptance tests print after.
+DEFAULT_PIPELINE = ("canonicalize,fuse-matmul-add,fuse-gemm,fold-batchnorm,fuse-conv-relu,"
+                    "fuse-dense-act,to-nhwc,canonicalize")
 
 
 def load(name: str) -> None:

@@ -1,0 +1,368 @@
+"""Canonicalisation: constant folding, DCE, CSE, BatchNorm folding, reshape/transpose cleanup.
+
+``canonicalize`` runs the others to a fixed point (with an iteration cap; non-convergence is
+reported in the stats and as a remark, never silently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.ir.graph import Graph, Node
+from compiler.ir.interpreter import run_node
+from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from passes._rewrite import (
+    compose_perm,
+    const_array,
+    erase_dead,
+    is_identity_perm,
+    new_const,
+    only_user,
+    replace_node,
+    tag,
+)
+
+__all__ = ["FoldConstants", "DeadCodeElimination", "CommonSubexpressionElimination",
+           "FoldBatchNorm", "SimplifyReshapes", "Canonicalize", "fold_constants_in"]
+
+
+# -- fold-constants ------------------------------------------------------------------
+def _foldable_args(graph: Graph, node: Node) -> list[np.ndarray] | None:
+    """The operand arrays of ``node`` if it can be evaluated at compile time, else None."""
+    if node.op == "const":
+        return None
+    if node.op == "shape":  # depends on the static shape only
+        (x,) = node.inputs
+        return [np.broadcast_to(np.zeros((), x.type.np_dtype), x.shape)]
+    args = []
+    for v in node.inputs:
+        arr = const_array(graph, v)
+        if arr is None:
+            return None
+        args.append(arr)
+    return args
+
+
+def fold_constants_in(graph: Graph, max_bytes: int, inline_limit: int = 16) -> dict[str, int]:
+    """Evaluate every node whose operands are constants; returns {"folded", "skipped_big"}."""
+    folded = skipped = 0
+    for node in list(graph.nodes):
+        if not node.outputs or all(not v.uses and v not in graph.outputs for v in node.outputs):
+            continue
+        args = _foldable_args(graph, node)
+        if args is None:
+            continue
+        if sum(v.type.nbytes for v in node.outputs) > max_bytes:
+            skipped += 1
+            continue
+        with np.errstate(all="ignore"):
+            results = run_node(graph, node, args)
+        for v, arr in zip(node.outputs, results, strict=True):
+            base = node.name or f"folded.{v.name}"
+            graph.replace_all_uses(v, new_const(graph, arr, name=base, before=node,
+                                                inline_limit=inline_limit))
+        erase_dead(graph, [node])
+        folded += 1
+    return {"folded": folded, "skipped_big": skipped}
+
+
+@register_pass
+@dataclass(frozen=True)
+class FoldConstants(Pass):
+    """Evaluate at compile time every node whose operands are all constants.
+
+    Uses each op's reference implementation; ``shape`` folds always (shapes are static),
+    ``fill``/``arange`` have no operands and fold too, so ONNX ConstantOfShape/Shape/Range
+    chains disappear. Before: any graph. After: no non-const node has only constant operands
+    (except folds whose result exceeds ``max_bytes``); results of more than
+    ``inline_limit`` elements are weights (``graph.add_weight``), smaller ones inline.
+    """
+
+    name: ClassVar[str] = "fold-constants"
+    max_bytes: int = 64 << 20
+    inline_limit: int = 16
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats = fold_constants_in(graph, self.max_bytes, self.inline_limit)
+        if stats["skipped_big"]:
+            ctx.remark(f"fold-constants: {stats['skipped_big']} fold(s) larger than "
+                       f"max-bytes={self.max_bytes} left in the graph")
+        return PassResult(graph, stats["folded"] > 0, stats)
+
+
+# -- dce -----------------------------------------------------------------------------
+@register_pass
+@dataclass(frozen=True)
+class DeadCodeElimination(Pass):
+    """Remove nodes whose results reach no graph output, and weights no const reads.
+
+    After: every node contributes to an output.
+    """
+
+    name: ClassVar[str] = "dce"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        nweights = len(graph.weights)
+        removed = graph.remove_dead()
+        return PassResult(graph, removed > 0,
+                          {"removed": removed, "weights_removed": nweights - len(graph.weights)})
+
+
+# -- cse -----------------------------------------------------------------------------
+def _freeze(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return ("nd", str(v.dtype), v.shape, v.tobytes())
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, float):
+        return ("f", v.hex())
+    return (type(v).__name__, v)
+
+
+def _cse_key(node: Node) -> tuple:
+    attrs = tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items()))
+    types = tuple(v.type for v in node.outputs) if node.op == "const" else ()
+    return (node.op, tuple(id(v) for v in node.inputs), attrs, types, node.device)
+
+
+@register_pass
+@dataclass(frozen=True)
+class CommonSubexpressionElimination(Pass):
+    """Merge nodes with the same op, the same operands and equal attributes.
+
+    Constants merge when they read the same weight (``ref``) or hold equal inline values
+    (compared by dtype, shape and bytes). After: no two nodes compute the same thing.
+    """
+
+    name: ClassVar[str] = "cse"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        seen: dict[tuple, Node] = {}
+        merged = 0
+        for node in list(graph.nodes):
+            if not node.outputs:
+                continue
+            key = _cse_key(node)
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            for a, b in zip(node.outputs, first.outputs, strict=True):
+                graph.replace_all_uses(a, b)
+            erase_dead(graph, [node])
+            merged += 1
+        return PassResult(graph, merged > 0, {"merged": merged})
+
+
+# -- fold-batchnorm ------------------------------------------------------------------
+_KERNEL_OUT_AXIS = {"OIHW": 0, "OHWI": 0, "HWIO": 3}
+_CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
+
+
+def _bn_affine(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with batch_norm(x) == x * s + t along the channel axis, in float64."""
+    arrs = [const_array(graph, v) for v in bn.inputs[1:]]
+    if any(a is None for a in arrs):
+        return None
+    scale, bias, mean, var = (np.asarray(a, np.float64) for a in arrs)
+    s = scale / np.sqrt(var + bn.attrs["epsilon"])
+    return s, bias - mean * s
+
+
+def _fold_into_conv(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> bool:
+    conv = bn.inputs[0].producer
+    if conv is None or conv.op != "conv2d" or conv.attrs["activation"] != "none":
+        return False
+    if only_user(graph, conv.output) is not bn:
+        return False
+    x = bn.inputs[0]
+    if bn.attrs["axis"] % len(x.shape) != _CHANNEL_AXIS[conv.attrs["layout"]]:
+        return False
+    w = const_array(graph, conv.inputs[1])
+    b = const_array(graph, conv.inputs[2]) if len(conv.inputs) == 3 else None
+    if w is None or (len(conv.inputs) == 3 and b is None):
+        return False
+    axis = _KERNEL_OUT_AXIS[conv.attrs["kernel_layout"]]
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    new_w = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
+    b64 = np.zeros_like(s) if b is None else b.astype(np.float64)
+    new_b = (b64 * s + t).astype(w.dtype)
+    rule = "fold-batchnorm"
+    wname = conv.inputs[1].producer.attrs.get("ref") or tag(conv, rule) + ".weight"
+    wv = new_const(graph, new_w, name=wname + ".bn", before=conv)
+    bv = new_const(graph, new_b, name=tag(conv, rule) + ".bias", before=conv)
+    replace_node(graph, conv, "conv2d", [conv.inputs[0], wv, bv], dict(conv.attrs), rule=rule,
+                 replaces=bn)
+    erase_dead(graph, [conv])
+    return True
+
+
+def _bn_to_affine(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> None:
+    x = bn.inputs[0]
+    axis = bn.attrs["axis"] % len(x.shape)
+    shape = (len(s),) + (1,) * (len(x.shape) - 1 - axis)
+    dt = x.type.np_dtype
+    rule = "fold-batchnorm"
+    name = tag(bn, rule)
+    sv = new_const(graph, s.reshape(shape).astype(dt), name=name + ".scale", before=bn)
+    tv = new_const(graph, t.reshape(shape).astype(dt), name=name + ".shift", before=bn)
+    mul = graph.add("mul", x, sv, name=name, before=bn)
+    replace_node(graph, bn, "add", [mul, tv], rule=rule)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FoldBatchNorm(Pass):
+    """Remove every batch_norm whose scale/bias/mean/var are constants.
+
+    A batch_norm reading a conv2d (no fused activation, the BN its only reader, constant
+    weight and bias, matching channel axis) is folded into the conv's weight and bias.
+    Any other batch_norm with constant statistics becomes ``mul`` + ``add`` by per-channel
+    constants. After: only batch_norms with non-constant statistics remain.
+    """
+
+    name: ClassVar[str] = "fold-batchnorm"
+    into_conv: bool = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        into_conv = affine = 0
+        for bn in list(graph.find("batch_norm")):
+            st = _bn_affine(graph, bn)
+            if st is None:
+                continue
+            if self.into_conv and _fold_into_conv(graph, bn, *st):
+                into_conv += 1
+            else:
+                _bn_to_affine(graph, bn, *st)
+                affine += 1
+        return PassResult(graph, into_conv + affine > 0,
+                          {"folded_into_conv": into_conv, "to_mul_add": affine})
+
+
+# -- simplify-reshapes ---------------------------------------------------------------
+def _unit_moves_only(shape: tuple[int, ...], perm: list[int]) -> bool:
+    """True when transposing ``shape`` by ``perm`` keeps the order of the non-1 dimensions."""
+    moved = [p for p in perm if shape[p] != 1]
+    return moved == sorted(moved)
+
+
+def simplify_node(graph: Graph, node: Node, transpose_to_reshape: bool = True) -> str | None:
+    """Apply one reshape/transpose simplification to ``node``; returns the rule's name."""
+    rule = "simplify-reshapes"
+    if node.op == "identity":
+        graph.replace_all_uses(node.output, node.inputs[0])
+        erase_dead(graph, [node])
+        return "identity"
+    if node.op not in ("reshape", "transpose"):
+        return None
+    x = node.inputs[0]
+    inner = x.producer
+    if node.op == "reshape":
+        if tuple(node.attrs["shape"]) == x.shape:
+            graph.replace_all_uses(node.output, x)
+            erase_dead(graph, [node])
+            return "identity-reshape"
+        if inner is not None and inner.op == "reshape":
+            replace_node(graph, node, "reshape", [inner.inputs[0]], dict(node.attrs), rule=rule)
+            return "reshape-chain"
+        return None
+    perm = list(node.attrs["perm"])
+    if is_identity_perm(perm):
+        graph.replace_all_uses(node.output, x)
+        erase_dead(graph, [node])
+        return "identity-transpose"
+    if inner is not None and inner.op == "transpose":
+        p = compose_perm(list(inner.attrs["perm"]), perm)
+        if is_identity_perm(p):
+            graph.replace_all_uses(node.output, inner.inputs[0])
+            erase_dead(graph, [node])
+        else:
+            replace_node(graph, node, "transpose", [inner.inputs[0]], {"perm": p}, rule=rule)
+        return "transpose-chain"
+    if transpose_to_reshape and _unit_moves_only(x.shape, perm):
+        replace_node(graph, node, "reshape", [x], {"shape": list(node.output.shape)}, rule=rule)
+        return "transpose-as-reshape"
+    return None
+
+
+@register_pass
+@dataclass(frozen=True)
+class SimplifyReshapes(Pass):
+    """Drop identity ops, identity reshapes and transposes; merge reshape chains and
+    transpose chains (to one transpose, or none when they cancel); a transpose that only
+    moves size-1 dimensions becomes a reshape (``transpose-to-reshape``).
+
+    After: no identity op, no reshape of a reshape, no transpose of a transpose.
+    """
+
+    name: ClassVar[str] = "simplify-reshapes"
+    transpose_to_reshape: bool = True
+    max_iterations: int = 10
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats: dict[str, int] = {}
+        for _ in range(self.max_iterations):
+            changed = False
+            for node in list(graph.nodes):
+                if node not in graph.nodes or not _alive(graph, node):
+                    continue
+                rule = simplify_node(graph, node, self.transpose_to_reshape)
+                if rule:
+                    stats[rule] = stats.get(rule, 0) + 1
+                    changed = True
+            if not changed:
+                break
+        return PassResult(graph, bool(stats), stats)
+
+
+def _alive(graph: Graph, node: Node) -> bool:
+    return any(v.uses or v in graph.outputs for v in node.outputs)
+
+
+# -- canonicalize --------------------------------------------------------------------
+@register_pass
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Run fold-constants, simplify-reshapes, fold-batchnorm, cse and dce until none of them
+    changes the graph, at most ``max_iterations`` rounds.
+
+    Non-convergence is reported (``stats["converged"] = False`` and a remark).
+    """
+
+    name: ClassVar[str] = "canonicalize"
+    max_iterations: int = 10
+    max_bytes: int = 64 << 20
+    fold_batchnorm: bool = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        passes: list[Pass] = [FoldConstants(max_bytes=self.max_bytes), SimplifyReshapes()]
+        if self.fold_batchnorm:
+            passes.append(FoldBatchNorm())
+        passes += [CommonSubexpressionElimination(), DeadCodeElimination()]
+        stats: dict[str, Any] = {}
+        any_change = False
+        converged = False
+        rounds = 0
+        for rounds in range(1, self.max_iterations + 1):  # noqa: B007
+            changed = False
+            for p in passes:
+                r = p.run(graph, ctx)
+                graph = r.graph
+                changed |= r.changed
+                for k, v in r.stats.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        key = f"{p.name}.{k}"
+                        stats[key] = stats.get(key, 0) + v
+            any_change |= changed
+            if not changed:
+                converged = True
+                break
+        stats["iterations"] = rounds
+        stats["converged"] = converged
+        if not converged:
+            ctx.remark(f"canonicalize did not converge in {self.max_iterations} iterations")
+        return PassResult(graph, any_change, stats)

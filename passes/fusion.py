@@ -1,0 +1,278 @@
+"""Fusions: MatMul(+Add) and Gemm → ``dense``; conv2d/dense + activation → one node.
+
+Each rule is a pattern (the anchor op), a check that returns why it does not apply (counted
+in the pass stats as ``skipped.<reason>``), and a rewrite. No fusion crosses a value that is
+read elsewhere: the fused intermediate has exactly one reader and is not a graph output.
+Fused nodes keep the name of the node they grew from, else the rule's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.types import is_float
+from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from passes._rewrite import const_array, erase_dead, is_const, new_const, only_user, replace_node
+
+__all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDenseAct",
+           "activation_of"]
+
+_ALL_ACTS = ("relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
+
+
+def _count(stats: dict[str, int], key: str) -> None:
+    stats[key] = stats.get(key, 0) + 1
+
+
+def _hoisted_const(graph: Graph, array: np.ndarray, name: str) -> Value:
+    """A constant placed first in the graph, so any node may read it."""
+    return new_const(graph, array, name=name, before=graph.nodes[0])
+
+
+def _weight_name(v: Value, suffix: str) -> str:
+    ref = v.producer.attrs.get("ref") if v.producer is not None else None
+    return (ref or v.name) + suffix
+
+
+class _TransposedWeights:
+    """``w`` [K, N] → a const [N, K], computed once per weight; when the weight's array is not
+    loaded (a graph parsed without weights) a ``transpose`` node is used instead."""
+
+    def __init__(self, graph: Graph, rule: str):
+        self.graph, self.rule = graph, rule
+        self.cache: dict[int, Value] = {}
+
+    def get(self, w: Value, at: Node, scale: float = 1.0) -> Value | None:
+        key = id(w)
+        if scale == 1.0 and key in self.cache:
+            return self.cache[key]
+        arr = const_array(self.graph, w)
+        if arr is None:
+            if scale != 1.0:
+                return None
+            out = self.graph.add("transpose", w, perm=[1, 0], name=self.rule, before=at)
+        else:
+            t = arr.T * np.asarray(scale, arr.dtype) if scale != 1.0 else arr.T
+            out = _hoisted_const(self.graph, np.ascontiguousarray(t), _weight_name(w, ".T"))
+        if scale == 1.0:
+            self.cache[key] = out
+        return out
+
+
+def _as_bias(arr: np.ndarray | None, n: int, out_rank: int) -> np.ndarray | None:
+    """``arr`` as a [n] bias if adding it to a [..., n] result only broadcasts along n."""
+    if arr is None or arr.ndim > out_rank:
+        return None
+    if any(d != 1 for d in arr.shape[:-1]) or (arr.ndim and arr.shape[-1] not in (1, n)):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(arr.reshape(-1), (n,)))
+
+
+# -- fuse-matmul-add -----------------------------------------------------------------
+def _matmul_check(graph: Graph, mm: Node) -> str | None:
+    x, w = mm.inputs
+    if not is_const(w):
+        return "weight_not_constant"
+    if w.type.rank != 2:
+        return "weight_not_2d"
+    if x.dtype != w.dtype:
+        return "dtype_mismatch"
+    return None
+
+
+def _bias_add(graph: Graph, mm: Node) -> tuple[Node, np.ndarray] | None:
+    """The Add reading only this matmul's result with a constant [N] bias (either order)."""
+    user = only_user(graph, mm.output)
+    if user is None or user.op != "add":
+        return None
+    a, b = user.inputs
+    other = b if a is mm.output else a
+    if other is mm.output:
+        return None
+    arr = const_array(graph, other)
+    if arr is None or arr.dtype != mm.output.type.np_dtype:
+        return None
+    bias = _as_bias(arr, mm.output.shape[-1], mm.output.type.rank)
+    return None if bias is None else (user, bias)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseMatmulAdd(Pass):
+    """``matmul(x, W)`` with W a constant [K, N], and the ``add`` of a constant bias [N] that
+    is its only reader (either operand order: ONNX exports write ``Add(bias, MatMul)`` too),
+    become ``dense(x, W^T, b)``; W is transposed at compile time. A matmul with a constant
+    weight and no such add becomes ``dense(x, W^T)``. Matmuls of two activations stay.
+    """
+
+    name: ClassVar[str] = "fuse-matmul-add"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats: dict[str, int] = {}
+        wts = _TransposedWeights(graph, self.name)
+        for mm in graph.find("matmul"):
+            reason = _matmul_check(graph, mm)
+            if reason:
+                _count(stats, f"skipped.{reason}")
+                continue
+            x, w = mm.inputs
+            found = _bias_add(graph, mm)
+            wt = wts.get(w, mm)
+            if found is None:
+                replace_node(graph, mm, "dense", [x, wt], rule=self.name)
+                _count(stats, "dense")
+                continue
+            add, bias = found
+            bvalue = add.inputs[0] if add.inputs[1] is mm.output else add.inputs[1]
+            bv = _hoisted_const(graph, bias, _weight_name(bvalue, ".bias"))
+            replace_node(graph, add, "dense", [x, wt, bv], rule=self.name, name_from=mm)
+            erase_dead(graph, [mm])
+            _count(stats, "dense_bias")
+        return PassResult(graph, bool(stats.get("dense") or stats.get("dense_bias")), stats)
+
+
+# -- fuse-gemm -----------------------------------------------------------------------
+@register_pass
+@dataclass(frozen=True)
+class FuseGemm(Pass):
+    """``gemm(a, B, c?)`` with B constant becomes ``dense``: trans_b, alpha and beta are
+    folded into the weight and bias at compile time, trans_a becomes a transpose of a.
+    c must be constant and broadcast along N only (a per-output bias).
+    """
+
+    name: ClassVar[str] = "fuse-gemm"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats: dict[str, int] = {}
+        wts = _TransposedWeights(graph, self.name)
+        for gemm in graph.find("gemm"):
+            reason = self._rewrite(graph, gemm, wts)
+            _count(stats, f"skipped.{reason}" if reason else "fused")
+        return PassResult(graph, stats.get("fused", 0) > 0, stats)
+
+    def _rewrite(self, graph: Graph, gemm: Node, wts: _TransposedWeights) -> str | None:
+        a, b = gemm.inputs[:2]
+        at = gemm.attrs
+        alpha, beta = at["alpha"], at["beta"]
+        if not is_const(b):
+            return "weight_not_constant"
+        n = gemm.output.shape[1]
+        bias = None
+        if len(gemm.inputs) == 3 and beta != 0.0:
+            carr = const_array(graph, gemm.inputs[2])
+            if carr is None:
+                return "bias_not_constant"
+            bias = _as_bias(carr, n, 2)
+            if bias is None:
+                return "bias_not_per_column"
+        barr = const_array(graph, b)
+        if at["trans_b"] and alpha == 1.0:
+            w = b
+        elif at["trans_b"]:
+            if barr is None:
+                return "weight_not_loaded"
+            w = _hoisted_const(graph, (barr * np.asarray(alpha, barr.dtype)).astype(barr.dtype),
+                               _weight_name(b, ".alpha"))
+        else:
+            w = wts.get(b, gemm, alpha)
+            if w is None:
+                return "weight_not_loaded"
+        x = a
+        if at["trans_a"]:
+            x = graph.add("transpose", a, perm=[1, 0], name=gemm.name or self.name, before=gemm)
+        inputs = [x, w]
+        if bias is not None:
+            dt = gemm.output.type.np_dtype
+            scaled = (bias.astype(np.float64) * beta).astype(dt) if beta != 1.0 else bias
+            inputs.append(_hoisted_const(graph, scaled.astype(dt),
+                                         _weight_name(gemm.inputs[2], ".bias")))
+        replace_node(graph, gemm, "dense", inputs, rule=self.name)
+        return None
+
+
+# -- activation fusion ---------------------------------------------------------------
+def activation_of(node: Node) -> dict[str, Any] | None:
+    """The fused-activation attributes equivalent to ``node``, or None."""
+    op = node.op
+    if op == "relu":
+        return {"activation": "relu"}
+    if op == "sigmoid":
+        return {"activation": "sigmoid"}
+    if op == "gelu":
+        return {"activation": "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu"}
+    if op == "clip":
+        lo, hi = node.attrs["min"], node.attrs["max"]
+        if lo == 0.0 and hi == 6.0:
+            return {"activation": "relu6"}
+        if lo == 0.0 and hi == math.inf:
+            return {"activation": "relu"}
+        return {"activation": "clip", "clip_min": lo, "clip_max": hi}
+    return None
+
+
+def _fuse_act(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str) -> PassResult:
+    stats: dict[str, int] = {}
+    for node in graph.find(anchor):
+        if node.attrs["activation"] != "none":
+            continue
+        user = only_user(graph, node.output)
+        if user is None:
+            _count(stats, "skipped.result_used_elsewhere")
+            continue
+        act = activation_of(user)
+        if act is None:
+            continue
+        if act["activation"] not in allowed:
+            _count(stats, f"skipped.{act['activation']}_not_enabled")
+            continue
+        if not is_float(node.output.dtype) and act["activation"] != "relu":
+            _count(stats, "skipped.integer_activation")
+            continue
+        attrs = {**node.attrs, **act}
+        replace_node(graph, user, anchor, list(node.inputs), attrs, rule=rule, name_from=node)
+        erase_dead(graph, [node])
+        _count(stats, "fused")
+    return PassResult(graph, stats.get("fused", 0) > 0, stats)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseConvAct(Pass):
+    """A relu / relu6 (clip 0..6) / clip / sigmoid / gelu that is the only reader of a
+    conv2d without activation becomes the conv's ``activation`` (clip bounds in
+    ``clip_min``/``clip_max``). Before: conv2d -> relu. After: conv2d{activation="relu"}.
+    Conv+BN+ReLU fuses after ``fold-batchnorm`` has removed the BN.
+    """
+
+    name: ClassVar[str] = "fuse-conv-act"
+    activations: tuple[str, ...] = _ALL_ACTS
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return _fuse_act(graph, "conv2d", self.activations, self.name)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseConvRelu(FuseConvAct):
+    """The same pass as ``fuse-conv-act`` under its older name (all activations, not only
+    relu, unless ``activations=`` says otherwise)."""
+
+    name: ClassVar[str] = "fuse-conv-relu"
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseDenseAct(Pass):
+    """A relu / gelu (erf or tanh) / relu6 / clip / sigmoid that is the only reader of a
+    dense without activation becomes the dense's ``activation``."""
+
+    name: ClassVar[str] = "fuse-dense-act"
+    activations: tuple[str, ...] = _ALL_ACTS
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return _fuse_act(graph, "dense", self.activations, self.name)
