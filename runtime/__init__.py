@@ -1,0 +1,50 @@
+"""npucc's runtime: load a compiled package and run it.
+
+Needs only this package, numpy, safetensors and TVM's runtime — never ``compiler/`` or
+``passes/`` — and keeps torch out of the process (see ``_tvm.py``)::
+
+    import runtime
+    m = runtime.load("model.npkg")
+    (y,) = m.run({"x": x})          # or m(x) for a single input
+    print(m.profile({"x": x}).table(top=10), m.stats())
+
+Importing this package does not import TVM; ``load`` / ``Executor`` do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ArchitectureError,
+    FormatVersionError,
+    InputError,
+    IntegrityError,
+    PackageError,
+    PlanError,
+    RuntimeError_,
+)
+from .package import Package, Step, TensorInfo, build_package
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+__all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
+           "RuntimeError_", "PackageError", "FormatVersionError", "IntegrityError",
+           "ArchitectureError", "PlanError", "InputError"]
+
+
+def load(path: str | os.PathLike) -> Executor:
+    """Load and verify the package at ``path``; returns an :class:`Executor`."""
+    from .executor import load as _load
+
+    return _load(path)
+
+
+def __getattr__(name: str) -> type:
+    if name == "Executor":  # lazy: importing the executor imports TVM
+        from .executor import Executor
+
+        return Executor
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -1,0 +1,444 @@
+"""Packages: a compiled model on disk, saved and loaded without the compiler.
+
+A package is a directory ``X.npkg/``::
+
+    manifest.json          format version, target, inputs/outputs, execution plan, tensor table,
+                           memory plan figures, sha256 and size of every other file
+    kernels.so             the kernel library (one exported TVM module, every step's kernel)
+    weights.safetensors    weights by name, already packed to the layout the kernels read
+
+Manifest, format version 1 (every key below is written; readers ignore unknown keys)::
+
+    format_version: 1
+    target:   {name, tvm: <TVM target dict>, arch: "x86_64" | "aarch64"}
+    inputs / outputs: [{name, shape, dtype}]                 (graph order)
+    steps:    [{kernel, node, op, inputs: [names], outputs: [names]}]
+              execution order; a kernel's arguments are ``inputs + outputs``
+              (destination-passing: results are written into their arena views)
+    tensors:  [{name, shape, dtype, kind, nbytes, offset, weight}]
+              kind: input | output | intermediate | weight; ``offset`` into the arena (null
+              for weights and unused tensors); ``weight``: the safetensors key (weights only)
+    memory:   {arena_bytes, lower_bound_bytes, naive_bytes, weight_bytes, alignment, ordering,
+               inplace: [[step, operand, result]]}
+    files:    {filename: {sha256, bytes}}
+
+Dtypes are the IR's short names (``f32``, ``i8``, ...). A weight's stored bytes are used
+verbatim: the tensor table's dtype/shape say how the kernel reads them (so packed int4 may be
+stored as ``u8``).
+
+``Package.save`` is atomic: the package is built in a temporary directory beside the target and
+renamed into place; an existing package at the path is replaced only once the new one is
+complete. ``Package.load`` / ``runtime.load`` refuse, before loading any kernel, a package whose
+format version is unknown, whose files do not match their sha256, whose kernel library is for
+another CPU architecture, or whose plan is inconsistent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _dtypes
+from ._elf import host_arch, library_arch
+from .errors import FormatVersionError, IntegrityError, PackageError, PlanError
+from .memory_pool import MemoryPlan, PlanStep, PlanTensor, plan_memory
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+__all__ = ["FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "Step", "TensorInfo", "Package",
+           "build_package", "load_package"]
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+LIBRARY = "kernels.so"
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel call: ``kernel(*inputs, *outputs)``; ``node`` is the graph node's label."""
+
+    kernel: str
+    node: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "node": self.node, "op": self.op,
+                "inputs": list(self.inputs), "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor of the plan. ``kind`` and ``nbytes`` are derived when None (see build_package)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str | None = None
+    weight: str | None = None   # safetensors key, weights only (default: the tensor's name)
+    nbytes: int | None = None   # default: ceil(size * bits / 8)
+
+
+def _get(obj: Any, *keys: str, default: Any = ...) -> Any:
+    for key in keys:
+        if isinstance(obj, Mapping):
+            if key in obj:
+                return obj[key]
+        elif hasattr(obj, key):
+            return getattr(obj, key)
+    if default is ...:
+        raise PackageError(f"{obj!r} has none of the fields {keys}")
+    return default
+
+
+def _coerce_step(s: Any) -> Step:
+    if isinstance(s, Step):
+        return s
+    return Step(kernel=str(_get(s, "kernel", "symbol")), node=str(_get(s, "node", "label")),
+                op=str(_get(s, "op")), inputs=tuple(_get(s, "inputs", "operands")),
+                outputs=tuple(_get(s, "outputs", "results")))
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    return (int(np.prod(shape, dtype=np.int64)) * _dtypes.bits(dtype) + 7) // 8
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Package:
+    """A compiled model: manifest + kernel library + weights.
+
+    Built by :func:`build_package` (files still where the compiler left them, weights in memory)
+    or loaded by :meth:`load` (files in the package directory, verified).
+    """
+
+    def __init__(self, manifest: dict[str, Any], lib_path: str | os.PathLike,
+                 weights: Mapping[str, np.ndarray] | str | os.PathLike,
+                 directory: str | os.PathLike | None = None):
+        self.manifest = manifest
+        self.lib_path = Path(lib_path)
+        self._weights = weights if isinstance(weights, Mapping) else Path(weights)
+        self.directory = Path(directory) if directory is not None else None
+
+    # -- views of the manifest -------------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["outputs"]
+
+    @property
+    def steps(self) -> list[Step]:
+        return [Step(s["kernel"], s["node"], s["op"], tuple(s["inputs"]), tuple(s["outputs"]))
+                for s in self.manifest["steps"]]
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        return {t["name"]: t for t in self.manifest["tensors"]}
+
+    @property
+    def memory(self) -> dict[str, Any]:
+        return self.manifest["memory"]
+
+    @property
+    def target(self) -> dict[str, Any]:
+        return self.manifest["target"]
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Weight arrays by safetensors key, as stored (bytes verbatim)."""
+        if isinstance(self._weights, Mapping):
+            return dict(self._weights)
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(self._weights))
+        except Exception as e:  # the library raises its own untyped errors
+            raise PackageError(f"cannot read {self._weights}: {e}") from e
+
+    def executor(self) -> Executor:
+        from .executor import Executor
+
+        return Executor(self)
+
+    def __repr__(self) -> str:
+        where = f" at {self.directory}" if self.directory else ""
+        return (f"<Package{where}: {len(self.manifest['steps'])} steps, "
+                f"arena {self.memory['arena_bytes']} B, weights {self.memory['weight_bytes']} B>")
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the package to directory ``path`` atomically; returns the path.
+
+        Refuses to replace anything at ``path`` that is not a package (a directory holding a
+        manifest.json).
+        """
+        path = Path(path)
+        if path.exists() and not (path.is_dir() and (path / MANIFEST).is_file()):
+            raise PackageError(f"refusing to replace {path}: it exists and is not a package")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            shutil.copyfile(self.lib_path, tmp / LIBRARY)
+            if isinstance(self._weights, Mapping):
+                _write_weights(self._weights, tmp / WEIGHTS)
+            else:
+                shutil.copyfile(self._weights, tmp / WEIGHTS)
+            manifest = dict(self.manifest)
+            manifest["files"] = {name: {"sha256": _sha256(tmp / name),
+                                        "bytes": (tmp / name).stat().st_size}
+                                 for name in (LIBRARY, WEIGHTS)}
+            (tmp / MANIFEST).write_text(_dump_manifest(manifest))
+            for name in (LIBRARY, WEIGHTS, MANIFEST):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        return path
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Package:
+        """Read and verify a package directory (see the module docstring for what is checked)."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise PackageError(f"{path} is not a package: no {MANIFEST} in it")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PackageError(f"{path / MANIFEST} is not valid JSON: {e}") from e
+        if not isinstance(manifest, dict):
+            raise PackageError(f"{path / MANIFEST} is not a JSON object")
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise FormatVersionError(
+                f"{path}: package format version {version!r} is not supported by this runtime "
+                f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the "
+                f"package with a matching compiler or upgrade the runtime")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or {LIBRARY, WEIGHTS} - set(files):
+            raise PackageError(f"{path}: manifest lists no sha256 for {LIBRARY} and {WEIGHTS}")
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                raise IntegrityError(f"{path}: file {name} is missing")
+            if _sha256(f) != entry.get("sha256"):
+                raise IntegrityError(f"{path}: file {name} does not match its sha256 in the "
+                                     f"manifest (damaged or modified); refusing to load")
+        _check_arch(path / LIBRARY, manifest)
+        _check_manifest(manifest, where=str(path))
+        return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path)
+
+
+def _dump_manifest(m: Mapping[str, Any]) -> str:
+    """JSON with one top-level key per line and one list item (step, tensor...) per line."""
+    lines = []
+    for key, value in m.items():
+        if isinstance(value, list) and value:
+            items = ",\n".join("  " + json.dumps(x) for x in value)
+            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def load_package(path: str | os.PathLike) -> Package:
+    return Package.load(path)
+
+
+def _check_arch(lib: Path, manifest: dict[str, Any]) -> None:
+    from .errors import ArchitectureError
+
+    arch = library_arch(lib)
+    here = host_arch()
+    if arch != here:
+        raise ArchitectureError(f"{lib} is an {arch} library; this machine is {here}. Compile "
+                                f"the model for an {here} target to run it here")
+    stated = manifest.get("target", {}).get("arch")
+    if stated is not None and stated != arch:
+        raise PackageError(f"{lib} is an {arch} library but the manifest's target says "
+                           f"{stated!r}")
+
+
+def _check_manifest(m: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose plan is inconsistent: unknown tensors, overlapping live tensors."""
+    try:
+        tensors = {t["name"]: t for t in m["tensors"]}
+        steps = m["steps"]
+        mem = m["memory"]
+        for io in m["inputs"] + m["outputs"]:
+            if io["name"] not in tensors:
+                raise PackageError(f"graph input/output {io['name']!r} has no tensor entry")
+        for t in tensors.values():
+            _dtypes.canonical(t["dtype"])
+            if t["kind"] == "weight" and not t.get("weight"):
+                raise PackageError(f"weight tensor {t['name']!r} names no safetensors key")
+        io_names = {t["name"] for t in m["inputs"]} & {t["name"] for t in m["outputs"]}
+        plan_steps = [PlanStep(tuple(s["inputs"]), tuple(s["outputs"])) for s in steps]
+        plan_tensors = [PlanTensor(t["name"], int(t["nbytes"]), t["kind"])
+                        for t in tensors.values()]
+        replay = plan_memory(plan_tensors, plan_steps, [p[0] for p in mem["inplace"]],
+                             inputs_also_outputs=io_names, orderings=["size"])
+        offsets = {}
+        for name in replay.offsets:
+            off = tensors[name].get("offset")
+            if not isinstance(off, int):
+                raise PackageError(f"tensor {name!r} has no arena offset")
+            offsets[name] = off
+        MemoryPlan(offsets=offsets, sizes=replay.sizes, lifetimes=replay.lifetimes,
+                   inplace=[tuple(p) for p in mem["inplace"]], arena_bytes=mem["arena_bytes"],
+                   lower_bound_bytes=0, naive_bytes=0, alignment=mem["alignment"]).check()
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackageError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+    except PlanError as e:
+        raise PackageError(f"{where}: inconsistent plan: {e}") from e
+
+
+_SAFETENSORS_NATIVE = frozenset({"float64", "float32", "float16", "int64", "int32", "int16",
+                                 "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
+
+
+def _write_weights(weights: Mapping[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    out = {}
+    for name, arr in weights.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.name not in _SAFETENSORS_NATIVE or not arr.dtype.isnative:
+            arr = arr.reshape(-1).view(np.uint8)  # bf16, int4, ...: raw bytes; manifest has dtype
+        out[name] = arr
+    save_file(out, str(path))
+
+
+def build_package(target: Mapping[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+                  steps: Sequence[Step | Mapping[str, Any]],
+                  tensors: Sequence[TensorInfo | Mapping[str, Any]],
+                  weights: Mapping[str, np.ndarray], lib_path: str | os.PathLike,
+                  elementwise_steps: Collection[int | str] = (), *,
+                  memory_budget_bytes: int | None = None) -> Package:
+    """Plan memory and assemble an in-memory :class:`Package` (call ``.save(path)`` to write it).
+
+    ``target``: ``{"name": str, "tvm": <TVM target dict>, "arch": "x86_64" | "aarch64"}``;
+    ``arch`` defaults to the library's ELF machine and must agree with it when given.
+    ``inputs`` / ``outputs``: graph input / output tensor names, in graph order.
+    ``steps``: in execution order, :class:`Step` or mappings with keys ``kernel`` (or
+    ``symbol``), ``node`` (or ``label``), ``op``, ``inputs`` (or ``operands``) and ``outputs``
+    (or ``results``); the kernel is called as ``kernel(*inputs, *outputs)``.
+    ``tensors``: every tensor the steps and the graph interface name, :class:`TensorInfo` or
+    mappings with ``name, shape, dtype`` and optionally ``kind, weight, nbytes``. When ``kind``
+    is missing it is derived: graph input, graph output, weight (if its weight key — ``weight``
+    or else its name — is in ``weights``), else intermediate.
+    ``weights``: arrays by safetensors key, already in the layout the kernels read; each
+    array's byte size must equal its tensor's ``nbytes``.
+    ``lib_path``: the exported kernel library (copied into the package by ``save``).
+    ``elementwise_steps``: indices (or node labels) of steps that may run in place.
+    ``memory_budget_bytes``: if given, arena + weights above it raise :class:`PlanError`.
+    """
+    steps = [_coerce_step(s) for s in steps]
+    in_set, out_set = set(inputs), set(outputs)
+    table: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        name = str(_get(t, "name"))
+        shape = [int(d) for d in _get(t, "shape")]
+        dtype = _dtypes.canonical(str(_get(t, "dtype")))
+        wkey = _get(t, "weight", default=None)
+        kind = _get(t, "kind", default=None)
+        if kind is None:
+            kind = ("input" if name in in_set else "output" if name in out_set
+                    else "weight" if (wkey or name) in weights else "intermediate")
+        if kind == "weight":
+            wkey = wkey or name
+        nbytes = _get(t, "nbytes", default=None)
+        nbytes = _nbytes(shape, dtype) if nbytes is None else int(nbytes)
+        if name in table:
+            raise PlanError(f"tensor {name!r} appears twice in the tensor table")
+        table[name] = {"name": name, "shape": shape, "dtype": dtype, "kind": kind,
+                       "nbytes": nbytes, "offset": None, "weight": wkey}
+    named = [n for s in steps for n in (*s.inputs, *s.outputs)] + list(inputs) + list(outputs)
+    missing = sorted({n for n in named if n not in table})
+    if missing:
+        raise PlanError(f"tensors named by the plan but not in the tensor table: {missing}")
+    used_weights: dict[str, int] = {}
+    for t in table.values():
+        if t["kind"] != "weight":
+            continue
+        if t["weight"] not in weights:
+            raise PlanError(f"weight tensor {t['name']!r}: no array {t['weight']!r} in weights")
+        size = np.asarray(weights[t["weight"]]).nbytes
+        if size != t["nbytes"]:
+            raise PlanError(f"weight {t['weight']!r} has {size} bytes; tensor {t['name']!r} "
+                            f"({t['dtype']}{t['shape']}) needs {t['nbytes']}")
+        used_weights[t["weight"]] = size
+
+    labels = {s.node: i for i, s in enumerate(steps)}
+    ew = set()
+    for e in elementwise_steps:
+        if isinstance(e, str):
+            if e not in labels:
+                raise PlanError(f"elementwise step {e!r} is not a node label of the plan")
+            e = labels[e]
+        ew.add(int(e))
+    plan = plan_memory(
+        [PlanTensor(t["name"], t["nbytes"], t["kind"]) for t in table.values()],
+        [PlanStep(s.inputs, s.outputs) for s in steps], ew,
+        inputs_also_outputs=in_set & out_set)
+    plan.check()
+    for name, off in plan.offsets.items():
+        table[name]["offset"] = off
+    weight_bytes = sum(used_weights.values())
+    if memory_budget_bytes is not None and plan.arena_bytes + weight_bytes > memory_budget_bytes:
+        raise PlanError(f"the model needs {plan.arena_bytes} B of arena + {weight_bytes} B of "
+                        f"weights = {plan.arena_bytes + weight_bytes} B, over the target's "
+                        f"memory budget of {memory_budget_bytes} B")
+
+    lib_arch = library_arch(Path(lib_path))
+    arch = target.get("arch") or lib_arch
+    if arch != lib_arch:
+        raise PackageError(f"target arch {arch!r} but {lib_path} is an {lib_arch} library")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "target": {"name": str(target.get("name", "unknown")),
+                   "tvm": dict(target.get("tvm", target.get("tvm_target", {}))), "arch": arch},
+        "inputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in inputs],
+        "outputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in outputs],
+        "steps": [s.to_json() for s in steps],
+        "tensors": list(table.values()),
+        "memory": {**plan.figures(), "weight_bytes": weight_bytes},
+        "files": {},
+    }
+    return Package(manifest, lib_path, {k: weights[k] for k in used_weights})
+
