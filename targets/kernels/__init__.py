@@ -1,1 +1,5 @@
 """Kernel families; importing this package registers every kernel builder."""
+
+from targets.kernels import (  # noqa: F401
+    linalg,
+)

@@ -1,0 +1,276 @@
+"""Shared helpers for kernel builders: dtypes, placeholders, activations, generic schedules.
+
+Every function here imports TVM lazily (``import tvm`` is slow), so importing a kernel
+family module stays cheap until a kernel is actually built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from compiler.ir.types import TensorType
+from targets.kernels.base import CpuInfo, KernelRequest
+
+__all__ = ["tvm_dtype", "placeholders", "activation", "schedule_generic", "prim_func",
+           "broadcast_index", "const", "PARALLEL_MIN", "expr", "dtype_of",
+           "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid"]
+
+_TVM_DTYPES = {
+    "f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
+    "i64": "int64", "i32": "int32", "i16": "int16", "i8": "int8", "i4": "int4",
+    "u64": "uint64", "u32": "uint32", "u16": "uint16", "u8": "uint8", "u4": "uint4",
+    "bool": "bool",
+}
+
+# Below this many output elements a kernel runs on one thread (a parallel launch costs µs).
+PARALLEL_MIN = 16384
+
+
+def tvm_dtype(dtype: str) -> str:
+    return _TVM_DTYPES[dtype]
+
+
+def placeholders(req: KernelRequest, types: dict[int, TensorType] | None = None) -> list:
+    """One ``te.placeholder`` per operand, named ``in<i>``; ``types`` overrides (packed)."""
+    from tvm import te
+
+    out = []
+    for i, t in enumerate(req.input_types):
+        t = (types or {}).get(i, t)
+        out.append(te.placeholder(t.shape, tvm_dtype(t.dtype), name=f"in{i}"))
+    return out
+
+
+def const(value: float | int | bool, dtype: str):
+    """A TIR constant of IR ``dtype`` (infinite bounds clamp to the dtype's range)."""
+    from tvm import tirx
+
+    td = dtype if dtype in _TVM_DTYPES.values() else tvm_dtype(dtype)
+    if isinstance(value, float) and not math.isfinite(value):
+        return tirx.max_value(td) if value > 0 else tirx.min_value(td)
+    return tirx.const(value, td)
+
+
+def broadcast_index(idx: Sequence[Any], out_shape: Sequence[int], in_shape: Sequence[int]
+                    ) -> list[Any]:
+    """Map an output index to the index of a numpy-broadcast operand of ``in_shape``."""
+    off = len(out_shape) - len(in_shape)
+    return [0 if d == 1 and out_shape[off + j] != 1 else idx[off + j]
+            for j, d in enumerate(in_shape)]
+
+
+def expr(v):
+    """A TIR expression from a TE tensor slice (``T[i]``) or an expression."""
+    return v.asobject() if hasattr(v, "asobject") else v
+
+
+def dtype_of(v) -> str:
+    return str(expr(v).ty)
+
+
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+              -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+              -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+             -7.37332916720468e-03, -1.42647390514189e-02)
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+          1.6666665459e-1, 5.0000001201e-1)
+
+
+def fast_exp(x):
+    """exp for f32 that LLVM vectorises (Cephes polynomial, ~1 ulp); te.exp otherwise."""
+    from tvm import te, tirx
+
+    x = expr(x)
+    dt = dtype_of(x)
+    if dt != "float32":
+        return te.exp(x)
+
+    def c(v):
+        return tirx.const(v, dt)
+    x = te.min(te.max(x, c(-87.3)), c(88.3))
+    n = te.floor(x * c(1.4426950408889634) + c(0.5))
+    r = x - n * c(0.693359375) + n * c(2.12194440e-4)
+    p = c(_EXP_P[0])
+    for coef in _EXP_P[1:]:
+        p = p * r + c(coef)
+    y = p * r * r + r + c(1.0)
+    two_n = tirx.reinterpret(dt, tirx.shift_left(n.astype("int32") + 127, 23))
+    return y * two_n
+
+
+def fast_erf(x):
+    """erf for f32 as a rational polynomial (Eigen's; abs error < 1e-6) that vectorises."""
+    from tvm import te, tirx
+
+    x = expr(x)
+    dt = dtype_of(x)
+    if dt != "float32":
+        return te.erf(x)
+
+    def c(v):
+        return tirx.const(v, dt)
+    x = te.min(te.max(x, c(-4.0)), c(4.0))
+    x2 = x * x
+    p = c(_ERF_ALPHA[0])
+    for coef in _ERF_ALPHA[1:]:
+        p = p * x2 + c(coef)
+    p = p * x
+    q = c(_ERF_BETA[0])
+    for coef in _ERF_BETA[1:]:
+        q = q * x2 + c(coef)
+    return p / q
+
+
+def fast_tanh(x):
+    """tanh via fast_exp: sign(x) * (1 - 2 / (exp(2|x|) + 1))."""
+    from tvm import te, tirx
+
+    x = expr(x)
+    dt = dtype_of(x)
+    if dt != "float32":
+        return te.tanh(x)
+    one = tirx.const(1.0, dt)
+    a = te.abs(x)
+    t = one - tirx.const(2.0, dt) / (fast_exp(a * tirx.const(2.0, dt)) + one)
+    x2 = x * x
+    small = x * (one + x2 * (tirx.const(-1.0 / 3.0, dt) + x2 * tirx.const(2.0 / 15.0, dt)))
+    big = tirx.Select(x < tirx.const(0.0, dt), -t, t)
+    return tirx.Select(a < tirx.const(0.0625, dt), small, big)
+
+
+def fast_sigmoid(x):
+    from tvm import tirx
+
+    x = expr(x)
+    one = tirx.const(1.0, dtype_of(x))
+    return one / (one + fast_exp(-x))
+
+
+def activation(v, kind: str, clip_min: float = 0.0, clip_max: float = 6.0):
+    """Apply a fused-op activation (CATALOGUE: none relu relu6 clip sigmoid gelu gelu_tanh)."""
+    from tvm import te, tirx
+
+    v = expr(v)
+    dt = dtype_of(v)
+    one = tirx.const(1.0, dt)
+    half = tirx.const(0.5, dt)
+    if kind == "none":
+        return v
+    if kind == "relu":
+        return te.max(v, tirx.const(0, dt))
+    if kind == "relu6":
+        return te.min(te.max(v, tirx.const(0, dt)), tirx.const(6, dt))
+    if kind == "clip":
+        return te.min(te.max(v, const(float(clip_min), dt)), const(float(clip_max), dt))
+    if kind == "sigmoid":
+        return fast_sigmoid(v)
+    if kind == "gelu":
+        return half * v * (one + fast_erf(v * tirx.const(1.0 / math.sqrt(2.0), dt)))
+    if kind == "gelu_tanh":
+        c = tirx.const(math.sqrt(2.0 / math.pi), dt)
+        return half * v * (one + fast_tanh(c * (v + tirx.const(0.044715, dt) * v * v * v)))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def prim_func(args: list, schedule: Callable[[Any], None] | None = None):
+    """``te.create_prim_func(args)``, scheduled by ``schedule(sch)`` (default: generic)."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    func = te.create_prim_func(args)
+    sch = Schedule(func)
+    (schedule or schedule_generic)(sch)
+    return sch.mod["main"]
+
+
+def _is_output(sch, block) -> bool:
+    from tvm.s_tir.schedule import analysis  # noqa: F401
+
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    outs = sch.get_output_blocks(root) if root is not None else []
+    return any(sch.get(o).same_as(sch.get(block)) for o in outs)
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _iter_types(sch, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def inline_all(sch) -> list:
+    """Inline every non-output, non-reduction block; returns the blocks that remain."""
+    root = sch.get_sblock("root")
+    changed = True
+    while changed:
+        changed = False
+        for b in sch.get_child_blocks(root):
+            if _is_output(sch, b) or any(t != 0 for t in _iter_types(sch, b)):
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 (not inlinable: keep it)
+                continue
+    return list(sch.get_child_blocks(root))
+
+
+def schedule_block_simple(sch, block, cpu: CpuInfo | None, lanes: int = 0) -> None:
+    """Fuse the spatial loops of ``block``, parallelise the outer part, vectorise the inner.
+
+    Reduction loops (if any) stay innermost and serial. Vectorisation is applied only when
+    the block is purely spatial and its innermost extent is a multiple of ``lanes``.
+    """
+    loops = sch.get_loops(block)
+    types = _iter_types(sch, block)
+    if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    if any(e == 0 for e in extents):
+        return
+    n_spatial = 0
+    for t in types:
+        if t != 0:
+            break
+        n_spatial += 1
+    n_spatial = min(n_spatial, len(loops))
+    if n_spatial == 0:
+        return
+    spatial = loops[:n_spatial]
+    total = math.prod(extents[:n_spatial])
+    reduce_work = math.prod(extents[n_spatial:])
+    inner = extents[n_spatial - 1]
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    vec = lanes if (lanes > 1 and n_spatial == len(loops) and inner % lanes == 0
+                    and total >= lanes) else 0
+    cores = cpu.num_cores if cpu is not None else 1
+    if vec:
+        outer, vloop = sch.split(fused, [None, vec])
+        sch.vectorize(vloop)
+        fused = outer
+    if cores > 1 and total * reduce_work >= PARALLEL_MIN and total // max(vec, 1) >= 2:
+        sch.parallel(fused)
+
+
+def schedule_generic(sch, cpu: CpuInfo | None = None, lanes: int = 0) -> None:
+    """Inline elementwise producers; give each remaining block a simple parallel schedule."""
+    for b in inline_all(sch):
+        try:
+            schedule_block_simple(sch, b, cpu, lanes)
+        except Exception:  # noqa: BLE001 (leave the block unscheduled: still correct)
+            continue
+
+
+def generic(cpu: CpuInfo, dtype: str = "f32") -> Callable[[Any], None]:
+    """A ``schedule(sch)`` closure for :func:`prim_func` with this CPU's SIMD lanes."""
+    lanes = cpu.lanes(dtype) if dtype != "bool" else 0
+    return lambda sch: schedule_generic(sch, cpu, lanes)

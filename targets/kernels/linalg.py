@@ -1,0 +1,320 @@
+"""dense / matmul / gemm kernels: one register-tiled GEMM micro-kernel for all three.
+
+Layout and schedule (x86 AVX-512 numbers; everything scales with ``cpu.lanes``):
+
+- A constant right-hand side is packed at compile time to ``[Np/nb, K, nb]`` (``nb`` = two
+  SIMD vectors, ``Np`` = N rounded up to ``nb``, padding columns zero), so the inner loop
+  reads ``nb`` contiguous weights per k.
+- The output is tiled ``mr`` rows x ``nb`` columns; each tile accumulates in a local
+  ``[mr, nb]`` buffer (registers once LLVM promotes it) over the full K, rows unrolled, the
+  ``nb`` axis vectorised. Bias, alpha/beta and the activation run on the tile as it is
+  written out (epilogue fusion).
+- (batch, n-panel, m-tile) loops are fused and parallel across ``cpu.num_cores``; for a fixed
+  n-panel the packed weights (K x nb) stay in L1/L2 while the m-tiles stream past.
+
+Leading batch dims of ``dense`` are flattened into M; ``matmul`` batch dims (numpy
+broadcasting) stay batch dims of the tile loop nest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from compiler.ir.types import TensorType
+from targets.kernels._te import (
+    activation,
+    broadcast_index,
+    dtype_of,
+    expr,
+    placeholders,
+    tvm_dtype,
+)
+from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+
+__all__ = ["pack_nk", "gemm_tiles"]
+
+
+def gemm_tiles(req: KernelRequest, M: int, N: int) -> tuple[int, int]:
+    """(mr, nb): rows per register tile, columns per packed panel."""
+    lanes = req.cpu.lanes("f32")
+    nb = lanes if N <= lanes else 2 * lanes
+    if M <= 8:
+        return max(M, 1), nb
+    for mr in (8, 4, 6, 7, 5):
+        if M % mr == 0:
+            return mr, nb
+    return 8, nb
+
+
+def pack_nk(w_nk: np.ndarray, nb: int) -> np.ndarray:
+    """``[N, K]`` -> ``[ceil(N/nb), K, nb]`` with zero padding columns."""
+    n, k = w_nk.shape
+    np_ = -(-n // nb) * nb
+    padded = np.zeros((np_, k), w_nk.dtype)
+    padded[:n] = w_nk
+    return np.ascontiguousarray(padded.reshape(np_ // nb, nb, k).transpose(0, 2, 1))
+
+
+def _ravel(idx, shape) -> Any:
+    flat: Any = 0
+    for i, d in zip(idx, shape, strict=True):
+        flat = flat * d + i
+    return flat
+
+
+def _unravel(flat, shape) -> list[Any]:
+    out = []
+    for d in reversed(shape):
+        out.append(flat % d if d != 1 else 0)
+        flat = flat // d
+    return list(reversed(out))
+
+
+def _gemm_func(
+    req: KernelRequest, ins: list, out_type: TensorType, *,
+    batch: tuple[int, ...], n_mdims: int, M: int, K: int, N: int, nb: int, mr: int,
+    a_at: Callable, b_at: Callable, epilogue: Callable,
+):
+    """Build + schedule ``out[batch..., m-dims..., n] = epilogue(sum_k a*b, idx)``.
+
+    ``a_at(bidx, m, k)`` / ``b_at(bidx, k, n)`` read operands (m may exceed M-1 and n N-1 in
+    padded tiles: clamp or read padding). The accumulator is ``C[batch..., Mp, Np]``.
+    """
+    from tvm import te, tirx
+    from tvm.s_tir import Schedule
+
+    acc_dt = tvm_dtype(out_type.dtype)
+    Mp = -(-M // mr) * mr
+    Np = -(-N // nb) * nb
+    nbat = len(batch)
+    mshape = out_type.shape[nbat:nbat + n_mdims]
+
+    if K > 0:
+        k = te.reduce_axis((0, K), "k")
+
+        def c_body(*i):
+            bi, m, n = list(i[:nbat]), i[nbat], i[nbat + 1]
+            return te.sum(a_at(bi, m, k).astype(acc_dt) * b_at(bi, k, n).astype(acc_dt), axis=k)
+    else:
+        def c_body(*i):
+            return tirx.const(0, acc_dt)
+    C = te.compute(tuple(batch) + (Mp, Np), c_body, name="C")
+
+    def out_body(*idx):
+        bi = list(idx[:nbat])
+        m = _ravel(idx[nbat:nbat + n_mdims], mshape) if n_mdims else 0
+        n = idx[-1]
+        return epilogue(C[tuple(bi) + (m, n)], idx)
+
+    O = te.compute(out_type.shape, out_body, name="out")
+    sch = Schedule(te.create_prim_func([*ins, O]))
+    if out_type.size == 0 or K == 0:
+        return sch.mod["main"]
+    cblk, oblk = sch.get_sblock("C"), sch.get_sblock("out")
+    loops = sch.get_loops(oblk)
+    bl = loops[:nbat]
+    ml = loops[nbat:nbat + n_mdims]
+    nl = loops[-1]
+    outer = []
+    if bl:
+        outer.append(sch.fuse(*bl) if len(bl) > 1 else bl[0])
+    no, ni = sch.split(nl, [None, nb])
+    outer.append(no)
+    if ml:
+        mf = sch.fuse(*ml) if len(ml) > 1 else ml[0]
+        mo, mi = sch.split(mf, [None, mr])
+        outer.append(mo)
+        sch.reorder(*outer, mi, ni)
+    else:
+        sch.reorder(*outer, ni)
+    target = sch.get(outer[-1])
+    prefix = 1 + next(i for i, lp in enumerate(sch.get_loops(oblk))
+                      if sch.get(lp).same_as(target))
+    sch.compute_at(cblk, outer[-1])
+    sch.set_scope(cblk, 0, "local")
+    # C's own loops: (batch: unit, dropped) m (dropped when mr == 1), n, k (dropped if K == 1)
+    own = sch.get_loops(cblk)[prefix:]
+    ck = own[-1] if K > 1 else None
+    spatial = own[:-1] if K > 1 else own
+    cn = spatial[-1]
+    cm = spatial[-2] if mr > 1 and len(spatial) >= 2 else None
+    if ck is not None:
+        sch.reorder(ck, *([cm] if cm is not None else []), cn)
+    if cm is not None:
+        sch.unroll(cm)
+    sch.vectorize(cn)
+    sch.vectorize(ni)
+    work = math.prod(out_type.shape) * K
+    if req.cpu.num_cores > 1 and work >= 1 << 16:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    init = sch.decompose_reduction(cblk, ck if ck is not None else (cm or cn))
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+def _bias_act(req: KernelRequest, bias_at: Callable | None) -> Callable:
+    kind = req.attrs.get("activation", "none")
+    lo, hi = req.attrs.get("clip_min", 0.0), req.attrs.get("clip_max", 6.0)
+
+    def epilogue(acc, idx):
+        v = acc
+        if bias_at is not None:
+            v = v + bias_at(idx)
+        return activation(v, kind, lo, hi)
+    return epilogue
+
+
+@register_kernel("dense")
+def dense(req: KernelRequest) -> KernelImpl:
+    xt, wt = req.input_types[0], req.input_types[1]
+    out = req.output_types[0]
+    N, K = wt.shape
+    lead = xt.shape[:-1]
+    M = math.prod(lead)
+    mr, nb = gemm_tiles(req, M, N)
+    packed = 1 in req.const_inputs
+    types = {}
+    if packed:
+        types[1] = TensorType((-(-N // nb), K, nb), wt.dtype)
+    ins = placeholders(req, types)
+    X, W = ins[0], ins[1]
+
+    def a_at(bi, m, k):
+        if M != (-(-M // mr) * mr):
+            from tvm import te
+            m = te.min(m, M - 1)
+        return X[tuple(_unravel(m, lead)) + (k,)]
+
+    if packed:
+        def b_at(bi, k, n):
+            return W[n // nb, k, n % nb]
+    else:
+        def b_at(bi, k, n):
+            from tvm import te
+            return W[te.min(n, N - 1), k]
+
+    bias_at = (lambda idx: ins[2][idx[-1]]) if len(ins) > 2 else None
+    func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb, mr=mr,
+                      a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
+    transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w), nb))} if packed else {}
+    return KernelImpl(func, transforms,
+                      note=f"dense M={M} K={K} N={N}: {mr}x{nb} tiles"
+                           + (", packed weights" if packed else ""))
+
+
+@register_kernel("matmul")
+def matmul(req: KernelRequest) -> KernelImpl:
+    at, bt = req.input_types
+    out = req.output_types[0]
+    a_shape = at.shape if at.rank >= 2 else (1,) + at.shape
+    if bt.rank < 2:
+        return _matvec(req)
+    K, N = bt.shape[-2], bt.shape[-1]
+    M = a_shape[-2]
+    n_mdims = 1 if at.rank >= 2 else 0
+    batch = out.shape[:out.rank - 1 - n_mdims]
+    mr, nb = gemm_tiles(req, M, N)
+    packed = 1 in req.const_inputs and bt.rank == 2
+    types = {1: TensorType((-(-N // nb), K, nb), bt.dtype)} if packed else {}
+    ins = placeholders(req, types)
+    A, B = ins
+    Mp = -(-M // mr) * mr
+
+    def a_at(bi, m, k):
+        from tvm import te
+        if Mp != M:
+            m = te.min(m, M - 1)
+        if at.rank == 1:
+            return A[k]
+        return A[tuple(broadcast_index(bi, batch, at.shape[:-2])) + (m, k)]
+
+    def b_at(bi, k, n):
+        from tvm import te
+        if packed:
+            return B[n // nb, k, n % nb]
+        if -(-N // nb) * nb != N:
+            n = te.min(n, N - 1)
+        return B[tuple(broadcast_index(bi, batch, bt.shape[:-2])) + (k, n)]
+
+    func = _gemm_func(req, ins, out, batch=batch, n_mdims=n_mdims, M=M, K=K, N=N, nb=nb,
+                      mr=mr, a_at=a_at, b_at=b_at, epilogue=lambda acc, idx: acc)
+    transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w).T, nb))} if packed else {}
+    return KernelImpl(func, transforms,
+                      note=f"matmul batch={list(batch)} M={M} K={K} N={N}: {mr}x{nb} tiles")
+
+
+def _matvec(req: KernelRequest) -> KernelImpl:
+    """matmul with a 1-D right operand: a reduction per output element."""
+    from tvm import te
+
+    from targets.kernels._te import generic, prim_func
+
+    at, bt = req.input_types
+    out = req.output_types[0]
+    A, B = placeholders(req)
+    K = bt.shape[0]
+    k = te.reduce_axis((0, K), "k")
+    dt = tvm_dtype(out.dtype)
+
+    def body(*idx):
+        if at.rank == 1:
+            return te.sum(A[k].astype(dt) * B[k].astype(dt), axis=k)
+        ai = broadcast_index(idx[:-1], out.shape[:-1], at.shape[:-2])
+        return te.sum(A[tuple(ai) + (idx[-1], k)].astype(dt) * B[k].astype(dt), axis=k)
+
+    O = te.compute(out.shape, body, name="out")
+    return KernelImpl(prim_func([A, B, O], generic(req.cpu, out.dtype)), note="matvec")
+
+
+@register_kernel("gemm")
+def gemm(req: KernelRequest) -> KernelImpl:
+    at, bt = req.input_types[0], req.input_types[1]
+    out = req.output_types[0]
+    ta, tb = req.attrs.get("trans_a", False), req.attrs.get("trans_b", False)
+    alpha, beta = float(req.attrs.get("alpha", 1.0)), float(req.attrs.get("beta", 1.0))
+    M, K = (at.shape[1], at.shape[0]) if ta else at.shape
+    N = bt.shape[0] if tb else bt.shape[1]
+    mr, nb = gemm_tiles(req, M, N)
+    packed = 1 in req.const_inputs
+    types = {1: TensorType((-(-N // nb), K, nb), bt.dtype)} if packed else {}
+    ins = placeholders(req, types)
+    A, B = ins[0], ins[1]
+    Mp = -(-M // mr) * mr
+
+    def a_at(bi, m, k):
+        from tvm import te
+        if Mp != M:
+            m = te.min(m, M - 1)
+        return A[k, m] if ta else A[m, k]
+
+    def b_at(bi, k, n):
+        from tvm import te
+        if packed:
+            return B[n // nb, k, n % nb]
+        if -(-N // nb) * nb != N:
+            n = te.min(n, N - 1)
+        return B[n, k] if tb else B[k, n]
+
+    def epilogue(acc, idx):
+        from tvm import tirx
+        acc = expr(acc)
+        dt = dtype_of(acc)
+        v = acc if alpha == 1.0 else acc * tirx.const(alpha, dt)
+        if len(ins) > 2 and beta != 0.0:
+            c = ins[2][tuple(broadcast_index(idx, out.shape, req.input_types[2].shape))]
+            v = v + (c if beta == 1.0 else c * tirx.const(beta, dt))
+        return v
+
+    func = _gemm_func(req, ins, out, batch=(), n_mdims=1, M=M, K=K, N=N, nb=nb, mr=mr,
+                      a_at=a_at, b_at=b_at, epilogue=epilogue)
+
+    def pack(w, nb=nb, tb=tb):
+        w = np.asarray(w)
+        return pack_nk(w if tb else w.T, nb)
+
+    return KernelImpl(func, {1: pack} if packed else {},
+                      note=f"gemm M={M} K={K} N={N}: {mr}x{nb} tiles")
