@@ -17,6 +17,7 @@ PASS_MODULES: dict[str, str] = {
     **dict.fromkeys(("fuse-matmul-add", "fuse-gemm", "fuse-conv-act", "fuse-conv-relu",
                      "fuse-dense-act"), "passes.fusion"),
     "to-nhwc": "passes.layout",
+    "partition": "passes.partition",
 }
 FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
 

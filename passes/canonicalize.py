@@ -196,7 +196,7 @@ def _fold_into_conv(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> boo
     wv = new_const(graph, new_w, name=wname + ".bn", before=conv)
     bv = new_const(graph, new_b, name=tag(conv, rule) + ".bias", before=conv)
     replace_node(graph, conv, "conv2d", [conv.inputs[0], wv, bv], dict(conv.attrs), rule=rule,
-                 replaces=bn)
+                 replaces=bn, name_from=conv)
     erase_dead(graph, [conv])
     return True
 

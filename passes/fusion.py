@@ -129,8 +129,10 @@ class FuseMatmulAdd(Pass):
                 continue
             add, bias = found
             bvalue = add.inputs[0] if add.inputs[1] is mm.output else add.inputs[1]
-            bv = _hoisted_const(graph, bias, _weight_name(bvalue, ".bias"))
-            replace_node(graph, add, "dense", [x, wt, bv], rule=self.name, name_from=mm)
+            if bvalue.shape != bias.shape:  # else read the bias as it is, by reference
+                bvalue = _hoisted_const(graph, bias, _weight_name(bvalue, ".bias"))
+            # the dense goes where the add was: x, W^T and the bias are all defined by then
+            replace_node(graph, add, "dense", [x, wt, bvalue], rule=self.name, name_from=mm)
             erase_dead(graph, [mm])
             _count(stats, "dense_bias")
         return PassResult(graph, bool(stats.get("dense") or stats.get("dense_bias")), stats)
@@ -188,9 +190,12 @@ class FuseGemm(Pass):
         inputs = [x, w]
         if bias is not None:
             dt = gemm.output.type.np_dtype
-            scaled = (bias.astype(np.float64) * beta).astype(dt) if beta != 1.0 else bias
-            inputs.append(_hoisted_const(graph, scaled.astype(dt),
-                                         _weight_name(gemm.inputs[2], ".bias")))
+            c = gemm.inputs[2]
+            if beta == 1.0 and c.shape == bias.shape:
+                inputs.append(c)  # by reference
+            else:
+                scaled = (bias.astype(np.float64) * beta).astype(dt)
+                inputs.append(_hoisted_const(graph, scaled, _weight_name(c, ".bias")))
         replace_node(graph, gemm, "dense", inputs, rule=self.name)
         return None
 

@@ -74,23 +74,32 @@ def _replace(graph: Graph, node: Node, inputs: list[Value], attrs: dict[str, Any
 
 
 # -- 1. convert --------------------------------------------------------------------------
-def _kernel(graph: Graph, w: Value, src: str, dst: str, before: Node) -> Value:
+def _kernel(graph: Graph, w: Value, src: str, dst: str, before: Node,
+            cache: dict[tuple[int, str], Value]) -> Value:
+    """``w`` in layout ``dst``; computed once per weight (placed first in the graph)."""
+    key = (id(w), src)
+    if key in cache:
+        return cache[key]
     perm = [src.index(c) for c in dst]
     arr = const_array(graph, w)
     if arr is None:  # weights not loaded: keep it correct, fold-constants finishes the job
-        return graph.add("transpose", w, perm=perm, name=RULE, before=before)
-    ref = w.producer.attrs.get("ref") if w.producer is not None else None
-    return new_const(graph, np.ascontiguousarray(arr.transpose(perm)),
-                     name=f"{ref or w.name}.{dst.lower()}", before=before)
+        out = graph.add("transpose", w, perm=perm, name=RULE, before=before)
+    else:
+        ref = w.producer.attrs.get("ref") if w.producer is not None else None
+        out = new_const(graph, np.ascontiguousarray(arr.transpose(perm)),
+                        name=f"{ref or w.name}.{dst.lower()}", before=graph.nodes[0])
+    cache[key] = out
+    return out
 
 
-def _convert(graph: Graph, node: Node, kernel_layout: str) -> None:
+def _convert(graph: Graph, node: Node, kernel_layout: str,
+             cache: dict[tuple[int, str], Value]) -> None:
     x = node.inputs[0]
     inputs = [_transpose(graph, x, TO_NHWC, node)] + list(node.inputs[1:])
     attrs = dict(node.attrs, layout="NHWC")
     if node.op == "conv2d":
         inputs[1] = _kernel(graph, node.inputs[1], node.attrs["kernel_layout"], kernel_layout,
-                            node)
+                            node, cache)
         attrs["kernel_layout"] = kernel_layout
     _replace(graph, node, inputs, attrs, TO_NCHW)
 
@@ -242,10 +251,11 @@ class ToNHWC(Pass):
             raise PipelineError(f"to-nhwc: kernel-layout={self.kernel_layout!r} is not "
                                 "one of OHWI, HWIO")
         stats: dict[str, Any] = {"converted": 0, "pushed": 0, "cancelled": 0}
+        kernels: dict[tuple[int, str], Value] = {}
         for node in list(graph.nodes):
             if node.inputs and node.inputs[0].type.rank == 4:
                 if node.op in ("conv2d", *_POOLS) and node.attrs.get("layout") == "NCHW":
-                    _convert(graph, node, self.kernel_layout)
+                    _convert(graph, node, self.kernel_layout, kernels)
                     stats["converted"] += 1
                 elif node.op == "lrn" and self.decompose_lrn:
                     _decompose_lrn(graph, node)
