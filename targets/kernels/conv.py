@@ -1,0 +1,383 @@
+"""conv2d and conv_transpose2d kernels: one register-tiled NHWC micro-kernel for all of them.
+
+The shape of every conv kernel (x86 AVX-512 numbers; everything scales with ``cpu.lanes``):
+
+- The input is read as NHWC. If the conv needs zero padding (or the input is NCHW, or the conv
+  is transposed) a ``pad`` stage first writes a padded NHWC copy (parallel, vectorised over C).
+- Constant weights are packed at compile time to ``[NB, KH, KW, ICg, ob]`` (conv_common.py),
+  ``ob`` = 32 output channels, so the inner loop reads one contiguous ``ob`` vector per
+  (kh, kw, ic). Non-constant weights get the same packing as an in-kernel ``wpack`` stage.
+- The output is tiled ``owb`` columns x ``ob`` channels (7 x 32 = 14 zmm accumulators);
+  each tile accumulates in a local buffer (registers) over (kh, kw, ic), columns unrolled,
+  channels vectorised, the kernel width unrolled. Bias and the activation are applied as the
+  tile is written out (epilogue), in NHWC or NCHW.
+- Loop order: (n, row, block, column-tile) when the input is bigger than the weights, else
+  (n, block, row, column-tile) so one block's weights stay in L2; the three outer loops are
+  fused and parallel. A 1x1 stride-1 conv is the same loop nest: a GEMM whose M tile is a run
+  of ``owb`` pixels of one row.
+- Depthwise convs (groups == C) vectorise over channels instead: ``[KH, KW, C]`` weights,
+  tile ``owb`` columns x ``cb`` channels, kernel window unrolled.
+- conv_transpose2d is the conv with flipped, in/out-swapped weights over the zero-upsampled,
+  padded input (the ``pad`` stage does the upsampling), so it reuses this micro-kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compiler.errors import OpError
+from targets.kernels._te import activation, tvm_dtype
+from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
+from targets.kernels.conv_common import (
+    ConvGeom,
+    ConvTiles,
+    conv_geom,
+    conv_tiles,
+    pack_conv_weight,
+    pack_dw_weight,
+    to_oihw,
+    transpose_weight_to_conv,
+)
+
+__all__ = ["conv2d", "conv_transpose2d"]
+
+# Below this many multiply-adds a conv runs on one thread (a parallel launch costs µs).
+_PARALLEL_MIN_MACS = 100_000
+
+
+# ---------------------------------------------------------------- TE stages
+
+def _input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int, ws: int,
+                 top: int, left: int, up_h: int = 1, up_w: int = 1):
+    """``Xs[n, y, x, c]`` (NHWC, ``hs x ws``) = the input at ``((y - top)/up_h, (x - left)/up_w)``
+    where that is an input pixel, else 0 (padding, or a zero inserted by upsampling)."""
+    from tvm import te, tirx
+
+    zero = tirx.const(0, X.dtype)
+
+    def body(b, y, x, ch):
+        conds = []
+        iy, ix = y - top, x - left
+        if up_h > 1:
+            conds.append(tirx.floormod(iy, up_h) == 0)
+            iy = tirx.floordiv(iy, up_h)
+        if up_w > 1:
+            conds.append(tirx.floormod(ix, up_w) == 0)
+            ix = tirx.floordiv(ix, up_w)
+        conds += [iy >= 0, iy < src_h, ix >= 0, ix < src_w]
+        iyc = tirx.max(tirx.min(iy, src_h - 1), 0)
+        ixc = tirx.max(tirx.min(ix, src_w - 1), 0)
+        v = X[b, ch, iyc, ixc] if layout == "NCHW" else X[b, iyc, ixc, ch]
+        return tirx.if_then_else(tirx.all(*conds), v, zero)
+
+    return te.compute((n, hs, ws, c), body, name="pad")
+
+
+def _activation(v, attrs: dict[str, Any]):
+    return activation(v, str(attrs.get("activation", "none")),
+                      float(attrs.get("clip_min", 0.0)), float(attrs.get("clip_max", 6.0)))
+
+
+def _epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str):
+    """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc])`` in ``out_layout``."""
+    from tvm import te
+
+    def val(b, y, x, oc):
+        v = acc_at(b, y, x, oc)
+        if bias is not None:
+            v = v + bias[oc]
+        return _activation(v, attrs)
+
+    if out_layout == "NHWC":
+        return te.compute((g.n, g.oh, g.ow, g.oc), lambda b, y, x, oc: val(b, y, x, oc),
+                          name="out")
+    return te.compute((g.n, g.oc, g.oh, g.ow), lambda b, oc, y, x: val(b, y, x, oc), name="out")
+
+
+def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles):
+    """``C[n, y, x, blk, oci]`` = the conv of the NHWC stage ``xs`` with packed weights."""
+    from tvm import te
+
+    rc = te.reduce_axis((0, g.icg), "rc")
+    ry = te.reduce_axis((0, g.kh), "ry")
+    rx = te.reduce_axis((0, g.kw), "rx")
+
+    def body(b, y, x, blk, oci):
+        ch = rc if g.groups == 1 else (blk // t.nb_g) * g.icg + rc
+        return te.sum(xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch]
+                      * wp[blk, ry, rx, rc, oci], axis=[rc, ry, rx])
+
+    return te.compute((g.n, g.oh, t.owp, g.groups * t.nb_g, t.ob), body, name="conv")
+
+
+def _weight_stage(W, kernel_layout: str, g: ConvGeom, t: ConvTiles, transposed: bool):
+    """In-kernel packing of a non-constant weight (same layout as :func:`pack_conv_weight`)."""
+    from tvm import te, tirx
+
+    ocg = g.ocg
+
+    def at(oc, ic, ky, kx):  # canonical [OC, ICg, KH, KW]
+        if transposed:  # W: [IC, OCg, KH, KW]
+            grp = oc // ocg
+            return W[grp * g.icg + ic, oc % ocg, g.kh - 1 - ky, g.kw - 1 - kx]
+        if kernel_layout == "OIHW":
+            return W[oc, ic, ky, kx]
+        if kernel_layout == "OHWI":
+            return W[oc, ky, kx, ic]
+        return W[ky, kx, ic, oc]
+
+    def body(blk, ky, kx, ic, oci):
+        r = (blk % t.nb_g) * t.ob + oci
+        oc = (blk // t.nb_g) * ocg + tirx.min(r, ocg - 1)
+        return tirx.if_then_else(r < ocg, at(oc, ic, ky, kx), tirx.const(0, W.dtype))
+
+    return te.compute((g.groups * t.nb_g, g.kh, g.kw, g.icg, t.ob), body, name="wpack")
+
+
+# ---------------------------------------------------------------- schedules
+
+def _schedule_stage(sch, name: str, lanes: int, parallel: bool) -> None:
+    """Parallel over the two outer loops, vectorised over the last one when it is whole."""
+    try:
+        blk = sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 (stage absent)
+        return
+    loops = sch.get_loops(blk)
+    last = int(sch.get(loops[-1]).extent)
+    if last % lanes == 0 and len(loops) > 2:
+        _, vi = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(vi)
+    if parallel:
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+
+
+def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,
+                   out_layout: str) -> None:
+    par = cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
+    b, y, x, blk, oci, rc, ry, rx = sch.get_loops(conv)
+    xo, xi = sch.split(x, [None, t.owb])
+    outer = [b, blk, y] if t.blocks_outer else [b, y, blk]
+    if g.icg <= 4:
+        red = [ry, rx, rc]
+        sch.reorder(*outer, xo, *red, xi, oci)
+        sch.unroll(rc)
+    else:
+        red = [ry, rx, rc]
+        sch.reorder(*outer, xo, *red, xi, oci)
+    if g.kw <= 7:
+        sch.unroll(rx)
+    fused = sch.fuse(*outer)
+    if par:
+        sch.parallel(fused)
+    simple = g.groups == 1 or g.ocg % t.ob == 0
+    if simple:
+        sch.reverse_compute_at(out, xo)
+        sch.set_scope(conv, 0, "local")
+        if out_layout == "NHWC":
+            sch.vectorize(sch.get_loops(out)[-1])
+    else:  # per-group channel padding: the epilogue runs over the whole output afterwards
+        _schedule_stage(sch, "out", lanes, par)
+    sch.unroll(xi)
+    sch.vectorize(oci)
+    sch.decompose_reduction(conv, red[0])
+    _schedule_stage(sch, "pad", lanes, par)
+    _schedule_stage(sch, "wpack", lanes, par)
+
+
+def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
+               stage_args: dict[str, int], wtransform, wstage, label: str) -> KernelImpl:
+    """Build the PrimFunc of a (possibly transposed) grouped conv from its parts."""
+    from tvm import te
+
+    dtype = tvm_dtype(req.output_types[0].dtype)
+    lanes = req.cpu.lanes(req.output_types[0].dtype)
+    t = conv_tiles(g, req.cpu, req.output_types[0].dtype)
+    X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
+    w_const = 1 in req.const_inputs
+    nb = g.groups * t.nb_g
+    if w_const:
+        W = te.placeholder((nb, g.kh, g.kw, g.icg, t.ob), dtype, name="in1")
+        wp = W
+    else:
+        W = te.placeholder(req.input_types[1].shape, dtype, name="in1")
+        wp = wstage(W, t)
+    bias = None
+    if len(req.input_types) > 2:
+        bias = te.placeholder(req.input_types[2].shape, dtype, name="in2")
+    hs = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1
+    ws = (t.owp - 1) * g.sw + g.dw * (g.kw - 1) + 1
+    sa = stage_args
+    need_stage = (layout == "NCHW" or sa["top"] != 0 or sa["left"] != 0 or sa.get("up", 1) > 1
+                  or hs > sa["src_h"] or ws > sa["src_w"])
+    if need_stage:
+        xs = _input_stage(X, layout, g.n, g.ic, sa["src_h"], sa["src_w"], hs, ws, sa["top"],
+                          sa["left"], sa.get("up_h", 1), sa.get("up_w", 1))
+    else:
+        xs = X
+    C = _conv_core(xs, wp, g, t)
+    simple = g.groups == 1 or g.ocg % t.ob == 0
+
+    def acc_at(b, y, x, oc):
+        if simple:
+            return C[b, y, x, oc // t.ob, oc % t.ob]
+        r = oc % g.ocg
+        return C[b, y, x, (oc // g.ocg) * t.nb_g + r // t.ob, r % t.ob]
+
+    out = _epilogue(acc_at, bias, req.attrs, g, out_layout)
+    args = [X, W] + ([bias] if bias is not None else []) + [out]
+    func = te.create_prim_func(args)
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    _schedule_conv(sch, g, t, req.cpu, lanes, out_layout)
+    note = (f"{label} {layout}->{out_layout} {g.kh}x{g.kw}/{g.sh} g{g.groups}: tile "
+            f"{t.owb}x{t.ob}, {'blocks' if t.blocks_outer else 'rows'} outer"
+            f"{', pad stage' if need_stage else ''}{', in-kernel weight packing' if not w_const else ''}")
+    return KernelImpl(sch.mod["main"], {1: wtransform(t)} if w_const else {}, note=note)
+
+
+# ---------------------------------------------------------------- depthwise
+
+def _dw_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str) -> tuple[int, int, int]:
+    """(cb, owb, owp): channels per vector tile, columns per register tile, padded width."""
+    lanes = cpu.lanes(dtype)
+    cb = 1
+    for cand in (2 * lanes, lanes, lanes // 2, lanes // 4, 8, 4, 2):
+        if cand >= 1 and g.oc % cand == 0:
+            cb = cand
+            break
+    vecs = max(1, cb // lanes)
+    from targets.kernels.conv_common import _pick_width
+
+    owb = _pick_width(g.ow, max(1, 8 // vecs))
+    return cb, owb, -(-g.ow // owb) * owb
+
+
+def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout: str
+                    ) -> KernelImpl:
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    odt = req.output_types[0].dtype
+    dtype = tvm_dtype(odt)
+    lanes = req.cpu.lanes(odt)
+    cb, owb, owp = _dw_tiles(g, req.cpu, odt)
+    X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
+    w_const = 1 in req.const_inputs
+    if w_const:
+        W = te.placeholder((g.kh, g.kw, g.oc), dtype, name="in1")
+        wd = W
+    else:
+        W = te.placeholder(req.input_types[1].shape, dtype, name="in1")
+
+        def wbody(ky, kx, ch):
+            if kernel_layout == "OIHW":
+                return W[ch, 0, ky, kx]
+            if kernel_layout == "OHWI":
+                return W[ch, ky, kx, 0]
+            return W[ky, kx, 0, ch]
+
+        wd = te.compute((g.kh, g.kw, g.oc), wbody, name="wpack")
+    bias = te.placeholder(req.input_types[2].shape, dtype, name="in2") \
+        if len(req.input_types) > 2 else None
+    hs = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1
+    ws = (owp - 1) * g.sw + g.dw * (g.kw - 1) + 1
+    need_stage = layout == "NCHW" or g.pt or g.pl or hs > g.h or ws > g.w
+    xs = _input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
+    ry = te.reduce_axis((0, g.kh), "ry")
+    rx = te.reduce_axis((0, g.kw), "rx")
+    D = te.compute((g.n, g.oh, owp, g.oc),
+                   lambda b, y, x, ch: te.sum(
+                       xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch] * wd[ry, rx, ch],
+                       axis=[ry, rx]), name="conv")
+    out = _epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout)
+    args = [X, W] + ([bias] if bias is not None else []) + [out]
+    sch = Schedule(te.create_prim_func(args))
+    par = req.cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS // 4
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
+    b, y, x, ch, ry_, rx_ = sch.get_loops(conv)
+    xo, xi = sch.split(x, [None, owb])
+    co, ci = sch.split(ch, [None, cb])
+    sch.reorder(b, y, co, xo, ry_, rx_, xi, ci)
+    fused = sch.fuse(b, y)
+    if par:
+        sch.parallel(fused)
+    sch.reverse_compute_at(out, xo)
+    sch.set_scope(conv, 0, "local")
+    if layout == "NHWC":
+        sch.vectorize(sch.get_loops(out)[-1])
+    if g.kh * g.kw <= 25:
+        sch.unroll(ry_)
+        sch.unroll(rx_)
+    sch.unroll(xi)
+    sch.vectorize(ci)
+    sch.decompose_reduction(conv, ry_)
+    _schedule_stage(sch, "pad", lanes, par)
+    _schedule_stage(sch, "wpack", lanes, False)
+    note = f"depthwise {layout} {g.kh}x{g.kw}/{g.sh}: tile {owb}x{cb}"
+    return KernelImpl(sch.mod["main"],
+                      {1: lambda w: pack_dw_weight(to_oihw(w, kernel_layout))} if w_const else {},
+                      note=note)
+
+
+# ---------------------------------------------------------------- registration
+
+def _check_out(req: KernelRequest, shape: tuple[int, ...], label: str) -> None:
+    got = tuple(req.output_types[0].shape)
+    if got != tuple(shape):
+        raise OpError(f"{label}: result type {list(got)} does not match the computed shape "
+                      f"{list(shape)}")
+
+
+@register_kernel("conv2d")
+def conv2d(req: KernelRequest) -> KernelImpl:
+    label = f"conv2d {req.node_label}".strip()
+    layout = str(req.attrs.get("layout", "NCHW"))
+    kl = str(req.attrs.get("kernel_layout", "OIHW"))
+    g = conv_geom(req.input_types[0].shape, layout, req.input_types[1].shape, kl, req.attrs,
+                  label)
+    _check_out(req, (g.n, g.oh, g.ow, g.oc) if layout == "NHWC" else (g.n, g.oc, g.oh, g.ow),
+               label)
+    if g.depthwise:
+        return _depthwise_impl(req, g, layout, kl)
+    stage = {"src_h": g.h, "src_w": g.w, "top": g.pt, "left": g.pl}
+    return _conv_impl(
+        req, g, layout, layout, stage,
+        lambda t: (lambda w: pack_conv_weight(to_oihw(w, kl), g.groups, t.ob)),
+        lambda W, t: _weight_stage(W, kl, g, t, transposed=False), "conv2d")
+
+
+@register_kernel("conv_transpose2d")
+def conv_transpose2d(req: KernelRequest) -> KernelImpl:
+    label = f"conv_transpose2d {req.node_label}".strip()
+    a = req.attrs
+    xs, wsh = req.input_types[0].shape, req.input_types[1].shape
+    if len(xs) != 4 or len(wsh) != 4:
+        raise OpError(f"{label}: needs NCHW input and [I, O/g, KH, KW] weight, got "
+                      f"{list(xs)} and {list(wsh)}")
+    n, ic, h, w = xs
+    groups = int(a.get("groups", 1))
+    wic, ocg, kh, kw = wsh
+    if wic != ic or ic % groups:
+        raise OpError(f"{label}: weight {list(wsh)} does not fit {ic} input channels in "
+                      f"{groups} groups")
+    sh, sw = (list(a.get("strides") or [1, 1]) + [1, 1])[:2]
+    dh, dw = (list(a.get("dilations") or [1, 1]) + [1, 1])[:2]
+    pt, pl, pb, pr = list(a.get("pads") or [0, 0, 0, 0])
+    oph, opw = list(a.get("output_padding") or [0, 0])
+    oh = (h - 1) * sh - pt - pb + dh * (kh - 1) + oph + 1
+    ow = (w - 1) * sw - pl - pr + dw * (kw - 1) + opw + 1
+    if oh < 1 or ow < 1:
+        raise OpError(f"{label}: pads {[pt, pl, pb, pr]} leave no output")
+    _check_out(req, (n, ocg * groups, oh, ow), label)
+    # the equivalent stride-1 conv over the upsampled input, shifted by (top, left)
+    g = ConvGeom(n, (h - 1) * sh + 1, (w - 1) * sw + 1, ic, ocg * groups, kh, kw, oh, ow,
+                 1, 1, dh, dw, groups=groups)
+    stage = {"src_h": h, "src_w": w, "top": dh * (kh - 1) - pt, "left": dw * (kw - 1) - pl,
+             "up": max(sh, sw), "up_h": sh, "up_w": sw}
+    return _conv_impl(
+        req, g, "NCHW", "NCHW", stage,
+        lambda t: (lambda wt: pack_conv_weight(transpose_weight_to_conv(wt, groups),
+                                               groups, t.ob)),
+        lambda W, t: _weight_stage(W, "OIHW", g, t, transposed=True), "conv_transpose2d")

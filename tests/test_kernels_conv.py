@@ -1,0 +1,201 @@
+"""conv2d / conv_transpose2d / pooling kernels against the ops' numpy references.
+
+All kernels of one test are built into one ``tvm.compile`` and called as the runtime calls
+them: operands (constant ones through the builder's weight transform), then the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compiler.ir.registry import get_op
+from compiler.ir.types import TensorType
+from targets.kernels.base import CpuInfo, KernelRequest, get_kernel_builder
+
+HOST = CpuInfo({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+A76 = CpuInfo({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+               "mattr": ["+neon", "+dotprod", "+fullfp16"]}, arch="aarch64", simd_bits=128)
+
+Case = tuple[str, list[np.ndarray], dict[str, Any], tuple[int, ...]]  # op, inputs, attrs, consts
+
+_rng = np.random.default_rng(0)
+
+
+def _r(*shape: int) -> np.ndarray:
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def _request(case: Case, cpu: CpuInfo, i: int) -> tuple[KernelRequest, list[np.ndarray]]:
+    op, inputs, attrs, consts = case
+    opdef = get_op(op)
+    attrs = opdef.normalize_attrs(attrs)
+    ref = [np.asarray(r) for r in opdef.reference(inputs, attrs)]
+    req = KernelRequest(op, attrs, [TensorType.of(a) for a in inputs],
+                        [TensorType.of(r) for r in ref], {j: inputs[j] for j in consts if j < len(inputs)}, cpu,
+                        f"case{i}")
+    return req, ref
+
+
+def _build(cases: list[Case], cpu: CpuInfo):
+    import tvm
+
+    funcs, impls = {}, []
+    for i, case in enumerate(cases):
+        req, ref = _request(case, cpu, i)
+        impl = get_kernel_builder(case[0])(req)
+        funcs[f"case{i}"] = impl.prim_func.with_attr("global_symbol", f"case{i}")
+        impls.append((req, impl, ref))
+    ex = tvm.compile(tvm.IRModule(funcs), tvm.target.Target(cpu.tvm_target))
+    return ex, impls
+
+
+def _check(cases: list[Case], rtol: float = 1e-4) -> None:
+    import tvm
+
+    ex, impls = _build(cases, HOST)
+    bad = []
+    for i, (case, (_req, impl, ref)) in enumerate(zip(cases, impls, strict=True)):
+        args = [impl.weight_transforms[j](a) if j in impl.weight_transforms else a
+                for j, a in enumerate(case[1])]
+        targs = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
+        out = tvm.runtime.tensor(np.zeros(ref[0].shape, ref[0].dtype))
+        ex[f"case{i}"](*targs, out)
+        got = out.numpy()
+        scale = max(1.0, float(np.abs(ref[0]).max()))
+        if not np.allclose(got, ref[0], rtol=rtol, atol=rtol * scale):
+            err = float(np.abs(got - ref[0]).max())
+            bad.append(f"case{i} {case[0]} {case[2]} ({impl.note}): max abs err {err:.3g}")
+    assert not bad, "\n".join(bad)
+
+
+def _conv(n, c, h, w, oc, k, *, layout="NHWC", kl="OHWI", groups=1, bias=True,
+          const=True, **attrs) -> Case:
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = _r(n, c, h, w) if layout == "NCHW" else _r(n, h, w, c)
+    wo = _r(oc, c // groups, kh, kw)
+    wt = {"OIHW": wo, "OHWI": wo.transpose(0, 2, 3, 1), "HWIO": wo.transpose(2, 3, 1, 0)}[kl]
+    inputs = [x, np.ascontiguousarray(wt)] + ([_r(oc)] if bias else [])
+    consts = (1, 2) if const else ()
+    return ("conv2d", inputs, {"layout": layout, "kernel_layout": kl, "groups": groups,
+                               **attrs}, consts)
+
+
+P1 = {"pads": [1, 1, 1, 1]}
+
+
+def test_conv2d_nhwc():
+    _check([
+        _conv(1, 16, 10, 10, 32, 3, activation="relu", **P1),
+        _conv(1, 6, 9, 11, 20, (3, 2), kl="HWIO", strides=[2, 2], pads=[1, 0, 2, 1],
+              activation="relu6"),
+        _conv(1, 64, 7, 7, 48, 1, kl="OIHW", bias=False),                 # 1x1 GEMM
+        _conv(2, 24, 8, 8, 40, 1, strides=[2, 2], activation="clip", clip_min=-0.5,
+              clip_max=0.7),
+        _conv(1, 3, 23, 23, 16, 7, strides=[2, 2], pads=[3, 3, 3, 3], activation="sigmoid"),
+        _conv(1, 8, 13, 13, 32, 3, dilations=[2, 2], pads=[2, 2, 2, 2], activation="gelu"),
+        _conv(1, 8, 13, 17, 5, 3, activation="gelu_tanh"),               # OC below one vector
+        _conv(1, 32, 15, 15, 64, 3, strides=[2, 2], **P1),
+    ])
+
+
+def test_conv2d_groups_and_depthwise():
+    _check([
+        _conv(1, 32, 12, 12, 32, 3, groups=32, activation="relu6", **P1),
+        _conv(1, 24, 12, 12, 24, 3, groups=24, strides=[2, 2], pads=[0, 1, 1, 1]),
+        _conv(2, 48, 9, 9, 48, 5, kl="HWIO", groups=48, pads=[2, 2, 2, 2], bias=False),
+        _conv(1, 16, 12, 12, 32, 3, groups=4, activation="sigmoid", **P1),
+        _conv(1, 12, 12, 12, 18, 3, groups=3, activation="relu", **P1),  # per-group padding
+        _conv(1, 8, 10, 10, 16, 3, groups=8, **P1),                      # channel multiplier 2
+        _conv(1, 16, 12, 12, 16, 3, layout="NCHW", kl="OIHW", groups=16, strides=[2, 2],
+              pads=[0, 1, 1, 1]),
+    ])
+
+
+def test_conv2d_nchw_and_runtime_weights():
+    _check([
+        _conv(1, 8, 10, 10, 32, 3, layout="NCHW", kl="OIHW", **P1),
+        _conv(2, 12, 11, 9, 18, 3, layout="NCHW", kl="OIHW", groups=3, dilations=[2, 1],
+              pads=[2, 1, 2, 1], activation="relu"),
+        _conv(1, 8, 10, 10, 32, 3, const=False, activation="relu", **P1),
+        _conv(1, 16, 12, 12, 16, 3, groups=16, const=False, bias=False, **P1),
+        _conv(1, 12, 12, 12, 18, 3, layout="NCHW", kl="OIHW", groups=3, const=False),
+        _conv(1, 6, 8, 8, 20, 3, kl="HWIO", const=False, strides=[2, 2], **P1),
+    ])
+
+
+def _convt(n, c, h, w, ocg, k, *, groups=1, bias=True, const=True, **attrs) -> Case:
+    inputs = [_r(n, c, h, w), _r(c, ocg, k, k)] + ([_r(ocg * groups)] if bias else [])
+    return ("conv_transpose2d", inputs, {"groups": groups, **attrs},
+            (1, 2) if const else ())
+
+
+def test_conv_transpose2d():
+    _check([
+        _convt(1, 8, 5, 5, 16, 3, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        _convt(1, 4, 6, 7, 3, 3),
+        _convt(2, 8, 4, 4, 6, 4, groups=2, strides=[2, 2], pads=[1, 0, 1, 2], bias=False),
+        _convt(1, 4, 5, 5, 8, 3, dilations=[2, 2], strides=[3, 3], const=False),
+        _convt(1, 6, 5, 5, 4, 3, groups=3, pads=[2, 2, 2, 2], const=False),
+    ])
+
+
+def _pool(op, layout, n, c, h, w, **attrs) -> Case:
+    x = _r(n, c, h, w) if layout == "NCHW" else _r(n, h, w, c)
+    return (op, [x], {"layout": layout, **attrs}, ())
+
+
+def test_pools():
+    cases = []
+    for lay in ("NHWC", "NCHW"):
+        cases += [
+            _pool("max_pool2d", lay, 1, 32, 12, 12, kernel=[3, 3], strides=[2, 2], pads=P1["pads"]),
+            _pool("max_pool2d", lay, 2, 5, 9, 10, kernel=[3, 2], strides=[2, 2], ceil_mode=True),
+            _pool("max_pool2d", lay, 1, 16, 11, 11, kernel=[2, 2], dilations=[2, 2],
+                  pads=[1, 1, 0, 0]),
+            _pool("avg_pool2d", lay, 1, 32, 12, 12, kernel=[3, 3], strides=[2, 2],
+                  pads=P1["pads"], count_include_pad=True),
+            _pool("avg_pool2d", lay, 1, 7, 10, 9, kernel=[3, 3], strides=[2, 2],
+                  pads=[1, 1, 1, 1], ceil_mode=True),
+            _pool("avg_pool2d", lay, 1, 16, 7, 7, kernel=[7, 7]),
+            _pool("avg_pool2d", lay, 1, 6, 10, 10, kernel=[3, 3], strides=[3, 3], pads=[1, 1, 1, 1],
+                  ceil_mode=True, count_include_pad=True),
+            _pool("global_avg_pool", lay, 2, 48, 7, 7),
+            _pool("global_max_pool", lay, 1, 20, 5, 6),
+            _pool("global_avg_pool", lay, 1, 10, 3, 3),
+        ]
+    cases += [("global_avg_pool", [_r(2, 6, 9)], {"layout": "NCHW"}, ()),
+              ("global_max_pool", [_r(2, 9, 6)], {"layout": "NHWC"}, ())]
+    _check(cases)
+
+
+def test_aarch64_builds():
+    """The same schedules compile for the Cortex-A76 (NEON, 4 f32 lanes); not run here."""
+    cases = [
+        _conv(1, 16, 14, 14, 32, 3, activation="relu", **P1),
+        _conv(1, 64, 7, 7, 48, 1),
+        _conv(1, 32, 12, 12, 32, 3, groups=32, **P1),
+        _conv(1, 8, 10, 10, 16, 3, layout="NCHW", kl="OIHW", const=False, **P1),
+        _convt(1, 8, 5, 5, 16, 3, strides=[2, 2], pads=[1, 1, 1, 1]),
+        _pool("max_pool2d", "NHWC", 1, 32, 12, 12, kernel=[3, 3], strides=[2, 2]),
+        _pool("avg_pool2d", "NCHW", 1, 8, 12, 12, kernel=[2, 2], strides=[2, 2]),
+        _pool("global_avg_pool", "NHWC", 1, 64, 7, 7),
+    ]
+    ex, _ = _build(cases, A76)
+    assert ex is not None
+
+
+@pytest.mark.parametrize("attrs", [
+    {"layout": "NCWH"}, {"kernel_layout": "IOHW"}, {"groups": 3},
+])
+def test_conv2d_bad_attrs(attrs):
+    from compiler.errors import NpuccError
+
+    x, w = _r(1, 8, 8, 8), _r(8, 3, 3, 8)
+    req = KernelRequest("conv2d", {"layout": "NHWC", "kernel_layout": "OHWI", **attrs},
+                        [TensorType.of(x), TensorType.of(w)], [TensorType((1, 6, 6, 8), "f32")],
+                        {1: w}, HOST)
+    with pytest.raises(NpuccError):
+        get_kernel_builder("conv2d")(req)
