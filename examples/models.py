@@ -322,6 +322,21 @@ def _export_key(module: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
     return h.hexdigest()[:16]
 
 
+class _KeywordCall(nn.Module):
+    """Calls ``module(**dict(zip(names, args)))``; a mapping result becomes a tuple."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.module = module
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        out = self.module(**dict(zip(self.names, args, strict=True)))
+        if isinstance(out, dict):
+            return tuple(v for v in out.values() if v is not None)
+        return out
+
+
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike | None = None,
                 opset: int = 17, input_names: Sequence[str] | None = None,
                 output_names: Sequence[str] | None = None) -> Path:
@@ -335,26 +350,24 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike 
     """
     import onnx
 
-    kwargs: dict[str, torch.Tensor] = {}
+    call: nn.Module = module
     if isinstance(example_inputs, dict):
-        kwargs = {k: _as_tensors(v)[0] for k, v in example_inputs.items()}
-        args: tuple[torch.Tensor, ...] = ()
-        input_names = list(input_names or kwargs)
-        key_inputs = tuple(kwargs.values())
+        args = tuple(_as_tensors(v)[0] for v in example_inputs.values())
+        call = _KeywordCall(module, list(example_inputs))
+        input_names = list(input_names or example_inputs)
     else:
         args = _as_tensors(example_inputs)
-        key_inputs = args
     names = (tuple(input_names or ()), tuple(output_names or ()))
     if path is None:
-        key = _export_key(module, key_inputs, opset, names)
+        key = _export_key(module, args, opset, names)
         path = cache_dir() / f"{type(module).__name__.lower()}-{key}.onnx"
         if path.exists():
             return path
     path = Path(path)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    module = module.eval()
+    module.eval()
     with torch.no_grad():
-        torch.onnx.export(module, args, str(tmp), kwargs=kwargs or None, opset_version=opset,
+        torch.onnx.export(call, args, str(tmp), opset_version=opset,
                           input_names=list(input_names) if input_names else None,
                           output_names=list(output_names) if output_names else None,
                           dynamo=False, do_constant_folding=True)
