@@ -3,4 +3,10 @@
 from compiler.ir.ops import (
     core,  # noqa: F401
     elementwise,  # noqa: F401
+    linalg,  # noqa: F401
+    nn,  # noqa: F401
+    nn_norm,  # noqa: F401
+    nn_resize,  # noqa: F401
+    reduce,  # noqa: F401
+    shape,  # noqa: F401
 )
