@@ -1,0 +1,381 @@
+"""ONNX importer: ``from_onnx(model, input_shapes) -> Graph``.
+
+Contract:
+- Opsets 13..21 of the default domain; anything else is refused with the remedy.
+- Every graph input must have a static shape, from the model or from ``input_shapes``.
+- Initializers become weight constants named like the ONNX initializer.
+- Tensor operands that the catalogue makes static (shapes, axes, pads, bounds, ...) must
+  be constant after folding: a node whose inputs are all constant and whose outputs are
+  small (<= 4096 elements) or integer typed is evaluated at import with the ops' reference
+  implementations; ``Shape`` of a static tensor is always a constant.
+- Every unsupported node is reported at once (:class:`UnsupportedOpsError`); anything else
+  wrong with the model is an :class:`ImportError_` naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import ImportError_, NpuccError, UnsupportedOpsError
+from compiler.frontends.onnx_ctx import CONVERTERS, Ctx, Unsupported, onnx_dtype
+from compiler.ir.graph import Graph, Value
+from compiler.ir.interpreter import interpret
+from compiler.ir.types import TensorType, is_float
+from compiler.ir.verify import verify
+
+__all__ = ["from_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
+
+MIN_OPSET, MAX_OPSET = 13, 21
+FOLD_LIMIT = 4096  # largest float constant a node may fold to
+_NO_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                      "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def _load(model: Any):
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes | bytearray):
+        try:
+            return onnx.load_model_from_string(bytes(model))
+        except Exception as e:  # protobuf DecodeError and friends
+            raise ImportError_(f"cannot decode the ONNX model bytes: {e}") from None
+    if not isinstance(model, str | Path):
+        raise ImportError_(f"from_onnx takes a path, bytes or onnx.ModelProto, "
+                           f"got {type(model).__name__}")
+    path = Path(model)
+    if not path.is_file():
+        raise ImportError_(f"no ONNX file at {str(path)!r}")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise ImportError_(f"cannot read {str(path)!r} as an ONNX model (truncated or not "
+                           f"ONNX?): {type(e).__name__}: {e}") from None
+
+
+def _opset(model) -> int:
+    versions = {o.domain: o.version for o in model.opset_import}
+    v = versions.get("", versions.get("ai.onnx"))
+    if v is None:
+        raise ImportError_("the model imports no version of the default ONNX opset")
+    if not MIN_OPSET <= v <= MAX_OPSET:
+        raise ImportError_(
+            f"the model uses ONNX opset {v}; npucc imports opsets {MIN_OPSET} to {MAX_OPSET}. "
+            f"Convert it first: onnx.version_converter.convert_version(model, 17)")
+    return v
+
+
+def _input_types(model, input_shapes: Mapping[str, list[int]] | None,
+                 ) -> dict[str, TensorType]:
+    """Static types of the real graph inputs (those without an initializer)."""
+    inits = {t.name for t in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in inits]
+    given = dict(input_shapes or {})
+    unknown = [k for k in given if k not in {i.name for i in real}]
+    if unknown:
+        raise ImportError_(f"input_shapes names unknown input(s) {', '.join(unknown)}; the "
+                           f"model's inputs are {', '.join(i.name for i in real) or 'none'}")
+    out: dict[str, TensorType] = {}
+    for vi in real:
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None:
+            raise ImportError_(f"input {vi.name!r} is not a tensor; only tensor inputs are "
+                               "supported")
+        dtype = onnx_dtype(tt.elem_type)
+        if dtype is None:
+            raise ImportError_(f"input {vi.name!r} has an unsupported element type "
+                               f"{tt.elem_type}")
+        dims = list(tt.shape.dim) if tt.HasField("shape") else None
+        if vi.name in given:
+            shape = [int(d) for d in given[vi.name]]
+            if dims is not None:
+                if len(dims) != len(shape):
+                    raise ImportError_(f"input_shapes[{vi.name!r}] = {shape} has rank "
+                                       f"{len(shape)}; the model declares rank {len(dims)}")
+                for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
+                    if d.HasField("dim_value") and d.dim_value != s:
+                        raise ImportError_(f"input_shapes[{vi.name!r}] = {shape} sets dim {i} "
+                                           f"to {s}; the model fixes it at {d.dim_value}")
+        else:
+            if dims is None:
+                raise ImportError_(f"input {vi.name!r} has no shape; pass input_shapes="
+                                   f"{{{vi.name!r}: [...]}}")
+            shape = []
+            for i, d in enumerate(dims):
+                if not d.HasField("dim_value"):
+                    sym = f" ({d.dim_param!r})" if d.dim_param else ""
+                    raise ImportError_(f"input {vi.name!r} has a symbolic dimension {i}{sym}; "
+                                       f"pass input_shapes={{{vi.name!r}: [...]}} with a "
+                                       "static shape")
+                shape.append(d.dim_value)
+        try:
+            out[vi.name] = TensorType(tuple(shape), dtype)
+        except NpuccError as e:
+            raise ImportError_(f"input {vi.name!r}: {e}") from None
+    return out
+
+
+def _light_copy(model):
+    """A copy of ``model`` whose large initializers are graph inputs (type only, no data):
+    shape inference needs only the small ones' values, and copying weights is slow."""
+    import onnx
+
+    src = model.graph
+    g = onnx.GraphProto(name=src.name)
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {vi.name for vi in src.input}
+    for t in src.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or math.prod(t.dims) <= 4096:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    m = onnx.ModelProto(ir_version=model.ir_version, graph=g)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    return m
+
+
+def _with_static_inputs(model, types: dict[str, TensorType]):
+    """A copy of ``model`` whose inputs carry the static shapes, shape-inferred."""
+    import onnx
+
+    m = _light_copy(model)
+    for vi in m.graph.input:
+        if vi.name in types:
+            shape = vi.type.tensor_type.shape
+            shape.Clear()
+            for d in types[vi.name].shape:
+                shape.dim.add().dim_value = d
+    if m.functions:
+        try:
+            from onnx import inliner
+
+            m = inliner.inline_local_functions(m)
+        except Exception as e:
+            raise ImportError_(f"cannot inline the model's local functions: {e}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True,
+                                                 data_prop=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise ImportError_("ONNX shape inference rejects the model: "
+                           + (msg[-1] if msg else type(e).__name__)) from None
+
+
+def _inferred_types(model) -> dict[str, TensorType]:
+    out: dict[str, TensorType] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        dtype = onnx_dtype(tt.elem_type)
+        if dtype is None or not tt.HasField("shape"):
+            continue
+        if all(d.HasField("dim_value") for d in tt.shape.dim):
+            out[vi.name] = TensorType(tuple(d.dim_value for d in tt.shape.dim), dtype)
+    return out
+
+
+def _node_label(node, index: int) -> str:
+    return f"{node.name or f'#{index}'} ({node.op_type})"
+
+
+def _unsupported_types(model) -> list[tuple[str, str, str]]:
+    bad = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            bad.append((node.name or f"#{i}", f"{node.domain}.{node.op_type}",
+                        f"the domain {node.domain!r} is not supported"))
+        elif node.op_type not in CONVERTERS:
+            bad.append((node.name or f"#{i}", node.op_type, "no converter for this op type"))
+    return bad
+
+
+class _Importer:
+    def __init__(self, model, opset: int, input_types: dict[str, TensorType]):
+        self.model = model
+        self.opset = opset
+        name = model.graph.name or "main"
+        self.graph = Graph(name)
+        self.env: dict[str, Value | np.ndarray] = {}
+        self.weights: dict[str, np.ndarray] = {}  # initializers not yet materialised
+        self.materialised: dict[str, Value] = {}
+        self.inferred = _inferred_types(model)
+        self.poisoned: set[str] = set()
+        self.unsupported: list[tuple[str, str, str]] = []
+        for vi in model.graph.input:
+            if vi.name in input_types:
+                self.env[vi.name] = self.graph.add_input(vi.name, input_types[vi.name])
+
+    def load_initializers(self, initializers) -> None:
+        from onnx import numpy_helper
+
+        for t in initializers:
+            try:
+                arr = numpy_helper.to_array(t)
+            except Exception as e:
+                raise ImportError_(f"initializer {t.name!r} cannot be read: {e}") from None
+            try:
+                TensorType.of(arr)
+            except NpuccError:
+                raise ImportError_(f"initializer {t.name!r} has the unsupported element type "
+                                   f"{arr.dtype}") from None
+            self.env[t.name] = arr
+            self.weights[t.name] = arr
+
+    def materialise(self, name: str, arr: np.ndarray) -> Value:
+        """The graph value for the constant ``name`` (created at first use)."""
+        v = self.materialised.get(name)
+        if v is None:
+            if name in self.weights:
+                v = self.graph.add_weight(name, arr)
+            else:
+                v = self.graph.add_const(arr, name=name)
+            self.materialised[name] = v
+        return v
+
+    def run(self) -> Graph:
+        for i, node in enumerate(self.model.graph.node):
+            self.convert(i, node)
+        if self.unsupported:
+            raise UnsupportedOpsError(self.unsupported)
+        self.finish_outputs()
+        self.graph.remove_dead()
+        try:
+            verify(self.graph)
+        except NpuccError as e:
+            raise ImportError_(f"the imported graph does not verify (an importer bug): {e}") \
+                from None
+        return self.graph
+
+    def convert(self, index: int, node) -> None:
+        label = _node_label(node, index)
+        for name in node.input:
+            if name and name not in self.env and name not in self.poisoned:
+                raise ImportError_(f"node {label} reads {name!r}, which no node, graph input "
+                                   "or initializer defines")
+        if any(name in self.poisoned for name in node.input):
+            self.poisoned.update(o for o in node.output if o)
+            return
+        conv = CONVERTERS[node.op_type]
+        all_const = all(isinstance(self.env[n], np.ndarray) for n in node.input if n)
+        try:
+            outs = None
+            if all_const and node.op_type not in _NO_FOLD:
+                outs = self.try_fold(node, conv)
+            if outs is None:
+                outs = self.emit(node, conv)
+        except Unsupported as e:
+            self.unsupported.append((node.name or f"#{index}", node.op_type, str(e)))
+            self.poisoned.update(o for o in node.output if o)
+            return
+        except NpuccError as e:
+            raise ImportError_(f"node {label}: {e}") from None
+        except Exception as e:  # a malformed node (missing attribute, bad tensor...)
+            raise ImportError_(f"node {label} cannot be converted: "
+                               f"{type(e).__name__}: {e}") from None
+        if len(outs) < len([o for o in node.output if o]):
+            raise ImportError_(f"node {label} has {len(node.output)} outputs; npucc produces "
+                               f"{len(outs)}")
+        for name, val in zip(node.output, outs, strict=False):
+            if not name:
+                continue
+            want = self.inferred.get(name)
+            got = TensorType.of(val) if isinstance(val, np.ndarray) else val.type
+            if want is not None and want != got:
+                raise ImportError_(f"node {label}: output {name!r} converts to {got} but ONNX "
+                                   f"infers {want}")
+            self.env[name] = val
+
+    def _ctx(self, graph: Graph, node, inline: bool) -> Ctx:
+        def value_of(name: str) -> Value | np.ndarray:
+            return self.env[name]
+
+        if inline:
+            def mat(name: str, arr: np.ndarray) -> Value:
+                return graph.add_const(arr, inline_limit=1 << 62)
+        else:
+            mat = self.materialise
+        return Ctx(graph, node, self.opset, value_of, mat)
+
+    def try_fold(self, node, conv) -> list[Value | np.ndarray] | None:
+        """Evaluate an all-constant node; None when its results are too large to fold."""
+        scratch = Graph("fold")
+        ctx = self._ctx(scratch, node, inline=True)
+        outs = conv(ctx)
+        values = [o for o in outs if isinstance(o, Value)]
+        if not values:
+            return outs
+        for v in values:
+            if v.type.size > FOLD_LIMIT and is_float(v.type.dtype):
+                return None
+        scratch.outputs = values
+        arrays = iter(interpret(scratch, {}))
+        return [next(arrays) if isinstance(o, Value) else o for o in outs]
+
+    def emit(self, node, conv) -> list[Value | np.ndarray]:
+        start = len(self.graph.nodes)
+        outs = conv(self._ctx(self.graph, node, inline=False))
+        created = self.graph.nodes[start:]
+        new_values = {id(v) for n in created for v in n.outputs}
+        for n in created:
+            if n.op != "const":
+                n.name = node.name
+        renamed: set[int] = set()
+        for name, val in zip(node.output, outs, strict=False):
+            if name and isinstance(val, Value) and id(val) in new_values \
+                    and id(val) not in renamed:
+                val.name = self.graph.unique_name(name)
+                renamed.add(id(val))
+        return outs
+
+    def finish_outputs(self) -> None:
+        g = self.graph
+        outs: list[Value] = []
+        seen: set[int] = set()
+        inputs = {id(v) for v in g.inputs}
+        for vi in self.model.graph.output:
+            if vi.name not in self.env:
+                raise ImportError_(f"graph output {vi.name!r} is not produced by any node")
+            val = self.env[vi.name]
+            if isinstance(val, np.ndarray):
+                v = self.graph.add_const(val, name=vi.name) if vi.name not in self.weights \
+                    else self.materialise(vi.name, val)
+            else:
+                v = val
+            if id(v) in seen or id(v) in inputs:
+                v = g.make_node("identity", [v], out_names=[vi.name]).output
+            seen.add(id(v))
+            outs.append(v)
+        g.outputs = outs
+
+
+def from_onnx(model: str | Path | Any, input_shapes: Mapping[str, list[int]] | None = None,
+              ) -> Graph:
+    """Import an ONNX model (path, bytes or ``onnx.ModelProto``) as a verified Graph."""
+    proto = _load(model)
+    opset = _opset(proto)
+    bad = _unsupported_types(proto)
+    if bad:
+        raise UnsupportedOpsError(bad)
+    types = _input_types(proto, input_shapes)
+    inferred = _with_static_inputs(proto, types)
+    imp = _Importer(inferred, opset, types)
+    imp.load_initializers(proto.graph.initializer)
+    return imp.run()
+
+
+def _supported() -> frozenset[str]:
+    import compiler.frontends.onnx_ops  # noqa: F401  (registers the converters)
+
+    return frozenset(CONVERTERS)
+
+
+SUPPORTED_OPS: frozenset[str] = _supported()

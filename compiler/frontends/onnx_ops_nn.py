@@ -1,0 +1,265 @@
+"""ONNX → IR converters: convolution, pooling, normalisation, softmax, pad, resize.
+
+1-D convolutions and pools are imported as 2-D ones over a unit height (reshapes around).
+"""
+
+from __future__ import annotations
+
+import math
+
+from compiler.frontends.onnx_ctx import Ctx, Unsupported, converter
+from compiler.frontends.onnx_ops import f32, norm_axis
+from compiler.ir.graph import Value
+
+
+def _auto_pads(c: Ctx, in_sizes, kernel, strides, dilations) -> list[int]:
+    """ONNX pads (begins then ends) after resolving auto_pad."""
+    n = len(kernel)
+    auto = c.attr("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        pads = list(c.attr("pads", [0] * 2 * n))
+        if len(pads) != 2 * n:
+            raise Unsupported(f"pads {pads} should have {2 * n} entries")
+        return pads
+    if auto == "VALID":
+        return [0] * 2 * n
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise Unsupported(f"auto_pad={auto!r}; supported: NOTSET, VALID, SAME_UPPER, "
+                          "SAME_LOWER")
+    begins, ends = [], []
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=True):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _geometry(c: Ctx, x_shape, kernel: list[int]):
+    """(kernel, strides, pads, dilations) as 2-D lists; 1-D ops get a unit height."""
+    n = len(kernel)
+    if n not in (1, 2) or len(x_shape) != n + 2:
+        raise Unsupported(f"only 1-D and 2-D windows are supported; input has shape "
+                          f"{list(x_shape)} and kernel {kernel}")
+    strides = list(c.attr("strides", [1] * n))
+    dilations = list(c.attr("dilations", [1] * n))
+    pads = _auto_pads(c, x_shape[2:], kernel, strides, dilations)
+    if n == 1:
+        return [1, kernel[0]], [1, strides[0]], [0, pads[0], 0, pads[1]], [1, dilations[0]]
+    return kernel, strides, pads, dilations
+
+
+def _to_2d(c: Ctx, x: Value) -> Value:
+    n, ch, length = x.shape
+    return c.emit("reshape", x, shape=[n, ch, 1, length])
+
+
+def _from_2d(c: Ctx, y: Value) -> Value:
+    n, ch, _, length = y.shape
+    return c.emit("reshape", y, shape=[n, ch, length])
+
+
+def _weight_2d(c: Ctx, i: int) -> Value:
+    arr = c.const(i)
+    if arr is not None and arr.ndim == 3:
+        return c.graph.add_weight(c.node.input[i], arr.reshape(arr.shape[0], arr.shape[1], 1,
+                                                               arr.shape[2]))
+    w = c.value(i)
+    if w.type.rank != 3:
+        raise Unsupported(f"a 1-D convolution needs a 3-D weight, got {w.type}")
+    return _to_2d(c, w)
+
+
+@converter("Conv")
+def _conv(c: Ctx):
+    x_shape, w_shape = c.shape(0), c.shape(1)
+    kernel = list(c.attr("kernel_shape", w_shape[2:]))
+    k, s, p, d = _geometry(c, x_shape, kernel)
+    one_d = len(kernel) == 1
+    x = _to_2d(c, c.value(0)) if one_d else c.value(0)
+    w = _weight_2d(c, 1) if one_d else c.value(1)
+    ins = [x, w] + ([c.value(2)] if c.has(2) else [])
+    y = c.emit("conv2d", *ins, strides=s, pads=p, dilations=d, groups=c.attr("group", 1))
+    return [_from_2d(c, y) if one_d else y]
+
+
+@converter("ConvTranspose")
+def _conv_transpose(c: Ctx):
+    x_shape, w_shape = c.shape(0), c.shape(1)
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise Unsupported(f"only 2-D transposed convolutions are supported, input "
+                          f"{list(x_shape)}")
+    kernel = list(c.attr("kernel_shape", w_shape[2:]))
+    strides = list(c.attr("strides", [1, 1]))
+    dil = list(c.attr("dilations", [1, 1]))
+    opad = list(c.attr("output_padding", [0, 0]))
+    auto = c.attr("auto_pad", "NOTSET")
+    out_shape = c.attr("output_shape")
+    if out_shape is None and auto in ("SAME_UPPER", "SAME_LOWER"):
+        out_shape = [x_shape[2 + i] * strides[i] for i in range(2)]
+    if out_shape is not None:
+        out_shape = list(out_shape)[-2:]
+        begins, ends = [], []
+        for i in range(2):
+            full = strides[i] * (x_shape[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
+            total = full - out_shape[i]
+            if total < 0:
+                raise Unsupported(f"output_shape {out_shape} is larger than the full output")
+            small, big = total // 2, total - total // 2
+            upper = auto != "SAME_LOWER"
+            begins.append(small if upper else big)
+            ends.append(big if upper else small)
+        pads = begins + ends
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = list(c.attr("pads", [0, 0, 0, 0]))
+    ins = [c.value(0), c.value(1)] + ([c.value(2)] if c.has(2) else [])
+    return [c.emit("conv_transpose2d", *ins, strides=strides, pads=pads, dilations=dil,
+                   groups=c.attr("group", 1), output_padding=opad)]
+
+
+def _pool(c: Ctx, op: str, **extra):
+    if c.output_used(1):
+        raise Unsupported("the Indices output of MaxPool is not supported")
+    x_shape = c.shape(0)
+    kernel = list(c.attr("kernel_shape"))
+    k, s, p, d = _geometry(c, x_shape, kernel)
+    one_d = len(kernel) == 1
+    x = _to_2d(c, c.value(0)) if one_d else c.value(0)
+    y = c.emit(op, x, kernel=k, strides=s, pads=p, dilations=d,
+               ceil_mode=bool(c.attr("ceil_mode", 0)), **extra)
+    return [_from_2d(c, y) if one_d else y]
+
+
+@converter("MaxPool")
+def _max_pool(c: Ctx):
+    return _pool(c, "max_pool2d")
+
+
+@converter("AveragePool")
+def _avg_pool(c: Ctx):
+    return _pool(c, "avg_pool2d", count_include_pad=bool(c.attr("count_include_pad", 0)))
+
+
+@converter("GlobalAveragePool")
+def _gap(c: Ctx):
+    return [c.emit("global_avg_pool", c.value(0))]
+
+
+@converter("GlobalMaxPool")
+def _gmp(c: Ctx):
+    return [c.emit("global_max_pool", c.value(0))]
+
+
+@converter("BatchNormalization")
+def _batch_norm(c: Ctx):
+    if c.attr("training_mode", 0) or any(c.output_used(i) for i in (1, 2)):
+        raise Unsupported("training mode (running mean/var outputs) is not supported")
+    ins = [c.value(i) for i in range(5)]
+    return [c.emit("batch_norm", *ins, epsilon=f32(c.attr("epsilon", 1e-5)))]
+
+
+@converter("InstanceNormalization")
+def _instance_norm(c: Ctx):
+    ins = [c.value(i) for i in range(3)]
+    return [c.emit("instance_norm", *ins, epsilon=f32(c.attr("epsilon", 1e-5)))]
+
+
+@converter("LayerNormalization")
+def _layer_norm(c: Ctx):
+    if c.output_used(1) or c.output_used(2):
+        raise Unsupported("the Mean and InvStdDev outputs are not supported")
+    ins = [c.value(0), c.value(1)] + ([c.value(2)] if c.has(2) else [])
+    return [c.emit("layer_norm", *ins, axis=c.attr("axis", -1),
+                   epsilon=f32(c.attr("epsilon", 1e-5)))]
+
+
+@converter("LRN")
+def _lrn(c: Ctx):
+    return [c.emit("lrn", c.value(0), size=c.attr("size"), alpha=f32(c.attr("alpha", 1e-4)),
+                   beta=f32(c.attr("beta", 0.75)), bias=f32(c.attr("bias", 1.0)))]
+
+
+@converter("Softmax", "LogSoftmax")
+def _softmax(c: Ctx):
+    op = "softmax" if c.op_type == "Softmax" else "log_softmax"
+    return [c.emit(op, c.value(0), axis=c.attr("axis", -1))]
+
+
+@converter("Pad")
+def _pad(c: Ctx):
+    rank = len(c.shape(0))
+    pads = c.ints(1, "pads")
+    if c.has(3):
+        axes = [norm_axis(a, rank) for a in c.ints(3, "axes")]
+        if len(pads) != 2 * len(axes):
+            raise Unsupported(f"pads {pads} should have {2 * len(axes)} entries for axes "
+                              f"{axes}")
+        full = [0] * (2 * rank)
+        for j, a in enumerate(axes):
+            full[a], full[a + rank] = pads[j], pads[j + len(axes)]
+        pads = full
+    value = 0.0
+    if c.has(2):
+        value = float(c.static(2, "constant_value").reshape(-1)[0])
+    mode = c.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise Unsupported(f"mode={mode!r}; supported: constant, reflect, edge, wrap")
+    if not any(pads):
+        return [c.raw(0)]
+    return [c.emit("pad", c.value(0), pads=pads, mode=mode, value=value)]
+
+
+@converter("Resize")
+def _resize(c: Ctx):
+    shape = c.shape(0)
+    rank = len(shape)
+    ctm = c.attr("coordinate_transformation_mode", "half_pixel")
+    if ctm == "tf_crop_and_resize":
+        raise Unsupported("coordinate_transformation_mode tf_crop_and_resize is not supported")
+    if c.attr("antialias", 0):
+        raise Unsupported("antialias=1 is not supported")
+    axes = [norm_axis(a, rank) for a in c.attr("axes", list(range(rank)))]
+    scales_in = c.const(2) if c.has(2) else None
+    if scales_in is not None and scales_in.size == 0:
+        scales_in = None
+    sizes_in = c.const(3) if c.has(3) else None
+    if c.has(2) and scales_in is None and c.const(2) is None:
+        raise Unsupported("the scales input is computed at run time; npucc needs it constant")
+    if c.has(3) and sizes_in is None:
+        raise Unsupported("the sizes input is computed at run time; npucc needs it constant")
+    scales = [1.0] * rank
+    sizes: list[int] = []
+    if sizes_in is not None and sizes_in.size:
+        want = [int(v) for v in sizes_in.reshape(-1)]
+        if len(want) != len(axes):
+            raise Unsupported(f"sizes {want} should have {len(axes)} entries")
+        policy = c.attr("keep_aspect_ratio_policy", "stretch")
+        ratios = [want[j] / shape[a] for j, a in enumerate(axes)]
+        if policy != "stretch":
+            r = min(ratios) if policy == "not_larger" else max(ratios)
+            ratios = [r] * len(axes)
+            want = [int(math.floor(r * shape[a] + 0.5)) for a in axes]
+        sizes = list(shape)
+        for j, a in enumerate(axes):
+            scales[a] = ratios[j]
+            sizes[a] = want[j]
+    elif scales_in is not None:
+        vals = [float(v) for v in scales_in.reshape(-1)]
+        if len(vals) != len(axes):
+            raise Unsupported(f"scales {vals} should have {len(axes)} entries")
+        for j, a in enumerate(axes):
+            scales[a] = vals[j]
+    else:
+        raise Unsupported("neither scales nor sizes is given")
+    mode = c.attr("mode", "nearest")
+    if mode not in ("nearest", "linear", "cubic"):
+        raise Unsupported(f"mode={mode!r}; supported: nearest, linear, cubic")
+    return [c.emit("resize", c.value(0), scales=scales, sizes=sizes, mode=mode,
+                   coordinate_transformation_mode=ctm,
+                   nearest_mode=c.attr("nearest_mode", "round_prefer_floor"),
+                   cubic_coeff_a=f32(c.attr("cubic_coeff_a", -0.75)),
+                   exclude_outside=bool(c.attr("exclude_outside", 0)))]
+
