@@ -15,6 +15,10 @@ __all__ = [
     "UnsupportedOpsError",
     "ImportError_",
     "InputError",
+    "PipelineError",
+    "PassFailedError",
+    "PassVerificationError",
+    "NumericCheckError",
 ]
 
 
@@ -73,3 +77,50 @@ class ImportError_(NpuccError):
 
 class InputError(NpuccError, ValueError):
     """Inputs given at run time do not match the graph's inputs (name, shape or dtype)."""
+
+
+class PipelineError(NpuccError):
+    """Malformed pipeline text, an unknown pass or option, or a bad option value.
+
+    ``column`` is 1-based into ``text``; the message shows the text with a caret under it.
+    """
+
+    def __init__(self, message: str, text: str | None = None, column: int | None = None):
+        self.text, self.column = text, column
+        if text is not None and column is not None:
+            message = (f"pipeline:1:{column}: {message}\n  {text}\n  " + " " * (column - 1)
+                       + "^")
+        super().__init__(message)
+
+
+class PassFailedError(NpuccError):
+    """A pass raised (or broke the graph). Names the pass, its position and the cause;
+    ``reproducer`` is the command that replays the failure, when one was written."""
+
+    def __init__(self, pass_text: str, index: int, message: str,
+                 reproducer: str | None = None):
+        self.pass_text, self.index, self.reproducer = pass_text, index, reproducer
+        self.detail = message
+        super().__init__(f"pass '{pass_text}' (#{index + 1} in the pipeline) {message}")
+
+    def __str__(self) -> str:  # the reproducer may be attached after construction
+        text = f"pass '{self.pass_text}' (#{self.index + 1} in the pipeline) {self.detail}"
+        if self.reproducer:
+            text += f"\nreproduce with:\n  {self.reproducer}"
+        return text
+
+
+class PassVerificationError(PassFailedError):
+    """The graph a pass returned does not verify; ``problems`` are the verifier's."""
+
+    def __init__(self, pass_text: str, index: int, problems: list[str],
+                 reproducer: str | None = None):
+        self.problems = list(problems)
+        msg = "broke the graph: " + (problems[0] if len(problems) == 1 else
+                                     f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+        super().__init__(pass_text, index, msg, reproducer)
+
+
+class NumericCheckError(PassFailedError):
+    """After a pass, the outputs on the sample inputs differ from the unoptimised graph's by
+    more than the tolerance."""

@@ -21,6 +21,8 @@ family modules in ``passes/`` register on import and are imported lazily by name
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from compiler.ir.graph import Graph
 
 __all__ = ["Pass", "PassResult", "PassContext", "register_pass", "pass_registry",
-           "pass_options"]
+           "pass_options", "lookup_pass", "format_option_value", "load_plugin", "plugin_of"]
 
 
 @dataclass
@@ -68,15 +70,25 @@ class Pass:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             if v != default:
-                text = ",".join(map(_fmt, v)) if isinstance(v, tuple) else _fmt(v)
-                parts.append(f"{f.name.replace('_', '-')}={text}")
+                parts.append(f"{f.name.replace('_', '-')}={format_option_value(v)}")
         return self.name + ("{" + ",".join(parts) + "}" if parts else "")
 
 
-def _fmt(v: Any) -> str:
+_BARE = re.compile(r"[A-Za-z0-9_.+\-]+\Z")
+
+
+def format_option_value(v: Any) -> str:
+    """An option value as pipeline text (``compiler/pipeline.lark``) that parses back to it."""
+    if isinstance(v, tuple | list):
+        return "[]" if not v else ",".join(format_option_value(x) for x in v)
+    if v is None:
+        return "none"
     if isinstance(v, bool):
         return "true" if v else "false"
-    return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    s = str(v)
+    return s if _BARE.match(s) and s.lower() != "none" else json.dumps(s)
 
 
 _PASSES: dict[str, type[Pass]] = {}
@@ -93,11 +105,72 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 def pass_registry() -> dict[str, type[Pass]]:
     """Every registered pass (imports the built-in families on first call)."""
+    import compiler.builtin_passes  # noqa: F401  (verify, print-op-stats)
     import passes  # noqa: F401  (its __init__ imports the families lazily on demand)
 
     passes.load_all()
     return dict(_PASSES)
 
 
+def lookup_pass(name: str) -> type[Pass] | None:
+    """The pass registered as ``name``, importing only its module when it is known."""
+    if name in _PASSES:
+        return _PASSES[name]
+    import compiler.builtin_passes  # noqa: F401
+    import passes
+
+    passes.load(name)
+    if name not in _PASSES:
+        pass_registry()
+    return _PASSES.get(name)
+
+
 def pass_options(cls: type[Pass]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+_PLUGINS: dict[str, str] = {}  # module name -> how it was named to load_plugin
+
+
+def load_plugin(spec: str) -> Any:
+    """Import a module that registers passes: a ``.py`` file path or a module name.
+
+    ``npucc opt --load-plugin`` uses this; a crash reproducer of a plugin's pass names the
+    plugin again so the printed command replays on its own. Loading twice is a no-op."""
+    import importlib
+    import importlib.util
+    import sys
+    import zlib
+    from pathlib import Path
+
+    from compiler.errors import NpuccError
+
+    if spec.endswith(".py") or "/" in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise NpuccError(f"pass plugin {spec!r} is not a file")
+        modname = f"npucc_plugin_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
+        if modname in sys.modules:
+            return sys.modules[modname]
+        module_spec = importlib.util.spec_from_file_location(modname, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[modname] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[modname]
+            raise
+        _PLUGINS[modname] = str(path)
+        return module
+    try:
+        module = importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        raise NpuccError(f"cannot import pass plugin {spec!r}: {e}") from None
+    _PLUGINS[module.__name__] = spec
+    return module
+
+
+def plugin_of(cls: type) -> str | None:
+    """The ``load_plugin`` argument that registered ``cls``, if it came from a plugin."""
+    return _PLUGINS.get(cls.__module__)

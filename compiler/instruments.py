@@ -1,0 +1,338 @@
+"""Pass instruments: every debugging feature of the pass manager is one small class here.
+
+An instrument sees the pipeline through six hooks (TVM's PassInstrument, MLIR's
+PassInstrumentation). ``before`` hooks run in list order and ``after`` hooks in reverse
+order, so the instrument listed last wraps the pass most closely (MLIR's rule)::
+
+    start(graph, passes)          once, before the first pass
+    should_run(run) -> bool       False from any instrument skips the pass
+    before(run, graph)
+    after(run, result)            result.graph is what the pass returned
+    on_error(run, graph, error)   the pass (or an after hook) raised; may return a note
+    finish(graph)                 once, after the last pass
+
+Here: :class:`PrintIR` (stream or numbered files), :class:`Timing` (wall time, node counts,
+pass stats), :class:`VerifyEach`, :class:`CrashReproducer`; the numeric check and bisection
+are in ``compiler/numeric.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from compiler.errors import NumericCheckError, PassVerificationError, VerificationError
+
+if TYPE_CHECKING:
+    from compiler.ir.graph import Graph
+    from compiler.pass_base import Pass, PassResult
+
+__all__ = ["PassRun", "Instrument", "PrintIR", "Timing", "VerifyEach", "CrashReproducer",
+           "render_table"]
+
+
+@dataclass
+class PassRun:
+    """One pass at one position of a pipeline, as the hooks see it."""
+
+    index: int  # 0-based position in the pipeline
+    pass_: Pass
+    total: int
+    nodes_before: int = 0
+    seconds: float = 0.0  # wall time of Pass.run alone, set before the after hooks
+
+    @property
+    def name(self) -> str:
+        return self.pass_.name
+
+    @property
+    def text(self) -> str:
+        return self.pass_.pipeline_text
+
+
+class Instrument:
+    """Base class: every hook does nothing."""
+
+    def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
+        pass
+
+    def should_run(self, run: PassRun) -> bool:
+        return True
+
+    def before(self, run: PassRun, graph: Graph) -> None:
+        pass
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        pass
+
+    def on_error(self, run: PassRun, graph: Graph, error: BaseException) -> str | None:
+        return None
+
+    def finish(self, graph: Graph) -> None:
+        pass
+
+
+_STAGE_FILE = re.compile(r"\d+-[A-Za-z0-9_.+\-]+\.(ir|safetensors)\Z")
+
+
+def _selector(sel: bool | str | Iterable[str]) -> bool | frozenset[str]:
+    if isinstance(sel, bool):
+        return sel
+    if isinstance(sel, str):
+        return frozenset(s.strip() for s in sel.split(",") if s.strip())
+    return frozenset(sel)
+
+
+def _selected(sel: bool | frozenset[str], run: PassRun) -> bool:
+    return sel if isinstance(sel, bool) else run.name in sel
+
+
+class PrintIR(Instrument):
+    """Print the IR before/after all passes or the named ones, to a stream or a folder.
+
+    To a stream, each dump starts with MLIR's header line, a comment the IR parser skips::
+
+        // -----// IR Dump After fuse-conv-act (#2) //----- //
+
+    To ``dump_dir``: ``00-input.ir``, then ``NN-<pass>.ir`` after pass NN (1-based) and
+    ``NN-<pass>.before.ir`` before it. Each stage file loads with ``compiler.ir.load``:
+    its weights are ``NN-<pass>.safetensors`` beside it, written only when the stage's
+    weights differ from the previous stage's and hard-linked to that file otherwise, so a
+    big model costs its weight bytes once however many stages are dumped.
+
+    ``only_if_changed`` skips the after-dump of a pass that reports ``changed=False``
+    (MLIR's print-ir-after-change).
+    """
+
+    def __init__(self, before: bool | str | Iterable[str] = False,
+                 after: bool | str | Iterable[str] = False, *, only_if_changed: bool = False,
+                 stream: TextIO | None = None, dump_dir: str | os.PathLike | None = None):
+        self.before_sel = _selector(before)
+        self.after_sel = _selector(after)
+        self.only_if_changed = only_if_changed
+        self.stream = stream
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.files: list[Path] = []
+        self._width = 2
+        self._last_weights: tuple[Any, Path] | None = None
+
+    # -- where a dump goes ----------------------------------------------------------
+    def _emit(self, graph: Graph, header: str, filename: str) -> None:
+        if self.dump_dir is None:
+            out = self.stream or sys.stdout
+            out.write(f"// -----// IR Dump {header} //----- //\n{graph}\n")
+            out.flush()
+        else:
+            self._write(graph, header, self.dump_dir / filename)
+
+    def _write(self, graph: Graph, header: str, path: Path) -> None:
+        from compiler.ir.serialize import atomic_write, save, weights_path
+
+        sig = tuple(sorted((n.attrs["ref"], id(graph.weights.get(n.attrs["ref"])))
+                           for n in graph.nodes if n.op == "const" and n.attrs.get("ref")))
+        wpath = weights_path(path)
+        if self._last_weights is not None and self._last_weights[0] == sig:
+            wpath.unlink(missing_ok=True)
+            try:
+                os.link(self._last_weights[1], wpath)
+            except OSError:  # a file system without hard links: copy
+                wpath.write_bytes(self._last_weights[1].read_bytes())
+            atomic_write(path, f"// IR {header}\n{graph}")
+        else:
+            save(graph, path)
+            atomic_write(path, f"// IR {header}\n{graph}")
+            self._last_weights = (sig, wpath)
+        self.files.append(path)
+
+    def _stem(self, run: PassRun) -> str:
+        return f"{run.index + 1:0{self._width}d}-{run.name}"
+
+    # -- hooks -----------------------------------------------------------------------
+    def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
+        self._width = max(2, len(str(len(passes))))
+        self._last_weights = None
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            for old in self.dump_dir.iterdir():  # stages of an earlier run would mislead
+                if _STAGE_FILE.match(old.name):
+                    old.unlink()
+            self._write(graph, "of the input", self.dump_dir / f"{0:0{self._width}d}-input.ir")
+
+    def before(self, run: PassRun, graph: Graph) -> None:
+        if _selected(self.before_sel, run):
+            self._emit(graph, f"Before {run.text} (#{run.index + 1})",
+                       f"{self._stem(run)}.before.ir")
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        if not _selected(self.after_sel, run):
+            return
+        if self.only_if_changed and not result.changed:
+            return
+        self._emit(result.graph, f"After {run.text} (#{run.index + 1})", f"{self._stem(run)}.ir")
+
+    def on_error(self, run: PassRun, graph: Graph, error: BaseException) -> str | None:
+        if _selected(self.after_sel, run) and not isinstance(error, NumericCheckError):
+            try:
+                self._emit(graph, f"After {run.text} (#{run.index + 1}) Failed",
+                           f"{self._stem(run)}.failed.ir")
+            except Exception:  # a graph broken enough not to print: the error says why
+                pass
+        return None
+
+
+@dataclass
+class TimingRecord:
+    index: int
+    pass_text: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False
+
+    @property
+    def delta(self) -> int:
+        return self.nodes_after - self.nodes_before
+
+
+def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
+                 *, width: int = 120, right: Iterable[int] = ()) -> str:
+    """A plain-text table drawn by rich (no colour codes), as a string."""
+    from rich.console import Console
+    from rich.table import Table
+
+    right = set(right)
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="right" if i in right else "left", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, force_terminal=False,
+            highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+
+
+class Timing(Instrument):
+    """Per-pass wall time, node count before → after (delta), changed flag and the pass's
+    ``PassResult.stats``. ``records`` holds the data; ``report()`` renders the table, which
+    is written to ``stream`` when the pipeline finishes (unless ``stream`` is False)."""
+
+    def __init__(self, stream: TextIO | bool | None = None):
+        self.stream = stream
+        self.records: list[TimingRecord] = []
+
+    def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
+        self.records = []
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        self.records.append(TimingRecord(run.index, run.text, run.seconds, run.nodes_before,
+                                         len(result.graph.nodes), bool(result.changed),
+                                         dict(result.stats or {})))
+
+    def on_error(self, run: PassRun, graph: Graph, error: BaseException) -> str | None:
+        if not any(r.index == run.index for r in self.records):
+            self.records.append(TimingRecord(run.index, run.text, run.seconds,
+                                             run.nodes_before, len(graph.nodes), True,
+                                             failed=True))
+        return None
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def report(self) -> str:
+        total = self.total_seconds or 1e-12
+        rows = []
+        for r in self.records:
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+            rows.append([str(r.index + 1), r.pass_text, f"{r.seconds * 1e3:.2f}",
+                         f"{100 * r.seconds / total:.1f}%", f"{r.nodes_before} → {r.nodes_after}",
+                         f"{r.delta:+d}", "failed" if r.failed else ("yes" if r.changed else "no"),
+                         stats])
+        rows.append(["", "total", f"{self.total_seconds * 1e3:.2f}", "100.0%",
+                     (f"{self.records[0].nodes_before} → {self.records[-1].nodes_after}"
+                      if self.records else ""), "", "", ""])
+        return render_table("Pass timing", ["#", "pass", "ms", "share", "nodes", "Δ",
+                                            "changed", "stats"], rows, right=(0, 2, 3, 5))
+
+    def finish(self, graph: Graph) -> None:
+        if self.stream is False:
+            return
+        out = self.stream if self.stream not in (None, True) else sys.stdout
+        out.write(self.report())
+        out.flush()
+
+
+class VerifyEach(Instrument):
+    """Verify the input, then the graph every pass returns; a failure names the pass."""
+
+    def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
+        from compiler.ir.verify import verify
+
+        try:
+            verify(graph)
+        except VerificationError as e:
+            raise VerificationError([f"the input graph (before any pass): {p}"
+                                     for p in e.problems]) from None
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        from compiler.ir.verify import verify
+
+        try:
+            verify(result.graph)
+        except VerificationError as e:
+            raise PassVerificationError(run.text, run.index, e.problems) from None
+
+
+class CrashReproducer(Instrument):
+    """When a pass fails, save the IR it received to ``crash_dir/<pass>.ir`` (weights beside
+    it) and return the ``npucc opt`` command that replays the failure.
+
+    The graph is copied (structurally; weights shared) before every pass, so the reproducer
+    holds exactly what the pass was given even if it mutated the graph before raising.
+    Failures of the numeric check are not crashes and leave no reproducer."""
+
+    def __init__(self, crash_dir: str | os.PathLike = "npucc-crash"):
+        self.crash_dir = Path(crash_dir)
+        self.written: list[Path] = []
+        self._snapshot: Graph | None = None
+
+    def before(self, run: PassRun, graph: Graph) -> None:
+        self._snapshot = graph.copy()
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        self._snapshot = None
+
+    def on_error(self, run: PassRun, graph: Graph, error: BaseException) -> str | None:
+        from compiler.ir.serialize import save
+
+        if isinstance(error, NumericCheckError) or self._snapshot is None:
+            return None
+        path = self.crash_dir / f"{run.name}.ir"
+        try:
+            save(self._snapshot, path)
+        except Exception as e:  # never hide the pass's own error behind ours
+            sys.stderr.write(f"npucc: warning: could not write the reproducer {path}: {e}\n")
+            return None
+        self.written.append(path)
+        return replay_command(path, run.pass_)
+
+
+def replay_command(path: Path, p: Pass) -> str:
+    """``npucc opt <path> -p '<pass>'``, plus ``--load-plugin`` when the pass came from one."""
+    from compiler.pass_base import plugin_of
+
+    cmd = ["npucc", "opt", str(path), "-p", p.pipeline_text]
+    plugin = plugin_of(type(p))
+    if plugin is not None:
+        cmd += ["--load-plugin", plugin]
+    return shlex.join(cmd)
