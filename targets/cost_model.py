@@ -1,0 +1,302 @@
+"""A roofline latency and memory estimate of a graph on a described target.
+
+Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) + overhead``, where
+
+- ``flops``: 2 x MACs for conv2d / conv_transpose2d / dense / matmul / gemm (on the NPU with
+  channel, K and N dimensions padded to ``channel_align``, as its cube computes them), pool
+  window sizes, a few per element for softmax / norms, one per element for other element-wise
+  ops and reductions, none for data movement (transpose, concat, slice, pad, gather...).
+- ``peak``: NPU ``fp16_tops`` for float work (``int8_tops`` for integer work), or the CPU's
+  ``threads`` fastest cores x GHz x SIMD lanes of the dtype x 2 (FMA) x FMA pipes; both x the
+  description's ``efficiency``.
+- ``bytes``: operands + results + weights read by the node (float tensors at 2 bytes on an
+  NPU). Views (reshape, identity) move nothing and cost nothing.
+- ``overhead``: the device's ``node_overhead_us``.
+
+Plus, for a partitioned graph: each NPU region launch costs ``region_overhead_us``, and each
+value crossing between CPU and NPU (graph inputs/outputs live on the CPU) is read and written
+once more at DRAM bandwidth (format / precision conversion). Nodes run one after another.
+Graphs without device annotations are placed with :func:`targets.placement.place` first
+(the graph is not modified).
+
+``peak_memory_bytes`` = weights + the largest set of simultaneously live activations in node
+order (a lower bound for the runtime's arena plus the weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.types import is_float
+from targets.description import TargetDescription, load_target
+from targets.placement import (
+    CPU,
+    DEFAULT_MIN_REGION_NODES,
+    NPU,
+    boundary_values,
+    find_regions,
+    place,
+)
+
+__all__ = ["estimate", "format_estimate", "node_flops", "node_bytes", "device_peak_flops",
+           "peak_memory"]
+
+VIEW_OPS = frozenset({"reshape", "identity"})
+# FLOPs per output element of ops that are not plain element-wise
+_PER_ELEMENT = {"softmax": 5, "log_softmax": 6, "layer_norm": 8, "instance_norm": 6,
+                "batch_norm": 2, "lrn": 8, "gelu": 8, "erf": 4, "resize": 4}
+_DATA_MOVEMENT = frozenset({"transpose", "concat", "split", "slice", "gather", "pad", "tile",
+                            "expand", "shape", "fill", "arange", "trilu"})
+_REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min",
+                         "reduce_prod", "argmax", "argmin", "cumsum", "global_avg_pool",
+                         "global_max_pool"})
+_INT_DTYPES_8 = frozenset({"i8", "u8", "i4", "u4"})
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align if align > 1 else n
+
+
+def _out_elems(node: Node) -> int:
+    return sum(v.type.size for v in node.outputs)
+
+
+def _act(node: Node) -> int:
+    return _out_elems(node) if node.attrs.get("activation", "none") != "none" else 0
+
+
+def _conv_flops(node: Node, align: int) -> float:
+    out = node.outputs[0]
+    n = out.shape[0]
+    nhwc = node.attrs.get("layout") == "NHWC"
+    oc, oh, ow = (out.shape[3], out.shape[1], out.shape[2]) if nhwc else out.shape[1:4]
+    w = node.inputs[1].shape
+    kl = node.attrs.get("kernel_layout", "OIHW")
+    kh, kw, icg = {"OIHW": (w[2], w[3], w[1]), "OHWI": (w[1], w[2], w[3]),
+                   "HWIO": (w[0], w[1], w[2])}[kl]
+    g = node.attrs.get("groups", 1)
+    if g == 1:
+        oc, icg = _pad(oc, align), _pad(icg, align)
+    else:  # grouped / depthwise: the channel axis is padded, each group's width is not
+        oc = _pad(oc, align)
+    flops = 2.0 * n * oh * ow * oc * icg * kh * kw
+    return flops + (out.type.size if len(node.inputs) > 2 else 0) + _act(node)
+
+
+def _convt_flops(node: Node, align: int) -> float:
+    x, w = node.inputs[0].shape, node.inputs[1].shape
+    g = node.attrs.get("groups", 1)
+    ic = _pad(x[1], align) if g == 1 else x[1]
+    return 2.0 * x[0] * ic * x[2] * x[3] * _pad(w[1], align) * w[2] * w[3]
+
+
+def _mkn_flops(m: int, k: int, n: int, batch: int, align: int) -> float:
+    return 2.0 * batch * _pad(m, align) * _pad(k, align) * _pad(n, align)
+
+
+def _dense_flops(node: Node, align: int) -> float:
+    x, w = node.inputs[0].type, node.inputs[1].shape
+    k, n = x.shape[-1], w[0]
+    m = x.size // max(k, 1)
+    return _mkn_flops(m, k, n, 1, align) + _act(node) + (
+        node.outputs[0].type.size if len(node.inputs) > 2 else 0)
+
+
+def _matmul_flops(node: Node, align: int) -> float:
+    a, out = node.inputs[0].shape, node.outputs[0].type
+    k = a[-1] if a else 1
+    m = a[-2] if len(a) >= 2 else 1
+    n = node.inputs[1].shape[-1] if node.inputs[1].type.rank >= 2 else 1
+    batch = out.size // max(m * n, 1)
+    return _mkn_flops(m, k, n, batch, align)
+
+
+def _gemm_flops(node: Node, align: int) -> float:
+    a = node.inputs[0].shape
+    k = a[0] if node.attrs.get("trans_a") else a[1]
+    m, n = node.outputs[0].shape
+    return _mkn_flops(m, k, n, 1, align) + (node.outputs[0].type.size
+                                            if len(node.inputs) > 2 else 0)
+
+
+def _pool_flops(node: Node, align: int) -> float:
+    kh, kw = node.attrs.get("kernel", [1, 1])
+    return float(_out_elems(node) * kh * kw)
+
+
+_FLOPS: dict[str, Callable[[Node, int], float]] = {
+    "conv2d": _conv_flops, "conv_transpose2d": _convt_flops, "dense": _dense_flops,
+    "matmul": _matmul_flops, "gemm": _gemm_flops, "max_pool2d": _pool_flops,
+    "avg_pool2d": _pool_flops,
+}
+
+
+def node_flops(node: Node, align: int = 1) -> float:
+    """Floating-point (or integer) operations of one node; matrix dims padded to ``align``."""
+    if node.op in _FLOPS:
+        return _FLOPS[node.op](node, align)
+    if node.op in VIEW_OPS or node.op in _DATA_MOVEMENT or node.op == "const":
+        return 0.0
+    if node.op in _REDUCTIONS:
+        return float(node.inputs[0].type.size)
+    per = _PER_ELEMENT.get(node.op, 1)
+    if node.op == "sum":
+        per = max(len(node.inputs) - 1, 1)
+    return float(per * _out_elems(node))
+
+
+def _value_bytes(v: Value, npu_float_bytes: int | None) -> int:
+    if npu_float_bytes is not None and is_float(v.dtype):
+        return v.type.size * npu_float_bytes
+    return v.type.nbytes
+
+
+def node_bytes(node: Node, npu_float_bytes: int | None = None) -> int:
+    """DRAM bytes a node moves: its operands (weights included) and results."""
+    if node.op in VIEW_OPS or node.op == "const":
+        return 0
+    return sum(_value_bytes(v, npu_float_bytes) for v in [*node.inputs, *node.outputs])
+
+
+def _cpu_lanes(target: TargetDescription, dtype: str) -> float:
+    cpu = target.cpu
+    bits = {"f64": 64, "i64": 64, "u64": 64, "i16": 16, "u16": 16, "bf16": 32}.get(dtype, 32)
+    if dtype == "f16":
+        bits = 16 if cpu.fp16_simd else 32
+    elif dtype in _INT_DTYPES_8:
+        bits = 8 if cpu.int8_dot else 16
+    return cpu.simd_bits / bits
+
+
+def device_peak_flops(target: TargetDescription, device: str, dtype: str) -> float:
+    """Peak operations per second of ``device`` for work in ``dtype`` (x efficiency)."""
+    if device == NPU and target.npu is not None:
+        npu = target.npu
+        tops = npu.int8_tops if not is_float(dtype) else npu.fp16_tops
+        return tops * 1e12 * npu.efficiency
+    cpu = target.cpu
+    lanes = _cpu_lanes(target, dtype)
+    per_s = sum(c.ghz * 1e9 * lanes * 2 * c.fma_pipes for c in cpu.fastest_cores())
+    return per_s * cpu.efficiency
+
+
+def _work_dtype(node: Node) -> str:
+    return (node.inputs[0] if node.inputs else node.outputs[0]).dtype
+
+
+def peak_memory(graph: Graph) -> dict[str, int]:
+    """Weights bytes and the largest live activation set in node order."""
+    weights = 0
+    seen: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "const":
+            ref = n.attrs.get("ref")
+            if ref is None or ref not in seen:
+                weights += n.outputs[0].type.nbytes
+                if ref is not None:
+                    seen.add(ref)
+    steps = [n for n in graph.nodes if n.op != "const"]
+    index = {id(n): i for i, n in enumerate(steps)}
+    end = len(steps)
+    delta = [0] * (end + 2)
+    outputs = {id(v) for v in graph.outputs}
+    for v in graph.values():
+        if v.producer is not None and v.producer.op == "const":
+            continue
+        start = 0 if v.producer is None else index[id(v.producer)]
+        last = max((index[id(u)] for u in v.uses if id(u) in index), default=start)
+        if id(v) in outputs:
+            last = end
+        delta[start] += v.type.nbytes
+        delta[last + 1] -= v.type.nbytes
+    live, peak = 0, 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return {"weights_bytes": weights, "activations_peak_bytes": peak,
+            "peak_memory_bytes": weights + peak}
+
+
+def estimate(graph: Graph, target: str | TargetDescription,
+             min_region_nodes: int = DEFAULT_MIN_REGION_NODES) -> dict[str, Any]:
+    """Roofline latency (ms) per node and in total, and the peak memory, on ``target``.
+
+    Uses the graph's device annotations when every non-const node has one, else places the
+    nodes with ``min_region_nodes`` (like the partition pass would) without changing the graph.
+    On a target without an NPU every node is on the CPU.
+    """
+    desc = load_target(target)
+    annotated = all(n.device is not None for n in graph.nodes if n.op != "const")
+    if desc.npu is None:
+        def device_of(n: Node) -> str | None:
+            return CPU
+    elif annotated:
+        def device_of(n: Node) -> str | None:
+            return n.device
+    else:
+        placement = place(graph, desc, min_region_nodes)
+        device_of = placement.device_of
+    bw = desc.memory.dram_gbps * 1e9
+    npu = desc.npu
+    rows: list[dict[str, Any]] = []
+    per_device = {NPU: 0.0, CPU: 0.0}
+    for node in graph.nodes:
+        if node.op == "const":
+            continue
+        dev = device_of(node) or CPU
+        on_npu = dev == NPU and npu is not None
+        align = npu.channel_align if on_npu else 1
+        flops = node_flops(node, align)
+        nbytes = node_bytes(node, 2 if on_npu else None)  # NPUs hold floats as fp16
+        if node.op in VIEW_OPS:
+            t_c = t_m = over = 0.0
+        else:
+            t_c = flops / device_peak_flops(desc, dev, _work_dtype(node))
+            t_m = nbytes / bw
+            over = (npu.node_overhead_us if on_npu else desc.cpu.node_overhead_us) * 1e-6
+        ms = (max(t_c, t_m) + over) * 1e3
+        per_device[dev] = per_device.get(dev, 0.0) + ms
+        rows.append({"node": node.label, "op": node.op, "device": dev, "flops": flops,
+                     "bytes": nbytes, "ms": ms,
+                     "bound": "compute" if t_c >= t_m else "memory"})
+    regions = find_regions(graph, device_of)
+    npu_regions = [r for r in regions if r.device == NPU]
+    launch_ms = (len(npu_regions) * npu.region_overhead_us * 1e-3) if npu is not None else 0.0
+    crossing = boundary_values(graph, device_of) if npu_regions else []
+    transfers = [{"value": v.name, "bytes": v.type.nbytes, "ms": 2 * v.type.nbytes / bw * 1e3}
+                 for v in crossing]
+    transfer_ms = sum(t["ms"] for t in transfers)
+    mem = peak_memory(graph)
+    total = sum(per_device.values()) + launch_ms + transfer_ms
+    return {
+        "target": desc.name,
+        "latency_ms": total,
+        "ms_per_device": per_device,
+        "region_launch_ms": launch_ms,
+        "transfer_ms": transfer_ms,
+        "npu_regions": len(npu_regions),
+        "transfers": transfers,
+        "flops": sum(r["flops"] for r in rows),
+        "nodes": rows,
+        **mem,
+        "budget_bytes": desc.memory.budget_bytes,
+        "fits_budget": mem["peak_memory_bytes"] <= desc.memory.budget_bytes,
+    }
+
+
+def format_estimate(est: dict[str, Any], top: int = 10) -> str:
+    """A short human-readable report: totals and the ``top`` slowest nodes."""
+    per = est["ms_per_device"]
+    lines = [f"target {est['target']}: {est['latency_ms']:.3f} ms "
+             f"(npu {per.get(NPU, 0):.3f}, cpu {per.get(CPU, 0):.3f}, "
+             f"{est['npu_regions']} NPU region(s) {est['region_launch_ms']:.3f}, "
+             f"transfers {est['transfer_ms']:.3f}), {est['flops'] / 1e9:.2f} GFLOP, "
+             f"peak memory {est['peak_memory_bytes'] / 2**20:.1f} MiB "
+             f"(weights {est['weights_bytes'] / 2**20:.1f})"]
+    for r in sorted(est["nodes"], key=lambda r: -r["ms"])[:top]:
+        lines.append(f"  {r['ms']:8.4f} ms  {r['device']}  {r['bound']:7s}  "
+                     f"{r['flops'] / 1e6:9.1f} MFLOP  {r['bytes'] / 1e6:7.2f} MB  {r['node']}")
+    return "\n".join(lines)
+
