@@ -95,6 +95,11 @@ class KernelLibrary:
         return [s for s, k in self.kernels.items() if k.uses > 1]
 
 
+def _contig(a) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 def host_cpu() -> CpuInfo:
     """This machine: Sapphire Rapids class Xeon (AVX-512), 2 cores."""
     return CpuInfo(tvm_target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2},
@@ -116,18 +121,19 @@ def request_for(graph: Graph, node: Node, cpu: CpuInfo) -> KernelRequest:
 
 
 def empty_kernel(input_types: list[TensorType], output_types: list[TensorType]) -> Any:
-    """A PrimFunc with the given parameters that does nothing (zero-size results)."""
-    from tvm import tirx
+    """A PrimFunc with the given parameters that computes nothing (all results empty)."""
+    from tvm import te, tirx
 
     from targets.kernels._te import tvm_dtype
 
-    params, bmap = [], {}
-    for i, t in enumerate([*input_types, *output_types]):
-        buf = tirx.decl_buffer(t.shape, tvm_dtype(t.dtype), name=f"a{i}")
-        p = tirx.Var(f"a{i}_handle", "handle")
-        params.append(p)
-        bmap[p] = buf
-    return tirx.PrimFunc(params, tirx.Evaluate(tirx.const(0, "int32")), buffer_map=bmap)
+    ins = [te.placeholder(t.shape, tvm_dtype(t.dtype), name=f"in{i}")
+           for i, t in enumerate(input_types)]
+    def zeros(t: TensorType, j: int):
+        dt = tvm_dtype(t.dtype)
+        return te.compute(t.shape, lambda *i: tirx.const(0, dt), name=f"out{j}")
+
+    outs = [zeros(t, j) for j, t in enumerate(output_types)]
+    return te.create_prim_func([*ins, *outs])
 
 
 def _symbol(index: int, req: KernelRequest) -> str:
@@ -191,7 +197,7 @@ def build_library(graph: Graph, cpu: CpuInfo, out_dir: str | Path, *,
             sym = _symbol(len(by_key), req)
             t0 = time.perf_counter()
             try:
-                if any(t.size == 0 for t in req.output_types):
+                if all(t.size == 0 for t in req.output_types):
                     impl = KernelImpl(empty_kernel(req.input_types, req.output_types),
                                       note="zero-size result: nothing to compute")
                 else:
@@ -218,15 +224,15 @@ def build_library(graph: Graph, cpu: CpuInfo, out_dir: str | Path, *,
             if is_const and i in impl.weight_transforms:
                 name = f"{v.name}.packed.{sym}"
                 if name not in weights:
-                    weights[name] = np.ascontiguousarray(impl.weight_transforms[i](arr))
+                    weights[name] = _contig(impl.weight_transforms[i](arr))
                 step.inputs[i] = name
                 step.packed[i] = name
             elif is_const:
-                weights.setdefault(v.name, np.ascontiguousarray(arr))
+                weights.setdefault(v.name, _contig(arr))
             step.const_inputs.append(is_const)
         for j, arr in enumerate(impl.extra_const_inputs):
             name = f"{sym}.extra{j}"
-            weights.setdefault(name, np.ascontiguousarray(arr))
+            weights.setdefault(name, _contig(arr))
             step.extra_consts.append(name)
         steps.append(step)
     if failures:

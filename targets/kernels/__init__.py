@@ -2,6 +2,7 @@
 
 from targets.kernels import (  # noqa: F401
     conv,
+    elementwise,
     linalg,
     pool,
 )

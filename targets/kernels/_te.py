@@ -245,19 +245,18 @@ def schedule_block_simple(sch, block, cpu: CpuInfo | None, lanes: int = 0) -> No
     n_spatial = min(n_spatial, len(loops))
     if n_spatial == 0:
         return
-    spatial = loops[:n_spatial]
     total = math.prod(extents[:n_spatial])
     reduce_work = math.prod(extents[n_spatial:])
     inner = extents[n_spatial - 1]
-    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    vec = lanes if (lanes > 1 and n_spatial == len(loops) and inner % lanes == 0
-                    and total >= lanes) else 0
-    cores = cpu.num_cores if cpu is not None else 1
+    vec = lanes if (lanes > 1 and n_spatial == len(loops) and inner % lanes == 0) else 0
+    spatial = list(loops[:n_spatial])
     if vec:
-        outer, vloop = sch.split(fused, [None, vec])
-        sch.vectorize(vloop)
-        fused = outer
+        io, iv = sch.split(spatial[-1], [None, vec])
+        sch.vectorize(iv)
+        spatial[-1] = io
+    cores = cpu.num_cores if cpu is not None else 1
     if cores > 1 and total * reduce_work >= PARALLEL_MIN and total // max(vec, 1) >= 2:
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         sch.parallel(fused)
 
 
