@@ -110,8 +110,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
         raise NpuccError(f"the ONNX importer is not available: {e}") from None
     from compiler.ir.serialize import save
 
-    shapes = dict(args.input_shape)
-    graph = from_onnx(args.model, input_shapes=shapes) if shapes else from_onnx(args.model)
+    shapes = {name: list(dims) for name, dims in args.input_shape}
+    graph = from_onnx(args.model, input_shapes=shapes or None)
     out = save(graph, args.output)
     print(f"wrote {out} ({len(graph.nodes)} nodes, {len(graph.weights)} weights)",
           file=sys.stderr)

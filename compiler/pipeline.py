@@ -42,6 +42,11 @@ def _lark():
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
+_EXPECTED = {"COMMA": "','", "NAME": "a name", "KEY_EQ": "key=", "LBRACE": "'{'",
+             "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "STRING": "a string",
+             "$END": "the end"}
+
+
 @dataclasses.dataclass
 class _RawOption:
     key: str
@@ -88,6 +93,9 @@ def parse_pipeline(text: str) -> list[Pass]:
         col = getattr(e, "column", None)
         if col is None or col < 1 or (tok is not None and tok.type == "$END"):
             col = len(flat) + 1
+        expected = sorted({_EXPECTED.get(t, t) for t in getattr(e, "expected", None) or ()})
+        if expected and not hint:
+            hint = "; expected " + " or ".join(expected)
         raise PipelineError(f"unexpected {what}{hint}", flat, col) from None
     out: list[Pass] = []
     for entry in tree.children:
