@@ -116,7 +116,7 @@ class MemoryPlan:
     def figures(self) -> dict[str, Any]:
         return {"arena_bytes": self.arena_bytes, "lower_bound_bytes": self.lower_bound_bytes,
                 "naive_bytes": self.naive_bytes, "alignment": self.alignment,
-                "ordering": self.ordering,
+                "ordering": self.ordering, "orderings_tried": dict(self.tried),
                 "inplace": [list(p) for p in self.inplace]}
 
     def check(self) -> None:

@@ -228,6 +228,7 @@ class Package:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.manifest = manifest
+        self.directory = path
         return path
 
     # -- loading ---------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def _write_weights(weights: Mapping[str, np.ndarray], path: Path) -> None:
     save_file(out, str(path))
 
 
-def build_package(target: Mapping[str, Any], inputs: Sequence[str], outputs: Sequence[str],
+def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], outputs: Sequence[str],
                   steps: Sequence[Step | Mapping[str, Any]],
                   tensors: Sequence[TensorInfo | Mapping[str, Any]],
                   weights: Mapping[str, np.ndarray], lib_path: str | os.PathLike,
@@ -352,8 +353,8 @@ def build_package(target: Mapping[str, Any], inputs: Sequence[str], outputs: Seq
                   memory_budget_bytes: int | None = None) -> Package:
     """Plan memory and assemble an in-memory :class:`Package` (call ``.save(path)`` to write it).
 
-    ``target``: ``{"name": str, "tvm": <TVM target dict>, "arch": "x86_64" | "aarch64"}``;
-    ``arch`` defaults to the library's ELF machine and must agree with it when given.
+    ``target``: ``{"name": str, "tvm": <TVM target dict>, "arch": "x86_64" | "aarch64"}`` (or
+    an object with attributes ``name``, ``tvm`` or ``tvm_target``, ``arch``); ``arch`` defaults to the library's ELF machine and must agree with it when given.
     ``inputs`` / ``outputs``: graph input / output tensor names, in graph order.
     ``steps``: in execution order, :class:`Step` or mappings with keys ``kernel`` (or
     ``symbol``), ``node`` (or ``label``), ``op``, ``inputs`` (or ``operands``) and ``outputs``
@@ -426,13 +427,13 @@ def build_package(target: Mapping[str, Any], inputs: Sequence[str], outputs: Seq
                         f"memory budget of {memory_budget_bytes} B")
 
     lib_arch = library_arch(Path(lib_path))
-    arch = target.get("arch") or lib_arch
+    arch = _get(target, "arch", default=None) or lib_arch
     if arch != lib_arch:
         raise PackageError(f"target arch {arch!r} but {lib_path} is an {lib_arch} library")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "target": {"name": str(target.get("name", "unknown")),
-                   "tvm": dict(target.get("tvm", target.get("tvm_target", {}))), "arch": arch},
+        "target": {"name": str(_get(target, "name", default="unknown")),
+                   "tvm": dict(_get(target, "tvm", "tvm_target", default={})), "arch": arch},
         "inputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in inputs],
         "outputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in outputs],
         "steps": [s.to_json() for s in steps],

@@ -147,16 +147,14 @@ def _independent_check(tensors, steps, elementwise, plan):
     # the bound: the largest live set (in-place pairs counted once)
     peak = 0
     for t in range(-1, n + 1):
-        live = [x for x in first if first[x] <= t <= last[x]]
-        total = sum(size[x] for x in live)
-        total -= sum(size[a] for a in live for b in live
-                     if a < b and frozenset((a, b)) in pairs)
+        total = sum(size[x] for x in first if first[x] <= t <= last[x])
+        total -= sum(size[a] for _, a, r in plan.inplace if t == last[a] == first[r])
         peak = max(peak, total)
     assert plan.lower_bound_bytes == peak
     assert plan.naive_bytes == sum(size[x] for x in first)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs())
 def test_plan_properties(g):
     tensors, steps, elementwise = g
@@ -168,7 +166,7 @@ def test_plan_properties(g):
         assert plan.tried[name] >= plan.arena_bytes
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(graphs(), st.sampled_from(sorted(ORDERINGS)))
 def test_every_ordering_is_sound(g, ordering):
     tensors, steps, elementwise = g

@@ -371,3 +371,45 @@ def test_runtime_package_imports_nothing_of_the_compiler():
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_kernel_failure_names_the_step(saved, tmp_path):
+    from runtime import PackageError, RuntimeError_, load
+
+    pkg = _copy(saved, tmp_path)
+    _edit_manifest(pkg, lambda m: m["steps"][2].update(kernel="add_bias"))  # wrong arity
+    m = load(pkg)
+    with pytest.raises(RuntimeError_, match=r"kernel 'add_bias' failed at step 2 \(node act"):
+        m(_x())
+    _edit_manifest(pkg, lambda m: m["steps"][2].update(kernel="no_such_kernel"))
+    with pytest.raises(PackageError, match="kernel 'no_such_kernel'.* is not in"):
+        load(pkg)
+
+
+def test_bf16_tensors_through_typed_views(tmp_path):
+    """bf16 is not a DLPack dtype numpy can export: the executor retypes a byte view."""
+    import ml_dtypes
+
+    from runtime import build_package, load
+
+    tvm = import_tvm()
+    from tvm import te
+
+    a = te.placeholder((4, 16), "bfloat16", "A")
+    w = te.placeholder((16,), "bfloat16", "W")
+    c = te.compute((4, 16), lambda i, j: a[i, j].astype("float32") * w[j].astype("float32"))
+    f = te.create_prim_func([a, w, c]).with_attr("global_symbol", "mul_bf16")
+    tvm.compile(tvm.IRModule({"mul_bf16": f}), tvm.target.Target({"kind": "llvm"})
+                ).export_library(str(tmp_path / "bf.so"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16)).astype(ml_dtypes.bfloat16)
+    wt = rng.standard_normal(16).astype(ml_dtypes.bfloat16)
+    build_package({"name": "host", "tvm": {"kind": "llvm"}}, ["x"], ["y"],
+                  [{"kernel": "mul_bf16", "node": "m", "op": "mul", "inputs": ["x", "w"],
+                    "outputs": ["y"]}],
+                  [{"name": "x", "shape": [4, 16], "dtype": "bf16"},
+                   {"name": "w", "shape": [16], "dtype": "bf16"},
+                   {"name": "y", "shape": [4, 16], "dtype": "f32"}],
+                  {"w": wt}, tmp_path / "bf.so").save(tmp_path / "bf.npkg")
+    (y,) = load(tmp_path / "bf.npkg")(x)
+    np.testing.assert_array_equal(y, x.astype(np.float32) * wt.astype(np.float32))
