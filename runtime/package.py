@@ -108,8 +108,9 @@ def _get(obj: Any, *keys: str, default: Any = ...) -> Any:
 def _coerce_step(s: Any) -> Step:
     if isinstance(s, Step):
         return s
+    inputs = (*_get(s, "inputs", "operands"), *_get(s, "extra_consts", default=()))
     return Step(kernel=str(_get(s, "kernel", "symbol")), node=str(_get(s, "node", "label")),
-                op=str(_get(s, "op")), inputs=tuple(_get(s, "inputs", "operands")),
+                op=str(_get(s, "op")), inputs=tuple(inputs),
                 outputs=tuple(_get(s, "outputs", "results")))
 
 
@@ -356,13 +357,15 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
     ``target``: ``{"name": str, "tvm": <TVM target dict>, "arch": "x86_64" | "aarch64"}`` (or
     an object with attributes ``name``, ``tvm`` or ``tvm_target``, ``arch``); ``arch`` defaults to the library's ELF machine and must agree with it when given.
     ``inputs`` / ``outputs``: graph input / output tensor names, in graph order.
-    ``steps``: in execution order, :class:`Step` or mappings with keys ``kernel`` (or
-    ``symbol``), ``node`` (or ``label``), ``op``, ``inputs`` (or ``operands``) and ``outputs``
-    (or ``results``); the kernel is called as ``kernel(*inputs, *outputs)``.
-    ``tensors``: every tensor the steps and the graph interface name, :class:`TensorInfo` or
+    ``steps``: in execution order, :class:`Step`, ``targets.tvm_codegen.KernelStep`` or
+    mappings/objects with ``kernel`` (or ``symbol``), ``node`` (or ``label``), ``op``,
+    ``inputs`` (or ``operands``), optional ``extra_consts`` (appended to the inputs) and
+    ``outputs`` (or ``results``); the kernel is called as ``kernel(*inputs, *outputs)``.
+    ``tensors``: the tensors the steps and the graph interface name, :class:`TensorInfo` or
     mappings with ``name, shape, dtype`` and optionally ``kind, weight, nbytes``. When ``kind``
     is missing it is derived: graph input, graph output, weight (if its weight key — ``weight``
-    or else its name — is in ``weights``), else intermediate.
+    or else its name — is in ``weights``), else intermediate. A name missing from ``tensors``
+    but present in ``weights`` (e.g. a packed weight) is a weight typed by its array.
     ``weights``: arrays by safetensors key, already in the layout the kernels read; each
     array's byte size must equal its tensor's ``nbytes``.
     ``lib_path``: the exported kernel library (copied into the package by ``save``).
@@ -390,6 +393,12 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
         table[name] = {"name": name, "shape": shape, "dtype": dtype, "kind": kind,
                        "nbytes": nbytes, "offset": None, "weight": wkey}
     named = [n for s in steps for n in (*s.inputs, *s.outputs)] + list(inputs) + list(outputs)
+    for name in named:  # weights the table does not describe: typed by their arrays
+        if name not in table and name in weights:
+            arr = np.asarray(weights[name])
+            table[name] = {"name": name, "shape": list(arr.shape),
+                           "dtype": _dtypes.canonical(arr.dtype), "kind": "weight",
+                           "nbytes": arr.nbytes, "offset": None, "weight": name}
     missing = sorted({n for n in named if n not in table})
     if missing:
         raise PlanError(f"tensors named by the plan but not in the tensor table: {missing}")
