@@ -65,21 +65,50 @@ CASES["sum3"] = Case("sum", [f32(2, 16), f32(16), f32(2, 1)])
 CASES["add_empty"] = Case("add", [f32(0, 4), f32(4)])
 
 
-def _add(name: str, case: Case) -> None:
-    CASES[name] = case
+# -- reduce -------------------------------------------------------------------------------
+for op in ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod"]:
+    CASES[op] = Case(op, [f32(3, 4, 5, lo=0.5, hi=1.5)], {"axes": [1, 2]})
+    CASES[op + "_nokeep"] = Case(op, [f32(3, 4, 5, lo=0.5, hi=1.5)],
+                                 {"axes": [0], "keepdims": False})
+CASES["reduce_all"] = Case("reduce_sum", [f32(4, 6)], {"axes": [], "keepdims": False})
+CASES["reduce_mean_big"] = Case("reduce_mean", [f32(1, 128, 384)], {"axes": [-1]})
+CASES["reduce_max_int"] = Case("reduce_max", [i32(4, 6)], {"axes": [1]})
+CASES["reduce_mean_int"] = Case("reduce_mean", [i32(4, 6, lo=0, hi=9)], {"axes": [1]})
+CASES["argmax"] = Case("argmax", [i32(4, 7, lo=0, hi=3)], {"axis": 1})
+CASES["argmax_last"] = Case("argmax", [i32(4, 7, lo=0, hi=3)],
+                            {"axis": 1, "select_last_index": True})
+CASES["argmin"] = Case("argmin", [f32(4, 7, 3)], {"axis": 0, "keepdims": False})
 
-
-def collect(extra: dict[str, Case]) -> None:
-    for k, v in extra.items():
-        _add(k, v)
-
-
-try:
-    from tests.generic_cases import CASES as _MORE  # reduce / shape / nn kernels
-    collect(_MORE)
-except ImportError:  # pragma: no cover
-    pass
-
+# -- shape --------------------------------------------------------------------------------
+CASES["reshape"] = Case("reshape", [f32(2, 3, 4)], {"shape": [4, 6]})
+CASES["reshape_scalar"] = Case("reshape", [f32(1, 1)], {"shape": []})
+CASES["identity"] = Case("identity", [f32(3, 5)])
+CASES["transpose"] = Case("transpose", [f32(2, 3, 4, 5)], {"perm": [0, 2, 1, 3]})
+CASES["transpose_big"] = Case("transpose", [f32(1, 128, 12, 32)], {"perm": [0, 2, 1, 3]})
+CASES["concat"] = Case("concat", [f32(2, 3), f32(2, 5), f32(2, 0), f32(2, 1)], {"axis": 1})
+CASES["split"] = Case("split", [f32(4, 10)], {"axis": 1, "sizes": [3, 0, 7]})
+CASES["slice"] = Case("slice", [f32(6, 8)], {"starts": [1, -1], "ends": [100, 0],
+                                             "axes": [0, 1], "steps": [2, -2]})
+CASES["slice_pos"] = Case("slice", [f32(6, 8)], {"starts": [2], "ends": [5], "axes": [1]})
+CASES["gather"] = Case("gather", [f32(5, 4), np.array([[0, -1], [3, 2]], np.int64)],
+                       {"axis": 0})
+CASES["gather_axis1"] = Case("gather", [f32(3, 5, 2), np.array([4, 0, -2], np.int32)],
+                             {"axis": 1})
+CASES["gather_scalar"] = Case("gather", [f32(5, 4), np.array(2, np.int64)], {"axis": 1})
+CASES["expand"] = Case("expand", [f32(3, 1)], {"shape": [2, 3, 4]})
+CASES["tile"] = Case("tile", [f32(2, 3)], {"repeats": [2, 3]})
+CASES["trilu_upper"] = Case("trilu", [f32(2, 4, 5)], {"upper": True, "k": 1})
+CASES["trilu_lower"] = Case("trilu", [f32(4, 5)], {"upper": False, "k": -1})
+CASES["cumsum"] = Case("cumsum", [f32(3, 6)], {"axis": 1})
+CASES["cumsum_excl_rev"] = Case("cumsum", [i32(3, 6)], {"axis": 1, "exclusive": True,
+                                                        "reverse": True})
+CASES["shape"] = Case("shape", [f32(2, 3, 4)], {"start": 1})
+CASES["fill"] = Case("fill", [], {"shape": [3, 4], "value": 2.5, "dtype": "f32"})
+CASES["fill_int"] = Case("fill", [], {"shape": [5], "value": 7.0, "dtype": "i64"})
+CASES["arange"] = Case("arange", [], {"start": 1.0, "limit": 10.0, "delta": 2.5,
+                                      "dtype": "f32"})
+CASES["arange_int"] = Case("arange", [], {"start": 0.0, "limit": 7.0, "delta": 1.0,
+                                          "dtype": "i64"})
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -1,0 +1,121 @@
+"""Reductions: reduce_sum/mean/max/min/prod over static axes, argmax/argmin.
+
+One TE reduction per op; the generic schedule parallelises the kept (spatial) axes and
+keeps the reduced axes innermost. f16/bf16 accumulate in f32.
+"""
+
+from __future__ import annotations
+
+import math
+
+from compiler.ir.ops.reduce import reduce_axes
+from targets.kernels._te import expr, generic, placeholders, prim_func, tvm_dtype
+from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+
+__all__: list[str] = []
+
+
+@register_kernel("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod")
+def reduce(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt, out = req.input_types[0], req.output_types[0]
+    axes = reduce_axes(xt.rank, req.attrs["axes"])
+    keep = bool(req.attrs["keepdims"])
+    dt = tvm_dtype(out.dtype)
+    acc = "float32" if dt in ("float16", "bfloat16") else dt
+    count = math.prod(xt.shape[a] for a in axes)
+    kind = req.op.removeprefix("reduce_")
+    if kind == "prod":
+        reducer = te.comm_reducer(lambda a, b: a * b, lambda t: tirx.const(1, t), name="prod")
+    else:
+        reducer = {"sum": te.sum, "mean": te.sum, "max": te.max, "min": te.min}[kind]
+
+    def src_index(i, raxes):
+        src, o, r = [], 0, 0
+        for d in range(xt.rank):
+            if d in axes:
+                src.append(raxes[r])
+                r += 1
+                if keep:
+                    o += 1
+            else:
+                src.append(i[o])
+                o += 1
+        return src
+
+    def body(*i):
+        if count == 0:
+            if kind in ("max", "min"):
+                v = tirx.min_value(acc) if kind == "max" else tirx.max_value(acc)
+                if acc.startswith("float"):
+                    v = tirx.const(-math.inf if kind == "max" else math.inf, acc)
+            elif kind == "mean":
+                v = tirx.const(math.nan, acc) if acc.startswith("float") else tirx.const(0, acc)
+            else:
+                v = tirx.const(1 if kind == "prod" else 0, acc)
+            return v.astype(dt)
+        raxes = [te.reduce_axis((0, xt.shape[a]), f"r{a}") for a in axes]
+        src = src_index(i, raxes)
+        v = expr(X[tuple(src)] if src else X[()]).astype(acc)
+        r = reducer(v, axis=raxes)
+        return r
+
+    R = te.compute(out.shape, body, name="red")
+    if kind == "mean" and count:
+        if acc.startswith("float"):
+            O = te.compute(out.shape, lambda *i: (expr(R[i] if i else R[()])
+                                                  / tirx.const(count, acc)).astype(dt),
+                           name="out")
+        else:
+            O = te.compute(out.shape, lambda *i: tirx.truncdiv(expr(R[i] if i else R[()]),
+                                                               tirx.const(count, acc)),
+                           name="out")
+    else:
+        O = te.compute(out.shape, lambda *i: expr(R[i] if i else R[()]).astype(dt), name="out")
+    return KernelImpl(prim_func([X, O], generic(req.cpu, out.dtype)),
+                      note=f"{req.op} over {list(axes)} ({count} each)")
+
+
+@register_kernel("argmax", "argmin")
+def argminmax(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt, out = req.input_types[0], req.output_types[0]
+    axis = req.attrs["axis"] % xt.rank
+    keep = bool(req.attrs["keepdims"])
+    last = bool(req.attrs["select_last_index"])
+    is_max = req.op == "argmax"
+    xdt = tvm_dtype(xt.dtype)
+
+    def combine(lhs, rhs):
+        # (index, value): prefer the better value, ties -> smaller (or larger) index
+        li, lv = lhs
+        ri, rv = rhs
+        better = rv > lv if is_max else rv < lv
+        tie = tirx.EQ(rv, lv)
+        pick_r = tirx.Or(better, tirx.And(tie, ri > li if last else ri < li))
+        return tirx.Select(pick_r, ri, li), tirx.Select(pick_r, rv, lv)
+
+    def identity(t0, t1):
+        init = tirx.min_value(t1) if is_max else tirx.max_value(t1)
+        return tirx.const(-1, t0), init
+
+    reducer = te.comm_reducer(combine, identity, name="argred")
+    n = xt.shape[axis]
+
+    def body(*i):
+        k = te.reduce_axis((0, n), "k")
+        src = list(i)
+        if keep:
+            src[axis] = k
+        else:
+            src.insert(axis, k)
+        return reducer((k.var.astype("int64"), expr(X[tuple(src)])), axis=k)
+
+    idx, _val = te.compute(out.shape, body, name="arg")
+    O = te.compute(out.shape, lambda *i: expr(idx[i] if i else idx[()]), name="out")
+    return KernelImpl(prim_func([X, O], generic(req.cpu, "f32")),
+                      note=f"{req.op} over axis {axis} of {n}" + f" ({xdt})")
