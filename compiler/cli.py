@@ -177,6 +177,10 @@ def _configure_opt(p: argparse.ArgumentParser) -> None:
                    help="per-pass wall time, node counts and stats (to stderr)")
     g.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=True,
                    help="verify the graph after every pass (default: on)")
+    g.add_argument("--verify-roundtrip", action="store_true",
+                   help="check after every pass that the IR text parses back identically")
+    g.add_argument("--pass-limit", type=int, metavar="N",
+                   help="run only the first N passes of the pipeline")
     g.add_argument("--numeric-check", action="store_true", help="compare every pass's "
                    "result with the unoptimised graph on sample inputs (table to stderr)")
     g.add_argument("--bisect", action="store_true", help="find the first pass whose "
@@ -229,7 +233,8 @@ def _debug_options(args: argparse.Namespace) -> Any:
         print_ir_after=tuple(n for ns in args.print_ir_after for n in ns),
         print_ir_after_change=args.print_ir_after_change,
         print_ir_stream=sys.stderr, dump_dir=args.dump_dir, time_passes=args.time_passes,
-        verify_each=args.verify_each, numeric_check=args.numeric_check,
+        verify_each=args.verify_each, verify_roundtrip=args.verify_roundtrip,
+        pass_limit=args.pass_limit, numeric_check=args.numeric_check,
         sample_inputs=inputs, seed=args.seed, int_range=int_range,
         tolerance=args.tolerance, tolerance_metric=args.tolerance_metric,
         crash_dir=None if args.no_crash_reproducer else args.crash_dir,

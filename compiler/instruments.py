@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from compiler.ir.graph import Graph
     from compiler.pass_base import Pass, PassResult
 
-__all__ = ["PassRun", "Instrument", "PrintIR", "Timing", "VerifyEach", "CrashReproducer",
-           "render_table"]
+__all__ = ["PassRun", "Instrument", "PrintIR", "Timing", "VerifyEach", "VerifyRoundtrip",
+           "PassLimit", "CrashReproducer", "render_table"]
 
 
 @dataclass
@@ -243,6 +243,7 @@ class Timing(Instrument):
             self.records.append(TimingRecord(run.index, run.text, run.seconds,
                                              run.nodes_before, len(graph.nodes), True,
                                              failed=True))
+        self.finish(graph)  # the table up to the failure
         return None
 
     @property
@@ -253,7 +254,9 @@ class Timing(Instrument):
         total = self.total_seconds or 1e-12
         rows = []
         for r in self.records:
-            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items()
+                              if not (isinstance(v, int | float) and not isinstance(v, bool)
+                                      and v == 0))  # zero counters are noise here
             rows.append([str(r.index + 1), r.pass_text, f"{r.seconds * 1e3:.2f}",
                          f"{100 * r.seconds / total:.1f}%", f"{r.nodes_before} → {r.nodes_after}",
                          f"{r.delta:+d}", "failed" if r.failed else ("yes" if r.changed else "no"),
@@ -291,6 +294,41 @@ class VerifyEach(Instrument):
             verify(result.graph)
         except VerificationError as e:
             raise PassVerificationError(run.text, run.index, e.problems) from None
+
+
+class VerifyRoundtrip(Instrument):
+    """After every pass, check that the graph's text parses back and prints identically
+    (MLIR's --verify-roundtrip); a failure names the pass and the first differing line."""
+
+    def after(self, run: PassRun, result: PassResult) -> None:
+        from compiler.errors import NpuccError, PassFailedError
+        from compiler.ir.parser import parse
+
+        text = str(result.graph)
+        try:
+            again = str(parse(text, result.graph.weights, source=f"<after {run.text}>"))
+        except NpuccError as e:
+            raise PassFailedError(run.text, run.index,
+                                  f"left a graph whose text does not parse back: {e}") from None
+        if again != text:
+            a, b = text.splitlines(), again.splitlines()
+            i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                     min(len(a), len(b)))
+            raise PassFailedError(
+                run.text, run.index, f"left a graph whose text does not round-trip: line "
+                f"{i + 1} prints as {a[i] if i < len(a) else '<end>'!r}, then as "
+                f"{b[i] if i < len(b) else '<end>'!r}")
+
+
+class PassLimit(Instrument):
+    """Run only the first ``limit`` passes of the pipeline (LLVM's -opt-bisect-limit): the
+    rest are skipped, so a failure can be narrowed down by hand."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def should_run(self, run: PassRun) -> bool:
+        return run.index < self.limit
 
 
 class CrashReproducer(Instrument):

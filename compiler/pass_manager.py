@@ -29,10 +29,12 @@ from compiler.errors import NpuccError, PassFailedError
 from compiler.instruments import (
     CrashReproducer,
     Instrument,
+    PassLimit,
     PassRun,
     PrintIR,
     Timing,
     VerifyEach,
+    VerifyRoundtrip,
 )
 from compiler.pass_base import Pass, PassContext, PassResult
 
@@ -85,8 +87,10 @@ class PassManager:
             result: PassResult | None = None
             try:
                 t0 = time.perf_counter()
-                result = p.run(graph, ctx)
-                run.seconds = time.perf_counter() - t0
+                try:
+                    result = p.run(graph, ctx)
+                finally:
+                    run.seconds = time.perf_counter() - t0
                 if not isinstance(result, PassResult):
                     raise TypeError(f"run() returned {type(result).__name__}, not a PassResult")
                 for inst in reversed(insts):
@@ -140,6 +144,8 @@ class DebugOptions:
     dump_dir: str | os.PathLike | None = None
     time_passes: bool = False
     verify_each: bool = True
+    verify_roundtrip: bool = False  # after each pass: print -> parse -> print is identical
+    pass_limit: int | None = None  # run only the first N passes (skip the rest)
     numeric_check: bool = False
     sample_inputs: Any = None  # {name: array} or a list of them; None: generated
     seed: int = 0
@@ -176,6 +182,8 @@ class DebugOptions:
         for n in self.print_ir_before + self.print_ir_after:
             get_pass_class(n)  # an unknown name is an error, listing the known passes
         insts: list[Instrument] = []
+        if self.pass_limit is not None:
+            insts.append(PassLimit(self.pass_limit))
         if self.crash_dir is not None:
             insts.append(CrashReproducer(self.crash_dir))
         if self.numeric_check or self.tolerance is not None:
@@ -193,6 +201,8 @@ class DebugOptions:
         if before or after:
             insts.append(PrintIR(before, after, only_if_changed=self.print_ir_after_change,
                                  stream=self.print_ir_stream, dump_dir=self.dump_dir))
+        if self.verify_roundtrip:
+            insts.append(VerifyRoundtrip())
         if self.time_passes:
             insts.append(Timing(self.report_stream))
         return insts

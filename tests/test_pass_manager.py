@@ -405,3 +405,9 @@ def test_debug_options_from_dict_checks_keys():
         == ("a", "b")
     with pytest.raises(NpuccError, match="unknown debug option"):
         DebugOptions.coerce({"time_pass": True})
+
+
+def test_pass_limit_skips_the_rest_and_roundtrip_check_passes():
+    out = run_pipeline(tiny(), "test-double-neg,test-flip-sign,test-double-neg",
+                       debug={"pass_limit": 1, "verify_roundtrip": True})
+    assert out.op_counts()["neg"] == 4  # only the first pass ran
