@@ -198,6 +198,23 @@ def _unsupported_types(model) -> list[tuple[str, str, str]]:
     return bad
 
 
+def _check_references(model) -> None:
+    """Every node input must be defined earlier (graph input, initializer or node output)."""
+    defined = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
+    problems = []
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            if name and name not in defined:
+                problems.append(f"node {_node_label(node, i)} reads {name!r}, which no graph "
+                                "input, initializer or earlier node defines")
+        defined.update(o for o in node.output if o)
+    for vi in model.graph.output:
+        if vi.name not in defined:
+            problems.append(f"graph output {vi.name!r} is not produced by any node")
+    if problems:
+        raise ImportError_("the model is malformed:\n  " + "\n  ".join(problems[:20]))
+
+
 class _Importer:
     def __init__(self, model, opset: int, input_types: dict[str, TensorType]):
         self.model = model
@@ -365,6 +382,7 @@ def from_onnx(model: str | Path | Any, input_shapes: Mapping[str, list[int]] | N
     bad = _unsupported_types(proto)
     if bad:
         raise UnsupportedOpsError(bad)
+    _check_references(proto)
     types = _input_types(proto, input_shapes)
     inferred = _with_static_inputs(proto, types)
     imp = _Importer(inferred, opset, types)

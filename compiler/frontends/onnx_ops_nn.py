@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from compiler.frontends.onnx_ctx import Ctx, Unsupported, converter
 from compiler.frontends.onnx_ops import f32, norm_axis
 from compiler.ir.graph import Value
@@ -169,11 +171,23 @@ def _instance_norm(c: Ctx):
 
 @converter("LayerNormalization")
 def _layer_norm(c: Ctx):
-    if c.output_used(1) or c.output_used(2):
-        raise Unsupported("the Mean and InvStdDev outputs are not supported")
+    eps = f32(c.attr("epsilon", 1e-5))
     ins = [c.value(0), c.value(1)] + ([c.value(2)] if c.has(2) else [])
-    return [c.emit("layer_norm", *ins, axis=c.attr("axis", -1),
-                   epsilon=f32(c.attr("epsilon", 1e-5)))]
+    y = c.emit("layer_norm", *ins, axis=c.attr("axis", -1), epsilon=eps)
+    if not (c.output_used(1) or c.output_used(2)):
+        return [y]
+    # the statistics outputs, in float32 (stash_type=1)
+    x = ins[0]
+    rank = x.type.rank
+    axes = list(range(norm_axis(c.attr("axis", -1), rank), rank))
+    if x.type.dtype != "f32":
+        x = c.emit("cast", x, to="f32")
+    mean = c.emit("reduce_mean", x, axes=axes)
+    d = c.emit("sub", x, mean)
+    var = c.emit("reduce_mean", c.emit("mul", d, d), axes=axes)
+    eps_v = c.const_value(np.array(eps, np.float32))
+    inv = c.emit("reciprocal", c.emit("sqrt", c.emit("add", var, eps_v)))
+    return [y, mean, inv]
 
 
 @converter("LRN")
