@@ -166,6 +166,18 @@ def _clamp_tensor(imp: TorchImporter, a: dict) -> Value:
     return x
 
 
+@conv("elu.default")
+def _elu(imp: TorchImporter, a: dict) -> Value:
+    x = a["self"]
+    dt = x.dtype
+    alpha, scale, in_scale = float(a["alpha"]), float(a["scale"]), float(a["input_scale"])
+    xs = imp.emit("mul", x, imp.tensor(in_scale, dt)) if in_scale != 1.0 else x
+    neg = imp.emit("mul", imp.emit("sub", imp.emit("exp", xs), imp.tensor(1.0, dt)),
+                   imp.tensor(alpha * scale, dt))
+    pos = imp.emit("mul", x, imp.tensor(scale, dt)) if scale != 1.0 else x
+    return imp.emit("where", imp.emit("greater", x, imp.tensor(0.0, dt)), pos, neg)
+
+
 @conv("softplus.default")
 def _softplus(imp: TorchImporter, a: dict) -> Value:
     x, beta = a["self"], float(a["beta"])

@@ -101,6 +101,16 @@ def _slice_op(imp: TorchImporter, a: dict) -> Value:
     return _slice(imp, a["self"], a["dim"], a["start"], a["end"], a["step"])
 
 
+@conv("flip.default")
+def _flip(imp: TorchImporter, a: dict) -> Value:
+    x = a["self"]
+    axes = sorted({_axis(d, x.type.rank) for d in a["dims"]})
+    if not axes:
+        return x
+    return imp.emit("slice", x, starts=[x.shape[d] - 1 for d in axes],
+                    ends=[-x.shape[d] - 1 for d in axes], axes=axes, steps=[-1] * len(axes))
+
+
 @conv("select.int", "select_copy.int")
 def _select(imp: TorchImporter, a: dict) -> Value:
     x = a["self"]
