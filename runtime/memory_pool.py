@@ -124,6 +124,9 @@ class MemoryPlan:
         and no two tensors live at the same time share a byte (in-place pairs excepted)."""
         problems = []
         for name, off in self.offsets.items():
+            if not isinstance(off, int) or off < 0:
+                problems.append(f"tensor {name!r} has offset {off!r}; expected an int >= 0")
+                continue
             if off % self.alignment:
                 problems.append(f"tensor {name!r} at offset {off} is not {self.alignment}-aligned")
             if off + self.sizes[name] > self.arena_bytes:

@@ -225,6 +225,7 @@ class Package:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, path)
+            _fsync_dir(path.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -255,6 +256,11 @@ class Package:
         if not isinstance(files, dict) or {LIBRARY, WEIGHTS} - set(files):
             raise PackageError(f"{path}: manifest lists no sha256 for {LIBRARY} and {WEIGHTS}")
         for name, entry in files.items():
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                raise PackageError(f"{path}: manifest names file {name!r}; expected a plain "
+                                   f"file name inside the package")
+            if not isinstance(entry, dict):
+                raise PackageError(f"{path}: manifest entry of file {name} is not an object")
             f = path / name
             if not f.is_file():
                 raise IntegrityError(f"{path}: file {name} is missing")
@@ -264,6 +270,20 @@ class Package:
         _check_arch(path / LIBRARY, manifest)
         _check_manifest(manifest, where=str(path))
         return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _dump_manifest(m: Mapping[str, Any]) -> str:
@@ -306,7 +326,12 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
             if io["name"] not in tensors:
                 raise PackageError(f"graph input/output {io['name']!r} has no tensor entry")
         for t in tensors.values():
-            _dtypes.canonical(t["dtype"])
+            need = _nbytes(t["shape"], t["dtype"])
+            exact = _dtypes.dlpack_native(t["dtype"])
+            if not isinstance(t["nbytes"], int) or (
+                    t["nbytes"] != need if exact else t["nbytes"] < need):
+                raise PackageError(f"tensor {t['name']!r} ({t['dtype']}{t['shape']}) has nbytes "
+                                   f"{t['nbytes']!r}; expected {need}")
             if t["kind"] == "weight" and not t.get("weight"):
                 raise PackageError(f"weight tensor {t['name']!r} names no safetensors key")
         io_names = {t["name"] for t in m["inputs"]} & {t["name"] for t in m["outputs"]}
@@ -315,6 +340,9 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
                         for t in tensors.values()]
         replay = plan_memory(plan_tensors, plan_steps, [p[0] for p in mem["inplace"]],
                              inputs_also_outputs=io_names, orderings=["size"])
+        if [list(p) for p in replay.inplace] != [list(p) for p in mem["inplace"]]:
+            raise PackageError(f"in-place pairs {mem['inplace']} are not the ones the plan "
+                               f"allows ({[list(p) for p in replay.inplace]})")
         offsets = {}
         for name in replay.offsets:
             off = tensors[name].get("offset")
