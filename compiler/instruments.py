@@ -210,7 +210,7 @@ def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str
     from rich.table import Table
 
     right = set(right)
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    table = Table(box=None, pad_edge=False)
     for i, c in enumerate(columns):
         table.add_column(c, justify="right" if i in right else "left", overflow="fold")
     for r in rows:
@@ -218,7 +218,8 @@ def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str
     buf = io.StringIO()
     Console(file=buf, width=width, no_color=True, force_terminal=False,
             highlight=False).print(table)
-    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+    return title + "\n" + "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) \
+        + "\n"
 
 
 class Timing(Instrument):
