@@ -6,11 +6,14 @@ Numpy spellings (``"float32"``) are accepted too and normalised to the short nam
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 from .errors import PackageError
 
-__all__ = ["canonical", "numpy_dtype", "tvm_dtype", "bits", "dlpack_native"]
+__all__ = ["canonical", "numpy_dtype", "tvm_dtype", "bits", "dlpack_native", "nbytes"]
 
 # short name -> (TVM dtype string, bits per element)
 _TABLE: dict[str, tuple[str, int]] = {
@@ -58,3 +61,8 @@ def bits(dtype: str) -> int:
 def dlpack_native(dtype: str) -> bool:
     """Whether a numpy array of this dtype can be passed to ``from_dlpack`` directly."""
     return canonical(dtype) in _NATIVE
+
+
+def nbytes(shape: Sequence[int], dtype: str) -> int:
+    """Bytes of a dense tensor (sub-byte dtypes packed): ceil(elements * bits / 8)."""
+    return (math.prod(int(d) for d in shape) * bits(dtype) + 7) // 8

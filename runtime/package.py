@@ -49,9 +49,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _dtypes
-from ._elf import host_arch, library_arch
+from ._elf import library_arch
+from ._verify import check_arch, check_manifest
 from .errors import FormatVersionError, IntegrityError, PackageError, PlanError
-from .memory_pool import MemoryPlan, PlanStep, PlanTensor, plan_memory
+from .memory_pool import PlanStep, PlanTensor, plan_memory
 
 if TYPE_CHECKING:
     from .executor import Executor
@@ -112,10 +113,6 @@ def _coerce_step(s: Any) -> Step:
     return Step(kernel=str(_get(s, "kernel", "symbol")), node=str(_get(s, "node", "label")),
                 op=str(_get(s, "op")), inputs=tuple(inputs),
                 outputs=tuple(_get(s, "outputs", "results")))
-
-
-def _nbytes(shape: Sequence[int], dtype: str) -> int:
-    return (int(np.prod(shape, dtype=np.int64)) * _dtypes.bits(dtype) + 7) // 8
 
 
 def _sha256(path: Path) -> str:
@@ -267,8 +264,8 @@ class Package:
             if _sha256(f) != entry.get("sha256"):
                 raise IntegrityError(f"{path}: file {name} does not match its sha256 in the "
                                      f"manifest (damaged or modified); refusing to load")
-        _check_arch(path / LIBRARY, manifest)
-        _check_manifest(manifest, where=str(path))
+        check_arch(path / LIBRARY, manifest)
+        check_manifest(manifest, where=str(path))
         return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path)
 
 
@@ -300,62 +297,6 @@ def _dump_manifest(m: Mapping[str, Any]) -> str:
 
 def load_package(path: str | os.PathLike) -> Package:
     return Package.load(path)
-
-
-def _check_arch(lib: Path, manifest: dict[str, Any]) -> None:
-    from .errors import ArchitectureError
-
-    arch = library_arch(lib)
-    here = host_arch()
-    if arch != here:
-        raise ArchitectureError(f"{lib} is an {arch} library; this machine is {here}. Compile "
-                                f"the model for an {here} target to run it here")
-    stated = manifest.get("target", {}).get("arch")
-    if stated is not None and stated != arch:
-        raise PackageError(f"{lib} is an {arch} library but the manifest's target says "
-                           f"{stated!r}")
-
-
-def _check_manifest(m: dict[str, Any], where: str) -> None:
-    """Refuse a manifest whose plan is inconsistent: unknown tensors, overlapping live tensors."""
-    try:
-        tensors = {t["name"]: t for t in m["tensors"]}
-        steps = m["steps"]
-        mem = m["memory"]
-        for io in m["inputs"] + m["outputs"]:
-            if io["name"] not in tensors:
-                raise PackageError(f"graph input/output {io['name']!r} has no tensor entry")
-        for t in tensors.values():
-            need = _nbytes(t["shape"], t["dtype"])
-            exact = _dtypes.dlpack_native(t["dtype"])
-            if not isinstance(t["nbytes"], int) or (
-                    t["nbytes"] != need if exact else t["nbytes"] < need):
-                raise PackageError(f"tensor {t['name']!r} ({t['dtype']}{t['shape']}) has nbytes "
-                                   f"{t['nbytes']!r}; expected {need}")
-            if t["kind"] == "weight" and not t.get("weight"):
-                raise PackageError(f"weight tensor {t['name']!r} names no safetensors key")
-        io_names = {t["name"] for t in m["inputs"]} & {t["name"] for t in m["outputs"]}
-        plan_steps = [PlanStep(tuple(s["inputs"]), tuple(s["outputs"])) for s in steps]
-        plan_tensors = [PlanTensor(t["name"], int(t["nbytes"]), t["kind"])
-                        for t in tensors.values()]
-        replay = plan_memory(plan_tensors, plan_steps, [p[0] for p in mem["inplace"]],
-                             inputs_also_outputs=io_names, orderings=["size"])
-        if [list(p) for p in replay.inplace] != [list(p) for p in mem["inplace"]]:
-            raise PackageError(f"in-place pairs {mem['inplace']} are not the ones the plan "
-                               f"allows ({[list(p) for p in replay.inplace]})")
-        offsets = {}
-        for name in replay.offsets:
-            off = tensors[name].get("offset")
-            if not isinstance(off, int):
-                raise PackageError(f"tensor {name!r} has no arena offset")
-            offsets[name] = off
-        MemoryPlan(offsets=offsets, sizes=replay.sizes, lifetimes=replay.lifetimes,
-                   inplace=[tuple(p) for p in mem["inplace"]], arena_bytes=mem["arena_bytes"],
-                   lower_bound_bytes=0, naive_bytes=0, alignment=mem["alignment"]).check()
-    except (KeyError, TypeError, ValueError) as e:
-        raise PackageError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-    except PlanError as e:
-        raise PackageError(f"{where}: inconsistent plan: {e}") from e
 
 
 _SAFETENSORS_NATIVE = frozenset({"float64", "float32", "float16", "int64", "int32", "int16",
@@ -415,7 +356,7 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
         if kind == "weight":
             wkey = wkey or name
         nbytes = _get(t, "nbytes", default=None)
-        nbytes = _nbytes(shape, dtype) if nbytes is None else int(nbytes)
+        nbytes = _dtypes.nbytes(shape, dtype) if nbytes is None else int(nbytes)
         if name in table:
             raise PlanError(f"tensor {name!r} appears twice in the tensor table")
         table[name] = {"name": name, "shape": shape, "dtype": dtype, "kind": kind,

@@ -1,0 +1,70 @@
+"""Checks a package must pass before any kernel is loaded: architecture and plan consistency.
+
+File integrity (sha256) and the format version are checked by ``Package.load`` itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import _dtypes
+from ._elf import host_arch, library_arch
+from .errors import ArchitectureError, PackageError, PlanError
+from .memory_pool import MemoryPlan, PlanStep, PlanTensor, plan_memory
+
+__all__ = ["check_arch", "check_manifest"]
+
+
+def check_arch(lib: Path, manifest: dict[str, Any]) -> None:
+    arch = library_arch(lib)
+    here = host_arch()
+    if arch != here:
+        raise ArchitectureError(f"{lib} is an {arch} library; this machine is {here}. Compile "
+                                f"the model for an {here} target to run it here")
+    stated = manifest.get("target", {}).get("arch")
+    if stated is not None and stated != arch:
+        raise PackageError(f"{lib} is an {arch} library but the manifest's target says "
+                           f"{stated!r}")
+
+
+def check_manifest(m: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose plan is inconsistent: unknown tensors, overlapping live tensors."""
+    try:
+        tensors = {t["name"]: t for t in m["tensors"]}
+        steps = m["steps"]
+        mem = m["memory"]
+        for io in m["inputs"] + m["outputs"]:
+            if io["name"] not in tensors:
+                raise PackageError(f"graph input/output {io['name']!r} has no tensor entry")
+        for t in tensors.values():
+            need = _dtypes.nbytes(t["shape"], t["dtype"])
+            exact = _dtypes.dlpack_native(t["dtype"])
+            if not isinstance(t["nbytes"], int) or (
+                    t["nbytes"] != need if exact else t["nbytes"] < need):
+                raise PackageError(f"tensor {t['name']!r} ({t['dtype']}{t['shape']}) has nbytes "
+                                   f"{t['nbytes']!r}; expected {need}")
+            if t["kind"] == "weight" and not t.get("weight"):
+                raise PackageError(f"weight tensor {t['name']!r} names no safetensors key")
+        io_names = {t["name"] for t in m["inputs"]} & {t["name"] for t in m["outputs"]}
+        plan_steps = [PlanStep(tuple(s["inputs"]), tuple(s["outputs"])) for s in steps]
+        plan_tensors = [PlanTensor(t["name"], int(t["nbytes"]), t["kind"])
+                        for t in tensors.values()]
+        replay = plan_memory(plan_tensors, plan_steps, [p[0] for p in mem["inplace"]],
+                             inputs_also_outputs=io_names, orderings=["size"])
+        if [list(p) for p in replay.inplace] != [list(p) for p in mem["inplace"]]:
+            raise PackageError(f"in-place pairs {mem['inplace']} are not the ones the plan "
+                               f"allows ({[list(p) for p in replay.inplace]})")
+        offsets = {}
+        for name in replay.offsets:
+            off = tensors[name].get("offset")
+            if not isinstance(off, int):
+                raise PackageError(f"tensor {name!r} has no arena offset")
+            offsets[name] = off
+        MemoryPlan(offsets=offsets, sizes=replay.sizes, lifetimes=replay.lifetimes,
+                   inplace=[tuple(p) for p in mem["inplace"]], arena_bytes=mem["arena_bytes"],
+                   lower_bound_bytes=0, naive_bytes=0, alignment=mem["alignment"]).check()
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackageError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+    except PlanError as e:
+        raise PackageError(f"{where}: inconsistent plan: {e}") from e
