@@ -175,10 +175,15 @@ print("child ok", round(time.perf_counter() - t0, 2), m.stats())
 """
 
 
-def test_round_trip_fresh_process(saved, lib, tmp_path):
+@pytest.mark.parametrize("runtime_lib", [False, True], ids=["libtvm", "libtvm_runtime"])
+def test_round_trip_fresh_process(saved, lib, tmp_path, runtime_lib):
+    """Load in a process that refuses compiler/ and passes/ imports; with ``runtime_lib`` TVM
+    loads only libtvm_runtime (what a deployed device has)."""
     x = _x(7)
     np.save(tmp_path / "x.npy", x)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    if runtime_lib:
+        env["TVM_USE_RUNTIME_LIB"] = "1"
     r = subprocess.run([sys.executable, "-c", CHILD, str(saved), str(tmp_path / "x.npy"),
                         str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
