@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime._tvm import import_tvm
-
-import_tvm()  # before the compiler imports TVM: keeps torch out of this process if possible
-
-from compiler.ir.interpreter import interpret  # noqa: E402
-from compiler.ir.parser import parse  # noqa: E402
+from compiler.ir.interpreter import interpret
+from compiler.ir.parser import parse
 
 ELEMENTWISE = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "gelu", "exp", "clip",
                "neg", "abs", "leaky_relu", "hard_swish", "hard_sigmoid", "cast"}
