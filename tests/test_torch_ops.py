@@ -83,6 +83,9 @@ CASES = {
     "factories_cumsum_tril": (lambda m, x: torch.tril(x, -1) + torch.triu(x) * 2
                               + torch.ones(4, 6).cumsum(0) + torch.arange(6.0)
                               + torch.full((4, 1), 3.0) + x.cumsum(1), None, (X2,)),
+    "sdpa_causal": (lambda m, q: F.scaled_dot_product_attention(q, q * 0.5, q + 1, is_causal=True)
+                    + q.any(-1, keepdim=True).float() + (q > 0).all(-1, keepdim=True).float(),
+                    None, (_r(1, 2, 8, 4),)),
     "pad": (lambda m, x: F.pad(x, (1, 2, 0, 3), value=0.5), None, (X4,)),
 }
 

@@ -228,3 +228,17 @@ def _max_all(imp: TorchImporter, a: dict) -> Value:
     op = "reduce_max" if str(imp.node.target).startswith("aten.max") else "reduce_min"
     x = a["self"]
     return imp.emit(op, x, axes=list(range(x.type.rank)), keepdims=False)
+
+
+@conv("any.dim", "any.dims", "any.default", "all.dim", "all.dims", "all.default")
+def _any_all(imp: TorchImporter, a: dict) -> Value:
+    """any/all as max/min over the mask cast to u8 (the catalogue has no boolean reduce)."""
+    is_any = str(imp.node.target).startswith("aten.any")
+    x = a["self"]
+    if x.dtype != "bool":
+        x = imp.emit("logical_not", imp.emit("equal", x, imp.tensor(0, x.dtype)))
+    x = imp.emit("cast", x, to="u8")
+    axes = _reduce_axes(a.get("dim"), x.type.rank)
+    r = imp.emit("reduce_max" if is_any else "reduce_min", x, axes=axes,
+                 keepdims=bool(a.get("keepdim", False)))
+    return imp.emit("cast", r, to="bool")
