@@ -41,18 +41,21 @@ __all__ = ["Partition", "partition_summary"]
 class Partition(Pass):
     """Assign each non-const node to the NPU or the CPU from the target description.
 
-    Options: ``min-region-nodes`` (NPU regions smaller than this run on the CPU).
+    Options: ``min-region-nodes`` (NPU regions smaller than this run on the CPU);
+    ``by-cost`` (keep such a small region on the NPU when the roofline cost model says it is
+    faster there, counting its launch and its CPU<->NPU transfers).
     """
 
     name: ClassVar[str] = "partition"
     min_region_nodes: int = DEFAULT_MIN_REGION_NODES
+    by_cost: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.target is None:
             raise TargetError("the partition pass needs a target description "
                               "(PassContext.target: a name such as 'kirin990' or a .toml path)")
         target = load_target(ctx.target)
-        placement = place(graph, target, self.min_region_nodes)
+        placement = place(graph, target, self.min_region_nodes, self.by_cost)
         changed = False
         for node in graph.nodes:
             dev = placement.device_of(node)

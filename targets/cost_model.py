@@ -35,12 +35,13 @@ from targets.placement import (
     CPU,
     DEFAULT_MIN_REGION_NODES,
     NPU,
+    Region,
     boundary_values,
     find_regions,
     place,
 )
 
-__all__ = ["estimate", "format_estimate", "node_flops", "node_bytes", "device_peak_flops",
+__all__ = ["estimate", "format_estimate", "node_cost", "region_costs", "node_flops", "node_bytes", "device_peak_flops",
            "peak_memory"]
 
 VIEW_OPS = frozenset({"reshape", "identity"})
@@ -52,6 +53,7 @@ _DATA_MOVEMENT = frozenset({"transpose", "concat", "split", "slice", "gather", "
 _REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min",
                          "reduce_prod", "argmax", "argmin", "cumsum", "global_avg_pool",
                          "global_max_pool"})
+_PARTIAL_READS = frozenset({"gather", "slice"})
 _INT_DTYPES_8 = frozenset({"i8", "u8", "i4", "u4"})
 
 
@@ -154,10 +156,17 @@ def _value_bytes(v: Value, npu_float_bytes: int | None) -> int:
 
 
 def node_bytes(node: Node, npu_float_bytes: int | None = None) -> int:
-    """DRAM bytes a node moves: its operands (weights included) and results."""
+    """DRAM bytes a node moves: its operands (weights included) and results.
+
+    gather and slice read only what they return from their first operand (an embedding
+    lookup does not stream the whole table).
+    """
     if node.op in VIEW_OPS or node.op == "const":
         return 0
-    return sum(_value_bytes(v, npu_float_bytes) for v in [*node.inputs, *node.outputs])
+    sizes = [_value_bytes(v, npu_float_bytes) for v in [*node.inputs, *node.outputs]]
+    if node.op in _PARTIAL_READS and node.inputs:
+        sizes[0] = min(sizes[0], _value_bytes(node.outputs[0], npu_float_bytes))
+    return sum(sizes)
 
 
 def _cpu_lanes(target: TargetDescription, dtype: str) -> float:
@@ -219,12 +228,58 @@ def peak_memory(graph: Graph) -> dict[str, int]:
             "peak_memory_bytes": weights + peak}
 
 
+def node_cost(node: Node, desc: TargetDescription, device: str) -> dict[str, Any]:
+    """One node's roofline row: ``{node, op, device, flops, bytes, ms, bound}``."""
+    npu = desc.npu
+    on_npu = device == NPU and npu is not None
+    device = NPU if on_npu else CPU
+    flops = node_flops(node, npu.channel_align if on_npu else 1)
+    nbytes = node_bytes(node, 2 if on_npu else None)  # NPUs hold floats as fp16
+    if node.op in VIEW_OPS:
+        t_c = t_m = over = 0.0
+    else:
+        t_c = flops / device_peak_flops(desc, device, _work_dtype(node))
+        t_m = nbytes / (desc.memory.dram_gbps * 1e9)
+        over = (npu.node_overhead_us if on_npu else desc.cpu.node_overhead_us) * 1e-6
+    return {"node": node.label, "op": node.op, "device": device, "flops": flops,
+            "bytes": nbytes, "ms": (max(t_c, t_m) + over) * 1e3,
+            "bound": "compute" if t_c >= t_m else "memory"}
+
+
+def transfer_ms_of(value: Value, desc: TargetDescription) -> float:
+    """Moving one value between CPU and NPU: read and write it once more in DRAM."""
+    return 2 * value.type.nbytes / (desc.memory.dram_gbps * 1e9) * 1e3
+
+
+def region_costs(graph: Graph, region: Region, desc: TargetDescription
+                 ) -> tuple[float, float]:
+    """(ms on the NPU including its launch and boundary transfers, ms on the CPU) of the
+    nodes of ``region``."""
+    outputs = graph.outputs
+    inside = {id(n) for n in region.nodes}
+    npu_ms = sum(node_cost(n, desc, NPU)["ms"] for n in region.nodes)
+    cpu_ms = sum(node_cost(n, desc, CPU)["ms"] for n in region.nodes)
+    crossing: dict[int, Value] = {}
+    for n in region.nodes:
+        for v in n.inputs:  # produced outside (or a graph input), read inside
+            if (v.producer is None or v.producer.op != "const") and id(v.producer) not in inside:
+                crossing[id(v)] = v
+        for v in n.outputs:  # produced inside, read outside or returned
+            if any(id(u) not in inside for u in v.uses) or any(o is v for o in outputs):
+                crossing[id(v)] = v
+    npu_ms += sum(transfer_ms_of(v, desc) for v in crossing.values())
+    npu_ms += desc.npu.region_overhead_us * 1e-3 if desc.npu is not None else 0.0
+    return npu_ms, cpu_ms
+
+
 def estimate(graph: Graph, target: str | TargetDescription,
-             min_region_nodes: int = DEFAULT_MIN_REGION_NODES) -> dict[str, Any]:
+             min_region_nodes: int = DEFAULT_MIN_REGION_NODES, by_cost: bool = False
+             ) -> dict[str, Any]:
     """Roofline latency (ms) per node and in total, and the peak memory, on ``target``.
 
     Uses the graph's device annotations when every non-const node has one, else places the
-    nodes with ``min_region_nodes`` (like the partition pass would) without changing the graph.
+    nodes with ``min_region_nodes`` / ``by_cost`` (like the partition pass would) without
+    changing the graph.
     On a target without an NPU every node is on the CPU.
     """
     desc = load_target(target)
@@ -236,36 +291,22 @@ def estimate(graph: Graph, target: str | TargetDescription,
         def device_of(n: Node) -> str | None:
             return n.device
     else:
-        placement = place(graph, desc, min_region_nodes)
+        placement = place(graph, desc, min_region_nodes, by_cost)
         device_of = placement.device_of
-    bw = desc.memory.dram_gbps * 1e9
     npu = desc.npu
     rows: list[dict[str, Any]] = []
     per_device = {NPU: 0.0, CPU: 0.0}
     for node in graph.nodes:
         if node.op == "const":
             continue
-        dev = device_of(node) or CPU
-        on_npu = dev == NPU and npu is not None
-        align = npu.channel_align if on_npu else 1
-        flops = node_flops(node, align)
-        nbytes = node_bytes(node, 2 if on_npu else None)  # NPUs hold floats as fp16
-        if node.op in VIEW_OPS:
-            t_c = t_m = over = 0.0
-        else:
-            t_c = flops / device_peak_flops(desc, dev, _work_dtype(node))
-            t_m = nbytes / bw
-            over = (npu.node_overhead_us if on_npu else desc.cpu.node_overhead_us) * 1e-6
-        ms = (max(t_c, t_m) + over) * 1e3
-        per_device[dev] = per_device.get(dev, 0.0) + ms
-        rows.append({"node": node.label, "op": node.op, "device": dev, "flops": flops,
-                     "bytes": nbytes, "ms": ms,
-                     "bound": "compute" if t_c >= t_m else "memory"})
+        row = node_cost(node, desc, device_of(node) or CPU)
+        per_device[row["device"]] += row["ms"]
+        rows.append(row)
     regions = find_regions(graph, device_of)
     npu_regions = [r for r in regions if r.device == NPU]
     launch_ms = (len(npu_regions) * npu.region_overhead_us * 1e-3) if npu is not None else 0.0
     crossing = boundary_values(graph, device_of) if npu_regions else []
-    transfers = [{"value": v.name, "bytes": v.type.nbytes, "ms": 2 * v.type.nbytes / bw * 1e3}
+    transfers = [{"value": v.name, "bytes": v.type.nbytes, "ms": transfer_ms_of(v, desc)}
                  for v in crossing]
     transfer_ms = sum(t["ms"] for t in transfers)
     mem = peak_memory(graph)

@@ -129,32 +129,72 @@ def find_regions(graph: Graph, device_of: Callable[[Node], str | None]) -> list[
     """Group the non-const nodes into convex single-device regions (greedy, in graph order).
 
     A node joins a region of one of its same-device producers when that keeps the region
-    convex (none of its other producers depends on that region); otherwise it starts one.
+    convex (none of its other producers depends on that region), and that region absorbs the
+    node's other same-device producer regions when the union stays convex (so the Q, K and V
+    projections feeding one attention matmul become one region); otherwise it starts one.
     """
     regions: list[Region] = []
-    region_of: dict[int, Region] = {}
-    deps: dict[int, frozenset[int]] = {}  # node -> ids of regions it transitively reads
+    parent: list[int] = []                # union-find over region ids
+    node_region: dict[int, int] = {}      # id(node) -> region id (as created)
+    deps: dict[int, frozenset[int]] = {}  # id(node) -> region ids it transitively reads
+    preds: dict[int, list[Node]] = {}     # id(node) -> its non-const producers
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    def reads_any(n: Node, roots: set[int]) -> bool:
+        return any(find(x) in roots for x in deps[id(n)])
+
+    def convex_with(roots: set[int], extra: list[Node]) -> bool:
+        """No path leaves the union of ``roots`` (plus ``extra``) and comes back."""
+        members = [m for r in roots for m in regions[r].nodes] + extra
+        for m in members:
+            for p in preds[id(m)]:
+                if find(node_region[id(p)]) not in roots and reads_any(p, roots):
+                    return False
+        return True
+
     for node in graph.nodes:
         dev = device_of(node)
         if node.op == "const" or dev is None:
             continue
         producers = list(dict.fromkeys(v.producer for v in node.inputs
                                        if v.producer is not None and id(v.producer) in deps))
-        chosen = None
-        for p in producers:
-            r = region_of[id(p)]
-            if r.device != dev:
-                continue
-            if all(region_of[id(q)] is r or r.id not in deps[id(q)] for q in producers):
+        preds[id(node)] = producers
+        cands = list(dict.fromkeys(find(node_region[id(p)]) for p in producers
+                                   if regions[find(node_region[id(p)])].device == dev))
+        chosen: int | None = None
+        for r in cands:
+            if not any(find(node_region[id(q)]) != r and reads_any(q, {r}) for q in producers):
                 chosen = r
                 break
         if chosen is None:
-            chosen = Region(len(regions), dev)
-            regions.append(chosen)
-        chosen.nodes.append(node)
-        region_of[id(node)] = chosen
-        deps[id(node)] = frozenset({chosen.id}).union(*(deps[id(q)] for q in producers))
-    return regions
+            chosen = len(regions)
+            regions.append(Region(chosen, dev))
+            parent.append(chosen)
+        else:
+            for r2 in cands:
+                a, b = find(chosen), find(r2)
+                if a != b and convex_with({a, b}, [node]):
+                    parent[b] = a
+                    regions[a].nodes.extend(regions[b].nodes)
+                    regions[b].nodes = []
+        root = find(chosen)
+        regions[root].nodes.append(node)
+        node_region[id(node)] = root
+        deps[id(node)] = frozenset({root}).union(*(deps[id(q)] for q in producers))
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    out: list[Region] = []
+    for r in regions:
+        if find(r.id) == r.id:
+            out.append(Region(0, r.device, sorted(r.nodes, key=lambda n: order[id(n)])))
+    out.sort(key=lambda r: order[id(r.nodes[0])])
+    for i, r in enumerate(out):
+        r.id = i
+    return out
 
 
 @dataclass
@@ -169,8 +209,13 @@ class Placement:
 
 
 def place(graph: Graph, target: TargetDescription,
-          min_region_nodes: int = DEFAULT_MIN_REGION_NODES) -> Placement:
-    """Decide every non-const node's device for ``target`` (see the module docstring)."""
+          min_region_nodes: int = DEFAULT_MIN_REGION_NODES, by_cost: bool = False
+          ) -> Placement:
+    """Decide every non-const node's device for ``target`` (see the module docstring).
+
+    With ``by_cost``, an NPU region smaller than ``min_region_nodes`` stays on the NPU when
+    the cost model says it is faster there, its launch and boundary transfers included.
+    """
     device: dict[int, str] = {}
     reasons: dict[int, str] = {}
     for node in graph.nodes:
@@ -183,7 +228,8 @@ def place(graph: Graph, target: TargetDescription,
     small: list[int] = []
     for _ in range(len(graph.nodes) + 1):  # demotions can only shrink the NPU set
         regions = find_regions(graph, lambda n: device.get(id(n)))
-        tiny = [r for r in regions if r.device == NPU and len(r) < min_region_nodes]
+        tiny = [r for r in regions if r.device == NPU and len(r) < min_region_nodes
+                and not (by_cost and _faster_on_npu(graph, r, target))]
         if not tiny:
             break
         for r in tiny:
@@ -192,6 +238,13 @@ def place(graph: Graph, target: TargetDescription,
                 device[id(n)] = CPU
                 reasons[id(n)] = REGION_TOO_SMALL
     return Placement(device, reasons, regions, small)
+
+
+def _faster_on_npu(graph: Graph, region: Region, target: TargetDescription) -> bool:
+    from targets.cost_model import region_costs  # (the cost model imports this module)
+
+    npu_ms, cpu_ms = region_costs(graph, region, target)
+    return npu_ms < cpu_ms
 
 
 def boundary_values(graph: Graph, device_of: Callable[[Node], str | None]) -> list[Value]:

@@ -109,7 +109,7 @@ def test_builtin_targets_load_and_list():
     assert load_target(TARGETS_DIR / "rk3588.toml").npu.int8_tops == 6.0
     info = k.cpu_info()
     assert info.arch == "aarch64" and info.simd_bits == 128 and info.num_cores == 4
-    assert k.default_pipeline.endswith("partition")
+    assert k.default_pipeline.endswith("partition{by-cost=true}")
 
 
 def test_tvm_target_is_built_lazily_and_checked(tmp_path):
@@ -227,6 +227,38 @@ def test_small_islands_go_back_to_cpu():
     assert not again.changed
 
 
+def test_by_cost_keeps_a_heavy_island_on_the_npu():
+    rng = np.random.default_rng(2)
+    g = Graph("island")
+    x = g.add_input("x", TensorType((1, 128, 28, 28), "f32"))
+    w = g.add_weight("w", rng.standard_normal((128, 128, 3, 3)).astype(np.float32))
+    y = g.add("erf", g.add("conv2d", g.add("erf", x), w, pads=[1, 1, 1, 1]))
+    g.outputs = [y]
+    kirin = load_target("kirin990")
+    conv = g.nodes[2]
+    assert place(g, kirin, 3).device_of(conv) == "cpu"
+    assert place(g, kirin, 3, by_cost=True).device_of(conv) == "npu"
+    est_cpu, est_npu = estimate(g, kirin), estimate(g, kirin, by_cost=True)
+    assert est_npu["latency_ms"] < est_cpu["latency_ms"]
+    # a light island is not worth its launch and transfers
+    g2 = transformer_block()
+    partition(g2, kirin, min_region_nodes=3)
+    devs = [n.device for n in g2.nodes if n.op != "const"]
+    assert Partition(min_region_nodes=3, by_cost=True).run(
+        g2, PassContext(target=kirin)).changed is False
+    assert [n.device for n in g2.nodes if n.op != "const"] == devs
+
+
+def test_gather_reads_only_its_rows():
+    g = Graph("emb")
+    ids = g.add_input("ids", TensorType((1, 4), "i64"))
+    table = g.add_weight("table", np.zeros((1000, 8), np.float32))
+    y = g.add("gather", table, ids)
+    g.outputs = [y]
+    row = estimate(g, "host")["nodes"][0]
+    assert row["bytes"] == 2 * 4 * 8 * 4 + 4 * 8
+
+
 def test_regions_stay_convex():
     # a (npu) -> erf (cpu) -> c (npu), and a -> c directly: a and c cannot be one region
     g = parse("""
@@ -240,6 +272,38 @@ graph @g(%x: f32[1,8]) -> (f32[1,8]) {
     assert [n.device for n in g.nodes] == ["npu", "cpu", "npu"]
     regions = find_regions(g, lambda n: n.device)
     assert [(r.device, len(r)) for r in regions] == [("npu", 1), ("cpu", 1), ("npu", 1)]
+
+
+def test_sibling_regions_merge_into_one_launch():
+    # q, k, v projections of a CPU layer_norm output meet in two matmuls: one NPU region
+    g = parse("""
+graph @attn(%x: f32[1,8,16], %s: f32[16]) -> (f32[1,8,16]) {
+  %h = layer_norm(%x, %s) : f32[1,8,16]
+  %q = relu(%h) : f32[1,8,16]
+  %k0 = sigmoid(%h) : f32[1,8,16]
+  %k = transpose(%k0) {perm=[0,2,1]} : f32[1,16,8]
+  %v = tanh(%h) : f32[1,8,16]
+  %a = matmul(%q, %k) : f32[1,8,8]
+  %p = softmax(%a) : f32[1,8,8]
+  %o = matmul(%p, %v) : f32[1,8,16]
+  return %o
+}""")
+    r = partition(g, "kirin990", min_region_nodes=3)
+    assert r.stats["npu_regions"] == 1 and r.stats["npu"] == 7
+    regions = partition_summary(g, "kirin990")["regions"]
+    assert [(x["device"], x["nodes"]) for x in regions] == [("cpu", 1), ("npu", 7)]
+    # a sibling that depends on the region through the CPU cannot merge
+    g = parse("""
+graph @g(%x: f32[1,8]) -> (f32[1,8]) {
+  %a = relu(%x) : f32[1,8]
+  %b = erf(%a) : f32[1,8]
+  %c = sigmoid(%b) : f32[1,8]
+  %d = add(%a, %c) : f32[1,8]
+  return %d
+}""")
+    partition(g, "kirin990")
+    assert [(r.device, len(r)) for r in find_regions(g, lambda n: n.device)] == [
+        ("npu", 1), ("cpu", 1), ("npu", 2)]
 
 
 def test_partition_runs_in_a_pipeline():
