@@ -4,7 +4,7 @@
    entry transpose (NCHW→NHWC) and an exit transpose (NHWC→NCHW); conv weights are
    transposed at compile time to ``kernel_layout``. ``lrn`` (channels on axis 1 only) is
    decomposed into NHWC-friendly ops: x * (bias + alpha * mean_window(x²))^-beta, the
-   window mean being an avg_pool2d over a [N, H*W, C, 1] view.
+   window mean being an NHWC avg_pool2d over a [N, H*W, C, 1] view (channels as width).
 2. Push: a transpose feeding a layout-agnostic op moves below it (elementwise ops, n-ary
    broadcasting ops whose other operands are transposed the same way or constants, concat,
    softmax / batch_norm / reductions / pad with their axes remapped).
@@ -119,9 +119,10 @@ def _decompose_lrn(graph: Graph, node: Node) -> None:
         return graph.add_const(np.asarray([v], dt), before=node)
 
     t = _transpose(graph, x, TO_NHWC, node)
+    # the NHWC view [N, H*W, C, 1]: its "width" axis is the channels, pooled over a window
     sq = add("reshape", add("mul", t, t), shape=[n, h * w, c, 1])
-    mean = add("avg_pool2d", sq, kernel=[size, 1], pads=[lo, 0, size - 1 - lo, 0],
-               count_include_pad=True)
+    mean = add("avg_pool2d", sq, kernel=[1, size], pads=[0, lo, 0, size - 1 - lo],
+               count_include_pad=True, layout="NHWC")
     mean = add("reshape", mean, shape=[n, h, w, c])
     base = add("add", add("mul", mean, scalar(a["alpha"])), scalar(a["bias"]))
     y = add("mul", t, add("pow", base, scalar(-a["beta"])))
