@@ -73,3 +73,54 @@ def test_graph_through_codegen_and_runtime(tmp_path):
     used = {a for st in lib.steps for a in st.args if a in lib.weights}
     assert s["weight_bytes"] == sum(lib.weights[a].nbytes for a in used) > 0
     assert s["steps"] == 8
+
+
+BIG = """
+graph @big(%x: f32[64,256]) -> (f32[64,256]) {
+  %w1 = const "w1" : f32[256,256]
+  %w2 = const "w2" : f32[256,256]
+  %0 = dense(%x, %w1) : f32[64,256]
+  %1 = relu(%0) : f32[64,256]
+  %2 = dense(%1, %w2) : f32[64,256]
+  %3 = add(%2, %x) : f32[64,256]
+  return %3
+}
+"""
+
+
+def test_threads_with_parallel_kernels(tmp_path):
+    """Kernels large enough to use TVM's parallel loops, called from two threads at once."""
+    import threading
+
+    from runtime import build_package
+    from targets.tvm_codegen import build_library, host_cpu
+
+    rng = np.random.default_rng(2)
+    g = parse(BIG, {"w1": rng.standard_normal((256, 256), dtype=np.float32) * 0.1,
+                    "w2": rng.standard_normal((256, 256), dtype=np.float32) * 0.1})
+    cpu = host_cpu()
+    lib = build_library(g, cpu, tmp_path)
+    values = {v.name: v for n in g.nodes if n.op != "const" for v in (*n.inputs, *n.outputs)}
+    tensors = [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
+               for v in values.values() if v.name not in lib.weights]
+    m = build_package({"name": "host", "tvm": cpu.tvm_target}, ["x"], [g.outputs[0].name],
+                      lib.steps, tensors, lib.weights, lib.lib_path,
+                      [i for i, s in enumerate(lib.steps) if s.op in ELEMENTWISE]).executor()
+    xs = [rng.standard_normal((64, 256), dtype=np.float32) for _ in range(4)]
+    want = [interpret(g, {"x": x})[0] for x in xs]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(40):
+                j = (i + k) % 4
+                np.testing.assert_allclose(m(xs[j])[0], want[j], rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # noqa: BLE001 — reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
