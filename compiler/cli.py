@@ -365,7 +365,18 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
             _configure_opt, False),
     "diff": ("compare two .ir files: text diff and op-count summary (exit 1 if they differ)",
              _configure_diff, True),
+    "compile": ("compile a model for a target into a runnable package",
+                lambda p: _build().configure_compile(p), True),
+    "run": ("run a compiled package on .npy inputs", lambda p: _build().configure_run(p), True),
+    "targets": ("list the built-in targets, or show one",
+                lambda p: _build().configure_targets(p), True),
 }
+
+
+def _build():
+    from compiler import cli_build
+
+    return cli_build
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,11 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from compiler.errors import NpuccError
+    from runtime.errors import RuntimeError_
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except NpuccError as e:
+    except (NpuccError, RuntimeError_) as e:
         if args.traceback:
             raise
         print(f"npucc: error: {e}", file=sys.stderr)

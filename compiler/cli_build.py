@@ -1,0 +1,134 @@
+"""``npucc compile``, ``npucc run`` and ``npucc targets``: the commands that build and run packages.
+
+    npucc compile MODEL -t TARGET -o OUT.npkg [-p PIPELINE] [--input-shape name=1,3,224,224]
+    npucc run OUT.npkg --input name=file.npy [--profile] [--save-outputs DIR]
+    npucc targets [show NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compiler.errors import NpuccError
+
+__all__ = ["configure_compile", "configure_run", "configure_targets"]
+
+
+def configure_compile(p: argparse.ArgumentParser) -> None:
+    from compiler.cli import _shape_arg
+
+    p.add_argument("model", help="an .onnx or .ir file")
+    p.add_argument("-t", "--target", default="host",
+                   help="a built-in target name (npucc targets) or a target .toml file")
+    p.add_argument("-o", "--output", required=True, help="the package folder to write (.npkg)")
+    p.add_argument("-p", "--pipeline", default=None,
+                   help="pipeline text replacing the target's default pipeline")
+    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
+                   metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
+    p.add_argument("--time-passes", action="store_true", help="per-pass timing table")
+    p.add_argument("--print-ir-after", default=None, metavar="NAMES",
+                   help="print the IR after the named passes (comma-separated)")
+    p.add_argument("--dump-dir", default=None, help="write the IR after every pass here")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.driver import compile as compile_model
+
+    debug = {}
+    if args.time_passes:
+        debug["time_passes"] = True
+    if args.print_ir_after:
+        debug["print_ir_after"] = args.print_ir_after
+    if args.dump_dir:
+        debug["dump_dir"] = args.dump_dir
+    if debug:
+        debug["print_ir_stream"] = sys.stderr
+        debug["report_stream"] = sys.stderr
+    shapes = {name: list(dims) for name, dims in args.input_shape}
+    m = compile_model(args.model, args.target, args.pipeline, debug or None,
+                      input_shapes=shapes or None, progress=not args.no_progress)
+    out = m.save(args.output)
+    s = m.stats()
+    summ = m.summary()["nodes_per_device"]
+    print(f"wrote {out}: {s['steps']} kernel calls ({s['kernels']} distinct kernels), "
+          f"arena {s['arena_bytes'] / 2**20:.2f} MiB (live-set bound "
+          f"{s['lower_bound_bytes'] / 2**20:.2f} MiB, naive {s['naive_bytes'] / 2**20:.2f} MiB), "
+          f"weights {s['weight_bytes'] / 2**20:.2f} MiB; nodes on npu/cpu: "
+          f"{summ.get('npu', 0)}/{summ.get('cpu', 0)}")
+    return 0
+
+
+def _input_arg(text: str) -> tuple[str | None, str]:
+    name, eq, path = text.partition("=")
+    return (name, path) if eq else (None, text)
+
+
+def configure_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="a package folder written by npucc compile")
+    p.add_argument("--input", action="append", type=_input_arg, default=[],
+                   metavar="NAME=FILE.npy", help="an input array (repeatable; NAME= may be "
+                   "left out for a single-input model)")
+    p.add_argument("--profile", action="store_true", help="print per-kernel times")
+    p.add_argument("--save-outputs", default=None, metavar="DIR",
+                   help="write each output as DIR/<name>.npy")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import runtime
+
+    m = runtime.load(args.package)
+    if not args.input:
+        raise NpuccError(f"give the inputs: --input NAME=FILE.npy for each of "
+                         f"{', '.join(m.input_names)}")
+    feeds = {}
+    for name, path in args.input:
+        if name is None:
+            if len(m.input_names) != 1:
+                raise NpuccError(f"the model has inputs {', '.join(m.input_names)}: write "
+                                 f"--input NAME=FILE.npy")
+            name = m.input_names[0]
+        try:
+            feeds[name] = np.load(path)
+        except (OSError, ValueError) as e:
+            raise NpuccError(f"cannot read input {name!r} from {path}: {e}") from None
+    outs = m.run(feeds)
+    np.set_printoptions(precision=5, threshold=20, edgeitems=4)
+    for name, arr in zip(m.output_names, outs, strict=True):
+        print(f"{name}: {arr.dtype}{list(arr.shape)}")
+        print(f"  {arr}")
+        if args.save_outputs:
+            Path(args.save_outputs).mkdir(parents=True, exist_ok=True)
+            np.save(Path(args.save_outputs) / f"{name.replace('/', '_')}.npy", arr)
+    if args.profile:
+        print(m.profile(feeds).table(top=15))
+    return 0
+
+
+def configure_targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?", help="with show: a target name or .toml path")
+    p.set_defaults(func=_cmd_targets)
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from targets.description import list_targets, load_target
+
+    if args.action == "list":
+        for name in list_targets():
+            t = load_target(name)
+            npu = f"NPU {t.npu.name}" if t.npu is not None else "no NPU"
+            print(f"{name:<12} {t.cpu.arch:<8} {npu:<28} {t.description}")
+        return 0
+    if not args.name:
+        raise NpuccError("npucc targets show NAME: which target? (npucc targets lists them)")
+    t = load_target(args.name)
+    print(f"# {t.file}")
+    print(Path(t.file).read_text())
+    return 0

@@ -1,0 +1,239 @@
+"""``compile(model, target=...)``: import → pass pipeline → TVM kernels → package → runnable.
+
+```python
+from compiler import compile
+m = compile("resnet50.onnx", target="kirin990")
+(y,) = m.run({"data": x})
+m.save("resnet50.npkg")           # runtime.load("resnet50.npkg") reads it back
+```
+
+Each stage is a plain call on plain data (DESIGN.md): the importers give a Graph, the pass
+manager returns a Graph, codegen returns a KernelLibrary, the runtime plans memory and
+returns a Package. Nothing reaches back up the chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import NpuccError
+
+__all__ = ["CompileOptions", "compile", "import_model", "INPLACE_OPS"]
+
+# Ops whose kernels read element i of their operands before writing element i of the result,
+# so the result may take the memory of a dying operand of the same size (the memory planner
+# checks the size). Unary elementwise ops are flagged in the registry.
+INPLACE_OPS = frozenset({"add", "sub", "mul", "div", "max", "min", "pow", "where"})
+
+
+@dataclass
+class CompileOptions:
+    """Everything ``compile`` accepts besides the model (IREE's CompilerOptions, in spirit)."""
+
+    target: Any = "host"
+    pipeline: str | None = None          # None: the target's default pipeline
+    example_inputs: Any = None           # torch modules: the inputs torch.export traces with
+    input_shapes: Mapping[str, Sequence[int]] | None = None   # ONNX inputs with symbolic dims
+    input_names: Sequence[str] | None = None                  # torch: names of the inputs
+    work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
+    progress: bool | None = None         # a progress display on the long steps (default: tty)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def import_model(model: Any, options: CompileOptions):
+    """Any model form we accept → a verified Graph (a copy: the caller's object is untouched)."""
+    from compiler.ir.graph import Graph
+
+    if isinstance(model, Graph):
+        return model.copy()
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise NpuccError(f"model file {path} does not exist")
+        if path.suffix == ".ir":
+            from compiler.ir import load
+
+            return load(path)
+        from compiler.frontends import from_onnx
+
+        return from_onnx(path, input_shapes=options.input_shapes)
+    kind = type(model).__module__.split(".")[0]
+    if kind == "onnx":
+        from compiler.frontends import from_onnx
+
+        return from_onnx(model, input_shapes=options.input_shapes)
+    if kind == "torch" or _is_torch_module(model):
+        if options.example_inputs is None:
+            raise NpuccError("a torch module needs example_inputs=(tensor, ...) to be traced")
+        from compiler.frontends import from_torch
+
+        return from_torch(model, options.example_inputs, input_names=options.input_names)
+    raise NpuccError(f"cannot compile a {type(model).__name__}: give an .onnx or .ir path, an "
+                     "onnx.ModelProto, a torch.nn.Module (with example_inputs) or a Graph")
+
+
+def _is_torch_module(model: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+class _Progress:
+    """Named phases, timed; a rich status line while one runs when showing progress."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.times: dict[str, float] = {}
+        self._console = None
+        if show:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, text: str) -> Iterator[Any]:
+        t0 = time.perf_counter()
+        if self._console is None:
+            yield lambda msg: None
+        else:
+            with self._console.status(text) as status:
+                yield lambda msg: status.update(f"{text} — {msg}")
+        self.times[name] = time.perf_counter() - t0
+        if self._console is not None:
+            self._console.log(f"{text}: {self.times[name]:.1f} s")
+
+
+def _value_tensors(graph, weights: Mapping[str, Any]) -> list[dict[str, Any]]:
+    seen: dict[str, Any] = {v.name: v for v in graph.inputs}
+    for n in graph.nodes:
+        if n.op == "const":
+            continue
+        for v in (*n.inputs, *n.outputs):
+            seen.setdefault(v.name, v)
+    for v in graph.outputs:
+        seen.setdefault(v.name, v)
+    return [{"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype}
+            for v in seen.values() if v.name not in weights]
+
+
+def _inplace_steps(steps) -> list[int]:
+    from compiler.ir.registry import get_op
+
+    return [i for i, s in enumerate(steps) if s.op in INPLACE_OPS or get_op(s.op).elementwise]
+
+
+def _interface_values(graph, names: Sequence[str]) -> None:
+    """Graph outputs must be distinct computed values named as the user's model named them.
+
+    An output that is a graph input, a constant, or a value returned twice gets an
+    ``identity`` node so every output has its own tensor; passes that replaced an output's
+    producer gave it a new name, so the original name is given back when it is free.
+    """
+    seen: set[int] = set()
+    new_outputs = []
+    for v in graph.outputs:
+        if id(v) in seen or v.producer is None or v.producer.op == "const":
+            v = graph.make_node("identity", [v]).output
+        seen.add(id(v))
+        new_outputs.append(v)
+    graph.outputs = new_outputs
+    taken = {v.name for v in graph.values()}
+    for v, name in zip(graph.outputs, names, strict=True):
+        if v.name != name and name not in taken:
+            taken.discard(v.name)
+            v.name = name
+            taken.add(name)
+            graph.claim_name(name)
+
+
+def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # noqa: A001
+            debug: Any = None, *, options: CompileOptions | None = None, **kwargs: Any):
+    """Compile ``model`` for ``target`` and return a runnable :class:`CompiledModel`.
+
+    ``model``: an .onnx or .ir path, an ``onnx.ModelProto``, a ``torch.nn.Module`` (with
+    ``example_inputs=``) or a Graph. ``target``: a built-in target name (``npucc targets``), a
+    path to a target .toml, or a loaded description. ``pipeline``: pipeline text replacing the
+    target's default. ``debug``: a :class:`compiler.pass_manager.DebugOptions` or dict (print
+    IR after passes, timing, numeric checks... see ``npucc opt --help``). Other keyword
+    arguments are fields of :class:`CompileOptions`.
+    """
+    from compiler.compiled import CompiledModel
+    from compiler.pass_base import PassContext
+    from compiler.pass_manager import run_pipeline
+    from targets.description import load_target
+
+    opts = options or CompileOptions()
+    for key, value in kwargs.items():
+        if not hasattr(opts, key) or key == "extra":
+            known = ", ".join(f for f in CompileOptions.__dataclass_fields__ if f != "extra")
+            raise NpuccError(f"compile() got an unknown option {key!r}; known: {known}")
+        setattr(opts, key, value)
+    opts.target, opts.pipeline = target, pipeline
+    desc = load_target(target)
+    show = opts.progress if opts.progress is not None else _stderr_is_tty()
+    prog = _Progress(show)
+
+    with prog.phase("import", "importing the model"):
+        graph = import_model(model, opts)
+    source = graph.copy()
+    with prog.phase("passes", f"running the {desc.name} pipeline"):
+        ctx = PassContext(target=desc)
+        graph = run_pipeline(graph, opts.pipeline or desc.default_pipeline, ctx=ctx, debug=debug)
+        _interface_values(graph, [v.name for v in source.outputs])
+        if any(n.device is None for n in graph.nodes if n.op != "const"):
+            # every node gets a device, also when the pipeline did not partition
+            graph = run_pipeline(graph, "partition", ctx=ctx)
+    work = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="npucc-"))
+    cpu = _host_cpu_for(desc)
+    with prog.phase("codegen", f"generating kernels for {cpu.tvm_target.get('mcpu', 'cpu')}") \
+            as say:
+        from targets.tvm_codegen import build_library
+
+        lib = build_library(graph, cpu, work, progress=say)
+    with prog.phase("package", "planning memory and packaging"):
+        from runtime import build_package
+
+        pkg = build_package(
+            {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
+            [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
+            _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
+            _inplace_steps(lib.steps), memory_budget_bytes=_budget(desc))
+    return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
+                         phase_seconds=prog.times, pass_context=ctx)
+
+
+def _stderr_is_tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _budget(desc) -> int | None:
+    mem = getattr(desc, "memory", None)
+    return mem.budget_bytes if mem is not None and mem.budget_mb else None
+
+
+def _host_cpu_for(desc):
+    """The CPU the runnable package's kernels are built for: this machine.
+
+    A target whose CPU is this machine's architecture builds its own kernels; a foreign one
+    (kirin990: aarch64) runs here on host kernels built from the same lowered graph, and its
+    device library is built separately (see ``CompiledModel.export_device``).
+    """
+    import platform
+
+    from targets.tvm_codegen import host_cpu
+
+    here = {"x86_64": "x86_64", "AMD64": "x86_64", "aarch64": "aarch64",
+            "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    if desc.cpu.arch == here:
+        return desc.cpu_info()
+    return host_cpu()
