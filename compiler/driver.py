@@ -30,7 +30,8 @@ __all__ = ["CompileOptions", "compile", "import_model", "INPLACE_OPS"]
 # Ops whose kernels read element i of their operands before writing element i of the result,
 # so the result may take the memory of a dying operand of the same size (the memory planner
 # checks the size). Unary elementwise ops are flagged in the registry.
-INPLACE_OPS = frozenset({"add", "sub", "mul", "div", "max", "min", "pow", "where"})
+INPLACE_OPS = frozenset({"add", "sub", "mul", "div", "max", "min", "pow", "where", "reshape",
+                         "identity"})
 
 
 @dataclass
@@ -43,6 +44,13 @@ class CompileOptions:
     input_shapes: Mapping[str, Sequence[int]] | None = None   # ONNX inputs with symbolic dims
     input_names: Sequence[str] | None = None                  # torch: names of the inputs
     work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
+    # compression (passes/quantization, passes/pruning): the driver adds their passes to the
+    # pipeline before the layout pass and hands these to them through the PassContext.
+    quantize: str | Mapping[str, Any] | None = None   # "int8" | "int4" | a config mapping
+    calibration: Any = None              # an iterable of input dicts (calibration samples)
+    calibration_method: str = "minmax"   # "minmax" | "percentile" | "entropy" | "mse"
+    size_budget_mb: float | None = None  # mixed precision: fit the weights in this budget
+    prune: Mapping[str, Any] | None = None   # {"method": "magnitude" | "2:4" | ..., ...}
     progress: bool | None = None         # a progress display on the long steps (default: tty)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +194,8 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     source = graph.copy()
     with prog.phase("passes", f"running the {desc.name} pipeline"):
         ctx = PassContext(target=desc)
-        graph = run_pipeline(graph, opts.pipeline or desc.default_pipeline, ctx=ctx, debug=debug)
+        text = with_compression(opts.pipeline or desc.default_pipeline, opts, ctx)
+        graph = run_pipeline(graph, text, ctx=ctx, debug=debug)
         _interface_values(graph, [v.name for v in source.outputs])
         if any(n.device is None for n in graph.nodes if n.op != "const"):
             # every node gets a device, also when the pipeline did not partition
@@ -208,6 +217,52 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             _inplace_steps(lib.steps), memory_budget_bytes=_budget(desc))
     return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
                          phase_seconds=prog.times, pass_context=ctx)
+
+
+COMPRESSION_ANCHORS = ("to-nhwc", "partition")
+
+
+def with_compression(pipeline: str, opts: CompileOptions, ctx) -> str:
+    """Add the pruning and quantization passes the options ask for to ``pipeline``.
+
+    They go before the first layout/partition pass (so they see the fused float graph in its
+    original layout and partitioning sees the quantized types), or at the end. Their settings
+    travel in ``ctx.options`` and calibration samples in ``ctx.sample_inputs``.
+    """
+    added = []
+    if opts.prune is not None:
+        ctx.options["prune"] = dict(opts.prune)
+        added.append("prune")
+    if opts.quantize is not None or opts.size_budget_mb is not None:
+        ctx.options["quantize"] = opts.quantize if opts.quantize is not None else "int8"
+        ctx.options["calibration_method"] = opts.calibration_method
+        ctx.options["size_budget_mb"] = opts.size_budget_mb
+        added.append("quantize")
+    if opts.calibration is not None:
+        ctx.sample_inputs = list(opts.calibration)
+    if not added:
+        return pipeline
+    parts = _split_top_level(pipeline)
+    at = next((i for i, p in enumerate(parts) if p.split("{")[0].strip() in COMPRESSION_ANCHORS),
+              len(parts))
+    return ",".join(parts[:at] + added + parts[at:])
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur).strip())
+    return parts
 
 
 def _stderr_is_tty() -> bool:
