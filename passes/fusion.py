@@ -20,7 +20,7 @@ from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import const_array, erase_dead, is_const, new_const, only_user, replace_node
 
 __all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDenseAct",
-           "activation_of"]
+           "activation_of", "erf_gelu_tail"]
 
 _ALL_ACTS = ("relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
 
@@ -220,11 +220,77 @@ def activation_of(node: Node) -> dict[str, Any] | None:
     return None
 
 
+def _scalar(graph: Graph, v: Value, target: float) -> bool:
+    arr = const_array(graph, v)
+    return arr is not None and arr.size == 1 and bool(np.isclose(float(arr.reshape(-1)[0]),
+                                                                 target, rtol=1e-5))
+
+
+def _other(node: Node, v: Value) -> Value | None:
+    """The other operand of a binary ``node`` that reads ``v`` once."""
+    a, b = node.inputs
+    if a is v and b is not v:
+        return b
+    if b is v and a is not v:
+        return a
+    return None
+
+
+def _single(graph: Graph, v: Value, op: str) -> Node | None:
+    user = only_user(graph, v)
+    return user if user is not None and user.op == op else None
+
+
+def erf_gelu_tail(graph: Graph, v: Value) -> Node | None:
+    """The last node of ``0.5 * v * (1 + erf(v / sqrt(2)))`` written out (ONNX before opset
+    20 has no Gelu; torch and transformers export it so), when every intermediate has one
+    reader. Accepts div by sqrt(2) or mul by 1/sqrt(2), any operand order, and the 0.5
+    applied to v, to the (1 + erf) factor or to the product."""
+    users = v.users()
+    if len(users) != 2 or len(v.uses) != 2 or any(o is v for o in graph.outputs):
+        return None
+    for scale, rest in (users, users[::-1]):
+        c = _other(scale, v) if scale.op in ("div", "mul") and len(scale.inputs) == 2 else None
+        if c is None or (scale.op == "div" and scale.inputs[0] is not v):
+            continue
+        if not _scalar(graph, c, math.sqrt(2.0) if scale.op == "div" else math.sqrt(0.5)):
+            continue
+        erf = _single(graph, scale.output, "erf")
+        one = _single(graph, erf.output, "add") if erf is not None else None
+        if one is None or not _scalar(graph, _other(one, erf.output), 1.0):
+            continue
+        if rest.op != "mul":
+            return None
+        rest_other = _other(rest, v)
+        if rest_other is one.output:  # (v * (1 + erf)) * 0.5
+            final = _single(graph, rest.output, "mul")
+            ok = final is not None and _scalar(graph, _other(final, rest.output), 0.5)
+        elif rest_other is not None and _scalar(graph, rest_other, 0.5):  # (0.5 v) * (1+erf)
+            final = _single(graph, rest.output, "mul")
+            ok = final is not None and _other(final, rest.output) is one.output
+        else:  # v * (0.5 * (1 + erf))
+            half = _single(graph, one.output, "mul")
+            final = rest
+            ok = half is not None and _scalar(graph, _other(half, one.output), 0.5) \
+                and rest_other is half.output
+        return final if ok else None
+    return None
+
+
 def _fuse_act(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str) -> PassResult:
     stats: dict[str, int] = {}
     for node in graph.find(anchor):
         if node.attrs["activation"] != "none":
             continue
+        if "gelu" in allowed and is_float(node.output.dtype):
+            tail = erf_gelu_tail(graph, node.output)
+            if tail is not None:
+                attrs = {**node.attrs, "activation": "gelu"}
+                replace_node(graph, tail, anchor, list(node.inputs), attrs, rule=rule,
+                             name_from=node)
+                erase_dead(graph, [node])
+                _count(stats, "fused")
+                continue
         user = only_user(graph, node.output)
         if user is None:
             _count(stats, "skipped.result_used_elsewhere")
@@ -274,7 +340,9 @@ class FuseConvRelu(FuseConvAct):
 @dataclass(frozen=True)
 class FuseDenseAct(Pass):
     """A relu / gelu (erf or tanh) / relu6 / clip / sigmoid that is the only reader of a
-    dense without activation becomes the dense's ``activation``."""
+    dense without activation becomes the dense's ``activation``; so does GELU written out
+    with erf (``0.5 * x * (1 + erf(x / sqrt 2))``, how ONNX exports before opset 20 carry
+    it), when its intermediates are read by nothing else."""
 
     name: ClassVar[str] = "fuse-dense-act"
     activations: tuple[str, ...] = _ALL_ACTS

@@ -182,3 +182,31 @@ def test_registry_and_default_pipeline():
     assert "fuse-conv-relu" in [p.name for p in passes]
     p = parse_pipeline("to-nhwc{kernel-layout=HWIO}")[0]
     assert p.kernel_layout == "HWIO" and p.pipeline_text == "to-nhwc{kernel-layout=HWIO}"
+
+
+@pytest.mark.parametrize("spelling", [
+    "%a = div(%0, %s2) ; %e = erf(%a) ; %p = add(%e, %one) ; %m = mul(%0, %p) ; %y = mul(%m, %half)",
+    "%a = mul(%r, %0) ; %e = erf(%a) ; %p = add(%one, %e) ; %m = mul(%half, %0) ; %y = mul(%p, %m)",
+    "%a = div(%0, %s2) ; %e = erf(%a) ; %p = add(%e, %one) ; %m = mul(%p, %half) ; %y = mul(%0, %m)",
+])
+def test_erf_gelu_fuses_into_dense(spelling):
+    body = "\n".join(f"  {s.strip()} : f32[4,5]" for s in spelling.split(";"))
+    text = f"""
+graph @g(%x: f32[4,3]) -> (f32[4,5]) {{
+  %w = const "w" : f32[5,3]
+  %0 = dense(%x, %w) : f32[4,5]
+  %s2 = const [1.4142135] : f32[]
+  %r = const [0.70710677] : f32[]
+  %one = const [1.0] : f32[]
+  %half = const [0.5] : f32[]
+{body}
+  return %y
+}}"""
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    ref = interpret(parse(text, weights), [x])
+    g = _run(parse(text, weights), "fuse-dense-act,dce")
+    assert [n.op for n in g.nodes] == ["const", "dense"]
+    assert g.find("dense")[0].attrs["activation"] == "gelu"
+    _close(ref, interpret(g, [x]))

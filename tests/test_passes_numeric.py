@@ -199,6 +199,8 @@ def test_minilm_matmul_add_become_dense():
     assert max(r.figures.max_rel for r in check.records) <= TOL
     dense = out.find("dense")
     assert sum(len(d.inputs) == 3 for d in dense) == pairs + 1  # + the pooler's Gemm
+    assert sum(d.attrs["activation"] == "gelu" for d in dense) == 6  # the FFNs' erf GELU
+    assert not out.find("erf")
     for mm in out.find("matmul"):  # what is left multiplies two activations
         assert all(v.producer is None or v.producer.op != "const" for v in mm.inputs)
     for d in dense:  # no bias add left behind a dense
