@@ -16,7 +16,8 @@ The shape of every conv kernel (x86 AVX-512 numbers; everything scales with ``cp
   fused and parallel. A 1x1 stride-1 conv is the same loop nest: a GEMM whose M tile is a run
   of ``owb`` pixels of one row.
 - Depthwise convs (groups == C) vectorise over channels instead: ``[KH, KW, C]`` weights,
-  tile ``owb`` columns x ``cb`` channels, kernel window unrolled.
+  tile ``owb`` columns x ``cb`` channels, kernel window unrolled, padding inlined as
+  conditions (memory-bound: a padded copy would double the traffic).
 - conv_transpose2d is the conv with flipped, in/out-swapped weights over the zero-upsampled,
   padded input (the ``pad`` stage does the upsampling), so it reuses this micro-kernel.
 """
@@ -158,13 +159,14 @@ def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,
     b, y, x, blk, oci, rc, ry, rx = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, t.owb])
     outer = [b, blk, y] if t.blocks_outer else [b, y, blk]
-    if g.icg <= 4:
-        red = [ry, rx, rc]
-        sch.reorder(*outer, xo, *red, xi, oci)
-        sch.unroll(rc)
+    if 0 < t.icb < g.icg and g.icg % t.icb == 0:
+        rco, rc = sch.split(rc, [None, t.icb])
+        red = [rco, ry, rx, rc]
     else:
         red = [ry, rx, rc]
-        sch.reorder(*outer, xo, *red, xi, oci)
+    sch.reorder(*outer, xo, *red, xi, oci)
+    if g.icg <= 4:
+        sch.unroll(rc)
     if g.kw <= 7:
         sch.unroll(rx)
     fused = sch.fuse(*outer)
@@ -313,7 +315,8 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     sch.unroll(xi)
     sch.vectorize(ci)
     sch.decompose_reduction(conv, ry_)
-    _schedule_stage(sch, "pad", lanes, par)
+    if need_stage:  # a padded copy costs more memory traffic than the conditions it saves
+        sch.compute_inline(sch.get_sblock("pad"))
     _schedule_stage(sch, "wpack", lanes, False)
     note = f"depthwise {layout} {g.kh}x{g.kw}/{g.sh}: tile {owb}x{cb}"
     return KernelImpl(sch.mod["main"],

@@ -155,6 +155,7 @@ class ConvTiles:
     nb_g: int        # blocks per group
     owp: int         # output width padded to a multiple of owb
     blocks_outer: bool  # loop order: weight blocks outside rows (weights bigger than input)
+    icb: int = 0     # input channels per cache tile of the reduction (0: all of ICg)
 
 
 def _pick_width(ow: int, owb_max: int) -> int:
