@@ -110,6 +110,43 @@ CASES["arange"] = Case("arange", [], {"start": 1.0, "limit": 10.0, "delta": 2.5,
 CASES["arange_int"] = Case("arange", [], {"start": 0.0, "limit": 7.0, "delta": 1.0,
                                           "dtype": "i64"})
 
+# -- nn (not conv/pool) -------------------------------------------------------------------
+CASES["softmax"] = Case("softmax", [f32(2, 3, 64, lo=-10, hi=10)])
+CASES["softmax_minilm"] = Case("softmax", [f32(1, 12, 128, 128, lo=-10, hi=10)])
+CASES["softmax_odd"] = Case("softmax", [f32(3, 10)])
+CASES["softmax_axis1"] = Case("softmax", [f32(2, 5, 3)], {"axis": 1})
+CASES["softmax_1d"] = Case("softmax", [f32(16)])
+CASES["log_softmax"] = Case("log_softmax", [f32(4, 32, lo=-10, hi=10)])
+CASES["log_softmax_axis0"] = Case("log_softmax", [f32(4, 3)], {"axis": 0})
+CASES["layer_norm"] = Case("layer_norm", [f32(1, 128, 384), f32(384), f32(384)])
+CASES["layer_norm_nobias"] = Case("layer_norm", [f32(3, 10), f32(10)], {"epsilon": 1e-3})
+CASES["layer_norm_2axes"] = Case("layer_norm", [f32(2, 3, 4), f32(3, 4), f32(4)],
+                                 {"axis": 1})
+CASES["batch_norm"] = Case("batch_norm", [f32(2, 3, 4, 4), f32(3), f32(3), f32(3),
+                                          f32(3, lo=0.1, hi=2)])
+CASES["instance_norm"] = Case("instance_norm", [f32(2, 3, 4, 5), f32(3), f32(3)])
+CASES["instance_norm_nhwc"] = Case("instance_norm", [f32(2, 4, 5, 3), f32(3), f32(3)],
+                                   {"layout": "NHWC"})
+CASES["lrn"] = Case("lrn", [f32(1, 6, 3, 3)], {"size": 3, "alpha": 0.1, "beta": 0.75,
+                                               "bias": 1.0})
+CASES["lrn_even"] = Case("lrn", [f32(1, 5, 2, 2)], {"size": 4})
+CASES["prelu"] = Case("prelu", [f32(2, 3, 4), f32(3, 1)])
+CASES["pad_const"] = Case("pad", [f32(2, 3)], {"pads": [1, 0, 2, 3], "value": 1.5})
+CASES["pad_crop"] = Case("pad", [f32(4, 5)], {"pads": [-1, 2, 0, -2]})
+CASES["pad_reflect"] = Case("pad", [f32(1, 4, 5)], {"pads": [0, 2, 3, 0, 1, 4],
+                                                    "mode": "reflect"})
+CASES["pad_edge"] = Case("pad", [f32(3, 4)], {"pads": [2, 1, 1, 3], "mode": "edge"})
+CASES["pad_wrap"] = Case("pad", [f32(3, 4)], {"pads": [2, 1, 1, 5], "mode": "wrap"})
+CASES["resize_nearest"] = Case("resize", [f32(1, 2, 3, 4)], {"scales": [1.0, 1.0, 2.0, 1.5]})
+CASES["resize_linear"] = Case("resize", [f32(1, 2, 3, 4)],
+                              {"scales": [1.0, 1.0, 2.0, 2.0], "mode": "linear"})
+CASES["resize_linear_ac"] = Case("resize", [f32(1, 1, 4, 4)],
+                                 {"scales": [1.0, 1.0, 0.5, 1.75], "mode": "linear",
+                                  "coordinate_transformation_mode": "align_corners"})
+CASES["resize_cubic"] = Case("resize", [f32(1, 1, 5, 5)],
+                             {"scales": [1.0, 1.0, 1.6, 2.0], "mode": "cubic"})
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     names = list(CASES)

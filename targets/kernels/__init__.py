@@ -4,5 +4,8 @@ from targets.kernels import (  # noqa: F401
     conv,
     elementwise,
     linalg,
+    nn_misc,
     pool,
+    reduce,
+    shape,
 )

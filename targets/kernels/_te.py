@@ -79,20 +79,54 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
           1.6666665459e-1, 5.0000001201e-1)
 
 
-def fast_exp(x):
-    """exp for f32 that LLVM vectorises (Cephes polynomial, ~1 ulp); te.exp otherwise."""
-    from tvm import te, tirx
+def _let(x, fn):
+    """``fn(v)`` with ``v`` bound to ``x`` once (a tree would repeat ``x`` per use)."""
+    from tvm import tirx
 
     x = expr(x)
-    dt = dtype_of(x)
-    if dt != "float32":
+    if isinstance(x, tirx.Var | tirx.IntImm | tirx.FloatImm):
+        return fn(x)
+    v = tirx.Var("t", dtype_of(x))
+    return tirx.Let(v, x, fn(v))
+
+
+def fast_exp(x):
+    """exp for f32 that LLVM vectorises (Cephes polynomial, ~1 ulp); te.exp otherwise."""
+    from tvm import te
+
+    x = expr(x)
+    if dtype_of(x) != "float32":
         return te.exp(x)
+    return _let(x, _fast_exp)
+
+
+def _fast_exp(x):
+    from tvm import te, tirx
+
+    dt = "float32"
 
     def c(v):
         return tirx.const(v, dt)
     x = te.min(te.max(x, c(-87.3)), c(88.3))
+    return _let(x, lambda x: _exp_core(x, c))
+
+
+def _exp_core(x, c):
+    from tvm import te
+
     n = te.floor(x * c(1.4426950408889634) + c(0.5))
+    return _let(n, lambda n: _exp_poly(x, n, c))
+
+
+def _exp_poly(x, n, c):
+    from tvm import tirx
+
+    dt = "float32"
     r = x - n * c(0.693359375) + n * c(2.12194440e-4)
+    return _let(r, lambda r: _exp_tail(r, n, c, dt, tirx))
+
+
+def _exp_tail(r, n, c, dt, tirx):
     p = c(_EXP_P[0])
     for coef in _EXP_P[1:]:
         p = p * r + c(coef)
@@ -103,16 +137,26 @@ def fast_exp(x):
 
 def fast_erf(x):
     """erf for f32 as a rational polynomial (Eigen's; abs error < 1e-6) that vectorises."""
-    from tvm import te, tirx
+    from tvm import te
 
     x = expr(x)
-    dt = dtype_of(x)
-    if dt != "float32":
+    if dtype_of(x) != "float32":
         return te.erf(x)
+    return _let(x, _fast_erf)
+
+
+def _fast_erf(x):
+    from tvm import te, tirx
+
+    dt = "float32"
 
     def c(v):
         return tirx.const(v, dt)
     x = te.min(te.max(x, c(-4.0)), c(4.0))
+    return _let(x, lambda x: _erf_poly(x, c))
+
+
+def _erf_poly(x, c):
     x2 = x * x
     p = c(_ERF_ALPHA[0])
     for coef in _ERF_ALPHA[1:]:
@@ -126,26 +170,34 @@ def fast_erf(x):
 
 def fast_tanh(x):
     """tanh via fast_exp: sign(x) * (1 - 2 / (exp(2|x|) + 1))."""
-    from tvm import te, tirx
+    from tvm import te
 
     x = expr(x)
-    dt = dtype_of(x)
-    if dt != "float32":
+    if dtype_of(x) != "float32":
         return te.tanh(x)
+    return _let(x, _fast_tanh)
+
+
+def _fast_tanh(x):
+    from tvm import te, tirx
+
+    dt = "float32"
     one = tirx.const(1.0, dt)
     a = te.abs(x)
     t = one - tirx.const(2.0, dt) / (fast_exp(a * tirx.const(2.0, dt)) + one)
     x2 = x * x
     small = x * (one + x2 * (tirx.const(-1.0 / 3.0, dt) + x2 * tirx.const(2.0 / 15.0, dt)))
-    big = tirx.Select(x < tirx.const(0.0, dt), -t, t)
-    return tirx.Select(a < tirx.const(0.0625, dt), small, big)
+    return _let(t, lambda t: tirx.Select(a < tirx.const(0.0625, dt), small,
+                                         tirx.Select(x < tirx.const(0.0, dt), -t, t)))
 
 
 def fast_sigmoid(x):
-    from tvm import tirx
+    from tvm import te, tirx
 
     x = expr(x)
-    one = tirx.const(1.0, dtype_of(x))
+    if dtype_of(x) != "float32":
+        return te.sigmoid(x)
+    one = tirx.const(1.0, "float32")
     return one / (one + fast_exp(-x))
 
 

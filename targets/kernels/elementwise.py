@@ -152,8 +152,8 @@ def unary(req: KernelRequest) -> KernelImpl:
     (X,) = placeholders(req)
     out = req.output_types[0]
     fn = _unary_expr(req)
-    O = te.compute(out.shape, lambda *i: fn(expr(X[i] if i else X[()])), name="out")
-    return KernelImpl(prim_func([X, O], generic(req.cpu, out.dtype)), note=f"{req.op}")
+    Y = te.compute(out.shape, lambda *i: fn(expr(X[i] if i else X[()])), name="out")
+    return KernelImpl(prim_func([X, Y], generic(req.cpu, out.dtype)), note=f"{req.op}")
 
 
 @register_kernel(*_NARY)
@@ -185,5 +185,5 @@ def nary(req: KernelRequest) -> KernelImpl:
             vals.append(expr(X[j] if j else X[()]))
         return fn(*vals)
 
-    O = te.compute(out.shape, body, name="out")
-    return KernelImpl(prim_func([*ins, O], generic(req.cpu, out.dtype)), note=req.op)
+    Y = te.compute(out.shape, body, name="out")
+    return KernelImpl(prim_func([*ins, Y], generic(req.cpu, out.dtype)), note=req.op)

@@ -110,8 +110,8 @@ def _gemm_func(
         n = idx[-1]
         return epilogue(C[tuple(bi) + (m, n)], idx)
 
-    O = te.compute(out_type.shape, out_body, name="out")
-    sch = Schedule(te.create_prim_func([*ins, O]))
+    Y = te.compute(out_type.shape, out_body, name="out")
+    sch = Schedule(te.create_prim_func([*ins, Y]))
     if out_type.size == 0 or K == 0:
         return sch.mod["main"]
     cblk, oblk = sch.get_sblock("C"), sch.get_sblock("out")
@@ -266,8 +266,8 @@ def _matvec(req: KernelRequest) -> KernelImpl:
         ai = broadcast_index(idx[:-1], out.shape[:-1], at.shape[:-2])
         return te.sum(A[tuple(ai) + (idx[-1], k)].astype(dt) * B[k].astype(dt), axis=k)
 
-    O = te.compute(out.shape, body, name="out")
-    return KernelImpl(prim_func([A, B, O], generic(req.cpu, out.dtype)), note="matvec")
+    Y = te.compute(out.shape, body, name="out")
+    return KernelImpl(prim_func([A, B, Y], generic(req.cpu, out.dtype)), note="matvec")
 
 
 @register_kernel("gemm")

@@ -65,16 +65,16 @@ def reduce(req: KernelRequest) -> KernelImpl:
     R = te.compute(out.shape, body, name="red")
     if kind == "mean" and count:
         if acc.startswith("float"):
-            O = te.compute(out.shape, lambda *i: (expr(R[i] if i else R[()])
+            Y = te.compute(out.shape, lambda *i: (expr(R[i] if i else R[()])
                                                   / tirx.const(count, acc)).astype(dt),
                            name="out")
         else:
-            O = te.compute(out.shape, lambda *i: tirx.truncdiv(expr(R[i] if i else R[()]),
+            Y = te.compute(out.shape, lambda *i: tirx.truncdiv(expr(R[i] if i else R[()]),
                                                                tirx.const(count, acc)),
                            name="out")
     else:
-        O = te.compute(out.shape, lambda *i: expr(R[i] if i else R[()]).astype(dt), name="out")
-    return KernelImpl(prim_func([X, O], generic(req.cpu, out.dtype)),
+        Y = te.compute(out.shape, lambda *i: expr(R[i] if i else R[()]).astype(dt), name="out")
+    return KernelImpl(prim_func([X, Y], generic(req.cpu, out.dtype)),
                       note=f"{req.op} over {list(axes)} ({count} each)")
 
 
@@ -116,6 +116,6 @@ def argminmax(req: KernelRequest) -> KernelImpl:
         return reducer((k.var.astype("int64"), expr(X[tuple(src)])), axis=k)
 
     idx, _val = te.compute(out.shape, body, name="arg")
-    O = te.compute(out.shape, lambda *i: expr(idx[i] if i else idx[()]), name="out")
-    return KernelImpl(prim_func([X, O], generic(req.cpu, "f32")),
+    Y = te.compute(out.shape, lambda *i: expr(idx[i] if i else idx[()]), name="out")
+    return KernelImpl(prim_func([X, Y], generic(req.cpu, "f32")),
                       note=f"{req.op} over axis {axis} of {n}" + f" ({xdt})")

@@ -57,11 +57,11 @@ def reshape(req: KernelRequest) -> KernelImpl:
     (X,) = placeholders(req)
     xs, out = req.input_types[0].shape, req.output_types[0]
     if tuple(xs) == tuple(out.shape):
-        O = te.compute(out.shape, lambda *i: _load(X, i), name="out")
+        Y = te.compute(out.shape, lambda *i: _load(X, i), name="out")
     else:
-        O = te.compute(out.shape, lambda *i: _load(X, _unravel(_ravel(i, out.shape), xs)),
+        Y = te.compute(out.shape, lambda *i: _load(X, _unravel(_ravel(i, out.shape), xs)),
                        name="out")
-    return _simple(req, [X], [O])
+    return _simple(req, [X], [Y])
 
 
 @register_kernel("transpose")
@@ -145,19 +145,19 @@ def slice_(req: KernelRequest) -> KernelImpl:
 def gather(req: KernelRequest) -> KernelImpl:
     from tvm import te, tirx
 
-    X, I = placeholders(req)
+    X, Idx = placeholders(req)
     xt, it, out = req.input_types[0], req.input_types[1], req.output_types[0]
     axis = req.attrs["axis"] % xt.rank
     dim = xt.shape[axis]
 
     def body(*o):
         r = it.rank
-        v = _load(I, o[axis:axis + r]).astype("int32")
+        v = _load(Idx, o[axis:axis + r]).astype("int32")
         v = tirx.Select(v < 0, v + dim, v)
         v = te.min(te.max(v, 0), dim - 1)  # out-of-range indices: clamp, never read outside
         return _load(X, list(o[:axis]) + [v] + list(o[axis + r:]))
 
-    return _simple(req, [X, I], [te.compute(out.shape, body, name="out")])
+    return _simple(req, [X, Idx], [te.compute(out.shape, body, name="out")])
 
 
 @register_kernel("expand")
@@ -166,9 +166,9 @@ def expand(req: KernelRequest) -> KernelImpl:
 
     (X,) = placeholders(req)
     xt, out = req.input_types[0], req.output_types[0]
-    O = te.compute(out.shape, lambda *i: _load(X, broadcast_index(i, out.shape, xt.shape)),
+    Y = te.compute(out.shape, lambda *i: _load(X, broadcast_index(i, out.shape, xt.shape)),
                    name="out")
-    return _simple(req, [X], [O])
+    return _simple(req, [X], [Y])
 
 
 @register_kernel("tile")
@@ -235,8 +235,8 @@ def fill(req: KernelRequest) -> KernelImpl:
     out = req.output_types[0]
     val = np.asarray(req.attrs["value"]).astype(out.np_dtype).item()
     dt = tvm_dtype(out.dtype)
-    O = te.compute(out.shape, lambda *i: tirx.const(val, dt), name="out")
-    return _simple(req, [], [O])
+    Y = te.compute(out.shape, lambda *i: tirx.const(val, dt), name="out")
+    return _simple(req, [], [Y])
 
 
 @register_kernel("shape", "arange")
@@ -251,7 +251,7 @@ def table(req: KernelRequest) -> KernelImpl:
     arr = np.asarray(get_op(req.op).reference(xs, req.attrs)[0]).astype(out.np_dtype)
     ins = placeholders(req)
     T = te.placeholder(out.shape, tvm_dtype(out.dtype), name="table")
-    O = te.compute(out.shape, lambda *i: _load(T, i), name="out")
-    impl = _simple(req, [*ins, T], [O], note=f"{req.op}: {math.prod(out.shape)} values")
+    Y = te.compute(out.shape, lambda *i: _load(T, i), name="out")
+    impl = _simple(req, [*ins, T], [Y], note=f"{req.op}: {math.prod(out.shape)} values")
     impl.extra_const_inputs = [arr]
     return impl

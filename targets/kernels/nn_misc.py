@@ -1,0 +1,411 @@
+"""Normalisation, softmax and friends: softmax, log_softmax, layer_norm, batch_norm,
+instance_norm, lrn, prelu, pad, resize.
+
+softmax / log_softmax / layer_norm over the last axis (the transformer case) get a row
+schedule: rows parallel across cores, each row's statistics computed right before it is
+written (compute_at the row loop), every reduction rfactor-ed over SIMD lanes so max, sum
+and exp vectorise, the output pass vectorised. Other axes use the generic schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from targets.kernels._te import (
+    PARALLEL_MIN,
+    broadcast_index,
+    expr,
+    fast_exp,
+    generic,
+    placeholders,
+    prim_func,
+    tvm_dtype,
+)
+from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
+
+__all__: list[str] = []
+
+
+def _load(X, idx):
+    idx = tuple(idx)
+    return expr(X[idx] if idx else X[()])
+
+
+def _row_schedule(cpu: CpuInfo, stats: list[str], n_rows_dims: int, length: int,
+                  lanes: int):
+    """Schedule ``out`` row by row; ``stats`` (reduction block names, consumers first) are
+    computed per row and rfactor-ed over ``lanes`` when the row length allows."""
+
+    def schedule(sch) -> None:
+        from targets.kernels._te import inline_all
+
+        inline_all(sch)
+        out = sch.get_sblock("out")
+        loops = sch.get_loops(out)
+        rows = loops[:n_rows_dims]
+        k = loops[-1]
+        n_rows = math.prod(int(sch.get(lp).extent) for lp in rows) if rows else 1
+        vec = lanes if lanes > 1 and length % lanes == 0 else 0
+        if vec:
+            _, kv = sch.split(k, [None, vec])
+            sch.vectorize(kv)
+        if not rows:
+            return
+        r = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        if cpu.num_cores > 1 and n_rows * length >= PARALLEL_MIN and n_rows >= 2:
+            sch.parallel(r)
+        order = []  # consumers first: compute_at puts each before its first reader
+        for name in stats:
+            blk = sch.get_sblock(name)
+            if vec:
+                _, ki = sch.split(sch.get_loops(blk)[-1], [None, vec])
+                rf = sch.rfactor(ki, factor_axis=0)
+                order += [blk, rf]
+            else:
+                order.append(blk)
+        for blk in order:
+            sch.compute_at(blk, r)
+        if vec:
+            for rf in order[1::2]:
+                rl = sch.get_loops(rf)
+                # rf block: ..., ki (spatial), ko (reduce) -> ko outside, ki vectorised
+                sch.reorder(rl[-1], rl[-2])
+                sch.vectorize(rl[-2])
+                sch.decompose_reduction(rf, rl[-1])
+    return schedule
+
+
+def _last_axis(req: KernelRequest) -> bool:
+    x = req.input_types[0]
+    return x.rank >= 1 and req.attrs.get("axis", -1) % x.rank == x.rank - 1
+
+
+@register_kernel("softmax", "log_softmax")
+def softmax(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt = req.input_types[0]
+    dt = tvm_dtype(xt.dtype)
+    axis = req.attrs["axis"] % xt.rank
+    n = xt.shape[axis]
+    stat_shape = tuple(d for i, d in enumerate(xt.shape) if i != axis)
+
+    def at(i, k):
+        src = list(i)
+        src.insert(axis, k)
+        return _load(X, src)
+
+    def stat_idx(i):
+        return tuple(v for j, v in enumerate(i) if j != axis)
+
+    def row_max(*i):
+        k = te.reduce_axis((0, n), "k")
+        return te.max(at(i, k), axis=k)
+
+    mx = te.compute(stat_shape, row_max, name="rowmax")
+
+    def shifted(i, k):
+        m = _load(mx, i)
+        # rows of -inf stay finite (as the reference: max replaced by 0 when not finite)
+        m = tirx.Select(tirx.isfinite(m), m, tirx.const(0, dt))
+        return at(i, k) - m
+
+    def row_sum(*i):
+        k = te.reduce_axis((0, n), "k")
+        return te.sum(fast_exp(shifted(i, k)), axis=k)
+
+    s = te.compute(stat_shape, row_sum, name="rowsum")
+    if req.op == "softmax":
+        def body(*i):
+            si = stat_idx(i)
+            return fast_exp(shifted(si, i[axis])) / _load(s, si)
+    else:
+        def body(*i):
+            si = stat_idx(i)
+            return shifted(si, i[axis]) - te.log(_load(s, si))
+    Y = te.compute(xt.shape, body, name="out")
+    if _last_axis(req):
+        sched = _row_schedule(req.cpu, ["rowsum", "rowmax"], xt.rank - 1, n,
+                              req.cpu.lanes(xt.dtype))
+        note = f"{req.op} rows of {n}, row-parallel, vectorised"
+    else:
+        sched, note = generic(req.cpu, xt.dtype), f"{req.op} over axis {axis}"
+    return KernelImpl(prim_func([X, Y], sched), note=note)
+
+
+@register_kernel("layer_norm")
+def layer_norm(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    ins = placeholders(req)
+    X = ins[0]
+    xt = req.input_types[0]
+    dt = tvm_dtype(xt.dtype)
+    axis = req.attrs["axis"] % xt.rank
+    eps = float(req.attrs["epsilon"])
+    normed = xt.shape[axis:]
+    count = math.prod(normed)
+    stat_shape = xt.shape[:axis]
+
+    def row_sum(fn):
+        def body(*i):
+            ks = [te.reduce_axis((0, d), f"k{j}") for j, d in enumerate(normed)]
+            return te.sum(fn(i, ks), axis=ks)
+        return body
+
+    inv_n = tirx.const(1.0 / max(count, 1), dt)
+    mean = te.compute(stat_shape, row_sum(lambda i, ks: _load(X, list(i) + ks)), name="mean")
+
+    def centred(i, ks):
+        return _load(X, list(i) + list(ks)) - _load(mean, i) * inv_n
+
+    var = te.compute(stat_shape, row_sum(lambda i, ks: centred(i, ks) * centred(i, ks)),
+                     name="var")
+
+    def body(*i):
+        row, inner = i[:axis], i[axis:]
+        y = centred(row, inner) * te.rsqrt(_load(var, row) * inv_n + tirx.const(eps, dt))
+        y = y * _load(ins[1], broadcast_index(inner, normed, req.input_types[1].shape))
+        if len(ins) > 2:
+            y = y + _load(ins[2], broadcast_index(inner, normed, req.input_types[2].shape))
+        return y
+
+    Y = te.compute(xt.shape, body, name="out")
+    if axis == xt.rank - 1:
+        sched = _row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
+                              req.cpu.lanes(xt.dtype))
+        note = f"layer_norm rows of {count}, row-parallel, vectorised"
+    else:
+        sched, note = generic(req.cpu, xt.dtype), f"layer_norm over axes {axis}.."
+    return KernelImpl(prim_func([*ins, Y], sched), note=note)
+
+
+@register_kernel("batch_norm")
+def batch_norm(req: KernelRequest) -> KernelImpl:
+    """Folded at compile time into ``x * a + b`` when the statistics are constants."""
+    from tvm import te
+
+    xt = req.input_types[0]
+    axis = req.attrs["axis"] % xt.rank
+    eps = float(req.attrs["epsilon"])
+    ins = placeholders(req)
+    X, scale, bias, mean, var = ins
+
+    def body(*i):
+        c = i[axis]
+        inv = _load(scale, [c]) * te.rsqrt(_load(var, [c]) + eps)
+        return _load(X, i) * inv + (_load(bias, [c]) - _load(mean, [c]) * inv)
+
+    Y = te.compute(xt.shape, body, name="out")
+    return KernelImpl(prim_func([*ins, Y], generic(req.cpu, xt.dtype)), note="batch_norm")
+
+
+@register_kernel("instance_norm")
+def instance_norm(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    ins = placeholders(req)
+    X, scale, bias = ins
+    xt = req.input_types[0]
+    dt = tvm_dtype(xt.dtype)
+    nchw = req.attrs["layout"] == "NCHW"
+    caxis = 1 if nchw else xt.rank - 1
+    sp_axes = list(range(2, xt.rank)) if nchw else list(range(1, xt.rank - 1))
+    count = math.prod(xt.shape[a] for a in sp_axes)
+    stat_shape = (xt.shape[0], xt.shape[caxis])
+    inv_n = tirx.const(1.0 / max(count, 1), dt)
+
+    def full(nc, sp):
+        idx = [nc[0], nc[1], *sp] if nchw else [nc[0], *sp, nc[1]]
+        return _load(X, idx)
+
+    def red(fn, name):
+        def body(n, c):
+            ks = [te.reduce_axis((0, xt.shape[a]), f"k{a}") for a in sp_axes]
+            return te.sum(fn((n, c), ks), axis=ks)
+        return te.compute(stat_shape, body, name=name)
+
+    mean = red(lambda nc, ks: full(nc, ks), "mean")
+
+    def centred(nc, ks):
+        return full(nc, ks) - _load(mean, nc) * inv_n
+
+    var = red(lambda nc, ks: centred(nc, ks) * centred(nc, ks), "var")
+
+    def body(*i):
+        nc = (i[0], i[caxis])
+        sp = [i[a] for a in sp_axes]
+        y = centred(nc, sp) * te.rsqrt(_load(var, nc) * inv_n + tirx.const(
+            float(req.attrs["epsilon"]), dt))
+        return y * _load(scale, [nc[1]]) + _load(bias, [nc[1]])
+
+    Y = te.compute(xt.shape, body, name="out")
+    return KernelImpl(prim_func([*ins, Y], generic(req.cpu, xt.dtype)), note="instance_norm")
+
+
+@register_kernel("lrn")
+def lrn(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt = req.input_types[0]
+    dt = tvm_dtype(xt.dtype)
+    size = int(req.attrs["size"])
+    lo = (size - 1) // 2
+    C = xt.shape[1]
+    alpha, beta, bias = (float(req.attrs[k]) for k in ("alpha", "beta", "bias"))
+
+    def sq(*i):
+        j = te.reduce_axis((0, size), "j")
+        c = i[1] + j - lo
+        src = list(i)
+        src[1] = te.min(te.max(c, 0), C - 1)
+        v = _load(X, src)
+        inside = tirx.And(c >= 0, c < C)
+        return te.sum(tirx.Select(inside, v * v, tirx.const(0, dt)), axis=j)
+
+    S = te.compute(xt.shape, sq, name="sqsum")
+
+    def body(*i):
+        base = tirx.const(bias, dt) + tirx.const(alpha / size, dt) * _load(S, i)
+        return _load(X, i) / te.power(base, tirx.const(beta, dt))
+
+    Y = te.compute(xt.shape, body, name="out")
+    return KernelImpl(prim_func([X, Y], generic(req.cpu, xt.dtype)), note=f"lrn size {size}")
+
+
+@register_kernel("prelu")
+def prelu(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    X, S = placeholders(req)
+    xt, st = req.input_types
+    dt = tvm_dtype(xt.dtype)
+
+    def body(*i):
+        x = _load(X, i)
+        return tirx.Select(x < tirx.const(0, dt), x * _load(S, broadcast_index(i, xt.shape,
+                                                                                st.shape)), x)
+
+    Y = te.compute(xt.shape, body, name="out")
+    return KernelImpl(prim_func([X, S, Y], generic(req.cpu, xt.dtype)), note="prelu")
+
+
+@register_kernel("pad")
+def pad(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt, out = req.input_types[0], req.output_types[0]
+    r = xt.rank
+    pads = req.attrs["pads"]
+    mode = req.attrs["mode"]
+    dt = tvm_dtype(xt.dtype)
+    val = np.asarray(req.attrs["value"]).astype(xt.np_dtype).item()
+    begin = pads[:r]
+    # after cropping (negative pads), the kept input range on each axis starts at crop_b
+    crop_b = [max(0, -p) for p in begin]
+    kept = [xt.shape[i] - crop_b[i] - max(0, -pads[i + r]) for i in range(r)]
+    pad_b = [max(0, p) for p in begin]
+
+    def src_of(i, d):
+        j = i - pad_b[d]  # position in the kept range
+        n = kept[d]
+        if mode == "edge":
+            j = te.min(te.max(j, 0), n - 1)
+        elif mode == "reflect":
+            if n > 1:
+                period = 2 * (n - 1)
+                j = tirx.floormod(j, period)
+                j = tirx.Select(j >= n, period - j, j)
+            else:
+                j = tirx.const(0, "int32") * j
+        elif mode == "wrap":
+            j = tirx.floormod(j, n)
+        return j + crop_b[d]
+
+    def body(*i):
+        if mode == "constant":
+            inside = None
+            src = []
+            for d in range(r):
+                j = i[d] - pad_b[d]
+                cond = tirx.And(j >= 0, j < kept[d])
+                inside = cond if inside is None else tirx.And(inside, cond)
+                src.append(te.min(te.max(j, 0), max(kept[d] - 1, 0)) + crop_b[d])
+            if inside is None:
+                return _load(X, src)
+            return tirx.Select(inside, _load(X, src), tirx.const(val, dt))
+        return _load(X, [src_of(i[d], d) for d in range(r)])
+
+    Y = te.compute(out.shape, body, name="out")
+    return KernelImpl(prim_func([X, Y], generic(req.cpu, xt.dtype)), note=f"pad {mode}")
+
+
+def _resize_tables(req: KernelRequest) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per resized axis: (axis, taps[out_len, T] int32, weights[out_len, T] f32), from the
+    op's own reference applied to an identity matrix (so every mode matches it)."""
+    from compiler.ir.ops.nn_resize import _resize_axis
+
+    xt, out = req.input_types[0], req.output_types[0]
+    tables = []
+    for axis, (n_in, n_out, s) in enumerate(zip(xt.shape, out.shape, req.attrs["scales"],
+                                                strict=True)):
+        if n_in == n_out and s == 1.0:
+            continue
+        R = np.asarray(_resize_axis(np.eye(n_in), 0, n_out, s, req.attrs))  # [out, in]
+        T = max(1, int((np.abs(R) > 0).sum(axis=1).max()))
+        taps = np.zeros((n_out, T), np.int32)
+        wts = np.zeros((n_out, T), np.float32)
+        for o in range(n_out):
+            nz = np.nonzero(R[o])[0]
+            taps[o, :len(nz)] = nz
+            wts[o, :len(nz)] = R[o, nz]
+        tables.append((axis, taps, wts))
+    return tables
+
+
+@register_kernel("resize")
+def resize(req: KernelRequest) -> KernelImpl:
+    from tvm import te
+
+    (X,) = placeholders(req)
+    xt, out = req.input_types[0], req.output_types[0]
+    dt = tvm_dtype(xt.dtype)
+    tables = _resize_tables(req)
+    nearest = req.attrs["mode"] == "nearest"
+    tabs, extra = [], []
+    for axis, taps, wts in tables:
+        TI = te.placeholder(taps.shape, "int32", name=f"taps{axis}")
+        TW = te.placeholder(wts.shape, "float32", name=f"w{axis}")
+        tabs.append((axis, TI, TW, taps.shape[1]))
+        extra += [taps] if nearest else [taps, wts]
+
+    def body(*i):
+        src = list(i)
+        if not tabs:
+            return _load(X, src)
+        if nearest:
+            for axis, TI, _, _ in tabs:
+                src[axis] = _load(TI, [i[axis], 0])
+            return _load(X, src)
+        ks = [te.reduce_axis((0, T), f"t{axis}") for axis, _, _, T in tabs]
+        w = None
+        for (axis, TI, TW, _), k in zip(tabs, ks, strict=True):
+            src[axis] = _load(TI, [i[axis], k])
+            wk = _load(TW, [i[axis], k])
+            w = wk if w is None else w * wk
+        v = _load(X, src).astype("float32") * w
+        return te.sum(v, axis=ks).astype(dt) if ks else v.astype(dt)
+
+    Y = te.compute(out.shape, body, name="out")
+    params = [X]
+    for _, TI, TW, _ in tabs:
+        params += [TI] if nearest else [TI, TW]
+    impl = KernelImpl(prim_func([*params, Y], generic(req.cpu, xt.dtype)),
+                      note=f"resize {req.attrs['mode']} over axes {[t[0] for t in tables]}")
+    impl.extra_const_inputs = extra
+    return impl
