@@ -208,6 +208,12 @@ def _check_references(model) -> None:
                 problems.append(f"node {_node_label(node, i)} reads {name!r}, which no graph "
                                 "input, initializer or earlier node defines")
         defined.update(o for o in node.output if o)
+        # onnx's C++ shape inference aborts the process on this one; refuse it first
+        if node.op_type == "Split":
+            for a in node.attribute:
+                if a.name == "num_outputs" and a.i != len(node.output):
+                    problems.append(f"node {_node_label(node, i)} has num_outputs={a.i} but "
+                                    f"{len(node.output)} outputs")
     for vi in model.graph.output:
         if vi.name not in defined:
             problems.append(f"graph output {vi.name!r} is not produced by any node")
@@ -377,6 +383,15 @@ class _Importer:
 def from_onnx(model: str | Path | Any, input_shapes: Mapping[str, list[int]] | None = None,
               ) -> Graph:
     """Import an ONNX model (path, bytes or ``onnx.ModelProto``) as a verified Graph."""
+    try:
+        return _from_onnx(model, input_shapes)
+    except NpuccError:
+        raise
+    except Exception as e:  # protobuf decoding surprises (bad UTF-8 names...), anything else
+        raise ImportError_(f"the ONNX model is malformed: {type(e).__name__}: {e}") from None
+
+
+def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None) -> Graph:
     proto = _load(model)
     opset = _opset(proto)
     bad = _unsupported_types(proto)
