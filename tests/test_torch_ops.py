@@ -86,6 +86,17 @@ CASES = {
     "sdpa_causal": (lambda m, q: F.scaled_dot_product_attention(q, q * 0.5, q + 1, is_causal=True)
                     + q.any(-1, keepdim=True).float() + (q > 0).all(-1, keepdim=True).float(),
                     None, (_r(1, 2, 8, 4),)),
+    "group_norm_var_std": (lambda m, x: F.group_norm(x, 3, m.w, m.b, 1e-3)
+                           + x.var(1, keepdim=True) + x.std((2, 3), keepdim=True, correction=0)
+                           + torch.trunc(x * 3) + x.index_select(2, torch.tensor([1, 0, 7, 2,
+                                                                                   3, 3, 4, 5])),
+                           {"w": _r(3), "b": _r(3)}, (X4,)),
+    "upsample_reflect_pad": (lambda m, x: F.interpolate(x, scale_factor=2, mode="nearest")
+                             + F.interpolate(x, size=(16, 16), mode="bilinear")
+                             + F.interpolate(x, size=(16, 16), mode="bilinear",
+                                             align_corners=True)
+                             + F.pad(x, (4, 4, 4, 4), mode="reflect")
+                             + F.pad(x, (3, 5, 4, 4), mode="replicate"), None, (X4,)),
     "pad": (lambda m, x: F.pad(x, (1, 2, 0, 3), value=0.5), None, (X4,)),
 }
 

@@ -483,5 +483,75 @@ def _pad(imp: TorchImporter, a: dict) -> Value:
     return imp.emit("pad", x, pads=begins + ends, mode="constant", value=float(a["value"]))
 
 
+@conv("reflection_pad1d.default", "reflection_pad2d.default", "replication_pad1d.default",
+      "replication_pad2d.default", "circular_pad2d.default")
+def _pad_mode(imp: TorchImporter, a: dict) -> Value:
+    key = str(imp.node.target)
+    mode = "reflect" if "reflection" in key else "edge" if "replication" in key else "wrap"
+    x, pad = a["self"], list(a["padding"])
+    r = x.type.rank
+    begins, ends = [0] * r, [0] * r
+    for i in range(len(pad) // 2):
+        begins[r - 1 - i], ends[r - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    return imp.emit("pad", x, pads=begins + ends, mode=mode)
+
+
+@conv("native_group_norm.default", "group_norm.default")
+def _group_norm(imp: TorchImporter, a: dict) -> Any:
+    """GroupNorm as layer_norm over [N, G, C/G * spatial], then the per-channel affine."""
+    x = a["input"]
+    n, c = x.shape[0], x.shape[1]
+    groups = int(a.get("group", a.get("num_groups")))
+    rest = x.type.size // (n * groups)
+    y = imp.emit("reshape", x, shape=[n, groups, rest])
+    y = imp.emit("layer_norm", y, imp.const(np.ones(rest), x.dtype), axis=2,
+                 epsilon=float(a["eps"]))
+    y = imp.emit("reshape", y, shape=list(x.shape))
+    bshape = [c] + [1] * (x.type.rank - 2)
+    if a["weight"] is not None:
+        y = imp.emit("mul", y, imp.emit("reshape", a["weight"], shape=bshape))
+    if a["bias"] is not None:
+        y = imp.emit("add", y, imp.emit("reshape", a["bias"], shape=bshape))
+    return y if str(imp.node.target) == "aten.group_norm.default" else [y, None, None]
+
+
+def _upsample(imp: TorchImporter, a: dict, mode: str) -> Value:
+    x = imp.tensor(a.get("input", a.get("self")))
+    out = imp.out_type()
+    r = x.type.rank
+    factors = a.get("scale_factors")
+    if factors is None and a.get("scales_h") is not None:
+        factors = [a["scales_h"], a["scales_w"]]
+    if factors:
+        scales = [1.0] * (r - len(factors)) + [float(f) for f in factors]
+    else:
+        scales = [o / i for o, i in zip(out.shape, x.shape, strict=True)]
+    attrs: dict[str, Any] = {"scales": scales, "sizes": list(out.shape)}
+    if mode == "nearest":
+        attrs.update(mode="nearest", coordinate_transformation_mode="asymmetric",
+                     nearest_mode="floor")
+    else:
+        ctm = "align_corners" if a["align_corners"] else "half_pixel"
+        attrs.update(mode="linear", coordinate_transformation_mode=ctm)
+    return imp.emit("resize", x, **attrs)
+
+
+@conv("upsample_nearest2d.vec", "upsample_nearest2d.default", "upsample_nearest1d.vec")
+def _upsample_nearest(imp: TorchImporter, a: dict) -> Value:
+    return _upsample(imp, a, "nearest")
+
+
+@conv("upsample_bilinear2d.vec", "upsample_bilinear2d.default", "upsample_linear1d.vec")
+def _upsample_linear(imp: TorchImporter, a: dict) -> Value:
+    return _upsample(imp, a, "linear")
+
+
+@conv("trunc.default")
+def _trunc(imp: TorchImporter, a: dict) -> Value:
+    x = a["self"]
+    return imp.emit("where", imp.emit("less", x, imp.tensor(0.0, x.dtype)),
+                    imp.emit("ceil", x), imp.emit("floor", x))
+
+
 # the shape and reduce families live in _torch_ops_shape.py
 from compiler.frontends import _torch_ops_shape  # noqa: E402,F401

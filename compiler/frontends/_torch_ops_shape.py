@@ -127,6 +127,12 @@ def _embedding(imp: TorchImporter, a: dict) -> Value:
     return imp.emit("gather", a["weight"], idx, axis=0)
 
 
+@conv("index_select.default")
+def _index_select(imp: TorchImporter, a: dict) -> Value:
+    x = a["self"]
+    return imp.emit("gather", x, a["index"], axis=_axis(a["dim"], x.type.rank))
+
+
 @conv("index.Tensor")
 def _index(imp: TorchImporter, a: dict) -> Value:
     """Advanced indexing with integer index tensors on adjacent dims: one gather.
@@ -242,3 +248,21 @@ def _any_all(imp: TorchImporter, a: dict) -> Value:
     r = imp.emit("reduce_max" if is_any else "reduce_min", x, axes=axes,
                  keepdims=bool(a.get("keepdim", False)))
     return imp.emit("cast", r, to="bool")
+
+
+@conv("var.correction", "var.dim", "std.correction", "std.dim")
+def _var(imp: TorchImporter, a: dict) -> Value:
+    x = a["self"]
+    dt = x.dtype
+    axes = _reduce_axes(a.get("dim"), x.type.rank)
+    n = 1
+    for ax in axes:
+        n *= x.shape[ax]
+    corr = a.get("correction")
+    if corr is None:
+        corr = 1 if a.get("unbiased", True) else 0
+    d = imp.emit("sub", x, imp.emit("reduce_mean", x, axes=axes, keepdims=True))
+    v = imp.emit("reduce_sum", imp.emit("mul", d, d), axes=axes,
+                 keepdims=bool(a.get("keepdim", False)))
+    v = imp.emit("div", v, imp.tensor(max(n - float(corr), 0.0), dt))
+    return imp.emit("sqrt", v) if str(imp.node.target).startswith("aten.std") else v

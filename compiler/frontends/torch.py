@@ -23,6 +23,7 @@ Contract:
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ FOLD_LIMIT = 1 << 16
 KEEP = (
     "linear.default", "matmul.default", "layer_norm.default", "conv2d.default",
     "hardswish.default", "hardsigmoid.default", "adaptive_avg_pool2d.default",
+    "reflection_pad1d.default", "reflection_pad2d.default", "replication_pad1d.default",
+    "replication_pad2d.default",
 )
 
 
@@ -201,13 +204,15 @@ def export_program(module: Any, example_inputs: Any) -> Any:
     args, kwargs = _as_tensor_inputs(example_inputs)
     module = module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch.export's own pytree deprecation noise, not the user's business
+            warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)
             ep = torch.export.export(module, args, kwargs=kwargs)
-        table = torch.export.default_decompositions()
-        for name in KEEP:
-            packet, overload = name.split(".")
-            table.pop(getattr(getattr(torch.ops.aten, packet), overload), None)
-        return ep.run_decompositions(table)
+            table = torch.export.default_decompositions()
+            for name in KEEP:
+                packet, overload = name.split(".")
+                table.pop(getattr(getattr(torch.ops.aten, packet), overload), None)
+            return ep.run_decompositions(table)
     except NpuccError:
         raise
     except Exception as e:
