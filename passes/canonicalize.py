@@ -46,9 +46,11 @@ def _foldable_args(graph: Graph, node: Node) -> list[np.ndarray] | None:
     return args
 
 
-def fold_constants_in(graph: Graph, max_bytes: int, inline_limit: int = 16) -> dict[str, int]:
-    """Evaluate every node whose operands are constants; returns {"folded", "skipped_big"}."""
-    folded = skipped = 0
+def fold_constants_in(graph: Graph, max_bytes: int, inline_limit: int = 16,
+                      ctx: PassContext | None = None) -> dict[str, int]:
+    """Evaluate every node whose operands are constants; returns {"folded", "skipped_big"}
+    (and "failed": nodes whose reference implementation raised, left in place)."""
+    folded = skipped = failed = 0
     for node in list(graph.nodes):
         if not node.outputs or all(not v.uses and v not in graph.outputs for v in node.outputs):
             continue
@@ -58,15 +60,24 @@ def fold_constants_in(graph: Graph, max_bytes: int, inline_limit: int = 16) -> d
         if sum(v.type.nbytes for v in node.outputs) > max_bytes:
             skipped += 1
             continue
-        with np.errstate(all="ignore"):
-            results = run_node(graph, node, args)
+        try:
+            with np.errstate(all="ignore"):
+                results = run_node(graph, node, args)
+        except Exception as e:  # the node fails at run time too; leave it for the verifier
+            failed += 1
+            if ctx is not None:
+                ctx.remark(f"fold-constants: cannot evaluate {node.label}: {e}")
+            continue
         for v, arr in zip(node.outputs, results, strict=True):
             base = node.name or f"folded.{v.name}"
             graph.replace_all_uses(v, new_const(graph, arr, name=base, before=node,
                                                 inline_limit=inline_limit))
         erase_dead(graph, [node])
         folded += 1
-    return {"folded": folded, "skipped_big": skipped}
+    stats = {"folded": folded, "skipped_big": skipped}
+    if failed:
+        stats["failed"] = failed
+    return stats
 
 
 @register_pass
@@ -86,7 +97,7 @@ class FoldConstants(Pass):
     inline_limit: int = 16
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        stats = fold_constants_in(graph, self.max_bytes, self.inline_limit)
+        stats = fold_constants_in(graph, self.max_bytes, self.inline_limit, ctx)
         if stats["skipped_big"]:
             ctx.remark(f"fold-constants: {stats['skipped_big']} fold(s) larger than "
                        f"max-bytes={self.max_bytes} left in the graph")
@@ -173,19 +184,21 @@ def _bn_affine(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _fold_into_conv(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> bool:
+    """Fold into the conv2d or dense producing the BN's input (its output channels)."""
     conv = bn.inputs[0].producer
-    if conv is None or conv.op != "conv2d" or conv.attrs["activation"] != "none":
+    if conv is None or conv.op not in ("conv2d", "dense") or conv.attrs["activation"] != "none":
         return False
     if only_user(graph, conv.output) is not bn:
         return False
     x = bn.inputs[0]
-    if bn.attrs["axis"] % len(x.shape) != _CHANNEL_AXIS[conv.attrs["layout"]]:
+    channel = _CHANNEL_AXIS[conv.attrs["layout"]] if conv.op == "conv2d" else len(x.shape) - 1
+    if bn.attrs["axis"] % len(x.shape) != channel:
         return False
     w = const_array(graph, conv.inputs[1])
     b = const_array(graph, conv.inputs[2]) if len(conv.inputs) == 3 else None
     if w is None or (len(conv.inputs) == 3 and b is None):
         return False
-    axis = _KERNEL_OUT_AXIS[conv.attrs["kernel_layout"]]
+    axis = _KERNEL_OUT_AXIS[conv.attrs["kernel_layout"]] if conv.op == "conv2d" else 0
     shape = [1] * w.ndim
     shape[axis] = -1
     new_w = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
@@ -195,7 +208,7 @@ def _fold_into_conv(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> boo
     wname = conv.inputs[1].producer.attrs.get("ref") or tag(conv, rule) + ".weight"
     wv = new_const(graph, new_w, name=wname + ".bn", before=conv)
     bv = new_const(graph, new_b, name=tag(conv, rule) + ".bias", before=conv)
-    replace_node(graph, conv, "conv2d", [conv.inputs[0], wv, bv], dict(conv.attrs), rule=rule,
+    replace_node(graph, conv, conv.op, [conv.inputs[0], wv, bv], dict(conv.attrs), rule=rule,
                  replaces=bn, name_from=conv)
     erase_dead(graph, [conv])
     return True
@@ -219,8 +232,8 @@ def _bn_to_affine(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> None:
 class FoldBatchNorm(Pass):
     """Remove every batch_norm whose scale/bias/mean/var are constants.
 
-    A batch_norm reading a conv2d (no fused activation, the BN its only reader, constant
-    weight and bias, matching channel axis) is folded into the conv's weight and bias.
+    A batch_norm reading a conv2d or dense (no fused activation, the BN its only reader,
+    constant weight and bias, BN over its output channels) is folded into its weight and bias.
     Any other batch_norm with constant statistics becomes ``mul`` + ``add`` by per-channel
     constants. After: only batch_norms with non-constant statistics remain.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -23,6 +23,7 @@ __all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDens
            "activation_of", "erf_gelu_tail"]
 
 _ALL_ACTS = ("relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
+Activation = Literal["relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh"]
 
 
 def _count(stats: dict[str, int], key: str) -> None:
@@ -277,6 +278,15 @@ def erf_gelu_tail(graph: Graph, v: Value) -> Node | None:
     return None
 
 
+def _check_activations(name: str, acts: tuple[str, ...]) -> None:
+    bad = [a for a in acts if a not in _ALL_ACTS]
+    if bad:
+        from compiler.errors import PipelineError
+
+        raise PipelineError(f"{name}: unknown activation(s) {', '.join(bad)}; "
+                            f"known: {', '.join(_ALL_ACTS)}")
+
+
 def _fuse_act(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str) -> PassResult:
     stats: dict[str, int] = {}
     for node in graph.find(anchor):
@@ -321,7 +331,10 @@ class FuseConvAct(Pass):
     """
 
     name: ClassVar[str] = "fuse-conv-act"
-    activations: tuple[str, ...] = _ALL_ACTS
+    activations: tuple[Activation, ...] = _ALL_ACTS
+
+    def __post_init__(self) -> None:
+        _check_activations(self.name, self.activations)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         return _fuse_act(graph, "conv2d", self.activations, self.name)
@@ -345,7 +358,10 @@ class FuseDenseAct(Pass):
     it), when its intermediates are read by nothing else."""
 
     name: ClassVar[str] = "fuse-dense-act"
-    activations: tuple[str, ...] = _ALL_ACTS
+    activations: tuple[Activation, ...] = _ALL_ACTS
+
+    def __post_init__(self) -> None:
+        _check_activations(self.name, self.activations)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         return _fuse_act(graph, "dense", self.activations, self.name)

@@ -245,12 +245,14 @@ class ToNHWC(Pass):
     decompose_lrn: bool = True
     max_iterations: int = 100
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+    def __post_init__(self) -> None:
         if self.kernel_layout not in ("OHWI", "HWIO"):
             from compiler.errors import PipelineError
 
             raise PipelineError(f"to-nhwc: kernel-layout={self.kernel_layout!r} is not "
                                 "one of OHWI, HWIO")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, Any] = {"converted": 0, "pushed": 0, "cancelled": 0}
         kernels: dict[tuple[int, str], Value] = {}
         for node in list(graph.nodes):
