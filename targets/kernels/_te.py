@@ -15,7 +15,7 @@ from targets.kernels.base import CpuInfo, KernelRequest
 
 __all__ = ["tvm_dtype", "placeholders", "activation", "schedule_generic", "prim_func",
            "broadcast_index", "const", "PARALLEL_MIN", "expr", "dtype_of",
-           "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid"]
+           "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid", "accumulator_dtype"]
 
 _TVM_DTYPES = {
     "f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
@@ -30,6 +30,12 @@ PARALLEL_MIN = 16384
 
 def tvm_dtype(dtype: str) -> str:
     return _TVM_DTYPES[dtype]
+
+
+def accumulator_dtype(tvm_dt: str) -> str:
+    """What sums of products of ``tvm_dt`` accumulate in: float32 for float16/bfloat16 (an
+    fp16 NPU's matrix unit accumulates in f32 and rounds the result once), else ``tvm_dt``."""
+    return "float32" if tvm_dt in ("float16", "bfloat16") else tvm_dt
 
 
 def placeholders(req: KernelRequest, types: dict[int, TensorType] | None = None) -> list:

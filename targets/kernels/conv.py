@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from compiler.errors import OpError
-from targets.kernels._te import activation, tvm_dtype
+from targets.kernels._te import accumulator_dtype, activation, dtype_of, expr, tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
 from targets.kernels.conv_common import (
     ConvGeom,
@@ -79,15 +79,17 @@ def _activation(v, attrs: dict[str, Any]):
                       float(attrs.get("clip_min", 0.0)), float(attrs.get("clip_max", 6.0)))
 
 
-def _epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str):
-    """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc])`` in ``out_layout``."""
+def _epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str | None = None):
+    """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc])`` in ``out_layout``, rounded to
+    ``out_dt`` when the accumulator is wider (f16 convs sum in f32)."""
     from tvm import te
 
     def val(b, y, x, oc):
-        v = acc_at(b, y, x, oc)
+        v = expr(acc_at(b, y, x, oc))
         if bias is not None:
             v = v + bias[oc]
-        return _activation(v, attrs)
+        v = _activation(v, attrs)
+        return v if out_dt is None or dtype_of(v) == out_dt else v.astype(out_dt)
 
     if out_layout == "NHWC":
         return te.compute((g.n, g.oh, g.ow, g.oc), lambda b, y, x, oc: val(b, y, x, oc),
@@ -105,8 +107,9 @@ def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles):
 
     def body(b, y, x, blk, oci):
         ch = rc if g.groups == 1 else (blk // t.nb_g) * g.icg + rc
-        return te.sum(xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch]
-                      * wp[blk, ry, rx, rc, oci], axis=[rc, ry, rx])
+        acc = accumulator_dtype(str(xs.dtype))
+        return te.sum(xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch].astype(acc)
+                      * wp[blk, ry, rx, rc, oci].astype(acc), axis=[rc, ry, rx])
 
     return te.compute((g.n, g.oh, t.owp, g.groups * t.nb_g, t.ob), body, name="conv")
 
@@ -226,7 +229,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
         r = oc % g.ocg
         return C[b, y, x, (oc // g.ocg) * t.nb_g + r // t.ob, r % t.ob]
 
-    out = _epilogue(acc_at, bias, req.attrs, g, out_layout)
+    out = _epilogue(acc_at, bias, req.attrs, g, out_layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     func = te.create_prim_func(args)
     from tvm.s_tir import Schedule
@@ -289,11 +292,12 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     xs = _input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
     ry = te.reduce_axis((0, g.kh), "ry")
     rx = te.reduce_axis((0, g.kw), "rx")
+    acc = accumulator_dtype(dtype)
     D = te.compute((g.n, g.oh, owp, g.oc),
                    lambda b, y, x, ch: te.sum(
-                       xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch] * wd[ry, rx, ch],
-                       axis=[ry, rx]), name="conv")
-    out = _epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout)
+                       xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch].astype(acc)
+                       * wd[ry, rx, ch].astype(acc), axis=[ry, rx]), name="conv")
+    out = _epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     sch = Schedule(te.create_prim_func(args))
     par = req.cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS // 4

@@ -26,6 +26,7 @@ import numpy as np
 
 from compiler.ir.types import TensorType
 from targets.kernels._te import (
+    accumulator_dtype,
     activation,
     broadcast_index,
     dtype_of,
@@ -87,7 +88,8 @@ def _gemm_func(
     from tvm import te, tirx
     from tvm.s_tir import Schedule
 
-    acc_dt = tvm_dtype(out_type.dtype)
+    out_dt = tvm_dtype(out_type.dtype)
+    acc_dt = accumulator_dtype(out_dt)  # f16/bf16: f32 sums (like an fp16 NPU's cube), rounded once
     Mp = -(-M // mr) * mr
     Np = -(-N // nb) * nb
     nbat = len(batch)
@@ -108,7 +110,8 @@ def _gemm_func(
         bi = list(idx[:nbat])
         m = _ravel(idx[nbat:nbat + n_mdims], mshape) if n_mdims else 0
         n = idx[-1]
-        return epilogue(C[tuple(bi) + (m, n)], idx)
+        v = expr(epilogue(C[tuple(bi) + (m, n)], idx))
+        return v if dtype_of(v) == out_dt else v.astype(out_dt)
 
     Y = te.compute(out_type.shape, out_body, name="out")
     sch = Schedule(te.create_prim_func([*ins, Y]))
@@ -258,7 +261,8 @@ def _matvec(req: KernelRequest) -> KernelImpl:
     A, B = placeholders(req)
     K = bt.shape[0]
     k = te.reduce_axis((0, K), "k")
-    dt = tvm_dtype(out.dtype)
+    odt = tvm_dtype(out.dtype)
+    dt = accumulator_dtype(odt)
 
     def body(*idx):
         if at.rank == 1:
@@ -266,7 +270,9 @@ def _matvec(req: KernelRequest) -> KernelImpl:
         ai = broadcast_index(idx[:-1], out.shape[:-1], at.shape[:-2])
         return te.sum(A[tuple(ai) + (idx[-1], k)].astype(dt) * B[k].astype(dt), axis=k)
 
-    Y = te.compute(out.shape, body, name="out")
+    Y = te.compute(out.shape, body, name="acc" if dt != odt else "out")
+    if dt != odt:
+        Y = te.compute(out.shape, lambda *i: Y[i].astype(odt), name="out")
     return KernelImpl(prim_func([A, B, Y], generic(req.cpu, out.dtype)), note="matvec")
 
 

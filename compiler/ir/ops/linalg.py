@@ -10,7 +10,12 @@ import numpy as np
 
 from compiler.errors import OpError
 from compiler.ir.ops._util import broadcast_shapes, same_dtype
-from compiler.ir.ops.nn import ACTIVATION_ATTRS, apply_activation, check_activation
+from compiler.ir.ops.nn import (
+    ACTIVATION_ATTRS,
+    accumulator_dtype,
+    apply_activation,
+    check_activation,
+)
 from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
@@ -47,8 +52,9 @@ def _matmul_infer(types, attrs):
 
 def _matmul_ref(xs, attrs):
     a, b = xs
-    if np.issubdtype(a.dtype, np.integer):
-        return [np.matmul(a.astype(np.int64), b.astype(np.int64)).astype(a.dtype)]
+    acc = accumulator_dtype(a.dtype)
+    if acc != a.dtype:  # integers in int64 (wrapped), f16/bf16 in f32: rounded once
+        return [np.matmul(a.astype(acc), b.astype(acc)).astype(a.dtype)]
     return [np.matmul(a, b)]
 
 
@@ -79,6 +85,9 @@ def _gemm_infer(types, attrs):
 
 
 def _gemm_ref(xs, attrs):
+    dt = xs[0].dtype
+    if accumulator_dtype(dt) == np.float32 and dt != np.float32:  # f16/bf16: f32, round once
+        return [r.astype(dt) for r in _gemm_ref([x.astype(np.float32) for x in xs], attrs)]
     a, b = xs[0], xs[1]
     if attrs["trans_a"]:
         a = a.T
@@ -120,6 +129,12 @@ def _dense_infer(types, attrs):
 
 def _dense_ref(xs, attrs):
     x, w = xs[0], xs[1]
+    if accumulator_dtype(x.dtype) == np.float32 and x.dtype != np.float32:
+        # f16/bf16: f32 products and sums, bias and activation in f32, rounded once
+        y = np.matmul(x.astype(np.float32), w.astype(np.float32).T)
+        if len(xs) == 3:
+            y = y + xs[2].astype(np.float32)
+        return [apply_activation(y, attrs).astype(x.dtype)]
     y = np.matmul(x, w.T)
     if len(xs) == 3:
         y = y + xs[2]

@@ -19,7 +19,7 @@ from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_ATTRS", "apply_activation", "check_activation",
-           "conv_out_size", "pool_out_size"]
+           "conv_out_size", "pool_out_size", "accumulator_dtype"]
 
 ACTIVATIONS = ("none", "relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
 ACTIVATION_ATTRS = {
@@ -28,6 +28,18 @@ ACTIVATION_ATTRS = {
     "clip_max": Attr("float", 6.0, doc="upper bound when activation is clip"),
 }
 LAYOUTS = ("NCHW", "NHWC")
+
+
+def accumulator_dtype(dt: np.dtype) -> np.dtype:
+    """What conv/dense/matmul/gemm sum products in: f32 for the 16-bit floats (an fp16 NPU's
+    matrix unit accumulates in f32, adds the bias and activation there and rounds once; the
+    kernels do the same), int64 for integers (wrapped to the result type), else the dtype."""
+    dt = np.dtype(dt)
+    if np.issubdtype(dt, np.integer):
+        return np.dtype(np.int64)
+    if dt.itemsize == 2 and dt.kind in "fV":  # float16, bfloat16 (ml_dtypes)
+        return np.dtype(np.float32)
+    return dt
 
 
 def check_activation(attrs: dict[str, Any]) -> None:
@@ -152,14 +164,17 @@ def _conv_infer(types, attrs):
 
 
 def conv2d_nchw(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides, pads,
-                dilations, groups: int) -> np.ndarray:
-    """NCHW x, OIHW w: grouped im2col convolution as one batched matmul."""
+                dilations, groups: int, *, keep_acc: bool = False) -> np.ndarray:
+    """NCHW x, OIHW w: grouped im2col convolution as one batched matmul.
+
+    Sums in :func:`accumulator_dtype`; ``keep_acc`` returns the accumulator (the caller rounds
+    after its activation), else the result in x's dtype."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     g = groups
     oh = conv_out_size(h, kh, strides[0], pads[0] + pads[2], dilations[0])
     ow = conv_out_size(wd, kw, strides[1], pads[1] + pads[3], dilations[1])
-    acc = np.int64 if np.issubdtype(x.dtype, np.integer) else x.dtype
+    acc = accumulator_dtype(x.dtype)
     xp = np.pad(x.astype(acc, copy=False), ((0, 0), (0, 0), (pads[0], pads[2]),
                                             (pads[1], pads[3])))
     if kh == kw == 1 and strides == [1, 1] and not any(pads):
@@ -173,7 +188,7 @@ def conv2d_nchw(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides, pad
     y = y.transpose(0, 1, 3, 2).reshape(n, o, oh, ow)
     if b is not None:
         y = y + b.astype(acc, copy=False).reshape(1, o, 1, 1)
-    return y.astype(x.dtype, copy=False)
+    return y if keep_acc else y.astype(x.dtype, copy=False)
 
 
 def _conv_ref(xs, attrs):
@@ -184,9 +199,11 @@ def _conv_ref(xs, attrs):
         w = w.transpose(0, 3, 1, 2)
     elif kl == "HWIO":
         w = w.transpose(3, 2, 0, 1)
+    wide = accumulator_dtype(x.dtype) == np.float32 and x.dtype != np.float32
     y = conv2d_nchw(_to_nchw(x, attrs["layout"]), w, b, attrs["strides"], attrs["pads"],
-                    attrs["dilations"], attrs["groups"])
-    return [_from_nchw(apply_activation(y, attrs), attrs["layout"])]
+                    attrs["dilations"], attrs["groups"], keep_acc=wide)
+    y = apply_activation(y, attrs).astype(x.dtype, copy=False)
+    return [_from_nchw(y, attrs["layout"])]
 
 
 _CONV_ATTRS = {
@@ -231,6 +248,10 @@ def _convt_infer(types, attrs):
 
 def _convt_ref(xs, attrs):
     x, w = xs[0], xs[1]
+    out_dt = x.dtype
+    if accumulator_dtype(out_dt) != out_dt:  # f16/bf16: f32 sums, rounded once at the end
+        xs = [a.astype(np.float32) for a in xs]
+        return [r.astype(out_dt) for r in _convt_ref(xs, attrs)]
     n, c, h, wd = x.shape
     _, og, kh, kw = w.shape
     g = attrs["groups"]
