@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from compiler.errors import UnsupportedOpsError  # noqa: E402
+from compiler.errors import ImportError_, UnsupportedOpsError  # noqa: E402
 from compiler.frontends import from_torch  # noqa: E402
 from compiler.ir import interpret, parse, verify  # noqa: E402
 
@@ -93,6 +93,18 @@ def test_folding_keeps_parameters_and_folds_buffers():
     assert "w" in g.weights and "scale" not in g.weights
     (got,) = interpret(g, [x])
     assert rel_error(got, m(torch.from_numpy(x)).detach().numpy()) <= TOL
+
+
+def test_input_names_and_errors():
+    lin = torch.nn.Linear(3, 2).train()
+    x = np.ones((1, 3), np.float32)
+    g = from_torch(lin, {"input": x})
+    assert [v.name for v in g.inputs] == ["input"]
+    assert lin.training  # the module's mode is restored after export
+    with pytest.raises(ImportError_, match="input_names has 2 name"):
+        from_torch(lin, (x,), input_names=["a", "b"])
+    with pytest.raises(ImportError_, match="torch.export could not capture"):
+        from_torch(lin, (np.ones((1, 4), np.float32),))
 
 
 def test_unsupported_ops_listed_in_one_error():

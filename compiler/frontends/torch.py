@@ -202,7 +202,8 @@ def export_program(module: Any, example_inputs: Any) -> Any:
     """torch.export + decomposition to core ATen (minus :data:`KEEP`); ImportError_ on failure."""
     torch = _torch()
     args, kwargs = _as_tensor_inputs(example_inputs)
-    module = module.eval()
+    was_training = module.training
+    module.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # torch.export's own pytree deprecation noise, not the user's business
@@ -220,6 +221,8 @@ def export_program(module: Any, example_inputs: Any) -> Any:
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                            "\nThe module must be traceable with static shapes for the "
                            "example inputs given.") from e
+    finally:
+        module.train(was_training)
 
 
 def supported_aten_ops() -> list[str]:
