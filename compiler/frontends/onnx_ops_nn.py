@@ -236,14 +236,10 @@ def _resize(c: Ctx):
     if c.attr("antialias", 0):
         raise Unsupported("antialias=1 is not supported")
     axes = [norm_axis(a, rank) for a in c.attr("axes", list(range(rank)))]
-    scales_in = c.const(2) if c.has(2) else None
+    scales_in = c.static(2, "scales") if c.has(2) else None
     if scales_in is not None and scales_in.size == 0:
         scales_in = None
-    sizes_in = c.const(3) if c.has(3) else None
-    if c.has(2) and scales_in is None and c.const(2) is None:
-        raise Unsupported("the scales input is computed at run time; npucc needs it constant")
-    if c.has(3) and sizes_in is None:
-        raise Unsupported("the sizes input is computed at run time; npucc needs it constant")
+    sizes_in = c.static(3, "sizes") if c.has(3) else None
     scales = [1.0] * rank
     sizes: list[int] = []
     if sizes_in is not None and sizes_in.size:

@@ -28,7 +28,7 @@ def reduce_axes(rank: int, axes: list[int]) -> tuple[int, ...]:
 def _reduce_infer(name):
     def infer(types, attrs):
         (x,) = types
-        if x.dtype == "bool":
+        if x.dtype == "bool" and name not in ("reduce_max", "reduce_min"):
             raise OpError(f"{name} needs a numeric tensor, got {x}")
         axes = reduce_axes(x.rank, attrs["axes"])
         shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if attrs["keepdims"] \
@@ -50,16 +50,25 @@ def _reduce_ref(fn, accumulate):
     return ref
 
 
+def _limit(dtype, low: bool):
+    """The identity of max (low) or min (not low) for ``dtype``."""
+    if dtype == np.bool_:
+        return not low
+    if np.issubdtype(dtype, np.floating):
+        return -np.inf if low else np.inf
+    return np.iinfo(dtype).min if low else np.iinfo(dtype).max
+
+
 def _max(x, axes, keep):
     if x.size == 0 or any(x.shape[a] == 0 for a in axes):
-        init = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+        init = _limit(x.dtype, low=True)
         return np.max(x, axis=axes, keepdims=keep, initial=init)
     return np.max(x, axis=axes, keepdims=keep)
 
 
 def _min(x, axes, keep):
     if x.size == 0 or any(x.shape[a] == 0 for a in axes):
-        init = np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).max
+        init = _limit(x.dtype, low=False)
         return np.min(x, axis=axes, keepdims=keep, initial=init)
     return np.min(x, axis=axes, keepdims=keep)
 
