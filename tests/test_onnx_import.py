@@ -193,6 +193,14 @@ CASES = {
         "CumSum", [3, 4], None, {"a": np.array(1)}, ["a"], exclusive=1, reverse=1),
     "trilu_lower": lambda: unary_model("Trilu", [2, 4, 5], None, {"k": np.array(1)}, ["k"],
                                        upper=0),
+    "depth_to_space_dcr": lambda: unary_model("DepthToSpace", [1, 8, 2, 3], None,
+                                              blocksize=2),
+    "depth_to_space_crd": lambda: unary_model("DepthToSpace", [1, 8, 2, 3], None,
+                                              blocksize=2, mode="CRD"),
+    "space_to_depth": lambda: unary_model("SpaceToDepth", [1, 2, 4, 6], None, blocksize=2),
+    "group_norm_opset21": lambda: unary_model(
+        "GroupNormalization", [2, 6, 3, 3], None, {"s": rnd(6, seed=1), "b": rnd(6, seed=2)},
+        ["s", "b"], opset=21, num_groups=3),
 }
 
 
@@ -398,3 +406,16 @@ def test_corrupted_fields_never_leak_library_errors():
             from_onnx(bytes(mutated))
         except NpuccError:
             pass
+
+
+def test_topk_values_and_indices():
+    x = rnd(3, 7)
+    x[0, 1] = x[0, 4]  # a tie: the lower index comes first
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=1)
+    model = make_model([node], [("x", F, [3, 7])],
+                       [("v", F, None), ("i", TensorProto.INT64, None)], {"k": np.array([3])})
+    check(model, {"x": x})
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=0, largest=0)
+    model = make_model([node], [("x", F, [3, 7])],
+                       [("v", F, None), ("i", TensorProto.INT64, None)], {"k": np.array([2])})
+    check(model, {"x": x})

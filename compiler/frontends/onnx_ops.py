@@ -11,7 +11,8 @@ import numpy as np
 
 from compiler.frontends.onnx_ctx import Ctx, Unsupported, converter, onnx_dtype
 from compiler.ir.graph import Value
-from compiler.ir.types import from_numpy_dtype, is_float
+from compiler.ir.registry import get_op
+from compiler.ir.types import TensorType, from_numpy_dtype, is_float
 
 
 def f32(x: float) -> float:
@@ -101,7 +102,12 @@ def _cast(c: Ctx):
 
 @converter("CastLike")
 def _cast_like(c: Ctx):
-    return _cast_to(c, c.type(1).dtype)
+    dtype = c.type(1).dtype
+    x = c.const(0)
+    if x is not None and dtype != TensorType.of(x).dtype:
+        # only the type of 'like' matters: a constant stays a constant (foldable downstream)
+        return get_op("cast").reference([x], {"to": dtype})
+    return _cast_to(c, dtype)
 
 
 @converter("Gelu")
@@ -145,8 +151,10 @@ def _identity(c: Ctx):
 @converter("Dropout")
 def _dropout(c: Ctx):
     train = c.const(2)
-    if c.has(2) and (train is None or bool(train.reshape(-1)[0])):
-        raise Unsupported("training_mode must be a constant false")
+    ratio = c.const(1)
+    zero_ratio = ratio is not None and float(ratio.reshape(-1)[0]) == 0.0
+    if c.has(2) and (train is None or bool(train.reshape(-1)[0])) and not zero_ratio:
+        raise Unsupported("training_mode must be a constant false (or the ratio 0)")
     outs = [c.raw(0)]
     if c.output_used(1):
         outs.append(np.ones(c.shape(0), dtype=bool))
@@ -413,6 +421,15 @@ def _arg(c: Ctx):
     return [c.emit(c.op_type.lower(), c.value(0), axis=c.attr("axis", 0),
                    keepdims=bool(c.attr("keepdims", 1)),
                    select_last_index=bool(c.attr("select_last_index", 0)))]
+
+
+@converter("TopK")
+def _topk(c: Ctx):
+    k = c.ints(1, "k")
+    if len(k) != 1:
+        raise Unsupported(f"k must hold one value, got {k}")
+    return c.emit_multi("topk", [c.value(0)], k=k[0], axis=c.attr("axis", -1),
+                        largest=bool(c.attr("largest", 1)))
 
 
 # -- linear algebra -------------------------------------------------------------------------

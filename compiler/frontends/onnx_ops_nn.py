@@ -89,25 +89,34 @@ def _conv(c: Ctx):
 @converter("ConvTranspose")
 def _conv_transpose(c: Ctx):
     x_shape, w_shape = c.shape(0), c.shape(1)
-    if len(x_shape) != 4 or len(w_shape) != 4:
-        raise Unsupported(f"only 2-D transposed convolutions are supported, input "
-                          f"{list(x_shape)}")
-    kernel = list(c.attr("kernel_shape", w_shape[2:]))
-    strides = list(c.attr("strides", [1, 1]))
-    dil = list(c.attr("dilations", [1, 1]))
-    opad = list(c.attr("output_padding", [0, 0]))
+    if len(x_shape) not in (3, 4) or len(w_shape) != len(x_shape):
+        raise Unsupported(f"only 1-D and 2-D transposed convolutions are supported, input "
+                          f"{list(x_shape)}, weight {list(w_shape)}")
+    one_d = len(x_shape) == 3
+
+    def pair(name: str, default: int) -> list[int]:
+        v = list(c.attr(name, [default] * (len(x_shape) - 2)))
+        if len(v) != len(x_shape) - 2:
+            raise Unsupported(f"{name} {v} should have {len(x_shape) - 2} entries")
+        return [default] + v if one_d else v
+
+    kernel = ([1] if one_d else []) + list(c.attr("kernel_shape", w_shape[2:]))
+    strides, dil, opad = pair("strides", 1), pair("dilations", 1), pair("output_padding", 0)
+    sizes = ([1] if one_d else []) + list(x_shape[2:])
     auto = c.attr("auto_pad", "NOTSET")
     out_shape = c.attr("output_shape")
     if out_shape is None and auto in ("SAME_UPPER", "SAME_LOWER"):
-        out_shape = [x_shape[2 + i] * strides[i] for i in range(2)]
+        out_shape = [sizes[i] * strides[i] for i in range(2)]
+    elif out_shape is not None:
+        out_shape = ([1] if one_d else []) + list(out_shape)[-(len(x_shape) - 2):]
     if out_shape is not None:
-        out_shape = list(out_shape)[-2:]
         begins, ends = [], []
         for i in range(2):
-            full = strides[i] * (x_shape[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
+            full = strides[i] * (sizes[i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
             total = full - out_shape[i]
-            if total < 0:
-                raise Unsupported(f"output_shape {out_shape} is larger than the full output")
+            if total < 0:  # a larger output: the extra rows/columns are output padding
+                opad[i] -= total
+                total = 0
             small, big = total // 2, total - total // 2
             upper = auto != "SAME_LOWER"
             begins.append(small if upper else big)
@@ -116,10 +125,15 @@ def _conv_transpose(c: Ctx):
     elif auto == "VALID":
         pads = [0, 0, 0, 0]
     else:
-        pads = list(c.attr("pads", [0, 0, 0, 0]))
-    ins = [c.value(0), c.value(1)] + ([c.value(2)] if c.has(2) else [])
-    return [c.emit("conv_transpose2d", *ins, strides=strides, pads=pads, dilations=dil,
-                   groups=c.attr("group", 1), output_padding=opad)]
+        pads = list(c.attr("pads", [0] * 2 * (len(x_shape) - 2)))
+        if one_d and len(pads) == 2:
+            pads = [0, pads[0], 0, pads[1]]
+    x = _to_2d(c, c.value(0)) if one_d else c.value(0)
+    w = _weight_2d(c, 1) if one_d else c.value(1)
+    ins = [x, w] + ([c.value(2)] if c.has(2) else [])
+    y = c.emit("conv_transpose2d", *ins, strides=strides, pads=pads, dilations=dil,
+               groups=c.attr("group", 1), output_padding=opad)
+    return [_from_2d(c, y) if one_d else y]
 
 
 def _pool(c: Ctx, op: str, **extra):
@@ -273,3 +287,59 @@ def _resize(c: Ctx):
                    cubic_coeff_a=f32(c.attr("cubic_coeff_a", -0.75)),
                    exclude_outside=bool(c.attr("exclude_outside", 0)))]
 
+
+
+@converter("DepthToSpace", "SpaceToDepth")
+def _depth_space(c: Ctx):
+    shape = c.shape(0)
+    if len(shape) != 4:
+        raise Unsupported(f"needs a 4-D NCHW input, got {list(shape)}")
+    n, ch, h, w = shape
+    b = c.attr("blocksize")
+    if b is None or b < 1:
+        raise Unsupported(f"blocksize={b} must be a positive integer")
+    x = c.value(0)
+    if c.op_type == "SpaceToDepth":
+        if h % b or w % b:
+            raise Unsupported(f"H={h} and W={w} must be multiples of blocksize {b}")
+        t = c.emit("reshape", x, shape=[n, ch, h // b, b, w // b, b])
+        t = c.emit("transpose", t, perm=[0, 3, 5, 1, 2, 4])
+        return [c.emit("reshape", t, shape=[n, ch * b * b, h // b, w // b])]
+    if ch % (b * b):
+        raise Unsupported(f"C={ch} must be a multiple of blocksize^2 = {b * b}")
+    if c.attr("mode", "DCR") == "DCR":
+        t = c.emit("reshape", x, shape=[n, b, b, ch // (b * b), h, w])
+        t = c.emit("transpose", t, perm=[0, 3, 4, 1, 5, 2])
+    else:
+        t = c.emit("reshape", x, shape=[n, ch // (b * b), b, b, h, w])
+        t = c.emit("transpose", t, perm=[0, 1, 4, 2, 5, 3])
+    return [c.emit("reshape", t, shape=[n, ch // (b * b), h * b, w * b])]
+
+
+@converter("GroupNormalization")
+def _group_norm(c: Ctx):
+    shape = c.shape(0)
+    x = c.value(0)
+    if len(shape) < 3 or x.type.dtype not in ("f32", "f16", "f64", "bf16"):
+        raise Unsupported(f"needs a float input of rank >= 3, got {x.type}")
+    groups = c.attr("num_groups")
+    n, ch = shape[0], shape[1]
+    if not groups or ch % groups:
+        raise Unsupported(f"num_groups={groups} must divide the {ch} channels")
+    eps = f32(c.attr("epsilon", 1e-5))
+    xr = c.emit("reshape", x, shape=[n, groups, math.prod(shape[1:]) // groups])
+    mean = c.emit("reduce_mean", xr, axes=[2])
+    d = c.emit("sub", xr, mean)
+    var = c.emit("reduce_mean", c.emit("mul", d, d), axes=[2])
+    eps_v = c.const_value(np.array(eps, x.type.np_dtype))
+    y = c.emit("div", d, c.emit("sqrt", c.emit("add", var, eps_v)))
+    y = c.emit("reshape", y, shape=list(shape))
+    per_channel = [1, ch] + [1] * (len(shape) - 2)
+    params = []
+    for i in (1, 2):
+        p = c.value(i)
+        if p.type.shape == (groups,) and groups != ch:  # opset 18: one value per group
+            p = c.emit("reshape", p, shape=[groups, 1])
+            p = c.emit("expand", p, shape=[groups, ch // groups])
+        params.append(c.emit("reshape", p, shape=per_channel))
+    return [c.emit("add", c.emit("mul", y, params[0]), params[1])]

@@ -122,3 +122,34 @@ for _name, _fn in {"argmax": np.argmax, "argmin": np.argmin}.items():
                       {"axis": Attr("int", 0), "keepdims": Attr("bool", True),
                        "select_last_index": Attr("bool", False)},
                       _arg_infer, _arg_ref(_fn), family="reduce", doc="index as i64"))
+
+
+# -- topk -------------------------------------------------------------------------------
+def _topk_infer(types, attrs):
+    (x,) = types
+    if x.rank == 0 or x.dtype == "bool":
+        raise OpError(f"topk needs a numeric tensor of rank >= 1, got {x}")
+    axis = norm_axis(attrs["axis"], x.rank)
+    k = attrs["k"]
+    if not 0 <= k <= x.shape[axis]:
+        raise OpError(f"topk: k={k} must be in 0..{x.shape[axis]} (axis {axis} of {x})")
+    shape = list(x.shape)
+    shape[axis] = k
+    return [x.with_shape(shape), TensorType(tuple(shape), "i64")]
+
+
+def _topk_ref(xs, attrs):
+    x = xs[0]
+    axis = attrs["axis"] % x.ndim
+    key = x.astype(np.float64)
+    # stable sort: equal values keep the lower index first, largest or smallest
+    order = np.argsort(-key if attrs["largest"] else key, axis=axis, kind="stable")
+    idx = np.take(order, np.arange(attrs["k"]), axis=axis)
+    return [np.take_along_axis(x, idx, axis=axis), idx.astype(np.int64)]
+
+
+register_op(OpDef("topk", (1, 1),
+                  {"k": Attr("int"), "axis": Attr("int", -1), "largest": Attr("bool", True)},
+                  _topk_infer, _topk_ref, family="reduce",
+                  doc="the k largest (or smallest) values along axis, sorted, and their i64 "
+                      "indices; ties keep the lower index first (ONNX TopK with static k)"))
