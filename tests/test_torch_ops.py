@@ -114,3 +114,11 @@ def test_aten_converter(name):
     assert err <= 1e-5, err
     text = str(g)
     assert str(parse(text)) == text
+
+
+def test_every_converter_names_an_aten_overload():
+    from compiler.frontends.torch import KEEP, supported_aten_ops
+
+    for key in [*supported_aten_ops(), *KEEP]:
+        packet, overload = key.split(".")
+        assert hasattr(getattr(torch.ops.aten, packet), overload), key

@@ -200,9 +200,10 @@ def _binary(op: str) -> Conv:
     return fn
 
 
-for _aten, _op in {"add": "add", "sub": "sub", "mul": "mul", "div": "div",
-                   "maximum": "max", "minimum": "min"}.items():
-    conv(f"{_aten}.Tensor", f"{_aten}.Scalar", f"{_aten}.default")(_binary(_op))
+for _aten, _op in {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}.items():
+    conv(f"{_aten}.Tensor", f"{_aten}.Scalar")(_binary(_op))
+conv("maximum.default")(_binary("max"))
+conv("minimum.default")(_binary("min"))
 
 
 @conv("rsub.Scalar", "rsub.Tensor")
@@ -301,10 +302,10 @@ def _logical(op: str) -> Conv:
     return fn
 
 
-for _aten, _op in {"logical_and": "logical_and", "logical_or": "logical_or",
-                   "logical_xor": "logical_xor", "bitwise_and": "logical_and",
-                   "bitwise_or": "logical_or", "bitwise_xor": "logical_xor"}.items():
-    conv(f"{_aten}.default", f"{_aten}.Tensor", f"{_aten}.Scalar")(_logical(_op))
+for _op in ("logical_and", "logical_or", "logical_xor"):
+    conv(f"{_op}.default")(_logical(_op))
+    conv(f"bitwise_{_op.split('_')[1]}.Tensor", f"bitwise_{_op.split('_')[1]}.Scalar")(
+        _logical(_op))
 
 
 @conv("where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar")
@@ -484,10 +485,9 @@ def _pad(imp: TorchImporter, a: dict) -> Value:
 
 
 @conv("reflection_pad1d.default", "reflection_pad2d.default", "replication_pad1d.default",
-      "replication_pad2d.default", "circular_pad2d.default")
+      "replication_pad2d.default")
 def _pad_mode(imp: TorchImporter, a: dict) -> Value:
-    key = str(imp.node.target)
-    mode = "reflect" if "reflection" in key else "edge" if "replication" in key else "wrap"
+    mode = "reflect" if "reflection" in str(imp.node.target) else "edge"
     x, pad = a["self"], list(a["padding"])
     r = x.type.rank
     begins, ends = [0] * r, [0] * r
