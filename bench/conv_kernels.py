@@ -53,7 +53,7 @@ def _mobilenet_shapes():
         yield ("mobilenet", f"dw3x3/{s} {c} @{h}", cnt, c, h, c, 3, s, 1, c)
 
 
-def _batch(fn, seconds: float = 0.02) -> tuple[int, float]:
+def _batch(fn, seconds: float = 0.003) -> tuple[int, float]:
     """Calls per batch of about ``seconds`` (after a warm-up), and that first estimate."""
     fn()
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--mcpu", default="sapphirerapids")
     ap.add_argument("--only", choices=["resnet", "mobilenet"])
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
     shapes = []
     if args.only != "mobilenet":

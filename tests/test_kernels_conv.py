@@ -114,6 +114,17 @@ def test_conv2d_groups_and_depthwise():
     ])
 
 
+def test_conv2d_odd_shapes():
+    _check([
+        _conv(1, 1, 5, 5, 1, 3, **P1),                                   # one channel
+        _conv(3, 4, 1, 1, 8, 1),                                         # 1x1 image, batch 3
+        _conv(1, 5, 15, 3, 7, (11, 2), pads=[5, 0, 5, 1], kl="HWIO"),    # wide kernel, W 3
+        _conv(1, 8, 9, 16, 16, 2, strides=[3, 4], layout="NCHW", kl="OIHW"),
+        _conv(2, 6, 7, 9, 33, 3, strides=[1, 2], dilations=[3, 1], pads=[3, 1, 3, 1]),
+        _conv(1, 2, 6, 6, 4, 3, groups=2, **P1),                         # tiny groups
+    ])
+
+
 def test_conv2d_nchw_and_runtime_weights():
     _check([
         _conv(1, 8, 10, 10, 32, 3, layout="NCHW", kl="OIHW", **P1),

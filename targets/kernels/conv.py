@@ -319,8 +319,9 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     sch.unroll(xi)
     sch.vectorize(ci)
     sch.decompose_reduction(conv, ry_)
-    if need_stage:  # a padded copy costs more memory traffic than the conditions it saves
+    if need_stage and layout == "NHWC":  # a padded copy costs more than the conditions
         sch.compute_inline(sch.get_sblock("pad"))
+    _schedule_stage(sch, "pad", lanes, par)  # NCHW: the stage transposes to NHWC
     _schedule_stage(sch, "wpack", lanes, False)
     note = f"depthwise {layout} {g.kh}x{g.kw}/{g.sh}: tile {owb}x{cb}"
     return KernelImpl(sch.mod["main"],
