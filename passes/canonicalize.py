@@ -14,15 +14,14 @@ import numpy as np
 from compiler.ir.graph import Graph, Node
 from compiler.ir.interpreter import run_node
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from passes._fold_affine import bn_affine, bn_to_mul_add, elementwise_affine, fold_affine
 from passes._rewrite import (
     compose_perm,
     const_array,
     erase_dead,
     is_identity_perm,
     new_const,
-    only_user,
     replace_node,
-    tag,
 )
 
 __all__ = ["FoldConstants", "DeadCodeElimination", "CommonSubexpressionElimination",
@@ -169,91 +168,41 @@ class CommonSubexpressionElimination(Pass):
 
 
 # -- fold-batchnorm ------------------------------------------------------------------
-_KERNEL_OUT_AXIS = {"OIHW": 0, "OHWI": 0, "HWIO": 3}
-_CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
-
-
-def _bn_affine(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray] | None:
-    """(s, t) with batch_norm(x) == x * s + t along the channel axis, in float64."""
-    arrs = [const_array(graph, v) for v in bn.inputs[1:]]
-    if any(a is None for a in arrs):
-        return None
-    scale, bias, mean, var = (np.asarray(a, np.float64) for a in arrs)
-    s = scale / np.sqrt(var + bn.attrs["epsilon"])
-    return s, bias - mean * s
-
-
-def _fold_into_conv(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> bool:
-    """Fold into the conv2d or dense producing the BN's input (its output channels)."""
-    conv = bn.inputs[0].producer
-    if conv is None or conv.op not in ("conv2d", "dense") or conv.attrs["activation"] != "none":
-        return False
-    if only_user(graph, conv.output) is not bn:
-        return False
-    x = bn.inputs[0]
-    channel = _CHANNEL_AXIS[conv.attrs["layout"]] if conv.op == "conv2d" else len(x.shape) - 1
-    if bn.attrs["axis"] % len(x.shape) != channel:
-        return False
-    w = const_array(graph, conv.inputs[1])
-    b = const_array(graph, conv.inputs[2]) if len(conv.inputs) == 3 else None
-    if w is None or (len(conv.inputs) == 3 and b is None):
-        return False
-    axis = _KERNEL_OUT_AXIS[conv.attrs["kernel_layout"]] if conv.op == "conv2d" else 0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    new_w = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
-    b64 = np.zeros_like(s) if b is None else b.astype(np.float64)
-    new_b = (b64 * s + t).astype(w.dtype)
-    rule = "fold-batchnorm"
-    wname = conv.inputs[1].producer.attrs.get("ref") or tag(conv, rule) + ".weight"
-    wv = new_const(graph, new_w, name=wname + ".bn", before=conv)
-    bv = new_const(graph, new_b, name=tag(conv, rule) + ".bias", before=conv)
-    replace_node(graph, conv, conv.op, [conv.inputs[0], wv, bv], dict(conv.attrs), rule=rule,
-                 replaces=bn, name_from=conv)
-    erase_dead(graph, [conv])
-    return True
-
-
-def _bn_to_affine(graph: Graph, bn: Node, s: np.ndarray, t: np.ndarray) -> None:
-    x = bn.inputs[0]
-    axis = bn.attrs["axis"] % len(x.shape)
-    shape = (len(s),) + (1,) * (len(x.shape) - 1 - axis)
-    dt = x.type.np_dtype
-    rule = "fold-batchnorm"
-    name = tag(bn, rule)
-    sv = new_const(graph, s.reshape(shape).astype(dt), name=name + ".scale", before=bn)
-    tv = new_const(graph, t.reshape(shape).astype(dt), name=name + ".shift", before=bn)
-    mul = graph.add("mul", x, sv, name=name, before=bn)
-    replace_node(graph, bn, "add", [mul, tv], rule=rule)
-
-
 @register_pass
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
     """Remove every batch_norm whose scale/bias/mean/var are constants.
 
     A batch_norm reading a conv2d or dense (no fused activation, the BN its only reader,
-    constant weight and bias, BN over its output channels) is folded into its weight and bias.
+    constant weight and bias, BN over its output channels) is folded into its weight and bias;
+    so is (``affine``) a mul/add/sub/div by a constant varying along the output channels only.
     Any other batch_norm with constant statistics becomes ``mul`` + ``add`` by per-channel
     constants. After: only batch_norms with non-constant statistics remain.
     """
 
     name: ClassVar[str] = "fold-batchnorm"
     into_conv: bool = True
+    affine: bool = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        into_conv = affine = 0
-        for bn in list(graph.find("batch_norm")):
-            st = _bn_affine(graph, bn)
-            if st is None:
-                continue
-            if self.into_conv and _fold_into_conv(graph, bn, *st):
-                into_conv += 1
-            else:
-                _bn_to_affine(graph, bn, *st)
-                affine += 1
-        return PassResult(graph, into_conv + affine > 0,
-                          {"folded_into_conv": into_conv, "to_mul_add": affine})
+        stats = {"folded_into_conv": 0, "to_mul_add": 0}
+        for node in list(graph.nodes):
+            if node.op == "batch_norm":
+                st = bn_affine(graph, node)
+                if st is None:
+                    continue
+                x, axis = node.inputs[0], node.attrs["axis"]
+                if self.into_conv and fold_affine(graph, node, x, axis, *st):
+                    stats["folded_into_conv"] += 1
+                else:
+                    bn_to_mul_add(graph, node, *st)
+                    stats["to_mul_add"] += 1
+            elif self.into_conv and self.affine and len(node.outputs) == 1 \
+                    and _alive(graph, node):
+                found = elementwise_affine(graph, node)
+                if found is not None and fold_affine(graph, node, *found):
+                    stats[f"{node.op}_folded"] = stats.get(f"{node.op}_folded", 0) + 1
+        return PassResult(graph, any(stats.values()), stats)
 
 
 # -- simplify-reshapes ---------------------------------------------------------------

@@ -190,8 +190,9 @@ def _push_unary(graph: Graph, node: Node) -> bool:
             kept = [k for k in range(r) if k not in axes]
             rem = sorted(p[k] for k in kept)
             out_perm = [rem.index(p[k]) for k in kept]
-    elif not ((get_op(op).elementwise and len(node.inputs) == 1) or op in _UNARY):
-        return False
+    elif not ((get_op(op).elementwise and len(node.inputs) == 1
+               and not any("axis" in k or "axes" in k for k in attrs)) or op in _UNARY):
+        return False  # an op whose attributes name axes would need them remapped
     _replace(graph, node, [node.inputs[0].producer.inputs[0]] + list(node.inputs[1:]), attrs,
              out_perm)
     return True

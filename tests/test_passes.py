@@ -210,3 +210,27 @@ graph @g(%x: f32[4,3]) -> (f32[4,5]) {{
     assert [n.op for n in g.nodes] == ["const", "dense"]
     assert g.find("dense")[0].attrs["activation"] == "gelu"
     _close(ref, interpret(g, [x]))
+
+
+def test_fold_per_channel_affine_numerics():
+    """conv -> mul -> add -> relu (per-channel constants) becomes one conv{relu};
+    div/sub by per-channel constants after a dense fold too."""
+    rng = np.random.default_rng(3)
+    g = Graph("affine")
+    x = g.add_input("x", TensorType((1, 3, 5, 5), "f32"))
+    y = g.add_input("y", TensorType((2, 4), "f32"))
+
+    def c(*shape: int, lo: float = -1.0, hi: float = 1.0) -> object:
+        return g.add_weight("c", rng.uniform(lo, hi, shape).astype(np.float32))
+
+    conv = g.add("conv2d", x, c(4, 3, 3, 3), c(4), pads=[1, 1, 1, 1])
+    out1 = g.add("relu", g.add("add", g.add("mul", conv, c(4, 1, 1)), c(1, 4, 1, 1)))
+    d = g.add("dense", y, c(6, 4))
+    out2 = g.add("sub", g.add("div", d, c(6, lo=0.5, hi=2.0)), c(1, 6))
+    g.outputs = [out1, out2]
+    inputs = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32),
+              "y": rng.standard_normal((2, 4)).astype(np.float32)}
+    ref = interpret(g, inputs)
+    out = _run(g.copy(), "fold-batchnorm,fuse-conv-act,dce")
+    assert out.op_counts() == {"const": 4, "conv2d": 1, "dense": 1}
+    _close(ref, interpret(out, inputs))
