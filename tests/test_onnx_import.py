@@ -328,6 +328,20 @@ def test_two_unsupported_ops_one_error_naming_both():
     assert "nms_here" in str(e.value) and "the_loop" in str(e.value)
 
 
+def test_unknown_ops_and_dynamic_operands_in_one_error():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Reshape", ["x", "ids"], ["a"], name="dyn_reshape"),
+             helper.make_node("Custom", ["a"], ["b"], name="custom_op", domain="com.vendor"),
+             helper.make_node("Relu", ["b"], ["y"], name="after_custom")]
+    model = make_model(nodes, [("x", F, [2, 3]), ("ids", TensorProto.INT64, [2])],
+                       [("y", F, None)])
+    model.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    with pytest.raises(UnsupportedOpsError) as e:
+        from_onnx(model)
+    assert [n[:2] for n in e.value.nodes] == [("dyn_reshape", "Reshape"),
+                                             ("custom_op", "com.vendor.Custom")]
+
+
 def test_dynamic_static_operands_are_listed_together():
     nodes = [helper.make_node("Reshape", ["x", "s"], ["a"], name="dyn_reshape"),
              helper.make_node("Clip", ["a", "lo"], ["y"], name="dyn_clip")]

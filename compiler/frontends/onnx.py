@@ -144,7 +144,7 @@ def _light_copy(model):
     return m
 
 
-def _with_static_inputs(model, types: dict[str, TensorType]):
+def _with_static_inputs(model, types: dict[str, TensorType], strict: bool = True):
     """A copy of ``model`` whose inputs carry the static shapes, shape-inferred."""
     import onnx
 
@@ -163,7 +163,7 @@ def _with_static_inputs(model, types: dict[str, TensorType]):
         except Exception as e:
             raise ImportError_(f"cannot inline the model's local functions: {e}") from None
     try:
-        return onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True,
+        return onnx.shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict,
                                                  data_prop=True)
     except Exception as e:
         msg = str(e).strip().splitlines()
@@ -187,14 +187,15 @@ def _node_label(node, index: int) -> str:
     return f"{node.name or f'#{index}'} ({node.op_type})"
 
 
-def _unsupported_types(model) -> list[tuple[str, str, str]]:
-    bad = []
+def _unsupported_types(model) -> dict[int, tuple[str, str, str]]:
+    """Nodes whose op type has no converter, by node index."""
+    bad = {}
     for i, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx"):
-            bad.append((node.name or f"#{i}", f"{node.domain}.{node.op_type}",
-                        f"the domain {node.domain!r} is not supported"))
+            bad[i] = (node.name or f"#{i}", f"{node.domain}.{node.op_type}",
+                      f"the domain {node.domain!r} is not supported")
         elif node.op_type not in CONVERTERS:
-            bad.append((node.name or f"#{i}", node.op_type, "no converter for this op type"))
+            bad[i] = (node.name or f"#{i}", node.op_type, "no converter for this op type")
     return bad
 
 
@@ -264,8 +265,13 @@ class _Importer:
             self.materialised[name] = v
         return v
 
-    def run(self) -> Graph:
+    def run(self, known_bad: dict[int, tuple[str, str, str]]) -> Graph:
+        """Convert every node; ``known_bad`` nodes (no converter) are listed, not run."""
         for i, node in enumerate(self.model.graph.node):
+            if i in known_bad:
+                self.unsupported.append(known_bad[i])
+                self.poisoned.update(o for o in node.output if o)
+                continue
             self.convert(i, node)
         if self.unsupported:
             raise UnsupportedOpsError(self.unsupported)
@@ -395,14 +401,18 @@ def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None) -> Grap
     proto = _load(model)
     opset = _opset(proto)
     bad = _unsupported_types(proto)
-    if bad:
-        raise UnsupportedOpsError(bad)
     _check_references(proto)
-    types = _input_types(proto, input_shapes)
-    inferred = _with_static_inputs(proto, types)
+    try:
+        types = _input_types(proto, input_shapes)
+        # onnx's strict inference refuses ops it has no schema for; those are ours to list
+        inferred = _with_static_inputs(proto, types, strict=not bad)
+    except NpuccError:
+        if bad:  # the unsupported ops are the more useful report
+            raise UnsupportedOpsError(list(bad.values())) from None
+        raise
     imp = _Importer(inferred, opset, types)
     imp.load_initializers(proto.graph.initializer)
-    return imp.run()
+    return imp.run(bad)
 
 
 def _supported() -> frozenset[str]:
