@@ -163,6 +163,9 @@ def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big
     at = d2
     if vec and vec < inner:
         at, _ = sch.split(d3, [None, vec])
+    # parallel before decompose_reduction: TVM refuses it over a bare update block
+    if big and cpu.num_cores > 1:
+        sch.parallel(outer)
     if is_max:
         _reduce_outside(sch, acc, at, vec)
     else:
@@ -171,8 +174,6 @@ def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big
         if vec:
             sch.vectorize(sch.get_loops(top)[-1])
         _reduce_outside(sch, acc, at, vec)
-    if big and cpu.num_cores > 1:
-        sch.parallel(outer)
 
 
 @register_kernel("global_avg_pool", "global_max_pool")
@@ -230,14 +231,14 @@ def _schedule_global_nhwc(sch, lanes: int, is_max: bool, par: bool) -> None:
         outer = sch.fuse(b, d1, d2, co)
     else:
         outer, ci = sch.fuse(b, d1, d2, c), None
+    if par:  # before decompose_reduction (TVM refuses it over a bare update block)
+        sch.parallel(outer)
     if not is_max:
         sch.compute_at(acc, outer)
         sch.set_scope(acc, 0, "local")
         if ci is not None:
             sch.vectorize(ci)
     _reduce_outside(sch, acc, outer, vec)
-    if par:
-        sch.parallel(outer)
 
 
 def _schedule_global_nchw(sch, is_max: bool, par: bool, rank: int) -> None:
@@ -245,8 +246,8 @@ def _schedule_global_nchw(sch, is_max: bool, par: bool, rank: int) -> None:
     top = acc if is_max else sch.get_sblock("out")
     loops = sch.get_loops(top)[:rank]
     outer = sch.fuse(*loops)
+    if par:
+        sch.parallel(outer)
     if not is_max:
         sch.compute_at(acc, outer)
         sch.set_scope(acc, 0, "local")
-    if par:
-        sch.parallel(outer)
