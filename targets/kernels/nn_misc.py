@@ -33,15 +33,16 @@ def _load(X, idx):
     return expr(X[idx] if idx else X[()])
 
 
-def _row_schedule(cpu: CpuInfo, stats: list[str], n_rows_dims: int, length: int,
-                  lanes: int):
-    """Schedule ``out`` row by row; ``stats`` (reduction block names, consumers first) are
-    computed per row and rfactor-ed over ``lanes`` when the row length allows."""
+def _row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,
+                  lanes: int, row_buffers: frozenset[str] = frozenset()):
+    """Schedule ``out`` row by row. ``blocks`` (consumers first) are computed per row:
+    reductions (row statistics) rfactor-ed over ``lanes`` when the row length allows, names
+    in ``row_buffers`` are row-sized intermediates, vectorised."""
 
     def schedule(sch) -> None:
         from targets.kernels._te import inline_all
 
-        inline_all(sch)
+        inline_all(sch, keep=row_buffers)
         out = sch.get_sblock("out")
         loops = sch.get_loops(out)
         rows = loops[:n_rows_dims]
@@ -56,24 +57,28 @@ def _row_schedule(cpu: CpuInfo, stats: list[str], n_rows_dims: int, length: int,
         r = sch.fuse(*rows) if len(rows) > 1 else rows[0]
         if cpu.num_cores > 1 and n_rows * length >= PARALLEL_MIN and n_rows >= 2:
             sch.parallel(r)
-        order = []  # consumers first: compute_at puts each before its first reader
-        for name in stats:
+        order, rfs = [], []  # consumers first: compute_at puts each before its first reader
+        for name in blocks:
             blk = sch.get_sblock(name)
-            if vec:
+            order.append(blk)
+            if vec and name not in row_buffers:
                 _, ki = sch.split(sch.get_loops(blk)[-1], [None, vec])
                 rf = sch.rfactor(ki, factor_axis=0)
-                order += [blk, rf]
-            else:
-                order.append(blk)
+                order.append(rf)
+                rfs.append(rf)
         for blk in order:
             sch.compute_at(blk, r)
-        if vec:
-            for rf in order[1::2]:
-                rl = sch.get_loops(rf)
-                # rf block: ..., ki (spatial), ko (reduce) -> ko outside, ki vectorised
-                sch.reorder(rl[-1], rl[-2])
-                sch.vectorize(rl[-2])
-                sch.decompose_reduction(rf, rl[-1])
+        if not vec:
+            return
+        for name in row_buffers:
+            _, bv = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])
+            sch.vectorize(bv)
+        for rf in rfs:
+            rl = sch.get_loops(rf)
+            # rf block: ..., ki (spatial), ko (reduce) -> ko outside, ki vectorised
+            sch.reorder(rl[-1], rl[-2])
+            sch.vectorize(rl[-2])
+            sch.decompose_reduction(rf, rl[-1])
     return schedule
 
 
@@ -113,23 +118,36 @@ def softmax(req: KernelRequest) -> KernelImpl:
         m = tirx.Select(tirx.isfinite(m), m, tirx.const(0, dt))
         return at(i, k) - m
 
-    def row_sum(*i):
-        k = te.reduce_axis((0, n), "k")
-        return te.sum(fast_exp(shifted(i, k)), axis=k)
+    if req.op == "softmax":
+        # exp once per element into a row buffer, summed, then scaled by 1/sum
+        ex = te.compute(xt.shape, lambda *i: fast_exp(shifted(stat_idx(i), i[axis])),
+                        name="rowexp")
+
+        def row_sum(*i):
+            k = te.reduce_axis((0, n), "k")
+            src = list(i)
+            src.insert(axis, k)
+            return te.sum(_load(ex, src), axis=k)
+    else:
+        def row_sum(*i):
+            k = te.reduce_axis((0, n), "k")
+            return te.sum(fast_exp(shifted(i, k)), axis=k)
 
     s = te.compute(stat_shape, row_sum, name="rowsum")
+    one = tirx.const(1.0, dt)
     if req.op == "softmax":
         def body(*i):
-            si = stat_idx(i)
-            return fast_exp(shifted(si, i[axis])) / _load(s, si)
+            return _load(ex, i) * (one / _load(s, stat_idx(i)))
     else:
         def body(*i):
             si = stat_idx(i)
             return shifted(si, i[axis]) - te.log(_load(s, si))
     Y = te.compute(xt.shape, body, name="out")
     if _last_axis(req):
-        sched = _row_schedule(req.cpu, ["rowsum", "rowmax"], xt.rank - 1, n,
-                              req.cpu.lanes(xt.dtype))
+        blocks = ["rowsum", "rowexp", "rowmax"] if req.op == "softmax" \
+            else ["rowsum", "rowmax"]
+        sched = _row_schedule(req.cpu, blocks, xt.rank - 1, n, req.cpu.lanes(xt.dtype),
+                              frozenset({"rowexp"} if req.op == "softmax" else ()))
         note = f"{req.op} rows of {n}, row-parallel, vectorised"
     else:
         sched, note = generic(req.cpu, xt.dtype), f"{req.op} over axis {axis}"
