@@ -264,14 +264,16 @@ def _iter_types(sch, block) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
-def inline_all(sch) -> list:
-    """Inline every non-output, non-reduction block; returns the blocks that remain."""
+def inline_all(sch, keep: set[str] | frozenset[str] = frozenset()) -> list:
+    """Inline every non-output, non-reduction block (except those named in ``keep``);
+    returns the blocks that remain."""
     root = sch.get_sblock("root")
     changed = True
     while changed:
         changed = False
         for b in sch.get_child_blocks(root):
-            if _is_output(sch, b) or any(t != 0 for t in _iter_types(sch, b)):
+            if _is_output(sch, b) or any(t != 0 for t in _iter_types(sch, b)) \
+                    or sch.get(b).name_hint in keep:
                 continue
             try:
                 sch.compute_inline(b)
