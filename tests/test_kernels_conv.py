@@ -177,6 +177,14 @@ def test_pools():
             _pool("global_max_pool", lay, 1, 20, 5, 6),
             _pool("global_avg_pool", lay, 1, 10, 3, 3),
         ]
+    cases += [  # big enough to run in parallel
+        _pool("max_pool2d", "NHWC", 1, 64, 40, 40, kernel=[3, 3], strides=[2, 2], pads=[1] * 4),
+        _pool("avg_pool2d", "NCHW", 1, 64, 40, 40, kernel=[2, 2], strides=[2, 2]),
+        _pool("avg_pool2d", "NHWC", 1, 40, 7, 7, kernel=[7, 7], strides=[1, 1]),
+        _pool("global_avg_pool", "NHWC", 1, 1024, 7, 7),
+        _pool("global_max_pool", "NHWC", 1, 1024, 7, 7),
+        _pool("global_max_pool", "NCHW", 1, 1024, 7, 7),
+    ]
     cases += [("global_avg_pool", [_r(2, 6, 9)], {"layout": "NCHW"}, ()),
               ("global_max_pool", [_r(2, 9, 6)], {"layout": "NHWC"}, ())]
     _check(cases)
