@@ -174,7 +174,7 @@ def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int = 14
     """Tile sizes for the NHWC register-tiled conv.
 
     ``ob`` is two SIMD vectors when the group's channels allow it, else one, else the group's
-    channel count (small groups); ``owb`` keeps ``owb * ob / lanes`` accumulators near
+    channel count (small groups, or 24 = 16 + 8 on AVX-512); ``owb`` keeps ``owb * ob / lanes`` accumulators near
     ``acc_regs`` (32 vector registers on AVX-512 and NEON leave room for weights and a
     broadcast).
     """
@@ -182,11 +182,11 @@ def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int = 14
     ocg = g.ocg
     if ocg % (2 * lanes) == 0 or ocg > 4 * lanes:
         ob = 2 * lanes
-    elif ocg % lanes == 0 or ocg > lanes:
+    elif ocg % lanes == 0 or ocg > 2 * lanes:
         ob = lanes
     else:
-        ob = ocg
-    vecs = max(1, ob // lanes)
+        ob = ocg  # up to two vectors, the last one partial (24 = 16 + 8): no padding
+    vecs = -(-ob // lanes)
     owb = _pick_width(g.ow, max(1, acc_regs // vecs))
     owp = -(-g.ow // owb) * owb
     nb_g = -(-ocg // ob)
