@@ -234,6 +234,17 @@ def test_where_equal_cast_argmax_range():
     check(model, {"x": rnd(2, 5)})
 
 
+def test_isnan_isinf():
+    nodes = [helper.make_node("IsNaN", ["x"], ["n"]),
+             helper.make_node("IsInf", ["x"], ["i"]),
+             helper.make_node("IsInf", ["x"], ["p"], detect_negative=0)]
+    b = TensorProto.BOOL
+    model = make_model(nodes, [("x", F, [6])], [("n", b, None), ("i", b, None),
+                                                ("p", b, None)], opset=20)
+    x = np.array([1.0, np.nan, np.inf, -np.inf, 0.0, -2.0], np.float32)
+    check(model, {"x": x})
+
+
 def test_attention_shape_subgraph_folds():
     """Shape -> Gather -> Unsqueeze -> Concat -> Reshape folds to a static reshape."""
     nodes = [

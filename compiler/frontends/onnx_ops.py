@@ -81,6 +81,24 @@ def _mean(c: Ctx):
     return [c.emit("div", total, c.const_value(np.array(c.n_inputs, total.type.np_dtype)))]
 
 
+@converter("IsNaN")
+def _isnan(c: Ctx):
+    x = c.value(0)
+    if not is_float(x.type.dtype):
+        return [np.zeros(x.type.shape, dtype=bool)]
+    return [c.emit("logical_not", c.emit("equal", x, x))]
+
+
+@converter("IsInf")
+def _isinf(c: Ctx):
+    x = c.value(0)
+    pos, neg = c.attr("detect_positive", 1), c.attr("detect_negative", 1)
+    if not is_float(x.type.dtype) or not (pos or neg):
+        return [np.zeros(x.type.shape, dtype=bool)]
+    inf = c.const_value(np.array(np.inf if pos else -np.inf, x.type.np_dtype))
+    return [c.emit("equal", c.emit("abs", x) if pos and neg else x, inf)]
+
+
 @converter("Where")
 def _where(c: Ctx):
     return [c.emit("where", c.value(0), c.value(1), c.value(2))]
