@@ -1,0 +1,215 @@
+"""The ``quantize`` pass: plan precisions, calibrate, insert quantize/dequantize pairs.
+
+For every node whose precision is ``int8`` and which has an integer kernel (``dense`` and
+``conv2d`` with constant f32 weights, conv2d with groups=1; ``matmul`` of two activations):
+
+- each activation operand ``x`` is read through ``dequantize(quantize(x, s, zp), s, zp)``
+  (per tensor, u8 by default or i8, asymmetric, ``s``/``zp`` from calibration); one pair per
+  value, shared by all its int8 readers;
+- the weight becomes an i8 constant (symmetric, per output channel by default) read through
+  ``dequantize{axis}``.
+
+So after this pass the graph is the fake-quantized (QDQ) model: running it in the
+interpreter shows the int8 accuracy; ``lower-quantized`` turns the patterns into integer ops.
+Other precisions go to the handler ``config.HANDLERS[precision]``; until it exists they are
+refused with an error naming the nodes. Ops without an integer kernel stay float.
+
+Options (``quantize{...}``) override what ``compile()`` put in ``ctx.options``
+(``quantize``, ``calibration_method``, ``size_budget_mb``); without ``ctx.sample_inputs`` the
+pass calibrates on ``samples`` random inputs (``npucc opt``), with a remark.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.errors import NpuccError
+from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.ops.quant import qrange
+from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from passes.quantization.calibrate import METHODS, calibrate
+from passes.quantization.config import HANDLERS, INT8_OPS, PrecisionSpec, plan_precisions
+
+__all__ = ["InsertQuantize", "int8_candidates", "activation_params", "quantize_weight",
+           "weight_axis"]
+
+RULE = "quantize"
+
+
+def weight_axis(node: Node) -> int:
+    """The output-channel axis of the node's weight (operand 1)."""
+    if node.op == "conv2d" and node.attrs["kernel_layout"] == "HWIO":
+        return 3
+    return 0
+
+
+def _int8_reason(graph: Graph, node: Node) -> str | None:
+    """Why ``node`` cannot take the int8 path (None: it can)."""
+    if node.op not in INT8_OPS:
+        return "no integer kernel"
+    if any(v.dtype != "f32" for v in node.inputs[:2]):
+        return "not f32"
+    if node.op == "matmul":
+        a, b = node.inputs
+        if graph.const_value(b) is not None or a.type.rank < 2 or b.type.rank < 2:
+            return "matmul with a constant or 1-D operand"
+        return None
+    if graph.const_value(node.inputs[1]) is None:
+        return "weight is not a constant"
+    if node.op == "conv2d" and node.attrs["groups"] != 1:
+        return "grouped conv2d"
+    return None
+
+
+def int8_candidates(graph: Graph, plan: dict[Node, PrecisionSpec]) -> list[Node]:
+    return [n for n, s in plan.items() if s.precision == "int8" and _int8_reason(graph, n)
+            is None]
+
+
+def activation_params(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
+    """Asymmetric (scale, zero point) for the range [lo, hi] (which contains 0)."""
+    qlo, qhi = qrange(dtype)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / (qhi - qlo))
+    if not scale > 0:
+        return np.float32(1.0), (0 if dtype == "u8" else 0)
+    zp = int(np.clip(np.rint(qlo - lo / float(scale)), qlo, qhi))
+    return scale, zp
+
+
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (-127..127): (q i8, scale f32 per channel [C] or scalar)."""
+    w = np.asarray(w, np.float32)
+    if per_channel:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=red) if w.size else np.zeros(w.shape[axis], np.float32)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        return q, scale
+    amax = float(np.abs(w).max()) if w.size else 0.0
+    scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), np.asarray(scale)
+
+
+def _first_user(graph: Graph, v: Value) -> Node:
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    return min(v.users(), key=lambda n: pos[id(n)])
+
+
+def _call_handler(precision: str, graph: Graph, node: Node, spec: PrecisionSpec,
+                  ctx: PassContext) -> bool:
+    target = HANDLERS.get(precision)
+    if target is None:
+        raise NpuccError(f"{node.label}: precision {precision!r} has no handler")
+    mod_name, _, fn_name = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError):
+        raise NpuccError(f"{node.label}: precision {precision!r} is not available yet "
+                         f"({target} is missing); int8 and float are") from None
+    return bool(fn(graph, node, spec, ctx))
+
+
+@register_pass
+@dataclass(frozen=True)
+class InsertQuantize(Pass):
+    """Quantize the graph as the ``quantize=`` config says (see the module docstring).
+
+    Before: a float graph. After: int8 nodes read dequantize(quantize(x)) activations and
+    dequantized i8 weights; other precisions as their handlers leave them."""
+
+    name: ClassVar[str] = "quantize"
+    precision: str = ""          # a preset ("int8", "int4"); "" = ctx.options or "int8"
+    method: str = ""             # calibration method; "" = ctx.options or "minmax"
+    percentile: float = 99.99
+    activations: str = ""        # "u8" | "i8"; "" = the config's (u8)
+    samples: int = 8             # random calibration inputs when ctx has none
+    seed: int = 0
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        config: Any = self.precision or ctx.options.get("quantize") or "int8"
+        method = self.method or ctx.options.get("calibration_method") or "minmax"
+        if method not in METHODS:
+            raise NpuccError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+        plan = plan_precisions(graph, config)
+        budget = ctx.options.get("size_budget_mb")
+        if budget is not None:
+            plan = _call_budget(graph, plan, float(budget), ctx)
+        stats: dict[str, Any] = {"int8": 0, "float": 0, "other": 0}
+        # other precisions first (weight-only rewrites keep the node's identity or replace it)
+        for node, spec in list(plan.items()):
+            if spec.precision not in ("int8", "float"):
+                if _call_handler(spec.precision, graph, node, spec, ctx):
+                    stats["other"] += 1
+        nodes = int8_candidates(graph, {n: s for n, s in plan.items() if n in graph.nodes})
+        if not nodes:
+            stats["float"] = len(plan)
+            return PassResult(graph, stats["other"] > 0, stats)
+        acts: dict[str, tuple[Value, str]] = {}
+        for n in nodes:
+            spec = plan[n]
+            k = 2 if n.op == "matmul" else 1
+            for v in n.inputs[:k]:
+                acts.setdefault(v.name, (v, spec.activations if self.activations == ""
+                                         else self.activations))
+        samples = ctx.sample_inputs
+        if not samples:
+            from compiler.numeric import make_sample_inputs
+
+            samples = [make_sample_inputs(graph, seed=self.seed + i) for i in range(self.samples)]
+            ctx.remark(f"quantize: no calibration samples given; calibrated on {self.samples} "
+                       "random inputs")
+        ranges = calibrate(graph, samples, list(acts), method, percentile=self.percentile)
+        qdq: dict[int, Value] = {}
+        for v, dtype in acts.values():
+            lo, hi = ranges[v.name]
+            scale, zp = activation_params(lo, hi, dtype)
+            at = _first_user(graph, v)
+            s = graph.add_const(np.asarray(scale, np.float32), before=at)
+            z = graph.add_const(np.asarray(zp, dtype=np.dtype("u1" if dtype == "u8" else "i1")),
+                                before=at)
+            q = graph.add("quantize", v, s, z, dtype=dtype, name=RULE, before=at)
+            qdq[id(v)] = graph.add("dequantize", q, s, z, name=RULE, before=at)
+        weights: dict[tuple[int, int], Value] = {}
+        for n in nodes:
+            spec = plan[n]
+            k = 2 if n.op == "matmul" else 1
+            for i, v in enumerate(list(n.inputs[:k])):
+                n.set_input(i, qdq[id(v)])
+            if n.op != "matmul":
+                w = n.inputs[1]
+                axis = weight_axis(n)
+                key = (id(w), axis)
+                if key not in weights:
+                    arr = graph.const_value(w)
+                    q, scale = quantize_weight(arr, axis, spec.weights == "per_channel")
+                    ref = w.producer.attrs.get("ref") or w.name
+                    first = graph.nodes[0]
+                    wq = graph.add_weight(f"{ref}.i8", q, before=first)
+                    ws = graph.add_const(scale, before=first)
+                    wz = graph.add_const(np.zeros(scale.shape, np.int8), before=first)
+                    weights[key] = graph.add("dequantize", wq, ws, wz,
+                                             axis=axis if scale.ndim else -1, name=RULE,
+                                             before=first)
+                n.set_input(1, weights[key])
+            stats["int8"] += 1
+        graph.remove_dead()
+        stats["float"] = len(plan) - stats["int8"] - stats["other"]
+        return PassResult(graph, True, stats)
+
+
+def _call_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
+                 ctx: PassContext) -> dict[Node, PrecisionSpec]:
+    try:
+        from passes.quantization import mixed  # type: ignore[attr-defined]
+    except ImportError:
+        raise NpuccError("size_budget_mb= needs mixed-precision planning "
+                         "(passes/quantization/mixed.py), which is not available yet") from None
+    return mixed.plan_budget(graph, plan, budget_mb, ctx)

@@ -1,0 +1,181 @@
+"""The ``lower-quantized`` pass: QDQ patterns -> integer ops.
+
+Rules (each counted in the pass stats):
+
+- ``dense`` / ``conv2d`` whose activation operand is ``dequantize(xq)`` (per tensor) and
+  whose weight is ``dequantize(const i8)`` (zero point 0) become ``qdense`` / ``qconv2d``
+  reading ``xq`` and the i8 weight directly (stored int8 in the package); the float bias
+  becomes i32 at scale ``x_scale * w_scale``. ``matmul(dequantize(a), dequantize(b))``
+  becomes ``qmatmul``.
+- The result: when its only reader is a per-tensor ``quantize`` to u8/i8 and the activation
+  is none/relu/relu6/clip, the integer op requantizes to it (``out_dtype`` u8/i8) and the
+  quantize goes; otherwise ``out_dtype=f32`` (dequantized in the epilogue).
+- ``quantize(dequantize(q, s, z), s, z)`` is ``q``; with other per-tensor parameters it is
+  ``requantize``.
+
+After: no dequantize feeds a dense/conv2d/matmul that could be lowered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.ir.graph import Graph, Node, Value
+from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from passes._rewrite import erase_dead
+
+__all__ = ["LowerQuantized"]
+
+RULE = "lower-quantized"
+_INT_ACTS = ("none", "relu", "relu6", "clip")
+
+
+def _dq(graph: Graph, v: Value, per_tensor: bool = True) -> Node | None:
+    n = v.producer
+    if n is None or n.op != "dequantize":
+        return None
+    s = graph.const_value(n.inputs[1])
+    z = graph.const_value(n.inputs[2])
+    if s is None or z is None or (per_tensor and np.ndim(s) != 0):
+        return None
+    return n
+
+
+def _only_quantize(graph: Graph, v: Value) -> Node | None:
+    if any(o is v for o in graph.outputs):
+        return None
+    users = v.users()
+    if len(users) != 1 or len(v.uses) != 1:
+        return None
+    q = users[0]
+    if q.op != "quantize" or q.inputs[0] is not v or q.attrs["dtype"] not in ("u8", "i8"):
+        return None
+    if graph.const_value(q.inputs[1]) is None or np.ndim(graph.const_value(q.inputs[1])) != 0:
+        return None
+    if graph.const_value(q.inputs[2]) is None:
+        return None
+    return q
+
+
+def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
+    if node.op not in ("dense", "conv2d", "matmul") or node.output.dtype != "f32":
+        return False
+    x_dq = _dq(graph, node.inputs[0])
+    if x_dq is None:
+        return False
+    if node.op == "matmul":
+        b_dq = _dq(graph, node.inputs[1])
+        if b_dq is None:
+            return False
+        ins = [x_dq.inputs[0], b_dq.inputs[0], *x_dq.inputs[1:], *b_dq.inputs[1:]]
+        attrs: dict[str, Any] = {}
+        act = "none"
+    else:
+        w_dq = _dq(graph, node.inputs[1], per_tensor=False)
+        if w_dq is None or w_dq.inputs[0].dtype != "i8" \
+                or graph.const_value(w_dq.inputs[0]) is None:
+            return False
+        if np.any(graph.const_value(w_dq.inputs[2]) != 0):
+            return False
+        x_scale = np.float32(graph.const_value(x_dq.inputs[1]))
+        w_scale = np.asarray(graph.const_value(w_dq.inputs[1]), np.float32)
+        n_out = node.output.shape[-1] if node.op == "dense" or \
+            node.attrs["layout"] == "NHWC" else node.output.shape[1]
+        if len(node.inputs) > 2:
+            b = graph.const_value(node.inputs[2])
+            if b is None:
+                return False
+            bias = np.clip(np.rint(np.asarray(b, np.float64)
+                                   / (np.float64(x_scale) * w_scale.astype(np.float64))),
+                           -(2**31), 2**31 - 1).astype(np.int32)
+            bias = np.broadcast_to(bias, (n_out,)).copy()
+        else:
+            bias = np.zeros(n_out, np.int32)
+        name = (node.name or RULE) + ".bias_i32"
+        bias_v = graph.add_weight(name, bias, before=graph.nodes[0]) if bias.size > 16 \
+            else graph.add_const(bias, before=graph.nodes[0])
+        ins = [x_dq.inputs[0], w_dq.inputs[0], bias_v, x_dq.inputs[1], x_dq.inputs[2],
+               w_dq.inputs[1]]
+        attrs = dict(node.attrs)
+        act = attrs.get("activation", "none")
+    q = _only_quantize(graph, node.output)
+    if q is not None and act in _INT_ACTS:
+        ins += [q.inputs[1], q.inputs[2]]
+        attrs["out_dtype"] = q.attrs["dtype"]
+        replaced = q.output
+    else:
+        attrs["out_dtype"] = "f32"
+        replaced = node.output
+    op = {"dense": "qdense", "conv2d": "qconv2d", "matmul": "qmatmul"}[node.op]
+    new = graph.make_node(op, ins, attrs, name=node.name or RULE, before=node,
+                          device=node.device)
+    if replaced is not node.output:
+        # the quantize reading node's result sits after it; the new node is before node
+        pass
+    graph.replace_all_uses(replaced, new.output)
+    erase_dead(graph, [q] if q is not None and replaced is q.output else [node])
+    erase_dead(graph, [node])
+    stats[op] = stats.get(op, 0) + 1
+    if attrs["out_dtype"] != "f32":
+        stats["requantized"] = stats.get("requantized", 0) + 1
+    return True
+
+
+def _same(graph: Graph, a: Value, b: Value) -> bool:
+    x, y = graph.const_value(a), graph.const_value(b)
+    return a is b or (x is not None and y is not None and np.shape(x) == np.shape(y)
+                      and np.array_equal(x, y) and np.asarray(x).dtype == np.asarray(y).dtype)
+
+
+def _fold_qdq(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
+    """quantize(dequantize(q)) -> q (same parameters) or requantize."""
+    if node.op != "quantize":
+        return False
+    dq = node.inputs[0].producer
+    if dq is None or dq.op != "dequantize":
+        return False
+    if _same(graph, dq.inputs[1], node.inputs[1]) and _same(graph, dq.inputs[2], node.inputs[2]) \
+            and dq.attrs["axis"] == node.attrs["axis"] \
+            and dq.inputs[0].dtype == node.attrs["dtype"]:
+        graph.replace_all_uses(node.output, dq.inputs[0])
+        erase_dead(graph, [node])
+        stats["qdq_removed"] = stats.get("qdq_removed", 0) + 1
+        return True
+    scales = [graph.const_value(v) for v in (*dq.inputs[1:], *node.inputs[1:])]
+    if any(s is None or np.ndim(s) != 0 for s in scales):
+        return False
+    new = graph.make_node("requantize", [dq.inputs[0], dq.inputs[1], dq.inputs[2],
+                                         node.inputs[1], node.inputs[2]],
+                          {"dtype": node.attrs["dtype"]}, name=node.name or RULE, before=node)
+    graph.replace_all_uses(node.output, new.output)
+    erase_dead(graph, [node])
+    stats["requantize"] = stats.get("requantize", 0) + 1
+    return True
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowerQuantized(Pass):
+    """Fold dequantize -> dense/conv2d/matmul -> quantize into qdense/qconv2d/qmatmul; remove
+    redundant quantize/dequantize pairs (see the module docstring).
+
+    Before: a QDQ graph (the ``quantize`` pass's result). After: integer ops with i8 weights
+    and i32 biases; float ops keep their dequantize/quantize edges."""
+
+    name: ClassVar[str] = "lower-quantized"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats: dict[str, int] = {}
+        changed = False
+        for node in list(graph.nodes):
+            if node in graph.nodes and _lower(graph, node, stats):
+                changed = True
+        for node in list(graph.nodes):
+            if node in graph.nodes and _fold_qdq(graph, node, stats):
+                changed = True
+        graph.toposort()
+        graph.remove_dead()
+        return PassResult(graph, changed, stats)
