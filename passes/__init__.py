@@ -17,6 +17,8 @@ PASS_MODULES: dict[str, str] = {
     **dict.fromkeys(("fuse-matmul-add", "fuse-gemm", "fuse-conv-act", "fuse-conv-relu",
                      "fuse-dense-act"), "passes.fusion"),
     "to-nhwc": "passes.layout",
+    "quantize": "passes.quantization.insert",
+    "lower-quantized": "passes.quantization.lower",
     "partition": "passes.partition",
 }
 FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
