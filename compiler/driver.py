@@ -200,6 +200,10 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
         if any(n.device is None for n in graph.nodes if n.op != "const"):
             # every node gets a device, also when the pipeline did not partition
             graph = run_pipeline(graph, "partition", ctx=ctx)
+    budget = _budget(desc)
+    refs = {n.attrs.get("ref") for n in graph.find("const")}
+    _check_budget(desc, budget, 0, sum(int(a.nbytes) for r, a in graph.weights.items()
+                                       if r in refs))
     work = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="npucc-"))
     cpu = _host_cpu_for(desc)
     with prog.phase("codegen", f"generating kernels for {cpu.tvm_target.get('mcpu', 'cpu')}") \
@@ -214,7 +218,9 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
             [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
             _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
-            _inplace_steps(lib.steps), memory_budget_bytes=_budget(desc))
+            _inplace_steps(lib.steps))
+        mem = pkg.memory
+        _check_budget(desc, budget, mem["arena_bytes"], mem["weight_bytes"])
     return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
                          phase_seconds=prog.times, pass_context=ctx)
 
@@ -274,6 +280,23 @@ def _stderr_is_tty() -> bool:
 def _budget(desc) -> int | None:
     mem = getattr(desc, "memory", None)
     return mem.budget_bytes if mem is not None and mem.budget_mb else None
+
+
+def _check_budget(desc, budget: int | None, arena: int, weights: int) -> None:
+    """Arena + weights over the target's ``[memory] budget_mb`` is the user's error: say by how
+    much, and what budget would be accepted. Checked on the weights alone before codegen
+    (``arena=0``), so a model that cannot fit fails before its kernels are built."""
+    if budget is None or arena + weights <= budget:
+        return
+    mib = 2**20
+    need = (f"{arena / mib:.2f} MiB of activations (arena) + {weights / mib:.2f} MiB of "
+            f"weights" if arena else f"{weights / mib:.2f} MiB of weights alone")
+    raise NpuccError(
+        f"the model does not fit the memory budget of target {desc.name!r} "
+        f"({desc.file or desc.name}): it needs {need} = {(arena + weights) / mib:.2f} MiB, "
+        f"the budget is [memory] budget_mb = {desc.memory.budget_mb:g}; raise budget_mb to at "
+        f"least {-(-(arena + weights) // mib)}, or make the model smaller (pruning, "
+        f"quantization)")
 
 
 def _host_cpu_for(desc):
