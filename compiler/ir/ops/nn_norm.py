@@ -59,7 +59,11 @@ def _ln_infer(types, attrs):
     axis = norm_axis(attrs["axis"], x.rank)
     normed = x.shape[axis:]
     for name, t in zip(("scale", "bias"), types[1:], strict=False):
-        if t.rank > len(normed) or broadcast_shapes(t.shape, normed) != normed:
+        try:
+            ok = t.rank <= len(normed) and broadcast_shapes(t.shape, normed) == normed
+        except OpError:
+            ok = False
+        if not ok:
             raise OpError(f"layer_norm's {name} {t} must broadcast to the normalised "
                           f"shape {list(normed)} (axes {axis}..{x.rank - 1})")
     return [x]
