@@ -1,0 +1,173 @@
+"""Weight-only quantized ops: ``dense_wq``, ``gather_q16``, ``norm_f16``.
+
+``dense_wq(x, wq, scales[, bias]){bits, group_size, activation}``
+    ``x[..., K] @ W[N, K]^T + b`` with ``W`` stored group-wise quantized, symmetric (no zero
+    points): ``W[n, k] = q[n, k] * f32(scales[n, k // group_size])``, ``scales`` f16
+    ``[N, K / group_size]``.
+
+    - ``bits=4``: ``wq`` is u8 ``[N, K / 2]``, two weights per byte. **Nibble order**: byte
+      ``j`` of row ``n`` holds ``k = 2j`` in its low nibble and ``k = 2j + 1`` in its high
+      nibble; a nibble ``u`` (0..15) is the weight ``q = u - 8`` (-8..7), llama.cpp's Q4_0
+      encoding.
+    - ``bits=8``: ``wq`` is i8 ``[N, K]`` (-127..127).
+
+    Numerics (reference = kernels): the dequantised weight is exact in f32 (a small integer
+    times an f16 value); products and sums in f32, bias and activation in f32.
+``gather_q16(table, scales, idx)``
+    an embedding lookup from an i16 table ``[V, D]`` with per-row f32 scales ``[V]``:
+    ``out[..., d] = f32(table[idx, d]) * scales[idx]`` (axis 0; negative indices wrap).
+``norm_f16(x, scale, bias){axes, epsilon}``
+    a normalisation with f16 storage: ``xh = f32(f16(x))`` (the input rounded to f16), the
+    statistics over ``axes`` in f32 (mean, then the mean of squared deviations),
+    ``y = (xh - mean) / sqrt(var + eps) * f32(scale) + f32(bias)`` in f32, rounded to f16 and
+    returned as f32 (``f32(f16(y))``). ``axes=[]`` is a plain affine map ``xh * scale + bias``
+    (an inference batch norm folded at compile time). ``scale`` and ``bias`` are f16 and
+    broadcast against ``x`` numpy-style (right-aligned): layer norm passes them as the
+    normalised shape, instance/batch norm NCHW as ``[C, 1, 1]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.errors import OpError
+from compiler.ir.ops._util import broadcast_shapes
+from compiler.ir.ops.nn import ACTIVATION_ATTRS, apply_activation, check_activation
+from compiler.ir.registry import Attr, OpDef, register_op
+from compiler.ir.types import TensorType
+
+__all__ = ["pack_int4", "unpack_int4", "dequantize_groups"]
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """i8 values in [-8, 7], shape [..., K] (K even) -> u8 [..., K/2] (see nibble order)."""
+    q = np.asarray(q)
+    if q.shape[-1] % 2:
+        raise OpError(f"int4 packing needs an even last dimension, got {list(q.shape)}")
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """u8 [..., K/2] -> i8 [..., K] in [-8, 7] (inverse of :func:`pack_int4`)."""
+    p = np.asarray(packed, np.uint8)
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), np.int8)
+    out[..., 0::2] = (p & 15).astype(np.int8) - 8
+    out[..., 1::2] = (p >> 4).astype(np.int8) - 8
+    return out
+
+
+def dequantize_groups(wq: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """The f32 weight ``[N, K]`` that ``dense_wq`` multiplies by."""
+    q = unpack_int4(wq) if bits == 4 else np.asarray(wq, np.int8)
+    n, k = q.shape
+    g = k // scales.shape[1]
+    s = np.repeat(np.asarray(scales).astype(np.float32), g, axis=1)
+    return q.astype(np.float32) * s
+
+
+# -- dense_wq --------------------------------------------------------------------------
+def _dense_wq_infer(types, attrs):
+    x, wq, sc = types[0], types[1], types[2]
+    bits, g = attrs["bits"], attrs["group_size"]
+    if x.dtype != "f32" or x.rank < 1:
+        raise OpError(f"dense_wq takes an f32 x[..., K], got {x}")
+    want = "u8" if bits == 4 else "i8"
+    if wq.dtype != want or wq.rank != 2:
+        raise OpError(f"dense_wq bits={bits}: weights must be {want}[N, K{'/2' if bits == 4 else ''}]"
+                      f", got {wq}")
+    n = wq.shape[0]
+    k = wq.shape[1] * (2 if bits == 4 else 1)
+    if x.shape[-1] != k:
+        raise OpError(f"dense_wq: x's last dimension {x.shape[-1]} differs from the weight's "
+                      f"K {k} ({wq}, bits={bits})")
+    if k % g:
+        raise OpError(f"dense_wq: K={k} is not a multiple of group_size={g}")
+    if sc.dtype != "f16" or sc.shape != (n, k // g):
+        raise OpError(f"dense_wq: scales must be f16[{n},{k // g}] (N, K/group_size), got {sc}")
+    if len(types) == 4 and (types[3].shape != (n,) or types[3].dtype != "f32"):
+        raise OpError(f"dense_wq: bias must be f32[{n}], got {types[3]}")
+    return [TensorType(x.shape[:-1] + (n,), "f32")]
+
+
+def _dense_wq_ref(xs, attrs):
+    x, wq, sc = xs[0], xs[1], xs[2]
+    w = dequantize_groups(wq, sc, attrs["bits"])
+    y = np.matmul(x.astype(np.float32), w.T)
+    if len(xs) == 4:
+        y = y + xs[3]
+    return [apply_activation(y.astype(np.float32), attrs)]
+
+
+register_op(OpDef(
+    "dense_wq", (3, 4),
+    {"bits": Attr("int", 4, (4, 8)), "group_size": Attr("int", 128), **ACTIVATION_ATTRS},
+    _dense_wq_infer, _dense_wq_ref, verify=check_activation, family="quant",
+    doc="dense with group-wise int4/int8 weights and f16 scales (weight-only)"))
+
+
+# -- gather_q16 ------------------------------------------------------------------------
+def _gather_q16_infer(types, attrs):
+    table, sc, idx = types
+    if table.dtype != "i16" or table.rank != 2:
+        raise OpError(f"gather_q16 takes an i16 table [V, D], got {table}")
+    if sc.dtype != "f32" or sc.shape != (table.shape[0],):
+        raise OpError(f"gather_q16: scales must be f32[{table.shape[0]}] (one per row), got {sc}")
+    if idx.dtype not in ("i32", "i64"):
+        raise OpError(f"gather_q16's indices must be i32 or i64, got {idx}")
+    return [TensorType(idx.shape + (table.shape[1],), "f32")]
+
+
+def _gather_q16_ref(xs, attrs):
+    table, sc, idx = xs
+    v = table.shape[0]
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < -v or idx.max() >= v):
+        raise OpError(f"gather_q16: an index is outside [-{v}, {v - 1}]")
+    idx = np.where(idx < 0, idx + v, idx)
+    return [table[idx].astype(np.float32) * sc[idx][..., None]]
+
+
+register_op(OpDef("gather_q16", (3, 3), {}, _gather_q16_infer, _gather_q16_ref, family="quant",
+                  doc="embedding rows from an i16 table times per-row f32 scales"))
+
+
+# -- norm_f16 --------------------------------------------------------------------------
+def _norm_f16_infer(types, attrs):
+    x, scale, bias = types
+    if x.dtype != "f32":
+        raise OpError(f"norm_f16 takes an f32 input, got {x}")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t.dtype != "f16":
+            raise OpError(f"norm_f16's {name} must be f16, got {t}")
+        if t.rank > x.rank or broadcast_shapes(t.shape, x.shape) != x.shape:
+            raise OpError(f"norm_f16's {name} {t} does not broadcast to the input {x}")
+    axes = attrs["axes"]
+    if len(set(a % max(x.rank, 1) for a in axes)) != len(axes) \
+            or any(not -x.rank <= a < x.rank for a in axes):
+        raise OpError(f"norm_f16: axes {axes} are not distinct axes of {x}")
+    return [x]
+
+
+def norm_f16_reference(x: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                       axes: tuple[int, ...], eps: float) -> np.ndarray:
+    xh = x.astype(np.float16).astype(np.float32)
+    s, b = scale.astype(np.float32), bias.astype(np.float32)
+    if not axes:
+        y = xh * s + b
+    else:
+        mean = xh.mean(axis=axes, keepdims=True, dtype=np.float32)
+        var = np.square(xh - mean).mean(axis=axes, keepdims=True, dtype=np.float32)
+        y = (xh - mean) / np.sqrt(var + np.float32(eps)) * s + b
+    return y.astype(np.float32).astype(np.float16).astype(np.float32)
+
+
+def _norm_f16_ref(xs, attrs):
+    x = xs[0]
+    axes = tuple(sorted(a % x.ndim for a in attrs["axes"]))
+    return [norm_f16_reference(x, xs[1], xs[2], axes, attrs["epsilon"])]
+
+
+register_op(OpDef("norm_f16", (3, 3), {"axes": Attr("ints", []), "epsilon": Attr("float", 1e-5)},
+                  _norm_f16_infer, _norm_f16_ref, family="quant",
+                  doc="layer/instance/batch norm with f16 storage and f32 statistics"))

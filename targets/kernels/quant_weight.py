@@ -1,0 +1,170 @@
+"""Kernels for the weight-only quantized ops: dense_wq, gather_q16, norm_f16.
+
+``dense_wq`` is the float GEMM micro-kernel of :mod:`targets.kernels.linalg` (register tiles
+``mr x nb``, full-K accumulation in a local tile, epilogue fusion) with the weight operand
+decoded inside the K loop: constant weights are packed at compile time to
+``[ceil(N/nb), K/2, nb]`` u8 (int4, two k per byte, low nibble = even k) or ``[.., K, nb]`` i8
+and the scales to ``[ceil(N/nb), K/g, nb]`` f16, so for each k the inner loop loads ``nb``
+contiguous bytes, shifts/masks them to nibbles, converts, multiplies by the group's scale and
+accumulates. No dequantised weight tensor exists; the weights stay 4 (8) bits in memory.
+
+``gather_q16``: one output element = one i16 load, a convert and a multiply by the row's
+scale. ``norm_f16``: the reference's numerics (input rounded to f16, f32 statistics, result
+rounded to f16), row-scheduled like layer_norm when the normalised axes are the trailing ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compiler.ir.types import TensorType
+from targets.kernels._te import expr, generic, placeholders, prim_func
+from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+from targets.kernels.linalg import _bias_act, _gemm_func, _unravel, gemm_tiles, pack_nk
+
+__all__: list[str] = []
+
+
+@register_kernel("dense_wq")
+def dense_wq(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    xt, wt = req.input_types[0], req.input_types[1]
+    out = req.output_types[0]
+    bits, g = int(req.attrs["bits"]), int(req.attrs["group_size"])
+    N = wt.shape[0]
+    K = xt.shape[-1]
+    lead = xt.shape[:-1]
+    M = math.prod(lead)
+    mr, nb = gemm_tiles(req, M, N)
+    packed = 1 in req.const_inputs and 2 in req.const_inputs
+    types = {}
+    if packed:
+        types[1] = TensorType((-(-N // nb), wt.shape[1], nb), wt.dtype)
+        types[2] = TensorType((-(-N // nb), K // g, nb), "f16")
+    ins = placeholders(req, types)
+    X, W, S = ins[0], ins[1], ins[2]
+    Mp = -(-M // mr) * mr
+
+    def a_at(bi, m, k):
+        if M != Mp:
+            m = te.min(m, M - 1)
+        return X[tuple(_unravel(m, lead)) + (k,)]
+
+    def w_at(n, kk):
+        return W[n // nb, kk, n % nb] if packed else W[te.min(n, N - 1), kk]
+
+    def s_at(n, grp):
+        return S[n // nb, grp, n % nb] if packed else S[te.min(n, N - 1), grp]
+
+    def b_at(bi, k, n):
+        if bits == 4:
+            byte = expr(w_at(n, k // 2))
+            shift = ((k % 2) * 4).astype("uint8")
+            q = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
+            qf = q.astype("int32").astype("float32") - tirx.const(8.0, "float32")
+        else:
+            qf = expr(w_at(n, k)).astype("float32")
+        return qf * expr(s_at(n, k // g)).astype("float32")
+
+    bias_at = (lambda idx: ins[3][idx[-1]]) if len(ins) > 3 else None
+    func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb, mr=mr,
+                      a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
+    transforms = {}
+    if packed:
+        transforms = {1: lambda w, nb=nb: pack_nk(np.asarray(w), nb),
+                      2: lambda s, nb=nb: pack_nk(np.asarray(s), nb)}
+    return KernelImpl(func, transforms,
+                      note=f"dense_wq int{bits} g{g} M={M} K={K} N={N}: {mr}x{nb} tiles, "
+                           f"decoded in the K loop")
+
+
+@register_kernel("gather_q16")
+def gather_q16(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    T, S, Idx = placeholders(req)
+    tt, it, out = req.input_types[0], req.input_types[2], req.output_types[0]
+    V = tt.shape[0]
+
+    def body(*o):
+        iv = expr(Idx[tuple(o[:it.rank])] if it.rank else Idx[()]).astype("int32")
+        iv = tirx.Select(iv < 0, iv + V, iv)
+        iv = te.min(te.max(iv, 0), V - 1)
+        return T[iv, o[-1]].astype("float32") * S[iv]
+
+    Y = te.compute(out.shape, body, name="out")
+    return KernelImpl(prim_func([T, S, Idx, Y], generic(req.cpu, "f32")),
+                      note=f"gather_q16 rows of {tt.shape[1]}")
+
+
+@register_kernel("norm_f16")
+def norm_f16(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    X, Sc, B = placeholders(req)
+    xt = req.input_types[0]
+    rank = xt.rank
+    axes = sorted(a % rank for a in req.attrs["axes"])
+    eps = float(req.attrs["epsilon"])
+    f32 = "float32"
+
+    def xh(idx):
+        return expr(X[tuple(idx)]).astype("float16").astype(f32)
+
+    def param(P, t, idx):
+        from targets.kernels._te import broadcast_index
+        pi = broadcast_index(list(idx), xt.shape, t.shape)
+        return expr(P[tuple(pi)] if pi else P[()]).astype(f32)
+
+    kept = [a for a in range(rank) if a not in axes]
+    stat_shape = tuple(xt.shape[a] for a in kept)
+    count = math.prod(xt.shape[a] for a in axes) if axes else 1
+
+    def full(stat_idx, red_idx):
+        idx = [None] * rank
+        for a, v in zip(kept, stat_idx, strict=True):
+            idx[a] = v
+        for a, v in zip(axes, red_idx, strict=True):
+            idx[a] = v
+        return idx
+
+    if axes:
+        inv_n = tirx.const(1.0 / count, f32)
+
+        def red(fn, name):
+            def body(*si):
+                ks = [te.reduce_axis((0, xt.shape[a]), f"k{a}") for a in axes]
+                return te.sum(fn(si, ks), axis=ks)
+            return te.compute(stat_shape, body, name=name)
+
+        mean = red(lambda si, ks: xh(full(si, ks)), "mean")
+
+        def centred(si, ks):
+            return xh(full(si, ks)) - expr(mean[tuple(si)]) * inv_n
+
+        var = red(lambda si, ks: centred(si, ks) * centred(si, ks), "var")
+
+    def body(*i):
+        if axes:
+            si = [i[a] for a in kept]
+            ri = [i[a] for a in axes]
+            y = centred(si, ri) / te.sqrt(expr(var[tuple(si)]) * inv_n + tirx.const(eps, f32))
+        else:
+            y = xh(i)
+        y = y * param(Sc, req.input_types[1], i) + param(B, req.input_types[2], i)
+        return y.astype("float16").astype(f32)
+
+    Y = te.compute(xt.shape, body, name="out")
+    trailing = bool(axes) and axes == list(range(rank - len(axes), rank))
+    if trailing:
+        from targets.kernels.nn_misc import _row_schedule
+
+        sched = _row_schedule(req.cpu, ["var", "mean"], rank - len(axes), count,
+                              req.cpu.lanes("f32"))
+        note = f"norm_f16 rows of {count}, row-parallel"
+    else:
+        sched, note = generic(req.cpu, "f32"), f"norm_f16 axes {axes}"
+    return KernelImpl(prim_func([X, Sc, B, Y], sched), note=note)
