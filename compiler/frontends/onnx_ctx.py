@@ -4,15 +4,21 @@ A converter is ``fn(ctx) -> list[Value | np.ndarray]``, one entry per ONNX outpu
 value, or a numpy array when the output is a constant known at import (e.g. ``Shape``).
 It raises :class:`Unsupported` with a reason for a node it cannot express (the importer
 collects every such node and reports them together).
+
+Attributes are checked against the op's ONNX schema when the Ctx is made: one whose type
+differs from the declared one (an int where a list of ints belongs...) is an
+:class:`ImportError_` naming the attribute, before any converter reads it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from compiler.errors import ImportError_
 from compiler.ir.graph import Graph, Value
 from compiler.ir.types import TensorType
 
@@ -33,6 +39,24 @@ def onnx_dtype(elem_type: int) -> str | None:
 
 def ir_to_onnx_dtype(dtype: str) -> int:
     return _TO_ONNX[dtype]
+
+
+_ATTR_KINDS = {1: "a float", 2: "an int", 3: "a string", 4: "a tensor", 5: "a graph",
+               6: "a list of floats", 7: "a list of ints", 8: "a list of strings",
+               9: "a list of tensors", 10: "a list of graphs", 11: "a sparse tensor",
+               12: "a list of sparse tensors", 13: "a type", 14: "a list of types"}
+
+
+@functools.cache
+def _declared_attr_types(op_type: str, opset: int) -> dict[str, int]:
+    """Attribute name -> AttributeProto type that the op's ONNX schema declares."""
+    from onnx import defs
+
+    try:
+        schema = defs.get_schema(op_type, opset)
+    except Exception:  # no schema (the converter decides what it accepts)
+        return {}
+    return {name: int(a.type) for name, a in schema.attributes.items()}
 
 
 class Unsupported(Exception):  # noqa: N818  (a signal, reported as UnsupportedOpsError)
@@ -63,8 +87,17 @@ class Ctx:
         self._lookup = lookup
         self._materialise = materialise
         self.attrs: dict[str, Any] = {}
+        declared = _declared_attr_types(node.op_type, opset)
         for a in node.attribute:
-            v = helper.get_attribute_value(a)
+            want = declared.get(a.name)
+            if want is not None and a.type != want:
+                raise ImportError_(
+                    f"attribute {a.name!r} is {_ATTR_KINDS.get(a.type, a.type)}; "
+                    f"{node.op_type}-{opset} declares it {_ATTR_KINDS.get(want, want)}")
+            try:
+                v = helper.get_attribute_value(a)
+            except Exception as e:  # an attribute without a known type
+                raise ImportError_(f"attribute {a.name!r} cannot be read: {e}") from None
             if isinstance(v, bytes):
                 v = v.decode("utf-8", "replace")
             self.attrs[a.name] = v
