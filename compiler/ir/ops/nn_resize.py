@@ -86,7 +86,9 @@ def _resize_infer(types, attrs):
 
 def _source_coords(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
     x = np.arange(out_len, dtype=np.float64)
-    width = scale * in_len  # ONNX uses the unrounded output length here
+    # The ONNX reference (and so the conformance data) uses the unrounded output length
+    # here; onnxruntime uses the integer one. They differ only for non-integral scale * size.
+    width = scale * in_len
     if mode == "align_corners":
         return np.zeros_like(x) if width == 1 else x * (in_len - 1) / (width - 1)
     if mode == "asymmetric":
