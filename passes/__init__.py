@@ -20,6 +20,7 @@ PASS_MODULES: dict[str, str] = {
     "quantize": "passes.quantization.insert",
     "lower-quantized": "passes.quantization.lower",
     "partition": "passes.partition",
+    "npu-numerics": "passes.npu_numerics",
 }
 FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
 

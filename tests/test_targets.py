@@ -109,7 +109,7 @@ def test_builtin_targets_load_and_list():
     assert load_target(TARGETS_DIR / "rk3588.toml").npu.int8_tops == 6.0
     info = k.cpu_info()
     assert info.arch == "aarch64" and info.simd_bits == 128 and info.num_cores == 4
-    assert k.default_pipeline.endswith("partition{by-cost=true}")
+    assert k.default_pipeline.endswith("partition{by-cost=true},npu-numerics")
 
 
 def test_tvm_target_is_built_lazily_and_checked(tmp_path):
