@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from compiler.errors import NpuccError
+
 __all__ = ["CompiledModel"]
 
 
@@ -23,7 +25,7 @@ class CompiledModel:
     """
 
     def __init__(self, package, *, graph, source, target, library, phase_seconds,
-                 pass_context=None):
+                 pass_context=None, work_dir=None):
         self.package = package
         self.graph = graph            # the lowered graph the kernels were built from
         self.source = source          # the imported graph, before any pass
@@ -31,7 +33,9 @@ class CompiledModel:
         self.library = library        # targets.tvm_codegen.KernelLibrary
         self.phase_seconds = dict(phase_seconds)
         self.pass_context = pass_context
+        self.work_dir = Path(work_dir) if work_dir is not None else library.lib_path.parent
         self._executor = None
+        self._device_library = None
 
     @property
     def executor(self):
@@ -85,9 +89,52 @@ class CompiledModel:
 
         return estimate(self.graph, self.target)
 
+    # -- device outputs (compiler/device.py) ---------------------------------------------
+    @property
+    def device_library(self):
+        """The lowered graph's kernels for the target's own CPU (a ``KernelLibrary``).
+
+        For a target whose CPU is this machine's, the runnable library itself; otherwise built
+        on first use with the description's cross compiler (an AArch64 library for kirin990).
+        """
+        from compiler.device import build_device_library, needs_device_library
+
+        if not needs_device_library(self.target):
+            return self.library
+        if self._device_library is None:
+            self._device_library = build_device_library(self.graph, self.target,
+                                                        self.work_dir / "device")
+        return self._device_library
+
+    def export_device(self, path: str | os.PathLike, *, calibration: Any = None,
+                      num_random_samples: int = 4) -> dict[str, Any]:
+        """Write the device outputs to folder ``path``: ``device.npkg/`` (runtime package with
+        the target CPU's kernels), ``npu/region<id>.onnx`` (each NPU region as QDQ ONNX,
+        calibrated on ``calibration`` input dicts or random inputs), ``export.json``."""
+        from compiler.device import export_device
+
+        return export_device(self, path, calibration=calibration,
+                             num_random_samples=num_random_samples)
+
     # -- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the package (atomically); ``runtime.load(path)`` reads it back."""
+        """Write the package (atomically); ``runtime.load(path)`` reads it back.
+
+        For a target whose CPU is not this machine's, the package also holds the target CPU's
+        kernel library as ``device/kernels.<arch>.so`` (hash in the manifest); the runnable
+        ``kernels.so`` stays the host build. Without the cross compiler that file is left out
+        with a warning.
+        """
+        from compiler.device import DEVICE_LIBRARY, needs_device_library
+
+        if needs_device_library(self.target):
+            name = DEVICE_LIBRARY.format(arch=self.target.cpu.arch)
+            try:
+                self.package.extra_files[name] = self.device_library.lib_path
+            except NpuccError as e:
+                import warnings
+
+                warnings.warn(f"{name} not written: {e}", stacklevel=2)
         return self.package.save(path)
 
     def __repr__(self) -> str:

@@ -222,7 +222,7 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
         mem = pkg.memory
         _check_budget(desc, budget, mem["arena_bytes"], mem["weight_bytes"])
     return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
-                         phase_seconds=prog.times, pass_context=ctx)
+                         phase_seconds=prog.times, pass_context=ctx, work_dir=work)
 
 
 COMPRESSION_ANCHORS = ("to-nhwc", "partition")

@@ -21,6 +21,10 @@ Manifest, format version 1 (every key below is written; readers ignore unknown k
     memory:   {arena_bytes, lower_bound_bytes, naive_bytes, weight_bytes, alignment, ordering,
                inplace: [[step, operand, result]]}
     files:    {filename: {sha256, bytes}}
+              besides kernels.so and weights.safetensors: extra files of the package
+              (``Package.extra_files``), possibly in a subdirectory, e.g.
+              ``device/kernels.aarch64.so`` (the target CPU's own kernel library when the
+              runnable one is a host build); they are checked like the others
 
 Dtypes are the IR's short names (``f32``, ``i8``, ...). A weight's stored bytes are used
 verbatim: the tensor table's dtype/shape say how the kernel reads them (so packed int4 may be
@@ -132,11 +136,14 @@ class Package:
 
     def __init__(self, manifest: dict[str, Any], lib_path: str | os.PathLike,
                  weights: Mapping[str, np.ndarray] | str | os.PathLike,
-                 directory: str | os.PathLike | None = None):
+                 directory: str | os.PathLike | None = None,
+                 extra_files: Mapping[str, str | os.PathLike] | None = None):
         self.manifest = manifest
         self.lib_path = Path(lib_path)
         self._weights = weights if isinstance(weights, Mapping) else Path(weights)
         self.directory = Path(directory) if directory is not None else None
+        # package-relative name ("device/kernels.aarch64.so") -> where the file is now
+        self.extra_files: dict[str, Path] = {k: Path(v) for k, v in (extra_files or {}).items()}
 
     # -- views of the manifest -------------------------------------------------------------
     @property
@@ -203,12 +210,17 @@ class Package:
                 _write_weights(self._weights, tmp / WEIGHTS)
             else:
                 shutil.copyfile(self._weights, tmp / WEIGHTS)
+            for name, src in self.extra_files.items():
+                _check_file_name(name, str(path))
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / name)
+            names = (LIBRARY, WEIGHTS, *self.extra_files)
             manifest = dict(self.manifest)
             manifest["files"] = {name: {"sha256": _sha256(tmp / name),
                                         "bytes": (tmp / name).stat().st_size}
-                                 for name in (LIBRARY, WEIGHTS)}
+                                 for name in names}
             (tmp / MANIFEST).write_text(_dump_manifest(manifest))
-            for name in (LIBRARY, WEIGHTS, MANIFEST):
+            for name in (*names, MANIFEST):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
             if path.exists():
@@ -228,6 +240,7 @@ class Package:
             raise
         self.manifest = manifest
         self.directory = path
+        self.extra_files = {name: path / name for name in self.extra_files}
         return path
 
     # -- loading ---------------------------------------------------------------------------
@@ -253,9 +266,7 @@ class Package:
         if not isinstance(files, dict) or {LIBRARY, WEIGHTS} - set(files):
             raise PackageError(f"{path}: manifest lists no sha256 for {LIBRARY} and {WEIGHTS}")
         for name, entry in files.items():
-            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-                raise PackageError(f"{path}: manifest names file {name!r}; expected a plain "
-                                   f"file name inside the package")
+            _check_file_name(name, str(path))
             if not isinstance(entry, dict):
                 raise PackageError(f"{path}: manifest entry of file {name} is not an object")
             f = path / name
@@ -266,7 +277,17 @@ class Package:
                                      f"manifest (damaged or modified); refusing to load")
         check_arch(path / LIBRARY, manifest)
         check_manifest(manifest, where=str(path))
-        return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path)
+        extra = {name: path / name for name in files if name not in (LIBRARY, WEIGHTS)}
+        return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path, extra_files=extra)
+
+
+def _check_file_name(name: Any, where: str) -> None:
+    """A file the manifest names: a relative path inside the package (``kernels.so``,
+    ``device/kernels.aarch64.so``), no empty, hidden or ``..`` components, no backslashes."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if "\\" in str(name) or any(not p or p.startswith(".") for p in parts) or len(parts) > 2:
+        raise PackageError(f"{where}: manifest names file {name!r}; expected a plain file name "
+                           f"inside the package (at most one subdirectory, e.g. device/x.so)")
 
 
 def _fsync_dir(path: Path) -> None:
