@@ -6,8 +6,8 @@ Contract:
 - Initializers become weight constants named like the ONNX initializer.
 - Tensor operands that the catalogue makes static (shapes, axes, pads, bounds, ...) must
   be constant after folding: a node whose inputs are all constant and whose outputs are
-  small (<= 4096 elements) or integer typed is evaluated at import with the ops' reference
-  implementations; ``Shape`` of a static tensor is always a constant.
+  small (<= 4096 elements) or integer typed (<= 4M elements) is evaluated at import with the
+  ops' reference implementations; ``Shape`` of a static tensor is always a constant.
 - Every unsupported node is reported at once (:class:`UnsupportedOpsError`); anything else
   wrong with the model is an :class:`ImportError_` naming the node.
 """
@@ -32,6 +32,7 @@ __all__ = ["from_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET, MAX_OPSET = 13, 21
 FOLD_LIMIT = 4096  # largest float constant a node may fold to
+INT_FOLD_LIMIT = 1 << 22  # largest integer/bool constant a node may fold to
 _NO_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                       "RandomUniformLike", "Multinomial", "Bernoulli"})
 
@@ -218,6 +219,8 @@ def _check_references(model) -> None:
     for vi in model.graph.output:
         if vi.name not in defined:
             problems.append(f"graph output {vi.name!r} is not produced by any node")
+    if not model.graph.output:
+        problems.append("the graph declares no outputs")
     if problems:
         raise ImportError_("the model is malformed:\n  " + "\n  ".join(problems[:20]))
 
@@ -345,7 +348,7 @@ class _Importer:
         if not values:
             return outs
         for v in values:
-            if v.type.size > FOLD_LIMIT and is_float(v.type.dtype):
+            if v.type.size > (FOLD_LIMIT if is_float(v.type.dtype) else INT_FOLD_LIMIT):
                 return None
         scratch.outputs = values
         arrays = iter(interpret(scratch, {}))
