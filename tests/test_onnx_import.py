@@ -182,6 +182,17 @@ CASES = {
     "resize_cubic_align": lambda: unary_model(
         "Resize", [1, 1, 4, 4], None, {"sc": np.array([1, 1, 2, 2], np.float32)},
         ["", "sc"], mode="cubic", coordinate_transformation_mode="align_corners"),
+    "resize_linear_antialias": lambda: unary_model(
+        "Resize", [1, 2, 8, 9], None, {"sc": np.array([1, 1, 0.5, 0.4], np.float32)},
+        ["", "sc"], opset=18, mode="linear", antialias=1),
+    "resize_cubic_antialias": lambda: unary_model(
+        "Resize", [1, 1, 9, 8], None, {"sz": np.array([1, 1, 4, 3])}, ["", "", "sz"],
+        opset=18, mode="cubic", antialias=1),
+    "resize_tf_crop_and_resize": lambda: unary_model(
+        "Resize", [1, 1, 6, 6], None,
+        {"roi": np.array([0, 0, 0.2, 0.4, 1, 1, 0.9, 1.3], np.float32),
+         "sz": np.array([1, 1, 4, 5])}, ["roi", "", "sz"], mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-1.0),
     "reduce_mean_attr_axes": lambda: unary_model("ReduceMean", [2, 3, 4], None, axes=[-1]),
     "reduce_sum_input_axes": lambda: unary_model(
         "ReduceSum", [2, 3, 4], None, {"a": np.array([0, 2])}, ["a"], keepdims=0),

@@ -245,10 +245,6 @@ def _resize(c: Ctx):
     shape = c.shape(0)
     rank = len(shape)
     ctm = c.attr("coordinate_transformation_mode", "half_pixel")
-    if ctm == "tf_crop_and_resize":
-        raise Unsupported("coordinate_transformation_mode tf_crop_and_resize is not supported")
-    if c.attr("antialias", 0):
-        raise Unsupported("antialias=1 is not supported")
     axes = [norm_axis(a, rank) for a in c.attr("axes", list(range(rank)))]
     scales_in = c.static(2, "scales") if c.has(2) else None
     if scales_in is not None and scales_in.size == 0:
@@ -278,6 +274,14 @@ def _resize(c: Ctx):
             scales[a] = vals[j]
     else:
         raise Unsupported("neither scales nor sizes is given")
+    roi: list[float] = []
+    if ctm == "tf_crop_and_resize":
+        given = [float(v) for v in c.static(1, "roi").reshape(-1)]
+        if len(given) != 2 * len(axes):
+            raise Unsupported(f"roi {given} should have {2 * len(axes)} entries")
+        roi = [0.0] * rank + [1.0] * rank
+        for j, a in enumerate(axes):
+            roi[a], roi[a + rank] = given[j], given[j + len(axes)]
     mode = c.attr("mode", "nearest")
     if mode not in ("nearest", "linear", "cubic"):
         raise Unsupported(f"mode={mode!r}; supported: nearest, linear, cubic")
@@ -285,7 +289,9 @@ def _resize(c: Ctx):
                    coordinate_transformation_mode=ctm,
                    nearest_mode=c.attr("nearest_mode", "round_prefer_floor"),
                    cubic_coeff_a=f32(c.attr("cubic_coeff_a", -0.75)),
-                   exclude_outside=bool(c.attr("exclude_outside", 0)))]
+                   exclude_outside=bool(c.attr("exclude_outside", 0)), roi=roi,
+                   extrapolation_value=f32(c.attr("extrapolation_value", 0.0)),
+                   antialias=bool(c.attr("antialias", 0)) and mode != "nearest")]
 
 
 
