@@ -6,6 +6,7 @@ from targets.kernels import (  # noqa: F401
     linalg,
     nn_misc,
     pool,
+    quant,
     quant_weight,
     reduce,
     shape,

@@ -20,8 +20,8 @@ the output channels (``w_scale`` of qdense / qconv2d).
   activation x activation (attention): ``sum_k (a - a_zp)(b - b_zp)``, per-tensor scales.
 
 Fixed-point requantisation (TFLite's single-rounding form): the real multiplier ``M =
-in_scale / out_scale`` (float64 from the f32 scales) becomes ``mult`` (int32, [2^30, 2^31))
-and a right shift ``s``; ``y = (acc * mult + 2^(s-1)) >> s`` in int64 (round half up), then
+in_scale / out_scale`` (float64 from the f32 scales) becomes ``mult`` (int32, [2^30, 2^31),
+``floor(frac * 2^31 + 0.5)`` of the float64 mantissa) and a right shift ``s``; ``y = (acc * mult + 2^(s-1)) >> s`` in int64 (round half up), then
 ``+ zp`` and clip. :func:`quantize_multiplier` is what kernels use too, so the integer
 results are bit-exact between the reference and the kernels.
 """
@@ -73,7 +73,7 @@ def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     if np.any(m < 0) or not np.all(np.isfinite(m)):
         raise OpError("requantisation multipliers must be finite and >= 0")
     frac, exp = np.frexp(m)                       # m = frac * 2^exp, frac in [0.5, 1)
-    mult = np.round(frac * 2.0**31).astype(np.int64)
+    mult = np.floor(frac * 2.0**31 + 0.5).astype(np.int64)  # exact in f64; half up
     over = mult == 2**31
     mult = np.where(over, mult // 2, mult)
     exp = np.where(over, exp + 1, exp)
