@@ -33,7 +33,9 @@ if [ ! -f "$DIR/site/.done" ]; then
     specs+=("$p==$(ver "$p")")
   done
   echo "downloading aarch64 wheels: ${specs[*]}"
+  # manylinux_2_28 finds apache-tvm (manylinux2014 alone does not); safetensors is 2_17 only
   "$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+    --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
     --python-version 3.11 --implementation cp -d "$DIR/wheels" "${specs[@]}"
   for w in "$DIR"/wheels/*.whl; do
     "$PY" -m zipfile -e "$w" "$DIR/site"
