@@ -370,6 +370,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
     "run": ("run a compiled package on .npy inputs", lambda p: _build().configure_run(p), True),
     "targets": ("list the built-in targets, or show one",
                 lambda p: _build().configure_targets(p), True),
+    "report": ("quantization report: per-layer error vs float, sizes (JSON, HTML, heatmap)",
+               lambda p: _report().configure_report(p), True),
 }
 
 
@@ -377,6 +379,12 @@ def _build():
     from compiler import cli_build
 
     return cli_build
+
+
+def _report():
+    from compiler import cli_report
+
+    return cli_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,6 +116,22 @@ class CompiledModel:
         return export_device(self, path, calibration=calibration,
                              num_random_samples=num_random_samples)
 
+    def quant_report(self, samples: Any = None, out_dir: str | os.PathLike | None = None
+                     ) -> dict[str, Any]:
+        """Per-layer and output error of this (quantized) model against its float version on
+        ``samples`` (default: the calibration samples, else random), and weight bytes; with
+        ``out_dir``, also JSON + HTML + heatmap PNG there
+        (:mod:`passes.quantization.report`)."""
+        from passes.quantization.report import model_report, write_report
+
+        ctx = self.pass_context
+        samples = samples if samples is not None else getattr(ctx, "sample_inputs", None)
+        plan = ctx.options.get("mixed_plan") if ctx is not None else None
+        rep = model_report(self.source, self.graph, self.target, samples, plan=plan)
+        if out_dir is not None:
+            rep["files"] = {k: str(v) for k, v in write_report(rep, out_dir).items()}
+        return rep
+
     # -- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the package (atomically); ``runtime.load(path)`` reads it back.
