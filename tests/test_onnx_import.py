@@ -388,12 +388,19 @@ def test_symbolic_dim_refused_naming_input_and_dim():
         from_onnx(model, input_shapes={"tokens": [3, 9]})
 
 
-@pytest.mark.parametrize("opset", [12, 22])
+@pytest.mark.parametrize("opset", [6, 22])
 def test_opset_out_of_range_refused(opset):
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", F, [2])],
                        [("y", F, None)], opset=opset)
     with pytest.raises(ImportError_, match=rf"opset {opset}.*13 to 21.*version_converter"):
         from_onnx(model)
+
+
+def test_old_opset_is_upgraded_by_the_version_converter():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", F, [2])],
+                       [("y", F, None)], opset=11)
+    g = from_onnx(model)
+    assert [n.op for n in g.nodes] == ["relu"]
 
 
 def _relu_conv_model():

@@ -65,7 +65,7 @@ def _opset(model) -> int:
     v = versions.get("", versions.get("ai.onnx"))
     if v is None:
         raise ImportError_("the model imports no version of the default ONNX opset")
-    if not MIN_OPSET <= v <= MAX_OPSET:
+    if v > MAX_OPSET or v < MIN_OPSET and v < 7:
         raise ImportError_(
             f"the model uses ONNX opset {v}; npucc imports opsets {MIN_OPSET} to {MAX_OPSET}. "
             f"Convert it first: onnx.version_converter.convert_version(model, 17)")
@@ -402,9 +402,25 @@ def from_onnx(model: str | Path | Any, input_shapes: Mapping[str, list[int]] | N
         raise ImportError_(f"the ONNX model is malformed: {type(e).__name__}: {e}") from None
 
 
+def _upgrade(model, opset: int):
+    """Models older than opset 13 (the onnx package's light models are opset 9) go through
+    onnx's own version converter first, like onnxruntime accepting old opsets."""
+    if opset >= MIN_OPSET:
+        return model, opset
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, MIN_OPSET), MIN_OPSET
+    except Exception as e:
+        raise ImportError_(
+            f"the model uses ONNX opset {opset}; npucc imports opsets {MIN_OPSET} to "
+            f"{MAX_OPSET} and onnx's version converter could not upgrade it: "
+            f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
 def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None) -> Graph:
     proto = _load(model)
-    opset = _opset(proto)
+    proto, opset = _upgrade(proto, _opset(proto))
     bad = _unsupported_types(proto)
     _check_references(proto)
     try:
