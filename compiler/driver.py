@@ -231,11 +231,12 @@ COMPRESSION_ANCHORS = ("to-nhwc", "partition")
 def with_compression(pipeline: str, opts: CompileOptions, ctx) -> str:
     """Add the pruning and quantization passes the options ask for to ``pipeline``.
 
-    They go before the first layout/partition pass (so they see the fused float graph in its
-    original layout and partitioning sees the quantized types), or at the end. Their settings
+    Pruning goes before the first layout/partition pass (it sees the fused float graph in its
+    original layout); ``quantize,lower-quantized`` go after the layout pass, before
+    ``partition`` (so partitioning sees the integer ops), or at the end. Their settings
     travel in ``ctx.options`` and calibration samples in ``ctx.sample_inputs``.
     """
-    added = []
+    added, quant = [], []
     if opts.prune is not None:
         ctx.options["prune"] = dict(opts.prune)
         added.append("prune")
@@ -243,15 +244,22 @@ def with_compression(pipeline: str, opts: CompileOptions, ctx) -> str:
         ctx.options["quantize"] = opts.quantize if opts.quantize is not None else "int8"
         ctx.options["calibration_method"] = opts.calibration_method
         ctx.options["size_budget_mb"] = opts.size_budget_mb
-        added.append("quantize")
+        quant = ["quantize", "lower-quantized"]
     if opts.calibration is not None:
         ctx.sample_inputs = list(opts.calibration)
-    if not added:
+    if not added and not quant:
         return pipeline
     parts = _split_top_level(pipeline)
-    at = next((i for i, p in enumerate(parts) if p.split("{")[0].strip() in COMPRESSION_ANCHORS),
-              len(parts))
-    return ",".join(parts[:at] + added + parts[at:])
+    names = [p.split("{")[0].strip() for p in parts]
+    at = next((i for i, n in enumerate(names) if n in COMPRESSION_ANCHORS), len(parts))
+    parts = parts[:at] + added + parts[at:]
+    if quant:
+        # quantization sees the final layout (NHWC convs, OHWI weights): quantize/dequantize
+        # pairs would otherwise stop to-nhwc's transposes; it goes before partitioning
+        names = [p.split("{")[0].strip() for p in parts]
+        at = next((i for i, n in enumerate(names) if n == "partition"), len(parts))
+        parts = parts[:at] + quant + parts[at:]
+    return ",".join(parts)
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 qdense and qconv2d (NHWC, OHWI, groups 1) run an AVX-512 VNNI micro-kernel on x86 CPUs that
 have it: ``vpdpbusd`` multiplies 64 u8 activations by 64 i8 weights and adds groups of 4 into
-16 int32 lanes. Weights are packed at compile time to ``[N/16, K/4 + 1, 16, 4]`` (i8): for an
+16 int32 lanes. Weights are packed at compile time to ``[N/16, K/4 + 1, 16, 4]`` (i8; convs flatten their taps into K): for an
 output-channel block and 4 consecutive k, the 64 bytes one ``vpdpbusd`` reads; the extra last
 k-row holds the 16 per-channel weight sums as int32 bytes, which the epilogue needs for the
 zero-point term ``sum_k (x - zp) w = sum_k x w - zp * sum_k w``. i8 activations are read as
@@ -34,7 +34,7 @@ from compiler.ir.types import TensorType
 from targets.kernels._te import generic, placeholders, prim_func, tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["has_vnni", "pack_vnni", "VNNI_INTRIN"]
+__all__ = ["has_vnni", "pack_vnni", "pack_conv_vnni", "VNNI_INTRIN"]
 
 VNNI_INTRIN = "npucc_vnni_u8i8i32_16x4"
 
@@ -90,8 +90,9 @@ def _register_intrin() -> str:
 
 
 def pack_vnni(w_nk: np.ndarray, nb: int = 16) -> np.ndarray:
-    """i8 ``[N, K]`` (K % 4 == 0) -> ``[ceil(N/16), K/4 + 1, 16, 4]``; zero padding channels;
-    the last k-row holds each channel's int32 weight sum as 4 little-endian bytes."""
+    """i8 ``[N, K]`` (K % 4 == 0) -> ``[Np/16, K/4 + 1, 16, 4]`` with N padded to ``nb`` (zero
+    channels); the last k-row holds each channel's int32 weight sum as 4 little-endian
+    bytes."""
     w = np.asarray(w_nk, np.int8)
     n, k = w.shape
     npad = -(-n // nb) * nb
@@ -101,6 +102,11 @@ def pack_vnni(w_nk: np.ndarray, nb: int = 16) -> np.ndarray:
     sums = full.astype(np.int32).sum(axis=1).astype("<i4")
     tail = sums.view(np.int8).reshape(npad // 16, 1, 16, 4)
     return np.ascontiguousarray(np.concatenate([body, tail], axis=1))
+
+
+def _panel(n_ch: int) -> int:
+    """Output channels per register tile: 32 (two zmm) unless there are at most 16."""
+    return 32 if n_ch > 16 else 16
 
 
 # -- epilogue helpers (TE expressions) ------------------------------------------------------
@@ -232,8 +238,8 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
 
     intrin = _register_intrin()
     out_t = req.output_types[0]
-    nv = 2 if n_ch > 16 else 1
-    nb = 16 * nv
+    nb = _panel(n_ch)
+    nv = nb // 16
     per_channel = req.input_types[5].rank == 1
     rax = [te.reduce_axis((0, t), f"t{i}") for i, t in enumerate(taps)]
     kax = te.reduce_axis((0, k4 * 4), "k")
@@ -245,7 +251,7 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
                       * w_at(n, rax, kax).astype("int32"), axis=[*rax, kax])
     C = te.compute(tuple(rows_shape) + (npad,), c_body, name="C")
     W = ins[1]
-    WS = te.compute((npad,), lambda n: _wsum(W, n, len(taps), k4), name="wsum")
+    WS = te.compute((npad,), lambda n: _wsum(W, n, int(W.shape[1]) - 1), name="wsum")
     ms = _mult_shift_stage(req, ins, n_ch, per_channel)
 
     def out_body(*idx):
@@ -270,7 +276,7 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
     else:
         sch.fuse(*outer, no)
     own = sch.get_loops(cblk)[1:]  # under the fused outer loop: [m (if mr > 1)], n, taps, k
-    nred = len(taps) + 1
+    nred = 1 + sum(t > 1 for t in taps)  # unit reduction loops are not materialised
     spatial, red = own[:len(own) - nred], own[len(own) - nred:]
     cn = spatial[-1]
     cm = [spatial[-2]] if len(spatial) >= 2 else []
@@ -287,13 +293,13 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
     return sch.mod["main"]
 
 
-def _wsum(W, n, ntaps: int, k4: int):
-    """Channel n's weight sum: the 4 bytes of the packed extra k-row, little endian."""
+def _wsum(W, n, row: int):
+    """Channel n's weight sum: 4 bytes of the packed sums row, little endian."""
     from tvm import tirx
 
     v = tirx.const(0, "int32")
     for j in range(4):
-        byte = W[(n // 16, *([0] * ntaps), k4, n % 16, j)].astype("uint8").astype("int32")
+        byte = W[n // 16, row, n % 16, j].astype("uint8").astype("int32")
         v = v | (byte << tirx.const(8 * j, "int32"))
     return v
 
@@ -307,7 +313,8 @@ def qdense(req: KernelRequest) -> KernelImpl:
     if not (has_vnni(req.cpu) and K % 4 == 0 and 1 in req.const_inputs and M > 0):
         return _generic_qdense(req)
     k4 = K // 4
-    ins = placeholders(req, {1: TensorType((-(-N // 16), k4 + 1, 16, 4), "i8")})
+    nb = _panel(N)
+    ins = placeholders(req, {1: TensorType((-(-N // nb) * nb // 16, k4 + 1, 16, 4), "i8")})
     X, W = _u8_view(req, ins[0]), ins[1]
     lead = xt.shape[:-1] or (1,)
 
@@ -319,7 +326,7 @@ def qdense(req: KernelRequest) -> KernelImpl:
 
     func = _vnni_kernel(req, ins, rows_shape=tuple(lead), n_ch=N, k4=k4, a_at=a_at, taps=(),
                         w_at=w_at)
-    return KernelImpl(func, {1: pack_vnni},
+    return KernelImpl(func, {1: lambda w, nb=nb: pack_vnni(w, nb)},
                       note=f"qdense VNNI M={M} K={K} N={N}"
                            + (" (i8 x flipped to u8)" if xt.dtype == "i8" else ""))
 
@@ -345,7 +352,69 @@ def _generic_qdense(req: KernelRequest) -> KernelImpl:
 # -- qconv2d --------------------------------------------------------------------------------
 @register_kernel("qconv2d")
 def qconv2d(req: KernelRequest) -> KernelImpl:
-    return _generic_qconv(req)
+    a = req.attrs
+    if not (has_vnni(req.cpu) and a["layout"] == "NHWC" and a["kernel_layout"] == "OHWI"
+            and a["groups"] == 1 and 1 in req.const_inputs):
+        return _generic_qconv(req)
+    return _vnni_qconv(req)
+
+
+def pack_conv_vnni(w_ohwi: np.ndarray, nb: int = 16) -> np.ndarray:
+    """i8 OHWI -> ``[Op/16, KH*KW*C4 + 1, 16, 4]``: O padded to ``nb``, input channels to a
+    multiple of 4 (zero weights), taps flattened (kh, kw, c4); the last row holds the channel
+    sums as int32 bytes (as :func:`pack_vnni`)."""
+    w = np.asarray(w_ohwi, np.int8)
+    o, kh, kw, c = w.shape
+    cp = -(-c // 4) * 4
+    full = np.zeros((o, kh, kw, cp), np.int8)
+    full[..., :c] = w
+    return pack_vnni(full.reshape(o, kh * kw * cp), nb)
+
+
+def _vnni_qconv(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    a = req.attrs
+    xt, wt = req.input_types[0], req.input_types[1]
+    out_t = req.output_types[0]
+    o, kh, kw, c = wt.shape
+    c4 = -(-c // 4)
+    n_, h, w_, _ = xt.shape
+    pt, pl, pb, pr = a["pads"]
+    sh, sw = a["strides"]
+    dh, dw = a["dilations"]
+    nb = _panel(o)
+    packed = TensorType((-(-o // nb) * nb // 16, kh * kw * c4 + 1, 16, 4), "i8")
+    ins = placeholders(req, {1: packed})
+    X, W, zp = ins[0], ins[1], ins[4]
+    i8x = xt.dtype == "i8"
+    need_pad = any(a["pads"]) or c % 4 != 0
+    if need_pad or i8x:
+        zp_u8 = (zp[()].astype("int32") + (128 if i8x else 0)).astype("uint8")
+
+        def pad_body(b, y, x, ch):
+            iy, ix = y - pt, x - pl
+            inb = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w_, ch < c)
+            v = X[b, te.min(te.max(iy, 0), h - 1), te.min(te.max(ix, 0), w_ - 1),
+                  te.min(ch, c - 1)]
+            v = (v ^ te.const(-128, "int8")).astype("uint8") if i8x else v
+            return tirx.Select(inb, v, zp_u8)
+        Xp = te.compute((n_, h + pt + pb, w_ + pl + pr, c4 * 4), pad_body, name="xpad")
+    else:
+        Xp = X
+
+    def a_at(rows, rax, k):
+        b, y, x = rows
+        return Xp[b, y * sh + rax[0] * dh, x * sw + rax[1] * dw, k]
+
+    def w_at(n, rax, k):
+        return W[n // 16, (rax[0] * kw + rax[1]) * c4 + k // 4, n % 16, k % 4]
+
+    func = _vnni_kernel(req, ins, rows_shape=tuple(out_t.shape[:3]), n_ch=o, k4=c4,
+                        a_at=a_at, taps=(kh, kw), w_at=w_at)
+    return KernelImpl(func, {1: lambda w, nb=nb: pack_conv_vnni(w, nb)},
+                      note=f"qconv2d VNNI {kh}x{kw}/{sh} {c}->{o}"
+                           + (" padded copy" if need_pad else ""))
 
 
 def _generic_qconv(req: KernelRequest) -> KernelImpl:
