@@ -5,7 +5,11 @@ how often the shape occurs) and the depthwise convs of MobileNetV2. Our kernels 
 compile-time packed weights, bias and a fused activation, which is what the graph passes
 deliver; onnxruntime runs a one-node Conv(+Relu) NCHW model, torch ``conv2d`` + ``relu``.
 
-    python bench/conv_kernels.py [--mcpu sapphirerapids] [--only resnet|mobilenet] [--quick]
+    python bench/conv_kernels.py [--mcpu sapphirerapids] [--only resnet|mobilenet]
+                                 [--threads 2] [--rounds 30] [--no-torch]
+
+Every number is the best batch over ``--rounds`` rounds in which the three frameworks take
+turns, so a machine shared with other work slows them alike; still, compare ratios, not times.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TVM_NUM_THREADS", "2")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -170,7 +172,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["resnet", "mobilenet"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(THREADS)
     shapes = []
     if args.only != "mobilenet":
         shapes += list(_resnet_shapes())
@@ -188,6 +194,7 @@ def main() -> None:
     tv = [(b[0], note) for b, (_, note) in zip(best, tv, strict=True)]
     on = [b[1] for b in best]
     th = [b[2] if len(b) > 2 else nan for b in best]
+    print(f"{THREADS} thread(s), mcpu {args.mcpu}")
     print(f"{'shape':28} {'n':>2} {'npucc ms':>9} {'ort ms':>8} {'torch ms':>8} "
           f"{'x ort':>6} {'x torch':>7}  GFLOP/s  schedule")
     sums: dict[str, list[float]] = {}
