@@ -9,8 +9,12 @@ import pytest
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph
 from compiler.ir.interpreter import interpret
-from compiler.ir.ops.quant_weight import dequantize_groups, norm_f16_reference, pack_int4, \
-    unpack_int4
+from compiler.ir.ops.quant_weight import (
+    dequantize_groups,
+    norm_f16_reference,
+    pack_int4,
+    unpack_int4,
+)
 from compiler.ir.types import TensorType
 from compiler.pass_base import PassContext
 from passes.quantization.config import PrecisionSpec
