@@ -19,7 +19,7 @@
    printed as a table (rich) and applied by the ``quantize`` pass like any config.
 
 Sizes are the bytes of every weight of the graph (``MB`` = 2^20 bytes): layers at their
-candidate's size (int4: K/2 + 2K/g bytes per row; w8: K + 2K/g; int8: K + 4; float: 4K;
+candidate's size (int4: K/2 + 2K/g bytes per row; w8: K + 2K/g; int8: K + 5; float: 4K;
 biases f32), everything else as the rest of the plan leaves it.
 """
 
@@ -86,8 +86,8 @@ def layer_bytes(graph: Graph, node: Node, precision: str, group: int) -> int:
     bias = 4 * n if node.op == "dense" and len(node.inputs) > 2 else 0
     if precision == "float":
         return 4 * n * k + bias
-    if precision == "int8":
-        return n * k + 4 * n + bias
+    if precision == "int8":  # i8 weights, f32 scale and i8 zero point per channel
+        return n * k + 5 * n + bias
     bits = 4 if precision == "int4" else 8
     g = effective_group(k, group, bits) or k
     return n * k * bits // 8 + 2 * n * (k // g) + bias
