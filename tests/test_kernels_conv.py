@@ -137,6 +137,16 @@ def test_conv2d_nchw_and_runtime_weights():
     ])
 
 
+def test_conv2d_f16():
+    """f16 convs sum in f32 (bias and activation there) and round once, like the reference."""
+    cases = [_conv(1, 16, 10, 10, 32, 3, activation="relu", **P1),
+             _conv(1, 24, 9, 9, 24, 3, groups=24, activation="relu6", **P1),
+             _conv(1, 8, 8, 8, 20, 1, layout="NCHW", kl="OIHW")]
+    for _, inputs, _, _ in cases:
+        inputs[:] = [a.astype(np.float16) for a in inputs]
+    _check(cases, rtol=2e-3)
+
+
 def _convt(n, c, h, w, ocg, k, *, groups=1, bias=True, const=True, **attrs) -> Case:
     inputs = [_r(n, c, h, w), _r(c, ocg, k, k)] + ([_r(ocg * groups)] if bias else [])
     return ("conv_transpose2d", inputs, {"groups": groups, **attrs},

@@ -46,6 +46,11 @@ __all__ = ["conv2d", "conv_transpose2d"]
 _PARALLEL_MIN_MACS = 100_000
 
 
+def _acc_ir(dtype: str) -> str:
+    """IR name of the accumulator dtype for operands of IR dtype ``dtype`` (f16 sums in f32)."""
+    return "f32" if accumulator_dtype(tvm_dtype(dtype)) == "float32" else dtype
+
+
 # ---------------------------------------------------------------- TE stages
 
 def _input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int, ws: int,
@@ -196,8 +201,9 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     from tvm import te
 
     dtype = tvm_dtype(req.output_types[0].dtype)
-    lanes = req.cpu.lanes(req.output_types[0].dtype)
-    t = conv_tiles(g, req.cpu, req.output_types[0].dtype)
+    acc_ir = _acc_ir(req.output_types[0].dtype)
+    lanes = req.cpu.lanes(acc_ir)
+    t = conv_tiles(g, req.cpu, acc_ir)  # tiles count accumulator registers
     X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
     w_const = 1 in req.const_inputs
     nb = g.groups * t.nb_g
@@ -266,8 +272,8 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
 
     odt = req.output_types[0].dtype
     dtype = tvm_dtype(odt)
-    lanes = req.cpu.lanes(odt)
-    cb, owb, owp = _dw_tiles(g, req.cpu, odt)
+    lanes = req.cpu.lanes(_acc_ir(odt))
+    cb, owb, owp = _dw_tiles(g, req.cpu, _acc_ir(odt))
     X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
     w_const = 1 in req.const_inputs
     if w_const:
