@@ -93,11 +93,12 @@ def light_inputs(graph: Graph, seed: int = 1) -> dict[str, np.ndarray]:
             for v in graph.inputs}
 
 
-def light_onnx(name: str, seed: int = 0):
+def light_onnx(name: str, seed: int = 0, logits: bool = True):
     """Light model ``name`` as an ONNX ModelProto (opset 13, an IR version onnxruntime loads)
     whose ConstantOfShape placeholders are seeded random initializers: He-scaled normal
     values for tensors of rank >= 2, uniform in [0.5, 1.5] for vectors (biases, batch-norm
-    parameters). onnxruntime and ``compile`` can then run the very same weights."""
+    parameters). onnxruntime and ``compile`` can then run the very same weights. With
+    ``logits`` the operand of a final Softmax is a second graph output."""
     import math
 
     import onnx
@@ -123,4 +124,16 @@ def light_onnx(name: str, seed: int = 0):
             keep.append(node)
     del model.graph.node[:]
     model.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input} | {o.name for o in model.graph.output}
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    live = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live)
+    inputs = [i for i in model.graph.input if i.name not in dropped]  # opset-9 style: weights
+    del model.graph.input[:]                                          # are inputs too
+    model.graph.input.extend(inputs)
+    last = keep[-1]
+    if logits and last.op_type == "Softmax" and last.output[0] == model.graph.output[0].name:
+        elem = model.graph.output[0].type.tensor_type.elem_type
+        model.graph.output.append(onnx.helper.make_tensor_value_info(last.input[0], elem, None))
     return model
