@@ -1,4 +1,4 @@
-"""Weight-only quantization: int4 packing, dense_wq / gather_q16 / norm_f16 kernels against
+"""Weight-only quantization: int4 packing, dense_wq / gather_q / norm_f16 kernels against
 their references, RTN and GPTQ, and the quantize pass's handler on small graphs."""
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _kernel_cases():
         Case("dense_wq", [x, q8, s8, b], {"bits": 8, "group_size": 32, "activation": "relu"},
              consts=(1, 2, 3)),
         Case("dense_wq", [x, pack_int4(q4), s4], {"bits": 4, "group_size": 64}),
-        Case("gather_q16", [tab, ts, idx], consts=(0, 1)),
+        Case("gather_q", [tab, ts, idx], consts=(0, 1)),
+        Case("gather_q", [(tab // 256).astype(np.int8), ts, idx[0]], consts=(0, 1)),
         Case("norm_f16", [xn, s16, b16], {"axes": [2]}, consts=(1, 2)),
         Case("norm_f16", [xi, c16, c16], {"axes": [2, 3]}, consts=(1, 2)),
         Case("norm_f16", [xi, c16, c16], {"axes": []}, consts=(1, 2)),
@@ -152,7 +153,7 @@ def test_gptq_needs_calibration():
         apply(g, node, PrecisionSpec("int4", method="gptq", group_size=32), PassContext())
 
 
-def test_int16_embedding():
+def test_int16_and_int8_embeddings():
     rng = np.random.default_rng(5)
     g = Graph("emb")
     ids = g.add_input("ids", TensorType((2, 5), "i64"))
@@ -162,13 +163,17 @@ def test_int16_embedding():
     g.outputs = [e]
     sample = {"ids": np.array([[0, 1, 49, -1, 7], [3, 3, 2, 1, 0]], np.int64)}
     q = quantize_graph(g, {"gather": "int16"}, [sample])
-    assert q.op_counts().get("gather_q16") == 1
+    assert q.op_counts().get("gather_q") == 1
     assert q.weights["wte.q16"].dtype == np.int16 and q.weights["wte.row_scales"].shape == (50,)
     out, ref = interpret(q, sample)[0], interpret(g, sample)[0]
     # per-row scale: the error of each row is below half a step of that row
     step = np.abs(table).max(axis=1) / 32767
     idx = np.where(sample["ids"] < 0, sample["ids"] + 50, sample["ids"])
     assert np.all(np.abs(out - ref) <= step[idx][..., None] * 0.5 + 1e-12)
+    q8 = quantize_graph(g, {"gather": "w8"}, [sample])
+    assert q8.weights["wte.q8"].dtype == np.int8
+    step8 = np.abs(table).max(axis=1) / 127
+    assert np.all(np.abs(interpret(q8, sample)[0] - ref) <= step8[idx][..., None] * 0.5 + 1e-9)
 
 
 def test_fp16_norms_numerics():

@@ -3,7 +3,7 @@
 Both graphs run side by side through the reference interpreter on the same samples; values are
 matched by name (the quantization handlers keep a replaced node's result name). A **layer** is
 a node of the quantized graph that computes in a reduced precision (``dense_wq``,
-``gather_q16``, ``norm_f16``, the integer ops, or a node reading a ``dequantize``) whose result
+``gather_q``, ``norm_f16``, the integer ops, or a node reading a ``dequantize``) whose result
 name and shape exist in the float graph. Its figures compare its output in the quantized model
 (errors of the layers before it included) with the same value in the float model:
 
@@ -33,7 +33,7 @@ from compiler.ir.graph import Graph, Node
 
 __all__ = ["build_report", "write_report", "render_html", "heatmap_png", "QUANT_OPS"]
 
-QUANT_OPS = frozenset({"dense_wq", "gather_q16", "norm_f16", "qdense", "qconv2d", "qmatmul"})
+QUANT_OPS = frozenset({"dense_wq", "gather_q", "norm_f16", "qdense", "qconv2d", "qmatmul"})
 BINS = 64
 
 

@@ -7,8 +7,9 @@
   :mod:`compiler.ir.ops.quant_weight`), weights rounded to nearest (``spec.method="rtn"``) or
   by GPTQ (``"gptq"``: per-layer Hessians from ``ctx.sample_inputs``, captured once per pass
   and cached in ``ctx.options`` by value name);
-- ``"int16"``: ``gather`` from a constant 2-D table on axis 0 (embeddings) becomes
-  ``gather_q16`` with per-row scales ``max|row| / 32767``;
+- ``"int16"`` (and ``"w8"``): ``gather`` from a constant 2-D table on axis 0 (embeddings)
+  becomes ``gather_q`` from an i16 (i8) table with per-row scales ``max|row| / 32767``
+  (``/ 127``);
 - ``"fp16"``: ``layer_norm``, ``instance_norm`` and ``batch_norm`` with constant parameters
   become ``norm_f16`` (batch norm folded into an f16 scale and shift at compile time).
 
@@ -34,7 +35,7 @@ from passes.quantization.gptq import capture_hessians, gptq_quantize, quantize_r
 __all__ = ["apply", "dense_weight", "effective_group", "quantize_graph", "WEIGHT_ONLY_OPS",
            "HESSIAN_KEY"]
 
-WEIGHT_ONLY_OPS = {"int4": ("dense", "matmul"), "w8": ("dense", "matmul"),
+WEIGHT_ONLY_OPS = {"int4": ("dense", "matmul"), "w8": ("dense", "matmul", "gather"),
                    "int16": ("gather",), "fp16": ("layer_norm", "instance_norm", "batch_norm")}
 HESSIAN_KEY = "_gptq_hessians"
 BITS = {"int4": 4, "w8": 8}
@@ -44,10 +45,10 @@ def apply(graph: Graph, node: Node, spec: PrecisionSpec, ctx: Any) -> bool:
     """Rewrite ``node`` to ``spec.precision``; False when it does not apply to this node."""
     if node not in graph.nodes or node.op not in WEIGHT_ONLY_OPS.get(spec.precision, ()):
         return False
+    if node.op == "gather":
+        return _gather(graph, node, 16 if spec.precision == "int16" else 8)
     if spec.precision in BITS:
         return _dense(graph, node, spec, ctx)
-    if spec.precision == "int16":
-        return _gather(graph, node)
     return _norm(graph, node)
 
 
@@ -129,19 +130,21 @@ def _hessian(graph: Graph, x: Value, ctx: Any) -> np.ndarray:
     return cache[x.name]
 
 
-def _gather(graph: Graph, node: Node) -> bool:
+def _gather(graph: Graph, node: Node, bits: int) -> bool:
     table = graph.const_value(node.inputs[0])
     if table is None or table.ndim != 2 or node.inputs[0].dtype != "f32" \
             or node.attrs["axis"] % 2 != 0:
         return False
     t = np.asarray(table, np.float32)
     amax = np.abs(t).max(axis=1)
-    scales = np.where(amax > 0, amax / 32767.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(t / scales[:, None]), -32767, 32767).astype(np.int16)
+    top = 32767 if bits == 16 else 127
+    scales = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+    q = np.clip(np.rint(t / scales[:, None]), -top, top).astype(np.int16 if bits == 16
+                                                                 else np.int8)
     ref = _ref_name(node.inputs[0])
-    tq = graph.add_weight(f"{ref}.q16", q, before=node)
+    tq = graph.add_weight(f"{ref}.q{bits}", q, before=node)
     sv = graph.add_weight(f"{ref}.row_scales", scales, before=node)
-    new = graph.make_node("gather_q16", [tq, sv, node.inputs[1]], {}, name=node.name,
+    new = graph.make_node("gather_q", [tq, sv, node.inputs[1]], {}, name=node.name,
                           before=node, device=node.device)
     _replace(graph, node, new)
     return True

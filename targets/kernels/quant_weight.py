@@ -1,4 +1,4 @@
-"""Kernels for the weight-only quantized ops: dense_wq, gather_q16, norm_f16.
+"""Kernels for the weight-only quantized ops: dense_wq, gather_q, norm_f16.
 
 ``dense_wq`` is the float GEMM micro-kernel of :mod:`targets.kernels.linalg` (register tiles
 ``mr x nb``, full-K accumulation in a local tile, epilogue fusion) with the weight operand
@@ -8,7 +8,7 @@ and the scales to ``[ceil(N/nb), K/g, nb]`` f16, so for each k the inner loop lo
 contiguous bytes, shifts/masks them to nibbles, converts, multiplies by the group's scale and
 accumulates. No dequantised weight tensor exists; the weights stay 4 (8) bits in memory.
 
-``gather_q16``: one output element = one i16 load, a convert and a multiply by the row's
+``gather_q``: one output element = one i16 load, a convert and a multiply by the row's
 scale. ``norm_f16``: the reference's numerics (input rounded to f16, f32 statistics, result
 rounded to f16), row-scheduled like layer_norm when the normalised axes are the trailing ones.
 """
@@ -81,8 +81,8 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
                            f"decoded in the K loop")
 
 
-@register_kernel("gather_q16")
-def gather_q16(req: KernelRequest) -> KernelImpl:
+@register_kernel("gather_q")
+def gather_q(req: KernelRequest) -> KernelImpl:
     from tvm import te, tirx
 
     T, S, Idx = placeholders(req)
@@ -97,7 +97,7 @@ def gather_q16(req: KernelRequest) -> KernelImpl:
 
     Y = te.compute(out.shape, body, name="out")
     return KernelImpl(prim_func([T, S, Idx, Y], generic(req.cpu, "f32")),
-                      note=f"gather_q16 rows of {tt.shape[1]}")
+                      note=f"gather_q rows of {tt.shape[1]}")
 
 
 @register_kernel("norm_f16")

@@ -1,4 +1,4 @@
-"""Weight-only quantized ops: ``dense_wq``, ``gather_q16``, ``norm_f16``.
+"""Weight-only quantized ops: ``dense_wq``, ``gather_q``, ``norm_f16``.
 
 ``dense_wq(x, wq, scales[, bias]){bits, group_size, activation}``
     ``x[..., K] @ W[N, K]^T + b`` with ``W`` stored group-wise quantized, symmetric (no zero
@@ -13,8 +13,8 @@
 
     Numerics (reference = kernels): the dequantised weight is exact in f32 (a small integer
     times an f16 value); products and sums in f32, bias and activation in f32.
-``gather_q16(table, scales, idx)``
-    an embedding lookup from an i16 table ``[V, D]`` with per-row f32 scales ``[V]``:
+``gather_q(table, scales, idx)``
+    an embedding lookup from an i16 or i8 table ``[V, D]`` with per-row f32 scales ``[V]``:
     ``out[..., d] = f32(table[idx, d]) * scales[idx]`` (axis 0; negative indices wrap).
 ``norm_f16(x, scale, bias){axes, epsilon}``
     a normalisation with f16 storage: ``xh = f32(f16(x))`` (the input rounded to f16), the
@@ -106,30 +106,30 @@ register_op(OpDef(
     doc="dense with group-wise int4/int8 weights and f16 scales (weight-only)"))
 
 
-# -- gather_q16 ------------------------------------------------------------------------
-def _gather_q16_infer(types, attrs):
+# -- gather_q ------------------------------------------------------------------------
+def _gather_q_infer(types, attrs):
     table, sc, idx = types
-    if table.dtype != "i16" or table.rank != 2:
-        raise OpError(f"gather_q16 takes an i16 table [V, D], got {table}")
+    if table.dtype not in ("i16", "i8") or table.rank != 2:
+        raise OpError(f"gather_q takes an i16 or i8 table [V, D], got {table}")
     if sc.dtype != "f32" or sc.shape != (table.shape[0],):
-        raise OpError(f"gather_q16: scales must be f32[{table.shape[0]}] (one per row), got {sc}")
+        raise OpError(f"gather_q: scales must be f32[{table.shape[0]}] (one per row), got {sc}")
     if idx.dtype not in ("i32", "i64"):
-        raise OpError(f"gather_q16's indices must be i32 or i64, got {idx}")
+        raise OpError(f"gather_q's indices must be i32 or i64, got {idx}")
     return [TensorType(idx.shape + (table.shape[1],), "f32")]
 
 
-def _gather_q16_ref(xs, attrs):
+def _gather_q_ref(xs, attrs):
     table, sc, idx = xs
     v = table.shape[0]
     idx = idx.astype(np.int64)
     if idx.size and (idx.min() < -v or idx.max() >= v):
-        raise OpError(f"gather_q16: an index is outside [-{v}, {v - 1}]")
+        raise OpError(f"gather_q: an index is outside [-{v}, {v - 1}]")
     idx = np.where(idx < 0, idx + v, idx)
     return [table[idx].astype(np.float32) * sc[idx][..., None]]
 
 
-register_op(OpDef("gather_q16", (3, 3), {}, _gather_q16_infer, _gather_q16_ref, family="quant",
-                  doc="embedding rows from an i16 table times per-row f32 scales"))
+register_op(OpDef("gather_q", (3, 3), {}, _gather_q_infer, _gather_q_ref, family="quant",
+                  doc="embedding rows from an i16/i8 table times per-row f32 scales"))
 
 
 # -- norm_f16 --------------------------------------------------------------------------
