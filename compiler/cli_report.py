@@ -126,12 +126,17 @@ def _print_table(rep: dict[str, Any]) -> None:
     t = Table(title=f"quantization report ({rep['samples']} samples): weights "
                     f"{rep['bytes']['float']} -> {rep['bytes']['quantized']} B "
                     f"(x{f(rep['bytes']['ratio'])})")
-    for c in ("layer", "op", "SNR dB", "cosine", "max abs", "bytes"):
+    for c in ("layer", "op", "SNR dB", "local SNR dB", "cosine", "max abs", "bytes"):
         t.add_column(c, justify="left" if c in ("layer", "op") else "right", no_wrap=True)
     for r in rep["layers"]:
-        t.add_row(r["name"] or r["value"], r["op"], f(r["snr_db"]), f(r["cosine"]),
-                  f(r["max_abs"]), f"{r['bytes_float']} -> {r['bytes_quant']}")
+        loc = (r.get("local") or {}).get("snr_db")
+        t.add_row(r["name"] or r["value"], r["op"], f(r["snr_db"]),
+                  "-" if loc is None else f(loc), f(r["cosine"]), f(r["max_abs"]),
+                  f"{r['bytes_float']} -> {r['bytes_quant']}")
     for o in rep["outputs"]:
-        t.add_row(f"[b]output {o['value']}[/b]", "", f(o["snr_db"]), f(o["cosine"]),
+        t.add_row(f"[b]output {o['value']}[/b]", "", f(o["snr_db"]), "", f(o["cosine"]),
                   f(o["max_abs"]), "")
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # piped: do not cut the table at 80 columns
+        console = Console(width=160)
+    console.print(t)

@@ -248,7 +248,10 @@ def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
     if show:
         from rich.console import Console
 
-        Console(stderr=True).print(plan_table(layers, total, budget, float_total))
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=160)
+        console.print(plan_table(layers, total, budget, float_total))
     cfg = _config_for(plan, layers, {ly.name: ly.choice for ly in layers})
     if ctx is not None:
         ctx.options["mixed_plan"] = {

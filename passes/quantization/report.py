@@ -5,7 +5,9 @@ matched by name (the quantization handlers keep a replaced node's result name). 
 a node of the quantized graph that computes in a reduced precision (``dense_wq``,
 ``gather_q``, ``norm_f16``, the integer ops, or a node reading a ``dequantize``) whose result
 name and shape exist in the float graph. Its figures compare its output in the quantized model
-(errors of the layers before it included) with the same value in the float model:
+(errors of the layers before it included) with the same value in the float model (``local``:
+the same figures for the layer alone, run on the float model's inputs to it, when those exist
+by name):
 
 - ``mse``, ``max_abs``, ``cosine``, ``snr_db = 10 log10(sum y^2 / sum (y - y_q)^2)``;
 - ``channel_rel_err``: per output channel (last axis) ``rms(y - y_q) / rms(y)``, resampled to
@@ -114,7 +116,7 @@ def build_report(float_graph: Graph, quant_graph: Graph,
                  samples: Sequence[Mapping[str, np.ndarray]], *,
                  plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compare ``quant_graph`` with ``float_graph`` on ``samples`` (see the module doc)."""
-    from compiler.ir.interpreter import interpret
+    from compiler.ir.interpreter import check_inputs, interpret, run_node
 
     ftypes = {v.name: v.type for v in float_graph.values()}
     fnodes = {o.name: n for n in float_graph.nodes for o in n.outputs}
@@ -122,27 +124,40 @@ def build_report(float_graph: Graph, quant_graph: Graph,
               and ftypes.get(n.output.name) is not None
               and ftypes[n.output.name].shape == n.output.shape]
     names = {n.output.name for n in layers}
+
+    def is_const(v) -> bool:
+        return v.producer is not None and v.producer.op == "const"
+
+    local = [n for n in layers if all(is_const(v) or ftypes.get(v.name) == v.type
+                                      for v in n.inputs)]
+    needed = names | {v.name for n in local for v in n.inputs if not is_const(v)}
     accs = {name: _Acc() for name in names}
+    local_accs = {id(n): _Acc() for n in local}
     out_accs = [_Acc() for _ in quant_graph.outputs]
     ref: dict[str, np.ndarray] = {}
     for sample in samples:
         ref.clear()
+        ref.update({k: a for k, a in check_inputs(float_graph, sample).items() if k in needed})
 
         def keep_ref(node: Node, results: list[np.ndarray]) -> None:
             for v, r in zip(node.outputs, results, strict=True):
-                if v.name in names:
+                if v.name in needed:
                     ref[v.name] = r
 
         fouts = interpret(float_graph, sample, observe=keep_ref)
 
         def compare(node: Node, results: list[np.ndarray]) -> None:
             for v, r in zip(node.outputs, results, strict=True):
-                if v.name in ref:
+                if v.name in names:
                     accs[v.name].add(ref[v.name], r)
 
         qouts = interpret(quant_graph, sample, observe=compare)
         for acc, f, q in zip(out_accs, fouts, qouts, strict=True):
             acc.add(f, q)
+        for n in local:  # the layer alone: its float inputs, its quantized weights
+            args = [quant_graph.const_value(v) if is_const(v) else ref[v.name]
+                    for v in n.inputs]
+            local_accs[id(n)].add(ref[n.output.name], run_node(quant_graph, n, args)[0])
     rows = []
     for n in layers:
         fn = fnodes[n.output.name]
@@ -150,7 +165,9 @@ def build_report(float_graph: Graph, quant_graph: Graph,
                      "shape": list(n.output.shape),
                      "bytes_float": _const_bytes(float_graph, fn),
                      "bytes_quant": _const_bytes(quant_graph, n),
-                     **accs[n.output.name].figures()})
+                     **accs[n.output.name].figures(),
+                     "local": ({k: v for k, v in local_accs[id(n)].figures().items()
+                                if k != "channel_rel_err"} if id(n) in local_accs else None)})
     fb, qb = weight_bytes(float_graph), weight_bytes(quant_graph)
     return {
         "samples": len(samples),
@@ -205,10 +222,15 @@ def _fmt(x: Any) -> str:
 
 
 def render_html(report: Mapping[str, Any], png: bytes | None) -> str:
-    cols = ("name", "op", "shape", "snr_db", "cosine", "mse", "max_abs", "bytes_float",
-            "bytes_quant")
+    cols = ("name", "op", "shape", "snr_db", "cosine", "mse", "max_abs", "local_snr_db",
+            "bytes_float", "bytes_quant")
+
+    def cell(r: Mapping[str, Any], c: str) -> str:
+        if c == "local_snr_db":
+            return _fmt((r.get("local") or {}).get("snr_db", "-"))
+        return _fmt(r.get(c))
     head = "".join(f"<th>{c}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols) + "</tr>"
                    for r in report["layers"])
     outs = "".join(f"<tr><td>{html.escape(o['value'])}</td><td>{_fmt(o['snr_db'])}</td>"
                    f"<td>{_fmt(o['cosine'])}</td><td>{_fmt(o['mse'])}</td>"
@@ -221,7 +243,9 @@ def render_html(report: Mapping[str, Any], png: bytes | None) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><body>
 <h1>Quantization report</h1>
-<p>{report['samples']} sample(s). Weights: float {b['float']} B, quantized {b['quantized']} B
+<p>{report['samples']} sample(s). snr_db etc.: the layer's output in the quantized model
+vs the float model (earlier layers' errors included); local_snr_db: the layer alone.
+Weights: float {b['float']} B, quantized {b['quantized']} B
 (ratio {_fmt(b['ratio'])}).</p>
 <h2>Model outputs</h2>
 <table><tr><th>output</th><th>snr_db</th><th>cosine</th><th>mse</th><th>max_abs</th></tr>
