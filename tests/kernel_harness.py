@@ -38,13 +38,12 @@ def reference(case: Case) -> list[np.ndarray]:
     return [np.asarray(r) for r in opdef.reference(case.inputs, attrs)]
 
 
-def run_cases(cases: list[Case], tmp: Path) -> list[list[np.ndarray]]:
-    """Build every case's kernel into one library, run each once, return its results."""
-    import tvm
-
+def build_cases(cases: list[Case], tmp: Path, cpu=None, cross_compiler=None):
+    """Build every case's kernel into one library ``tmp/k.so``; returns (path, calls) where
+    ``calls[i]`` = (symbol, argument arrays, result types)."""
     from compiler.ir.registry import get_op
 
-    cpu = host_cpu()
+    cpu = cpu or host_cpu()
     funcs, impls, reqs = {}, [], []
     for i, c in enumerate(cases):
         attrs = get_op(c.op).normalize_attrs(c.attrs)
@@ -62,20 +61,29 @@ def run_cases(cases: list[Case], tmp: Path) -> list[list[np.ndarray]]:
         funcs[f"case{i}"] = impl.prim_func
         impls.append(impl)
         reqs.append(req)
-    lib_path = compile_funcs(funcs, cpu, tmp / "k.so")
-    lib = tvm.runtime.load_module(str(lib_path))
-    results = []
+    lib_path = compile_funcs(funcs, cpu, tmp / "k.so", cross_compiler=cross_compiler)
+    calls = []
     for i, (c, impl, req) in enumerate(zip(cases, impls, reqs, strict=True)):
         args = []
         for j, a in enumerate(c.inputs):
             if j in impl.weight_transforms and j in req.const_inputs:
                 a = impl.weight_transforms[j](a)
-            args.append(a)
-        args += list(impl.extra_const_inputs)
-        outs = [np.zeros(t.shape, t.np_dtype) for t in req.output_types]
-        targs = [tvm.runtime.tensor(_contig(a)) for a in args]
-        touts = [tvm.runtime.tensor(o) for o in outs]
-        lib[f"case{i}"](*targs, *touts)
+            args.append(_contig(a))
+        args += [_contig(a) for a in impl.extra_const_inputs]
+        calls.append((f"case{i}", args, req.output_types))
+    return lib_path, calls
+
+
+def run_cases(cases: list[Case], tmp: Path) -> list[list[np.ndarray]]:
+    """Build every case's kernel into one library, run each once, return its results."""
+    import tvm
+
+    lib_path, calls = build_cases(cases, tmp)
+    lib = tvm.runtime.load_module(str(lib_path))
+    results = []
+    for sym, args, otypes in calls:
+        touts = [tvm.runtime.tensor(np.zeros(t.shape, t.np_dtype)) for t in otypes]
+        lib[sym](*[tvm.runtime.tensor(a) for a in args], *touts)
         results.append([t.numpy() for t in touts])
     return results
 
