@@ -312,7 +312,7 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     xo, xi = sch.split(x, [None, owb])
     co, ci = sch.split(ch, [None, cb])
     sch.reorder(b, y, co, xo, ry_, rx_, xi, ci)
-    fused = sch.fuse(b, y)
+    fused = sch.fuse(b, y, co)  # rows x channel tiles: enough tasks to balance small maps
     if par:
         sch.parallel(fused)
     sch.reverse_compute_at(out, xo)
