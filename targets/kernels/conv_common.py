@@ -19,7 +19,7 @@ from compiler.errors import OpError
 from targets.kernels.base import CpuInfo
 
 __all__ = ["ConvGeom", "ConvTiles", "conv_geom", "conv_tiles", "to_oihw", "pack_conv_weight",
-           "pack_dw_weight", "transpose_weight_to_conv", "KERNEL_LAYOUTS", "LAYOUTS"]
+           "pack_dw_weight", "pick_width", "transpose_weight_to_conv", "KERNEL_LAYOUTS", "LAYOUTS"]
 
 KERNEL_LAYOUTS = ("OIHW", "OHWI", "HWIO")
 LAYOUTS = ("NCHW", "NHWC")
@@ -155,10 +155,9 @@ class ConvTiles:
     nb_g: int        # blocks per group
     owp: int         # output width padded to a multiple of owb
     blocks_outer: bool  # loop order: weight blocks outside rows (weights bigger than input)
-    icb: int = 0     # input channels per cache tile of the reduction (0: all of ICg)
 
 
-def _pick_width(ow: int, owb_max: int) -> int:
+def pick_width(ow: int, owb_max: int) -> int:
     """Columns per register tile: a divisor of ``ow`` near ``owb_max``, else least padding."""
     if ow <= owb_max:
         return ow
@@ -187,7 +186,7 @@ def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int = 14
     else:
         ob = ocg  # up to two vectors, the last one partial (24 = 16 + 8): no padding
     vecs = -(-ob // lanes)
-    owb = _pick_width(g.ow, max(1, acc_regs // vecs))
+    owb = pick_width(g.ow, max(1, acc_regs // vecs))
     owp = -(-g.ow // owb) * owb
     nb_g = -(-ocg // ob)
     w_bytes = g.groups * nb_g * ob * g.icg * g.kh * g.kw
