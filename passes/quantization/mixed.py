@@ -153,15 +153,22 @@ def measure_sensitivity(graph: Graph, plan: Mapping[Node, PrecisionSpec],
     all_float = {ly.name: "float" for ly in layers}
     for ly in layers:
         ly.noise["float"], ly.cosine["float"] = 0.0, 1.0
-        for cand in ly.bytes:
+        for cand in list(ly.bytes):
             if cand == "float":
                 continue
             cfg = _config_for({n: s for n, s in plan.items() if n.name == ly.name}, [ly],
                               {**all_float, ly.name: cand})
             sub = PassContext(sample_inputs=list(samples), options=dict(shared))
-            q = quantize_graph(graph, cfg, ctx=sub)
+            try:
+                q = quantize_graph(graph, cfg, ctx=sub)
+                outs = [interpret(q, s) for s in samples]
+            except NpuccError as e:  # a candidate that cannot be measured is not chosen
+                del ly.bytes[cand]
+                if ctx is not None:
+                    ctx.remark(f"quantize: mixed precision: {cand} for layer {ly.name!r} "
+                               f"dropped, it failed: {e}")
+                continue
             shared[HESSIAN_KEY] = sub.options.get(HESSIAN_KEY, {})
-            outs = [interpret(q, s) for s in samples]
             num = den = 0.0
             cos = []
             for r, o in zip(refs, outs, strict=True):

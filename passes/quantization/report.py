@@ -279,12 +279,13 @@ def _json_default(x: Any) -> Any:
 
 def float_reference(source: Graph, target: Any) -> Graph:
     """``source`` through ``target``'s default pipeline up to where ``compile`` puts the
-    compression passes: the float graph the ``quantize`` pass saw."""
-    from compiler.driver import COMPRESSION_ANCHORS, _split_top_level
+    ``quantize`` pass (before ``partition``, after the layout passes): the float graph the
+    ``quantize`` pass saw (without pruning)."""
+    from compiler.driver import _split_top_level
     from compiler.pass_manager import run_pipeline
 
     parts = _split_top_level(target.default_pipeline)
-    at = next((i for i, p in enumerate(parts) if p.split("{")[0].strip() in COMPRESSION_ANCHORS),
+    at = next((i for i, p in enumerate(parts) if p.split("{")[0].strip() == "partition"),
               len(parts))
     text = ",".join(parts[:at])
     return run_pipeline(source.copy(), text) if text else source.copy()
