@@ -36,6 +36,8 @@ class CompiledModel:
         self.work_dir = Path(work_dir) if work_dir is not None else library.lib_path.parent
         self._executor = None
         self._device_library = None
+        if self.prune_plan is not None:
+            package.sparse_weights = True   # pruned weights stored bitmask/CSR when saved
 
     @property
     def executor(self):
@@ -71,6 +73,7 @@ class CompiledModel:
             "lower_bound_bytes": mem["lower_bound_bytes"],
             "naive_bytes": mem["naive_bytes"],
             "weight_bytes": mem["weight_bytes"],
+            "weight_bytes_stored": self.package.stored_weight_bytes(),
             "steps": len(self.package.steps),
             "kernels": len(self.library.kernels),
             "kernels_reused": len(self.library.reused),
@@ -130,6 +133,29 @@ class CompiledModel:
         rep = model_report(self.source, self.graph, self.target, samples, plan=plan)
         if out_dir is not None:
             rep["files"] = {k: str(v) for k, v in write_report(rep, out_dir).items()}
+        return rep
+
+    @property
+    def prune_plan(self) -> dict[str, Any] | None:
+        """What the ``prune`` pass did (method, options, per-layer record), if it ran."""
+        ctx = self.pass_context
+        return ctx.options.get("prune_plan") if ctx is not None else None
+
+    def prune_report(self, samples: Any = None, show: bool = True) -> dict[str, Any]:
+        """Per-layer sparsity, parameters before/after and the output error (cosine, max abs,
+        relative) of this compiled model against the unpruned imported model on ``samples``
+        (default: the calibration samples); prints a table when ``show``
+        (:mod:`passes.pruning.report`)."""
+        from passes.pruning.report import print_report, prune_report
+
+        ctx = self.pass_context
+        samples = samples if samples is not None else getattr(ctx, "sample_inputs", None)
+        rep = prune_report(self.source, self.graph, self.prune_plan, self.run,
+                           list(samples) if samples is not None else None,
+                           stored_bytes=self.package.stored_weight_bytes(),
+                           dense_bytes=self.package.memory["weight_bytes"])
+        if show:
+            print_report(rep)
         return rep
 
     # -- files -------------------------------------------------------------------------

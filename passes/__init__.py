@@ -21,6 +21,7 @@ PASS_MODULES: dict[str, str] = {
     "lower-quantized": "passes.quantization.lower",
     "partition": "passes.partition",
     "npu-numerics": "passes.npu_numerics",
+    "prune": "passes.pruning",
 }
 FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
 

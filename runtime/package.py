@@ -20,6 +20,9 @@ Manifest, format version 1 (every key below is written; readers ignore unknown k
               for weights and unused tensors); ``weight``: the safetensors key (weights only)
     memory:   {arena_bytes, lower_bound_bytes, naive_bytes, weight_bytes, alignment, ordering,
                inplace: [[step, operand, result]]}
+    weight_encoding: {key: {encoding: "bitmask" | "csr", dtype, shape, nnz}}   (optional)
+              weights stored sparse (``runtime/sparse.py``); a package with this key has
+              format version 2, and ``Package.weights()`` expands them (exactly) at load
     files:    {filename: {sha256, bytes}}
               besides kernels.so and weights.safetensors: extra files of the package
               (``Package.extra_files``), possibly in a subdirectory, e.g.
@@ -65,7 +68,8 @@ __all__ = ["FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "Step", "TensorInfo", 
            "build_package", "load_package"]
 
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)   # 2: weight_encoding (sparse-stored weights)
+SPARSE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -144,6 +148,8 @@ class Package:
         self.directory = Path(directory) if directory is not None else None
         # package-relative name ("device/kernels.aarch64.so") -> where the file is now
         self.extra_files: dict[str, Path] = {k: Path(v) for k, v in (extra_files or {}).items()}
+        # store weights with many zeros as bitmask/CSR when saving (set for pruned models)
+        self.sparse_weights = bool(manifest.get("weight_encoding"))
 
     # -- views of the manifest -------------------------------------------------------------
     @property
@@ -172,15 +178,38 @@ class Package:
         return self.manifest["target"]
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Weight arrays by safetensors key, as stored (bytes verbatim)."""
+        """Weight arrays by safetensors key, as stored (bytes verbatim); sparse-stored ones
+        (manifest ``weight_encoding``) expanded back to their dense arrays."""
         if isinstance(self._weights, Mapping):
             return dict(self._weights)
         from safetensors.numpy import load_file
 
         try:
-            return load_file(str(self._weights))
+            stored = load_file(str(self._weights))
         except Exception as e:  # the library raises its own untyped errors
             raise PackageError(f"cannot read {self._weights}: {e}") from e
+        encoding = self.manifest.get("weight_encoding")
+        if not encoding:
+            return stored
+        from .sparse import decode_all
+
+        try:
+            return decode_all(stored, encoding)
+        except (KeyError, ValueError, TypeError) as e:
+            raise PackageError(f"{self._weights}: sparse weights do not decode: {e}") from e
+
+    def stored_weight_bytes(self) -> int:
+        """Bytes the used weights take in ``weights.safetensors`` (payload, without the
+        safetensors header): sparse-encoded when ``sparse_weights`` is set."""
+        from .sparse import encoded_nbytes
+
+        total = 0
+        for arr in self.weights().values():
+            arr = np.asarray(arr)
+            sizes = encoded_nbytes(arr) if self.sparse_weights and arr.dtype.kind in "fiu" \
+                else {"dense": arr.nbytes}
+            total += min(sizes.values())
+        return int(total)
 
     def executor(self) -> Executor:
         from .executor import Executor
@@ -206,8 +235,13 @@ class Package:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
             shutil.copyfile(self.lib_path, tmp / LIBRARY)
+            manifest = dict(self.manifest)
             if isinstance(self._weights, Mapping):
-                _write_weights(self._weights, tmp / WEIGHTS)
+                enc = _write_weights(self._weights, tmp / WEIGHTS, sparse=self.sparse_weights)
+                manifest.pop("weight_encoding", None)
+                if enc:
+                    manifest["weight_encoding"] = enc
+                    manifest["format_version"] = SPARSE_FORMAT_VERSION
             else:
                 shutil.copyfile(self._weights, tmp / WEIGHTS)
             for name, src in self.extra_files.items():
@@ -215,7 +249,6 @@ class Package:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, tmp / name)
             names = (LIBRARY, WEIGHTS, *self.extra_files)
-            manifest = dict(self.manifest)
             manifest["files"] = {name: {"sha256": _sha256(tmp / name),
                                         "bytes": (tmp / name).stat().st_size}
                                  for name in names}
@@ -324,16 +357,28 @@ _SAFETENSORS_NATIVE = frozenset({"float64", "float32", "float16", "int64", "int3
                                  "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
 
 
-def _write_weights(weights: Mapping[str, np.ndarray], path: Path) -> None:
+def _write_weights(weights: Mapping[str, np.ndarray], path: Path, sparse: bool = False
+                   ) -> dict[str, Any]:
+    """Write the weights; with ``sparse``, those with enough zeros as bitmask/CSR
+    (``runtime/sparse.py``). Returns the manifest's ``weight_encoding`` records."""
     from safetensors.numpy import save_file
 
-    out = {}
+    out, encoding = {}, {}
     for name, arr in weights.items():
         arr = np.ascontiguousarray(arr)
         if arr.dtype.name not in _SAFETENSORS_NATIVE or not arr.dtype.isnative:
             arr = arr.reshape(-1).view(np.uint8)  # bf16, int4, ...: raw bytes; manifest has dtype
+        if sparse and arr.dtype.name in _SAFETENSORS_NATIVE and arr.dtype != np.bool_:
+            from .sparse import encode
+
+            entries, rec = encode(name, arr)
+            out.update(entries)
+            if rec is not None:
+                encoding[name] = rec
+            continue
         out[name] = arr
     save_file(out, str(path))
+    return encoding
 
 
 def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], outputs: Sequence[str],
