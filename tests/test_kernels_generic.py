@@ -77,6 +77,10 @@ CASES["reduce_mean_int"] = Case("reduce_mean", [i32(4, 6, lo=0, hi=9)], {"axes":
 CASES["argmax"] = Case("argmax", [i32(4, 7, lo=0, hi=3)], {"axis": 1})
 CASES["argmax_last"] = Case("argmax", [i32(4, 7, lo=0, hi=3)],
                             {"axis": 1, "select_last_index": True})
+CASES["topk"] = Case("topk", [i32(3, 9, lo=0, hi=4).astype(np.float32)], {"k": 4})
+CASES["topk_smallest_axis0"] = Case("topk", [f32(7, 3)], {"k": 7, "axis": 0,
+                                                       "largest": False})
+CASES["topk_int"] = Case("topk", [i32(2, 5, lo=0, hi=3)], {"k": 2})
 CASES["argmin"] = Case("argmin", [f32(4, 7, 3)], {"axis": 0, "keepdims": False})
 
 # -- shape --------------------------------------------------------------------------------

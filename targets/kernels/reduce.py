@@ -119,3 +119,45 @@ def argminmax(req: KernelRequest) -> KernelImpl:
     Y = te.compute(out.shape, lambda *i: expr(idx[i] if i else idx[()]), name="out")
     return KernelImpl(prim_func([X, Y], generic(req.cpu, "f32")),
                       note=f"{req.op} over axis {axis} of {n}" + f" ({xdt})")
+
+
+@register_kernel("topk")
+def topk(req: KernelRequest) -> KernelImpl:
+    """Rank counting: rank(i) = #elements ordered before i (larger, or equal with a lower
+    index); result t is the element of rank t. O(n^2) per row: fine for TopK's usual sizes."""
+    from tvm import te, tirx
+
+    (X,) = placeholders(req)
+    xt = req.input_types[0]
+    vt, it = req.output_types
+    axis = req.attrs["axis"] % xt.rank
+    n, k = xt.shape[axis], int(req.attrs["k"])
+    largest = bool(req.attrs["largest"])
+
+    def at(i, pos):
+        src = list(i)
+        src[axis] = pos
+        return expr(X[tuple(src)])
+
+    def rank_body(*i):
+        j = te.reduce_axis((0, n), "j")
+        xi, xj = at(i, i[axis]), at(i, j)
+        better = xj > xi if largest else xj < xi
+        before = tirx.Or(better, tirx.And(tirx.EQ(xj, xi), j < i[axis]))
+        return te.sum(tirx.Select(before, tirx.const(1, "int32"), tirx.const(0, "int32")),
+                      axis=j)
+
+    rank = te.compute(xt.shape, rank_body, name="rank")
+
+    def idx_body(*o):
+        j = te.reduce_axis((0, n), "j")
+        src = list(o)
+        src[axis] = j
+        hit = tirx.EQ(rank[tuple(src)], o[axis])
+        return te.sum(tirx.Select(hit, j.var.astype("int64"), tirx.const(0, "int64")), axis=j)
+
+    idx = te.compute(it.shape, idx_body, name="topk_idx")
+    vals = te.compute(vt.shape, lambda *o: at(o, idx[o].astype("int32")), name="values")
+    out_idx = te.compute(it.shape, lambda *o: idx[o], name="indices")
+    return KernelImpl(prim_func([X, vals, out_idx], generic(req.cpu, "f32")),
+                      note=f"topk {k} of {n} (rank counting)")
