@@ -114,7 +114,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False) -> dict[str, Any]:
+def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False,
+            gap_ms: float = 0.0) -> dict[str, Any]:
     """Build, compile and time one model; returns the figures as a JSON-able dict."""
     import numpy as np
     import onnxruntime as ort
@@ -158,6 +159,7 @@ def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False) -> dict
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeat):  # interleaved: each runtime once per repetition
         for k, f in runners.items():
+            time.sleep(gap_ms / 1e3)  # let the previous runtime's pool go idle
             t = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t) * 1e3)
@@ -166,7 +168,7 @@ def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False) -> dict
     top = sorted(prof.steps, key=lambda s: -s.median_ms)[:5]
     s = m.stats()
     return {
-        "model": name, "desc": desc, "repeat": repeat, "spin": spin,
+        "model": name, "desc": desc, "repeat": repeat, "spin": spin, "gap_ms": gap_ms,
         "latency_ms": {k: {"median": _percentile(v, 50), "p90": _percentile(v, 90)}
                        for k, v in times.items()},
         "compile_s": compile_s, "compile_phases": s["compile_seconds"],
@@ -232,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=30, help="interleaved repetitions")
     ap.add_argument("--spin", action="store_true",
                     help="keep the thread pools' default busy-waiting (see the docstring)")
+    ap.add_argument("--gap-ms", type=float, default=20.0,
+                    help="idle time before each timed call (spinning pools go to sleep)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one model, JSON
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args.repeat, spin=args.spin)),
-              flush=True)
+        res = measure(args.one, args.repeat, spin=args.spin, gap_ms=args.gap_ms)
+        print("RESULT " + json.dumps(res), flush=True)
         return 0
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     unknown = [n for n in names if n not in BUILDERS]
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         env.update(TVM_THREAD_POOL_SPIN_COUNT="0", OMP_WAIT_POLICY="PASSIVE")
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--one", name, "--repeat", str(args.repeat)]
+        cmd = [sys.executable, __file__, "--one", name, "--repeat", str(args.repeat),
+               "--gap-ms", str(args.gap_ms)]
         proc = subprocess.run(cmd + (["--spin"] if args.spin else []), env=env,
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
