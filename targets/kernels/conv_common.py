@@ -172,8 +172,8 @@ def pick_width(ow: int, owb_max: int) -> int:
 def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int = 14) -> ConvTiles:
     """Tile sizes for the NHWC register-tiled conv.
 
-    ``ob`` is two SIMD vectors when the group's channels allow it, else one, else the group's
-    channel count (small groups, or 24 = 16 + 8 on AVX-512); ``owb`` keeps ``owb * ob / lanes`` accumulators near
+    ``ob`` is two SIMD vectors when the group's channels allow it, else one, else a smaller
+    power of two dividing them (24 channels: 3 blocks of 8), else padded up; ``owb`` keeps ``owb * ob / lanes`` accumulators near
     ``acc_regs`` (32 vector registers on AVX-512 and NEON leave room for weights and a
     broadcast).
     """
@@ -183,8 +183,10 @@ def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int = 14
         ob = 2 * lanes
     elif ocg % lanes == 0 or ocg > 2 * lanes:
         ob = lanes
-    else:
-        ob = ocg  # up to two vectors, the last one partial (24 = 16 + 8): no padding
+    else:  # a power of two: LLVM turns <24 x float> into scalar code (30x slower, measured)
+        ob = next((p for p in (lanes // 2, lanes // 4) if p >= 4 and ocg % p == 0), 0)
+        if not ob:
+            ob = lanes if ocg > lanes else 1 << (ocg - 1).bit_length()  # pad up
     vecs = -(-ob // lanes)
     owb = pick_width(g.ow, max(1, acc_regs // vecs))
     owp = -(-g.ow // owb) * owb

@@ -43,6 +43,17 @@ def _ints(attrs: dict[str, Any], key: str, default: list[int], n: int, label: st
     return [int(x) for x in v]
 
 
+def _vec_width(extent: int, lanes: int) -> int:
+    """The vector width for a loop of ``extent``: a power of two dividing it (LLVM scalarises
+    odd widths like 24), at least 4, else 0 (not vectorised)."""
+    w = lanes
+    while w >= 4:
+        if extent % w == 0:
+            return w
+        w //= 2
+    return 0
+
+
 def _low(dtype: str):
     from tvm import tirx
 
@@ -158,7 +169,7 @@ def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big
     top = acc if is_max else sch.get_sblock("out")
     b, d1, d2, d3 = sch.get_loops(top)[:4]
     inner = int(sch.get(d3).extent)
-    vec = lanes if inner % lanes == 0 else (inner if inner <= lanes else 0)
+    vec = _vec_width(inner, lanes)
     outer = sch.fuse(b, d1)
     at = d2
     if vec and vec < inner:
@@ -225,7 +236,7 @@ def _schedule_global_nhwc(sch, lanes: int, is_max: bool, par: bool) -> None:
     top = acc if is_max else sch.get_sblock("out")
     b, d1, d2, c = sch.get_loops(top)[:4]
     cext = int(sch.get(c).extent)
-    vec = lanes if cext % lanes == 0 else 0
+    vec = _vec_width(cext, lanes)
     if vec:
         co, ci = sch.split(c, [None, vec])
         outer = sch.fuse(b, d1, d2, co)
