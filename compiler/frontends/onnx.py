@@ -33,6 +33,7 @@ __all__ = ["from_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
 MIN_OPSET, MAX_OPSET = 13, 21
 FOLD_LIMIT = 4096  # largest float constant a node may fold to
 INT_FOLD_LIMIT = 1 << 22  # largest integer/bool constant a node may fold to
+DATA_PROP_LIMIT = 1 << 16  # longest 1-D value with which onnx's data propagation runs
 _NO_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                       "RandomUniformLike", "Multinomial", "Bernoulli"})
 
@@ -164,12 +165,26 @@ def _with_static_inputs(model, types: dict[str, TensorType], strict: bool = True
         except Exception as e:
             raise ImportError_(f"cannot inline the model's local functions: {e}") from None
     try:
+        plain = onnx.shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict)
+        if _has_long_vector(plain):
+            return plain
         return onnx.shape_inference.infer_shapes(m, check_type=strict, strict_mode=strict,
                                                  data_prop=True)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise ImportError_("ONNX shape inference rejects the model: "
                            + (msg[-1] if msg else type(e).__name__)) from None
+
+
+def _has_long_vector(model) -> bool:
+    """Whether a 1-D value is longer than DATA_PROP_LIMIT: onnx's data propagation spends
+    ~100 bytes and ~1 us per element of every 1-D value (a [2**40] input exhausts memory),
+    so inference runs without it then; only shape arithmetic needs it, on short vectors."""
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].dim_value > DATA_PROP_LIMIT:
+            return True
+    return False
 
 
 def _inferred_types(model) -> dict[str, TensorType]:
