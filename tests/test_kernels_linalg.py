@@ -49,6 +49,11 @@ CASES = {
     "gemm_trans": Case("gemm", [f32(5, 6), f32(7, 5), f32(6, 7)],
                        {"trans_a": True, "trans_b": True}, consts=(1,)),
     "gemm_nobias_nonconst": Case("gemm", [f32(3, 4), f32(4, 18)]),
+    "gemm_nonconst_trans_b": Case("gemm", [f32(9, 4), f32(40, 4), f32(40)],
+                                  {"trans_b": True}, consts=(2,)),
+    "matmul_ragged_n": Case("matmul", [f32(2, 3, 17, 8), f32(2, 3, 8, 45)]),
+    "dense_nonconst_big": Case("dense", [f32(2, 16, 24), f32(70, 24), f32(70)],
+                               {"activation": "gelu"}),
 }
 
 

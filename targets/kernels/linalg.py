@@ -60,6 +60,22 @@ def pack_nk(w_nk: np.ndarray, nb: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(np_ // nb, nb, k).transpose(0, 2, 1))
 
 
+def _pack_in_kernel(batch: tuple[int, ...], K: int, N: int, nb: int, read: Callable):
+    """A packing stage run inside the kernel: ``Bpack[batch..., Np/nb, K, nb]`` from
+    ``read(bidx, k, n)`` (n < N), zero padded. For a non-constant right operand whose columns
+    are strided (dense / gemm with trans_b) or not a multiple of ``nb``: the micro-kernel then
+    reads ``nb`` contiguous values per k, never a gather. Costs O(K*N) per batch."""
+    from tvm import te, tirx
+
+    def body(*i):
+        bi, p, k, j = list(i[:len(batch)]), i[-3], i[-2], i[-1]
+        n = p * nb + j
+        v = read(bi, k, te.min(n, N - 1))
+        return tirx.Select(n < N, v, tirx.const(0, dtype_of(v))) if N % nb else v
+
+    return te.compute(tuple(batch) + (-(-N // nb), K, nb), body, name="Bpack")
+
+
 def _ravel(idx, shape) -> Any:
     flat: Any = 0
     for i, d in zip(idx, shape, strict=True):
@@ -117,6 +133,17 @@ def _gemm_func(
     sch = Schedule(te.create_prim_func([*ins, Y]))
     if out_type.size == 0 or K == 0:
         return sch.mod["main"]
+    try:
+        pblk = sch.get_sblock("Bpack")
+    except Exception:  # noqa: BLE001  (no in-kernel packing stage)
+        pblk = None
+    if pblk is not None:
+        pl = sch.get_loops(pblk)
+        size = math.prod(int(sch.get(x).extent) for x in pl)
+        sch.vectorize(pl[-1])
+        outer_p = sch.fuse(*pl[:-2]) if len(pl) > 3 else pl[0]
+        if req.cpu.num_cores > 1 and size >= 1 << 16:
+            sch.parallel(outer_p)
     cblk, oblk = sch.get_sblock("C"), sch.get_sblock("out")
     loops = sch.get_loops(oblk)
     bl = loops[:nbat]
@@ -192,13 +219,11 @@ def dense(req: KernelRequest) -> KernelImpl:
             m = te.min(m, M - 1)
         return X[tuple(_unravel(m, lead)) + (k,)]
 
-    if packed:
-        def b_at(bi, k, n):
-            return W[n // nb, k, n % nb]
-    else:
-        def b_at(bi, k, n):
-            from tvm import te
-            return W[te.min(n, N - 1), k]
+    if not packed:  # weights computed at run time: pack them inside the kernel
+        W = _pack_in_kernel((), K, N, nb, lambda bi, k, n: W[n, k])
+
+    def b_at(bi, k, n):
+        return W[n // nb, k, n % nb]
 
     bias_at = (lambda idx: ins[2][idx[-1]]) if len(ins) > 2 else None
     func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb, mr=mr,
@@ -206,7 +231,7 @@ def dense(req: KernelRequest) -> KernelImpl:
     transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w), nb))} if packed else {}
     return KernelImpl(func, transforms,
                       note=f"dense M={M} K={K} N={N}: {mr}x{nb} tiles"
-                           + (", packed weights" if packed else ""))
+                           + (", packed weights" if packed else ", packed in the kernel"))
 
 
 @register_kernel("matmul")
@@ -235,13 +260,19 @@ def matmul(req: KernelRequest) -> KernelImpl:
             return A[k]
         return A[tuple(broadcast_index(bi, batch, at.shape[:-2])) + (m, k)]
 
+    bbatch = bt.shape[:-2]
+    repack = not packed and N % nb != 0
+    if repack:  # ragged last panel: pack B inside the kernel (no clamped gathers)
+        B = _pack_in_kernel(bbatch, K, N, nb,
+                            lambda bi, k, n: ins[1][tuple(bi) + (k, n)])
+
     def b_at(bi, k, n):
-        from tvm import te
         if packed:
             return B[n // nb, k, n % nb]
-        if -(-N // nb) * nb != N:
-            n = te.min(n, N - 1)
-        return B[tuple(broadcast_index(bi, batch, bt.shape[:-2])) + (k, n)]
+        bb = tuple(broadcast_index(bi, batch, bbatch))
+        if repack:
+            return B[bb + (n // nb, k, n % nb)]
+        return B[bb + (k, n)]
 
     func = _gemm_func(req, ins, out, batch=batch, n_mdims=n_mdims, M=M, K=K, N=N, nb=nb,
                       mr=mr, a_at=a_at, b_at=b_at, epilogue=lambda acc, idx: acc)
@@ -297,13 +328,17 @@ def gemm(req: KernelRequest) -> KernelImpl:
             m = te.min(m, M - 1)
         return A[k, m] if ta else A[m, k]
 
+    if not packed and (tb or N % nb):  # strided or ragged: pack inside the kernel
+        B = _pack_in_kernel((), K, N, nb,
+                            lambda bi, k, n: ins[1][n, k] if tb else ins[1][k, n])
+        packed_rt = True
+    else:
+        packed_rt = False
+
     def b_at(bi, k, n):
-        from tvm import te
-        if packed:
+        if packed or packed_rt:
             return B[n // nb, k, n % nb]
-        if -(-N // nb) * nb != N:
-            n = te.min(n, N - 1)
-        return B[n, k] if tb else B[k, n]
+        return B[k, n]
 
     def epilogue(acc, idx):
         from tvm import tirx
