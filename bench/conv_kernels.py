@@ -1,7 +1,7 @@
 """Conv kernels vs onnxruntime and torch, side by side in one run (2 threads each).
 
 Shapes: every conv of ResNet-50 (the light_resnet50 ONNX test model, batch 1, 224x224; count =
-how often the shape occurs) and the depthwise convs of MobileNetV2. Our kernels run NHWC with
+how often the shape occurs) and every conv of MobileNetV2 (1x1 and stem, then depthwise). Our kernels run NHWC with
 compile-time packed weights, bias and a fused activation, which is what the graph passes
 deliver; onnxruntime runs a one-node Conv(+Relu) NCHW model, torch ``conv2d`` + ``relu``.
 
@@ -44,6 +44,17 @@ MOBILENET_DW = [
     (1, 192, 28, 2), (4, 384, 14, 1), (2, 576, 14, 1), (1, 576, 14, 2), (3, 960, 7, 1),
 ]
 
+# (count, C_in, H, C_out, K, stride, pad) — MobileNetV2's other convs (stem and 1x1)
+MOBILENET_PW = [
+    (1, 3, 224, 32, 3, 2, 1), (1, 32, 112, 16, 1, 1, 0), (1, 16, 112, 96, 1, 1, 0),
+    (1, 96, 56, 24, 1, 1, 0), (2, 24, 56, 144, 1, 1, 0), (1, 144, 56, 24, 1, 1, 0),
+    (1, 144, 28, 32, 1, 1, 0), (3, 32, 28, 192, 1, 1, 0), (2, 192, 28, 32, 1, 1, 0),
+    (1, 192, 14, 64, 1, 1, 0), (4, 64, 14, 384, 1, 1, 0), (3, 384, 14, 64, 1, 1, 0),
+    (1, 384, 14, 96, 1, 1, 0), (3, 96, 14, 576, 1, 1, 0), (2, 576, 14, 96, 1, 1, 0),
+    (1, 576, 7, 160, 1, 1, 0), (3, 160, 7, 960, 1, 1, 0), (2, 960, 7, 160, 1, 1, 0),
+    (1, 960, 7, 320, 1, 1, 0), (1, 320, 7, 1280, 1, 1, 0),
+]
+
 
 def _resnet_shapes():
     for cnt, ic, h, oc, k, s, p in RESNET50:
@@ -51,6 +62,8 @@ def _resnet_shapes():
 
 
 def _mobilenet_shapes():
+    for cnt, ic, h, oc, k, s, p in MOBILENET_PW:
+        yield ("mobilenet", f"{k}x{k}/{s} {ic}->{oc} @{h}", cnt, ic, h, oc, k, s, p, 1)
     for cnt, c, h, s in MOBILENET_DW:
         yield ("mobilenet", f"dw3x3/{s} {c} @{h}", cnt, c, h, c, 3, s, 1, c)
 
