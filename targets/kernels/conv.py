@@ -16,8 +16,11 @@ The shape of every conv kernel (x86 AVX-512 numbers; everything scales with ``cp
   fused and parallel. A 1x1 stride-1 conv is the same loop nest: a GEMM whose M tile is a run
   of ``owb`` pixels of one row.
 - Depthwise convs (groups == C) vectorise over channels instead: ``[KH, KW, C]`` weights,
-  tile ``owb`` columns x ``cb`` channels, kernel window unrolled, padding inlined as
-  conditions (memory-bound: a padded copy would double the traffic).
+  tile ``owb`` columns x ``cb`` channels, kernel window unrolled; NHWC padding is inlined as
+  conditions (memory-bound: a padded copy would double the traffic), NCHW keeps the
+  transposing ``pad`` stage.
+- f16/bf16 convs sum in f32 and round once after bias and activation; tiles are sized by the
+  accumulator's registers. Vector widths are powers of two (LLVM scalarises 24-wide vectors).
 - conv_transpose2d is the conv with flipped, in/out-swapped weights over the zero-upsampled,
   padded input (the ``pad`` stage does the upsampling), so it reuses this micro-kernel.
 """
