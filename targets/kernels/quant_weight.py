@@ -6,7 +6,11 @@ decoded inside the K loop: constant weights are packed at compile time to
 ``[ceil(N/nb), K/2, nb]`` u8 (int4, two k per byte, low nibble = even k) or ``[.., K, nb]`` i8
 and the scales to ``[ceil(N/nb), K/g, nb]`` f16, so for each k the inner loop loads ``nb``
 contiguous bytes, shifts/masks them to nibbles, converts, multiplies by the group's scale and
-accumulates. No dequantised weight tensor exists; the weights stay 4 (8) bits in memory.
+accumulates. When several row tiles read the same n-panel (M > mr), each panel is decoded once
+into a ``[K, nb]`` f32 scratch inside the parallel n-panel loop (computed at that loop: one
+panel at a time, in L1/L2) and the row tiles stream past it; for M <= mr (GEMV, token-by-token
+decoding) the decode stays in the K loop. No dequantised weight tensor exists; the weights
+stay 4 (8) bits in memory.
 
 ``gather_q``: one output element = one i16 load, a convert and a multiply by the row's
 scale. ``norm_f16``: the reference's numerics (input rounded to f16, f32 statistics, result
@@ -70,15 +74,65 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
         return qf * expr(s_at(n, k // g)).astype("float32")
 
     bias_at = (lambda idx: ins[3][idx[-1]]) if len(ins) > 3 else None
-    func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb, mr=mr,
-                      a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
+    epilogue = _bias_act(req, bias_at)
+    if packed and M > mr:  # several row tiles read each panel: decode it once per panel
+        func = _panel_gemm(req, ins, out, lead, M, K, N, nb, mr, a_at, b_at, epilogue)
+        how = "panel decoded once per n-panel into a [K, nb] f32 scratch"
+    else:
+        func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
+                          mr=mr, a_at=a_at, b_at=b_at, epilogue=epilogue)
+        how = "decoded in the K loop"
     transforms = {}
     if packed:
         transforms = {1: lambda w, nb=nb: pack_nk(np.asarray(w), nb),
                       2: lambda s, nb=nb: pack_nk(np.asarray(s), nb)}
     return KernelImpl(func, transforms,
-                      note=f"dense_wq int{bits} g{g} M={M} K={K} N={N}: {mr}x{nb} tiles, "
-                           f"decoded in the K loop")
+                      note=f"dense_wq int{bits} g{g} M={M} K={K} N={N}: {mr}x{nb} tiles, {how}")
+
+
+def _panel_gemm(req: KernelRequest, ins: list, out: TensorType, lead: tuple[int, ...], M: int,
+                K: int, N: int, nb: int, mr: int, a_at, b_at, epilogue):
+    """The GEMM of :func:`targets.kernels.linalg._gemm_func` with the weight panel of each
+    n-panel decoded (unpack + scale) once into a ``[K, nb]`` f32 buffer that every row tile of
+    that panel then reads; parallel over n-panels."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    Mp = -(-M // mr) * mr
+    Np = -(-N // nb) * nb
+    Wd = te.compute((Np // nb, K, nb), lambda p, k, j: b_at([], k, p * nb + j), name="Wd")
+    k = te.reduce_axis((0, K), "k")
+    C = te.compute((Mp, Np), lambda m, n: te.sum(
+        expr(a_at([], m, k)).astype("float32") * Wd[n // nb, k, n % nb], axis=k), name="C")
+    nm = len(lead)
+
+    def out_body(*idx):
+        from targets.kernels.linalg import _ravel
+        m = _ravel(idx[:nm], lead) if nm else 0
+        return expr(epilogue(C[m, idx[-1]], idx)).astype("float32")
+
+    Y = te.compute(out.shape, out_body, name="out")
+    sch = Schedule(te.create_prim_func([*ins, Y]))
+    wblk, cblk, oblk = sch.get_sblock("Wd"), sch.get_sblock("C"), sch.get_sblock("out")
+    loops = sch.get_loops(oblk)
+    mf = sch.fuse(*loops[:-1]) if nm > 1 else loops[0]
+    mo, mi = sch.split(mf, [None, mr])
+    no, ni = sch.split(loops[-1], [None, nb])
+    sch.reorder(no, mo, mi, ni)
+    sch.compute_at(cblk, mo)
+    sch.set_scope(cblk, 0, "local")
+    cm, cn, ck = sch.get_loops(cblk)[2:]
+    sch.reorder(ck, cm, cn)
+    sch.unroll(cm)
+    sch.vectorize(cn)
+    sch.vectorize(ni)
+    sch.compute_at(wblk, no)
+    sch.vectorize(sch.get_loops(wblk)[-1])
+    if req.cpu.num_cores > 1 and Np // nb >= 2 and M * N * K >= 1 << 16:
+        sch.parallel(no)
+    init = sch.decompose_reduction(cblk, ck)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
 
 
 @register_kernel("gather_q")
