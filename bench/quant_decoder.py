@@ -105,6 +105,17 @@ def perplexity(graph, wins: list[np.ndarray]) -> float:
     return math.exp(nll / n)
 
 
+def perplexity_compiled(m, wins: list[np.ndarray]) -> float:
+    nll, n = 0.0, 0
+    for w in wins:
+        logits = m.run({m.input_names[0]: w[None, :-1].astype(np.int64)})[0][0]
+        logits = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
 def weight_bytes(graph) -> int:
     refs = {n.attrs.get("ref") for n in graph.find("const")}
     return sum(int(a.nbytes) for r, a in graph.weights.items() if r in refs)
@@ -184,8 +195,9 @@ def main() -> None:
                 path = m.save(Path(d) / "pkg")
                 files = {p.name: p.stat().st_size for p in Path(path).rglob("*") if p.is_file()}
             wfile = sum(v for k, v in files.items() if k.endswith(".safetensors"))
-            print(f"package {name:20s}: weights file {wfile} B, all files {sum(files.values())} "
-                  f"B, stats weight_bytes {m.stats()['weight_bytes']} ({time.time() - t:.0f} s)")
+            print(f"package {name:16s}: weights file {wfile} B, all files {sum(files.values())} "
+                  f"B, stats weight_bytes {m.stats()['weight_bytes']}, perplexity through the "
+                  f"kernels {perplexity_compiled(m, held):.4f} ({time.time() - t:.0f} s)")
 
 
 if __name__ == "__main__":

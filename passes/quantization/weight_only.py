@@ -60,9 +60,7 @@ def dense_weight(graph: Graph, node: Node) -> np.ndarray | None:
     arr = graph.const_value(w)
     if arr is None or arr.ndim != 2 or x.dtype != "f32" or w.dtype != "f32" or x.type.rank < 1:
         return None
-    if node.op == "matmul":
-        if x.type.rank < 2 and x.type.rank != 1:
-            return None
+    if node.op == "matmul":  # x[..., K] @ w[K, N] is dense with w^T
         return np.asarray(arr).T
     return np.asarray(arr)
 
