@@ -38,7 +38,7 @@ class CodegenError(NpuccError):
 
 @dataclass
 class KernelStep:
-    """One call of the execution plan: ``symbol(*inputs, *results)`` in node order.
+    """One call of the execution plan: ``symbol(*inputs, *extra_consts, *outputs)``.
 
     ``inputs`` are value names, except that a constant operand the kernel reads transformed
     (packed) is replaced by the name of its transformed array in ``KernelLibrary.weights``;
