@@ -148,11 +148,22 @@ def find_attention(graph: Graph) -> list[Attention]:
     return found
 
 
-def _contrib(graph: Graph, blocks: list[Attention], samples) -> dict[int, np.ndarray]:
+def _token_weights(smp: dict[str, np.ndarray], mask_input: str | None, shape: tuple[int, ...]
+                   ) -> np.ndarray | None:
+    """Weights of the [B, S] positions: the padding mask input when there is one."""
+    if mask_input is None or mask_input not in smp:
+        return None
+    m = np.asarray(smp[mask_input], dtype=np.float64)
+    return m if m.shape == tuple(shape[:2]) and m.sum() > 0 else None
+
+
+def _contrib(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None
+             ) -> dict[int, np.ndarray]:
     from compiler.ir.interpreter import interpret
 
     where = {id(a.merge): i for i, a in enumerate(blocks)}
     acc: dict[int, np.ndarray] = {i: np.zeros(a.heads) for i, a in enumerate(blocks)}
+    current: dict[str, np.ndarray] = {}
 
     def observe(node: Node, results: list[np.ndarray]) -> None:
         i = where.get(id(node))
@@ -163,18 +174,36 @@ def _contrib(graph: Graph, blocks: list[Attention], samples) -> dict[int, np.nda
         wo = graph.const_value(a.out.inputs[1]).astype(np.float64)   # [N, H*D]
         for h in range(a.heads):
             sl = slice(h * a.dim, (h + 1) * a.dim)
-            y = o[..., sl] @ wo[:, sl].T
-            acc[i][h] += np.linalg.norm(y, axis=-1).mean()
+            norms = np.linalg.norm(o[..., sl] @ wo[:, sl].T, axis=-1)     # [B, S]
+            tw = _token_weights(current, mask_input, norms.shape)
+            acc[i][h] += norms.mean() if tw is None else (norms * tw).sum() / tw.sum()
 
     for smp in samples:
+        current.clear()
+        current.update(smp)
         interpret(graph, smp, observe=observe)
     return {i: v / len(samples) for i, v in acc.items()}
 
 
-def _ablation(graph: Graph, blocks: list[Attention], samples) -> dict[int, np.ndarray]:
+def _err(got: list[np.ndarray], ref: list[np.ndarray], tw: Any) -> float:
+    total = 0.0
+    for g, r in zip(got, ref, strict=True):
+        d = (g.astype(np.float64) - r) ** 2
+        rr = r.astype(np.float64) ** 2
+        if tw is not None and d.shape[:2] == tw.shape:
+            w = tw.reshape(tw.shape + (1,) * (d.ndim - 2))
+            d, rr = d * w, rr * w
+        total += float(np.sqrt(d.sum() / (rr.sum() + 1e-30)))
+    return total
+
+
+def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None
+              ) -> dict[int, np.ndarray]:
     from compiler.ir.interpreter import interpret
 
     base = [interpret(graph, s) for s in samples]
+    tws = [_token_weights(s, mask_input, np.asarray(s[mask_input]).shape)
+           if mask_input in s else None for s in samples]
     out: dict[int, np.ndarray] = {}
     for i, a in enumerate(blocks):
         wo_v = a.out.inputs[1]
@@ -185,10 +214,8 @@ def _ablation(graph: Graph, blocks: list[Attention], samples) -> dict[int, np.nd
             w2[:, h * a.dim:(h + 1) * a.dim] = 0
             _swap(graph, wo_v, w2)
             try:
-                for b, s in zip(base, samples, strict=True):
-                    got = interpret(graph, s)
-                    errs[h] += sum(float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-12))
-                                   for g, r in zip(got, b, strict=True))
+                for b, s, tw in zip(base, samples, tws, strict=True):
+                    errs[h] += _err(interpret(graph, s), b, tw)
             finally:
                 _swap(graph, wo_v, wo)
         out[i] = errs / len(samples)
@@ -204,16 +231,18 @@ def _swap(graph: Graph, v: Value, arr: np.ndarray) -> None:
 
 
 def head_importance(graph: Graph, blocks: list[Attention], kind: str = "contribution",
-                    samples=None) -> dict[int, np.ndarray]:
-    """Importance per head of each block (index into ``blocks``); see the module docstring."""
+                    samples=None, mask_input: str | None = None) -> dict[int, np.ndarray]:
+    """Importance per head of each block (index into ``blocks``); see the module docstring.
+    ``mask_input``: the name of a ``[B, S]`` padding-mask input; positions where it is 0 do
+    not count (padded calibration sentences would otherwise be mostly padding)."""
     if kind in ("contribution", "output-error") and not samples:
         raise PruneError(f"head importance {kind!r} needs calibration samples: "
                          "compile(..., calibration=[{input: array}, ...]); or use "
                          "importance='weight'")
     if kind == "contribution":
-        return _contrib(graph, blocks, samples)
+        return _contrib(graph, blocks, samples, mask_input)
     if kind == "output-error":
-        return _ablation(graph, blocks, samples)
+        return _ablation(graph, blocks, samples, mask_input)
     if kind == "weight":
         out = {}
         for i, a in enumerate(blocks):
@@ -261,7 +290,9 @@ def _choose(blocks: list[Attention], imp: dict[int, np.ndarray], sparsity: float
 
 def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
     """Remove ``sparsity`` of the heads (per block with ``scope="layer"``, or ranked over all
-    blocks with ``scope="global"``) by ``importance``. Returns the number of blocks changed."""
+    blocks with ``scope="global"``) by ``importance``. ``mask_input`` names the padding-mask
+    input (default: an input called ``attention_mask``). Returns the number of blocks
+    changed."""
     blocks = find_attention(graph)
     if not blocks:
         raise PruneError("method 'head': no attention block found (expected dense -> reshape "
@@ -270,7 +301,11 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
     scope = opts.get("scope", "layer")
     if scope not in ("layer", "global"):
         raise PruneError(f"prune scope {scope!r} is not known; accepted: 'layer', 'global'")
-    imp = head_importance(graph, blocks, opts.get("importance", "contribution"), samples)
+    mask_input = opts.get("mask_input")
+    if mask_input is None and any(v.name == "attention_mask" for v in graph.inputs):
+        mask_input = "attention_mask"
+    imp = head_importance(graph, blocks, opts.get("importance", "contribution"), samples,
+                          mask_input)
     keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope)
     changed = 0
     for i, a in enumerate(blocks):
