@@ -244,6 +244,8 @@ def _pad(c: Ctx):
 def _resize(c: Ctx):
     shape = c.shape(0)
     rank = len(shape)
+    if 0 in shape:
+        raise Unsupported(f"cannot resize the empty tensor {c.type(0)}")
     ctm = c.attr("coordinate_transformation_mode", "half_pixel")
     axes = [norm_axis(a, rank) for a in c.attr("axes", list(range(rank)))]
     scales_in = c.static(2, "scales") if c.has(2) else None
