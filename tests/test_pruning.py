@@ -181,8 +181,8 @@ def test_heads_gpt2(gpt2_graph, importance):
 
     g, ids = gpt2_graph
     assert len(find_attention(g)) == 2
-    out, plan = _prune(g, {"method": "head", "sparsity": 0.5, "importance": importance},
-                       [{"input_ids": ids}])
+    out, plan = _prune(g, {"method": "head", "sparsity": 0.5, "importance": importance,
+                           "bias_correction": False}, [{"input_ids": ids}])
     # oracle: the unpruned graph with the removed heads' output-projection columns zeroed
     masked = g.copy()
     for n in masked.nodes:
@@ -199,6 +199,18 @@ def test_heads_gpt2(gpt2_graph, importance):
     assert _rel(interpret(out, [ids])[0], interpret(masked, [ids])[0]) < 1e-5
     qkv = [n for n in out.nodes if n.op == "split"]
     assert all(n.attrs["sizes"] == [16, 16, 16] for n in qkv)
+
+
+def test_heads_bias_correction_reduces_error(gpt2_graph):
+    g, ids = gpt2_graph
+    ref = interpret(g, [ids])[0]
+    errs = {}
+    for corr in (False, True):
+        out, plan = _prune(g, {"method": "head", "sparsity": 0.5, "bias_correction": corr},
+                           [{"input_ids": ids}])
+        assert all(e["bias_correction"] == corr for e in plan["layers"].values())
+        errs[corr] = _rel(interpret(out, [ids])[0], ref)
+    assert errs[True] < errs[False]
 
 
 def test_heads_global_scope_and_no_attention(gpt2_graph):

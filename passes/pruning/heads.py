@@ -21,6 +21,11 @@ Head importance (no autograd here, so not Michel et al.'s |dL/dmask|):
 - ``"output-error"``: for each head, the relative error of the model's outputs when that head
   alone is removed (its Wo columns zeroed) — L x H interpreter runs; exact but slow.
 - ``"weight"``: ``||Wo[:, h]||_2 * ||Wv[h]||_2``, no samples needed.
+
+Padding positions (where the ``attention_mask`` input is 0) do not count. With calibration
+samples, ``bias_correction`` (default on) adds the removed heads' mean contribution (over the
+calibration tokens) to the output projection's bias, so a head whose output is nearly constant
+(many attend to [CLS]/[SEP]) is removed almost for free.
 """
 
 from __future__ import annotations
@@ -157,12 +162,17 @@ def _token_weights(smp: dict[str, np.ndarray], mask_input: str | None, shape: tu
     return m if m.shape == tuple(shape[:2]) and m.sum() > 0 else None
 
 
-def _contrib(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None
-             ) -> dict[int, np.ndarray]:
+def _contrib(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None,
+             means: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """Mean norm of each head's contribution to its output projection; with ``means``, also
+    fills ``means[block]`` with each head's mean contribution vector ``[H, N]``."""
     from compiler.ir.interpreter import interpret
 
     where = {id(a.merge): i for i, a in enumerate(blocks)}
     acc: dict[int, np.ndarray] = {i: np.zeros(a.heads) for i, a in enumerate(blocks)}
+    if means is not None:
+        for i, a in enumerate(blocks):
+            means[i] = np.zeros((a.heads, a.out.outputs[0].shape[-1]))
     current: dict[str, np.ndarray] = {}
 
     def observe(node: Node, results: list[np.ndarray]) -> None:
@@ -174,9 +184,14 @@ def _contrib(graph: Graph, blocks: list[Attention], samples, mask_input: str | N
         wo = graph.const_value(a.out.inputs[1]).astype(np.float64)   # [N, H*D]
         for h in range(a.heads):
             sl = slice(h * a.dim, (h + 1) * a.dim)
-            norms = np.linalg.norm(o[..., sl] @ wo[:, sl].T, axis=-1)     # [B, S]
+            y = o[..., sl] @ wo[:, sl].T
+            norms = np.linalg.norm(y, axis=-1)                              # [B, S]
             tw = _token_weights(current, mask_input, norms.shape)
             acc[i][h] += norms.mean() if tw is None else (norms * tw).sum() / tw.sum()
+            if means is not None:
+                y2 = y.reshape(-1, y.shape[-1])
+                w = np.ones(len(y2)) if tw is None else tw.reshape(-1)
+                means[i][h] += (y2 * w[:, None]).sum(0) / w.sum() / len(samples)
 
     for smp in samples:
         current.clear()
@@ -307,6 +322,10 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
     imp = head_importance(graph, blocks, opts.get("importance", "contribution"), samples,
                           mask_input)
     keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope)
+    means: dict[int, np.ndarray] | None = None
+    if samples and opts.get("bias_correction", True):
+        means = {}
+        _contrib(graph, blocks, samples, mask_input, means)
     changed = 0
     for i, a in enumerate(blocks):
         k = keeps[i]
@@ -315,14 +334,18 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
                                "importance": [float(x) for x in imp[i]],
                                "sparsity": 1.0 - len(k) / a.heads}
         if len(k) < a.heads:
-            _apply(graph, a, k)
+            drop = np.setdiff1d(np.arange(a.heads), k)
+            shift = means[i][drop].sum(0) if means is not None else None
+            _apply(graph, a, k, shift)
+            plan.layers[a.name]["bias_correction"] = shift is not None
             changed += 1
     reinfer_types(graph)
     graph.remove_dead()
     return changed
 
 
-def _apply(graph: Graph, a: Attention, keep: np.ndarray) -> None:
+def _apply(graph: Graph, a: Attention, keep: np.ndarray, shift: np.ndarray | None = None
+           ) -> None:
     idx = (keep[:, None] * a.dim + np.arange(a.dim)[None, :]).reshape(-1)
     hn = len(keep)
     by_dense: dict[int, list[Source]] = {}
@@ -360,3 +383,11 @@ def _apply(graph: Graph, a: Attention, keep: np.ndarray) -> None:
                 set_const(graph, n, j, c[:, keep])
     wo = graph.const_value(a.out.inputs[1])
     set_const(graph, a.out, 1, wo[:, idx])
+    if shift is not None:
+        # bias correction: the removed heads' mean contribution moves into the bias
+        if len(a.out.inputs) > 2:
+            b = graph.const_value(a.out.inputs[2])
+            set_const(graph, a.out, 2, (b + shift).astype(b.dtype))
+        else:
+            a.out.set_inputs([*a.out.inputs, graph.add_const(shift.astype(wo.dtype),
+                                                             before=a.out)])
