@@ -10,6 +10,7 @@ torch interop); the finder is removed afterwards, so the process can still impor
 from __future__ import annotations
 
 import importlib.abc
+import os
 import sys
 import threading
 from types import ModuleType
@@ -27,8 +28,30 @@ class _RefuseTorch(importlib.abc.MetaPathFinder):
         return None
 
 
-def import_tvm() -> ModuleType:
-    """Return the ``tvm`` module, imported without torch unless torch is already imported."""
+def default_threads(num_cores: int | None = None) -> None:
+    """Give TVM's thread pool the cores this process may use (or the target's core count).
+
+    TVM sizes its pool from ``TVM_NUM_THREADS`` when the first parallel kernel runs and
+    otherwise guesses physical cores (1 on this 2-vCPU guest: no kernel ran in parallel). A
+    value the user set is kept.
+    """
+    if "TVM_NUM_THREADS" in os.environ:
+        return
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        avail = os.cpu_count() or 1
+    n = min(num_cores, avail) if num_cores else avail
+    os.environ["TVM_NUM_THREADS"] = str(max(1, n))
+
+
+def import_tvm(num_cores: int | None = None) -> ModuleType:
+    """Return the ``tvm`` module, imported without torch unless torch is already imported.
+
+    ``num_cores`` (the package target's core count) sizes TVM's thread pool, see
+    :func:`default_threads`.
+    """
+    default_threads(num_cores)
     if "tvm" in sys.modules and "tvm.runtime" in sys.modules:
         return sys.modules["tvm"]
     with _LOCK:

@@ -98,8 +98,9 @@ class Executor:
 
     def __init__(self, package: Package):
         self.package = package
-        self._tvm = tvm = import_tvm()
         m = package.manifest
+        cores = (m.get("target") or {}).get("tvm", {}).get("num-cores")
+        self._tvm = tvm = import_tvm(int(cores) if cores else None)
         self._steps = package.steps
         self._tensors = package.tensors
         self._inputs = [(t["name"], tuple(t["shape"]), _dtypes.numpy_dtype(t["dtype"]))
