@@ -45,9 +45,20 @@ class TensorStats:
     hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.float64))
     edges: tuple[float, float] = (0.0, 0.0)
     count: int = 0
+    ch_min: np.ndarray | None = None   # per channel of the last axis (activation smoothing)
+    ch_max: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32).ravel()
+        x = np.asarray(x, np.float32)
+        if x.ndim >= 1 and x.size:
+            rows = x.reshape(-1, x.shape[-1])
+            lo_c, hi_c = rows.min(axis=0), rows.max(axis=0)
+            if self.ch_min is None:
+                self.ch_min, self.ch_max = lo_c, hi_c
+            elif self.ch_min.shape == lo_c.shape:
+                self.ch_min = np.minimum(self.ch_min, lo_c)
+                self.ch_max = np.maximum(self.ch_max, hi_c)
+        x = x.ravel()
         x = x[np.isfinite(x)]
         if x.size == 0:
             return

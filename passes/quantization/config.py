@@ -15,7 +15,8 @@
     - a reserved key: ``"default"`` (precision of unmatched nodes, ``"float"`` unless given),
       ``"activations"`` (``"u8"`` default, or ``"i8"``), ``"weights"`` (``"per_channel"``
       default, or ``"per_tensor"``), ``"method"`` (``"rtn"`` default, or ``"gptq"``),
-      ``"group_size"`` (weight-only groups, default 128).
+      ``"group_size"`` (weight-only groups, default 128), ``"smooth"`` (int8 dense layers:
+      SmoothQuant migration strength in [0, 1], default 0.7; 0 turns it off).
 
     Values are a precision string, or a dict ``{"precision": ..., "group_size": ...,
     "method": ...}``. Precedence: a matching name pattern (the first in mapping order) beats
@@ -48,7 +49,7 @@ __all__ = ["PRECISIONS", "RESERVED_KEYS", "HANDLERS", "PrecisionSpec", "QuantCon
            "parse_config", "plan_precisions", "INT8_OPS", "QuantConfigError"]
 
 PRECISIONS = ("int8", "int4", "w8", "int16", "fp16", "float")
-RESERVED_KEYS = ("default", "activations", "weights", "method", "group_size")
+RESERVED_KEYS = ("default", "activations", "weights", "method", "group_size", "smooth")
 # ops the int8 path quantizes (they have integer kernels); others stay float around them
 INT8_OPS = frozenset({"dense", "conv2d", "matmul"})
 # precision -> "module:function" applying it to one node: apply(graph, node, spec, ctx) -> bool
@@ -73,6 +74,7 @@ class PrecisionSpec:
     weights: str = "per_channel"     # int8: weight scales, "per_channel" | "per_tensor"
     method: str = "rtn"              # weight rounding: "rtn" | "gptq"
     group_size: int = 128            # weight-only: elements per scale group along K
+    smooth: float = 0.7              # int8 dense: SmoothQuant strength (0 = off)
     source: str = "default"          # which config key chose it (for reports)
 
     @property
@@ -178,6 +180,11 @@ def parse_config(config: str | Mapping[str, Any] | QuantConfig | None) -> QuantC
         base = replace(base, method=_choice("method", config["method"], ("rtn", "gptq")))
     if "group_size" in config:
         base = replace(base, group_size=_group("group_size", config["group_size"]))
+    if "smooth" in config:
+        sm = config["smooth"]
+        if isinstance(sm, bool) or not isinstance(sm, int | float) or not 0 <= sm <= 1:
+            raise QuantConfigError(f"quantize config: smooth={sm!r} must be a number in [0, 1]")
+        base = replace(base, smooth=float(sm))
     default = _spec("default", config.get("default", "float"), base)
     by_op: dict[str, PrecisionSpec] = {}
     by_name: list[tuple[str, re.Pattern, PrecisionSpec]] = []

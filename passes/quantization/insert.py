@@ -31,7 +31,13 @@ from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.quant import qrange
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from passes.quantization.calibrate import METHODS, calibrate
+from passes.quantization.calibrate import (
+    METHODS,
+    TensorStats,
+    calibrate,
+    collect_stats,
+    select_range,
+)
 from passes.quantization.config import HANDLERS, INT8_OPS, PrecisionSpec, plan_precisions
 
 __all__ = ["InsertQuantize", "int8_candidates", "activation_params", "quantize_weight",
@@ -134,6 +140,7 @@ class InsertQuantize(Pass):
     percentile: float = 99.99
     activations: str = ""        # "u8" | "i8"; "" = the config's (u8)
     samples: int = 8             # random calibration inputs when ctx has none
+    smooth: float = -1.0         # SmoothQuant strength for int8 dense; < 0: the config's
     seed: int = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -169,29 +176,42 @@ class InsertQuantize(Pass):
             samples = [make_sample_inputs(graph, seed=self.seed + i) for i in range(self.samples)]
             ctx.remark(f"quantize: no calibration samples given; calibrated on {self.samples} "
                        "random inputs")
-        ranges = calibrate(graph, samples, list(acts), method, percentile=self.percentile)
+        tstats = collect_stats(graph, samples, list(acts))
+        ranges = {k: select_range(st, method, self.percentile) for k, st in tstats.items()}
+        smooth = _smooth(graph, nodes, plan, acts, tstats, self.smooth)
+        if smooth:
+            again = calibrate(graph, samples, [m.name for m, _ in smooth.values()], method,
+                              percentile=self.percentile)
+            ranges.update({name: again[m.name] for name, (m, _) in smooth.items()})
+            stats["smoothed"] = len(smooth)
         qdq: dict[int, Value] = {}
-        for v, dtype in acts.values():
-            lo, hi = ranges[v.name]
+        for name, (v, dtype) in acts.items():
+            src = smooth[name][0] if name in smooth else v
+            lo, hi = ranges[name]
             scale, zp = activation_params(lo, hi, dtype)
-            at = _first_user(graph, v)
+            at = _first_user(graph, v) if src is v else \
+                graph.nodes[graph.nodes.index(src.producer) + 1]
             s = graph.add_const(np.asarray(scale, np.float32), before=at)
             z = graph.add_const(np.asarray(zp, dtype=np.dtype("u1" if dtype == "u8" else "i1")),
                                 before=at)
-            q = graph.add("quantize", v, s, z, dtype=dtype, name=RULE, before=at)
+            q = graph.add("quantize", src, s, z, dtype=dtype, name=RULE, before=at)
             qdq[id(v)] = graph.add("dequantize", q, s, z, name=RULE, before=at)
-        weights: dict[tuple[int, int], Value] = {}
+        weights: dict[tuple[int, int, str], Value] = {}
         for n in nodes:
             spec = plan[n]
             k = 2 if n.op == "matmul" else 1
+            x_name = n.inputs[0].name
             for i, v in enumerate(list(n.inputs[:k])):
                 n.set_input(i, qdq[id(v)])
             if n.op != "matmul":
                 w = n.inputs[1]
                 axis = weight_axis(n)
-                key = (id(w), axis)
+                alpha = smooth[x_name][1] if x_name in smooth else None
+                key = (id(w), axis, x_name if alpha is not None else "")
                 if key not in weights:
                     arr = graph.const_value(w)
+                    if alpha is not None:
+                        arr = arr * alpha[None, :].astype(np.float32)
                     q, scale = quantize_weight(arr, axis, spec.weights == "per_channel")
                     ref = w.producer.attrs.get("ref") or w.name
                     first = graph.nodes[0]
@@ -206,6 +226,36 @@ class InsertQuantize(Pass):
         graph.remove_dead()
         stats["float"] = len(plan) - stats["int8"] - stats["other"]
         return PassResult(graph, True, stats)
+
+
+def _smooth(graph: Graph, nodes: list[Node], plan: dict[Node, PrecisionSpec],
+            acts: dict[str, tuple[Value, str]], tstats: dict[str, TensorStats], option: float
+            ) -> dict[str, tuple[Value, np.ndarray]]:
+    """SmoothQuant: for an activation read only by int8 dense nodes, move per-channel range
+    into the weights. ``x' = x / alpha`` (a ``mul`` by a constant, which lower-quantized folds
+    into the quantize), ``w' = w * alpha`` over K, ``alpha_k = max|x_k|^s / max|w_k|^(1-s)``.
+    Returns {activation name: (x' value, alpha)}."""
+    out: dict[str, tuple[Value, np.ndarray]] = {}
+    for name, (v, _dtype) in acts.items():
+        readers = [n for n in nodes if n.inputs[0] is v]
+        if not readers or any(n.op != "dense" for n in readers) or \
+                any(n.op == "matmul" and v in n.inputs for n in nodes):
+            continue
+        s = option if option >= 0 else min(plan[n].smooth for n in readers)
+        st = tstats[name]
+        if s <= 0 or st.ch_max is None or st.ch_max.shape != (v.shape[-1],):
+            continue
+        xmax = np.maximum(np.abs(st.ch_min), np.abs(st.ch_max)).astype(np.float64)
+        wmax = np.max([np.abs(graph.const_value(n.inputs[1])).max(axis=0) for n in readers],
+                      axis=0).astype(np.float64)
+        ok = (xmax > 0) & (wmax > 0)
+        alpha = np.ones_like(xmax)
+        alpha[ok] = xmax[ok] ** s / wmax[ok] ** (1 - s)
+        alpha = np.clip(alpha, 1e-4, 1e4).astype(np.float32)
+        at = _first_user(graph, v)
+        c = graph.add_weight(f"{name}.smooth", (1.0 / alpha).astype(np.float32), before=at)
+        out[name] = (graph.add("mul", v, c, name=RULE, before=at), alpha)
+    return out
 
 
 def _call_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,

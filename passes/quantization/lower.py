@@ -12,6 +12,10 @@ Rules (each counted in the pass stats):
   quantize goes; otherwise ``out_dtype=f32`` (dequantized in the epilogue).
 - ``quantize(dequantize(q, s, z), s, z)`` is ``q``; with other per-tensor parameters it is
   ``requantize``.
+- ``quantize(reshape(x))`` / ``quantize(transpose(x))`` become ``reshape(quantize(x))`` first,
+  so the op producing ``x`` can requantize in its epilogue.
+- ``quantize(mul(x, c), s, z)`` with a per-channel constant ``c`` over the last axis (the
+  ``quantize`` pass's SmoothQuant divide) is ``quantize{axis=-1}(x, s / c, z)``.
 
 After: no dequantize feeds a dense/conv2d/matmul that could be lowered.
 """
@@ -124,6 +128,57 @@ def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
     return True
 
 
+def _fold_smoothing(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
+    """quantize(mul(x, c[K]), s, z) -> quantize{axis=-1}(x, s / c, z) (SmoothQuant's divide)."""
+    if node.op != "quantize":
+        return False
+    m = node.inputs[0].producer
+    if m is None or m.op != "mul" or len(m.output.uses) != 1 or \
+            any(o is m.output for o in graph.outputs):
+        return False
+    x, c = m.inputs
+    cv = graph.const_value(c)
+    s, z = graph.const_value(node.inputs[1]), graph.const_value(node.inputs[2])
+    if cv is None or s is None or z is None or np.ndim(s) != 0 or cv.ndim != 1 \
+            or x.type.rank < 1 or cv.shape[0] != x.shape[-1] or x.dtype != "f32":
+        return False
+    k = cv.shape[0]
+    first = graph.nodes[0]
+    scale = graph.add_weight((node.name or RULE) + ".scale",
+                             (np.float32(s) / cv.astype(np.float32)).astype(np.float32),
+                             before=first)
+    zp = graph.add_weight((node.name or RULE) + ".zp", np.full(k, z, z.dtype), before=first)
+    new = graph.make_node("quantize", [x, scale, zp], {"axis": -1, "dtype": node.attrs["dtype"]},
+                          name=node.name or RULE, before=node)
+    graph.replace_all_uses(node.output, new.output)
+    erase_dead(graph, [node])
+    stats["smoothing_folded"] = stats.get("smoothing_folded", 0) + 1
+    return True
+
+
+_MOVABLE = ("reshape", "transpose")
+
+
+def _hoist_quantize(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
+    """quantize(reshape(x)) -> reshape(quantize(x)) (per tensor; reshape/transpose only move
+    elements), so the op producing x can requantize its result in its epilogue."""
+    if node.op != "quantize" or np.ndim(graph.const_value(node.inputs[1])) != 0:
+        return False
+    mv = node.inputs[0].producer
+    if mv is None or mv.op not in _MOVABLE or len(mv.output.uses) != 1 \
+            or any(o is mv.output for o in graph.outputs):
+        return False
+    x = mv.inputs[0]
+    q = graph.make_node("quantize", [x, *node.inputs[1:]], dict(node.attrs),
+                        name=node.name or RULE, before=mv)
+    moved = graph.make_node(mv.op, [q.output], dict(mv.attrs), name=mv.name, before=node,
+                            device=mv.device)
+    graph.replace_all_uses(node.output, moved.output)
+    erase_dead(graph, [node])
+    stats["quantize_hoisted"] = stats.get("quantize_hoisted", 0) + 1
+    return True
+
+
 def _same(graph: Graph, a: Value, b: Value) -> bool:
     x, y = graph.const_value(a), graph.const_value(b)
     return a is b or (x is not None and y is not None and np.shape(x) == np.shape(y)
@@ -170,11 +225,17 @@ class LowerQuantized(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, int] = {}
         changed = False
+        for _ in range(8):  # a quantize may climb several reshapes/transposes
+            hoisted = [n for n in list(graph.nodes) if _hoist_quantize(graph, n, stats)]
+            changed |= bool(hoisted)
+            if not hoisted:
+                break
         for node in list(graph.nodes):
             if node in graph.nodes and _lower(graph, node, stats):
                 changed = True
         for node in list(graph.nodes):
-            if node in graph.nodes and _fold_qdq(graph, node, stats):
+            if node in graph.nodes and (_fold_qdq(graph, node, stats)
+                                        or _fold_smoothing(graph, node, stats)):
                 changed = True
         graph.toposort()
         graph.remove_dead()
