@@ -144,10 +144,9 @@ def _fold_smoothing(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
         return False
     k = cv.shape[0]
     first = graph.nodes[0]
-    scale = graph.add_weight((node.name or RULE) + ".scale",
-                             (np.float32(s) / cv.astype(np.float32)).astype(np.float32),
-                             before=first)
-    zp = graph.add_weight((node.name or RULE) + ".zp", np.full(k, z, z.dtype), before=first)
+    scale = graph.add_const((np.float32(s) / cv.astype(np.float32)).astype(np.float32),
+                            before=first)
+    zp = graph.add_const(np.full(k, z, z.dtype), before=first)
     new = graph.make_node("quantize", [x, scale, zp], {"axis": -1, "dtype": node.attrs["dtype"]},
                           name=node.name or RULE, before=node)
     graph.replace_all_uses(node.output, new.output)
