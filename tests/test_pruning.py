@@ -181,8 +181,8 @@ def test_heads_gpt2(gpt2_graph, importance):
 
     g, ids = gpt2_graph
     assert len(find_attention(g)) == 2
-    out, plan = _prune(g, {"method": "head", "sparsity": 0.5, "importance": importance,
-                           "bias_correction": False}, [{"input_ids": ids}])
+    out, plan = _prune(g, {"method": "head", "sparsity": 0.5, "importance": importance},
+                       [{"input_ids": ids}])
     # oracle: the unpruned graph with the removed heads' output-projection columns zeroed
     masked = g.copy()
     for n in masked.nodes:

@@ -23,9 +23,10 @@ Head importance (no autograd here, so not Michel et al.'s |dL/dmask|):
 - ``"weight"``: ``||Wo[:, h]||_2 * ||Wv[h]||_2``, no samples needed.
 
 Padding positions (where the ``attention_mask`` input is 0) do not count. With calibration
-samples, ``bias_correction`` (default on) adds the removed heads' mean contribution (over the
-calibration tokens) to the output projection's bias, so a head whose output is nearly constant
-(many attend to [CLS]/[SEP]) is removed almost for free.
+samples, ``bias_correction=True`` adds the removed heads' mean contribution (over the
+calibration tokens) to the output projection's bias. It is off by default: on MiniLM with the
+three calibration sentences it lowered the embedding cosine on other sentences (0.949 ->
+0.938 with ``"contribution"``), the means of three sentences do not carry over.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
                           mask_input)
     keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope)
     means: dict[int, np.ndarray] | None = None
-    if samples and opts.get("bias_correction", True):
+    if samples and opts.get("bias_correction", False):
         means = {}
         _contrib(graph, blocks, samples, mask_input, means)
     changed = 0
