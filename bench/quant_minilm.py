@@ -50,6 +50,7 @@ def ort_session(path: Path):
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -100,6 +101,7 @@ def main() -> None:
     # TVM's workers spin after each kernel call; interleaved with torch / onnxruntime threads
     # on 2 cores that spinning steals their time (and theirs ours)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # torch's OpenMP workers likewise
     import torch
 
     from compiler import compile

@@ -323,3 +323,20 @@ def test_compiled_int8_model_matches_lowered_graph(tmp_path):
         outs.append(got)
         floats.append(interpret(g, s)[0])
     assert cosine(np.stack(outs), np.stack(floats)) > 0.99
+
+
+def test_qdense_kernel_uses_vpdpbusd():
+    import tvm
+
+    from targets.kernels.base import KernelRequest, get_kernel_builder
+    from targets.tvm_codegen import host_cpu
+
+    cpu = host_cpu()
+    types = [TensorType((4, 64), "u8"), TensorType((32, 64), "i8"), TensorType((32,), "i32"),
+             TensorType((), "f32"), TensorType((), "u8"), TensorType((32,), "f32")]
+    req = KernelRequest("qdense", get_op("qdense").normalize_attrs({}), types,
+                        [TensorType((4, 32), "f32")], {1: np.zeros((32, 64), np.int8)}, cpu)
+    impl = get_kernel_builder("qdense")(req)
+    mod = tvm.IRModule({"f": impl.prim_func.with_attr("global_symbol", "f")})
+    asm = tvm.compile(mod, target=tvm.target.Target(cpu.tvm_target)).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm

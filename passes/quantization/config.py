@@ -1,7 +1,8 @@
 """What to quantize how: the ``quantize=`` option of ``compile`` as data.
 
 ``quantize="int8"``
-    static int8 for every op with an integer kernel (dense, conv2d, matmul); the rest float.
+    static int8 for every op with an integer kernel (dense, conv2d; int8 embedding tables for
+    gather through the ``w8`` handler); the rest float.
 ``quantize="int4"``
     weight-only int4, group 128, for dense (and matmul with a constant right operand).
 ``quantize={...}``
@@ -101,7 +102,7 @@ class QuantConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "int8": {"default": "int8"},
+    "int8": {"default": "int8", "gather": "w8"},
     "int4": {"dense": {"precision": "int4", "group_size": 128},
              "matmul": {"precision": "int4", "group_size": 128}},
     "w8": {"dense": "w8", "matmul": "w8"},
