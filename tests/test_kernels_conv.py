@@ -111,6 +111,8 @@ def test_conv2d_groups_and_depthwise():
         _conv(1, 8, 10, 10, 16, 3, groups=8, **P1),                      # channel multiplier 2
         _conv(1, 16, 12, 12, 16, 3, layout="NCHW", kl="OIHW", groups=16, strides=[2, 2],
               pads=[0, 1, 1, 1]),
+        _conv(1, 64, 48, 48, 64, 3, groups=64, **P1),                    # parallel
+        _conv(1, 64, 48, 48, 64, 3, layout="NCHW", kl="OIHW", groups=64, **P1),
     ])
 
 
@@ -128,6 +130,7 @@ def test_conv2d_odd_shapes():
 def test_conv2d_nchw_and_runtime_weights():
     _check([
         _conv(1, 8, 10, 10, 32, 3, layout="NCHW", kl="OIHW", **P1),
+        _conv(1, 32, 16, 16, 64, 3, layout="NCHW", kl="OIHW", activation="relu", **P1),
         _conv(2, 12, 11, 9, 18, 3, layout="NCHW", kl="OIHW", groups=3, dilations=[2, 1],
               pads=[2, 1, 2, 1], activation="relu"),
         _conv(1, 8, 10, 10, 32, 3, const=False, activation="relu", **P1),
@@ -188,12 +191,12 @@ def test_pools():
             _pool("global_avg_pool", lay, 1, 10, 3, 3),
         ]
     cases += [  # big enough to run in parallel
-        _pool("max_pool2d", "NHWC", 1, 64, 40, 40, kernel=[3, 3], strides=[2, 2], pads=[1] * 4),
-        _pool("avg_pool2d", "NCHW", 1, 64, 40, 40, kernel=[2, 2], strides=[2, 2]),
+        _pool("max_pool2d", "NHWC", 1, 64, 72, 72, kernel=[3, 3], strides=[2, 2], pads=[1] * 4),
+        _pool("avg_pool2d", "NCHW", 1, 64, 72, 72, kernel=[2, 2], strides=[2, 2]),
         _pool("avg_pool2d", "NHWC", 1, 40, 7, 7, kernel=[7, 7], strides=[1, 1]),
-        _pool("global_avg_pool", "NHWC", 1, 1024, 7, 7),
-        _pool("global_max_pool", "NHWC", 1, 1024, 7, 7),
-        _pool("global_max_pool", "NCHW", 1, 1024, 7, 7),
+        _pool("global_avg_pool", "NHWC", 1, 4096, 9, 9),
+        _pool("global_max_pool", "NHWC", 1, 4096, 9, 9),
+        _pool("global_max_pool", "NCHW", 1, 4096, 9, 9),
     ]
     cases += [("global_avg_pool", [_r(2, 6, 9)], {"layout": "NCHW"}, ()),
               ("global_max_pool", [_r(2, 9, 6)], {"layout": "NHWC"}, ())]

@@ -46,8 +46,9 @@ from targets.kernels.conv_common import (
 
 __all__ = ["conv2d", "conv_transpose2d"]
 
-# Below this many multiply-adds a conv runs on one thread (a parallel launch costs µs).
-_PARALLEL_MIN_MACS = 100_000
+# Below this many multiply-adds (~10-25 µs on one AVX-512 core) a conv runs on one thread: a
+# parallel launch costs µs, and on a busy machine a descheduled worker stalls the whole call.
+_PARALLEL_MIN_MACS = 1_000_000
 
 
 def _acc_ir(dtype: str) -> str:
@@ -304,7 +305,7 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     out = _epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     sch = Schedule(te.create_prim_func(args))
-    par = req.cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS // 4
+    par = req.cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
     b, y, x, ch, ry_, rx_ = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, owb])
