@@ -284,3 +284,26 @@ def test_torch_bridge_channel_and_masks():
     masked = apply_to_torch(make_model().eval(), plan)
     w = masked[3].weight.detach().numpy()
     assert check_nm(w, "conv2d") and hasattr(masked[3], "weight_mask")
+
+
+def test_channel_mobilenet_v2_depthwise_and_residuals():
+    import torch
+
+    from compiler.frontends import from_torch
+    from examples.models import mobilenet_inputs, mobilenet_v2
+
+    model = mobilenet_v2(num_classes=10, width=0.35, resolution=32)
+    x = mobilenet_inputs(32)
+    g = run_pipeline(from_torch(model, (torch.from_numpy(x),)), FUSE, ctx=PassContext())
+    out, plan = _prune(g, {"method": "channel", "sparsity": 0.5})
+    L = plan["layers"]
+    groups: dict[str, list] = {}
+    for e in L.values():
+        if "keep" in e:
+            groups.setdefault(e["group"], []).append(e["keep"])
+    assert any(len(ks) > 1 for ks in groups.values())          # residual adds were grouped
+    assert all(all(k == ks[0] for k in ks) for ks in groups.values())
+    assert [k for k, e in L.items() if "keep" not in e] == ["classifier.1"]
+    dws = [n for n in out.nodes if n.op == "conv2d" and n.attrs["groups"] > 1]
+    assert dws and all(n.attrs["groups"] == n.inputs[0].shape[1] for n in dws)
+    assert interpret(out, [x])[0].shape == (1, 10)

@@ -57,7 +57,8 @@ Each layer is pruned alone at a few sparsities (0.3, 0.5, 0.7, 0.9) and the rela
 error on the calibration samples is measured with the reference interpreter; then per-layer
 sparsities are chosen greedily (the next step with the least added error per removed
 parameter) until the global target is reached, capped at ``max_sparsity`` (0.9). The plan is
-printed as a table (``verbose=True``) and kept in the pass record.
+printed as a rich table (``verbose=False`` silences it) and kept in the pass record
+(``prune_plan["options"]["sensitivity"]``).
 
 Storage
 -------
@@ -116,7 +117,7 @@ def prune_graph(graph: Graph, options: dict, samples=None) -> tuple[int, Plan]:
                 raise PruneError("plan='sensitivity' needs calibration samples: "
                                  "compile(..., calibration=[{input: array}, ...])")
             sp = sensitivity_plan(graph, samples, float(options.get("sparsity", 0.5)),
-                                  verbose=bool(options.get("verbose", False)),
+                                  verbose=bool(options.get("verbose", True)),
                                   max_sparsity=float(options.get("max_sparsity", 0.9)))
             options = {**options, "sparsities": sp["sparsities"]}
             plan.options["sensitivity"] = sp
