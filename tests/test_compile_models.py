@@ -37,17 +37,9 @@ TOL_DEEP = 1e-3
 DEEP = {"densenet121"}
 # densenet121 builds ~320 distinct kernels (every dense block widens the convolutions'
 # input): its compile is ~2 minutes of this file's time, so it is marked slow.
-# LRN becomes an NHWC avg_pool2d over [1, N*H*W, C, 1] with kernel [1, size]; the pool
-# kernel builder fails on it (unit-extent loops dropped by compute_at in _reduce_outside).
-# Reproduction: avg_pool2d(%x: f32[1,64,96,1]) {kernel=[1,5], strides=[1,1], pads=[0,2,0,2],
-# count_include_pad=true, layout="NHWC"} -> ValueError: not enough values to unpack.
-LRN_POOL_BUG = pytest.mark.xfail(strict=True, raises=NpuccError, reason=(
-    "targets/kernels/pool.py: avg_pool2d NHWC with C=1 and a unit kernel height "
-    "(LRN lowering) fails in _reduce_outside"))
-LIGHT = [pytest.param("bvlc_alexnet", marks=LRN_POOL_BUG),
-         pytest.param("densenet121", marks=pytest.mark.slow),
-         pytest.param("inception_v1", marks=LRN_POOL_BUG), "inception_v2", "resnet50",
-         "shufflenet", "squeezenet", "vgg19", pytest.param("zfnet512", marks=LRN_POOL_BUG)]
+LIGHT = ["bvlc_alexnet", pytest.param("densenet121", marks=pytest.mark.slow),
+         "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet", "vgg19",
+         "zfnet512"]
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

@@ -231,3 +231,22 @@ def test_conv2d_bad_attrs(attrs):
                         {1: w}, HOST)
     with pytest.raises(NpuccError):
         get_kernel_builder("conv2d")(req)
+
+
+@pytest.mark.parametrize("window", [(1, 5), (5, 1), (1, 1)])
+def test_pool_windows_with_unit_extent(window):
+    """compute_at drops unit-extent window loops (LRN lowers to a 1xk NHWC avg pool)."""
+    from compiler import compile
+    from compiler.ir import Graph, TensorType, interpret
+
+    for op in ("avg_pool2d", "max_pool2d"):
+        g = Graph("p")
+        x = g.add_input("x", TensorType((1, 64, 96, 1), "f32"))
+        pads = [window[0] // 2, window[1] // 2] * 2
+        attrs = dict(kernel=list(window), layout="NHWC", pads=pads)
+        if op == "avg_pool2d":
+            attrs["count_include_pad"] = True
+        g.outputs = [g.add(op, x, **attrs)]
+        m = compile(g, progress=False)
+        xv = np.random.default_rng(0).random((1, 64, 96, 1), dtype=np.float32)
+        np.testing.assert_allclose(m(xv)[0], interpret(g, [xv])[0], rtol=1e-5, atol=1e-6)

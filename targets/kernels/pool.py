@@ -138,7 +138,7 @@ def pool2d(req: KernelRequest) -> KernelImpl:
         args = [X, out]
     sch = Schedule(te.create_prim_func(args))
     _schedule_pool(sch, req.cpu, req.cpu.lanes(xt.dtype), layout, is_max,
-                   xt.size >= _PARALLEL_MIN)
+                   xt.size >= _PARALLEL_MIN, (kh, kw))
     return KernelImpl(sch.mod["main"], note=f"{req.op} {layout} {kh}x{kw}/{sh}")
 
 
@@ -151,20 +151,26 @@ def _after(sch, block, at) -> list:
     return loops
 
 
-def _reduce_outside(sch, acc, at, vec: int) -> None:
-    """Move ``acc``'s two reduction loops outside its spatial loops under ``at``, vectorise
-    the innermost spatial one, and split off the initialisation."""
+def _reduce_outside(sch, acc, at, vec: int, n_red: int = 2) -> None:
+    """Move ``acc``'s ``n_red`` reduction loops outside its spatial loops under ``at``,
+    vectorise the innermost spatial one, and split off the initialisation.
+
+    ``n_red`` < 2 when compute_at dropped unit-extent window loops (a 1xk or kx1 window)."""
     rest = _after(sch, acc, at) if at is not None else sch.get_loops(acc)
-    spatial, (ry, rx) = rest[:-2], rest[-2:]
+    if n_red == 0:
+        if vec and rest:
+            sch.vectorize(rest[-1])
+        return  # a 1x1 window: no reduction loop; the block keeps its init
+    spatial, red = rest[:-n_red], rest[-n_red:]
     if spatial:
-        sch.reorder(ry, rx, *spatial)
+        sch.reorder(*red, *spatial)
         if vec:
             sch.vectorize(spatial[-1])
-    sch.decompose_reduction(acc, ry)
+    sch.decompose_reduction(acc, red[0])
 
 
-def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big: bool
-                   ) -> None:
+def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big: bool,
+                   window: tuple[int, int] = (2, 2)) -> None:
     acc = sch.get_sblock("acc")
     top = acc if is_max else sch.get_sblock("out")
     b, d1, d2, d3 = sch.get_loops(top)[:4]
@@ -184,7 +190,8 @@ def _schedule_pool(sch, cpu: CpuInfo, lanes: int, layout: str, is_max: bool, big
         sch.set_scope(acc, 0, "local")
         if vec:
             sch.vectorize(sch.get_loops(top)[-1])
-        _reduce_outside(sch, acc, at, vec)
+        # compute_at drops unit-extent loops: a 1x5 window leaves one reduction loop
+        _reduce_outside(sch, acc, at, vec, sum(k > 1 for k in window))
 
 
 @register_kernel("global_avg_pool", "global_max_pool")
