@@ -95,6 +95,17 @@ class KernelLibrary:
         return [s for s, k in self.kernels.items() if k.uses > 1]
 
 
+def _short_error(e: Exception) -> str:
+    """The first line of an error, plus TVM's "Error message:" line when it has one (a TVM
+    ScheduleError carries the whole underlined TIR, hundreds of lines per node)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    keep = [lines[0][:300]]
+    keep += [ln.strip()[:300] for ln in lines[1:] if "Error message:" in ln][:1]
+    return " ".join(keep)
+
+
 def _contig(a) -> np.ndarray:
     """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
     return np.require(np.asarray(a), requirements="C")
@@ -206,7 +217,8 @@ def build_library(graph: Graph, cpu: CpuInfo, out_dir: str | Path, *,
                 failures.append(f"{node.label}: {e}")
                 continue
             except Exception as e:  # noqa: BLE001  (a builder bug, reported per node)
-                failures.append(f"{node.label}: kernel builder failed: {type(e).__name__}: {e}")
+                failures.append(f"{node.label}: kernel builder failed: {type(e).__name__}: "
+                                f"{_short_error(e)}")
                 continue
             dt = time.perf_counter() - t0
             by_key[key] = (sym, impl)
