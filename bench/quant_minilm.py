@@ -10,8 +10,10 @@ on the 200 other EVALUATION sentences: mean (and min) cosine to the float torch 
 Configurations: npucc int8 static (dense layers, per-channel weights, u8 activations);
 onnxruntime ``quantize_static`` (QDQ, per-channel, op types MatMul / MatMul+Gemm / all) and
 ``quantize_dynamic`` (per-tensor, per-channel); torch ``quantize_dynamic`` on nn.Linear; and
-the float models of each. Latency: 2 threads, every configuration run in turn on the same
-input, ``--repeat`` rounds interleaved, median per configuration. Also the int8/float ratio
+the float models of each. Latency: 2 threads, each runtime with its default thread pool
+(spinning workers); configurations take turns on the same input, ``--repeat`` rounds of
+(2 untimed + 3 timed runs) each, so a runtime's spinning workers have gone idle before the
+next is timed; median per configuration. Also the int8/float ratio
 of npucc's dense kernels (``profile`` sums).
 """
 
@@ -50,7 +52,6 @@ def ort_session(path: Path):
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -98,10 +99,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
-    # TVM's workers spin after each kernel call; interleaved with torch / onnxruntime threads
-    # on 2 cores that spinning steals their time (and theirs ours)
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # torch's OpenMP workers likewise
     import torch
 
     from compiler import compile
@@ -156,13 +153,14 @@ def main() -> None:
         results[label] = {"mean": float(c.mean()), "min": float(c.min())}
     x = evals[0]
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for run in runners.values():
-        run(x)
     for _ in range(args.repeat):
         for label, run in runners.items():
-            t = time.perf_counter()
-            run(x)
-            times[label].append(1e3 * (time.perf_counter() - t))
+            for _ in range(2):   # let the previous runtime's worker threads go idle
+                run(x)
+            for _ in range(3):
+                t = time.perf_counter()
+                run(x)
+                times[label].append(1e3 * (time.perf_counter() - t))
 
     fp = fm.profile(x, repeat=10)
     qp = qm.profile(x, repeat=10)
