@@ -43,7 +43,9 @@ Methods (``method``)
     ``"output-error"`` (the outputs' relative error when the head alone is removed: L x H
     reference runs) or ``"weight"``; padding tokens (``attention_mask`` = 0) do not count.
     ``scope="layer"`` removes ``sparsity`` of each block's heads, ``"global"`` ranks heads
-    (normalised per block) over the whole model. ``bias_correction=True`` moves the
+    over the whole model (contribution/weight scores normalised per block; output errors are
+    on one scale already). ``outputs=[i, ...]``: which graph outputs the output error is
+    measured on (MiniLM: ``[0]``, the hidden states the sentence embedding pools). ``bias_correction=True`` moves the
     removed heads' mean calibration contribution into the output projection's bias (off by
     default: it did not carry over to other sentences on MiniLM).
 

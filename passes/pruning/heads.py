@@ -213,11 +213,15 @@ def _err(got: list[np.ndarray], ref: list[np.ndarray], tw: Any) -> float:
     return total
 
 
-def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None
-              ) -> dict[int, np.ndarray]:
+def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None,
+              outputs: list[int] | None = None) -> dict[int, np.ndarray]:
     from compiler.ir.interpreter import interpret
 
-    base = [interpret(graph, s) for s in samples]
+    def run(s):
+        res = interpret(graph, s)
+        return res if outputs is None else [res[i] for i in outputs]
+
+    base = [run(s) for s in samples]
     tws = [_token_weights(s, mask_input, np.asarray(s[mask_input]).shape)
            if mask_input in s else None for s in samples]
     out: dict[int, np.ndarray] = {}
@@ -231,7 +235,7 @@ def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | 
             _swap(graph, wo_v, w2)
             try:
                 for b, s, tw in zip(base, samples, tws, strict=True):
-                    errs[h] += _err(interpret(graph, s), b, tw)
+                    errs[h] += _err(run(s), b, tw)
             finally:
                 _swap(graph, wo_v, wo)
         out[i] = errs / len(samples)
@@ -247,10 +251,12 @@ def _swap(graph: Graph, v: Value, arr: np.ndarray) -> None:
 
 
 def head_importance(graph: Graph, blocks: list[Attention], kind: str = "contribution",
-                    samples=None, mask_input: str | None = None) -> dict[int, np.ndarray]:
+                    samples=None, mask_input: str | None = None,
+                    outputs: list[int] | None = None) -> dict[int, np.ndarray]:
     """Importance per head of each block (index into ``blocks``); see the module docstring.
     ``mask_input``: the name of a ``[B, S]`` padding-mask input; positions where it is 0 do
-    not count (padded calibration sentences would otherwise be mostly padding)."""
+    not count (padded calibration sentences would otherwise be mostly padding). ``outputs``:
+    which graph outputs ``"output-error"`` measures (default all)."""
     if kind in ("contribution", "output-error") and not samples:
         raise PruneError(f"head importance {kind!r} needs calibration samples: "
                          "compile(..., calibration=[{input: array}, ...]); or use "
@@ -258,7 +264,7 @@ def head_importance(graph: Graph, blocks: list[Attention], kind: str = "contribu
     if kind == "contribution":
         return _contrib(graph, blocks, samples, mask_input)
     if kind == "output-error":
-        return _ablation(graph, blocks, samples, mask_input)
+        return _ablation(graph, blocks, samples, mask_input, outputs)
     if kind == "weight":
         out = {}
         for i, a in enumerate(blocks):
@@ -281,15 +287,16 @@ def _rows(graph: Graph, s: Source) -> np.ndarray:
 
 
 def _choose(blocks: list[Attention], imp: dict[int, np.ndarray], sparsity: float,
-            scope: str) -> dict[int, np.ndarray]:
+            scope: str, normalise: bool = True) -> dict[int, np.ndarray]:
     if scope == "layer":
         keep = {}
         for i, a in enumerate(blocks):
             n = max(1, a.heads - int(round(sparsity * a.heads)))
             keep[i] = np.sort(np.argsort(-imp[i], kind="stable")[:n])
         return keep
-    # global: importance normalised per block (sum 1), lowest removed, one head kept per block
-    cand = [(float(imp[i][h] / (imp[i].sum() + 1e-12)), i, h)
+    # global: importance normalised per block (sum 1) unless it is already on one scale
+    # (output-error), lowest removed, one head kept per block
+    cand = [(float(imp[i][h] / (imp[i].sum() + 1e-12) if normalise else imp[i][h]), i, h)
             for i, a in enumerate(blocks) for h in range(a.heads)]
     total = sum(a.heads for a in blocks)
     n_drop = int(round(sparsity * total))
@@ -320,9 +327,12 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
     mask_input = opts.get("mask_input")
     if mask_input is None and any(v.name == "attention_mask" for v in graph.inputs):
         mask_input = "attention_mask"
-    imp = head_importance(graph, blocks, opts.get("importance", "contribution"), samples,
-                          mask_input)
-    keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope)
+    kind = opts.get("importance", "contribution")
+    outs = opts.get("outputs")
+    imp = head_importance(graph, blocks, kind, samples, mask_input,
+                          [int(i) for i in outs] if outs is not None else None)
+    keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope,
+                    normalise=kind != "output-error")
     means: dict[int, np.ndarray] | None = None
     if samples and opts.get("bias_correction", False):
         means = {}
