@@ -175,7 +175,7 @@ def gpt2_graph():
                         ctx=PassContext()), ids
 
 
-@pytest.mark.parametrize("importance", ["contribution", "weight"])
+@pytest.mark.parametrize("importance", ["contribution", "output-error", "weight"])
 def test_heads_gpt2(gpt2_graph, importance):
     from passes.pruning.heads import find_attention
 
