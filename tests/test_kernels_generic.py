@@ -120,6 +120,8 @@ CASES["softmax_minilm"] = Case("softmax", [f32(1, 12, 128, 128, lo=-10, hi=10)])
 CASES["softmax_odd"] = Case("softmax", [f32(3, 10)])
 CASES["softmax_axis1"] = Case("softmax", [f32(2, 5, 3)], {"axis": 1})
 CASES["softmax_1d"] = Case("softmax", [f32(16)])
+CASES["softmax_one_vector_rows"] = Case("softmax", [f32(1, 4, 16, 16)])  # row = one vector
+CASES["log_softmax_one_vector_rows"] = Case("log_softmax", [f32(2, 16)])
 CASES["log_softmax"] = Case("log_softmax", [f32(4, 32, lo=-10, hi=10)])
 CASES["log_softmax_axis0"] = Case("log_softmax", [f32(4, 3)], {"axis": 0})
 CASES["layer_norm"] = Case("layer_norm", [f32(1, 128, 384), f32(384), f32(384)])

@@ -48,7 +48,9 @@ def _row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int
         rows = loops[:n_rows_dims]
         k = loops[-1]
         n_rows = math.prod(int(sch.get(lp).extent) for lp in rows) if rows else 1
-        vec = lanes if lanes > 1 and length % lanes == 0 else 0
+        # at least two vectors a row: with one, the split's outer loop has extent 1 and
+        # compute_at drops it, so the rfactor block has no loop pair to reorder
+        vec = lanes if lanes > 1 and length % lanes == 0 and length >= 2 * lanes else 0
         if vec:
             _, kv = sch.split(k, [None, vec])
             sch.vectorize(kv)
