@@ -2,7 +2,7 @@
 target, printed next to the public figures we hold them against (TARGET-FACTS.md: Paddle-Lite
 on a Mate 30 5G / Kirin 990 5G: MobileNetV1 2.43 ms on the NPU, 34.66 ms on the CPU).
 
-    PYTHONPATH=. python bench/estimate_targets.py
+    python bench/estimate_targets.py
 
 MobileNetV1 (1.0, 224) is built here layer by layer with random weights (only shapes matter);
 ResNet-50 is onnx's light_resnet50 through our importer and each target's default pipeline.
@@ -10,7 +10,12 @@ ResNet-50 is onnx's light_resnet50 through our importer and each target's defaul
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ beside compiler/
 
 from compiler.ir import Graph, TensorType, verify
 from compiler.pass_base import PassContext
