@@ -46,7 +46,8 @@ __all__ = ["InsertQuantize", "int8_candidates", "activation_params", "quantize_w
 RULE = "quantize"
 # smoothing applies to activations whose largest channel maximum is this many times the
 # median one (transformer residual streams: 10-100x); flatter ones gain nothing from it
-OUTLIER_RATIO = 8.0
+# (4: MiniLM mean cosine 0.9979 vs 0.9966 at 8; the digits CNN is not smoothed at either)
+OUTLIER_RATIO = 4.0
 
 
 def weight_axis(node: Node) -> int:
