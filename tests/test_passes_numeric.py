@@ -19,54 +19,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import version_converter
 
 from compiler.frontends import from_onnx
 from compiler.ir.graph import Graph, Node
 from compiler.numeric import NumericCheck
-from compiler.pass_manager import PassManager, run_pipeline
+from compiler.pass_manager import PassManager
+from examples.random_weights import light_graph
 from passes import DEFAULT_PIPELINE
 
 TOL = 1e-4
 
 
 # -- helpers -------------------------------------------------------------------------
-def _random_weight(rng: np.random.Generator, shape: tuple[int, ...], role: tuple[str, int]
-                   ) -> np.ndarray:
-    op, idx = role
-    if op == "conv2d" and idx == 1:  # [O, I/g, KH, KW]
-        fan_in = int(np.prod(shape[1:]))
-        return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-    if op in ("gemm", "matmul") and idx == 1:
-        return rng.standard_normal(shape) / np.sqrt(max(shape))
-    if op == "batch_norm" and idx in (1, 4):  # scale, var
-        return rng.uniform(0.5, 1.5, shape)
-    return rng.uniform(-0.2, 0.2, shape)  # biases, BN bias and mean
-
-
-def randomise_weights(graph: Graph, seed: int = 0) -> int:
-    """Replace every float weight by a random array of its shape; returns how many."""
-    rng = np.random.default_rng(seed)
-    n = 0
-    for node in graph.find("const"):
-        ref = node.attrs["ref"]
-        arr = graph.weights.get(ref) if ref else None
-        if arr is None or arr.dtype.kind != "f" or not node.output.uses:
-            continue
-        user = node.output.uses[0]
-        role = (user.op, user.inputs.index(node.output))
-        graph.weights[ref] = _random_weight(rng, arr.shape, role).astype(arr.dtype)
-        n += 1
-    return n
-
-
-def expose_logits(graph: Graph) -> None:
-    """Also return the operand of a final softmax (a saturated softmax hides errors)."""
-    out = graph.outputs[0]
-    if out.producer is not None and out.producer.op == "softmax":
-        graph.outputs = [out, out.producer.inputs[0]]
-
-
 def numeric_check(graph: Graph, inputs: dict[str, np.ndarray]) -> tuple[Graph, NumericCheck]:
     check = NumericCheck(inputs, tolerance=TOL, metric="max_rel", stream=False)
     out = PassManager(DEFAULT_PIPELINE, [check]).run(graph)
@@ -119,16 +83,6 @@ def check_structure(graph: Graph) -> dict[str, int]:
 
 
 # -- the light ONNX models -------------------------------------------------------------
-def light_graph(name: str) -> Graph:
-    from examples.models import light_model_path
-
-    model = version_converter.convert_version(onnx.load(str(light_model_path(name))), 13)
-    graph = run_pipeline(from_onnx(model), "fold-constants")
-    assert randomise_weights(graph) > 50
-    expose_logits(graph)
-    return graph
-
-
 @pytest.mark.parametrize("name", ["resnet50", "inception_v1"])
 def test_light_model_default_pipeline(name):
     graph = light_graph(name)
