@@ -101,3 +101,17 @@ def check_cases(cases: list[Case], tmp: Path, rtol: float = 1e-4, atol: float = 
                                            err_msg=f"{c.op} {c.attrs}")
             else:
                 np.testing.assert_array_equal(g, r.astype(g.dtype), err_msg=f"{c.op} {c.attrs}")
+
+
+def assert_matches_reference(name: str, case: Case, got: list[np.ndarray],
+                             atol: float = 1e-5) -> None:
+    """Every result of ``case`` equals the op's numpy reference (floats to rtol 1e-4)."""
+    with np.errstate(all="ignore"):
+        ref = reference(case)
+    for r, g in zip(ref, got, strict=True):
+        r = np.asarray(r)
+        assert g.shape == r.shape, f"{name}: shape {g.shape} != {r.shape}"
+        if r.dtype.kind == "f":
+            np.testing.assert_allclose(g, r.astype(g.dtype), rtol=1e-4, atol=atol)
+        else:
+            np.testing.assert_array_equal(g, r.astype(g.dtype))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.kernel_harness import build_cases, reference
+from tests.kernel_harness import assert_matches_reference, build_cases
 
 QEMU_DIR = Path(os.environ.get("NPUCC_QEMU_DIR") or Path.home() / ".cache" / "npucc-qemu")
 
@@ -97,13 +97,4 @@ def results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_aarch64_kernel(name, results):
-    case = CASES[name]
-    with np.errstate(all="ignore"):
-        ref = reference(case)
-    for r, g in zip(ref, results[name], strict=True):
-        r = np.asarray(r)
-        assert g.shape == r.shape, f"{name}: shape {g.shape} != {r.shape}"
-        if r.dtype.kind == "f":
-            np.testing.assert_allclose(g, r.astype(g.dtype), rtol=1e-4, atol=1e-4)
-        else:
-            np.testing.assert_array_equal(g, r.astype(g.dtype))
+    assert_matches_reference(name, CASES[name], results[name], atol=1e-4)

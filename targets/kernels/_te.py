@@ -72,6 +72,12 @@ def expr(v):
     return v.asobject() if hasattr(v, "asobject") else v
 
 
+def load(X, idx):
+    """``X[idx]`` as a TIR expression; an empty index reads a 0-d tensor."""
+    idx = tuple(idx)
+    return expr(X[idx] if idx else X[()])
+
+
 def dtype_of(v) -> str:
     return str(expr(v).ty)
 

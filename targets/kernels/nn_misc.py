@@ -16,21 +16,18 @@ import numpy as np
 from targets.kernels._te import (
     PARALLEL_MIN,
     broadcast_index,
-    expr,
     fast_exp,
     generic,
     placeholders,
     prim_func,
     tvm_dtype,
 )
+from targets.kernels._te import (
+    load as _load,
+)
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
 
 __all__: list[str] = []
-
-
-def _load(X, idx):
-    idx = tuple(idx)
-    return expr(X[idx] if idx else X[()])
 
 
 def _row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,

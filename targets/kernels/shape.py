@@ -14,20 +14,17 @@ import numpy as np
 
 from targets.kernels._te import (
     broadcast_index,
-    expr,
     generic,
     placeholders,
     prim_func,
     tvm_dtype,
 )
+from targets.kernels._te import (
+    load as _load,
+)
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
 __all__: list[str] = []
-
-
-def _load(X, idx):
-    idx = tuple(idx)
-    return expr(X[idx] if idx else X[()])
 
 
 def _unravel(flat, shape):
