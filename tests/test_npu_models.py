@@ -58,9 +58,15 @@ def _check(name, model, feeds, **kw):
 
 
 def test_resnet50():
-    from test_passes_numeric import light_graph
+    from examples.random_weights import light_graph
 
     g = light_graph("resnet50")
+    # Random He-scaled weights without real normalisation double the residual stream's variance
+    # every block (logits ~1e4), beyond what f16 holds; a trained ResNet keeps its activations
+    # small. Halving the conv weights keeps them in the range an fp16 NPU is used with.
+    for node in g.find("conv2d"):
+        ref = node.inputs[1].producer.attrs["ref"]
+        g.weights[ref] = g.weights[ref] * np.float32(0.5)
     rng = np.random.default_rng(0)
     feeds = {v.name: rng.standard_normal(v.shape).astype(np.float32) for v in g.inputs}
     m = _check("resnet50", g, feeds)
