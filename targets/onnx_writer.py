@@ -40,7 +40,7 @@ class ExportError(NpuccError):
     """A region cannot be written as ONNX (an op without an ONNX mapping)."""
 
 
-# -- regions and calibration --------------------------------------------------------------
+# -- writing our ops as ONNX nodes ----------------------------------------------------------
 def _qparams(lo: float, hi: float) -> tuple[float, int]:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255.0 if hi > lo else 1.0
