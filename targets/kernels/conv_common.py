@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import OpError
+from compiler.ir.ops.nn import conv_out_size, kernel_dims
 from targets.kernels.base import CpuInfo
 
 __all__ = ["ConvGeom", "ConvTiles", "conv_geom", "conv_tiles", "to_oihw", "pack_conv_weight",
@@ -87,12 +88,7 @@ def conv_geom(x_shape: tuple[int, ...], layout: str, w_shape: tuple[int, ...],
         n, ic, h, w = x_shape
     else:
         n, h, w, ic = x_shape
-    if kernel_layout == "OIHW":
-        oc, icg, kh, kw = w_shape
-    elif kernel_layout == "OHWI":
-        oc, kh, kw, icg = w_shape
-    else:
-        kh, kw, icg, oc = w_shape
+    oc, icg, kh, kw = kernel_dims(tuple(w_shape), kernel_layout)
     groups = int(attrs.get("groups", 1))
     if groups < 1 or ic % groups or oc % groups or icg * groups != ic:
         raise OpError(f"{label}: groups={groups} does not fit {ic} input channels, "
@@ -104,8 +100,8 @@ def conv_geom(x_shape: tuple[int, ...], layout: str, w_shape: tuple[int, ...],
         raise OpError(f"{label}: pads must be 4 non-negative ints [top, left, bottom, right], "
                       f"got {pads}")
     pt, pl, pb, pr = (int(p) for p in pads)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    oh = conv_out_size(h, kh, sh, pt + pb, dh)
+    ow = conv_out_size(w, kw, sw, pl + pr, dw)
     if oh < 1 or ow < 1:
         raise OpError(f"{label}: kernel {kh}x{kw} (dilation {dh}x{dw}) does not fit the "
                       f"padded {h + pt + pb}x{w + pl + pr} input")

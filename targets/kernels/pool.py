@@ -17,22 +17,13 @@ import math
 from typing import Any
 
 from compiler.errors import OpError
+from compiler.ir.ops.nn import pool_out_size
 from targets.kernels._te import tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
 
 __all__ = ["pool2d", "global_pool"]
 
 _PARALLEL_MIN = 262144  # input elements below which a pool runs on one thread (~10 µs)
-
-
-def _pool_out(size: int, k: int, s: int, pb: int, pe: int, d: int, ceil_mode: bool) -> int:
-    span = size + pb + pe - d * (k - 1) - 1
-    if not ceil_mode:
-        return span // s + 1
-    out = -(-span // s) + 1
-    if (out - 1) * s >= size + pb:  # the last window must start inside the input
-        out -= 1
-    return out
 
 
 def _ints(attrs: dict[str, Any], key: str, default: list[int], n: int, label: str) -> list[int]:
@@ -92,8 +83,8 @@ def pool2d(req: KernelRequest) -> KernelImpl:
         n, c, h, w = xt.shape
     else:
         n, h, w, c = xt.shape
-    oh = _pool_out(h, kh, sh, pt, pb, dh, ceil_mode)
-    ow = _pool_out(w, kw, sw, pl, pr, dw, ceil_mode)
+    oh = pool_out_size(h, kh, sh, pt, pb, dh, ceil_mode)
+    ow = pool_out_size(w, kw, sw, pl, pr, dw, ceil_mode)
     oshape = (n, c, oh, ow) if layout == "NCHW" else (n, oh, ow, c)
     if tuple(req.output_types[0].shape) != oshape:
         raise OpError(f"{label}: result type {req.output_types[0]} does not match the pooled "

@@ -19,7 +19,7 @@ from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_ATTRS", "apply_activation", "check_activation",
-           "conv_out_size", "pool_out_size", "accumulator_dtype"]
+           "conv_out_size", "pool_out_size", "kernel_dims", "accumulator_dtype"]
 
 ACTIVATIONS = ("none", "relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
 ACTIVATION_ATTRS = {
@@ -121,7 +121,8 @@ def _make(layout, n, c, h, w):
 _KERNEL_LAYOUTS = ("OIHW", "OHWI", "HWIO")
 
 
-def _kernel_dims(w: tuple[int, ...], kl: str):
+def kernel_dims(w: tuple[int, ...], kl: str) -> tuple[int, int, int, int]:
+    """(O, I/groups, KH, KW) of a conv weight shape in kernel layout ``kl``."""
     if kl == "OIHW":
         o, i, kh, kw = w
     elif kl == "OHWI":
@@ -142,7 +143,7 @@ def _conv_infer(types, attrs):
     n, c, h, wd = _spatial(x, layout, "conv2d's input")
     if w.rank != 4:
         raise OpError(f"conv2d's weight must be 4-D ({kl}), got {w}")
-    o, i, kh, kw = _kernel_dims(w.shape, kl)
+    o, i, kh, kw = kernel_dims(w.shape, kl)
     g = attrs["groups"]
     if g < 1 or c % g or o % g:
         raise OpError(f"groups={g} must divide the input channels ({c}) and the output "
