@@ -19,30 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import interleaved_ms  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def interleaved_ms(a, b, feeds, repeat: int = 200) -> tuple[float, float]:
-    """Median wall time (ms) of ``a.run`` and ``b.run`` on ``feeds``, alternating."""
-    ta, tb = [], []
-    for _ in range(10):
-        a.run(feeds[0]), b.run(feeds[1])
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a.run(feeds[0])
-        t1 = time.perf_counter()
-        b.run(feeds[1])
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return 1e3 * float(np.median(ta)), 1e3 * float(np.median(tb))
 
 
 def main() -> None:
@@ -80,11 +64,13 @@ def main() -> None:
         acc_torch = accuracy(lambda x: small(torch.from_numpy(x)).numpy(), xte, yte)
     convs = [(k, e["channels_before"], e["channels_after"]) for k, e in plan["layers"].items()]
     removed = 1 - sum(a for _, _, a in convs) / sum(b for _, b, _ in convs)
-    lb, lp = interleaved_ms(mb, mp, [{"input": xte[:1]}] * 2)
+    x1 = {"input": xte[:1]}
+    lb, lp = interleaved_ms([lambda: mb.run(x1), lambda: mp.run(x1)], 200, warmup=10)
     xb = xte[:args.batch]
     bb = compile(base, "host", example_inputs=(torch.from_numpy(xb),), progress=False)
     bp = compile(small, "host", example_inputs=(torch.from_numpy(xb),), progress=False)
-    lbb, lpb = interleaved_ms(bb, bp, [{"input": xb}] * 2, repeat=100)
+    xbf = {"input": xb}
+    lbb, lpb = interleaved_ms([lambda: bb.run(xbf), lambda: bp.run(xbf)], 100, warmup=10)
     tmp = Path(tempfile.mkdtemp(prefix="prune-digits-"))
     sb, sp = dir_bytes(mb.save(tmp / "base.npkg")), dir_bytes(mp.save(tmp / "pruned.npkg"))
     wb, wp = mb.stats()["weight_bytes"], mp.stats()["weight_bytes"]

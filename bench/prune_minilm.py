@@ -29,26 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def embed(outputs: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
-    h = outputs[0].astype(np.float64)                      # [1, S, 384]
-    m = mask[..., None].astype(np.float64)
-    return (h * m).sum(1)[0] / max(m.sum(), 1.0)
-
-
-def interleaved_ms(a, b, feed, repeat: int = 60) -> tuple[float, float]:
-    ta, tb = [], []
-    for _ in range(3):
-        a.run(feed), b.run(feed)
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a.run(feed)
-        t1 = time.perf_counter()
-        b.run(feed)
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return 1e3 * float(np.median(ta)), 1e3 * float(np.median(tb))
+from _common import cosine, interleaved_ms, mean_pool  # noqa: E402
 
 
 def main() -> None:
@@ -89,11 +70,11 @@ def main() -> None:
     cos = []
     for s in EVALUATION:
         feed = {k: v for k, v in minilm_inputs(tok, [s], seq=args.seq).items() if k in names}
-        a = embed(base.run(feed), feed["attention_mask"])
-        b = embed(pruned.run(feed), feed["attention_mask"])
-        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        a = mean_pool(base.run(feed)[0], feed["attention_mask"])
+        b = mean_pool(pruned.run(feed)[0], feed["attention_mask"])
+        cos.append(cosine(a, b))
     feed = {k: v for k, v in calib[0].items() if k in names}
-    lb, lp = interleaved_ms(base, pruned, feed)
+    lb, lp = interleaved_ms([lambda: base.run(feed), lambda: pruned.run(feed)], 60)
     wb, wp = base.stats()["weight_bytes"], pruned.stats()["weight_bytes"]
     print(f"MiniLM-L6 head pruning: {hb} -> {ha} heads ({100 * (1 - ha / hb):.0f}% removed, "
           f"importance={args.importance}, scope={args.scope}, calibration "

@@ -32,17 +32,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import cosine, mean_pool  # noqa: E402
+
 THREADS = 2
 
 
-def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float32)
-    return (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
-
-
 def cosines(ref: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
-    return np.asarray([float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
-                       for a, b in zip(ref, got, strict=True)])
+    return np.asarray([cosine(a, b) for a, b in zip(ref, got, strict=True)])
 
 
 def ort_session(path: Path):

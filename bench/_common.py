@@ -1,0 +1,37 @@
+"""Helpers the bench scripts share (run as ``python bench/<script>.py``: this folder is on
+sys.path, so ``import _common`` works)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["interleaved_ms", "mean_pool", "cosine"]
+
+
+def interleaved_ms(runs: Sequence[Callable[[], object]], repeat: int, warmup: int = 3
+                   ) -> list[float]:
+    """Median wall time (ms) of each callable, taking turns so machine drift hits all alike."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeat):
+        for i, run in enumerate(runs):
+            t = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - t)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mask-aware mean over the sequence axis: [B, S, D] hidden states -> [B, D] embeddings."""
+    m = mask[..., None].astype(np.float64)
+    return (h.astype(np.float64) * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
