@@ -25,13 +25,7 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["CompileOptions", "compile", "import_model", "INPLACE_OPS"]
-
-# Ops whose kernels read element i of their operands before writing element i of the result,
-# so the result may take the memory of a dying operand of the same size (the memory planner
-# checks the size). Unary elementwise ops are flagged in the registry.
-INPLACE_OPS = frozenset({"add", "sub", "mul", "div", "max", "min", "pow", "where", "reshape",
-                         "identity"})
+__all__ = ["CompileOptions", "compile", "import_model"]
 
 
 @dataclass
@@ -135,7 +129,9 @@ def _value_tensors(graph, weights: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _inplace_steps(steps) -> list[int]:
     from compiler.ir.registry import get_op
 
-    return [i for i, s in enumerate(steps) if s.op in INPLACE_OPS or get_op(s.op).elementwise]
+    # the op definitions say which kernels may write over a dying operand (same size: the
+    # memory planner checks)
+    return [i for i, s in enumerate(steps) if get_op(s.op).elementwise or get_op(s.op).inplace]
 
 
 def _interface_values(graph, names: Sequence[str]) -> None:

@@ -115,6 +115,9 @@ class OpDef:
     - ``reference``: numpy implementation; returns one array per result.
     - ``elementwise``: result i has the shape and dtype of operand 0 and may be computed in
       place over it (the memory planner uses this).
+    - ``inplace``: the kernel reads element i of its operands before writing element i of
+      the result, so the result may take a dying operand's memory of the same size (binary
+      broadcasting ops, reshape); ``elementwise`` implies it.
     - ``num_outputs``: fixed result count, or None when ``infer`` decides.
     """
 
@@ -125,6 +128,7 @@ class OpDef:
     reference: RefFn
     verify: Callable[[dict[str, Any]], None] | None = None
     elementwise: bool = False
+    inplace: bool = False
     doc: str = ""
     family: str = field(default="", compare=False)
 

@@ -156,7 +156,7 @@ def _binary_ref(fn):
 
 for _name, _fn in _BINARY.items():
     register_op(OpDef(_name, (2, 2), {}, broadcast_infer, _binary_ref(_fn),
-                      family="elementwise"))
+                      inplace=True, family="elementwise"))
 
 
 def _ref_pow(xs, attrs):
@@ -171,7 +171,7 @@ def _infer_pow(types, attrs):
     return [TensorType(broadcast_shapes(types[0].shape, types[1].shape), types[0].dtype)]
 
 
-register_op(OpDef("pow", (2, 2), {}, _infer_pow, _ref_pow, family="elementwise",
+register_op(OpDef("pow", (2, 2), {}, _infer_pow, _ref_pow, inplace=True, family="elementwise",
                   doc="a ** b; b may have another dtype (ONNX Pow)"))
 
 
@@ -216,7 +216,8 @@ def _where_infer(types, attrs):
 
 
 register_op(OpDef("where", (3, 3), {}, _where_infer,
-                  lambda xs, a: [np.where(xs[0], xs[1], xs[2])], family="elementwise"))
+                  lambda xs, a: [np.where(xs[0], xs[1], xs[2])], inplace=True,
+                  family="elementwise"))
 
 
 def _cast_infer(types, attrs):

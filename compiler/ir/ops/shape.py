@@ -32,7 +32,7 @@ def _reshape_infer(types, attrs):
 
 
 register_op(OpDef("reshape", (1, 1), {"shape": Attr("ints")}, _reshape_infer,
-                  lambda xs, a: [xs[0].reshape(a["shape"])], family="shape"))
+                  lambda xs, a: [xs[0].reshape(a["shape"])], inplace=True, family="shape"))
 
 
 def _transpose_infer(types, attrs):
