@@ -52,6 +52,11 @@ CASES = {
     "gemm_nonconst_trans_b": Case("gemm", [f32(9, 4), f32(40, 4), f32(40)],
                                   {"trans_b": True}, consts=(2,)),
     "matmul_ragged_n": Case("matmul", [f32(2, 3, 17, 8), f32(2, 3, 8, 45)]),
+    # convnext / swin / mobilevit: tiles would straddle the last leading dim -> batch dims
+    "dense_4d_nhwc": Case("dense", [f32(1, 14, 14, 24), f32(40, 24), f32(40)],
+                          {"activation": "gelu"}, consts=(1, 2)),
+    "dense_3d_windows": Case("dense", [f32(4, 49, 20), f32(24, 20), f32(24)], consts=(1, 2)),
+    "dense_3d_nonconst_w": Case("dense", [f32(3, 10, 12), f32(20, 12)]),
     "dense_nonconst_big": Case("dense", [f32(2, 16, 24), f32(70, 24), f32(70)],
                                {"activation": "gelu"}),
 }

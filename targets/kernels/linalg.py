@@ -32,6 +32,7 @@ from targets.kernels._te import (
     dtype_of,
     expr,
     placeholders,
+    schedule_generic,
     tvm_dtype,
 )
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
@@ -130,9 +131,22 @@ def _gemm_func(
         return v if dtype_of(v) == out_dt else v.astype(out_dt)
 
     Y = te.compute(out_type.shape, out_body, name="out")
-    sch = Schedule(te.create_prim_func([*ins, Y]))
+    func = te.create_prim_func([*ins, Y])
     if out_type.size == 0 or K == 0:
+        return func
+    try:
+        return _schedule_gemm(Schedule(func), req, nbat=nbat, n_mdims=n_mdims, K=K, nb=nb,
+                              mr=mr, work=math.prod(out_type.shape) * K)
+    except Exception:  # noqa: BLE001  (a shape the tiling cannot express: still compile)
+        sch = Schedule(func)
+        schedule_generic(sch, req.cpu, 0)
         return sch.mod["main"]
+
+
+def _schedule_gemm(sch, req: KernelRequest, *, nbat: int, n_mdims: int, K: int, nb: int,
+                   mr: int, work: int):
+    """The register-tiled schedule of :func:`_gemm_func`'s blocks (raises when a loop nest
+    cannot take it; the caller then falls back to a generic schedule)."""
     try:
         pblk = sch.get_sblock("Bpack")
     except Exception:  # noqa: BLE001  (no in-kernel packing stage)
@@ -178,7 +192,6 @@ def _gemm_func(
         sch.unroll(cm)
     sch.vectorize(cn)
     sch.vectorize(ni)
-    work = math.prod(out_type.shape) * K
     if req.cpu.num_cores > 1 and work >= 1 << 16:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     init = sch.decompose_reduction(cblk, ck if ck is not None else (cm or cn))
@@ -206,6 +219,12 @@ def dense(req: KernelRequest) -> KernelImpl:
     lead = xt.shape[:-1]
     M = math.prod(lead)
     mr, nb = gemm_tiles(req, M, N)
+    batch: tuple[int, ...] = ()
+    if len(lead) > 1 and lead[-1] % mr:
+        # the tiles would straddle rows of the last leading dim, which the loop nest cannot
+        # express compactly: the other leading dims become batch dims of the tile loops
+        batch, lead, M = lead[:-1], lead[-1:], lead[-1]
+        mr, nb = gemm_tiles(req, M, N)
     packed = 1 in req.const_inputs
     types = {}
     if packed:
@@ -217,7 +236,7 @@ def dense(req: KernelRequest) -> KernelImpl:
         if M != (-(-M // mr) * mr):
             from tvm import te
             m = te.min(m, M - 1)
-        return X[tuple(_unravel(m, lead)) + (k,)]
+        return X[tuple(bi) + tuple(_unravel(m, lead)) + (k,)]
 
     if not packed:  # weights computed at run time: pack them inside the kernel
         W = _pack_in_kernel((), K, N, nb, lambda bi, k, n: W[n, k])
@@ -226,11 +245,11 @@ def dense(req: KernelRequest) -> KernelImpl:
         return W[n // nb, k, n % nb]
 
     bias_at = (lambda idx: ins[2][idx[-1]]) if len(ins) > 2 else None
-    func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb, mr=mr,
-                      a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
+    func = _gemm_func(req, ins, out, batch=batch, n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
+                      mr=mr, a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
     transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w), nb))} if packed else {}
     return KernelImpl(func, transforms,
-                      note=f"dense M={M} K={K} N={N}: {mr}x{nb} tiles"
+                      note=f"dense batch={list(batch)} M={M} K={K} N={N}: {mr}x{nb} tiles"
                            + (", packed weights" if packed else ", packed in the kernel"))
 
 
