@@ -1,8 +1,8 @@
 """``npucc compile``, ``npucc run`` and ``npucc targets``: the commands that build and run packages.
 
-    npucc compile MODEL -t TARGET -o OUT.npkg [-p PIPELINE] [--input-shape name=1,3,224,224]
+    npucc compile MODEL -t TARGET -o OUT.npkg [--cpu x86-64-v3] [-p PIPELINE] [--input-shape ...]
     npucc run OUT.npkg --input name=file.npy [--profile] [--save-outputs DIR]
-    npucc targets [show NAME]
+    npucc targets [show NAME [--cpu LEVEL]]
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ def configure_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--target", default="host",
                    help="a built-in target name (npucc targets) or a target .toml file")
     p.add_argument("-o", "--output", required=True, help="the package folder to write (.npkg)")
+    from runtime.cpu import PORTABLE_LEVELS
+
+    p.add_argument("--cpu", default=None, metavar="NAME",
+                   help="build the runnable kernels for this CPU instead of the detected one, "
+                   "for packages that run on other machines: a portable level or LLVM CPU "
+                   f"name ({', '.join(PORTABLE_LEVELS)}, ...)")
     p.add_argument("-p", "--pipeline", default=None,
                    help="pipeline text replacing the target's default pipeline")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
@@ -50,7 +56,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         debug["report_stream"] = sys.stderr
     shapes = {name: list(dims) for name, dims in args.input_shape}
     m = compile_model(args.model, args.target, args.pipeline, debug or None,
-                      input_shapes=shapes or None, progress=not args.no_progress)
+                      input_shapes=shapes or None, progress=not args.no_progress,
+                      cpu=args.cpu)
     out = m.save(args.output)
     s = m.stats()
     summ = m.summary()["nodes_per_device"]
@@ -114,6 +121,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def configure_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?", help="with show: a target name or .toml path")
+    p.add_argument("--cpu", default=None, metavar="NAME",
+                   help="with show: describe a portable level instead of this machine")
     p.set_defaults(func=_cmd_targets)
 
 
@@ -128,7 +137,32 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise NpuccError("npucc targets show NAME: which target? (npucc targets lists them)")
-    t = load_target(args.name)
+    t = load_target(args.name, cpu=args.cpu)
     print(f"# {t.file}")
     print(Path(t.file).read_text())
+    if t.cpu.detected is not None:
+        print(_detected_text(t))
     return 0
+
+
+def _detected_text(t) -> str:
+    """The [cpu] table detection filled in, as TOML-like lines under a comment header."""
+    h, info = t.cpu.detected, t.cpu_info()
+    feats = sorted(h.features)
+    lines = [f"# detected on this machine{f' (portable level {h.level})' if h.level else ''}:",
+             f"# {h.summary()}",
+             f'tvm_target = {_toml_inline(t.cpu.tvm_target_dict())}',
+             f'arch = "{h.arch}"', f"simd_bits = {info.simd_bits}",
+             f"fp16_arith = {str(info.fp16_arith).lower()}",
+             f"int8_dot = {str(info.int8_dot).lower()}", f"amx = {str(info.amx).lower()}",
+             f"threads = {t.cpu.threads}",
+             f"l1d_kb = {t.cpu.l1d_kb}", f"l2_kb = {t.cpu.l2_kb}",
+             f"l3_kb = {(h.l3_bytes or 0) // 1024 or None}",
+             f"ghz = {h.ghz}", f"features = {feats}"]
+    return "\n".join(lines)
+
+
+def _toml_inline(d: dict) -> str:
+    import json
+
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"

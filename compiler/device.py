@@ -1,7 +1,7 @@
 """Device outputs of a compiled model: the target CPU's own kernel library and the NPU regions.
 
 A target whose CPU is not this machine's (kirin990, rk3588: aarch64) runs here on host kernels
-built from the lowered graph (``driver._host_cpu_for``). What goes to the device is built here
+built from the lowered graph (``driver.runnable_cpu``). What goes to the device is built here
 from the *same* lowered graph:
 
 - :func:`build_device_library`: every node's kernel compiled for the target's CPU
@@ -34,9 +34,9 @@ DEVICE_LIBRARY = "device/kernels.{arch}.so"
 
 def needs_device_library(desc) -> bool:
     """True when the target's CPU is not this machine's (the runnable package is a host build)."""
-    from compiler.driver import _host_cpu_for
+    from runtime.cpu import host_arch
 
-    return _host_cpu_for(desc).arch != desc.cpu.arch
+    return host_arch() != desc.cpu.arch
 
 
 def cross_compiler_for(desc) -> Callable | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["CompileOptions", "compile", "import_model"]
+__all__ = ["CompileOptions", "compile", "import_model", "runnable_cpu"]
 
 
 @dataclass
@@ -38,6 +38,10 @@ class CompileOptions:
     input_shapes: Mapping[str, Sequence[int]] | None = None   # ONNX inputs with symbolic dims
     input_names: Sequence[str] | None = None                  # torch: names of the inputs
     work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
+    # the CPU the runnable kernels are built for: None = this machine (detected), or an LLVM
+    # CPU name / portable level ("x86-64-v3", "x86-64-v4", "znver4"...) for packages that
+    # must run on other machines (targets/host.py)
+    cpu: str | None = None
     # compression (passes/quantization, passes/pruning): the driver adds their passes to the
     # pipeline before the layout pass and hands these to them through the PassContext.
     quantize: str | Mapping[str, Any] | None = None   # "int8" | "int4" | a config mapping
@@ -181,7 +185,7 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             raise NpuccError(f"compile() got an unknown option {key!r}; known: {known}")
         setattr(opts, key, value)
     opts.target, opts.pipeline = target, pipeline
-    desc = load_target(target)
+    desc = load_target(target, cpu=opts.cpu)
     show = opts.progress if opts.progress is not None else _stderr_is_tty()
     prog = _Progress(show)
 
@@ -201,7 +205,7 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     _check_budget(desc, budget, 0, sum(int(a.nbytes) for r, a in graph.weights.items()
                                        if r in refs))
     work = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="npucc-"))
-    cpu = _host_cpu_for(desc)
+    cpu = runnable_cpu(desc, opts.cpu)
     with prog.phase("codegen", f"generating kernels for {cpu.tvm_target.get('mcpu', 'cpu')}") \
             as say:
         from targets.tvm_codegen import build_library
@@ -303,19 +307,24 @@ def _check_budget(desc, budget: int | None, arena: int, weights: int) -> None:
         f"quantization)")
 
 
-def _host_cpu_for(desc):
-    """The CPU the runnable package's kernels are built for: this machine.
+def runnable_cpu(desc, cpu: str | None = None):
+    """The CPU the runnable package's kernels are built for (a ``CpuInfo``): this machine's
+    architecture always.
 
-    A target whose CPU is this machine's architecture builds its own kernels; a foreign one
-    (kirin990: aarch64) runs here on host kernels built from the same lowered graph, and its
-    device library is built separately (see ``CompiledModel.export_device``).
+    A target whose CPU is this machine's architecture builds its own kernels (``host``: the
+    detected CPU, or ``cpu`` when named); a foreign one (kirin990: aarch64) runs here on host
+    kernels built from the same lowered graph, for the detected host or the named ``cpu``,
+    and its device library is built separately (see ``CompiledModel.export_device``).
     """
-    import platform
-
+    from runtime.cpu import host_arch
+    from targets.host import cpu_info_for
     from targets.tvm_codegen import host_cpu
 
-    here = {"x86_64": "x86_64", "AMD64": "x86_64", "aarch64": "aarch64",
-            "arm64": "aarch64"}.get(platform.machine(), platform.machine())
-    if desc.cpu.arch == here:
-        return desc.cpu_info()
-    return host_cpu()
+    if desc.cpu.arch != host_arch():
+        return host_cpu(cpu)
+    info = desc.cpu_info()
+    if cpu is None or desc.cpu.detected is not None:   # detected targets applied cpu at load
+        return info
+    return cpu_info_for({"kind": "llvm", "mcpu": cpu, "num-cores": info.num_cores},
+                        arch=info.arch, num_cores=info.num_cores, l1d_bytes=info.l1d_bytes,
+                        l2_bytes=info.l2_bytes)

@@ -21,6 +21,7 @@ from .errors import (
     FormatVersionError,
     InputError,
     IntegrityError,
+    IsaError,
     PackageError,
     PlanError,
     RuntimeError_,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
            "RuntimeError_", "PackageError", "FormatVersionError", "IntegrityError",
-           "ArchitectureError", "PlanError", "InputError"]
+           "ArchitectureError", "IsaError", "PlanError", "InputError"]
 
 
 def load(path: str | os.PathLike) -> Executor:

@@ -1,19 +1,30 @@
-"""Checks a package must pass before any kernel is loaded: architecture and plan consistency.
+"""Checks a package must pass before any kernel is loaded: architecture, instruction set and
+plan consistency.
 
 File integrity (sha256) and the format version are checked by ``Package.load`` itself.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from . import _dtypes
 from ._elf import host_arch, library_arch
-from .errors import ArchitectureError, PackageError, PlanError
+from .cpu import cpu_brand, missing_features, target_features
+from .errors import ArchitectureError, IsaError, PackageError, PlanError
 from .memory_pool import MemoryPlan, PlanStep, PlanTensor, plan_memory
 
-__all__ = ["check_arch", "check_manifest"]
+__all__ = ["check_arch", "check_isa", "check_manifest", "isa_record"]
+
+
+def isa_record(tvm_target: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest says about the instruction set: triple, CPU name, and the exact ISA
+    features (LLVM names) the kernels were built with."""
+    return {"triple": str(tvm_target.get("mtriple", "")) or f"{host_arch()}-unknown",
+            "cpu": str(tvm_target.get("mcpu", "generic")),
+            "features": sorted(target_features(tvm_target))}
 
 
 def check_arch(lib: Path, manifest: dict[str, Any]) -> None:
@@ -26,6 +37,43 @@ def check_arch(lib: Path, manifest: dict[str, Any]) -> None:
     if stated is not None and stated != arch:
         raise PackageError(f"{lib} is an {arch} library but the manifest's target says "
                            f"{stated!r}")
+    check_isa(manifest, lib)
+
+
+def check_isa(manifest: dict[str, Any], lib: Path) -> None:
+    """Refuse a library built for ISA features this CPU lacks: loading it would end in SIGILL
+    at the first such instruction. Runs before the library is dlopened."""
+    target = manifest.get("target")
+    if not isinstance(target, dict):
+        raise PackageError(f"{lib}: the manifest has no target table")
+    isa = target.get("isa")
+    if isa is None:   # a package from before ISA records: derive them from its TVM target
+        tvm_target = target.get("tvm")
+        if not isinstance(tvm_target, dict):
+            raise PackageError(f"{lib}: the manifest records neither target.isa nor target.tvm")
+        try:
+            isa = isa_record(tvm_target)
+        except Exception as e:  # the runtime-only TVM library has no LLVM
+            raise IsaError(f"{lib}: the manifest does not record the CPU features its kernels "
+                           f"need and they cannot be derived here ({e}); recompile the "
+                           f"package") from None
+    feats = isa.get("features") if isinstance(isa, dict) else None
+    if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
+        raise PackageError(f"{lib}: manifest target.isa.features must be a list of names")
+    try:
+        missing = missing_features(feats)
+    except LookupError as e:
+        warnings.warn(f"{lib}: {e}; loading without checking its instruction set",
+                      stacklevel=3)
+        return
+    if missing:
+        built = isa.get("cpu", "?")
+        raise IsaError(
+            f"{lib} was built for CPU {built!r} and needs instructions this CPU "
+            f"({cpu_brand()}) does not have: {', '.join(missing)}. Recompile with "
+            f"target=\"host\" on this machine, or with a portable level such as "
+            f"cpu=\"x86-64-v3\" (npucc compile --cpu x86-64-v3) for packages that must run on "
+            f"several machines", missing=missing)
 
 
 def check_manifest(m: dict[str, Any], where: str) -> None:

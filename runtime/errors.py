@@ -13,6 +13,7 @@ __all__ = [
     "FormatVersionError",
     "IntegrityError",
     "ArchitectureError",
+    "IsaError",
     "PlanError",
     "InputError",
 ]
@@ -39,6 +40,15 @@ class IntegrityError(PackageError):
 
 class ArchitectureError(PackageError):
     """The kernel library is for another CPU architecture than this machine's."""
+
+
+class IsaError(ArchitectureError):
+    """The kernel library needs instruction-set features (AVX-512, avx512fp16, dotprod...)
+    the running CPU lacks. ``missing`` lists them (LLVM feature names)."""
+
+    def __init__(self, message: str, missing: list[str] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])
 
 
 class PlanError(RuntimeError_):

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _dtypes
 from ._tvm import import_tvm
+from ._verify import check_isa
 from .errors import InputError, PackageError, RuntimeError_
 from .memory_pool import ALIGN, align
 from .package import Package
@@ -115,6 +116,7 @@ class Executor:
         self._arena_bytes = int(m["memory"]["arena_bytes"])
         self._arena_tensors = [t for t in self._tensors.values()
                                if t["kind"] != "weight" and t.get("offset") is not None]
+        check_isa(m, package.lib_path)   # a missing ISA feature: refuse, never SIGILL
         try:
             self._lib = tvm.runtime.load_module(str(package.lib_path))
         except Exception as e:  # TVM raises its own error types

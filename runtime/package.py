@@ -10,7 +10,11 @@ A package is a directory ``X.npkg/``::
 Manifest, format version 1 (every key below is written; readers ignore unknown keys)::
 
     format_version: 1
-    target:   {name, tvm: <TVM target dict>, arch: "x86_64" | "aarch64"}
+    target:   {name, tvm: <TVM target dict>, arch: "x86_64" | "aarch64",
+               isa: {triple, cpu, features: [LLVM ISA features the kernels may use]}}
+              ``isa`` is checked against the running CPU before the library is loaded
+              (``runtime.cpu``); a package without it (older compilers) has it derived from
+              ``tvm`` with LLVM
     inputs / outputs: [{name, shape, dtype}]                 (graph order)
     steps:    [{kernel, node, op, inputs: [names], outputs: [names]}]
               execution order; a kernel's arguments are ``inputs + outputs``
@@ -37,7 +41,8 @@ stored as ``u8``).
 renamed into place; an existing package at the path is replaced only once the new one is
 complete. ``Package.load`` / ``runtime.load`` refuse, before loading any kernel, a package whose
 format version is unknown, whose files do not match their sha256, whose kernel library is for
-another CPU architecture, or whose plan is inconsistent.
+another CPU architecture or needs an ISA feature this CPU lacks, or whose plan is
+inconsistent.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import numpy as np
 
 from . import _dtypes
 from ._elf import library_arch
-from ._verify import check_arch, check_manifest
+from ._verify import check_arch, check_manifest, isa_record
 from .errors import FormatVersionError, IntegrityError, PackageError, PlanError
 from .memory_pool import PlanStep, PlanTensor, plan_memory
 
@@ -474,10 +479,11 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
     arch = _get(target, "arch", default=None) or lib_arch
     if arch != lib_arch:
         raise PackageError(f"target arch {arch!r} but {lib_path} is an {lib_arch} library")
+    tvm_target = dict(_get(target, "tvm", "tvm_target", default={}))
     manifest = {
         "format_version": FORMAT_VERSION,
         "target": {"name": str(_get(target, "name", default="unknown")),
-                   "tvm": dict(_get(target, "tvm", "tvm_target", default={})), "arch": arch},
+                   "tvm": tvm_target, "arch": arch, "isa": isa_record(tvm_target)},
         "inputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in inputs],
         "outputs": [{k: table[n][k] for k in ("name", "shape", "dtype")} for n in outputs],
         "steps": [s.to_json() for s in steps],

@@ -76,6 +76,7 @@ class CpuDesc:
     l1d_kb: int | None = None
     l2_kb: int | None = None
     file: str = field(default="", compare=False, repr=False)
+    detected: Any = field(default=None, compare=False, repr=False)  # targets.host.HostCpu
 
     def tvm_target_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dict(self.tvm_target)))
@@ -174,15 +175,15 @@ class TargetDescription:
 
     def cpu_info(self) -> Any:
         """The kernel builders' view of the CPU (``targets.kernels.base.CpuInfo``)."""
-        from targets.kernels.base import CpuInfo
+        from targets.host import cpu_info_for
 
         extra = {}
         if self.cpu.l1d_kb:
             extra["l1d_bytes"] = self.cpu.l1d_kb * 1024
         if self.cpu.l2_kb:
             extra["l2_bytes"] = self.cpu.l2_kb * 1024
-        return CpuInfo(tvm_target=self.cpu.tvm_target_dict(), arch=self.cpu.arch,
-                       simd_bits=self.cpu.simd_bits, num_cores=self.cpu.threads, **extra)
+        return cpu_info_for(self.cpu.tvm_target_dict(), arch=self.cpu.arch,
+                            num_cores=self.cpu.threads, **extra)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -191,8 +192,13 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
 
 
-def load_target(name_or_path: str | Path | TargetDescription) -> TargetDescription:
-    """A built-in target by name (``"kirin990"``) or any description file by path."""
+def load_target(name_or_path: str | Path | TargetDescription,
+                cpu: str | None = None) -> TargetDescription:
+    """A built-in target by name (``"kirin990"``) or any description file by path.
+
+    ``cpu`` replaces a detected CPU (``[cpu] detect``, as in ``host``) by a named one: an LLVM
+    CPU name or portable level such as ``"x86-64-v3"``. Targets that describe their CPU in
+    full ignore it."""
     if isinstance(name_or_path, TargetDescription):
         return name_or_path
     text = str(name_or_path)
@@ -215,14 +221,16 @@ def load_target(name_or_path: str | Path | TargetDescription) -> TargetDescripti
         raise TargetError(f"not valid TOML: {e}", str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise TargetError(f"cannot read: {e}", str(path)) from None
-    return _parse(data, str(path), default_name=path.stem)
+    return _parse(data, str(path), default_name=path.stem, cpu=cpu)
 
 
-def _parse(data: dict[str, Any], file: str, default_name: str) -> TargetDescription:
+def _parse(data: dict[str, Any], file: str, default_name: str,
+           cpu: str | None = None) -> TargetDescription:
     r = _Reader(file)
     top = r.table(data, "", {"name": str, "description": str, "cpu": dict, "npu": dict,
                              "memory": dict, "pipeline": dict}, required=("cpu", "memory"))
-    cpu = _parse_cpu(r, top["cpu"])
+    cpu = (_detected_cpu(r, top["cpu"], cpu) if isinstance(top["cpu"], dict)
+           and "detect" in top["cpu"] else _parse_cpu(r, top["cpu"]))
     npu = _parse_npu(r, top["npu"]) if "npu" in top else None
     mem = r.table(top["memory"], "memory", {"dram_gbps": float, "budget_mb": float},
                   required=("dram_gbps", "budget_mb"))
@@ -277,6 +285,36 @@ def _parse_cpu(r: _Reader, raw: dict[str, Any]) -> CpuDesc:
         fp16_simd=t.get("fp16_simd", False), int8_dot=t.get("int8_dot", False),
         node_overhead_us=t.get("node_overhead_us", 2.0), efficiency=t.get("efficiency", 1.0),
         l1d_kb=t.get("l1d_kb"), l2_kb=t.get("l2_kb"), file=r.file)
+
+
+def _detected_cpu(r: _Reader, raw: dict[str, Any], override: str | None) -> CpuDesc:
+    """``[cpu] detect = "native"`` (or a level name): the CPU table filled by detection
+    (``targets.host``); only what cannot be detected may be written beside it."""
+    from targets.host import detect_host
+
+    t = r.table(raw, "cpu", {"detect": str, "threads": int, "node_overhead_us": float,
+                             "efficiency": float, "fma_pipes": int}, required=("detect",))
+    level = override or (None if t["detect"] == "native" else t["detect"])
+    try:
+        host = detect_host(level)
+    except NpuccError as e:
+        r.fail("[cpu] detect", str(e))
+    threads = t.get("threads", host.cores)
+    if not 1 <= threads <= host.cores:
+        r.fail("[cpu] threads", f"{threads} is not in 1..{host.cores} (the usable cores)")
+    for k in ("node_overhead_us", "efficiency"):
+        if k in t:
+            r.positive(t[k], f"[cpu] {k}", allow_zero=k != "efficiency")
+    info = host.cpu_info()
+    # a clock neither cpufreq nor /proc/cpuinfo gives: ASSUMED 2 GHz (cost model only)
+    cluster = Cluster("host", host.cores, host.mcpu, host.ghz or 2.0, t.get("fma_pipes", 1))
+    return CpuDesc(
+        tvm_target=MappingProxyType({**host.tvm_target(), "num-cores": threads}),
+        arch=host.arch, simd_bits=info.simd_bits, clusters=(cluster,), threads=threads,
+        fp16_simd=info.fp16_arith, int8_dot=info.int8_dot,
+        node_overhead_us=t.get("node_overhead_us", 2.0), efficiency=t.get("efficiency", 1.0),
+        l1d_kb=(host.l1d_bytes or 0) // 1024 or None, l2_kb=(host.l2_bytes or 0) // 1024 or None,
+        file=r.file, detected=host)
 
 
 _OP_KEYS: dict[str, type] = {

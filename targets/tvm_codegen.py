@@ -82,6 +82,7 @@ class KernelLibrary:
       extra constants under ``<symbol>.extra<i>``.
     - ``kernels``: symbol -> :class:`KernelInfo` (op, note, builder time, how often reused).
     - ``compile_seconds``: time in ``tvm.compile`` + ``export_library``.
+    - ``cpu``: the CPU it was built for (its ISA features are what the package records).
     """
 
     lib_path: Path
@@ -89,6 +90,7 @@ class KernelLibrary:
     weights: dict[str, np.ndarray]
     kernels: dict[str, KernelInfo]
     compile_seconds: float = 0.0
+    cpu: CpuInfo | None = None
 
     @property
     def reused(self) -> list[str]:
@@ -111,11 +113,12 @@ def _contig(a) -> np.ndarray:
     return np.require(np.asarray(a), requirements="C")
 
 
-def host_cpu() -> CpuInfo:
-    """This machine: Sapphire Rapids class Xeon (AVX-512), 2 cores."""
-    return CpuInfo(tvm_target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2},
-                   arch="x86_64", simd_bits=512, num_cores=2,
-                   l1d_bytes=48 * 1024, l2_bytes=2 * 1024 * 1024)
+def host_cpu(cpu: str | None = None) -> CpuInfo:
+    """The kernel builders' view of this machine, detected (``targets.host``), or of the
+    portable level ``cpu`` names (``"x86-64-v3"``...)."""
+    from targets.host import detect_host
+
+    return detect_host(cpu).cpu_info()
 
 
 def request_for(graph: Graph, node: Node, cpu: CpuInfo) -> KernelRequest:
@@ -258,4 +261,4 @@ def build_library(graph: Graph, cpu: CpuInfo, out_dir: str | Path, *,
         compile_funcs(funcs, cpu, lib_path, cross_compiler=cross_compiler)
     compile_s = time.perf_counter() - t0
     return KernelLibrary(lib_path=lib_path, steps=steps, weights=weights, kernels=kernels,
-                         compile_seconds=compile_s)
+                         compile_seconds=compile_s, cpu=cpu)

@@ -13,11 +13,13 @@ import pytest
 
 from compiler.ir.registry import get_op
 from compiler.ir.types import TensorType
+from targets.host import cpu_info_for
 from targets.kernels.base import CpuInfo, KernelRequest, get_kernel_builder
+from targets.tvm_codegen import host_cpu
 
-HOST = CpuInfo({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
-A76 = CpuInfo({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
-               "mattr": ["+neon", "+dotprod", "+fullfp16"]}, arch="aarch64", simd_bits=128)
+HOST = host_cpu()   # this machine, detected (or NPUCC_HOST_CPU's level)
+A76 = cpu_info_for({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                    "mattr": ["+neon", "+dotprod", "+fullfp16"]}, num_cores=4)
 
 Case = tuple[str, list[np.ndarray], dict[str, Any], tuple[int, ...]]  # op, inputs, attrs, consts
 

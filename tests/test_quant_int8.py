@@ -317,7 +317,11 @@ def test_compiled_int8_model_matches_lowered_graph(tmp_path):
     m = compile(g, "host", pipeline="canonicalize", quantize="int8", calibration=calib,
                 progress=False, work_dir=tmp_path)
     assert {"qconv2d", "qdense"} <= set(m.graph.op_counts())
-    assert any("VNNI" in k.note for k in m.library.kernels.values())
+    # the VNNI micro-kernel where the CPU has it, the generic int32 kernel elsewhere
+    from targets.kernels.quant import has_vnni
+
+    vnni = any("VNNI" in k.note for k in m.library.kernels.values())
+    assert vnni == has_vnni(m.library.cpu)
     outs, floats = [], []
     for s in _samples(g, 4, seed=5):
         (got,) = m.run(s)
@@ -328,18 +332,26 @@ def test_compiled_int8_model_matches_lowered_graph(tmp_path):
     assert cosine(np.stack(outs), np.stack(floats)) > 0.99
 
 
-def test_qdense_kernel_uses_vpdpbusd():
+@pytest.mark.parametrize("level, vnni", [("icelake-server", True), ("znver4", True),
+                                         ("x86-64-v3", False), ("x86-64-v4", False)])
+def test_qdense_kernel_uses_vpdpbusd_only_with_vnni(level, vnni):
+    """Built (not run) for named CPUs: the micro-kernel's vpdpbusd appears exactly where the
+    CPU has AVX512-VNNI; AVX2-only code has no 512-bit registers at all."""
     import tvm
 
+    from targets.host import cpu_info_for
     from targets.kernels.base import KernelRequest, get_kernel_builder
-    from targets.tvm_codegen import host_cpu
 
-    cpu = host_cpu()
+    cpu = cpu_info_for({"kind": "llvm", "mcpu": level, "num-cores": 2})
+    assert cpu.int8_dot == vnni
     types = [TensorType((4, 64), "u8"), TensorType((32, 64), "i8"), TensorType((32,), "i32"),
              TensorType((), "f32"), TensorType((), "u8"), TensorType((32,), "f32")]
     req = KernelRequest("qdense", get_op("qdense").normalize_attrs({}), types,
                         [TensorType((4, 32), "f32")], {1: np.zeros((32, 64), np.int8)}, cpu)
     impl = get_kernel_builder("qdense")(req)
+    assert ("VNNI" in impl.note) == vnni
     mod = tvm.IRModule({"f": impl.prim_func.with_attr("global_symbol", "f")})
     asm = tvm.compile(mod, target=tvm.target.Target(cpu.tvm_target)).mod.inspect_source("asm")
-    assert "vpdpbusd" in asm
+    assert ("vpdpbusd" in asm) == vnni
+    if level == "x86-64-v3":
+        assert "zmm" not in asm

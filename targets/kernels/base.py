@@ -28,17 +28,42 @@ __all__ = ["CpuInfo", "KernelRequest", "KernelImpl", "register_kernel", "get_ker
 
 @dataclass(frozen=True)
 class CpuInfo:
-    """What a kernel schedule needs to know about the CPU it runs on."""
+    """What a kernel schedule needs to know about the CPU it runs on.
+
+    ``features`` are the ISA features (LLVM names) the kernels are built for, from LLVM's
+    description of ``tvm_target`` (``targets.host.cpu_info_for`` fills them). A kernel that
+    emits a special instruction asks for its capability here and keeps a fallback for CPUs
+    without it: never a CPU name.
+    """
 
     tvm_target: dict[str, Any]      # handed to tvm.target.Target(...)
     arch: str = "x86_64"            # "x86_64" | "aarch64"
-    simd_bits: int = 512            # vector register width: 512 AVX-512, 256 AVX2, 128 NEON
-    num_cores: int = 2              # threads a parallel loop may use
-    l1d_bytes: int = 48 * 1024
-    l2_bytes: int = 2 * 1024 * 1024
+    simd_bits: int = 128            # vector register width: 512 AVX-512, 256 AVX2, 128 NEON
+    num_cores: int = 1              # threads a parallel loop may use
+    l1d_bytes: int = 32 * 1024
+    l2_bytes: int = 512 * 1024
+    features: frozenset[str] = frozenset()
 
     def lanes(self, dtype: str) -> int:
         return max(1, self.simd_bits // (TensorType((), dtype).itemsize * 8))
+
+    def has(self, *features: str) -> bool:
+        return all(f in self.features for f in features)
+
+    @property
+    def fp16_arith(self) -> bool:
+        """Half-precision vector arithmetic (AVX512-FP16, ARMv8.2 fullfp16); without it f16
+        values are stored as f16 and computed in f32 (F16C conversions on x86)."""
+        return self.has("avx512fp16") or self.has("fullfp16")
+
+    @property
+    def int8_dot(self) -> bool:
+        """An 8-bit dot-product instruction: VNNI (AVX512 or AVX), Arm dotprod."""
+        return self.has("avx512vnni") or self.has("avxvnni") or self.has("dotprod")
+
+    @property
+    def amx(self) -> bool:
+        return self.has("amx-tile", "amx-int8")
 
 
 @dataclass

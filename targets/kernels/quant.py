@@ -1,7 +1,7 @@
 """Integer kernels: quantize / dequantize / requantize, qdense, qconv2d, qmatmul.
 
-qdense and qconv2d (NHWC, OHWI, groups 1) run an AVX-512 VNNI micro-kernel on x86 CPUs that
-have it: ``vpdpbusd`` multiplies 64 u8 activations by 64 i8 weights and adds groups of 4 into
+qdense and qconv2d (NHWC, OHWI, groups 1) run an AVX-512 VNNI micro-kernel on x86 CPUs whose
+features (``CpuInfo.features``) include avx512vnni: ``vpdpbusd`` multiplies 64 u8 activations by 64 i8 weights and adds groups of 4 into
 16 int32 lanes. Weights are packed at compile time to ``[N/16, K/4 + 1, 16, 4]`` (i8; convs flatten their taps into K): for an
 output-channel block and 4 consecutive k, the 64 bytes one ``vpdpbusd`` reads; the extra last
 k-row holds the 16 per-channel weight sums as int32 bytes, which the epilogue needs for the
@@ -40,14 +40,9 @@ VNNI_INTRIN = "npucc_vnni_u8i8i32_16x4"
 
 
 def has_vnni(cpu: CpuInfo) -> bool:
-    t = cpu.tvm_target
-    if cpu.arch != "x86_64":
-        return False
-    mcpu = str(t.get("mcpu", ""))
-    attrs = " ".join(t.get("mattr", []) or [])
-    return mcpu in ("sapphirerapids", "icelake-server", "icelake-client", "cascadelake",
-                    "tigerlake", "rocketlake", "cooperlake", "alderlake", "graniterapids",
-                    "emeraldrapids", "znver4", "znver5") or "avx512vnni" in attrs
+    """Whether the CPU has the 512-bit ``vpdpbusd`` this micro-kernel issues (AVX512-VNNI).
+    CPUs without it (AVX2-only, AVX-VNNI's 256-bit form, Arm) take the generic kernel."""
+    return cpu.arch == "x86_64" and cpu.has("avx512vnni", "avx512bw")
 
 
 @functools.cache
