@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["interleaved_ms", "mean_pool", "cosine"]
+__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header"]
 
 
 def interleaved_ms(runs: Sequence[Callable[[], object]], repeat: int, warmup: int = 3
@@ -35,3 +35,12 @@ def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def cpu_header() -> str:
+    """The line every bench prints first: the CPU its figures were measured on (detected, or
+    the level NPUCC_HOST_CPU forces), with the capabilities the kernels chose by."""
+    from targets.host import detect_host
+
+    h = detect_host()
+    return f"CPU: {h.summary()}\nISA features: {' '.join(sorted(h.features))}"

@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(args.one, args.repeat, spin=args.spin, gap_ms=args.gap_ms)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
+    from _common import cpu_header
+
+    print(cpu_header(), flush=True)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import cosine, mean_pool  # noqa: E402
+from _common import cosine, cpu_header, mean_pool  # noqa: E402
 
 THREADS = 2
 
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
+    print(cpu_header(), flush=True)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     import torch
 
