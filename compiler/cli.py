@@ -372,6 +372,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
                 lambda p: _build().configure_targets(p), True),
     "report": ("quantization report: per-layer error vs float, sizes (JSON, HTML, heatmap)",
                lambda p: _report().configure_report(p), True),
+    "keygen": ("create a signing key pair (ECDSA P-256, PEM) for packages",
+               lambda p: _trust().configure_keygen(p), True),
+    "sign": ("sign a package (OpenSSF model-signing format, model.sig)",
+             lambda p: _trust().configure_sign(p), True),
+    "verify": ("verify a package's signature and files against trusted public keys",
+               lambda p: _trust().configure_verify(p), True),
 }
 
 
@@ -385,6 +391,12 @@ def _report():
     from compiler import cli_report
 
     return cli_report
+
+
+def _trust():
+    from compiler import cli_trust
+
+    return cli_trust
 
 
 def build_parser() -> argparse.ArgumentParser:

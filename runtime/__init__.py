@@ -14,7 +14,7 @@ Importing this package does not import TVM; ``load`` / ``Executor`` do.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArchitectureError,
@@ -25,6 +25,8 @@ from .errors import (
     PackageError,
     PlanError,
     RuntimeError_,
+    SignatureError,
+    UnverifiedPackageWarning,
 )
 from .package import Package, Step, TensorInfo, build_package
 
@@ -33,14 +35,23 @@ if TYPE_CHECKING:
 
 __all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
            "RuntimeError_", "PackageError", "FormatVersionError", "IntegrityError",
-           "ArchitectureError", "IsaError", "PlanError", "InputError"]
+           "ArchitectureError", "IsaError", "PlanError", "InputError", "SignatureError",
+           "UnverifiedPackageWarning"]
 
 
-def load(path: str | os.PathLike) -> Executor:
-    """Load and verify the package at ``path``; returns an :class:`Executor`."""
+def load(path: str | os.PathLike, trusted_keys: Any = None) -> Executor:
+    """Load and verify the package at ``path``; returns an :class:`Executor`.
+
+    ``trusted_keys``: public keys (PEM paths or bytes) whose signature the package must carry;
+    default: the keys ``NPUCC_TRUSTED_KEYS`` names. With keys, an unsigned package, one signed
+    by another key, or one changed after signing is refused (:class:`SignatureError`);
+    without, it loads with a one-time :class:`UnverifiedPackageWarning`. Either way nothing
+    of the package runs before its files are checked, and the kernel library loaded is the
+    very bytes that were checked (see ``runtime/package_load.py``).
+    """
     from .executor import load as _load
 
-    return _load(path)
+    return _load(path, trusted_keys=trusted_keys)
 
 
 def __getattr__(name: str) -> type:

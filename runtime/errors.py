@@ -12,6 +12,8 @@ __all__ = [
     "PackageError",
     "FormatVersionError",
     "IntegrityError",
+    "SignatureError",
+    "UnverifiedPackageWarning",
     "ArchitectureError",
     "IsaError",
     "PlanError",
@@ -36,6 +38,15 @@ class FormatVersionError(PackageError):
 
 class IntegrityError(PackageError):
     """A file of the package is missing or its sha256 differs from the manifest's."""
+
+
+class SignatureError(IntegrityError):
+    """A package's signature is missing while trusted keys are configured, is malformed, is by
+    a key that is not trusted, or does not cover exactly the package's files."""
+
+
+class UnverifiedPackageWarning(UserWarning):
+    """A package was loaded without a signature check (no trusted keys configured)."""
 
 
 class ArchitectureError(PackageError):

@@ -118,7 +118,7 @@ class Executor:
                                if t["kind"] != "weight" and t.get("offset") is not None]
         check_isa(m, package.lib_path)   # a missing ISA feature: refuse, never SIGILL
         try:
-            self._lib = tvm.runtime.load_module(str(package.lib_path))
+            self._lib = package.load_library(tvm)   # the verified bytes, never the path
         except Exception as e:  # TVM raises its own error types
             raise PackageError(f"cannot load kernel library {package.lib_path}: {e}") from e
         funcs: dict[str, Any] = {}
@@ -297,7 +297,7 @@ class Executor:
                 f"arena {self._arena_bytes} B>")
 
 
-def load(path: Any) -> Executor:
+def load(path: Any, trusted_keys: Any = None) -> Executor:
     """Load and verify the package at ``path`` and return an executor for it."""
-    return Executor(Package.load(path))
+    return Executor(Package.load(path, trusted_keys=trusted_keys))
 

@@ -47,12 +47,8 @@ inconsistent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +58,10 @@ import numpy as np
 
 from . import _dtypes
 from ._elf import library_arch
-from ._verify import check_arch, check_manifest, isa_record
-from .errors import FormatVersionError, IntegrityError, PackageError, PlanError
+from ._verify import isa_record
+from .errors import PackageError, PlanError
 from .memory_pool import PlanStep, PlanTensor, plan_memory
+from .package_io import SealedLibrary, check_file_name
 
 if TYPE_CHECKING:
     from .executor import Executor
@@ -128,14 +125,6 @@ def _coerce_step(s: Any) -> Step:
                 outputs=tuple(_get(s, "outputs", "results")))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Package:
     """A compiled model: manifest + kernel library + weights.
 
@@ -144,17 +133,32 @@ class Package:
     """
 
     def __init__(self, manifest: dict[str, Any], lib_path: str | os.PathLike,
-                 weights: Mapping[str, np.ndarray] | str | os.PathLike,
+                 weights: Mapping[str, np.ndarray] | bytes | str | os.PathLike,
                  directory: str | os.PathLike | None = None,
-                 extra_files: Mapping[str, str | os.PathLike] | None = None):
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
+                 library: SealedLibrary | None = None):
         self.manifest = manifest
         self.lib_path = Path(lib_path)
-        self._weights = weights if isinstance(weights, Mapping) else Path(weights)
+        # a loaded package holds the verified bytes of its files, never their paths: weights
+        # as bytes, the kernel library as a sealed in-memory file (``package_io``)
+        self._library = library
+        self._weights = weights if isinstance(weights, Mapping | bytes) else Path(weights)
         self.directory = Path(directory) if directory is not None else None
-        # package-relative name ("device/kernels.aarch64.so") -> where the file is now
-        self.extra_files: dict[str, Path] = {k: Path(v) for k, v in (extra_files or {}).items()}
+        # package-relative name ("device/kernels.aarch64.so") -> where the file is now, or its
+        # verified bytes
+        self.extra_files: dict[str, Path | bytes] = {
+            k: v if isinstance(v, bytes) else Path(v) for k, v in (extra_files or {}).items()}
         # store weights with many zeros as bitmask/CSR when saving (set for pruned models)
         self.sparse_weights = bool(manifest.get("weight_encoding"))
+        self.sign_key: Any = None      # save() signs with this key unless told otherwise
+        self.signed_by: Any = None     # the trusted key that verified a loaded package
+
+    def load_library(self, tvm: Any) -> Any:
+        """The kernel library as a TVM module: for a loaded package exactly the bytes that
+        were verified (never re-opened by path)."""
+        if self._library is not None:
+            return self._library.load(tvm)
+        return tvm.runtime.load_module(str(self.lib_path))
 
     # -- views of the manifest -------------------------------------------------------------
     @property
@@ -187,12 +191,14 @@ class Package:
         (manifest ``weight_encoding``) expanded back to their dense arrays."""
         if isinstance(self._weights, Mapping):
             return dict(self._weights)
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load, load_file
 
+        where = self.directory / WEIGHTS if self.directory else self._weights
         try:
-            stored = load_file(str(self._weights))
+            stored = (load(self._weights) if isinstance(self._weights, bytes)
+                      else load_file(str(self._weights)))
         except Exception as e:  # the library raises its own untyped errors
-            raise PackageError(f"cannot read {self._weights}: {e}") from e
+            raise PackageError(f"cannot read {where}: {e}") from e
         encoding = self.manifest.get("weight_encoding")
         if not encoding:
             return stored
@@ -201,7 +207,7 @@ class Package:
         try:
             return decode_all(stored, encoding)
         except (KeyError, ValueError, TypeError) as e:
-            raise PackageError(f"{self._weights}: sparse weights do not decode: {e}") from e
+            raise PackageError(f"{where}: sparse weights do not decode: {e}") from e
 
     def stored_weight_bytes(self) -> int:
         """Bytes the used weights take in ``weights.safetensors`` (payload, without the
@@ -227,122 +233,56 @@ class Package:
                 f"arena {self.memory['arena_bytes']} B, weights {self.memory['weight_bytes']} B>")
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the package to directory ``path`` atomically; returns the path.
+    def save(self, path: str | os.PathLike, sign_key: Any = None,
+             password: bytes | None = None) -> Path:
+        """Write the package to folder ``path`` atomically, signed with ``sign_key`` (default:
+        ``self.sign_key``; a private key PEM path, bytes or key object); returns the path.
 
-        Refuses to replace anything at ``path`` that is not a package (a directory holding a
-        manifest.json).
+        Replaces only an npucc package at ``path`` (its manifest's file list matches its
+        files); anything else there is refused, never deleted. See
+        :func:`runtime.package_save.save_package`.
         """
-        path = Path(path)
-        if path.exists() and not (path.is_dir() and (path / MANIFEST).is_file()):
-            raise PackageError(f"refusing to replace {path}: it exists and is not a package")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            shutil.copyfile(self.lib_path, tmp / LIBRARY)
-            manifest = dict(self.manifest)
-            if isinstance(self._weights, Mapping):
-                enc = _write_weights(self._weights, tmp / WEIGHTS, sparse=self.sparse_weights)
-                manifest.pop("weight_encoding", None)
-                if enc:
-                    manifest["weight_encoding"] = enc
-                    manifest["format_version"] = SPARSE_FORMAT_VERSION
-            else:
-                shutil.copyfile(self._weights, tmp / WEIGHTS)
-            for name, src in self.extra_files.items():
-                _check_file_name(name, str(path))
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, tmp / name)
-            names = (LIBRARY, WEIGHTS, *self.extra_files)
-            manifest["files"] = {name: {"sha256": _sha256(tmp / name),
-                                        "bytes": (tmp / name).stat().st_size}
-                                 for name in names}
-            (tmp / MANIFEST).write_text(_dump_manifest(manifest))
-            for name in (*names, MANIFEST):
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        from .package_save import save_package
+
+        key = sign_key if sign_key is not None else self.sign_key
+        manifest = save_package(self, Path(path), key, password)
         self.manifest = manifest
-        self.directory = path
-        self.extra_files = {name: path / name for name in self.extra_files}
-        return path
+        self.directory = Path(path)
+        return Path(path)
+
+    def file_bytes(self) -> dict[str, bytes]:
+        """Every file of the package but the manifest, as bytes to write (weights encoded);
+        may update ``manifest`` keys that describe the weights (``weight_encoding``)."""
+        files = {LIBRARY: self._library.read_bytes() if self._library is not None
+                 else self.lib_path.read_bytes()}
+        if isinstance(self._weights, Mapping):
+            data, enc = _weights_bytes(self._weights, sparse=self.sparse_weights)
+            self.manifest = dict(self.manifest)
+            self.manifest.pop("weight_encoding", None)
+            if enc:
+                self.manifest["weight_encoding"] = enc
+                self.manifest["format_version"] = SPARSE_FORMAT_VERSION
+            files[WEIGHTS] = data
+        else:
+            files[WEIGHTS] = (self._weights if isinstance(self._weights, bytes)
+                              else self._weights.read_bytes())
+        for name, src in self.extra_files.items():
+            check_file_name(name, name)
+            files[name] = src if isinstance(src, bytes) else src.read_bytes()
+        return files
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Package:
-        """Read and verify a package directory (see the module docstring for what is checked)."""
-        path = Path(path)
-        if not (path / MANIFEST).is_file():
-            raise PackageError(f"{path} is not a package: no {MANIFEST} in it")
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PackageError(f"{path / MANIFEST} is not valid JSON: {e}") from e
-        if not isinstance(manifest, dict):
-            raise PackageError(f"{path / MANIFEST} is not a JSON object")
-        version = manifest.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise FormatVersionError(
-                f"{path}: package format version {version!r} is not supported by this runtime "
-                f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); rebuild the "
-                f"package with a matching compiler or upgrade the runtime")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or {LIBRARY, WEIGHTS} - set(files):
-            raise PackageError(f"{path}: manifest lists no sha256 for {LIBRARY} and {WEIGHTS}")
-        for name, entry in files.items():
-            _check_file_name(name, str(path))
-            if not isinstance(entry, dict):
-                raise PackageError(f"{path}: manifest entry of file {name} is not an object")
-            f = path / name
-            if not f.is_file():
-                raise IntegrityError(f"{path}: file {name} is missing")
-            if _sha256(f) != entry.get("sha256"):
-                raise IntegrityError(f"{path}: file {name} does not match its sha256 in the "
-                                     f"manifest (damaged or modified); refusing to load")
-        check_arch(path / LIBRARY, manifest)
-        check_manifest(manifest, where=str(path))
-        extra = {name: path / name for name in files if name not in (LIBRARY, WEIGHTS)}
-        return cls(manifest, path / LIBRARY, path / WEIGHTS, directory=path, extra_files=extra)
+    def load(cls, path: str | os.PathLike, trusted_keys: Any = None) -> Package:
+        """Read and verify a package directory; see :func:`runtime.package_load.load_verified`
+        for what is checked (signature, every file's size and sha256, symlinks, manifest
+        schema and limits, architecture and instruction set, plan consistency)."""
+        from .package_load import load_verified
+
+        return load_verified(cls, path, trusted_keys)
 
 
-def _check_file_name(name: Any, where: str) -> None:
-    """A file the manifest names: a relative path inside the package (``kernels.so``,
-    ``device/kernels.aarch64.so``), no empty, hidden or ``..`` components, no backslashes."""
-    parts = name.split("/") if isinstance(name, str) else [""]
-    if "\\" in str(name) or any(not p or p.startswith(".") for p in parts) or len(parts) > 2:
-        raise PackageError(f"{where}: manifest names file {name!r}; expected a plain file name "
-                           f"inside the package (at most one subdirectory, e.g. device/x.so)")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort: not every platform allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _dump_manifest(m: Mapping[str, Any]) -> str:
+def dump_manifest(m: Mapping[str, Any]) -> str:
     """JSON with one top-level key per line and one list item (step, tensor...) per line."""
     lines = []
     for key, value in m.items():
@@ -362,11 +302,11 @@ _SAFETENSORS_NATIVE = frozenset({"float64", "float32", "float16", "int64", "int3
                                  "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
 
 
-def _write_weights(weights: Mapping[str, np.ndarray], path: Path, sparse: bool = False
-                   ) -> dict[str, Any]:
-    """Write the weights; with ``sparse``, those with enough zeros as bitmask/CSR
-    (``runtime/sparse.py``). Returns the manifest's ``weight_encoding`` records."""
-    from safetensors.numpy import save_file
+def _weights_bytes(weights: Mapping[str, np.ndarray], sparse: bool = False
+                   ) -> tuple[bytes, dict[str, Any]]:
+    """The weights as safetensors bytes; with ``sparse``, those with enough zeros as
+    bitmask/CSR (``runtime/sparse.py``). Also returns the manifest's ``weight_encoding``."""
+    from safetensors.numpy import save
 
     out, encoding = {}, {}
     for name, arr in weights.items():
@@ -382,8 +322,7 @@ def _write_weights(weights: Mapping[str, np.ndarray], path: Path, sparse: bool =
                 encoding[name] = rec
             continue
         out[name] = arr
-    save_file(out, str(path))
-    return encoding
+    return save(out), encoding
 
 
 def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], outputs: Sequence[str],
