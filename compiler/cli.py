@@ -112,7 +112,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     shapes = {name: list(dims) for name, dims in args.input_shape}
     graph = from_onnx(args.model, input_shapes=shapes or None)
-    out = save(graph, args.output)
+    out = save(graph, args.output, inputs=[args.model])
     print(f"wrote {out} ({len(graph.nodes)} nodes, {len(graph.weights)} weights)",
           file=sys.stderr)
     return 0
@@ -282,11 +282,13 @@ def _cmd_opt(args: argparse.Namespace) -> int:
             outputs.append(f"// error: {str(e).splitlines()[0]}\n")
             failed = True
     if args.output and not args.bisect:
-        from compiler.ir.serialize import atomic_write, save
+        from compiler.ir.serialize import atomic_write, check_output, save
 
+        inputs = [] if args.input == "-" else [args.input]
         if len(graphs) == 1 and len(chunks) == 1:
-            save(graphs[0], args.output)
+            save(graphs[0], args.output, inputs=inputs)
         else:
+            check_output(args.output, inputs)
             atomic_write(args.output, f"{SPLIT_MARKER}\n".join(outputs))
     else:
         sys.stdout.write(f"{SPLIT_MARKER}\n".join(outputs))

@@ -38,6 +38,10 @@ def configure_compile(p: argparse.ArgumentParser) -> None:
                    help="print the IR after the named passes (comma-separated)")
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass here")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--sign-key", default=None, metavar="KEY",
+                   help="sign the package with this private key (npucc keygen)")
+    p.add_argument("--password-env", default=None, metavar="VAR",
+                   help="the environment variable holding the signing key's password")
     p.set_defaults(func=_cmd_compile)
 
 
@@ -54,11 +58,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if debug:
         debug["print_ir_stream"] = sys.stderr
         debug["report_stream"] = sys.stderr
+    key = None
+    if args.sign_key:
+        from compiler.cli_trust import password_from_env
+        from runtime.signing import load_private_key
+
+        key = load_private_key(args.sign_key, password_from_env(args.password_env))
+    from runtime.package_save import check_replaceable
+
+    check_replaceable(Path(args.output))   # before the work: never after it, never silently
     shapes = {name: list(dims) for name, dims in args.input_shape}
     m = compile_model(args.model, args.target, args.pipeline, debug or None,
                       input_shapes=shapes or None, progress=not args.no_progress,
                       cpu=args.cpu)
-    out = m.save(args.output)
+    out = m.save(args.output, sign_key=key)
     s = m.stats()
     summ = m.summary()["nodes_per_device"]
     print(f"wrote {out}: {s['steps']} kernel calls ({s['kernels']} distinct kernels), "

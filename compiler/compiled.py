@@ -159,8 +159,9 @@ class CompiledModel:
         return rep
 
     # -- files -------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the package (atomically); ``runtime.load(path)`` reads it back.
+    def save(self, path: str | os.PathLike, sign_key: Any = None) -> Path:
+        """Write the package (atomically); ``runtime.load(path)`` reads it back. Signed with
+        ``sign_key`` (default: ``compile(..., sign_key=)``), see ``runtime/signing.py``.
 
         For a target whose CPU is not this machine's, the package also holds the target CPU's
         kernel library as ``device/kernels.<arch>.so`` (hash in the manifest); the runnable
@@ -177,7 +178,7 @@ class CompiledModel:
                 import warnings
 
                 warnings.warn(f"{name} not written: {e}", stacklevel=2)
-        return self.package.save(path)
+        return self.package.save(path, sign_key=sign_key)
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ class CompileOptions:
     input_shapes: Mapping[str, Sequence[int]] | None = None   # ONNX inputs with symbolic dims
     input_names: Sequence[str] | None = None                  # torch: names of the inputs
     work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
+    # sign saved packages with this private key (PEM path or key object; runtime/signing.py)
+    sign_key: Any = None
     # the CPU the runnable kernels are built for: None = this machine (detected), or an LLVM
     # CPU name / portable level ("x86-64-v3", "x86-64-v4", "znver4"...) for packages that
     # must run on other machines (targets/host.py)
@@ -205,22 +209,30 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     _check_budget(desc, budget, 0, sum(int(a.nbytes) for r, a in graph.weights.items()
                                        if r in refs))
     work = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="npucc-"))
-    cpu = runnable_cpu(desc, opts.cpu)
-    with prog.phase("codegen", f"generating kernels for {cpu.tvm_target.get('mcpu', 'cpu')}") \
-            as say:
-        from targets.tvm_codegen import build_library
+    try:
+        cpu = runnable_cpu(desc, opts.cpu)
+        with prog.phase("codegen", f"generating kernels for "
+                        f"{cpu.tvm_target.get('mcpu', 'cpu')}") as say:
+            from targets.tvm_codegen import build_library
 
-        lib = build_library(graph, cpu, work, progress=say)
-    with prog.phase("package", "planning memory and packaging"):
-        from runtime import build_package
+            lib = build_library(graph, cpu, work, progress=say)
+        with prog.phase("package", "planning memory and packaging"):
+            from runtime import build_package
 
-        pkg = build_package(
-            {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
-            [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
-            _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
-            _inplace_steps(lib.steps))
-        mem = pkg.memory
-        _check_budget(desc, budget, mem["arena_bytes"], mem["weight_bytes"])
+            pkg = build_package(
+                {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
+                [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
+                _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
+                _inplace_steps(lib.steps))
+            mem = pkg.memory
+            _check_budget(desc, budget, mem["arena_bytes"], mem["weight_bytes"])
+    except BaseException:
+        if not opts.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not opts.work_dir:   # our temporary folder lives as long as the package that uses it
+        weakref.finalize(pkg, shutil.rmtree, str(work), True)
+    pkg.sign_key = opts.sign_key
     return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
                          phase_seconds=prog.times, pass_context=ctx, work_dir=work)
 

@@ -446,3 +446,19 @@ def test_fuzzed_manifests_raise_only_package_errors(signed, tmp_path_factory):
             pass
 
     check()
+
+
+def test_compile_signs_with_sign_key(keys, tmp_path):
+    """compile(..., sign_key=) and ``npucc compile --sign-key`` write signed packages."""
+    from compiler import compile as compile_model
+    from compiler.cli import main
+
+    digits = REPO / "examples" / "digits_cnn.onnx"
+    m = compile_model(str(digits), "host", progress=False, sign_key=keys["a"][0])
+    out = m.save(tmp_path / "d.npkg")
+    x = np.load(REPO / "examples" / "digit.npy").astype(np.float32).reshape(1, 1, 8, 8)
+    np.testing.assert_allclose(_load(out, [keys["a"][1]])(x)[0], m(x)[0], rtol=0, atol=0)
+    assert main(["compile", str(digits), "-o", str(tmp_path / "c.npkg"), "--no-progress",
+                 "--sign-key", str(keys["b"][0])]) == 0
+    assert main(["verify", str(tmp_path / "c.npkg"), "--public-key", str(keys["b"][1])]) == 0
+    assert main(["verify", str(tmp_path / "c.npkg"), "--public-key", str(keys["a"][1])]) == 1
