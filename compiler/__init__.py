@@ -12,7 +12,7 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["compile", "CompileOptions", "NpuccError"]
+__all__ = ["compile", "compile_llm", "CompileOptions", "NpuccError"]
 
 
 def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # noqa: A001
@@ -21,6 +21,14 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     from compiler.driver import compile as _compile
 
     return _compile(model, target, pipeline, debug, **kwargs)
+
+
+def compile_llm(source: Any, target: Any = "host", **kwargs: Any):
+    """Compile a decoder LLM (GGUF, transformers) to prefill + decode graphs with a static KV
+    cache; returns the loaded model. See :func:`compiler.llm.compile.compile_llm`."""
+    from compiler.llm.compile import compile_llm as _compile_llm
+
+    return _compile_llm(source, target, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -374,6 +374,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
                 lambda p: _build().configure_targets(p), True),
     "report": ("quantization report: per-layer error vs float, sizes (JSON, HTML, heatmap)",
                lambda p: _report().configure_report(p), True),
+    "compile-llm": ("compile a decoder LLM (GGUF / transformers) to a prefill + decode package",
+                    lambda p: _llm().configure_compile_llm(p), True),
+    "generate": ("generate text with an LLM package, streaming, with tok/s",
+                 lambda p: _llm().configure_generate(p), True),
     "keygen": ("create a signing key pair (ECDSA P-256, PEM) for packages",
                lambda p: _trust().configure_keygen(p), True),
     "sign": ("sign a package (OpenSSF model-signing format, model.sig)",
@@ -399,6 +403,12 @@ def _trust():
     from compiler import cli_trust
 
     return cli_trust
+
+
+def _llm():
+    from compiler.llm import cli
+
+    return cli
 
 
 def build_parser() -> argparse.ArgumentParser:

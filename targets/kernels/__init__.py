@@ -4,6 +4,7 @@ from targets.kernels import (  # noqa: F401
     conv,
     elementwise,
     linalg,
+    llm,
     nn_misc,
     pool,
     quant,

@@ -4,6 +4,7 @@ from compiler.ir.ops import (
     core,  # noqa: F401
     elementwise,  # noqa: F401
     linalg,  # noqa: F401
+    llm,  # noqa: F401
     nn,  # noqa: F401
     nn_norm,  # noqa: F401
     nn_resize,  # noqa: F401

@@ -1,0 +1,86 @@
+"""``npucc compile-llm`` and ``npucc generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["configure_compile_llm", "configure_generate"]
+
+
+def configure_compile_llm(p: argparse.ArgumentParser) -> None:
+    from compiler.llm.quantize import SCHEMES
+
+    p.add_argument("model", help="a .gguf file or a transformers model folder")
+    p.add_argument("-t", "--target", default="host", help="target name or .toml (default host)")
+    p.add_argument("-o", "--output", required=True, help="the package directory to write")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help=f"weight-only quantization: {', '.join(SCHEMES)} (default: f32)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="positions of the static KV cache (default 2048)")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
+    p.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="GPTQ calibration text (default: built-in English text)")
+    p.set_defaults(func=_cmd_compile_llm)
+
+
+def _cmd_compile_llm(args: argparse.Namespace) -> int:
+    from compiler.llm.compile import compile_llm
+
+    calib = None
+    if args.calibration:
+        with open(args.calibration, encoding="utf-8") as f:
+            calib = f.read()
+    t0 = time.perf_counter()
+    m = compile_llm(args.model, args.target, max_context=args.max_context, chunk=args.chunk,
+                    quantize=args.quantize, calibration=calib, output=args.output,
+                    progress=lambda msg: print(f"  {msg}", file=sys.stderr))
+    s = m.stats()
+    print(f"wrote {args.output}: {s['package_bytes'] / 2**20:.1f} MiB "
+          f"(weights {s['weight_bytes'] / 2**20:.1f} MiB, KV cache "
+          f"{s['kv_cache_bytes'] / 2**20:.1f} MiB at run time, max_context {s['max_context']}) "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def configure_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="an LLM package (npucc compile-llm)")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the package's chat template (default on when it has one)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the last max_context tokens of a too-long prompt")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from runtime.llm import load
+
+    m = load(args.package)
+    chat = args.chat and m.text.chat_template is not None
+    out = sys.stdout
+    try:
+        for piece in m.stream(args.prompt, args.max_new_tokens, chat=chat,
+                              temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=args.stop,
+                              truncate=args.truncate):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        st = m.last_stats
+        print(f"[interrupted after {st.new_tokens} tokens]", file=sys.stderr)
+        return 130
+    st = m.last_stats
+    out.write("\n")
+    print(f"[{st.prompt_tokens} prompt tokens at {st.prefill_tokens_per_second:.1f} tok/s, "
+          f"{st.new_tokens} new tokens at {st.decode_tokens_per_second:.1f} tok/s, "
+          f"stop: {st.stop_reason}]", file=sys.stderr)
+    return 0

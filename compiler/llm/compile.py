@@ -1,0 +1,182 @@
+"""``compile_llm``: a decoder LLM -> an LLM package (prefill + decode graphs, one weights
+file, a static KV cache) -> a loaded :class:`runtime.llm.LanguageModel`.
+
+Both graphs go through the target's normal pass pipeline and the normal kernel codegen
+(:func:`targets.tvm_codegen.build_library`). Weights are quantized once, on the spec, before
+either graph exists (:mod:`compiler.llm.quantize`), so the two graphs read the very same
+arrays; the package stores each distinct array once (identical arrays of the two kernel
+libraries are found by content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import NpuccError
+from compiler.llm.graphs import INPUT_IDS, INPUT_POS, OUTPUT_LOGITS, build_step_graph, cache_names
+from compiler.llm.hf_import import LlmSpec, load_transformers, spec_from_transformers
+
+__all__ = ["compile_llm", "load_spec"]
+
+ARCH = {"x86_64": "x86_64", "AMD64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def load_spec(source: Any, tokenizer: Any = None) -> LlmSpec:
+    """A spec from a .gguf path, a transformers folder, a transformers model or a spec."""
+    if isinstance(source, LlmSpec):
+        return source
+    if isinstance(source, str | os.PathLike):
+        model, tok = load_transformers(source)
+        return spec_from_transformers(model, tokenizer if tokenizer is not None else tok)
+    if hasattr(source, "config") and hasattr(source, "state_dict"):
+        return spec_from_transformers(source, tokenizer)
+    raise NpuccError(f"cannot compile a {type(source).__name__} as an LLM: give a .gguf file, "
+                     f"a transformers model folder or a transformers causal-LM model")
+
+
+def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, chunk: int = 32,
+                quantize: str | None = None, calibration: str | None = None,
+                tokenizer: Any = None, output: str | os.PathLike | None = None,
+                work_dir: str | os.PathLike | None = None, progress: Any = None):
+    """Compile a decoder LLM and return the loaded model (``runtime.llm.LanguageModel``).
+
+    ``source``: a GGUF file, a transformers folder or model (Llama, Qwen2, GPT-2 families).
+    ``max_context``: positions of the static KV cache. ``chunk``: tokens per prefill call.
+    ``quantize``: None (f32), ``"int8"``, ``"int4-g32"``, ``"int4-g128"``, optionally with
+    ``"-gptq"`` (e.g. ``"int4-g32-gptq"``; GPTQ calibrates on ``calibration`` text, or a
+    built-in English text). ``output``: where the package is written (default: inside
+    ``work_dir``); ``m.save(path)`` copies it elsewhere.
+    """
+    from compiler.llm.quantize import parse_scheme, quantize_spec
+    from runtime.llm import load
+
+    say = progress or (lambda msg: None)
+    if max_context < 1 or chunk < 1:
+        raise NpuccError(f"max_context and chunk must be >= 1 (got {max_context}, {chunk})")
+    scheme = parse_scheme(quantize)
+    spec = load_spec(source, tokenizer)
+    if spec.arch == "gpt2" and max_context > spec.max_positions:
+        raise NpuccError(f"max_context {max_context} exceeds the model's {spec.max_positions} "
+                         f"learned positions")
+    chunk = min(chunk, max_context)
+    if scheme is not None:
+        say(f"quantizing weights ({quantize})")
+        spec = quantize_spec(spec, scheme, calibration=calibration, max_context=max_context,
+                             chunk=chunk)
+    desc, cpu = _target(target)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
+    graphs, weights, libs = {}, {}, {}
+    blobs: dict[str, str] = {}   # content hash -> key
+    for name, tokens in (("prefill", chunk), ("decode", 1)):
+        say(f"{name}: building and compiling the {tokens}-token graph")
+        g = _lower(build_step_graph(spec, tokens, max_context), desc)
+        from targets.tvm_codegen import build_library
+
+        lib = build_library(g, cpu, work / name)
+        graphs[name] = _plan(g, lib, tokens, spec.layers, weights, blobs)
+        graphs[name]["library"] = f"{name}.so"
+        libs[f"{name}.so"] = lib.lib_path
+    state = {n: {"shape": [max_context, spec.kv_heads, spec.head_dim], "dtype": "f32"}
+             for n in cache_names(spec.layers)}
+    manifest = {"target": {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
+                "model": {"name": spec.name, "arch": spec.arch, "vocab": spec.vocab,
+                          "layers": spec.layers, "kv_heads": spec.kv_heads,
+                          "head_dim": spec.head_dim, "max_context": max_context,
+                          "chunk": chunk, "bos_id": spec.bos_id, "eos_ids": spec.eos_ids,
+                          "chat_template": spec.chat_template, "quantize": quantize},
+                "state": state, "graphs": graphs}
+    from runtime.llm_package import write_llm_package
+
+    path = Path(output) if output is not None else work / "model.npkg"
+    write_llm_package(path, manifest, weights, libs, spec.tokenizer_json)
+    return load(path)
+
+
+def _target(target: Any):
+    from targets.description import load_target
+
+    desc = load_target(target)
+    here = ARCH.get(platform.machine(), platform.machine())
+    if desc.cpu.arch != here:
+        raise NpuccError(f"compile_llm builds for the CPU it runs on ({here}); target "
+                         f"{desc.name!r} is {desc.cpu.arch}")
+    return desc, desc.cpu_info()
+
+
+def _lower(graph, desc):
+    from compiler.pass_base import PassContext
+    from compiler.pass_manager import run_pipeline
+
+    ctx = PassContext(target=desc)
+    g = run_pipeline(graph, desc.default_pipeline, ctx=ctx)
+    if any(n.device is None for n in g.nodes if n.op != "const"):
+        g = run_pipeline(g, "partition", ctx=ctx)
+    return g
+
+
+def _plan(graph, lib, tokens: int, layers: int, weights: dict[str, np.ndarray],
+          blobs: dict[str, str]) -> dict[str, Any]:
+    """The graph's entry of llm.json: steps, tensor bindings and its arena plan."""
+    from runtime.memory_pool import PlanStep, PlanTensor, plan_memory
+
+    types = {v.name: v.type for v in graph.values()}
+    state = dict(zip([v.name for v in graph.inputs[2:]], cache_names(layers), strict=True))
+    state.update(zip([v.name for v in graph.outputs[1:]], cache_names(layers), strict=True))
+    io = {graph.inputs[0].name: INPUT_IDS, graph.inputs[1].name: INPUT_POS,
+          graph.outputs[0].name: OUTPUT_LOGITS}
+    tensors: dict[str, dict[str, Any]] = {}
+    for s in lib.steps:
+        for a in s.args:
+            if a in tensors:
+                continue
+            if a in lib.weights:
+                arr = np.ascontiguousarray(lib.weights[a])
+                digest = hashlib.sha256(arr.tobytes()).hexdigest() + str(arr.dtype) \
+                    + str(arr.shape)
+                if digest not in blobs:
+                    key = a if a not in weights else f"{a}.{len(weights)}"
+                    blobs[digest], weights[key] = key, arr
+                tensors[a] = {"shape": list(arr.shape), "dtype": _short(arr.dtype),
+                              "bind": "weight", "key": blobs[digest]}
+            else:
+                t = types[a]
+                tensors[a] = {"shape": list(t.shape), "dtype": t.dtype,
+                              "bind": "state" if a in state else "arena"}
+                if a in state:
+                    tensors[a]["key"] = state[a]
+    arena = [n for n, t in tensors.items() if t["bind"] == "arena"]
+    plan = plan_memory([PlanTensor(n, _nbytes(tensors[n]), "input" if n in io and n in
+                                   (graph.inputs[0].name, graph.inputs[1].name) else
+                                   "output" if n in io else "intermediate") for n in arena],
+                       [PlanStep(tuple(x for x in (*s.inputs, *s.extra_consts) if x in arena),
+                                 tuple(x for x in s.outputs if x in arena)) for s in lib.steps])
+    plan.check()
+    for n in arena:
+        tensors[n]["offset"] = plan.offsets[n]
+    # the runtime finds the interface under fixed names
+    renamed = {old: new for old, new in io.items()}
+    steps = [{"kernel": s.symbol, "node": s.node, "op": s.op,
+              "args": [renamed.get(a, a) for a in s.args]} for s in lib.steps]
+    tensors = {renamed.get(n, n): t for n, t in tensors.items()}
+    return {"tokens": tokens, "arena_bytes": plan.arena_bytes, "steps": steps,
+            "tensors": tensors}
+
+
+def _short(dtype: Any) -> str:
+    from runtime import _dtypes
+
+    return _dtypes.canonical(dtype)
+
+
+def _nbytes(t: Mapping[str, Any]) -> int:
+    from runtime import _dtypes
+
+    return _dtypes.nbytes(t["shape"], t["dtype"])

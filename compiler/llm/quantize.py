@@ -1,0 +1,130 @@
+"""Weight-only quantization of an :class:`LlmSpec`, done once for both graphs.
+
+Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
+
+- ``int8``: every projection int8 per output row (group = K), symmetric;
+- ``int4-g32`` / ``int4-g128``: projections int4 in groups of 32 / 128 along K (llama.cpp
+  Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte;
+- a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
+  ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
+  calibration text run through the float model (all projections from one float pass).
+
+In every scheme the token embedding becomes int8 per row (``gather_q``) and the output
+projection (``lm_head``, tied to the embedding or not) int8 per row (``dense_wq{bits=8}``):
+the vocabulary-sized matrices are the precision-sensitive ends of the model. Norm weights,
+biases and the RoPE tables stay f32.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from compiler.errors import NpuccError
+from compiler.llm.hf_import import LlmSpec
+
+__all__ = ["Scheme", "parse_scheme", "quantize_spec", "PROJECTIONS", "SCHEMES"]
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+SCHEMES = ("int8", "int4-g32", "int4-g128", "int4-g32-gptq", "int4-g128-gptq", "int8-gptq")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    group: int | None     # None: one group per row (K)
+    method: str           # "rtn" | "gptq"
+
+
+def parse_scheme(text: str | None) -> Scheme | None:
+    if text is None or text in ("none", "f32", "float"):
+        return None
+    m = re.fullmatch(r"int(4|8)(?:-g(\d+))?(?:-(rtn|gptq))?", text)
+    if m is None or (m.group(1) == "4" and m.group(2) is None):
+        raise NpuccError(f"unknown quantization {text!r}; choose one of: {', '.join(SCHEMES)} "
+                         f"(a -rtn or -gptq suffix picks the method)")
+    return Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else None,
+                  m.group(3) or "rtn")
+
+
+def quantize_spec(spec: LlmSpec, scheme: Scheme, *, calibration: str | None = None,
+                  max_context: int = 2048, chunk: int = 32) -> LlmSpec:
+    """A copy of ``spec`` whose projections are ``dense_wq`` weights (see module docstring)."""
+    from compiler.ir.ops.quant_weight import pack_int4
+    from passes.quantization.gptq import gptq_quantize, quantize_rtn
+
+    weights = dict(spec.weights)
+    hessians = _hessians(spec, calibration) if scheme.method == "gptq" else {}
+    quant: dict[str, tuple[int, int]] = {}
+    for i in range(spec.layers):
+        for p in PROJECTIONS:
+            prefix = f"l{i}.{p}"
+            w = weights.pop(f"{prefix}.w", None)
+            if w is None:
+                continue
+            k = w.shape[1]
+            g = scheme.group or k
+            if k % g or (scheme.bits == 4 and k % 2):
+                raise NpuccError(f"{prefix}: K={k} is not a multiple of the group size {g}")
+            if scheme.method == "gptq":
+                q, s = gptq_quantize(w, hessians[prefix], scheme.bits, g)
+            else:
+                q, s = quantize_rtn(w, scheme.bits, g)
+            weights[f"{prefix}.wq"] = pack_int4(q) if scheme.bits == 4 else q
+            weights[f"{prefix}.scales"] = s
+            quant[prefix] = (scheme.bits, g)
+    table = weights.pop("embed")
+    amax = np.abs(table).max(axis=1)
+    row = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    weights["embed.q8"] = np.clip(np.rint(table / row[:, None]), -127, 127).astype(np.int8)
+    weights["embed.row_scales"] = row
+    head = table if spec.tied else weights.pop("lm_head")
+    q, s = quantize_rtn(head, 8, head.shape[1])
+    weights["lm_head.wq"], weights["lm_head.scales"] = q, s
+    quant["lm_head"] = (8, head.shape[1])
+    return replace(spec, weights=weights, quant=quant)
+
+
+CALIBRATION_TOKENS = 512
+
+
+def calibration_text() -> str:
+    """Built-in GPTQ calibration text: the module docstrings of a few standard-library
+    modules (English prose; never the pydoc topics text perplexity is measured on)."""
+    import argparse
+    import collections
+    import json
+    import textwrap
+    import unittest
+
+    return "\n\n".join(m.__doc__ or "" for m in (argparse, collections, json, textwrap,
+                                                 unittest))
+
+
+def _hessians(spec: LlmSpec, calibration: str | None) -> dict[str, np.ndarray]:
+    """Per projection prefix: ``H = 2 X^T X / n`` of its input on the calibration tokens."""
+    from compiler.llm.graphs import build_step_graph, sample_graph_inputs
+    from passes.quantization.gptq import capture_hessians
+
+    if spec.tokenizer_json is None:
+        raise NpuccError("GPTQ needs calibration text, and this model has no tokenizer")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(spec.tokenizer_json).encode(calibration or calibration_text()).ids
+    n = min(len(ids), CALIBRATION_TOKENS)
+    if n < 16:
+        raise NpuccError(f"the calibration text has {len(ids)} tokens; GPTQ needs more")
+    seq = 128
+    graph = build_step_graph(spec, seq, seq)
+    inputs = {}
+    for node in graph.nodes:
+        if node.op == "dense":
+            ref = node.inputs[1].producer.attrs.get("ref", "")
+            if ref.endswith(".w") and ref[:-2].split(".")[-1] in PROJECTIONS:
+                inputs[ref[:-2]] = node.inputs[0].name
+    samples = [sample_graph_inputs(spec, seq, seq, np.asarray(ids[s:s + seq]), 0)
+               for s in range(0, n - seq + 1, seq)]
+    H = capture_hessians(graph, samples, set(inputs.values()))
+    return {prefix: H[name] for prefix, name in inputs.items()}

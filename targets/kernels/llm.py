@@ -1,0 +1,168 @@
+"""Kernels for the decoder-LLM ops (:mod:`compiler.ir.ops.llm`).
+
+``rms_norm``, ``silu_mul``, ``rope`` and ``positions`` are TE computes with the generic
+schedule (rows parallel, inner axis vectorised). ``kv_write`` and ``cached_attention`` are
+written as TIR directly because they need what TE cannot say:
+
+- ``kv_write`` writes only the ``T`` rows at ``pos`` of its result buffer, which the runtime
+  binds to the cache operand's buffer (the static KV cache, updated in place); the other
+  ``C - T`` rows are never touched, so a decode step costs ``Hkv * Dh`` stores per layer.
+- ``cached_attention`` loops over ``min(pos + t, C - 1) + 1`` keys, a bound read from the
+  ``pos`` buffer at run time: a decode step at position p reads p + 1 cache rows, not C.
+  One (token, head) pair per parallel iteration; scores in a local ``[C]`` buffer, the q.k
+  dot products with ``lanes`` partial sums (SIMD, then a horizontal add), softmax in f32,
+  the value sum vectorised over ``Dh``.
+"""
+
+from __future__ import annotations
+
+from targets.kernels._te import expr, fast_sigmoid, generic, placeholders, prim_func
+from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+
+__all__: list[str] = []
+
+
+@register_kernel("rms_norm")
+def rms_norm(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    X, W = placeholders(req)
+    xt = req.input_types[0]
+    d = xt.shape[-1]
+    rows = xt.shape[:-1]
+    eps = float(req.attrs["epsilon"])
+
+    def ss_body(*r):
+        k = te.reduce_axis((0, d), "k")
+        return te.sum(X[(*r, k)] * X[(*r, k)], axis=k)
+
+    ss = te.compute(rows, ss_body, name="ss")
+
+    def body(*i):
+        inv = tirx.rsqrt(ss[i[:-1]] / tirx.const(float(d), "float32")
+                         + tirx.const(eps, "float32"))
+        return X[i] * inv * W[i[-1]]
+
+    Y = te.compute(xt.shape, body, name="out")
+    return KernelImpl(prim_func([X, W, Y], generic(req.cpu, "f32")),
+                      note=f"rms_norm rows of {d}")
+
+
+@register_kernel("silu_mul")
+def silu_mul(req: KernelRequest) -> KernelImpl:
+    from tvm import te
+
+    G, U = placeholders(req)
+    Y = te.compute(req.output_types[0].shape,
+                   lambda *i: G[i] * fast_sigmoid(expr(G[i])) * U[i], name="out")
+    return KernelImpl(prim_func([G, U, Y], generic(req.cpu, "f32")), note="silu(gate) * up")
+
+
+@register_kernel("rope")
+def rope(req: KernelRequest) -> KernelImpl:
+    from tvm import te, tirx
+
+    X, P, Cos, Sin = placeholders(req)
+    _, _, dh = req.input_types[0].shape
+    half = dh // 2
+    last = req.input_types[2].shape[0] - 1
+
+    def body(t, h, i):
+        p = te.min(P[0] + t, last)
+        j = tirx.Select(i < half, i, i - half)
+        other = tirx.Select(i < half, -X[t, h, te.min(i + half, dh - 1)],
+                            X[t, h, te.max(i - half, 0)])
+        return X[t, h, i] * Cos[p, j] + other * Sin[p, j]
+
+    Y = te.compute(req.input_types[0].shape, body, name="out")
+    return KernelImpl(prim_func([X, P, Cos, Sin, Y], generic(req.cpu, "f32")),
+                      note=f"rope head_dim {dh}")
+
+
+@register_kernel("positions")
+def positions(req: KernelRequest) -> KernelImpl:
+    from tvm import te
+
+    (P,) = placeholders(req)
+    limit = int(req.attrs["limit"])
+    Y = te.compute((int(req.attrs["count"]),), lambda t: te.min(P[0] + t, limit - 1),
+                   name="out")
+    return KernelImpl(prim_func([P, Y], generic(req.cpu, "i32")), note="positions")
+
+
+@register_kernel("kv_write")
+def kv_write(req: KernelRequest) -> KernelImpl:
+    from tvm.script import tirx as T
+
+    c, hkv, dh = req.input_types[0].shape
+    tn = req.input_types[1].shape[0]
+
+    @T.prim_func
+    def func(cache: T.Buffer((c, hkv, dh), "float32"), new: T.Buffer((tn, hkv, dh), "float32"),
+             pos: T.Buffer((1,), "int32"), out: T.Buffer((c, hkv, dh), "float32")):
+        for t in range(tn):
+            if pos[0] + t < c:
+                for h in range(hkv):
+                    for d in T.vectorized(dh):
+                        out[pos[0] + t, h, d] = new[t, h, d]
+
+    return KernelImpl(func, note=f"kv_write {tn} rows of {hkv}x{dh} in place")
+
+
+def _dot_lanes(req: KernelRequest, dh: int) -> int:
+    lanes = req.cpu.lanes("f32")
+    while lanes > 1 and dh % lanes:
+        lanes //= 2
+    return lanes
+
+
+@register_kernel("cached_attention")
+def cached_attention(req: KernelRequest) -> KernelImpl:
+    from tvm.script import tirx as T
+
+    tn, hq, dh = req.input_types[0].shape
+    c, hkv, _ = req.input_types[1].shape
+    rep = hq // hkv
+    scale = float(req.attrs["scale"])
+    lanes = _dot_lanes(req, dh)
+    chunks = dh // lanes
+    pairs = tn * hq
+    neg = -3.0e38
+
+    @T.prim_func
+    def func(q: T.Buffer((tn, hq, dh), "float32"), k: T.Buffer((c, hkv, dh), "float32"),
+             v: T.Buffer((c, hkv, dh), "float32"), pos: T.Buffer((1,), "int32"),
+             out: T.Buffer((tn, hq * dh), "float32")):
+        for th in T.parallel(pairs):
+            s = T.alloc_buffer((c,), "float32", scope="local")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            acc = T.alloc_buffer((dh,), "float32", scope="local")
+            mx = T.alloc_buffer((1,), "float32", scope="local")
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            n = T.min(pos[0] + th // hq, c - 1) + 1
+            mx[0] = T.float32(neg)
+            for j in range(n):
+                for lane in T.vectorized(lanes):
+                    part[lane] = T.float32(0)
+                for ch in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        part[lane] = part[lane] + q[th // hq, th % hq, ch * lanes + lane] \
+                            * k[j, th % hq // rep, ch * lanes + lane]
+                s[j] = T.float32(0)
+                for lane in range(lanes):
+                    s[j] = s[j] + part[lane]
+                s[j] = s[j] * T.float32(scale)
+                mx[0] = T.max(mx[0], s[j])
+            tot[0] = T.float32(0)
+            for d in T.vectorized(dh):
+                acc[d] = T.float32(0)
+            for j in range(n):
+                s[j] = T.exp(s[j] - mx[0])
+                tot[0] = tot[0] + s[j]
+                for d in T.vectorized(dh):
+                    acc[d] = acc[d] + s[j] * v[j, th % hq // rep, d]
+            for d in T.vectorized(dh):
+                out[th // hq, th % hq * dh + d] = acc[d] / tot[0]
+
+    return KernelImpl(func, note=f"cached_attention T={tn} {hq}/{hkv} heads x {dh}, "
+                                 f"context {c}, {lanes}-lane dots")
