@@ -60,7 +60,8 @@ STATIC_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,),
     "Unsqueeze": (1,), "Split": (1,), "Pad": (1, 2, 3), "Range": (0, 1, 2), "Clip": (1, 2),
     "Resize": (1, 2, 3), "ConstantOfShape": (0,), "Trilu": (1,), "CumSum": (1,),
-    "Dropout": (1, 2), "TopK": (1,), "OneHot": (1,), **_REDUCE_AXES,
+    "Dropout": (1, 2), "TopK": (1,), "OneHot": (1,), "Compress": (1,), "NonZero": (0,),
+    "If": (0,), **_REDUCE_AXES,
 }
 
 
@@ -302,6 +303,45 @@ def run_case(case: Case) -> Outcome:
     return Outcome(case.name, not why, why)
 
 
+# op types whose cases also run through compile() and the TVM kernels (the importer's and
+# the interpreter's agreement is not enough for ops whose kernels are new)
+COMPILED_OPS = frozenset({"GatherElements", "GatherND", "ScatterElements", "Scatter",
+                          "ScatterND", "ConvTranspose", "Compress", "NonZero", "If", "Gather"})
+COMPILED_EXPECTED_FILE = EXPECTED_FILE.with_name("onnx_conformance_compiled_expected.txt")
+
+
+def compiled_cases() -> list[Case]:
+    """The attempted cases that use one of :data:`COMPILED_OPS`."""
+    cases, _ = collect()
+    return [c for c in cases if any(n.op_type in COMPILED_OPS for n in c.model.graph.node)]
+
+
+def run_case_compiled(case: Case, work_dir: Path) -> Outcome:
+    """Compile one case for the host (default pipeline, TVM kernels, our runtime), run it and
+    compare; never raises."""
+    from compiler import compile
+    from compiler.errors import NpuccError
+
+    try:
+        cm = compile(case.model, target="host", work_dir=work_dir, progress=False)
+    except NpuccError as e:
+        return Outcome(case.name, False, f"compile: {type(e).__name__}: {_first_line(e)}")
+    except Exception as e:
+        return Outcome(case.name, False, f"compile crashed: {type(e).__name__}: {e}")
+    feeds = {n: case.inputs[n] for n in cm.input_names}
+    try:
+        with np.errstate(all="ignore"):
+            got = [np.asarray(a) for a in cm.run(feeds)]
+    except Exception as e:
+        return Outcome(case.name, False, f"run: {type(e).__name__}: {_first_line(e)}")
+    why = _compare(got, case.outputs, case.rtol, case.atol)
+    return Outcome(case.name, not why, why)
+
+
+def run_all_compiled(work_dir: Path) -> list[Outcome]:
+    return [run_case_compiled(c, work_dir / f"c{i}") for i, c in enumerate(compiled_cases())]
+
+
 def _first_line(e: Exception) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return " ".join(lines[:2])[:300]
@@ -312,20 +352,35 @@ def run_all() -> tuple[list[Outcome], dict[str, str]]:
     return [run_case(c) for c in cases], skipped
 
 
-def read_expected() -> set[str]:
-    if not EXPECTED_FILE.exists():
+def read_expected(path: Path = EXPECTED_FILE) -> set[str]:
+    if not path.exists():
         return set()
-    return {s.strip() for s in EXPECTED_FILE.read_text().splitlines()
+    return {s.strip() for s in path.read_text().splitlines()
             if s.strip() and not s.startswith("#")}
 
 
-def write_expected(names: set[str]) -> None:
-    EXPECTED_FILE.parent.mkdir(parents=True, exist_ok=True)
-    EXPECTED_FILE.write_text("".join(f"{n}\n" for n in sorted(names)))
+def write_expected(names: set[str], path: Path = EXPECTED_FILE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{n}\n" for n in sorted(names)))
 
 
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
+    if "--compiled" in argv:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            outcomes = run_all_compiled(Path(tmp))
+        passed = {o.name for o in outcomes if o.passed}
+        for o in sorted(outcomes, key=lambda o: o.name):
+            if not o.passed:
+                print(f"FAIL {o.name}: {o.reason}")
+        print(f"{len(passed)}/{len(outcomes)} cases of {', '.join(sorted(COMPILED_OPS))} pass "
+              f"through compile + kernels in {time.perf_counter() - t0:.1f} s")
+        if "--update" in argv:
+            write_expected(passed, COMPILED_EXPECTED_FILE)
+            print(f"wrote {COMPILED_EXPECTED_FILE}")
+        return 0
     outcomes, skipped = run_all()
     passed = {o.name for o in outcomes if o.passed}
     for o in sorted(outcomes, key=lambda o: o.name):

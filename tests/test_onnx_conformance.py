@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.onnx_conformance import (
+    COMPILED_EXPECTED_FILE,
+    COMPILED_OPS,
     EXPECTED_FILE,
     UPDATE_ENV,
     read_expected,
     run_all,
+    run_all_compiled,
     write_expected,
 )
 
@@ -45,3 +50,24 @@ def test_onnx_node_conformance(capsys):
              for n in regressed]
     assert not regressed, (f"{len(regressed)} expected conformance case(s) fail:\n  "
                            + "\n  ".join(lines))
+
+
+@pytest.mark.slow
+def test_onnx_node_conformance_compiled(capsys, tmp_path):
+    """The cases of the ops whose kernels are newest (:data:`COMPILED_OPS`) through
+    compile() + the TVM kernels + the runtime, against onnx's expected outputs."""
+    outcomes = run_all_compiled(tmp_path)
+    passed = {o.name for o in outcomes if o.passed}
+    reasons = {o.name: o.reason for o in outcomes if not o.passed}
+    with capsys.disabled():
+        print(f"\nONNX conformance through compile + kernels: {len(passed)}/{len(outcomes)} "
+              f"cases of {', '.join(sorted(COMPILED_OPS))} pass")
+    expected = read_expected(COMPILED_EXPECTED_FILE)
+    if os.environ.get(UPDATE_ENV):
+        write_expected(passed, COMPILED_EXPECTED_FILE)
+        expected = passed
+    assert expected, f"{COMPILED_EXPECTED_FILE} is missing or empty; run with {UPDATE_ENV}=1"
+    regressed = sorted(expected - passed)
+    assert not regressed, (f"{len(regressed)} expected compiled case(s) fail:\n  "
+                           + "\n  ".join(f"{n}: {reasons.get(n, 'not collected')}"
+                                         for n in regressed))

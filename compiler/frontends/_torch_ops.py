@@ -361,4 +361,8 @@ def _trunc(imp: TorchImporter, a: dict) -> Value:
 
 
 # the nn, shape and reduce families live in their own files
-from compiler.frontends import _torch_ops_nn, _torch_ops_shape  # noqa: E402,F401
+from compiler.frontends import (  # noqa: E402,F401
+    _torch_ops_index,
+    _torch_ops_nn,
+    _torch_ops_shape,
+)

@@ -78,6 +78,13 @@ def _input_types(model, input_shapes: Mapping[str, list[int]] | None,
     """Static types of the real graph inputs (those without an initializer)."""
     inits = {t.name for t in model.graph.initializer}
     real = [i for i in model.graph.input if i.name not in inits]
+    if model.ir_version < 4:
+        # IR 3 declares every weight as an input; optimizers (onnxruntime's
+        # optimized_model_filepath) drop folded weights but leave their declarations
+        # behind. Like onnxruntime, an input that nothing reads is not an input then.
+        read = {n for node in model.graph.node for n in node.input}
+        read |= {o.name for o in model.graph.output}
+        real = [i for i in real if i.name in read]
     given = dict(input_shapes or {})
     unknown = [k for k in given if k not in {i.name for i in real}]
     if unknown:
@@ -215,8 +222,9 @@ def _unsupported_types(model) -> dict[int, tuple[str, str, str]]:
     return bad
 
 
-def _check_references(model) -> None:
-    """Every node input must be defined earlier (graph input, initializer or node output)."""
+def _check_references(model, opset: int) -> None:
+    """Every node input must be defined earlier (graph input, initializer or node output),
+    every value defined once, every attribute declared by the op at the model's opset."""
     defined = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
     problems = []
     for i, node in enumerate(model.graph.node):
@@ -224,6 +232,12 @@ def _check_references(model) -> None:
             if name and name not in defined:
                 problems.append(f"node {_node_label(node, i)} reads {name!r}, which no graph "
                                 "input, initializer or earlier node defines")
+        for name in node.output:
+            if name and name in defined:
+                problems.append(f"node {_node_label(node, i)} writes {name!r}, which a graph "
+                                "input, initializer or earlier node already defines (ONNX "
+                                "values are assigned once)")
+        problems += _undeclared_attributes(node, i, opset)
         defined.update(o for o in node.output if o)
         # onnx's C++ shape inference aborts the process on this one; refuse it first
         if node.op_type == "Split":
@@ -238,6 +252,35 @@ def _check_references(model) -> None:
         problems.append("the graph declares no outputs")
     if problems:
         raise ImportError_("the model is malformed:\n  " + "\n  ".join(problems[:20]))
+
+
+def _undeclared_attributes(node, index: int, opset: int) -> list[str]:
+    """Attributes the op's schema at ``opset`` does not declare (e.g. an opset-18 attribute
+    written under an opset-17 import), each with the opset that introduced it if known."""
+    from onnx import defs
+
+    if node.domain not in ("", "ai.onnx") or not node.attribute:
+        return []
+    try:
+        schema = defs.get_schema(node.op_type, opset)
+    except Exception:  # noqa: BLE001  (no schema: the converter decides)
+        return []
+    out = []
+    for a in node.attribute:
+        if a.name in schema.attributes:
+            continue
+        since = ""
+        try:
+            latest = defs.get_schema(node.op_type, MAX_OPSET)
+            if a.name in latest.attributes:
+                since = (f" (it was added in {node.op_type}-{latest.since_version}: the model "
+                         f"should import opset {latest.since_version} or later)")
+        except Exception:  # noqa: BLE001
+            pass
+        out.append(f"node {_node_label(node, index)} sets the attribute {a.name!r}, which "
+                   f"{node.op_type} at opset {opset} (version {schema.since_version}) does not "
+                   f"declare{since}")
+    return out
 
 
 class _Importer:
@@ -304,6 +347,9 @@ class _Importer:
 
     def convert(self, index: int, node) -> None:
         label = _node_label(node, index)
+        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+            self.convert_if(label, node)
+            return
         for name in node.input:
             if name and name not in self.env and name not in self.poisoned:
                 raise ImportError_(f"node {label} reads {name!r}, which no node, graph input "
@@ -342,6 +388,47 @@ class _Importer:
                 raise ImportError_(f"node {label}: output {name!r} converts to {got} but ONNX "
                                    f"infers {want}")
             self.env[name] = val
+
+    def convert_if(self, label: str, node) -> None:
+        """An ``If`` whose condition is constant at import becomes the chosen branch's nodes
+        (they may read any value of the enclosing graph); any other ``If`` is refused."""
+        from onnx import helper
+
+        cond_name = node.input[0] if node.input else ""
+        if cond_name in self.poisoned:
+            self.poisoned.update(o for o in node.output if o)
+            return
+        cond = self.env.get(cond_name)
+        if not isinstance(cond, np.ndarray):
+            raise ImportError_(
+                f"node {label}: its condition {cond_name!r} is computed at run time; npucc "
+                "compiles one static graph, so an If must have a condition that folds to a "
+                "constant at import (give input_shapes= so shape tests fold, or cut the graph "
+                "before it with outputs=)")
+        if cond.size != 1:
+            raise ImportError_(f"node {label}: the condition has {cond.size} elements, not one")
+        branches = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        branch = branches.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        if branch is None:
+            raise ImportError_(f"node {label} has no then_branch/else_branch graph")
+        if len(branch.output) != len(node.output):
+            raise ImportError_(f"node {label}: the branch {branch.name!r} has "
+                               f"{len(branch.output)} outputs, the node {len(node.output)}")
+        self.load_initializers(branch.initializer)
+        for j, sub in enumerate(branch.node):
+            if sub.op_type not in CONVERTERS or sub.domain not in ("", "ai.onnx"):
+                self.unsupported.append((sub.name or f"{label}/#{j}", sub.op_type,
+                                         "no converter for this op type"))
+                self.poisoned.update(o for o in sub.output if o)
+                continue
+            self.convert(j, sub)
+        for name, bo in zip(node.output, branch.output, strict=True):
+            if not name:
+                continue
+            if bo.name in self.poisoned:
+                self.poisoned.add(name)
+            else:
+                self.env[name] = self.env[bo.name]
 
     def _ctx(self, graph: Graph, node, inline: bool) -> Ctx:
         def value_of(name: str) -> Value | np.ndarray:
@@ -425,7 +512,8 @@ def _upgrade(model, opset: int):
     from onnx import version_converter
 
     try:
-        return version_converter.convert_version(model, MIN_OPSET), MIN_OPSET
+        return version_converter.convert_version(_initializers_as_inputs(model),
+                                                 MIN_OPSET), MIN_OPSET
     except Exception as e:
         raise ImportError_(
             f"the model uses ONNX opset {opset}; npucc imports opsets {MIN_OPSET} to "
@@ -433,11 +521,29 @@ def _upgrade(model, opset: int):
             f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
+def _initializers_as_inputs(model):
+    """A copy of ``model`` declaring every initializer as a graph input too: onnx's version
+    converter follows the IR < 4 rule that only graph inputs are defined ("Input w is
+    undefined!"), which models written by onnxruntime's optimizer and newer exporters break
+    (their initializers are not inputs). The importer treats such inputs as constants."""
+    import onnx
+
+    declared = {vi.name for vi in model.graph.input}
+    missing = [t for t in model.graph.initializer if t.name not in declared]
+    if not missing:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                           for t in missing)
+    return out
+
+
 def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None) -> Graph:
     proto = _load(model)
     proto, opset = _upgrade(proto, _opset(proto))
     bad = _unsupported_types(proto)
-    _check_references(proto)
+    _check_references(proto, opset)
     try:
         types = _input_types(proto, input_shapes)
         # onnx's strict inference refuses ops it has no schema for; those are ours to list

@@ -497,6 +497,7 @@ def _composed_activation(c: Ctx):
     return [y]
 
 
+import compiler.frontends.onnx_ops_index  # noqa: E402,F401  (indexing, data-dependent)
 import compiler.frontends.onnx_ops_nn  # noqa: E402,F401  (registers the nn converters)
 
 __all__ = ["f32", "norm_axis", "reshape_to"]

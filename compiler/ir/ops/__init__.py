@@ -3,6 +3,7 @@
 from compiler.ir.ops import (
     core,  # noqa: F401
     elementwise,  # noqa: F401
+    indexing,  # noqa: F401
     linalg,  # noqa: F401
     llm,  # noqa: F401
     nn,  # noqa: F401
