@@ -111,10 +111,14 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int) -> Graph:
             m = b.add("silu_mul", b.dense(h, f"l{i}.gate"), b.dense(h, f"l{i}.up"))
         x = b.add("add", x, b.dense(m, f"l{i}.down"))
     x = b.norm(x, "norm")
-    if "lm_head" in s.quant:
+    if s.tied and "embed.q8" in s.weights:   # the output projection reads the table itself
+        logits = b.add("dense_rows", x, b.w("embed.q8"), b.w("embed.row_scales"))
+    elif s.tied:
+        logits = b.add("dense_rows", x, b.w("embed"))
+    elif "lm_head" in s.quant:
         logits = b.dense(x, "lm_head")
     else:
-        logits = b.add("dense", x, b.w("embed") if s.tied else b.w("lm_head"))
+        logits = b.add("dense", x, b.w("lm_head"))
     g.outputs = [logits, *new_caches]
     _name_outputs(g, [OUTPUT_LOGITS] + [f"{n}.new" for n in cache_names(s.layers)])
     return g

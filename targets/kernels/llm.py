@@ -166,3 +166,56 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
 
     return KernelImpl(func, note=f"cached_attention T={tn} {hq}/{hkv} heads x {dh}, "
                                  f"context {c}, {lanes}-lane dots")
+
+
+@register_kernel("dense_rows")
+def dense_rows(req: KernelRequest) -> KernelImpl:
+    """One output column per parallel iteration: its weight row streamed once, dotted with
+    every x row (``lanes`` partial sums, then a horizontal add); i8 rows converted in the
+    loop, the row scale applied once per output."""
+    from tvm.script import tirx as T
+
+    m, k = req.input_types[0].shape
+    n = req.input_types[1].shape[0]
+    wdt = "float32" if req.input_types[1].dtype == "f32" else "int8"
+    lanes = _dot_lanes(req, k)
+    chunks = k // lanes
+
+    @T.prim_func
+    def plain(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), wdt),
+              out: T.Buffer((m, n), "float32")):
+        for j in T.parallel(n):
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            for i in range(m):
+                for lane in T.vectorized(lanes):
+                    part[lane] = T.float32(0)
+                for ch in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        part[lane] = part[lane] + x[i, ch * lanes + lane] \
+                            * T.Cast("float32", w[j, ch * lanes + lane])
+                acc[0] = T.float32(0)
+                for lane in range(lanes):
+                    acc[0] = acc[0] + part[lane]
+                out[i, j] = acc[0]
+
+    @T.prim_func
+    def scaled(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), wdt),
+               rs: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
+        for j in T.parallel(n):
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            for i in range(m):
+                for lane in T.vectorized(lanes):
+                    part[lane] = T.float32(0)
+                for ch in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        part[lane] = part[lane] + x[i, ch * lanes + lane] \
+                            * T.Cast("float32", w[j, ch * lanes + lane])
+                acc[0] = T.float32(0)
+                for lane in range(lanes):
+                    acc[0] = acc[0] + part[lane]
+                out[i, j] = acc[0] * rs[j]
+
+    func = scaled if len(req.input_types) == 3 else plain
+    return KernelImpl(func, note=f"dense_rows M={m} K={k} N={n} {wdt}, {lanes}-lane dots")

@@ -1,5 +1,5 @@
 """Decoder-LLM ops: ``rms_norm``, ``silu_mul``, ``rope``, ``positions``, ``kv_write``,
-``cached_attention``.
+``cached_attention``, ``dense_rows``.
 
 The static KV cache (DESIGN.md, Language models): every layer has a K and a V cache
 ``f32[C, Hkv, Dh]`` of ``C = max_context`` positions. A graph takes the caches as inputs and
@@ -22,6 +22,11 @@ of a chunk is at position ``pos + t``.
 ``kv_write(cache, new, pos)``
     ``cache`` with rows ``pos .. pos + T - 1`` replaced by ``new[T, Hkv, Dh]``; rows at or past
     ``C`` are dropped (the padded tail of the last prefill chunk).
+``dense_rows(x, w[, row_scales])``
+    ``x[M, K] @ w[N, K]^T`` (times ``row_scales[N]`` when given) with ``w`` read as stored,
+    row-major, never repacked: f32, or i8 with f32 per-row scales. The output projection of a
+    model whose embedding is tied to it reads the embedding table itself (``gather`` /
+    ``gather_q`` read the same array), so the package holds the table once.
 ``cached_attention(q, k, v, pos){scale}``
     causal attention of ``q[T, Hq, Dh]`` over the caches ``k, v[C, Hkv, Dh]`` (grouped-query:
     head ``h`` reads kv head ``h // (Hq / Hkv)``): query ``t`` attends positions
@@ -204,3 +209,28 @@ def _attn_ref(xs, attrs):
 register_op(OpDef("cached_attention", (4, 4), {"scale": Attr("float", REQUIRED)}, _attn_infer,
                   _attn_ref, family="llm",
                   doc="causal grouped-query attention over a static KV cache"))
+
+
+# -- dense_rows -------------------------------------------------------------------------------
+def _dense_rows_infer(types, attrs):
+    x, w = types[0], types[1]
+    _f32(x, "dense_rows' x")
+    if x.rank != 2 or w.rank != 2 or w.shape[1] != x.shape[1] or w.dtype not in ("f32", "i8"):
+        raise OpError(f"dense_rows takes x[M, K] and an f32 or i8 w[N, K], got {x}, {w}")
+    if (w.dtype == "i8") != (len(types) == 3):
+        raise OpError("dense_rows: an i8 weight needs f32 row scales, an f32 one none")
+    if len(types) == 3 and (types[2].shape != (w.shape[0],) or types[2].dtype != "f32"):
+        raise OpError(f"dense_rows: row scales must be f32[{w.shape[0]}], got {types[2]}")
+    return [TensorType((x.shape[0], w.shape[0]), "f32")]
+
+
+def _dense_rows_ref(xs, attrs):
+    x, w = xs[0], xs[1].astype(np.float32)
+    y = x.astype(np.float32) @ w.T
+    if len(xs) == 3:
+        y = y * xs[2][None, :]
+    return [y.astype(np.float32)]
+
+
+register_op(OpDef("dense_rows", (2, 3), {}, _dense_rows_infer, _dense_rows_ref, family="llm",
+                  doc="x @ w^T over a row-major f32 / i8 (+ row scales) weight, unpacked"))

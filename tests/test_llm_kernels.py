@@ -1,0 +1,53 @@
+"""The decoder-LLM kernels (targets/kernels/llm.py) against their ops' numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.ir.ops.llm import rope_tables
+from tests.kernel_harness import Case, check_cases
+
+rng = np.random.default_rng(0)
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def pos(p):
+    return np.array([p], np.int32)
+
+
+def test_norm_activation_and_positions(tmp_path):
+    cos, sin = rope_tables(40, 16, 10000.0)
+    check_cases([
+        Case("rms_norm", [f32(5, 48), f32(48)], {"epsilon": 1e-5}),
+        Case("rms_norm", [f32(1, 576), f32(576)], {"epsilon": 1e-6}),
+        Case("silu_mul", [f32(3, 96), f32(3, 96)]),
+        Case("rope", [f32(4, 3, 16), pos(7), cos, sin], consts=(2, 3)),
+        Case("rope", [f32(8, 2, 16), pos(36), cos, sin], consts=(2, 3)),   # clamped tail
+        Case("positions", [pos(5)], {"count": 8, "limit": 10}),
+    ], tmp_path)
+
+
+@pytest.mark.parametrize("t,p", [(1, 0), (1, 20), (6, 0), (6, 9), (6, 28)])
+def test_cached_attention(tmp_path, t, p):
+    c = 32
+    check_cases([Case("cached_attention", [f32(t, 6, 16), f32(c, 2, 16), f32(c, 2, 16),
+                                           pos(p)], {"scale": 0.25})], tmp_path)
+
+
+def test_kv_write_writes_only_its_rows(tmp_path):
+    cache = np.zeros((16, 2, 8), np.float32)
+    check_cases([Case("kv_write", [cache, f32(4, 2, 8), pos(5)]),
+                 Case("kv_write", [cache, f32(4, 2, 8), pos(14)])], tmp_path)  # tail dropped
+
+
+def test_dense_rows(tmp_path):
+    check_cases([
+        Case("dense_rows", [f32(3, 64), f32(50, 64)]),
+        Case("dense_rows", [f32(1, 36), f32(7, 36)]),                # K not a multiple of 16
+        Case("dense_rows", [f32(2, 48), rng.integers(-127, 128, (37, 48)).astype(np.int8),
+                            rng.random(37).astype(np.float32)]),
+    ], tmp_path)
