@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
-from compiler.ir.types import is_float
+from compiler.ir.types import TensorType, is_float
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import const_array, erase_dead, is_const, new_const, only_user, replace_node
 
@@ -59,10 +59,23 @@ class _TransposedWeights:
             out = self.graph.add("transpose", w, perm=[1, 0], name=self.rule, before=at)
         else:
             t = arr.T * np.asarray(scale, arr.dtype) if scale != 1.0 else arr.T
-            out = _hoisted_const(self.graph, np.ascontiguousarray(t), _weight_name(w, ".T"))
+            out = self._existing(t)
+            if out is None:
+                out = _hoisted_const(self.graph, np.ascontiguousarray(t), _weight_name(w, ".T"))
         if scale == 1.0:
             self.cache[key] = out
         return out
+
+    def _existing(self, t: np.ndarray) -> Value | None:
+        """A const of a weight equal to ``t`` when the graph has one: a tied embedding that
+        the exporter stored again transposed for the output projection (ONNX exports of
+        tied LMs) becomes one weight again instead of two copies."""
+        for ref, arr in self.graph.weights.items():
+            if getattr(arr, "shape", None) == t.shape and arr.dtype == t.dtype \
+                    and np.array_equal(arr, t):
+                return self.graph.make_node("const", [], {"ref": ref}, types=[
+                    TensorType.of(np.asarray(arr))], before=self.graph.nodes[0]).output
+        return None
 
 
 def _as_bias(arr: np.ndarray | None, n: int, out_rank: int) -> np.ndarray | None:
