@@ -29,10 +29,11 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     try:
         if not eq or not name:
             raise ValueError
-        return name, tuple(int(d) for d in dims.split(",") if d.strip())
+        return name, tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected NAME=D0,D1,... (e.g. input=1,3,224,224), got {text!r}") from None
+            f"expected NAME=D0,D1,... or NAME=D0xD1x... (e.g. input=1,3,224,224 or "
+            f"input_ids=1x128), got {text!r}") from None
 
 
 def _int_range_arg(text: str) -> tuple[str | None, tuple[int, int]]:

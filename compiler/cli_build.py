@@ -33,6 +33,9 @@ def configure_compile(p: argparse.ArgumentParser) -> None:
                    help="pipeline text replacing the target's default pipeline")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
                    metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
+    p.add_argument("--outputs", default=None, metavar="NAMES",
+                   help="return these values (comma-separated names) instead of the model's "
+                   "outputs: cut the graph before post-processing")
     p.add_argument("--time-passes", action="store_true", help="per-pass timing table")
     p.add_argument("--print-ir-after", default=None, metavar="NAMES",
                    help="print the IR after the named passes (comma-separated)")
@@ -70,6 +73,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     shapes = {name: list(dims) for name, dims in args.input_shape}
     m = compile_model(args.model, args.target, args.pipeline, debug or None,
                       input_shapes=shapes or None, progress=not args.no_progress,
+                      outputs=args.outputs.split(",") if args.outputs else None,
                       cpu=args.cpu)
     out = m.save(args.output, sign_key=key)
     s = m.stats()

@@ -39,6 +39,9 @@ class CompileOptions:
     example_inputs: Any = None           # torch modules: the inputs torch.export traces with
     input_shapes: Mapping[str, Sequence[int]] | None = None   # ONNX inputs with symbolic dims
     input_names: Sequence[str] | None = None                  # torch: names of the inputs
+    # value names to return instead of the model's outputs: the graph is cut there (e.g.
+    # before detection post-processing whose shapes depend on the data)
+    outputs: Sequence[str] | None = None
     work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
     # sign saved packages with this private key (PEM path or key object; runtime/signing.py)
     sign_key: Any = None
@@ -58,7 +61,17 @@ class CompileOptions:
 
 
 def import_model(model: Any, options: CompileOptions):
-    """Any model form we accept → a verified Graph (a copy: the caller's object is untouched)."""
+    """Any model form we accept → a verified Graph (a copy: the caller's object is untouched),
+    returning ``options.outputs`` when given."""
+    graph = _import(model, options)
+    if options.outputs:
+        from compiler.frontends import select_outputs
+
+        graph = select_outputs(graph, list(options.outputs))
+    return graph
+
+
+def _import(model: Any, options: CompileOptions):
     from compiler.ir.graph import Graph
 
     if isinstance(model, Graph):
@@ -73,12 +86,12 @@ def import_model(model: Any, options: CompileOptions):
             return load(path)
         from compiler.frontends import from_onnx
 
-        return from_onnx(path, input_shapes=options.input_shapes)
+        return from_onnx(path, input_shapes=options.input_shapes, outputs=options.outputs)
     kind = type(model).__module__.split(".")[0]
     if kind == "onnx":
         from compiler.frontends import from_onnx
 
-        return from_onnx(model, input_shapes=options.input_shapes)
+        return from_onnx(model, input_shapes=options.input_shapes, outputs=options.outputs)
     if kind == "torch" or _is_torch_module(model):
         if options.example_inputs is None:
             raise NpuccError("a torch module needs example_inputs=(tensor, ...) to be traced")

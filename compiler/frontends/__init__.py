@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from compiler.frontends.cut import select_outputs
 from compiler.frontends.onnx import from_onnx
 
-__all__ = ["from_onnx", "from_torch"]
+__all__ = ["from_onnx", "from_torch", "select_outputs"]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,55 +22,29 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import ImportError_, NpuccError, UnsupportedOpsError
-from compiler.frontends.onnx_ctx import CONVERTERS, Ctx, Unsupported, onnx_dtype
+from compiler.frontends.onnx_ctx import CONVERTERS, Ctx, DataDependent, Unsupported, onnx_dtype
+from compiler.frontends.onnx_model import (
+    MAX_OPSET,
+    MIN_OPSET,
+    check_model,
+    cut_outputs,
+    load_model,
+    node_label,
+    opset_of,
+    upgrade,
+)
 from compiler.ir.graph import Graph, Value
 from compiler.ir.interpreter import interpret
 from compiler.ir.types import TensorType, is_float
 from compiler.ir.verify import verify
 
-__all__ = ["from_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["from_onnx", "cut_outputs", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
 
-MIN_OPSET, MAX_OPSET = 13, 21
 FOLD_LIMIT = 4096  # largest float constant a node may fold to
 INT_FOLD_LIMIT = 1 << 22  # largest integer/bool constant a node may fold to
 DATA_PROP_LIMIT = 1 << 16  # longest 1-D value with which onnx's data propagation runs
 _NO_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                       "RandomUniformLike", "Multinomial", "Bernoulli"})
-
-
-def _load(model: Any):
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, bytes | bytearray):
-        try:
-            return onnx.load_model_from_string(bytes(model))
-        except Exception as e:  # protobuf DecodeError and friends
-            raise ImportError_(f"cannot decode the ONNX model bytes: {e}") from None
-    if not isinstance(model, str | Path):
-        raise ImportError_(f"from_onnx takes a path, bytes or onnx.ModelProto, "
-                           f"got {type(model).__name__}")
-    path = Path(model)
-    if not path.is_file():
-        raise ImportError_(f"no ONNX file at {str(path)!r}")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:
-        raise ImportError_(f"cannot read {str(path)!r} as an ONNX model (truncated or not "
-                           f"ONNX?): {type(e).__name__}: {e}") from None
-
-
-def _opset(model) -> int:
-    versions = {o.domain: o.version for o in model.opset_import}
-    v = versions.get("", versions.get("ai.onnx"))
-    if v is None:
-        raise ImportError_("the model imports no version of the default ONNX opset")
-    if v > MAX_OPSET or v < MIN_OPSET and v < 7:
-        raise ImportError_(
-            f"the model uses ONNX opset {v}; npucc imports opsets {MIN_OPSET} to {MAX_OPSET}. "
-            f"Convert it first: onnx.version_converter.convert_version(model, 17)")
-    return v
 
 
 def _input_types(model, input_shapes: Mapping[str, list[int]] | None,
@@ -91,6 +65,7 @@ def _input_types(model, input_shapes: Mapping[str, list[int]] | None,
         raise ImportError_(f"input_shapes names unknown input(s) {', '.join(unknown)}; the "
                            f"model's inputs are {', '.join(i.name for i in real) or 'none'}")
     out: dict[str, TensorType] = {}
+    symbolic: dict[str, list[str]] = {}
     for vi in real:
         tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
         if tt is None:
@@ -116,17 +91,27 @@ def _input_types(model, input_shapes: Mapping[str, list[int]] | None,
                 raise ImportError_(f"input {vi.name!r} has no shape; pass input_shapes="
                                    f"{{{vi.name!r}: [...]}}")
             shape = []
-            for i, d in enumerate(dims):
-                if not d.HasField("dim_value"):
-                    sym = f" ({d.dim_param!r})" if d.dim_param else ""
-                    raise ImportError_(f"input {vi.name!r} has a symbolic dimension {i}{sym}; "
-                                       f"pass input_shapes={{{vi.name!r}: [...]}} with a "
-                                       "static shape")
-                shape.append(d.dim_value)
+            for d in dims:
+                shape.append(d.dim_value if d.HasField("dim_value") else -1)
+            if -1 in shape:
+                symbolic[vi.name] = [str(d.dim_value) if d.HasField("dim_value")
+                                     else d.dim_param or "?" for d in dims]
+                continue
         try:
             out[vi.name] = TensorType(tuple(shape), dtype)
         except NpuccError as e:
             raise ImportError_(f"input {vi.name!r}: {e}") from None
+    if symbolic:
+        listed = "; ".join(
+            f"{n!r} " + ", ".join(f"dimension {i} ({p!r})" for i, p in enumerate(d)
+                                   if not p.isdigit()) + f" of [{', '.join(d)}]"
+            for n, d in symbolic.items())
+        example = ", ".join(f"{n!r}: [...]" for n in symbolic)
+        cli = " ".join(f"--input-shape {n}=..." for n in symbolic)
+        raise ImportError_(f"the model has symbolic (dynamic) dimensions in {len(symbolic)} "
+                           f"input(s): {listed}. npucc compiles static shapes: give them, "
+                           f"e.g. compile(model, input_shapes={{{example}}}) or npucc "
+                           f"compile {cli} (dims separated by x or ,)")
     return out
 
 
@@ -206,10 +191,6 @@ def _inferred_types(model) -> dict[str, TensorType]:
     return out
 
 
-def _node_label(node, index: int) -> str:
-    return f"{node.name or f'#{index}'} ({node.op_type})"
-
-
 def _unsupported_types(model) -> dict[int, tuple[str, str, str]]:
     """Nodes whose op type has no converter, by node index."""
     bad = {}
@@ -222,65 +203,15 @@ def _unsupported_types(model) -> dict[int, tuple[str, str, str]]:
     return bad
 
 
-def _check_references(model, opset: int) -> None:
-    """Every node input must be defined earlier (graph input, initializer or node output),
-    every value defined once, every attribute declared by the op at the model's opset."""
-    defined = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
-    problems = []
-    for i, node in enumerate(model.graph.node):
-        for name in node.input:
-            if name and name not in defined:
-                problems.append(f"node {_node_label(node, i)} reads {name!r}, which no graph "
-                                "input, initializer or earlier node defines")
-        for name in node.output:
-            if name and name in defined:
-                problems.append(f"node {_node_label(node, i)} writes {name!r}, which a graph "
-                                "input, initializer or earlier node already defines (ONNX "
-                                "values are assigned once)")
-        problems += _undeclared_attributes(node, i, opset)
-        defined.update(o for o in node.output if o)
-        # onnx's C++ shape inference aborts the process on this one; refuse it first
-        if node.op_type == "Split":
-            for a in node.attribute:
-                if a.name == "num_outputs" and a.i != len(node.output):
-                    problems.append(f"node {_node_label(node, i)} has num_outputs={a.i} but "
-                                    f"{len(node.output)} outputs")
-    for vi in model.graph.output:
-        if vi.name not in defined:
-            problems.append(f"graph output {vi.name!r} is not produced by any node")
-    if not model.graph.output:
-        problems.append("the graph declares no outputs")
-    if problems:
-        raise ImportError_("the model is malformed:\n  " + "\n  ".join(problems[:20]))
-
-
-def _undeclared_attributes(node, index: int, opset: int) -> list[str]:
-    """Attributes the op's schema at ``opset`` does not declare (e.g. an opset-18 attribute
-    written under an opset-17 import), each with the opset that introduced it if known."""
-    from onnx import defs
-
-    if node.domain not in ("", "ai.onnx") or not node.attribute:
-        return []
-    try:
-        schema = defs.get_schema(node.op_type, opset)
-    except Exception:  # noqa: BLE001  (no schema: the converter decides)
-        return []
-    out = []
-    for a in node.attribute:
-        if a.name in schema.attributes:
-            continue
-        since = ""
-        try:
-            latest = defs.get_schema(node.op_type, MAX_OPSET)
-            if a.name in latest.attributes:
-                since = (f" (it was added in {node.op_type}-{latest.since_version}: the model "
-                         f"should import opset {latest.since_version} or later)")
-        except Exception:  # noqa: BLE001
-            pass
-        out.append(f"node {_node_label(node, index)} sets the attribute {a.name!r}, which "
-                   f"{node.op_type} at opset {opset} (version {schema.since_version}) does not "
-                   f"declare{since}")
-    return out
+def _data_dependent_error(nodes: list[tuple[str, str]]) -> ImportError_:
+    listed = "\n  ".join(f"{label}: {why}" for label, why in nodes[:5])
+    more = f"\n  ... and {len(nodes) - 5} more" if len(nodes) > 5 else ""
+    return ImportError_(
+        f"{len(nodes)} node(s) have data-dependent output shapes (npucc compiles static "
+        f"shapes only):\n  {listed}{more}\nCut the graph before this post-processing: "
+        "compile(model, outputs=[...]) or npucc compile --outputs NAME,... with the values to "
+        "return instead (e.g. a detector's box and score head outputs), and run the "
+        "post-processing (thresholds, NMS) on the results")
 
 
 class _Importer:
@@ -295,6 +226,7 @@ class _Importer:
         self.inferred = _inferred_types(model)
         self.poisoned: set[str] = set()
         self.unsupported: list[tuple[str, str, str]] = []
+        self.data_dependent: list[tuple[str, str]] = []   # (node label, why)
         for vi in model.graph.input:
             if vi.name in input_types:
                 self.env[vi.name] = self.graph.add_input(vi.name, input_types[vi.name])
@@ -334,6 +266,8 @@ class _Importer:
                 self.poisoned.update(o for o in node.output if o)
                 continue
             self.convert(i, node)
+        if self.data_dependent and len(self.data_dependent) == len(self.unsupported):
+            raise _data_dependent_error(self.data_dependent)
         if self.unsupported:
             raise UnsupportedOpsError(self.unsupported)
         self.finish_outputs()
@@ -346,7 +280,7 @@ class _Importer:
         return self.graph
 
     def convert(self, index: int, node) -> None:
-        label = _node_label(node, index)
+        label = node_label(node, index)
         if node.op_type == "If" and node.domain in ("", "ai.onnx"):
             self.convert_if(label, node)
             return
@@ -366,6 +300,8 @@ class _Importer:
             if outs is None:
                 outs = self.emit(node, conv)
         except Unsupported as e:
+            if isinstance(e, DataDependent):
+                self.data_dependent.append((label, str(e)))
             self.unsupported.append((node.name or f"#{index}", node.op_type, str(e)))
             self.poisoned.update(o for o in node.output if o)
             return
@@ -494,56 +430,27 @@ class _Importer:
 
 
 def from_onnx(model: str | Path | Any, input_shapes: Mapping[str, list[int]] | None = None,
-              ) -> Graph:
-    """Import an ONNX model (path, bytes or ``onnx.ModelProto``) as a verified Graph."""
+              outputs: list[str] | None = None) -> Graph:
+    """Import an ONNX model (path, bytes or ``onnx.ModelProto``) as a verified Graph.
+
+    ``outputs``: value names to return instead of the model's outputs; only the nodes they
+    need are imported (a cut before post-processing with data-dependent shapes)."""
     try:
-        return _from_onnx(model, input_shapes)
+        return _from_onnx(model, input_shapes, outputs)
     except NpuccError:
         raise
     except Exception as e:  # protobuf decoding surprises (bad UTF-8 names...), anything else
         raise ImportError_(f"the ONNX model is malformed: {type(e).__name__}: {e}") from None
 
 
-def _upgrade(model, opset: int):
-    """Models older than opset 13 (the onnx package's light models are opset 9) go through
-    onnx's own version converter first, like onnxruntime accepting old opsets."""
-    if opset >= MIN_OPSET:
-        return model, opset
-    from onnx import version_converter
-
-    try:
-        return version_converter.convert_version(_initializers_as_inputs(model),
-                                                 MIN_OPSET), MIN_OPSET
-    except Exception as e:
-        raise ImportError_(
-            f"the model uses ONNX opset {opset}; npucc imports opsets {MIN_OPSET} to "
-            f"{MAX_OPSET} and onnx's version converter could not upgrade it: "
-            f"{type(e).__name__}: {str(e)[:300]}") from None
-
-
-def _initializers_as_inputs(model):
-    """A copy of ``model`` declaring every initializer as a graph input too: onnx's version
-    converter follows the IR < 4 rule that only graph inputs are defined ("Input w is
-    undefined!"), which models written by onnxruntime's optimizer and newer exporters break
-    (their initializers are not inputs). The importer treats such inputs as constants."""
-    import onnx
-
-    declared = {vi.name for vi in model.graph.input}
-    missing = [t for t in model.graph.initializer if t.name not in declared]
-    if not missing:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                           for t in missing)
-    return out
-
-
-def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None) -> Graph:
-    proto = _load(model)
-    proto, opset = _upgrade(proto, _opset(proto))
+def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None,
+               outputs: list[str] | None = None) -> Graph:
+    proto = load_model(model)
+    proto, opset = upgrade(proto, opset_of(proto))
+    if outputs:
+        proto = cut_outputs(proto, list(outputs))
     bad = _unsupported_types(proto)
-    _check_references(proto, opset)
+    check_model(proto, opset)
     try:
         types = _input_types(proto, input_shapes)
         # onnx's strict inference refuses ops it has no schema for; those are ours to list

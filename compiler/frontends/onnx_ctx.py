@@ -22,7 +22,7 @@ from compiler.errors import ImportError_
 from compiler.ir.graph import Graph, Value
 from compiler.ir.types import TensorType
 
-__all__ = ["Ctx", "Unsupported", "CONVERTERS", "converter", "onnx_dtype", "ir_to_onnx_dtype"]
+__all__ = ["Ctx", "Unsupported", "DataDependent", "CONVERTERS", "converter", "onnx_dtype", "ir_to_onnx_dtype"]
 
 Converter = Callable[["Ctx"], list[Any]]
 CONVERTERS: dict[str, Converter] = {}
@@ -61,6 +61,11 @@ def _declared_attr_types(op_type: str, opset: int) -> dict[str, int]:
 
 class Unsupported(Exception):  # noqa: N818  (a signal, reported as UnsupportedOpsError)
     """This node cannot be imported; the message says why."""
+
+
+class DataDependent(Unsupported):
+    """This node's output shape depends on input values (NonZero, NMS...): the importer
+    refuses the model with one error naming such nodes and how to cut the graph."""
 
 
 def converter(*op_types: str) -> Callable[[Converter], Converter]:

@@ -7,22 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.frontends.onnx_ctx import Ctx, Unsupported, converter
+from compiler.frontends.onnx_ctx import Ctx, DataDependent, Unsupported, converter
 
 __all__ = ["data_dependent"]
 
 _REDUCTIONS = {"none": "none", "add": "add", "mul": "mul", "max": "max", "min": "min"}
 
 
-def data_dependent(c: Ctx, what: str) -> Unsupported:
-    """The refusal of a node whose output shape depends on the values of its inputs (listed
-    with the model's other unsupported nodes, in one error)."""
-    before = ", ".join(repr(n) for n in c.node.input if n)
-    return Unsupported(
-        f"{what}, so its output shape depends on the input values (a data-dependent shape); npucc compiles static shapes "
-        f"only. Cut the graph before this post-processing: compile(model, outputs=[...]) / "
-        f"npucc compile --output NAME with the values to return instead (this node reads "
-        f"{before}), and run the post-processing on the results")
+def data_dependent(c: Ctx, what: str) -> DataDependent:
+    """The refusal of a node whose output shape depends on the values of its inputs."""
+    return DataDependent(f"{what}, so its output shape depends on the input values")
 
 
 def _reduction(c: Ctx) -> str:
