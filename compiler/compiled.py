@@ -46,8 +46,8 @@ class CompiledModel:
         return self._executor
 
     # -- running ---------------------------------------------------------------------
-    def run(self, inputs: Any) -> list:
-        return self.executor.run(inputs)
+    def run(self, inputs: Any, check_finite: bool = False) -> list:
+        return self.executor.run(inputs, check_finite=check_finite)
 
     def __call__(self, *args: Any, **kwargs: Any) -> list:
         return self.executor(*args, **kwargs)

@@ -224,10 +224,16 @@ class Executor:
             feeds.append((name, x))
         return feeds
 
-    def run(self, inputs: Any) -> list[np.ndarray]:
+    def run(self, inputs: Any, check_finite: bool = False) -> list[np.ndarray]:
         """Run once. ``inputs``: ``{name: array}``, a list in graph order, or the array itself
-        for a single-input model. Returns the outputs (copies) in graph order."""
+        for a single-input model. Returns the outputs (copies) in graph order.
+
+        NaN and inf in an input propagate to the outputs as in onnxruntime (a NaN pixel gives
+        NaN logits, never a plausible finite answer); ``check_finite=True`` refuses such an
+        input instead, with an :class:`InputError` naming it."""
         feeds = self._feeds(inputs)
+        if check_finite:
+            _check_finite(feeds)
         arena = self._arena()
         views = arena.views
         for name, x in feeds:
@@ -295,6 +301,17 @@ class Executor:
     def __repr__(self) -> str:
         return (f"<Executor {self.input_names} -> {self.output_names}: {len(self._steps)} steps, "
                 f"arena {self._arena_bytes} B>")
+
+
+def _check_finite(feeds: list[tuple[str, np.ndarray]]) -> None:
+    for name, x in feeds:
+        if x.dtype.kind in "fc" or x.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes
+            bad = ~np.isfinite(x)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise InputError(f"input {name!r} has {int(bad.sum())} non-finite value(s) "
+                                 f"(NaN or inf), the first at index {list(first)}: "
+                                 f"{x[first]!r}")
 
 
 def load(path: Any, trusted_keys: Any = None) -> Executor:

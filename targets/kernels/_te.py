@@ -15,7 +15,8 @@ from targets.kernels.base import CpuInfo, KernelRequest
 
 __all__ = ["tvm_dtype", "placeholders", "activation", "schedule_generic", "prim_func",
            "broadcast_index", "const", "PARALLEL_MIN", "expr", "dtype_of",
-           "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid", "accumulator_dtype"]
+           "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid", "accumulator_dtype",
+           "keep_nan", "nan_max", "nan_min", "nan_max_reducer", "nan_min_reducer"]
 
 _TVM_DTYPES = {
     "f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
@@ -102,6 +103,68 @@ def _let(x, fn):
     return tirx.Let(v, x, fn(v))
 
 
+# -- NaN propagation ---------------------------------------------------------------------------
+# TVM lowers max(a, b) to a compare-and-select that returns b when a is NaN, so max(x, 0) turns
+# NaN into 0 (relu, clip, max-pool, softmax's row max). A NaN in the input must reach the output,
+# as in onnxruntime and numpy: these helpers make the NaN win explicitly, never by operand order
+# (the simplifier may reorder operands). Integer values pass through unchanged.
+def _is_float(v) -> bool:
+    return dtype_of(v).startswith(("float", "bfloat"))
+
+
+def keep_nan(x, y):
+    """``y``, except NaN where ``x`` is NaN (for a function of ``x`` that would drop it)."""
+    from tvm import tirx
+
+    x = expr(x)
+    return tirx.Select(tirx.isnan(x), x.astype(dtype_of(y)), y) if _is_float(x) else y
+
+
+def nan_max(a, b):
+    """max(a, b) that is NaN when either is NaN."""
+    from tvm import te, tirx
+
+    a, b = expr(a), expr(b)
+    if not _is_float(a):
+        return te.max(a, b)
+    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, te.max(a, b)))
+
+
+def nan_min(a, b):
+    """min(a, b) that is NaN when either is NaN."""
+    from tvm import te, tirx
+
+    a, b = expr(a), expr(b)
+    if not _is_float(a):
+        return te.min(a, b)
+    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, te.min(a, b)))
+
+
+def _nan_reducer(is_max: bool):
+    from tvm import te, tirx
+
+    def combine(a, b):
+        if not _is_float(a):
+            return te.max(a, b) if is_max else te.min(a, b)
+        better = a > b if is_max else a < b
+        return tirx.Select(tirx.Or(tirx.isnan(a), better), a, b)
+
+    def identity(dt):
+        return tirx.min_value(dt) if is_max else tirx.max_value(dt)
+
+    return te.comm_reducer(combine, identity, name="nan_max" if is_max else "nan_min")
+
+
+def nan_max_reducer():
+    """A max reduction (``r(expr, axis=k)``) whose result is NaN if any element is NaN."""
+    return _nan_reducer(True)
+
+
+def nan_min_reducer():
+    """A min reduction whose result is NaN if any element is NaN."""
+    return _nan_reducer(False)
+
+
 def fast_exp(x):
     """exp for f32 that LLVM vectorises (Cephes polynomial, ~1 ulp); te.exp otherwise."""
     from tvm import te
@@ -122,7 +185,10 @@ def _fast_exp(x):
     # below -87 the result is 0 (as exp underflows), never a denormal: denormals in later
     # kernels (softmax of masked attention -> P @ V) cost ~100x per operation on x86
     xc = te.min(te.max(x, c(-87.0)), c(88.3))
-    return tirx.Select(x < c(-87.0), c(0.0), _let(xc, lambda x: _exp_core(x, c)))
+    # NaN stays NaN and exp overflows to +inf past log(FLT_MAX), as exp does
+    return tirx.Select(tirx.isnan(x), x, tirx.Select(
+        x > c(88.72284), c(math.inf),
+        tirx.Select(x < c(-87.0), c(0.0), _let(xc, lambda x: _exp_core(x, c)))))
 
 
 def _exp_core(x, c):
@@ -166,8 +232,8 @@ def _fast_erf(x):
 
     def c(v):
         return tirx.const(v, dt)
-    x = te.min(te.max(x, c(-4.0)), c(4.0))
-    return _let(x, lambda x: _erf_poly(x, c))
+    xc = te.min(te.max(x, c(-4.0)), c(4.0))
+    return keep_nan(x, _let(xc, lambda x: _erf_poly(x, c)))
 
 
 def _erf_poly(x, c):
@@ -226,11 +292,12 @@ def activation(v, kind: str, clip_min: float = 0.0, clip_max: float = 6.0):
     if kind == "none":
         return v
     if kind == "relu":
-        return te.max(v, tirx.const(0, dt))
+        return keep_nan(v, te.max(v, tirx.const(0, dt)))
     if kind == "relu6":
-        return te.min(te.max(v, tirx.const(0, dt)), tirx.const(6, dt))
+        return keep_nan(v, te.min(te.max(v, tirx.const(0, dt)), tirx.const(6, dt)))
     if kind == "clip":
-        return te.min(te.max(v, const(float(clip_min), dt)), const(float(clip_max), dt))
+        return keep_nan(v, te.min(te.max(v, const(float(clip_min), dt)),
+                                  const(float(clip_max), dt)))
     if kind == "sigmoid":
         return fast_sigmoid(v)
     if kind == "gelu":

@@ -23,6 +23,9 @@ from targets.kernels._te import (
     fast_sigmoid,
     fast_tanh,
     generic,
+    keep_nan,
+    nan_max,
+    nan_min,
     placeholders,
     prim_func,
     tvm_dtype,
@@ -44,7 +47,7 @@ def _unary_fns() -> dict[str, Callable]:
 
     def sign(x):
         z = c(0, x)
-        return tirx.Select(x > z, c(1, x), tirx.Select(x < z, c(-1, x), z))
+        return keep_nan(x, tirx.Select(x > z, c(1, x), tirx.Select(x < z, c(-1, x), z)))
 
     def softplus(x):  # log(1 + exp(x)) without overflow
         return te.max(x, c(0, x)) + te.log(c(1, x) + fast_exp(-te.abs(x)))
@@ -58,7 +61,7 @@ def _unary_fns() -> dict[str, Callable]:
         "sin": te.sin, "cos": te.cos, "floor": te.floor, "ceil": te.ceil,
         "round": tirx.nearbyint, "softplus": softplus, "hard_swish": hard_swish,
         "neg": lambda x: -x, "abs": te.abs, "sign": sign,
-        "relu": lambda x: te.max(x, c(0, x)),
+        "relu": lambda x: keep_nan(x, te.max(x, c(0, x))),
     }
 
 
@@ -83,7 +86,7 @@ def _unary_expr(req: KernelRequest) -> Callable:
         def hs(x):
             dt = dtype_of(x)
             y = x * tirx.const(a["alpha"], dt) + tirx.const(a["beta"], dt)
-            return te.min(te.max(y, tirx.const(0, dt)), tirx.const(1, dt))
+            return keep_nan(x, te.min(te.max(y, tirx.const(0, dt)), tirx.const(1, dt)))
         return hs
     if op == "clip":
         def clip(x):
@@ -97,7 +100,7 @@ def _unary_expr(req: KernelRequest) -> Callable:
                 hi_i = info.max if not math.isfinite(hi) else min(math.floor(hi), info.max)
                 lo_i, hi_i = min(lo_i, info.max), max(hi_i, info.min)
                 return te.min(te.max(x, tirx.const(lo_i, dt)), tirx.const(hi_i, dt))
-            return te.min(te.max(x, const(float(lo), dt)), const(float(hi), dt))
+            return keep_nan(x, te.min(te.max(x, const(float(lo), dt)), const(float(hi), dt)))
         return clip
     if op == "logical_not":
         return lambda x: tirx.Not(x)
@@ -127,7 +130,7 @@ def _binary_expr(op: str) -> Callable:
 
     return {
         "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
-        "div": div, "max": te.max, "min": te.min, "pow": pow_,
+        "div": div, "max": nan_max, "min": nan_min, "pow": pow_,
         "equal": tirx.EQ, "less": tirx.LT, "less_equal": tirx.LE, "greater": tirx.GT,
         "greater_equal": tirx.GE, "logical_and": tirx.And, "logical_or": tirx.Or,
         "logical_xor": lambda x, y: tirx.Or(tirx.And(x, tirx.Not(y)), tirx.And(tirx.Not(x), y)),

@@ -107,14 +107,17 @@ def softmax(req: KernelRequest) -> KernelImpl:
 
     def row_max(*i):
         k = te.reduce_axis((0, n), "k")
+        # te.max may drop a NaN, but exp(NaN - m) is NaN and so is the row's sum: a NaN row
+        # still gives NaN (and rfactor needs a built-in reducer)
         return te.max(at(i, k), axis=k)
 
     mx = te.compute(stat_shape, row_max, name="rowmax")
 
     def shifted(i, k):
         m = _load(mx, i)
-        # rows of -inf stay finite (as the reference: max replaced by 0 when not finite)
-        m = tirx.Select(tirx.isfinite(m), m, tirx.const(0, dt))
+        # a row of -inf: max replaced by 0 (as the reference); NaN and +inf rows give NaN,
+        # as in onnxruntime (inf - inf)
+        m = tirx.Select(m == tirx.const(-math.inf, dt), tirx.const(0, dt), m)
         return at(i, k) - m
 
     if req.op == "softmax":

@@ -18,7 +18,7 @@ from typing import Any
 
 from compiler.errors import OpError
 from compiler.ir.ops.nn import pool_out_size
-from targets.kernels._te import tvm_dtype
+from targets.kernels._te import nan_max_reducer, tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
 
 __all__ = ["pool2d", "global_pool"]
@@ -104,8 +104,8 @@ def pool2d(req: KernelRequest) -> KernelImpl:
         return tirx.if_then_else(inside, v, _low(dtype) if is_max else tirx.const(0, dtype))
 
     def red(b, ch, y, x):
-        if is_max:
-            return te.max(tap(b, ch, y, x), axis=[ry, rx])
+        if is_max:   # a NaN in the window gives NaN (te.max would drop it)
+            return nan_max_reducer()(tap(b, ch, y, x), axis=[ry, rx])
         return te.sum(tap(b, ch, y, x), axis=[ry, rx])
 
     if layout == "NCHW":
@@ -210,7 +210,7 @@ def global_pool(req: KernelRequest) -> KernelImpl:
         src = list(idx)
         for i, r in zip(spatial, raxes, strict=True):
             src[i] = r
-        return (te.max if is_max else te.sum)(X[tuple(src)], axis=raxes)
+        return (nan_max_reducer() if is_max else te.sum)(X[tuple(src)], axis=raxes)
 
     R = te.compute(oshape, body, name="acc")
     inv = 1.0 / math.prod(shape[i] for i in spatial)

@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 
 from compiler.ir.ops.reduce import reduce_axes
-from targets.kernels._te import expr, generic, placeholders, prim_func, tvm_dtype
+from targets.kernels._te import (
+    expr,
+    generic,
+    nan_max_reducer,
+    nan_min_reducer,
+    placeholders,
+    prim_func,
+    tvm_dtype,
+)
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
 __all__: list[str] = []
@@ -30,7 +38,9 @@ def reduce(req: KernelRequest) -> KernelImpl:
     if kind == "prod":
         reducer = te.comm_reducer(lambda a, b: a * b, lambda t: tirx.const(1, t), name="prod")
     else:
-        reducer = {"sum": te.sum, "mean": te.sum, "max": te.max, "min": te.min}[kind]
+        # max/min: a NaN anywhere in the reduced elements gives NaN (numpy, torch)
+        reducer = {"sum": te.sum, "mean": te.sum, "max": nan_max_reducer(),
+                   "min": nan_min_reducer()}[kind]
 
     def src_index(i, raxes):
         src, o, r = [], 0, 0
@@ -96,6 +106,10 @@ def argminmax(req: KernelRequest) -> KernelImpl:
         ri, rv = rhs
         better = rv > lv if is_max else rv < lv
         tie = tirx.EQ(rv, lv)
+        if xdt.startswith(("float", "bfloat")):   # NaN is both the max and the min (numpy)
+            rn, ln = tirx.isnan(rv), tirx.isnan(lv)
+            better = tirx.Or(tirx.And(rn, tirx.Not(ln)), better)
+            tie = tirx.Or(tie, tirx.And(rn, ln))
         pick_r = tirx.Or(better, tirx.And(tie, ri > li if last else ri < li))
         return tirx.Select(pick_r, ri, li), tirx.Select(pick_r, rv, lv)
 

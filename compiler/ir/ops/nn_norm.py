@@ -165,7 +165,8 @@ def _softmax_ref(xs, attrs):
     x = xs[0]
     x64 = x.astype(np.float64)
     m = x64.max(axis=attrs["axis"], keepdims=True)
-    e = np.exp(x64 - np.where(np.isfinite(m), m, 0))
+    # a row of -inf: max taken as 0; NaN and +inf rows give NaN, as onnxruntime (inf - inf)
+    e = np.exp(x64 - np.where(m == -np.inf, 0, m))
     return [(e / e.sum(axis=attrs["axis"], keepdims=True)).astype(x.dtype)]
 
 
@@ -173,7 +174,7 @@ def _log_softmax_ref(xs, attrs):
     x = xs[0]
     x64 = x.astype(np.float64)
     m = x64.max(axis=attrs["axis"], keepdims=True)
-    z = x64 - np.where(np.isfinite(m), m, 0)
+    z = x64 - np.where(m == -np.inf, 0, m)
     y = z - np.log(np.exp(z).sum(axis=attrs["axis"], keepdims=True))
     return [y.astype(x.dtype)]
 
