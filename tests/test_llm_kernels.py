@@ -51,3 +51,18 @@ def test_dense_rows(tmp_path):
         Case("dense_rows", [f32(2, 48), rng.integers(-127, 128, (37, 48)).astype(np.int8),
                             rng.random(37).astype(np.float32)]),
     ], tmp_path)
+
+
+@pytest.mark.parametrize("bits,group,bias,n", [(4, 32, False, 40), (4, 128, True, 64),
+                                                (8, 64, False, 33), (8, 128, True, 96)])
+def test_dense_wq_gemv(tmp_path, bits, group, bias, n):
+    """dense_wq with one row (decode) runs the GEMV of targets/kernels/gemv_q.py."""
+    from compiler.ir.ops.quant_weight import pack_int4
+    from passes.quantization.gptq import quantize_rtn
+
+    k = 256
+    q, s = quantize_rtn(f32(n, k), bits, group)
+    wq = pack_int4(q) if bits == 4 else q
+    ins = [f32(1, k), wq, s] + ([f32(n)] if bias else [])
+    check_cases([Case("dense_wq", ins, {"bits": bits, "group_size": group},
+                      consts=tuple(range(1, len(ins))))], tmp_path, rtol=1e-4, atol=1e-4)

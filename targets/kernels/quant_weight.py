@@ -44,6 +44,13 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
     M = math.prod(lead)
     mr, nb = gemm_tiles(req, M, N)
     packed = 1 in req.const_inputs and 2 in req.const_inputs
+    if packed and M == 1 and req.attrs.get("activation", "none") == "none" and K % 2 == 0 \
+            and g % 2 == 0:
+        from targets.kernels.gemv_q import dense_wq_gemv
+
+        # token-by-token decoding: one pass over the packed weights (same layout as below)
+        return dense_wq_gemv(req, nb, {1: lambda w, nb=nb: pack_nk(np.asarray(w), nb),
+                                       2: lambda s, nb=nb: pack_nk(np.asarray(s), nb)})
     types = {}
     if packed:
         types[1] = TensorType((-(-N // nb), wt.shape[1], nb), wt.dtype)
