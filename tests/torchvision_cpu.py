@@ -1,4 +1,12 @@
-"""Import torchvision against a CPU-only torch whose ``torchvision::`` C++ ops cannot load.
+"""Import torchvision (and timm) against a CPU-only torch whose ``torchvision::`` C++ ops
+cannot load.
+
+Where they live: PyPI's torchvision cannot be imported next to the CPU torch, and once it
+is installed in site-packages every ``import timm`` and every transformers model import
+fails in every process (they import torchvision when they find it). So CI installs both
+with ``pip install --no-deps --target ~/.cache/npucc-vision torchvision==0.28.0
+timm==1.0.31`` (``NPUCC_VISION_PATH`` overrides the folder) and only processes that call
+:func:`import_torchvision` see them, after the fix below.
 
 PyPI's torchvision wheel is built against the CUDA torch: its ``_C`` extension fails to load
 next to ``torch==2.13.0+cpu`` and ``import torchvision`` then dies registering fake kernels
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["import_torchvision", "nms_reference"]
+__all__ = ["import_torchvision", "nms_reference", "vision_path"]
 
 
 def nms_reference(boxes: Any, scores: Any, iou_threshold: float) -> Any:
@@ -41,14 +49,25 @@ def nms_reference(boxes: Any, scores: Any, iou_threshold: float) -> Any:
 _LIB: Any = None
 
 
+def vision_path() -> str:
+    """The folder torchvision and timm are installed in (``--target``)."""
+    import os
+
+    return os.environ.get("NPUCC_VISION_PATH",
+                          os.path.join(os.path.expanduser("~"), ".cache", "npucc-vision"))
+
+
 def import_torchvision() -> Any:
     """``import torchvision``, defining a CPU ``torchvision::nms`` first when its C++
     extension cannot load."""
     import importlib.util
+    import os
     import sys
 
     import torch
 
+    if importlib.util.find_spec("torchvision") is None and os.path.isdir(vision_path()):
+        sys.path.append(vision_path())
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
         import torchvision
 
