@@ -197,3 +197,31 @@ def test_unknown_quantization_is_refused():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_cli_compile_llm_from_a_transformers_folder(tmp_path, capsys):
+    from compiler.cli import main
+    from runtime.llm import load
+
+    hf = _hf("llama")
+    hf.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "tiny.npkg"
+    rc = main(["compile-llm", str(tmp_path / "tiny"), "-o", str(out), "--max-context", "64",
+               "--chunk", "8", "--quantize", "int8"])
+    assert rc == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    m = load(out)
+    assert m.config["quantize"] == "int8" and m.max_context == 64
+    ids = PROMPTS[2]
+    f = _hf_logits(hf, ids)
+    got = m.logits(ids)
+    assert _rel(got, f) < 0.05
+    assert main(["compile-llm", str(tmp_path / "missing.gguf"), "-o", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compile-llm", str(tmp_path / "tiny"), "-o", str(out), "--quantize",
+                 "int3"]) == 1
+    assert "int4-g32" in capsys.readouterr().err
+    assert main(["generate", str(out), "hello"]) == 1      # no tokenizer in this package
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "hello"]) == 1
+    assert "not an LLM package" in capsys.readouterr().err
