@@ -111,13 +111,20 @@ def _scatter_elements_ref(xs, attrs):
     axis = attrs["axis"] % x.ndim
     out = x.copy()
     idx = _wrap(idx, x.shape[axis], "scatter_elements")
-    fn = _NP_REDUCE.get(attrs["reduction"])
-    for pos in np.ndindex(*idx.shape):
-        tgt = list(pos)
-        tgt[axis] = idx[pos]
-        tgt = tuple(tgt)
-        out[tgt] = upd[pos] if fn is None else fn(out[tgt], upd[pos])
+    grid = list(np.indices(idx.shape, sparse=True))
+    grid[axis] = idx
+    _apply(out, tuple(grid), upd, attrs["reduction"])
     return [out]
+
+
+def _apply(out: np.ndarray, where: tuple, upd: np.ndarray, reduction: str) -> None:
+    """``out[where] (op)= upd`` element by element in order (repeated positions: the last
+    write wins, or every update is combined: ``ufunc.at`` is unbuffered)."""
+    fn = _NP_REDUCE.get(reduction)
+    if fn is None:
+        out[where] = upd  # numpy assigns repeated positions in order
+    else:
+        fn.at(out, where, upd)
 
 
 register_op(OpDef("scatter_elements", (3, 3),
@@ -148,10 +155,7 @@ def _scatter_nd_ref(xs, attrs):
     out = x.copy()
     idx = _wrap(idx.reshape(-1, m), np.array(x.shape[:m]), "scatter_nd")
     upd = upd.reshape((idx.shape[0],) + x.shape[m:])
-    fn = _NP_REDUCE.get(attrs["reduction"])
-    for j in range(idx.shape[0]):
-        tgt = tuple(idx[j])
-        out[tgt] = upd[j] if fn is None else fn(out[tgt], upd[j])
+    _apply(out, tuple(idx.T), upd, attrs["reduction"])
     return [out]
 
 
