@@ -152,19 +152,32 @@ def _plan(graph, lib, tokens: int, layers: int, weights: dict[str, np.ndarray],
                               "bind": "state" if a in state else "arena"}
                 if a in state:
                     tensors[a]["key"] = state[a]
-    arena = [n for n, t in tensors.items() if t["bind"] == "arena"]
-    plan = plan_memory([PlanTensor(n, _nbytes(tensors[n]), "input" if n in io and n in
-                                   (graph.inputs[0].name, graph.inputs[1].name) else
+    # a reshape of an arena tensor is a view of the same bytes: no kernel call, one buffer
+    alias: dict[str, str] = {}
+    for s in lib.steps:
+        src = s.inputs[0] if s.op == "reshape" and len(s.inputs) == 1 else None
+        if src is not None and tensors[src]["bind"] == "arena" and src not in io \
+                and s.outputs[0] not in io:
+            alias[s.outputs[0]] = alias.get(src, src)
+    steps_kept = [s for s in lib.steps if not (s.op == "reshape" and s.outputs[0] in alias)]
+    arena = [n for n, t in tensors.items() if t["bind"] == "arena" and n not in alias]
+    inputs = (graph.inputs[0].name, graph.inputs[1].name)
+
+    def root(names):
+        return tuple(dict.fromkeys(alias.get(x, x) for x in names if alias.get(x, x) in arena))
+
+    plan = plan_memory([PlanTensor(n, _nbytes(tensors[n]), "input" if n in inputs else
                                    "output" if n in io else "intermediate") for n in arena],
-                       [PlanStep(tuple(x for x in (*s.inputs, *s.extra_consts) if x in arena),
-                                 tuple(x for x in s.outputs if x in arena)) for s in lib.steps])
+                       [PlanStep(root((*s.inputs, *s.extra_consts)), root(s.outputs))
+                        for s in steps_kept])
     plan.check()
-    for n in arena:
-        tensors[n]["offset"] = plan.offsets[n]
+    for n, t in tensors.items():
+        if t["bind"] == "arena":
+            t["offset"] = plan.offsets[alias.get(n, n)]
     # the runtime finds the interface under fixed names
     renamed = {old: new for old, new in io.items()}
     steps = [{"kernel": s.symbol, "node": s.node, "op": s.op,
-              "args": [renamed.get(a, a) for a in s.args]} for s in lib.steps]
+              "args": [renamed.get(a, a) for a in s.args]} for s in steps_kept]
     tensors = {renamed.get(n, n): t for n, t in tensors.items()}
     return {"tokens": tokens, "arena_bytes": plan.arena_bytes, "steps": steps,
             "tensors": tensors}
