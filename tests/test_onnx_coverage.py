@@ -214,3 +214,61 @@ def test_unsupported_and_data_dependent_nodes_are_listed_together():
         from_onnx(model)
     assert [n[:2] for n in e.value.nodes] == [("nz", "NonZero"), ("the_loop", "Loop")]
     assert "input values" in e.value.nodes[0][2]
+
+
+def _tiny_bert_export(path: Path):
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64)).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, ids, mask):
+            return self.bert(ids, mask)[0]
+
+    ids = torch.randint(0, 100, (1, 8))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "seq"}
+    torch.onnx.export(Hidden().eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"],
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes})
+    return Hidden().eval()
+
+
+def test_dynamic_axes_export_needs_and_takes_input_shapes(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "bert_dynamic.onnx"
+    module = _tiny_bert_export(path)
+    with pytest.raises(ImportError_) as e:
+        from_onnx(str(path))
+    assert "'input_ids' dimension 0 ('batch')" in str(e.value)
+    assert "'attention_mask' dimension 0 ('batch')" in str(e.value)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    m = compile(str(path), input_shapes={"input_ids": [2, 12], "attention_mask": [2, 12]},
+                work_dir=tmp_path / "build", progress=False)
+    (got,) = m.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = module(ids, mask).numpy()
+    assert float(np.abs(np.asarray(got) - want).max() / np.abs(want).max()) <= 1e-4
+
+
+def test_cli_compile_with_input_shape_and_outputs(tmp_path, capsys):
+    from compiler.cli import main
+
+    path = tmp_path / "nz.onnx"
+    onnx.save(_nonzero_model(), str(path))
+    assert main(["compile", str(path), "-o", str(tmp_path / "p.npkg"), "--no-progress",
+                 "--outputs", "scores"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dyn = tmp_path / "dyn.onnx"
+    onnx.save(_dynamic_model(), str(dyn))
+    assert main(["compile", str(dyn), "-o", str(tmp_path / "d.npkg"), "--no-progress",
+                 "--input-shape", "input_ids=1x16"]) == 0
