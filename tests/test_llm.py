@@ -250,3 +250,38 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_tokens():
         q = quantize_spec(spec, parse_scheme(f"int4-g32-{method}"), calibration=calib)
         err[method] = float(np.square(logits(q) - ref).mean())
     assert err["gptq"] < err["rtn"]
+
+
+def test_asymmetric_int4_reproduces_q4_1_weights_exactly(tmp_path):
+    """Weights on a Q4_1 grid (a scale and a minimum per group of 32, like a dequantized
+    Q4_1 GGUF) quantize to themselves with int4-g32-asym: the package computes the float
+    model's logits; the symmetric int4-g32 does not."""
+    from compiler import compile_llm
+    from compiler.llm.compile import load_spec
+
+    hf = _hf("llama")
+    spec = load_spec(hf)
+    rng = np.random.default_rng(0)
+    for key, w in list(spec.weights.items()):
+        if key.endswith(".w") and w.ndim == 2 and key.split(".")[1] in ("q", "k", "v", "o",
+                                                                        "gate", "up", "down"):
+            n, k = w.shape
+            d = (np.abs(w).reshape(n, k // 32, 32).max(-1) / 7.5).astype(np.float16)
+            off = rng.uniform(-12, -3, d.shape)           # a minimum off the symmetric grid
+            mn = (off * d.astype(np.float32)).astype(np.float16)
+            u = rng.integers(0, 16, (n, k // 32, 32))
+            u[..., 0], u[..., 1] = 0, 15
+            spec.weights[key] = (u * d.astype(np.float32)[..., None]
+                                 + mn.astype(np.float32)[..., None]).reshape(n, k) \
+                .astype(np.float32)
+    ids = PROMPTS[4]
+    ref = compile_llm(spec, max_context=32, chunk=8, output=tmp_path / "f.npkg").logits(ids)
+    asym = compile_llm(spec, max_context=32, chunk=8, quantize="int4-g32-asym",
+                       output=tmp_path / "a.npkg")
+    sym = compile_llm(spec, max_context=32, chunk=8, quantize="int4-g32",
+                      output=tmp_path / "s.npkg")
+    # only the int8 embedding / output projection differ from float
+    err_asym = _rel(asym.logits(ids), ref)
+    err_sym = _rel(sym.logits(ids), ref)
+    assert err_asym < 0.5 * err_sym
+    assert asym.step_logits(ids[:9], ids[9:]).shape == (len(ids) - 8, 256)

@@ -5,6 +5,8 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
 - ``int8``: every projection int8 per output row (group = K), symmetric;
 - ``int4-g32`` / ``int4-g128``: projections int4 in groups of 32 / 128 along K (llama.cpp
   Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte;
+- an ``-asym`` suffix (``int4-g32-asym``): a scale and a minimum per group (llama.cpp Q4_1's
+  encoding, :func:`quantize_asym`);
 - a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
@@ -30,21 +32,23 @@ from compiler.llm.hf_import import LlmSpec
 __all__ = ["Scheme", "parse_scheme", "quantize_spec", "PROJECTIONS", "SCHEMES"]
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-SCHEMES = ("int8", "int4-g32", "int4-g128", "int4-g32-gptq", "int4-g128-gptq", "int8-gptq")
+SCHEMES = ("int8", "int4-g32", "int4-g128", "int4-g32-gptq", "int4-g128-gptq", "int8-gptq",
+           "int4-g32-asym", "int4-g128-asym")
 
 
 @dataclass(frozen=True)
 class Scheme:
     bits: int
     group: int | None     # None: one group per row (K)
-    method: str           # "rtn" | "gptq"
+    method: str           # "rtn" | "gptq" | "asym" (round-to-nearest, scale and minimum)
 
 
 def parse_scheme(text: str | None) -> Scheme | None:
     if text is None or text in ("none", "f32", "float"):
         return None
-    m = re.fullmatch(r"int(4|8)(?:-g(\d+))?(?:-(rtn|gptq))?", text)
-    if m is None or (m.group(1) == "4" and m.group(2) is None):
+    m = re.fullmatch(r"int(4|8)(?:-g(\d+))?(?:-(rtn|gptq|asym))?", text)
+    if m is None or (m.group(1) == "4" and m.group(2) is None) \
+            or (m.group(3) == "asym" and m.group(1) == "8"):
         raise NpuccError(f"unknown quantization {text!r}; choose one of: {', '.join(SCHEMES)} "
                          f"(a -rtn or -gptq suffix picks the method)")
     return Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else None,
@@ -73,6 +77,8 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
                 raise NpuccError(f"{prefix}: K={k} is not a multiple of the group size {g}")
             if scheme.method == "gptq":
                 q, s = gptq_quantize(w, hessians[prefix], scheme.bits, g)
+            elif scheme.method == "asym":
+                q, s, weights[f"{prefix}.offsets"] = quantize_asym(w, g)
             else:
                 q, s = quantize_rtn(w, scheme.bits, g)
             weights[f"{prefix}.wq"] = pack_int4(q) if scheme.bits == 4 else q
@@ -89,6 +95,26 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
         weights["lm_head.wq"], weights["lm_head.scales"] = q, s
         quant["lm_head"] = (8, head.shape[1])
     return replace(spec, weights=weights, quant=quant)
+
+
+def quantize_asym(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric int4 (llama.cpp Q4_1's encoding): per group ``d = (max - min) / 15`` and
+    ``m = min`` in f16, ``u = clip(round((w - m) / d), 0, 15)``, ``w ~= u d + m``.
+
+    Returned as what ``dense_wq`` reads plus a per-group offset: ``q = u - 8`` (i8 in
+    [-8, 7]), scales ``d`` (f16 ``[N, K/g]``) and offsets ``c = m + 8 d`` (f32 ``[N, K/g]``),
+    so ``w = q d + c``; the graph adds ``c . (group sums of x)`` to the ``dense_wq`` result.
+    On a model whose weights came from a Q4_1 file this reproduces them exactly."""
+    n, k = w.shape
+    wg = np.asarray(w, np.float32).reshape(n, k // group, group)
+    lo, hi = wg.min(axis=-1), wg.max(axis=-1)
+    d = ((hi - lo) / 15.0).astype(np.float16)
+    d[d == 0] = np.float16(1.0)
+    m = lo.astype(np.float16).astype(np.float32)
+    d32 = d.astype(np.float32)
+    u = np.clip(np.rint((wg - m[..., None]) / d32[..., None]), 0, 15)
+    q = (u - 8).astype(np.int8).reshape(n, k)
+    return q, d, (m + 8.0 * d32).astype(np.float32)
 
 
 CALIBRATION_TOKENS = 512
