@@ -1,8 +1,16 @@
-"""ONNX importer: ``from_onnx(model, input_shapes) -> Graph``.
+"""ONNX importer: ``from_onnx(model, input_shapes, outputs) -> Graph``.
 
 Contract:
-- Opsets 13..21 of the default domain; anything else is refused with the remedy.
-- Every graph input must have a static shape, from the model or from ``input_shapes``.
+- Opsets 13..21 of the default domain; opsets 7..12 are upgraded with onnx's version
+  converter first (initializers that are not inputs included); anything else is refused.
+- The model is validated first (:mod:`onnx_model`): every value defined once before use,
+  every attribute declared by its op at the model's opset, every graph output produced.
+- Every graph input must have a static shape, from the model or from ``input_shapes``; all
+  symbolic inputs are named in one error otherwise.
+- ``outputs`` cuts the model at those values before conversion. Nodes whose output shape
+  depends on input values (NonZero, NonMaxSuppression...) are refused in one error naming
+  them and that cut, unless their inputs fold to constants; an ``If`` is replaced by the
+  branch its constant condition selects (a run-time condition is refused).
 - Initializers become weight constants named like the ONNX initializer.
 - Tensor operands that the catalogue makes static (shapes, axes, pads, bounds, ...) must
   be constant after folding: a node whose inputs are all constant and whose outputs are
