@@ -14,9 +14,10 @@ Printed:
 - the bandwidth bound: weight bytes read per decoded token / this machine's measured read
   bandwidth (2 threads summing a 1 GiB array), and each engine's fraction of it;
 - with ``--llama-python PY`` (an interpreter with llama-cpp-python): llama.cpp's perplexity on
-  the same windows and its decode speed for Q4_0 and Q8_0 of the same float weights (written
-  as F32 GGUF by the ``gguf`` writer via llama.cpp's own ``convert_hf_to_gguf.py`` when given
-  ``--convert``, else from the Q4_1 file's dequantized tensors), each in its own process.
+  the same windows and its decode speed for Q4_0 and Q8_0 of the same float weights, each in
+  its own process. The Q4_0 / Q8_0 files come from llama.cpp's own quantizer, fed the Q4_1
+  file (``allow_requantize``: it dequantizes to f32 first, i.e. the float model), or an F32
+  GGUF written by llama.cpp's ``convert_hf_to_gguf.py`` when ``--convert`` names it.
 
 Run: ``python bench/llm_decode.py`` (about 10 minutes on 2 cores; packages are kept in
 ``--work`` and reused with ``--reuse``).
@@ -164,6 +165,8 @@ def worker_llama_quantize(src: str, dst: str, kind: str) -> dict:
              "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
+    params.allow_requantize = True   # from the Q4_1 file: dequantized to f32 first, i.e. the
+    #                                  float model's weights
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
     return {"rc": int(rc)}
 
@@ -264,16 +267,17 @@ def bench(a: argparse.Namespace) -> int:
     with torch.no_grad():
         ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
     if a.llama_python:
-        rows.update(llama_rows(a, hf, tok, windows, prompt, work))
+        rows.update(llama_rows(a, hf, tok, windows, prompt, work, gguf))
     bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
     report(rows, ref, bw)
     return 0
 
 
-def llama_rows(a, hf, tok, windows, prompt, work: Path) -> dict:
+def llama_rows(a, hf, tok, windows, prompt, work: Path, gguf: str) -> dict:
     wfile = work / "windows.json"
     wfile.write_text(json.dumps(windows))
-    f32 = write_f32_gguf(hf, tok, work / "llama", a.convert)
+    (work / "llama").mkdir(parents=True, exist_ok=True)
+    f32 = write_f32_gguf(hf, tok, work / "llama", a.convert) if a.convert else Path(gguf)
     out = {}
     for kind in ("Q4_0", "Q8_0"):
         dst = work / "llama" / f"smollm2-{kind}.gguf"
