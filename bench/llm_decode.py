@@ -17,7 +17,9 @@ Printed:
   the same windows and its decode speed for Q4_0 and Q8_0 of the same float weights, each in
   its own process. The Q4_0 / Q8_0 files come from llama.cpp's own quantizer, fed the Q4_1
   file (``allow_requantize``: it dequantizes to f32 first, i.e. the float model), or an F32
-  GGUF written by llama.cpp's ``convert_hf_to_gguf.py`` when ``--convert`` names it.
+  GGUF written by llama.cpp's ``convert_hf_to_gguf.py`` when ``--convert`` names it;
+- with ``--ort-genai-python PY``: onnxruntime-genai's int4 CPU model built from the same float
+  weights by its ``models.builder`` (its defaults), decode and prefill speed in its own process.
 
 Run: ``python bench/llm_decode.py`` (about 10 minutes on 2 cores; packages are kept in
 ``--work`` and reused with ``--reuse``).
@@ -171,24 +173,73 @@ def worker_llama_quantize(src: str, dst: str, kind: str) -> dict:
     return {"rc": int(rc)}
 
 
-def write_f32_gguf(hf, tok, folder: Path, convert: str | None) -> Path:
-    """The float weights as an F32 GGUF, via llama.cpp's convert_hf_to_gguf.py."""
-    import torch  # noqa: F401
+def write_hf_folder(hf, tok, folder: Path) -> Path:
+    """The float model as a transformers folder (a GGUF-loaded model refuses
+    save_pretrained: its state_dict goes into a fresh model)."""
     from transformers import LlamaForCausalLM
 
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "smollm2-f32.gguf"
-    if out.exists():
-        return out
-    fresh = LlamaForCausalLM(hf.config)   # a GGUF-loaded model refuses save_pretrained
+    if (folder / "config.json").exists():
+        return folder
+    fresh = LlamaForCausalLM(hf.config)
     fresh.load_state_dict(hf.state_dict())
     fresh.config.quantization_config = None
-    hfdir = folder / "hf"
-    fresh.save_pretrained(hfdir)
-    tok.save_pretrained(hfdir)
-    subprocess.run([sys.executable, convert, str(hfdir), "--outtype", "f32", "--outfile",
-                    str(out)], check=True, capture_output=True)
+    fresh.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_f32_gguf(hf, tok, folder: Path, convert: str) -> Path:
+    """The float weights as an F32 GGUF, via llama.cpp's convert_hf_to_gguf.py."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "smollm2-f32.gguf"
+    if not out.exists():
+        hfdir = write_hf_folder(hf, tok, folder / "hf")
+        subprocess.run([sys.executable, convert, str(hfdir), "--outtype", "f32", "--outfile",
+                        str(out)], check=True, capture_output=True)
     return out
+
+
+# -- onnxruntime-genai (run under --ort-genai-python) ------------------------------------------
+def worker_ortgenai(model_dir: str, prompt: list[int], new: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(model_dir)
+
+    def run() -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        t1 = time.perf_counter()
+        steps = 0
+        while not gen.is_done() and steps < new:
+            gen.generate_next_token()
+            steps += 1
+        t2 = time.perf_counter()
+        return len(prompt) / (t1 - t0), (steps - 1) / (t2 - t1)
+
+    run()                                  # warm up
+    pre, dec = run()
+    size = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file())
+    return {"decode_tok_s": dec, "prefill_tok_s": pre, "peak_rss_mib": peak_rss_mib(),
+            "package_bytes": size}
+
+
+def ortgenai_row(a, hf, tok, prompt, work: Path) -> dict:
+    hfdir = write_hf_folder(hf, tok, work / "hf")
+    out = work / "ort-genai-int4"
+    if not (out / "genai_config.json").exists():
+        subprocess.run([a.ort_genai_python, "-m", "onnxruntime_genai.models.builder", "-i",
+                        str(hfdir), "-o", str(out), "-p", "int4", "-e", "cpu"], check=True,
+                       capture_output=True, timeout=3600)
+    row = run_worker(["--worker", "ortgenai", str(out), json.dumps(prompt), str(a.new)],
+                     a.ort_genai_python)
+    row["weight_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".data"
+                              or f.name.endswith(".onnx.data")) or row["package_bytes"]
+    row["ppl"] = float("nan")
+    print(f"  onnxruntime-genai int4: decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+    return {"ort-genai int4": row}
 
 
 # -- main -------------------------------------------------------------------------------
@@ -206,6 +257,9 @@ def main() -> int:
     p.add_argument("--reuse", action="store_true", help="reuse packages already in --work")
     p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
     p.add_argument("--convert", default=None, help="llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--ort-genai-python", default=None,
+                   help="a Python with onnxruntime-genai and onnx-ir (its int4 CPU model is "
+                        "built from the float weights by its models.builder)")
     a = p.parse_args()
     if a.worker:
         kind, *rest = a.worker
@@ -215,11 +269,29 @@ def main() -> int:
             out = worker_bandwidth()
         elif kind == "llama":
             out = worker_llama(rest[0], rest[1], json.loads(rest[2]), int(rest[3]))
+        elif kind == "ortgenai":
+            out = worker_ortgenai(rest[0], json.loads(rest[1]), int(rest[2]))
         else:
             out = worker_llama_quantize(*rest)
         print(json.dumps(out))
         return 0
     return bench(a)
+
+
+def quantized(spec, scheme: str, calib: str, work: Path):
+    """The spec quantized by ``scheme`` (GPTQ takes minutes: kept in ``work``)."""
+    import pickle
+
+    from compiler.llm.quantize import parse_scheme, quantize_spec
+
+    if scheme == "f32":
+        return spec
+    cache = work / f"spec-{scheme}.pkl"
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    q = quantize_spec(spec, parse_scheme(scheme), calibration=calib)
+    cache.write_bytes(pickle.dumps(q))
+    return q
 
 
 def bench(a: argparse.Namespace) -> int:
@@ -246,9 +318,8 @@ def bench(a: argparse.Namespace) -> int:
         pkg = work / f"smol-{scheme}.npkg"
         t0 = time.perf_counter()
         if not (a.reuse and pkg.exists()):
-            compile_llm(spec, max_context=max(a.window, a.prompt + a.new + 1), chunk=32,
-                        quantize=None if scheme == "f32" else scheme, calibration=calib,
-                        output=pkg)
+            compile_llm(quantized(spec, scheme, calib, work), chunk=32,
+                        max_context=max(a.window, a.prompt + a.new + 1), output=pkg)
         from runtime.llm import load
 
         m = load(pkg)
@@ -268,6 +339,8 @@ def bench(a: argparse.Namespace) -> int:
         ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
     if a.llama_python:
         rows.update(llama_rows(a, hf, tok, windows, prompt, work, gguf))
+    if a.ort_genai_python:
+        rows.update(ortgenai_row(a, hf, tok, prompt, work))
     bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
     report(rows, ref, bw)
     return 0

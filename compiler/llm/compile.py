@@ -91,7 +91,8 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
                           "layers": spec.layers, "kv_heads": spec.kv_heads,
                           "head_dim": spec.head_dim, "max_context": max_context,
                           "chunk": chunk, "bos_id": spec.bos_id, "eos_ids": spec.eos_ids,
-                          "chat_template": spec.chat_template, "quantize": quantize},
+                          "chat_template": spec.chat_template,
+                          "quantize": spec.scheme},
                 "state": state, "graphs": graphs}
     from runtime.llm_package import write_llm_package
 

@@ -57,6 +57,7 @@ class LlmSpec:
     eos_ids: list[int] = field(default_factory=list)
     name: str = "llm"
     quant: dict[str, tuple[int, int]] = field(default_factory=dict)  # prefix -> (bits, group)
+    scheme: str | None = None  # the quantization that made ``quant`` (e.g. "int4-g32-gptq")
 
 
 def load_transformers(source: str | os.PathLike) -> tuple[Any, Any]:

@@ -94,7 +94,9 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
         q, s = quantize_rtn(head, 8, head.shape[1])
         weights["lm_head.wq"], weights["lm_head.scales"] = q, s
         quant["lm_head"] = (8, head.shape[1])
-    return replace(spec, weights=weights, quant=quant)
+    label = f"int{scheme.bits}" + (f"-g{scheme.group}" if scheme.group else "") \
+        + ("" if scheme.method == "rtn" else f"-{scheme.method}")
+    return replace(spec, weights=weights, quant=quant, scheme=label)
 
 
 def quantize_asym(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
