@@ -1,30 +1,30 @@
-"""Latency of compiled models vs onnxruntime and torch eager, measured side by side, batch 1.
+"""Latency of compiled models vs onnxruntime and torch eager, each at its own defaults, batch 1.
 
-    python bench/models.py [--models minilm,resnet50,mobilenet_v2,gpt2] [--repeat N] [--spin]
+    python bench/models.py [--models minilm,resnet50,mobilenet_v2,gpt2] [--rounds 3]
+                           [--repeat 20] [--same-process --no-spin]
 
-Per model, one child process (so its peak RSS is its own) holds three runtimes and times
-them interleaved: every repetition runs ours, onnxruntime, then torch once each, so machine
-drift (other jobs on the 2 cores) hits all three alike.
+Each engine runs in its own process, as a user would run it, with the settings it ships with:
 
-- ours: ``compiler.compile(ONNX file, target="host")``, the same ONNX file onnxruntime runs;
-  TVM kernels with 2 threads (TVM_NUM_THREADS=2).
-- onnxruntime: CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=2.
-- torch eager: ``torch.set_num_threads(2)``, ``torch.inference_mode()``.
+- npucc: ``runtime.load`` of the package ``compile(ONNX file, target="host")`` wrote (the
+  detected CPU; TVM's thread pool sized to the target's cores, TVM's default spinning);
+- onnxruntime: ``InferenceSession(path, providers=["CPUExecutionProvider"])`` with default
+  ``SessionOptions`` (ORT_ENABLE_ALL, intra-op threads = physical cores, spinning pool);
+- torch eager: default threads, ``torch.inference_mode()``.
 
-The three thread pools live in one process, and by default each busy-waits after a call
-(TVM's pool, OpenMP under torch, onnxruntime's intra-op pool): the idle spinners of one
-runtime then steal the two cores from the next one. Spinning is therefore turned off for all
-three (TVM_THREAD_POOL_SPIN_COUNT=0, OMP_WAIT_POLICY=PASSIVE, onnxruntime
-``session.intra_op.allow_spinning=0``); ``--spin`` keeps the defaults.
+A first child per model builds the model, exports the ONNX file, compiles and saves our
+package, and checks our outputs against onnxruntime's. Then ``--rounds`` rounds alternate the
+engines (npucc, onnxruntime, torch, npucc, ...), each round a fresh process per engine timing
+``--repeat`` calls after warm-up, so drift on the machine hits every engine alike. Reported:
+the median and p90 over all rounds' calls, ours / onnxruntime and ours / torch, and each
+engine process's peak RSS.
+
+``--same-process`` keeps the older mode: the three runtimes in one process, interleaved call
+by call, with every pool's spinning turned off (``--no-spin``, the default there) so idle
+spinners of one runtime do not steal the cores of the next; it is not the engines' default.
 
 Models: MiniLM-L6 (trained, seq 128); resnet50 (onnx's light model with seeded random weights:
 torch is skipped, no torch module with these weights exists here); MobileNetV2 (224x224);
 the GPT-2-style decoder ("bench" config: 4 layers, d 256, seq 64).
-
-Printed per model: median / p90 latency of each runtime, ours / onnxruntime (medians),
-compile time, arena bytes vs the live-set lower bound, peak RSS of the child process, the
-largest relative difference of our outputs from onnxruntime's, and the five slowest kernels
-from ``m.profile``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("minilm", "resnet50", "mobilenet_v2", "gpt2")
-THREADS = 2
+THREADS = 2          # --same-process mode only: every runtime pinned to 2 threads
+ENGINES = ("npucc", "onnxruntime", "torch")
 
 
 # -- the models (child process) --------------------------------------------------------
@@ -109,6 +110,15 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM (Linux; ru_maxrss would include the RSS of the parent
+    that forked it), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -181,6 +191,114 @@ def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False,
     }
 
 
+# -- separate processes at default settings (children) -----------------------------------
+def _work_dir(name: str) -> Path:
+    from examples.models import cache_dir
+
+    d = cache_dir() / f"bench-models-{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def prepare(name: str) -> dict[str, Any]:
+    """Child: build, export, compile and save; outputs checked against onnxruntime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compiler import compile as npucc_compile
+
+    path, feeds, run_torch, desc = BUILDERS[name]()
+    t0 = time.perf_counter()
+    m = npucc_compile(path, target="host", progress=False)
+    compile_s = time.perf_counter() - t0
+    d = _work_dir(name)
+    pkg = m.save(d / "model.npkg")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    np.savez(d / "inputs.npz", **{n: feeds[n] for n in names})
+    our_feeds = dict(zip(m.input_names, (feeds[n] for n in names), strict=True))
+    ours = m.run(our_feeds)
+    theirs = sess.run(None, {n: feeds[n] for n in names})
+    prof = m.profile(our_feeds, repeat=5)
+    top = sorted(prof.steps, key=lambda st: -st.median_ms)[:5]
+    diff = max(float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
+               for a, b in zip(ours, theirs, strict=False))
+    s = m.stats()
+    return {"model": name, "desc": desc, "onnx": str(path), "package": str(pkg),
+            "inputs": str(d / "inputs.npz"), "input_names": names,
+            "torch": run_torch is not None, "compile_s": compile_s,
+            "compile_phases": s["compile_seconds"], "arena_bytes": s["arena_bytes"],
+            "lower_bound_bytes": s["lower_bound_bytes"], "naive_bytes": s["naive_bytes"],
+            "weight_bytes": s["weight_bytes"], "steps": s["steps"],
+            "max_rel_diff_vs_ort": diff, "profile_total_ms": prof.total_ms,
+            "profile_kernel_ms": prof.kernel_ms,
+            "top_kernels": [{"node": k.node, "op": k.op, "kernel": k.kernel, "ms": k.median_ms}
+                            for k in top]}
+
+
+def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
+                ) -> dict[str, Any]:
+    """Child: load one engine at its defaults and time ``repeat`` calls (ms each)."""
+    import numpy as np
+
+    data = np.load(prep["inputs"])
+    feeds = {n: data[n] for n in prep["input_names"]}
+    if engine == "npucc":
+        import runtime
+
+        m = runtime.load(prep["package"])
+        ours = dict(zip(m.input_names, feeds.values(), strict=True))
+        call = lambda: m.run(ours)  # noqa: E731
+    elif engine == "onnxruntime":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(prep["onnx"], providers=["CPUExecutionProvider"])
+        call = lambda: sess.run(None, feeds)  # noqa: E731
+    else:
+        import torch
+
+        _, _, run_torch, _ = BUILDERS[prep["model"]]()
+
+        def call():
+            with torch.inference_mode():
+                return run_torch()
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"engine": engine, "times_ms": times, "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+                          text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def separate(name: str, rounds: int, repeat: int, env: dict[str, str]) -> dict[str, Any]:
+    """Parent: prepare once, then ``rounds`` rounds of one fresh process per engine."""
+    prep = _child(["--prepare", name], env)
+    engines = [e for e in ENGINES if e != "torch" or prep["torch"]]
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    rss: dict[str, int] = {e: 0 for e in engines}
+    for _ in range(rounds):
+        for e in engines:
+            r = _child(["--engine", e, "--prep", json.dumps(prep), "--repeat", str(repeat)],
+                       env)
+            times[e] += r["times_ms"]
+            rss[e] = max(rss[e], r["peak_rss_bytes"])
+    return {**prep, "repeat": repeat, "rounds": rounds, "mode": "separate processes, defaults",
+            "latency_ms": {e: {"median": _percentile(t, 50), "p90": _percentile(t, 90)}
+                           for e, t in times.items()},
+            "peak_rss_by_engine": rss, "peak_rss_bytes": rss["npucc"]}
+
+
 # -- the report (parent process) -------------------------------------------------------
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
@@ -188,17 +306,23 @@ def _mib(n: float) -> str:
 
 def report(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
-    lines = [f"== {r['model']}: {r['desc']}"]
-    lines.append(f"   {'runtime':<12} {'median ms':>10} {'p90 ms':>10}")
+    lines = [f"== {r['model']}: {r['desc']}", f"   mode: {r.get('mode', 'same process')}"]
+    rss = r.get("peak_rss_by_engine", {})
+    lines.append(f"   {'runtime':<12} {'median ms':>10} {'p90 ms':>10} {'peak RSS':>10}")
     for k, v in lat.items():
-        lines.append(f"   {k:<12} {v['median']:>10.2f} {v['p90']:>10.2f}")
+        mem = _mib(rss[k]) if k in rss else ""
+        lines.append(f"   {k:<12} {v['median']:>10.2f} {v['p90']:>10.2f} {mem:>10}")
     if "torch" not in lat:
         lines.append(f"   {'torch':<12} {'skipped':>10}")
     ratio = lat["npucc"]["median"] / lat["onnxruntime"]["median"]
+    vs_torch = (f", ours / torch: {lat['npucc']['median'] / lat['torch']['median']:.2f}x"
+                if "torch" in lat else "")
+    reps = (f"{r['rounds']} rounds x {r['repeat']} calls per engine" if "rounds" in r
+            else f"{r['repeat']} interleaved repetitions")
     ph = ", ".join(f"{k} {v:.1f}s" for k, v in r["compile_phases"].items())
     lines += [
-        f"   ours / onnxruntime: {ratio:.2f}x   (max rel diff of outputs "
-        f"{r['max_rel_diff_vs_ort']:.1e}, {r['repeat']} interleaved repetitions)",
+        f"   ours / onnxruntime: {ratio:.2f}x{vs_torch}   (max rel diff of outputs "
+        f"{r['max_rel_diff_vs_ort']:.1e}, {reps})",
         f"   compile {r['compile_s']:.1f} s ({ph})",
         f"   arena {_mib(r['arena_bytes'])} vs lower bound {_mib(r['lower_bound_bytes'])} "
         f"({r['arena_bytes'] / r['lower_bound_bytes']:.3f}x; naive {_mib(r['naive_bytes'])}), "
@@ -213,17 +337,21 @@ def report(r: dict[str, Any]) -> str:
 
 def summary(results: list[dict[str, Any]]) -> str:
     head = (f"{'model':<13} {'npucc':>9} {'ort':>9} {'torch':>9} {'ours/ort':>9} "
+            f"{'ours/torch':>10} "
             f"{'compile s':>10} {'arena/lb':>9} {'peak RSS':>10}")
     rows = [head, "-" * len(head)]
     for r in results:
         lat = r["latency_ms"]
         t = f"{lat['torch']['median']:>9.2f}" if "torch" in lat else f"{'-':>9}"
+        vt = (f"{lat['npucc']['median'] / lat['torch']['median']:>9.2f}x" if "torch" in lat
+              else f"{'-':>10}")
         rows.append(
             f"{r['model']:<13} {lat['npucc']['median']:>9.2f} {lat['onnxruntime']['median']:>9.2f}"
-            f" {t} {lat['npucc']['median'] / lat['onnxruntime']['median']:>8.2f}x "
+            f" {t} {lat['npucc']['median'] / lat['onnxruntime']['median']:>8.2f}x {vt} "
             f"{r['compile_s']:>10.1f} {r['arena_bytes'] / r['lower_bound_bytes']:>9.3f} "
             f"{_mib(r['peak_rss_bytes']):>10}")
-    rows.append("(median latency in ms, batch 1, 2 threads each)")
+    mode = results[0].get("mode", "same process, 2 threads each, no spinning")
+    rows.append(f"(median latency in ms, batch 1; {mode})")
     return "\n".join(rows)
 
 
@@ -231,15 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"comma-separated, from {', '.join(MODELS)}")
-    ap.add_argument("--repeat", type=int, default=30, help="interleaved repetitions")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (processes)")
+    ap.add_argument("--repeat", type=int, default=20, help="timed calls per engine and round")
+    ap.add_argument("--same-process", action="store_true",
+                    help="the three runtimes in one process, interleaved (not their defaults)")
     ap.add_argument("--spin", action="store_true",
-                    help="keep the thread pools' default busy-waiting (see the docstring)")
+                    help="with --same-process: keep the pools' busy-waiting")
     ap.add_argument("--gap-ms", type=float, default=20.0,
-                    help="idle time before each timed call (spinning pools go to sleep)")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one model, JSON
+                    help="with --same-process: idle time before each timed call")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)      # same-process child
+    ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # separate: build
+    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)   # separate: time one
+    ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         res = measure(args.one, args.repeat, spin=args.spin, gap_ms=args.gap_ms)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    if args.prepare:
+        print("RESULT " + json.dumps(prepare(args.prepare)), flush=True)
+        return 0
+    if args.engine:
+        res = time_engine(json.loads(args.prep), args.engine, args.repeat)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     from _common import cpu_header
@@ -249,23 +390,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
-    env = dict(os.environ, TVM_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("OMP_NUM_THREADS", None)
-    if not args.spin:
-        env.update(TVM_THREAD_POOL_SPIN_COUNT="0", OMP_WAIT_POLICY="PASSIVE")
+    if args.same_process:
+        env.update(TVM_NUM_THREADS=str(THREADS))
+        env.pop("OMP_NUM_THREADS", None)
+        if not args.spin:
+            env.update(TVM_THREAD_POOL_SPIN_COUNT="0", OMP_WAIT_POLICY="PASSIVE")
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--one", name, "--repeat", str(args.repeat),
-               "--gap-ms", str(args.gap_ms)]
-        proc = subprocess.run(cmd + (["--spin"] if args.spin else []), env=env,
-                              capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"== {name}: FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}",
-                  flush=True)
+        try:
+            if args.same_process:
+                results.append(_child(["--one", name, "--repeat", str(args.repeat),
+                                       "--gap-ms", str(args.gap_ms)]
+                                      + (["--spin"] if args.spin else []), env))
+            else:
+                results.append(separate(name, args.rounds, args.repeat, env))
+        except RuntimeError as e:
+            print(f"== {name}: FAILED\n{e}", flush=True)
             continue
-        results.append(json.loads(line[len("RESULT "):]))
         print(report(results[-1]), flush=True)
     if results:
         print()
