@@ -62,20 +62,12 @@ class CompileOptions:
 
 def import_model(model: Any, options: CompileOptions):
     """Any model form we accept → a verified Graph (a copy: the caller's object is untouched),
-    returning ``options.outputs`` when given."""
-    graph = _import(model, options)
-    if options.outputs:
-        from compiler.frontends import select_outputs
-
-        graph = select_outputs(graph, list(options.outputs))
-    return graph
-
-
-def _import(model: Any, options: CompileOptions):
+    returning ``options.outputs`` when given (ONNX and torch models are cut before
+    conversion, so what lies past the cut is never imported)."""
     from compiler.ir.graph import Graph
 
     if isinstance(model, Graph):
-        return model.copy()
+        return _cut(model.copy(), options)
     if isinstance(model, str | os.PathLike):
         path = Path(model)
         if not path.exists():
@@ -83,7 +75,7 @@ def _import(model: Any, options: CompileOptions):
         if path.suffix == ".ir":
             from compiler.ir import load
 
-            return load(path)
+            return _cut(load(path), options)
         from compiler.frontends import from_onnx
 
         return from_onnx(path, input_shapes=options.input_shapes, outputs=options.outputs)
@@ -97,9 +89,18 @@ def _import(model: Any, options: CompileOptions):
             raise NpuccError("a torch module needs example_inputs=(tensor, ...) to be traced")
         from compiler.frontends import from_torch
 
-        return from_torch(model, options.example_inputs, input_names=options.input_names)
+        return from_torch(model, options.example_inputs, input_names=options.input_names,
+                          outputs=options.outputs)
     raise NpuccError(f"cannot compile a {type(model).__name__}: give an .onnx or .ir path, an "
                      "onnx.ModelProto, a torch.nn.Module (with example_inputs) or a Graph")
+
+
+def _cut(graph, options: CompileOptions):
+    if not options.outputs:
+        return graph
+    from compiler.frontends import select_outputs
+
+    return select_outputs(graph, list(options.outputs))
 
 
 def _is_torch_module(model: Any) -> bool:

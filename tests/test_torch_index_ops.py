@@ -140,3 +140,39 @@ def test_writes_use_the_expected_ops():
     assert "scatter_nd" in ops["index_put_rows"]
     assert "where" in ops["masked_fill_by_index_put"]
     assert "gather_elements" in ops["gather_dim1"]
+
+
+class Detector(torch.nn.Module):
+    """A head, then post-processing whose output shape depends on the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.head(x))
+        keep = torch.nonzero(scores > 0.5)
+        return keep.float().sum(0)
+
+
+def test_data_dependent_shape_refused_naming_the_node_and_the_cut():
+    from compiler.errors import ImportError_
+
+    x = _r(4, 5)
+    with pytest.raises(ImportError_) as e:
+        from_torch(Detector().eval(), (x,))
+    msg = str(e.value)
+    assert "nonzero (aten.nonzero.default)" in msg and "data-dependent" in msg
+    assert "outputs=[...]" in msg and "'gt'" in msg
+
+
+def test_outputs_cut_before_post_processing(tmp_path):
+    x = _r(4, 5)
+    m = Detector().eval()
+    g = from_torch(m, (x,), outputs=["sigmoid"])
+    assert "nonzero" not in str(g) and [v.name for v in g.outputs] == ["sigmoid"]
+    cm = compile(m, example_inputs=(x,), outputs=["sigmoid"], work_dir=tmp_path)
+    (y,) = cm.run({g.inputs[0].name: x.numpy()})
+    with torch.no_grad():
+        want = torch.sigmoid(m.head(x)).numpy()
+    assert _rel_err(np.asarray(y), want) <= 1e-5

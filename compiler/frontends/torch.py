@@ -232,14 +232,17 @@ def supported_aten_ops() -> list[str]:
 
 
 def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | None = None,
-               *, name: str | None = None, fold_limit: int = FOLD_LIMIT) -> Graph:
+               *, name: str | None = None, fold_limit: int = FOLD_LIMIT,
+               outputs: Sequence[str] | None = None) -> Graph:
     """Import a ``torch.nn.Module`` (eval mode) as a verified :class:`Graph`.
 
     ``example_inputs``: a tensor or numpy array, a tuple/list of them (positional
     arguments of ``forward``), or a dict (keyword arguments). Their shapes and dtypes become
-    the graph's input types.
+    the graph's input types. ``outputs``: names of exported-program nodes to return instead
+    of the module's outputs; only what they need is imported.
     """
     from compiler.frontends._torch_ops import CONVERTERS
+    from compiler.frontends.cut import data_dependent_error, fx_data_dependent, fx_needed
 
     torch = _torch()
     ep = export_program(module, example_inputs)
@@ -256,6 +259,9 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
                            f"{len(user_inputs)} tensor input(s): {', '.join(user_inputs)}")
     rename = dict(zip(user_inputs, input_names or user_inputs, strict=True))
     unsupported: list[tuple[str, str, str]] = []
+    data_dependent: list[Any] = []
+    tainted: set[str] = set()
+    needed = fx_needed(ep.graph, list(outputs)) if outputs else None
     missing = object()
 
     for node in ep.graph.nodes:
@@ -308,6 +314,13 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
                 continue
             imp.env[node.name] = src[i]
             continue
+        if needed is not None and node.name not in needed:
+            imp.env[node.name] = missing  # past the cut
+            continue
+        if fx_data_dependent(node) or any(a.name in tainted for a in node.all_input_nodes):
+            tainted.add(node.name)  # shapes, or checks on shapes, that depend on values
+            if fx_data_dependent(node) and hasattr(node.meta.get("val"), "shape"):
+                data_dependent.append(node)
         key = str(node.target).removeprefix("aten.")
         conv = CONVERTERS.get(key)
         where = _module_path(node)
@@ -335,13 +348,19 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
                                f"{type(e).__name__}: {e}") from e
         imp.env[node.name] = result
 
+    if data_dependent and all(u[0] in tainted for u in unsupported):
+        raise data_dependent_error([f"{n.name} ({n.target})" for n in data_dependent],
+                                   [a.name for a in data_dependent[0].all_input_nodes])
     if unsupported:
         raise UnsupportedOpsError(unsupported)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = out_node.args[0]
     user_out = [s for s in sig.output_specs]
+    if outputs:
+        outs = [next(n for n in ep.graph.nodes if n.name == o) for o in outputs]
+        user_out = [None] * len(outs)
     for spec, o in zip(user_out, outs, strict=True):
-        if spec.kind != torch.export.graph_signature.OutputKind.USER_OUTPUT:
+        if spec is not None and spec.kind != torch.export.graph_signature.OutputKind.USER_OUTPUT:
             raise ImportError_(f"the module mutates {spec.target!r} in forward; "
                                "only pure (eval-mode) modules can be imported")
         v = imp.env.get(o.name) if isinstance(o, torch.fx.Node) else None
@@ -352,6 +371,8 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
             v = g.add("identity", v)
         g.outputs.append(v)
     g.remove_dead()
+    if outputs:
+        g.inputs = [v for v in g.inputs if v.uses or v in g.outputs]
     try:
         verify(g)
     except NpuccError as e:
