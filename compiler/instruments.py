@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from compiler.errors import NumericCheckError, PassVerificationError, VerificationError
 
 if TYPE_CHECKING:
-    from compiler.ir.graph import Graph
+    from compiler.ir.graph import Graph, Node
     from compiler.pass_base import Pass, PassResult
 
 __all__ = ["PassRun", "Instrument", "PrintIR", "Timing", "VerifyEach", "VerifyRoundtrip",
@@ -277,7 +277,20 @@ class Timing(Instrument):
 
 
 class VerifyEach(Instrument):
-    """Verify the input, then the graph every pass returns; a failure names the pass."""
+    """Verify the input, then the graph every pass returns; a failure names the pass.
+
+    After a pass the structure is checked whole and the per-node checks (attributes, type
+    inference) run on the nodes the pass created or changed (``node_signature``), so verifying
+    after every pass stays linear in what the passes do; the final graph is verified whole.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple] = {}
+
+    def _remember(self, graph: Graph) -> None:
+        from compiler.ir.verify import node_signature
+
+        self.seen = {id(n): (n, node_signature(graph, n)) for n in graph.nodes}
 
     def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
         from compiler.ir.verify import verify
@@ -287,14 +300,34 @@ class VerifyEach(Instrument):
         except VerificationError as e:
             raise VerificationError([f"the input graph (before any pass): {p}"
                                      for p in e.problems]) from None
+        self._remember(graph)
 
     def after(self, run: PassRun, result: PassResult) -> None:
+        from compiler.ir.verify import node_signature, verify
+
+        graph, seen = result.graph, self.seen
+        fresh: dict[int, tuple] = {}
+
+        def changed(n: Node) -> bool:
+            sig = node_signature(graph, n)
+            fresh[id(n)] = (n, sig)
+            old = seen.get(id(n))
+            return old is None or old[0] is not n or old[1] != sig
+
+        try:
+            verify(graph, recheck=changed)
+        except VerificationError as e:
+            raise PassVerificationError(run.text, run.index, e.problems) from None
+        self.seen = fresh
+
+    def finish(self, graph: Graph) -> None:
         from compiler.ir.verify import verify
 
         try:
-            verify(result.graph)
+            verify(graph)
         except VerificationError as e:
-            raise PassVerificationError(run.text, run.index, e.problems) from None
+            raise VerificationError([f"the pipeline's result: {p}" for p in e.problems]) \
+                from None
 
 
 class VerifyRoundtrip(Instrument):

@@ -36,6 +36,7 @@ from compiler.instruments import (
     VerifyEach,
     VerifyRoundtrip,
 )
+from compiler.ir.bulk import bulk_work
 from compiler.pass_base import Pass, PassContext, PassResult
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class PassManager:
         return next((i for i in self.instruments if isinstance(i, kind)), None)
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        with bulk_work():   # no full GC passes over the graph while it is rewritten
+            return self._run(graph, ctx)
+
+    def _run(self, graph: Graph, ctx: PassContext | None) -> Graph:
         ctx = ctx if ctx is not None else PassContext()
         insts = self.instruments
         for inst in insts:

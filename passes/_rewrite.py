@@ -79,11 +79,10 @@ def erase_dead(graph: Graph, nodes: Iterable[Node]) -> int:
     """
     stack = list(nodes)
     removed = 0
-    present = {id(n) for n in graph.nodes}
     refs: list[str] = []
     while stack:
         n = stack.pop()
-        if id(n) not in present:
+        if n not in graph.nodes:
             continue
         if any(v.uses or is_output(graph, v) for v in n.outputs):
             continue
@@ -91,14 +90,11 @@ def erase_dead(graph: Graph, nodes: Iterable[Node]) -> int:
         if n.op == "const" and n.attrs.get("ref"):
             refs.append(n.attrs["ref"])
         graph.remove_node(n)
-        present.discard(id(n))
         removed += 1
         stack.extend(producers)
-    if refs:
-        still = {n.attrs.get("ref") for n in graph.nodes if n.op == "const"}
-        for r in refs:
-            if r not in still:
-                graph.weights.pop(r, None)
+    for r in refs:
+        if not graph.weight_in_use(r):
+            graph.weights.pop(r, None)
     return removed
 
 

@@ -8,6 +8,7 @@ Fused nodes keep the name of the node they grew from, else the rule's name.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -40,6 +41,11 @@ def _weight_name(v: Value, suffix: str) -> str:
     return (ref or v.name) + suffix
 
 
+def _content_key(arr: np.ndarray) -> tuple:
+    digest = hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).digest()
+    return arr.shape, arr.dtype.str, digest
+
+
 class _TransposedWeights:
     """``w`` [K, N] → a const [N, K], computed once per weight; when the weight's array is not
     loaded (a graph parsed without weights) a ``transpose`` node is used instead."""
@@ -47,6 +53,7 @@ class _TransposedWeights:
     def __init__(self, graph: Graph, rule: str):
         self.graph, self.rule = graph, rule
         self.cache: dict[int, Value] = {}
+        self.by_content: dict[tuple, str] | None = None
 
     def get(self, w: Value, at: Node, scale: float = 1.0) -> Value | None:
         key = id(w)
@@ -61,7 +68,11 @@ class _TransposedWeights:
             t = arr.T * np.asarray(scale, arr.dtype) if scale != 1.0 else arr.T
             out = self._existing(t)
             if out is None:
-                out = _hoisted_const(self.graph, np.ascontiguousarray(t), _weight_name(w, ".T"))
+                t = np.ascontiguousarray(t)
+                out = _hoisted_const(self.graph, t, _weight_name(w, ".T"))
+                ref = out.producer.attrs.get("ref") if out.producer is not None else None
+                if ref and self.by_content is not None:
+                    self.by_content.setdefault(_content_key(t), ref)
         if scale == 1.0:
             self.cache[key] = out
         return out
@@ -69,13 +80,19 @@ class _TransposedWeights:
     def _existing(self, t: np.ndarray) -> Value | None:
         """A const of a weight equal to ``t`` when the graph has one: a tied embedding that
         the exporter stored again transposed for the output projection (ONNX exports of
-        tied LMs) becomes one weight again instead of two copies."""
-        for ref, arr in self.graph.weights.items():
-            if getattr(arr, "shape", None) == t.shape and arr.dtype == t.dtype \
-                    and np.array_equal(arr, t):
-                return self.graph.make_node("const", [], {"ref": ref}, types=[
-                    TensorType.of(np.asarray(arr))], before=self.graph.nodes[0]).output
-        return None
+        tied LMs) becomes one weight again instead of two copies. Weights are indexed by
+        shape, dtype and a digest of their bytes once, so each lookup is O(1)."""
+        if self.by_content is None:
+            self.by_content = {}
+            for ref, arr in self.graph.weights.items():
+                if isinstance(arr, np.ndarray):
+                    self.by_content.setdefault(_content_key(arr), ref)
+        ref = self.by_content.get(_content_key(t))
+        arr = self.graph.weights.get(ref) if ref is not None else None
+        if arr is None or not np.array_equal(arr, t):
+            return None
+        return self.graph.make_node("const", [], {"ref": ref}, types=[
+            TensorType.of(np.asarray(arr))], before=self.graph.nodes[0]).output
 
 
 def _as_bias(arr: np.ndarray | None, n: int, out_rank: int) -> np.ndarray | None:

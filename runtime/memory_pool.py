@@ -133,19 +133,21 @@ class MemoryPlan:
                 problems.append(f"tensor {name!r} ends at {off + self.sizes[name]}, past the "
                                 f"arena ({self.arena_bytes} bytes)")
         shared = {(a, r) for _, a, r in self.inplace} | {(r, a) for _, a, r in self.inplace}
-        names = sorted(self.offsets, key=lambda n: self.offsets[n])
-        for i, a in enumerate(names):
-            a0, a1 = self.offsets[a], self.offsets[a] + self.sizes[a]
-            for b in names[i + 1:]:
-                b0 = self.offsets[b]
-                if b0 >= a1:
-                    break
-                if self.sizes[b] == 0 or self.sizes[a] == 0 or (a, b) in shared:
-                    continue
-                (f1, l1), (f2, l2) = self.lifetimes[a], self.lifetimes[b]
-                if f1 <= l2 and f2 <= l1:
-                    problems.append(f"tensors {a!r} [{a0}, {a1}) live {f1}..{l1} and {b!r} "
-                                    f"[{b0}, {b0 + self.sizes[b]}) live {f2}..{l2} overlap")
+        live = [n for n, off in self.offsets.items()
+                if isinstance(off, int) and off >= 0 and self.sizes[n] and n in self.lifetimes]
+        if live:
+            index = _Lifetimes(min(self.lifetimes[n][0] for n in live),
+                               max(self.lifetimes[n][1] for n in live))
+            for b in live:
+                f2, l2 = self.lifetimes[b]
+                b0, b1 = self.offsets[b], self.offsets[b] + self.sizes[b]
+                for a in index.overlapping(f2, l2):
+                    a0, a1 = self.offsets[a], self.offsets[a] + self.sizes[a]
+                    if a0 < b1 and b0 < a1 and (a, b) not in shared:
+                        f1, l1 = self.lifetimes[a]
+                        problems.append(f"tensors {a!r} [{a0}, {a1}) live {f1}..{l1} and "
+                                        f"{b!r} [{b0}, {b1}) live {f2}..{l2} overlap")
+                index.add(b, f2, l2)
         if problems:
             raise PlanError("invalid memory plan:\n  " + "\n  ".join(problems))
 
@@ -279,16 +281,67 @@ def _lower_bound(buffers: Sequence[_Buffer]) -> int:
     return peak
 
 
+class _Lifetimes:
+    """Buffers indexed by lifetime, to find those alive during ``[first, last]`` without
+    scanning every buffer (which made planning, and checking a plan, quadratic in the number
+    of steps).
+
+    A buffer overlaps ``[a, b]`` if it is alive at ``a`` or starts inside ``(a, b]``. Short
+    buffers (most: a value read by the next few steps) are listed at every step they live;
+    long ones sit at O(log T) nodes of a segment tree over the steps, found by a stabbing
+    query. A query costs O(1 + (b - a) + k), plus O(log T) when long buffers exist.
+    """
+
+    SHORT = 64
+
+    def __init__(self, first: int, last: int):
+        self.base = first
+        self.size = 1 << max(1, (last - first + 1).bit_length())
+        self.tree: dict[int, list] = {}
+        self.live: dict[int, list] = {}
+        self.starts: dict[int, list] = {}
+
+    def add(self, item, first: int, last: int) -> None:
+        self.starts.setdefault(first, []).append(item)
+        if last - first < self.SHORT:
+            for t in range(first, last + 1):
+                self.live.setdefault(t, []).append(item)
+            return
+        lo, hi = first - self.base + self.size, last - self.base + self.size + 1
+        while lo < hi:
+            if lo & 1:
+                self.tree.setdefault(lo, []).append(item)
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                self.tree.setdefault(hi, []).append(item)
+            lo >>= 1
+            hi >>= 1
+
+    def overlapping(self, first: int, last: int) -> list:
+        found = list(self.live.get(first, ()))
+        if self.tree:
+            i = first - self.base + self.size
+            while i:
+                found.extend(self.tree.get(i, ()))
+                i >>= 1
+        starts = self.starts
+        for t in range(first + 1, last + 1):
+            found.extend(starts.get(t, ()))
+        return found
+
+
 def _place(buffers: Sequence[_Buffer], key) -> int:
     """Greedy placement in ``key`` order, best fit among the gaps; returns the arena size."""
-    placed: list[_Buffer] = []
+    if not buffers:
+        return 0
+    index = _Lifetimes(min(b.first for b in buffers), max(b.last for b in buffers))
     top = 0
     for b in sorted(buffers, key=key):
         if b.size == 0:
             b.offset = 0
             continue
-        conflicts = sorted((p for p in placed if p.first <= b.last and b.first <= p.last),
-                           key=lambda p: p.offset)
+        conflicts = sorted(index.overlapping(b.first, b.last), key=lambda p: p.offset)
         best_off, best_gap, end = -1, -1, 0
         for p in conflicts:
             gap = p.offset - end
@@ -296,6 +349,6 @@ def _place(buffers: Sequence[_Buffer], key) -> int:
                 best_off, best_gap = end, gap
             end = max(end, p.offset + p.size)
         b.offset = best_off if best_off >= 0 else end
-        placed.append(b)
+        index.add(b, b.first, b.last)
         top = max(top, b.offset + b.size)
     return top

@@ -21,7 +21,7 @@ import numpy as np
 from compiler.errors import OpError
 from compiler.ir.types import TensorType
 
-__all__ = ["Value", "Node", "Graph"]
+__all__ = ["Value", "Node", "NodeList", "Graph"]
 
 
 class Value:
@@ -54,7 +54,7 @@ class Value:
 class Node:
     """An operation: op name, operands, results, attributes, optional device annotation."""
 
-    __slots__ = ("op", "inputs", "outputs", "attrs", "name", "device")
+    __slots__ = ("op", "inputs", "outputs", "attrs", "name", "device", "_list", "_prev", "_next")
 
     def __init__(self, op: str, inputs: Iterable[Value], outputs: Iterable[Value],
                  attrs: dict[str, Any] | None = None, name: str = "", device: str | None = None):
@@ -64,6 +64,9 @@ class Node:
         self.attrs: dict[str, Any] = dict(attrs or {})
         self.name = name
         self.device = device
+        self._list: NodeList | None = None       # the graph's node list holding it (links)
+        self._prev: Node | None = None
+        self._next: Node | None = None
         for v in self.inputs:
             v.uses.append(self)
         for v in self.outputs:
@@ -101,6 +104,164 @@ class Node:
         return f"<Node {self.label}>"
 
 
+class NodeList:
+    """A graph's nodes in order: an intrusive doubly linked list (as MLIR's op lists).
+
+    Membership, ``remove``, ``insert_before`` and ``append`` are O(1), so a pass that rewrites
+    k nodes of an n-node graph costs O(n + k), never O(n k). Iteration follows the links and
+    sees nodes appended meanwhile; a removed node keeps its forward link, so an iteration
+    standing on it goes on. Indexing other than ``[0]``/``[-1]``, slicing and ``index`` use a
+    snapshot list kept until the next insertion or removal (appends extend it). It also
+    counts the ``const`` nodes naming each weight, so a rewrite can tell in O(1) whether a
+    weight is still referenced.
+    """
+
+    __slots__ = ("_head", "_tail", "_len", "_snap", "_index", "_refs")
+
+    def __init__(self, nodes: Iterable[Node] = ()):
+        self._head: Node | None = None
+        self._tail: Node | None = None
+        self._len = 0
+        self._snap: list[Node] | None = None
+        self._index: dict[int, int] | None = None
+        self._refs: dict[str, int] = {}
+        for n in nodes:
+            self.append(n)
+
+    # -- mutation ----------------------------------------------------------------------
+    def _adopt(self, node: Node) -> None:
+        if node._list is not None:
+            where = "this" if node._list is self else "another"
+            raise ValueError(f"{node.label} is already in {where} graph")
+        node._list = self
+        self._len += 1
+        ref = node.attrs.get("ref") if node.op == "const" else None
+        if ref:
+            self._refs[ref] = self._refs.get(ref, 0) + 1
+
+    def append(self, node: Node) -> None:
+        self._adopt(node)
+        node._prev, node._next = self._tail, None
+        if self._tail is None:
+            self._head = node
+        else:
+            self._tail._next = node
+        self._tail = node
+        if self._snap is not None:
+            if self._index is not None:
+                self._index[id(node)] = len(self._snap)
+            self._snap.append(node)
+
+    def insert_before(self, anchor: Node, node: Node) -> None:
+        """Put ``node`` just before ``anchor``."""
+        if anchor._list is not self:
+            raise ValueError(f"{anchor.label} is not in the graph")
+        self._adopt(node)
+        node._prev, node._next = anchor._prev, anchor
+        if anchor._prev is None:
+            self._head = node
+        else:
+            anchor._prev._next = node
+        anchor._prev = node
+        self._snap = self._index = None
+
+    def insert(self, i: int, node: Node) -> None:
+        """List-style insert before position ``i``."""
+        if i >= self._len:
+            self.append(node)
+        else:
+            self.insert_before(self[i], node)
+
+    def remove(self, node: Node) -> None:
+        if node._list is not self:
+            raise ValueError(f"{node.label} is not in the graph")
+        prev, nxt = node._prev, node._next
+        if prev is None:
+            self._head = nxt
+        else:
+            prev._next = nxt
+        if nxt is None:
+            self._tail = prev
+        else:
+            nxt._prev = prev
+        node._list = node._prev = None   # _next stays: an iteration standing here goes on
+        self._len -= 1
+        ref = node.attrs.get("ref") if node.op == "const" else None
+        if ref:
+            self._refs[ref] -= 1
+            if not self._refs[ref]:
+                del self._refs[ref]
+        self._snap = self._index = None
+
+    def reverse(self) -> None:
+        nodes = list(self)
+        self.release()
+        for n in reversed(nodes):
+            self.append(n)
+
+    def release(self) -> None:
+        """Empty the list, leaving its nodes free to join another (a reordered copy)."""
+        for n in list(self):
+            n._list = n._prev = n._next = None
+        self._head = self._tail = None
+        self._len, self._refs = 0, {}
+        self._snap = self._index = None
+
+    def references(self, ref: str) -> int:
+        """How many ``const`` nodes read weight ``ref``."""
+        return self._refs.get(ref, 0)
+
+    # -- reading -----------------------------------------------------------------------
+    def _list(self) -> list[Node]:
+        if self._snap is None:
+            self._snap = list(self)
+        return self._snap
+
+    def index(self, node: Node) -> int:
+        if node._list is not self:
+            raise ValueError(f"{node.label} is not in the graph")
+        snap = self._list()
+        if self._index is None:
+            self._index = {id(n): i for i, n in enumerate(snap)}
+        return self._index[id(node)]
+
+    def __contains__(self, node: object) -> bool:
+        return getattr(node, "_list", None) is self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Node]:
+        n = self._head
+        while n is not None:
+            if n._list is self:
+                yield n
+            n = n._next
+
+    def __reversed__(self) -> Iterator[Node]:
+        return reversed(self._list())
+
+    def __getitem__(self, i):
+        if i == 0 and self._head is not None:
+            return self._head
+        if i == -1 and self._tail is not None:
+            return self._tail
+        return self._list()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NodeList | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NodeList({list(self)!r})"
+
+
 _NAME_OK = re.compile(r"[A-Za-z0-9_.\-/]+\Z")
 
 
@@ -111,10 +272,26 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
-        self.nodes: list[Node] = []
+        self.nodes = NodeList()
         self.weights: dict[str, np.ndarray] = {}
         self._names: set[str] = set()
         self._counter = 0
+
+    @property
+    def nodes(self) -> NodeList:
+        """The nodes in topological order (a :class:`NodeList`; assign any iterable)."""
+        return self._nodes
+
+    @nodes.setter
+    def nodes(self, nodes: Iterable[Node]) -> None:
+        if isinstance(nodes, NodeList):
+            self._nodes = nodes
+            return
+        nodes = list(nodes)
+        old = getattr(self, "_nodes", None)
+        if old is not None:
+            old.release()
+        self._nodes = NodeList(nodes)
 
     # -- construction ---------------------------------------------------------------
     def unique_name(self, base: str | None = None) -> str:
@@ -160,7 +337,7 @@ class Graph:
         if before is None:
             self.nodes.append(node)
         else:
-            self.nodes.insert(self.nodes.index(before), node)
+            self.nodes.insert_before(before, node)
         return node
 
     def add(self, op: str, *inputs: Value, name: str = "", before: Node | None = None,
@@ -207,6 +384,10 @@ class Graph:
         if node.attrs.get("value") is not None:
             return node.attrs["value"]
         return self.weights.get(node.attrs.get("ref", ""))
+
+    def weight_in_use(self, ref: str) -> bool:
+        """Whether a ``const`` node of this graph still reads weight ``ref``."""
+        return self.nodes.references(ref) > 0
 
     def values(self) -> Iterator[Value]:
         yield from self.inputs

@@ -18,11 +18,13 @@ from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from compiler.errors import NpuccError, OpError, ParseError
+from compiler.ir.bulk import bulk_work
+from compiler.ir.fastparse import NotFast, parse_fast
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op, has_op
 from compiler.ir.types import TensorType, to_numpy_dtype
 
-__all__ = ["parse"]
+__all__ = ["parse", "parse_with_lark"]
 
 _TOKEN_NAMES = {
     "VALUE": "a value like %x", "GRAPH_NAME": "a graph name like @main", "OP_NAME": "an op name",
@@ -49,7 +51,22 @@ def _describe_expected(expected) -> str:
 
 def parse(text: str, weights: Mapping[str, np.ndarray] | None = None,
           source: str | None = None) -> Graph:
-    """Parse IR text into a verified-shape Graph. Raises ParseError with line:column."""
+    """Parse IR text into a verified-shape Graph. Raises ParseError with line:column.
+
+    Text in the printer's layout takes the linear-time fast path (``fastparse``); anything
+    else, and every error, is read by lark, which reports the exact position."""
+    with bulk_work():
+        try:
+            return parse_fast(text, weights)
+        except NotFast:
+            pass
+        return parse_with_lark(text, weights, source)
+
+
+def parse_with_lark(text: str, weights: Mapping[str, np.ndarray] | None = None,
+                    source: str | None = None) -> Graph:
+    """The reference parser: lark's LALR parser over ``grammar.lark`` (any layout, comments,
+    exact error positions). ``parse`` uses it for what the fast path does not take."""
     try:
         tree = _lark().parse(text)
     except UnexpectedCharacters as e:

@@ -8,12 +8,14 @@ weights referenced by ``const`` nodes against their arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from compiler.errors import NpuccError, OpError, VerificationError
 from compiler.ir.graph import Graph, Node
 from compiler.ir.registry import get_op, has_op
 from compiler.ir.types import TensorType
 
-__all__ = ["verify", "verify_node"]
+__all__ = ["verify", "verify_node", "node_signature"]
 
 
 def _find_cycle(graph: Graph) -> list[Node] | None:
@@ -74,12 +76,24 @@ def verify_node(graph: Graph, node: Node) -> None:
             raise OpError(f"result {i} is declared {d} but the op infers {t}")
 
 
-def verify(graph: Graph) -> None:
-    """Raise VerificationError listing every problem found (each names its node)."""
+def node_signature(graph: Graph, node: Node) -> tuple:
+    """What the per-node checks of ``node`` depend on, by identity: op, attribute values,
+    operands and their types, result types, and a const's weight array. Equal signatures
+    before and after a pass mean the pass did not touch the node (attribute values are
+    replaced, not mutated in place, by the passes)."""
+    weight = graph.weights.get(node.attrs.get("ref") or "") if node.op == "const" else None
+    return (node.op, id(weight), tuple(map(id, node.attrs.values())), tuple(map(id, node.inputs)),
+            tuple(v.type for v in node.inputs), tuple(v.type for v in node.outputs))
+
+
+def verify(graph: Graph, recheck: Callable[[Node], bool] | None = None) -> None:
+    """Raise VerificationError listing every problem found (each names its node).
+
+    ``recheck``: when given, only nodes it accepts get the per-node checks (op, attributes,
+    type inference, weights); the structure (order, definitions, outputs) is always checked
+    whole. The pass manager passes the nodes a pass created or changed."""
     problems: list[str] = []
-    cycle = _find_cycle(graph)
-    if cycle:
-        raise VerificationError("cycle: " + " -> ".join(n.label for n in cycle + cycle[:1]))
+    out_of_order = False   # a cycle shows as a use before definition: searched only then
     defined: set[int] = {id(v) for v in graph.inputs}
     names: dict[str, str] = {}
     for v in graph.inputs:
@@ -89,6 +103,7 @@ def verify(graph: Graph) -> None:
     for node in graph.nodes:
         for v in node.inputs:
             if id(v) not in defined:
+                out_of_order |= v.producer is not None
                 where = "is never defined" if v.producer is None else \
                     f"is defined later, by {v.producer.label}"
                 problems.append(f"{node.label}: uses %{v.name}, which {where}")
@@ -99,10 +114,15 @@ def verify(graph: Graph) -> None:
                 problems.append(f"{node.label}: redefines %{v.name}")
             names[v.name] = node.label
             defined.add(id(v))
+        if recheck is not None and not recheck(node):
+            continue
         try:
             verify_node(graph, node)
         except NpuccError as e:
             problems.append(f"{node.label}: {e}")
+    cycle = _find_cycle(graph) if out_of_order else None
+    if cycle:
+        raise VerificationError("cycle: " + " -> ".join(n.label for n in cycle + cycle[:1]))
     for i, v in enumerate(graph.outputs):
         if id(v) not in defined:
             problems.append(f"output {i} (%{v.name}) is dangling: no node or input defines it")

@@ -1,0 +1,187 @@
+"""Compile time linear in graph size: the node list, the fast text path, the memory planner.
+
+``bench/compile_scaling.py`` prints the figures (10k to 1M nodes); these tests pin the pieces
+that made it quadratic, and that the fast path builds exactly what lark's parser builds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.ir import parse
+from compiler.ir.fastparse import NotFast, parse_fast
+from compiler.ir.graph import Graph, Node, NodeList, Value
+from compiler.ir.printer import print_graph
+from compiler.ir.types import TensorType
+from runtime.memory_pool import PlanStep, PlanTensor, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from compile_scaling import synthetic  # noqa: E402
+
+
+def _node(i: int) -> Node:
+    return Node("relu", [], [Value(f"v{i}", TensorType((1,), "f32"))])
+
+
+# -- NodeList behaves as the list it replaces -------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "before", "remove", "index", "get"]),
+                          st.integers(0, 1000)), max_size=60))
+def test_node_list_matches_a_python_list(ops):
+    nl, ref, made = NodeList(), [], 0
+    for op, k in ops:
+        if op == "append" or (op == "before" and not ref):
+            n = _node(made)
+            made += 1
+            nl.append(n)
+            ref.append(n)
+        elif op == "before":
+            anchor = ref[k % len(ref)]
+            n = _node(made)
+            made += 1
+            nl.insert_before(anchor, n)
+            ref.insert(ref.index(anchor), n)
+        elif op == "remove" and ref:
+            n = ref.pop(k % len(ref))
+            nl.remove(n)
+            assert n not in nl
+        elif op == "index" and ref:
+            n = ref[k % len(ref)]
+            assert nl.index(n) == ref.index(n)
+        elif op == "get" and ref:
+            i = k % len(ref)
+            assert nl[i] is ref[i] and nl[0] is ref[0] and nl[-1] is ref[-1]
+        assert len(nl) == len(ref) and list(nl) == ref
+        assert all(n in nl for n in ref)
+
+
+def test_iteration_survives_removing_the_current_node():
+    g = Graph()
+    x = g.add_input("x", TensorType((2,), "f32"))
+    vals = [x]
+    for _ in range(6):
+        vals.append(g.add("relu", vals[-1]))
+    g.outputs = [vals[-1]]
+    seen = []
+    for n in g.nodes:
+        seen.append(n.output.name)
+        if len(seen) == 2:   # drop the node we stand on: bypass it
+            g.replace_all_uses(n.output, n.inputs[0])
+            g.remove_node(n)
+    assert len(seen) == 6 and len(g.nodes) == 5
+
+
+def test_a_reassigned_node_list_takes_the_nodes_over():
+    g = Graph()
+    x = g.add_input("x", TensorType((2,), "f32"))
+    a = g.add("relu", x)
+    b = g.add("neg", x)
+    g.outputs = [a, b]
+    g.nodes = [b.producer, a.producer]     # a reordering, as toposort and dce do
+    assert [n.op for n in g.nodes] == ["neg", "relu"] and len(g.nodes) == 2
+
+
+# -- the fast text path builds what lark builds -----------------------------------------------
+def _graphs() -> list[tuple[str, str, dict]]:
+    out = []
+    for p in sorted((ROOT / "tests" / "filecheck").glob("*.ir")):
+        for i, part in enumerate(p.read_text().split("// -----")):
+            text = "\n".join(ln for ln in part.splitlines() if not ln.lstrip().startswith("//"))
+            if "graph @" in text:
+                out.append((f"{p.stem}-{i}", text, None))
+    text, weights = synthetic(300)
+    out.append(("synthetic", text, weights))
+    return out
+
+
+@pytest.mark.parametrize("name, text, weights", _graphs(), ids=[g[0] for g in _graphs()])
+def test_fast_path_builds_the_same_graph_as_lark(name, text, weights):
+    from compiler.ir.parser import parse_with_lark
+
+    want = parse_with_lark(text, weights)
+    printed = print_graph(want)
+    fast = parse_fast(printed, weights)
+    assert print_graph(fast) == printed
+    assert [(n.op, n.attrs.keys(), n.name, n.device) for n in fast.nodes] == \
+        [(n.op, n.attrs.keys(), n.name, n.device) for n in want.nodes]
+    if weights:
+        assert fast.weights.keys() == want.weights.keys()
+
+
+@pytest.mark.parametrize("text", [
+    # a comment, a second statement on a line, a quoted name: lark's business
+    'graph @g(%x: f32[2]) -> (f32[2]) {\n  // hi\n  %0 = relu(%x) : f32[2]\n  return %0\n}\n',
+    'graph @g(%"x y": f32[2]) -> (f32[2]) {\n  %0 = relu(%"x y") : f32[2]\n  return %0\n}\n',
+    # errors: the fast path gives up, lark reports them with line and column
+    'graph @g(%x: f32[2]) -> (f32[2]) {\n  %0 = relu(%y) : f32[2]\n  return %0\n}\n',
+    'graph @g(%x: f32[2]) -> (f32[3]) {\n  %0 = relu(%x) : f32[2]\n  return %0\n}\n',
+    'graph @g(%x: f32[2]) -> (f32[2]) {\n  %0 = relu(%x) {alpha=1} : f32[2]\n  return %0\n}\n',
+])
+def test_what_the_fast_path_does_not_take_goes_to_lark(text):
+    from compiler.errors import NpuccError
+
+    with pytest.raises(NotFast):
+        parse_fast(text)
+    try:
+        g = parse(text)
+    except NpuccError as e:
+        assert "line" in str(e) or ":" in str(e)
+    else:
+        assert print_graph(g)
+
+
+# -- planning and checking a plan are not quadratic -------------------------------------------
+def test_plan_of_a_long_chain_places_each_buffer_once_and_checks_fast():
+    n = 20000
+    tensors = [PlanTensor("x", 256, "input")]
+    steps = []
+    for i in range(n):
+        src = "x" if i == 0 else f"t{i - 1}"
+        tensors.append(PlanTensor(f"t{i}", 256, "output" if i == n - 1 else "intermediate"))
+        steps.append(PlanStep((src,), (f"t{i}",)))
+    t = time.perf_counter()
+    plan = plan_memory(tensors, steps)
+    plan.check()
+    assert time.perf_counter() - t < 30      # quadratic: 4 x 2e8 overlap tests
+    assert plan.arena_bytes == plan.lower_bound_bytes == 512
+
+
+def _pipeline_seconds(n: int) -> float:
+    from compiler.pass_base import PassContext
+    from compiler.pass_manager import run_pipeline
+    from targets.description import load_target
+
+    desc = load_target("host")
+    best = float("inf")
+    for _ in range(2):
+        text, weights = synthetic(n)
+        g = parse(text, weights)
+        t = time.perf_counter()
+        run_pipeline(g, desc.default_pipeline, ctx=PassContext(target=desc))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.mark.slow
+def test_default_pipeline_grows_linearly():
+    """8x the nodes: linear is 8x the time, quadratic 64x; allow 20x for noise."""
+    small, big = _pipeline_seconds(2000), _pipeline_seconds(16000)
+    assert big / small < 20, (small, big)
+
+
+def test_synthetic_graph_is_valid_and_computes():
+    from compiler.ir.interpreter import interpret
+
+    text, weights = synthetic(130)
+    g = parse(text, weights)
+    x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    (y,) = interpret(g, {"x": x})
+    assert y.shape == (1, 8) and np.isfinite(y).all()
