@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import ImportError_, NpuccError, UnsupportedOpsError
-from compiler.frontends.onnx_ctx import CONVERTERS, Ctx, DataDependent, Unsupported, onnx_dtype
+from compiler.frontends.onnx_ctx import (
+    CONVERTERS,
+    Ctx,
+    DataDependent,
+    Unsupported,
+    converter_key,
+    onnx_dtype,
+)
 from compiler.frontends.onnx_model import (
     MAX_OPSET,
     MIN_OPSET,
@@ -203,10 +210,11 @@ def _unsupported_types(model) -> dict[int, tuple[str, str, str]]:
     """Nodes whose op type has no converter, by node index."""
     bad = {}
     for i, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx"):
-            bad[i] = (node.name or f"#{i}", f"{node.domain}.{node.op_type}",
+        key = converter_key(node.domain, node.op_type)
+        if node.domain not in ("", "ai.onnx") and key not in CONVERTERS:
+            bad[i] = (node.name or f"#{i}", key,
                       f"the domain {node.domain!r} is not supported")
-        elif node.op_type not in CONVERTERS:
+        elif key not in CONVERTERS:
             bad[i] = (node.name or f"#{i}", node.op_type, "no converter for this op type")
     return bad
 
@@ -299,7 +307,7 @@ class _Importer:
         if any(name in self.poisoned for name in node.input):
             self.poisoned.update(o for o in node.output if o)
             return
-        conv = CONVERTERS[node.op_type]
+        conv = CONVERTERS[converter_key(node.domain, node.op_type)]
         all_const = all(isinstance(self.env[n], np.ndarray) for n in node.input if n)
         try:
             outs = None
@@ -462,7 +470,9 @@ def _from_onnx(model: Any, input_shapes: Mapping[str, list[int]] | None,
     try:
         types = _input_types(proto, input_shapes)
         # onnx's strict inference refuses ops it has no schema for; those are ours to list
-        inferred = _with_static_inputs(proto, types, strict=not bad)
+        # (nor has it schemas for the vendor ops we convert)
+        vendor = any(n.domain not in ("", "ai.onnx") for n in proto.graph.node)
+        inferred = _with_static_inputs(proto, types, strict=not bad and not vendor)
     except NpuccError:
         if bad:  # the unsupported ops are the more useful report
             raise UnsupportedOpsError(list(bad.values())) from None

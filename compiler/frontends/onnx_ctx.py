@@ -22,7 +22,7 @@ from compiler.errors import ImportError_
 from compiler.ir.graph import Graph, Value
 from compiler.ir.types import TensorType
 
-__all__ = ["Ctx", "Unsupported", "DataDependent", "CONVERTERS", "converter", "onnx_dtype", "ir_to_onnx_dtype"]
+__all__ = ["Ctx", "Unsupported", "DataDependent", "CONVERTERS", "converter", "converter_key", "onnx_dtype", "ir_to_onnx_dtype"]
 
 Converter = Callable[["Ctx"], list[Any]]
 CONVERTERS: dict[str, Converter] = {}
@@ -66,6 +66,12 @@ class Unsupported(Exception):  # noqa: N818  (a signal, reported as UnsupportedO
 class DataDependent(Unsupported):
     """This node's output shape depends on input values (NonZero, NMS...): the importer
     refuses the model with one error naming such nodes and how to cut the graph."""
+
+
+def converter_key(domain: str, op_type: str) -> str:
+    """The :data:`CONVERTERS` key of a node: its op type in the default domain, else
+    ``domain.op_type`` (e.g. ``com.microsoft.FusedConv`` from onnxruntime's optimizer)."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}.{op_type}"
 
 
 def converter(*op_types: str) -> Callable[[Converter], Converter]:

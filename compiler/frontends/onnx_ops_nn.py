@@ -86,6 +86,33 @@ def _conv(c: Ctx):
     return [_from_2d(c, y) if one_d else y]
 
 
+_FUSED_ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
+
+
+@converter("com.microsoft.FusedConv")
+def _fused_conv(c: Ctx):
+    """onnxruntime's optimizer output (ORT_ENABLE_EXTENDED): Conv, plus an optional
+    residual operand ``Z``, then ``activation`` with ``activation_params``."""
+    (y,) = _conv(c)
+    if c.has(3):
+        y = c.emit("add", y, c.value(3))
+    act = c.attr("activation")
+    params = [float(p) for p in c.attr("activation_params", [])]
+    if act in _FUSED_ACTIVATIONS:
+        return [c.emit(_FUSED_ACTIVATIONS[act], y)]
+    if act == "LeakyRelu":
+        return [c.emit("leaky_relu", y, alpha=params[0] if params else 0.01)]
+    if act == "Clip":
+        lo, hi = params if len(params) == 2 else (float("-inf"), float("inf"))
+        return [c.emit("clip", y, min=lo, max=hi)]
+    if act == "HardSigmoid":
+        alpha, beta = params if len(params) == 2 else (0.2, 0.5)
+        return [c.emit("hard_sigmoid", y, alpha=alpha, beta=beta)]
+    if act in (None, "", "Identity"):
+        return [y]
+    raise Unsupported(f"FusedConv activation {act!r}")
+
+
 @converter("ConvTranspose")
 def _conv_transpose(c: Ctx):
     x_shape, w_shape = c.shape(0), c.shape(1)
