@@ -318,7 +318,7 @@ def test_compiled_int8_model_matches_lowered_graph(tmp_path):
                 progress=False, work_dir=tmp_path)
     assert {"qconv2d", "qdense"} <= set(m.graph.op_counts())
     # the VNNI micro-kernel where the CPU has it, the generic int32 kernel elsewhere
-    from targets.kernels.quant import has_vnni
+    from targets.kernels.vnni import has_vnni
 
     vnni = any("VNNI" in k.note for k in m.library.kernels.values())
     assert vnni == has_vnni(m.library.cpu)

@@ -1,0 +1,113 @@
+"""Integer kernels' epilogue, shared by the VNNI micro-kernel and the generic kernels: from an
+int32 accumulator to the result element (bias, zero-point term, f32 scale and activation, or
+TFLite-style fixed-point requantization derived in the kernel from the f32 scales exactly as
+``compiler.ir.ops.quant.quantize_multiplier`` does, so results are bit-exact).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from targets.kernels._te import tvm_dtype
+from targets.kernels.base import KernelRequest
+
+__all__ = ["fixed_point", "int_bounds", "epilogue", "mult_shift_stage"]
+
+
+def fixed_point(m64):
+    """(mult i64, shift i64) from a float64 multiplier, as quantize_multiplier does."""
+    from tvm import te, tirx
+
+    i64 = "int64"
+
+    def c(v):
+        return tirx.const(v, i64)
+    bits = tirx.reinterpret(i64, m64)
+    e = ((bits >> c(52)) & c(0x7FF)) - c(1022)
+    mant = (bits & c((1 << 52) - 1)) | c(1 << 52)
+    mult = (mant + c(1 << 21)) >> c(22)
+    over = mult == c(1 << 31)
+    mult = tirx.Select(over, c(1 << 30), mult)
+    e = tirx.Select(over, e + c(1), e)
+    shift = c(31) - e
+    extra = te.max(shift - c(62), c(0))
+    mult = mult >> te.min(extra, c(62))
+    shift = te.min(shift, c(62))
+    zero = tirx.any(m64 <= tirx.const(0.0, "float64"), mult == c(0))
+    return tirx.Select(zero, c(0), mult), tirx.Select(zero, c(31), shift)
+
+
+def int_bounds(attrs: dict[str, Any], out_dt: str, y_scale, y_zp):
+    """Integer clamp bounds (TIR exprs, int64) of a fused activation on the result."""
+    from tvm import te, tirx
+
+    from compiler.ir.ops.quant import qrange
+
+    qlo, qhi = qrange(out_dt)
+    lo, hi = tirx.const(qlo, "int64"), tirx.const(qhi, "int64")
+    act = attrs.get("activation", "none")
+    zp = y_zp.astype("int64")
+    if act == "relu":
+        lo = te.max(lo, zp)
+    elif act in ("relu6", "clip"):
+        fmin, fmax = (0.0, 6.0) if act == "relu6" else (attrs["clip_min"], attrs["clip_max"])
+        ys = y_scale.astype("float64")
+        if math.isfinite(fmin):
+            lo = te.max(lo, tirx.nearbyint(tirx.const(fmin, "float64") / ys).astype("int64")
+                        + zp)
+        if math.isfinite(fmax):
+            hi = te.min(hi, tirx.nearbyint(tirx.const(fmax, "float64") / ys).astype("int64")
+                        + zp)
+    return lo, hi
+
+
+def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shift=None):
+    """acc (i32, without bias/zero-point terms) -> the result element for channel n."""
+    from tvm import te, tirx
+
+    from targets.kernels._te import activation
+
+    attrs = req.attrs
+    out_dt = attrs["out_dtype"]
+    bias, x_scale, x_zp, w_scale = ins[2], ins[3], ins[4], ins[5]
+    zp = x_zp[()].astype("int32")
+    if req.input_types[0].dtype == "i8" and wsum is not None:
+        zp = zp + tirx.const(128, "int32")
+    v = acc + bias[n]
+    if wsum is not None:
+        v = v - zp * wsum
+    ws = w_scale[n] if per_channel else w_scale[()]
+    if out_dt == "f32":
+        y = v.astype("float32") * (x_scale[()] * ws)
+        return activation(y, attrs.get("activation", "none"), attrs.get("clip_min", 0.0),
+                          attrs.get("clip_max", 6.0))
+    y_scale, y_zp = ins[6], ins[7]
+    if mult_shift is not None:
+        mult, shift = mult_shift
+    else:
+        m64 = x_scale[()].astype("float64") * ws.astype("float64") / \
+            y_scale[()].astype("float64")
+        mult, shift = fixed_point(m64)
+    one = tirx.const(1, "int64")
+    r = (v.astype("int64") * mult + (one << (shift - one))) >> shift
+    lo, hi = int_bounds(attrs, out_dt, y_scale[()], y_zp[()])
+    r = te.min(te.max(r + y_zp[()].astype("int64"), lo), hi)
+    return r.astype(tvm_dtype(out_dt))
+
+
+def mult_shift_stage(req: KernelRequest, ins, n_ch: int, per_channel: bool):
+    """Root-level [n_ch] stages with the fixed-point multiplier and shift (int out only)."""
+    from tvm import te
+
+    if req.attrs["out_dtype"] == "f32":
+        return None
+    x_scale, w_scale, y_scale = ins[3], ins[5], ins[6]
+
+    def m64(n):
+        ws = w_scale[n] if per_channel else w_scale[()]
+        return x_scale[()].astype("float64") * ws.astype("float64") / \
+            y_scale[()].astype("float64")
+    MS = te.compute((n_ch,), lambda n: fixed_point(m64(n))[0], name="mult")
+    SH = te.compute((n_ch,), lambda n: fixed_point(m64(n))[1], name="shift")
+    return MS, SH
