@@ -6,7 +6,11 @@ dense, which it fuses; MatMul; Softmax; LayerNormalization), torch the matching 
 call, ours the kernel from the registry (packed weights, fused bias/activation). Timings are
 medians of ``--runs`` calls, engines interleaved round by round so background load hits all.
 
-    python bench/kernels.py [--runs 200] [--mcpu sapphirerapids] [--threads=2] [--spin]
+    python bench/minilm_kernels.py [--runs 200] [--cpu x86-64-v3] [--threads=2] [--spin]
+
+``--cpu`` builds our kernels for a named CPU level instead of the detected one (they must
+still run here). (Named minilm_kernels, not kernels: a bench module called ``kernels``
+shadows the PyPI package of that name, which transformers imports when installed.)
 
 TVM splits a parallel loop statically between its threads, so on a machine shared with other
 work one descheduled thread stalls the whole kernel: medians then swing far more than the
@@ -32,6 +36,7 @@ SPIN = "--spin" in sys.argv
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from _common import cpu_header  # noqa: E402
 
 
 def cases(rng):
@@ -113,16 +118,15 @@ def torch_fn(op, inputs, attrs):
     return lambda: F.layer_norm(t[0], (t[0].shape[-1],), t[1], t[2])
 
 
-def build_ours(specs, mcpu, tmp):
+def build_ours(specs, cpu_name, tmp):
     import tvm
 
     from compiler.ir.registry import get_op
     from compiler.ir.types import TensorType
-    from targets.kernels.base import CpuInfo, KernelRequest, get_kernel_builder
+    from targets.kernels.base import KernelRequest, get_kernel_builder
     from targets.tvm_codegen import compile_funcs, host_cpu
 
-    base = host_cpu()
-    cpu = CpuInfo({**base.tvm_target, "mcpu": mcpu}, base.arch, base.simd_bits, base.num_cores)
+    cpu = host_cpu(cpu_name)
     funcs, calls = {}, []
     for i, (_, op, inputs, attrs, consts) in enumerate(specs):
         attrs = get_op(op).normalize_attrs(attrs)
@@ -168,7 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", default="2", help="threads per engine (--threads=N)")
-    ap.add_argument("--mcpu", default="sapphirerapids")
+    ap.add_argument("--cpu", default=None,
+                    help="a CPU level for our kernels (default: the detected CPU)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--spin", action="store_true",
                     help="let idle worker threads spin (each engine's default)")
@@ -176,8 +181,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     specs = cases(rng)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = build_ours(specs, args.mcpu, tmp)
-        print(f"threads={THREADS} runs={args.runs} mcpu={args.mcpu} spin={SPIN} "
+        ours = build_ours(specs, args.cpu, tmp)
+        print(cpu_header())
+        print(f"threads={THREADS} runs={args.runs} cpu={args.cpu or 'detected'} spin={SPIN} "
               f"load={os.getloadavg()[0]:.1f}")
         head = (f"{'kernel':32s} {'ours':>7s} {'ort':>7s} {'torch':>7s} {'/ort':>5s} "
                 f"{'/torch':>6s} | best: {'ours':>7s} {'ort':>7s} {'/ort':>5s} | GF/s   err")
