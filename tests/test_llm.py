@@ -246,10 +246,11 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_tokens():
 
     ref = logits(spec)
     err = {}
-    for method in ("rtn", "gptq"):
-        q = quantize_spec(spec, parse_scheme(f"int4-g32-{method}"), calibration=calib)
-        err[method] = float(np.square(logits(q) - ref).mean())
-    assert err["gptq"] < err["rtn"]
+    for name in ("int4-g32-rtn", "int4-g32-gptq", "int4-g32-asym", "int4-g32-gptq-asym"):
+        q = quantize_spec(spec, parse_scheme(name), calibration=calib)
+        err[name] = float(np.square(logits(q) - ref).mean())
+    assert err["int4-g32-gptq"] < err["int4-g32-rtn"]
+    assert err["int4-g32-gptq-asym"] < err["int4-g32-asym"]
 
 
 def test_asymmetric_int4_reproduces_q4_1_weights_exactly(tmp_path):

@@ -5,8 +5,9 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
 - ``int8``: every projection int8 per output row (group = K), symmetric;
 - ``int4-g32`` / ``int4-g128``: projections int4 in groups of 32 / 128 along K (llama.cpp
   Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte;
-- an ``-asym`` suffix (``int4-g32-asym``): a scale and a minimum per group (llama.cpp Q4_1's
-  encoding, :func:`quantize_asym`);
+- an ``-asym`` suffix (``int4-g32-asym``, ``int4-g32-gptq-asym``): a scale and a minimum per
+  group (llama.cpp Q4_1's encoding, :func:`quantize_asym`), the minimum applied as a per-group
+  offset term beside ``dense_wq``;
 - a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
@@ -33,26 +34,27 @@ __all__ = ["Scheme", "parse_scheme", "quantize_spec", "PROJECTIONS", "SCHEMES"]
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 SCHEMES = ("int8", "int4-g32", "int4-g128", "int4-g32-gptq", "int4-g128-gptq", "int8-gptq",
-           "int4-g32-asym", "int4-g128-asym")
+           "int4-g32-asym", "int4-g128-asym", "int4-g32-gptq-asym", "int4-g128-gptq-asym")
 
 
 @dataclass(frozen=True)
 class Scheme:
     bits: int
     group: int | None     # None: one group per row (K)
-    method: str           # "rtn" | "gptq" | "asym" (round-to-nearest, scale and minimum)
+    method: str           # "rtn" | "gptq"
+    asym: bool = False    # a scale and a minimum per group (else a scale, symmetric)
 
 
 def parse_scheme(text: str | None) -> Scheme | None:
     if text is None or text in ("none", "f32", "float"):
         return None
-    m = re.fullmatch(r"int(4|8)(?:-g(\d+))?(?:-(rtn|gptq|asym))?", text)
+    m = re.fullmatch(r"int(4|8)(?:-g(\d+))?(?:-(rtn|gptq))?(-asym)?", text)
     if m is None or (m.group(1) == "4" and m.group(2) is None) \
-            or (m.group(3) == "asym" and m.group(1) == "8"):
+            or (m.group(4) and m.group(1) == "8"):
         raise NpuccError(f"unknown quantization {text!r}; choose one of: {', '.join(SCHEMES)} "
-                         f"(a -rtn or -gptq suffix picks the method)")
+                         f"(a -rtn or -gptq suffix picks the method, -asym the int4 grid)")
     return Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else None,
-                  m.group(3) or "rtn")
+                  m.group(3) or "rtn", bool(m.group(4)))
 
 
 def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
@@ -60,7 +62,7 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
                   max_context: int = 2048, chunk: int = 32) -> LlmSpec:
     """A copy of ``spec`` whose projections are ``dense_wq`` weights (see module docstring)."""
     from compiler.ir.ops.quant_weight import pack_int4
-    from passes.quantization.gptq import gptq_quantize, quantize_rtn
+    from passes.quantization.gptq import gptq_quantize, gptq_quantize_asym, quantize_rtn
 
     weights = dict(spec.weights)
     hessians = _hessians(spec, calibration) if scheme.method == "gptq" else {}
@@ -75,9 +77,11 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
             g = scheme.group or k
             if k % g or (scheme.bits == 4 and k % 2):
                 raise NpuccError(f"{prefix}: K={k} is not a multiple of the group size {g}")
-            if scheme.method == "gptq":
+            if scheme.method == "gptq" and scheme.asym:
+                q, s, weights[f"{prefix}.offsets"] = gptq_quantize_asym(w, hessians[prefix], g)
+            elif scheme.method == "gptq":
                 q, s = gptq_quantize(w, hessians[prefix], scheme.bits, g)
-            elif scheme.method == "asym":
+            elif scheme.asym:
                 q, s, weights[f"{prefix}.offsets"] = quantize_asym(w, g)
             else:
                 q, s = quantize_rtn(w, scheme.bits, g)
@@ -95,7 +99,8 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
         weights["lm_head.wq"], weights["lm_head.scales"] = q, s
         quant["lm_head"] = (8, head.shape[1])
     label = f"int{scheme.bits}" + (f"-g{scheme.group}" if scheme.group else "") \
-        + ("" if scheme.method == "rtn" else f"-{scheme.method}")
+        + ("" if scheme.method == "rtn" else f"-{scheme.method}") + ("-asym" if scheme.asym
+                                                                       else "")
     return replace(spec, weights=weights, quant=quant, scheme=label)
 
 

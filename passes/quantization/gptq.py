@@ -31,6 +31,7 @@ import numpy as np
 from compiler.errors import NpuccError
 
 __all__ = ["group_scales", "quantize_with_scales", "quantize_rtn", "gptq_quantize",
+           "gptq_quantize_asym",
            "capture_hessians", "QRANGE"]
 
 QRANGE = {4: (-8, 7), 8: (-127, 127)}
@@ -82,7 +83,39 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group: int, *,
     """GPTQ with group-wise scales: ``(q i8 [N, K], scales f16 [N, K/group])``.
 
     ``H`` is the ``[K, K]`` Hessian proxy ``2 X^T X / n`` of the layer's inputs."""
-    n, k = _check(w, bits, group)
+    _check(w, bits, group)
+    lo, hi = QRANGE[bits]
+
+    def choose(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s16 = group_scales(wg[:, None, :], bits)[:, 0]
+        return s16, np.zeros(len(s16))
+
+    Q, S, _ = _gptq(w, H, group, choose, lo, hi, damp, block)
+    return Q, S
+
+
+def gptq_quantize_asym(w: np.ndarray, H: np.ndarray, group: int, *, damp: float = 0.01,
+                       block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ with an asymmetric int4 grid per group (llama.cpp Q4_1's: ``d = (max - min) / 15``,
+    ``m = min`` in f16, codes 0..15): ``(q i8 [N, K] = code - 8, d f16 [N, K/group],
+    c f32 [N, K/group] = m + 8 d)``, so ``w ~= q d + c``."""
+    _check(w, 4, group)
+
+    def choose(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = wg.min(axis=1), wg.max(axis=1)
+        d = ((hi - lo) / 15.0).astype(np.float16)
+        d[d == 0] = np.float16(1.0)
+        m = lo.astype(np.float16).astype(np.float64)
+        return d, m + 8.0 * d.astype(np.float64)
+
+    return _gptq(w, H, group, choose, -8, 7, damp, block)
+
+
+def _gptq(w: np.ndarray, H: np.ndarray, group: int, choose, lo: int, hi: int, damp: float,
+          block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GPTQ loop; ``choose(w_group [N, g]) -> (scales f16 [N], offsets [N])`` picks a
+    group's grid ``w ~= q * scale + offset`` when its first column is reached."""
+    n, k = w.shape
     W = np.array(w, np.float64)
     H = np.array(H, np.float64)
     if H.shape != (k, k):
@@ -94,29 +127,30 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group: int, *,
     H[np.diag_indices(k)] += damp * (mean_diag if mean_diag > 0 else 1.0)
     Hinv = _upper_cholesky_of_inverse(H)
     block = max(group, (block // group) * group)
-    lo, hi = QRANGE[bits]
     Q = np.zeros((n, k), np.int8)
     S = np.zeros((n, k // group), np.float16)
+    C = np.zeros((n, k // group), np.float32)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].copy()
         E1 = np.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        scale = None
+        scale = offset = None
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
-                s16 = group_scales(W1[:, i:i + group][:, None, :], bits)[:, 0]
+                s16, off = choose(W1[:, i:i + group])
                 S[:, col // group] = s16
-                scale = s16.astype(np.float64)
+                C[:, col // group] = off
+                scale, offset = s16.astype(np.float64), np.asarray(off, np.float64)
             wcol = W1[:, i]
-            q = np.clip(np.rint(wcol / scale), lo, hi)
+            q = np.clip(np.rint((wcol - offset) / scale), lo, hi)
             Q[:, col] = q.astype(np.int8)
-            err = (wcol - q * scale) / Hinv1[i, i]
+            err = (wcol - (q * scale + offset)) / Hinv1[i, i]
             W1[:, i:] -= np.outer(err, Hinv1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q, S
+    return Q, S, C
 
 
 def _upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
