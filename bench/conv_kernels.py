@@ -5,7 +5,7 @@ how often the shape occurs) and every conv of MobileNetV2 (1x1 and stem, then de
 compile-time packed weights, bias and a fused activation, which is what the graph passes
 deliver; onnxruntime runs a one-node Conv(+Relu) NCHW model, torch ``conv2d`` + ``relu``.
 
-    python bench/conv_kernels.py [--mcpu sapphirerapids] [--only resnet|mobilenet]
+    python bench/conv_kernels.py [--cpu x86-64-v3] [--only resnet|mobilenet]
                                  [--threads 2] [--rounds 30] [--no-torch]
 
 Every number is the best batch over ``--rounds`` rounds in which the three frameworks take
@@ -93,13 +93,18 @@ def measure(fns: list[list], rounds: int) -> list[list[float]]:
     return best
 
 
-def prepare_tvm(shapes, mcpu: str) -> list[tuple]:
+def prepare_tvm(shapes, cpu_name: str | None) -> list[tuple]:
+    import dataclasses
+
     import tvm
 
     from compiler.ir.types import TensorType
-    from targets.kernels.base import CpuInfo, KernelRequest, get_kernel_builder
+    from targets.kernels.base import KernelRequest, get_kernel_builder
+    from targets.tvm_codegen import host_cpu
 
-    cpu = CpuInfo({"kind": "llvm", "mcpu": mcpu, "num-cores": THREADS}, num_cores=THREADS)
+    base = host_cpu(cpu_name)   # detected, or the named level
+    cpu = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": THREADS},
+                              num_cores=THREADS)
     rng = np.random.default_rng(0)
     funcs, calls = {}, []
     for i, (_, _, _, ic, h, oc, k, s, p, g) in enumerate(shapes):
@@ -181,7 +186,8 @@ def prepare_torch(shapes) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mcpu", default="sapphirerapids")
+    ap.add_argument("--cpu", default=None,
+                    help="a CPU level for our kernels (default: the detected CPU)")
     ap.add_argument("--only", choices=["resnet", "mobilenet"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
@@ -195,7 +201,7 @@ def main() -> None:
         shapes += list(_resnet_shapes())
     if args.only != "resnet":
         shapes += list(_mobilenet_shapes())
-    tv = prepare_tvm(shapes, args.mcpu)
+    tv = prepare_tvm(shapes, args.cpu)
     fns = [[f] for f, _ in tv]
     for row, f in zip(fns, prepare_ort(shapes), strict=True):
         row.append(f)
@@ -207,7 +213,10 @@ def main() -> None:
     tv = [(b[0], note) for b, (_, note) in zip(best, tv, strict=True)]
     on = [b[1] for b in best]
     th = [b[2] if len(b) > 2 else nan for b in best]
-    print(f"{THREADS} thread(s), mcpu {args.mcpu}")
+    from _common import cpu_header
+
+    print(cpu_header())
+    print(f"{THREADS} thread(s), cpu {args.cpu or 'detected'}")
     print(f"{'shape':28} {'n':>2} {'npucc ms':>9} {'ort ms':>8} {'torch ms':>8} "
           f"{'x ort':>6} {'x torch':>7}  GFLOP/s  schedule")
     sums: dict[str, list[float]] = {}
