@@ -281,14 +281,12 @@ def float_reference(source: Graph, target: Any) -> Graph:
     """``source`` through ``target``'s default pipeline up to where ``compile`` puts the
     ``quantize`` pass (before ``partition``, after the layout passes): the float graph the
     ``quantize`` pass saw (without pruning)."""
-    from compiler.driver import _split_top_level
     from compiler.pass_manager import run_pipeline
+    from compiler.pipeline import parse_pipeline
 
-    parts = _split_top_level(target.default_pipeline)
-    at = next((i for i, p in enumerate(parts) if p.split("{")[0].strip() == "partition"),
-              len(parts))
-    text = ",".join(parts[:at])
-    return run_pipeline(source.copy(), text) if text else source.copy()
+    passes = parse_pipeline(target.default_pipeline)
+    at = next((i for i, p in enumerate(passes) if p.name == "partition"), len(passes))
+    return run_pipeline(source.copy(), passes[:at]) if at else source.copy()
 
 
 def model_report(source: Graph, quant_graph: Graph, target: Any,
