@@ -17,7 +17,11 @@
       ``"activations"`` (``"u8"`` default, or ``"i8"``), ``"weights"`` (``"per_channel"``
       default, or ``"per_tensor"``), ``"method"`` (``"rtn"`` default, or ``"gptq"``),
       ``"group_size"`` (weight-only groups, default 128), ``"smooth"`` (int8 dense layers:
-      SmoothQuant migration strength in [0, 1], default 0.7; 0 turns it off).
+      SmoothQuant migration strength in [0, 1], default 0.7; 0 turns it off),
+      ``"activation_ranges"`` (``{node name or value name: (lo, hi)}``: the int8 input range
+      of that node's activation operand, or of that value, given instead of calibrated, e.g.
+      learned by quantization-aware training (compiler/compress/qat.py); ``"NAME:1"`` names
+      a matmul's second operand; given ranges are not smoothed).
 
     Values are a precision string, or a dict ``{"precision": ..., "group_size": ...,
     "method": ...}``. Precedence: a matching name pattern (the first in mapping order) beats
@@ -50,7 +54,8 @@ __all__ = ["PRECISIONS", "RESERVED_KEYS", "HANDLERS", "PrecisionSpec", "QuantCon
            "parse_config", "plan_precisions", "INT8_OPS", "QuantConfigError"]
 
 PRECISIONS = ("int8", "int4", "w8", "int16", "fp16", "float")
-RESERVED_KEYS = ("default", "activations", "weights", "method", "group_size", "smooth")
+RESERVED_KEYS = ("default", "activations", "weights", "method", "group_size", "smooth",
+                 "activation_ranges")
 # ops the int8 path quantizes (they have integer kernels); others stay float around them
 INT8_OPS = frozenset({"dense", "conv2d", "matmul"})
 # precision -> "module:function" applying it to one node: apply(graph, node, spec, ctx) -> bool

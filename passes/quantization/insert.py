@@ -22,6 +22,7 @@ pass calibrates on ``samples`` random inputs (``npucc opt``), with a remark.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +42,7 @@ from passes.quantization.calibrate import (
 from passes.quantization.config import HANDLERS, INT8_OPS, PrecisionSpec, plan_precisions
 
 __all__ = ["InsertQuantize", "int8_candidates", "activation_params", "quantize_weight",
-           "weight_axis"]
+           "weight_axis", "given_ranges"]
 
 RULE = "quantize"
 # smoothing applies to activations whose largest channel maximum is this many times the
@@ -173,16 +174,19 @@ class InsertQuantize(Pass):
             for v in n.inputs[:k]:
                 acts.setdefault(v.name, (v, spec.activations if self.activations == ""
                                          else self.activations))
+        given = given_ranges(nodes, acts, config)
+        todo = {k: a for k, a in acts.items() if k not in given}
         samples = ctx.sample_inputs
-        if not samples:
+        if not samples and todo:
             from compiler.numeric import make_sample_inputs
 
             samples = [make_sample_inputs(graph, seed=self.seed + i) for i in range(self.samples)]
             ctx.remark(f"quantize: no calibration samples given; calibrated on {self.samples} "
                        "random inputs")
-        tstats = collect_stats(graph, samples, list(acts))
+        tstats = collect_stats(graph, samples, list(todo)) if todo else {}
         ranges = {k: select_range(st, method, self.percentile) for k, st in tstats.items()}
-        smooth = _smooth(graph, nodes, plan, acts, tstats, self.smooth)
+        ranges.update(given)
+        smooth = _smooth(graph, nodes, plan, todo, tstats, self.smooth)
         if smooth:
             again = calibrate(graph, samples, [m.name for m, _ in smooth.values()], method,
                               percentile=self.percentile)
@@ -230,6 +234,33 @@ class InsertQuantize(Pass):
         graph.remove_dead()
         stats["float"] = len(plan) - stats["int8"] - stats["other"]
         return PassResult(graph, True, stats)
+
+
+def given_ranges(nodes: list[Node], acts: dict[str, tuple[Value, str]], config: Any
+                 ) -> dict[str, tuple[float, float]]:
+    """The config's ``activation_ranges`` as ``{activation value name: (lo, hi)}``.
+
+    A key is a quantized node's name (its activation operand; ``"NAME:1"``: a matmul's second
+    operand) or an activation value's name. A key that names neither is an error listing the
+    names it could be, so a range learned for a layer is never silently dropped."""
+    given = config.get("activation_ranges") if isinstance(config, Mapping) else None
+    if not given:
+        return {}
+    by_key: dict[str, str] = {name: name for name in acts}
+    for n in nodes:
+        if n.name:
+            by_key.setdefault(n.name, n.inputs[0].name)
+            if n.op == "matmul":
+                by_key.setdefault(f"{n.name}:1", n.inputs[1].name)
+    bad = [k for k in given if k not in by_key]
+    if bad:
+        raise NpuccError(f"quantize: activation_ranges name(s) {', '.join(map(repr, bad))} "
+                         f"are not int8 nodes or their activations; known: "
+                         f"{', '.join(sorted(by_key))}")
+    out: dict[str, tuple[float, float]] = {}
+    for key, (lo, hi) in given.items():
+        out[by_key[key]] = (min(float(lo), 0.0), max(float(hi), 0.0))
+    return out
 
 
 def _smooth(graph: Graph, nodes: list[Node], plan: dict[Node, PrecisionSpec],

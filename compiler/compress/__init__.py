@@ -1,0 +1,25 @@
+"""Compression that trains: quantization-aware training, distillation, iterative pruning.
+
+- ``qat.py``: ``prepare_qat`` / ``calibrate_qat`` / ``convert`` (fake quantization equal to
+  the quantize passes' arithmetic, ``fake_quant.py``), ending in ``compile(quantize=...)``;
+- ``distill.py``: ``Distiller`` (response KL with temperature, feature MSE with learned
+  projections, multi-teacher weights from validation accuracy);
+- ``iterative.py``: prune → fine-tune → prune rounds to an exact sparsity, per-layer tiers
+  from measured sensitivity.
+
+Importing this package imports torch; ``import compiler`` does not.
+"""
+
+from __future__ import annotations
+
+from compiler.compress.qat import (
+    Converted,
+    QATConfig,
+    calibrate_qat,
+    convert,
+    fold_batchnorm,
+    prepare_qat,
+)
+
+__all__ = ["Converted", "QATConfig", "calibrate_qat", "convert", "fold_batchnorm",
+           "prepare_qat"]
