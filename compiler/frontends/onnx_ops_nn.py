@@ -1,6 +1,7 @@
 """ONNX → IR converters: convolution, pooling, normalisation, softmax, pad, resize.
 
-1-D convolutions and pools are imported as 2-D ones over a unit height (reshapes around).
+1-D convolutions and pools are imported as 2-D ones over a unit height (reshapes around);
+3-D pools as two 2-D pools.
 """
 
 from __future__ import annotations
@@ -168,12 +169,34 @@ def _pool(c: Ctx, op: str, **extra):
         raise Unsupported("the Indices output of MaxPool is not supported")
     x_shape = c.shape(0)
     kernel = list(c.attr("kernel_shape"))
+    if len(kernel) == 3 and len(x_shape) == 5:
+        return [_pool_3d(c, op, kernel, **extra)]
     k, s, p, d = _geometry(c, x_shape, kernel)
     one_d = len(kernel) == 1
     x = _to_2d(c, c.value(0)) if one_d else c.value(0)
     y = c.emit(op, x, kernel=k, strides=s, pads=p, dilations=d,
                ceil_mode=bool(c.attr("ceil_mode", 0)), **extra)
     return [_from_2d(c, y) if one_d else y]
+
+
+def _pool_3d(c: Ctx, op: str, kernel: list[int], **extra) -> Value:
+    """A 3-D max/average pool as two 2-D ones: over (H, W) with D folded into the channels,
+    then over D. Exact: a box window's max (and its sum and its count of valid or of all
+    cells, ceil-mode overhang excluded) factor per axis."""
+    x = c.value(0)
+    n, ch, depth, h, w = x.shape
+    strides = list(c.attr("strides", [1, 1, 1]))
+    dil = list(c.attr("dilations", [1, 1, 1]))
+    pads = _auto_pads(c, x.shape[2:], kernel, strides, dil)
+    ceil = bool(c.attr("ceil_mode", 0))
+    y = c.emit("reshape", x, shape=[n, ch * depth, h, w])
+    y = c.emit(op, y, kernel=kernel[1:], strides=strides[1:], dilations=dil[1:],
+               pads=[pads[1], pads[2], pads[4], pads[5]], ceil_mode=ceil, **extra)
+    oh, ow = y.shape[2:]
+    y = c.emit("reshape", y, shape=[n, ch, depth, oh * ow])
+    y = c.emit(op, y, kernel=[kernel[0], 1], strides=[strides[0], 1], dilations=[dil[0], 1],
+               pads=[pads[0], 0, pads[3], 0], ceil_mode=ceil, **extra)
+    return c.emit("reshape", y, shape=[n, ch, y.shape[2], oh, ow])
 
 
 @converter("MaxPool")
