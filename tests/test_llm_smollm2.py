@@ -132,3 +132,21 @@ def test_cli_generate_stops_cleanly_on_ctrl_c(smol):
             p.kill()
     assert p.returncode == 130
     assert b"interrupted" in err and b"Traceback" not in err
+
+
+def test_int4_g32_asym_package_tracks_the_float_model(smol, tmp_path):
+    """SmolLM2's weights come from a Q4_1 file: int4 g32 with a minimum per group holds them
+    exactly, so the int4 package's logits stay at the float model's (the int8 embedding is
+    the only loss) and it still answers the chat question."""
+    from compiler import compile_llm
+    from compiler.llm.hf_import import spec_from_transformers
+
+    hf, tok, m, _ = smol
+    q = compile_llm(spec_from_transformers(hf, tok), max_context=128, chunk=32,
+                    quantize="int4-g32-asym", output=tmp_path / "q.npkg")
+    assert q.stats()["weight_bytes"] < 0.25 * m.stats()["weight_bytes"]
+    ids = m.text.encode(PLAIN[0] + " began in the fifteenth century, when", chat=False)
+    a, b = q.logits(ids), m.logits(ids)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99
+    assert "Paris" in q.generate("What is the capital of France?", 24, chat=True)
