@@ -12,6 +12,7 @@ Importing this package imports torch; ``import compiler`` does not.
 
 from __future__ import annotations
 
+from compiler.compress.distill import Distiller, DistillLoss, teacher_weights
 from compiler.compress.qat import (
     Converted,
     QATConfig,
@@ -21,5 +22,5 @@ from compiler.compress.qat import (
     prepare_qat,
 )
 
-__all__ = ["Converted", "QATConfig", "calibrate_qat", "convert", "fold_batchnorm",
-           "prepare_qat"]
+__all__ = ["Converted", "DistillLoss", "Distiller", "QATConfig", "calibrate_qat", "convert",
+           "fold_batchnorm", "prepare_qat", "teacher_weights"]
