@@ -27,20 +27,24 @@ def isa_record(tvm_target: dict[str, Any]) -> dict[str, Any]:
             "features": sorted(target_features(tvm_target))}
 
 
-def check_arch(lib: Path, manifest: dict[str, Any]) -> None:
+def check_arch(lib: Path, manifest: dict[str, Any], where: Path | str | None = None) -> None:
+    """The library's ELF machine is this machine's, agrees with the manifest, and its ISA
+    features are all this CPU's. ``lib`` is read (a sealed copy may sit at
+    /proc/self/fd/N); ``where`` is how errors name it (default ``lib``)."""
     arch = library_arch(lib)
     here = host_arch()
+    name = where or lib
     if arch != here:
-        raise ArchitectureError(f"{lib} is an {arch} library; this machine is {here}. Compile "
+        raise ArchitectureError(f"{name} is an {arch} library; this machine is {here}. Compile "
                                 f"the model for an {here} target to run it here")
     stated = manifest.get("target", {}).get("arch")
     if stated is not None and stated != arch:
-        raise PackageError(f"{lib} is an {arch} library but the manifest's target says "
+        raise PackageError(f"{name} is an {arch} library but the manifest's target says "
                            f"{stated!r}")
-    check_isa(manifest, lib)
+    check_isa(manifest, name)
 
 
-def check_isa(manifest: dict[str, Any], lib: Path) -> None:
+def check_isa(manifest: dict[str, Any], lib: Path | str) -> None:
     """Refuse a library built for ISA features this CPU lacks: loading it would end in SIGILL
     at the first such instruction. Runs before the library is dlopened."""
     target = manifest.get("target")

@@ -129,7 +129,7 @@ def load_verified(cls: type, path: str | os.PathLike, keys: Any = None) -> Any:
     manifest, blobs, signer = read_verified(path, keys)
     library = SealedLibrary(blobs[LIBRARY])
     try:
-        check_arch(library.path, manifest)
+        check_arch(library.path, manifest, where=path / LIBRARY)
         check_manifest(manifest, where=str(path))
     except BaseException:
         library.close()
