@@ -66,3 +66,16 @@ def test_dense_wq_gemv(tmp_path, bits, group, bias, n):
     ins = [f32(1, k), wq, s] + ([f32(n)] if bias else [])
     check_cases([Case("dense_wq", ins, {"bits": bits, "group_size": group},
                       consts=tuple(range(1, len(ins))))], tmp_path, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,bias", [(1, False), (1, True), (5, True), (16, False)])
+def test_dense_wq_asym(tmp_path, rows, bias):
+    """dense_wq{asym}: a per-group offset on top of the int4 grid, GEMV (one row) and GEMM."""
+    from compiler.ir.ops.quant_weight import pack_int4
+    from compiler.llm.quantize import quantize_asym
+
+    n, k, g = 40, 128, 32
+    q, s, c = quantize_asym(f32(n, k), g)
+    ins = [f32(rows, k), pack_int4(q), s, c] + ([f32(n)] if bias else [])
+    check_cases([Case("dense_wq", ins, {"bits": 4, "group_size": g, "asym": True},
+                      consts=tuple(range(1, len(ins))))], tmp_path, rtol=1e-4, atol=1e-4)

@@ -58,16 +58,11 @@ class _Builder:
         bias = [b] if b is not None else []
         if prefix in self.s.quant:
             bits, group = self.s.quant[prefix]
-            y = self.add("dense_wq", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.scales"),
-                         *bias, bits=bits, group_size=group)
-            offsets = self.w(f"{prefix}.offsets")
-            if offsets is None:
-                return y
-            # asymmetric groups: w = q d + c, so y += c . (sums of x over each group)
-            k = x.shape[-1]
-            xg = self.add("reshape", x, shape=[self.t, k // group, group])
-            sums = self.add("reduce_sum", xg, axes=[2], keepdims=False)
-            return self.add("add", y, self.add("dense", sums, offsets))
+            offsets = self.w(f"{prefix}.offsets")   # asymmetric groups: w = q d + offset
+            extra = [offsets] if offsets is not None else []
+            return self.add("dense_wq", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.scales"),
+                            *extra, *bias, bits=bits, group_size=group,
+                            asym=offsets is not None)
         return self.add("dense", x, self.w(f"{prefix}.w"), *bias)
 
     def embed(self, ids: Value) -> Value:

@@ -6,8 +6,8 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
 - ``int4-g32`` / ``int4-g128``: projections int4 in groups of 32 / 128 along K (llama.cpp
   Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte;
 - an ``-asym`` suffix (``int4-g32-asym``, ``int4-g32-gptq-asym``): a scale and a minimum per
-  group (llama.cpp Q4_1's encoding, :func:`quantize_asym`), the minimum applied as a per-group
-  offset term beside ``dense_wq``;
+  group (llama.cpp Q4_1's encoding, :func:`quantize_asym`): ``dense_wq{asym}`` with per-group
+  offsets;
 - a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
@@ -108,9 +108,8 @@ def quantize_asym(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np
     """Asymmetric int4 (llama.cpp Q4_1's encoding): per group ``d = (max - min) / 15`` and
     ``m = min`` in f16, ``u = clip(round((w - m) / d), 0, 15)``, ``w ~= u d + m``.
 
-    Returned as what ``dense_wq`` reads plus a per-group offset: ``q = u - 8`` (i8 in
-    [-8, 7]), scales ``d`` (f16 ``[N, K/g]``) and offsets ``c = m + 8 d`` (f32 ``[N, K/g]``),
-    so ``w = q d + c``; the graph adds ``c . (group sums of x)`` to the ``dense_wq`` result.
+    Returned as ``dense_wq{asym}`` reads it: ``q = u - 8`` (i8 in [-8, 7]), scales ``d``
+    (f16 ``[N, K/g]``) and offsets ``c = m + 8 d`` (f32 ``[N, K/g]``), so ``w = q d + c``.
     On a model whose weights came from a Q4_1 file this reproduces them exactly."""
     n, k = w.shape
     wg = np.asarray(w, np.float32).reshape(n, k // group, group)

@@ -43,18 +43,23 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
     lead = xt.shape[:-1]
     M = math.prod(lead)
     mr, nb = gemm_tiles(req, M, N)
-    packed = 1 in req.const_inputs and 2 in req.const_inputs
+    asym = bool(req.attrs.get("asym", False))
+    packed = 1 in req.const_inputs and 2 in req.const_inputs and (3 in req.const_inputs
+                                                                   or not asym)
+    pack = {i: (lambda a, nb=nb: pack_nk(np.asarray(a), nb)) for i in (1, 2, 3)[:3 if asym
+                                                                                  else 2]}
     if packed and M == 1 and req.attrs.get("activation", "none") == "none" and K % 2 == 0 \
             and g % 2 == 0:
         from targets.kernels.gemv_q import dense_wq_gemv
 
         # token-by-token decoding: one pass over the packed weights (same layout as below)
-        return dense_wq_gemv(req, nb, {1: lambda w, nb=nb: pack_nk(np.asarray(w), nb),
-                                       2: lambda s, nb=nb: pack_nk(np.asarray(s), nb)})
+        return dense_wq_gemv(req, nb, pack)
     types = {}
     if packed:
         types[1] = TensorType((-(-N // nb), wt.shape[1], nb), wt.dtype)
         types[2] = TensorType((-(-N // nb), K // g, nb), "f16")
+        if asym:
+            types[3] = TensorType((-(-N // nb), K // g, nb), "f32")
     ins = placeholders(req, types)
     X, W, S = ins[0], ins[1], ins[2]
     Mp = -(-M // mr) * mr
@@ -78,9 +83,15 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
             qf = q.astype("int32").astype("float32") - tirx.const(8.0, "float32")
         else:
             qf = expr(w_at(n, k)).astype("float32")
-        return qf * expr(s_at(n, k // g)).astype("float32")
+        w = qf * expr(s_at(n, k // g)).astype("float32")
+        if asym:
+            grp = k // g
+            off = ins[3][n // nb, grp, n % nb] if packed else ins[3][te.min(n, N - 1), grp]
+            w = w + expr(off)
+        return w
 
-    bias_at = (lambda idx: ins[3][idx[-1]]) if len(ins) > 3 else None
+    nb_ = 4 if asym else 3
+    bias_at = (lambda idx: ins[nb_][idx[-1]]) if len(ins) > nb_ else None
     epilogue = _bias_act(req, bias_at)
     if packed and M > mr:  # several row tiles read each panel: decode it once per panel
         func = _panel_gemm(req, ins, out, lead, M, K, N, nb, mr, a_at, b_at, epilogue)
@@ -89,10 +100,7 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
         func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
                           mr=mr, a_at=a_at, b_at=b_at, epilogue=epilogue)
         how = "decoded in the K loop"
-    transforms = {}
-    if packed:
-        transforms = {1: lambda w, nb=nb: pack_nk(np.asarray(w), nb),
-                      2: lambda s, nb=nb: pack_nk(np.asarray(s), nb)}
+    transforms = pack if packed else {}
     return KernelImpl(func, transforms,
                       note=f"dense_wq int{bits} g{g} M={M} K={K} N={N}: {mr}x{nb} tiles, {how}")
 

@@ -13,6 +13,10 @@
 
     Numerics (reference = kernels): the dequantised weight is exact in f32 (a small integer
     times an f16 value); products and sums in f32, bias and activation in f32.
+
+    ``asym=True`` (int4 only) adds an operand after the scales, ``offsets`` f32 ``[N, K/g]``:
+    ``W[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]`` (a minimum per group,
+    llama.cpp Q4_1's grid written as ``q = u - 8``, ``offset = min + 8 * scale``).
 ``gather_q(table, scales, idx)``
     an embedding lookup from an i16 or i8 table ``[V, D]`` with per-row f32 scales ``[V]``:
     ``out[..., d] = f32(table[idx, d]) * scales[idx]`` (axis 0; negative indices wrap).
@@ -69,6 +73,13 @@ def dequantize_groups(wq: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarr
 # -- dense_wq --------------------------------------------------------------------------
 def _dense_wq_infer(types, attrs):
     x, wq, sc = types[0], types[1], types[2]
+    asym = attrs["asym"]
+    if asym and (bits := attrs["bits"]) != 4:
+        raise OpError(f"dense_wq: asym needs bits=4, got bits={bits}")
+    if len(types) > (4 if asym else 3) + 1 or (asym and len(types) < 4):
+        raise OpError(f"dense_wq{' asym' if asym else ''} takes x, wq, scales"
+                      f"{', offsets' if asym else ''} and an optional bias; got "
+                      f"{len(types)} operands")
     bits, g = attrs["bits"], attrs["group_size"]
     if x.dtype != "f32" or x.rank < 1:
         raise OpError(f"dense_wq takes an f32 x[..., K], got {x}")
@@ -85,23 +96,31 @@ def _dense_wq_infer(types, attrs):
         raise OpError(f"dense_wq: K={k} is not a multiple of group_size={g}")
     if sc.dtype != "f16" or sc.shape != (n, k // g):
         raise OpError(f"dense_wq: scales must be f16[{n},{k // g}] (N, K/group_size), got {sc}")
-    if len(types) == 4 and (types[3].shape != (n,) or types[3].dtype != "f32"):
-        raise OpError(f"dense_wq: bias must be f32[{n}], got {types[3]}")
+    if asym and (types[3].dtype != "f32" or types[3].shape != (n, k // g)):
+        raise OpError(f"dense_wq: offsets must be f32[{n},{k // g}], got {types[3]}")
+    b = 4 if asym else 3
+    if len(types) == b + 1 and (types[b].shape != (n,) or types[b].dtype != "f32"):
+        raise OpError(f"dense_wq: bias must be f32[{n}], got {types[b]}")
     return [TensorType(x.shape[:-1] + (n,), "f32")]
 
 
 def _dense_wq_ref(xs, attrs):
     x, wq, sc = xs[0], xs[1], xs[2]
     w = dequantize_groups(wq, sc, attrs["bits"])
+    b = 3
+    if attrs["asym"]:
+        w = w + np.repeat(np.asarray(xs[3], np.float32), w.shape[1] // xs[3].shape[1], axis=1)
+        b = 4
     y = np.matmul(x.astype(np.float32), w.T)
-    if len(xs) == 4:
-        y = y + xs[3]
+    if len(xs) == b + 1:
+        y = y + xs[b]
     return [apply_activation(y.astype(np.float32), attrs)]
 
 
 register_op(OpDef(
-    "dense_wq", (3, 4),
-    {"bits": Attr("int", 4, (4, 8)), "group_size": Attr("int", 128), **ACTIVATION_ATTRS},
+    "dense_wq", (3, 5),
+    {"bits": Attr("int", 4, (4, 8)), "group_size": Attr("int", 128), "asym": Attr("bool", False),
+     **ACTIVATION_ATTRS},
     _dense_wq_infer, _dense_wq_ref, verify=check_activation, family="quant",
     doc="dense with group-wise int4/int8 weights and f16 scales (weight-only)"))
 
