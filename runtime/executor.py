@@ -5,11 +5,14 @@ weights copied once into one 64-byte aligned buffer, and — per arena — a TVM
 (``tvm.runtime.from_dlpack`` on an aligned numpy view) made for every tensor and every step's
 argument tuple bound, so ``run`` is: copy inputs in, ``f(*args)`` per step, copy outputs out.
 
-Thread safety: **one arena per thread**, created lazily the first time a thread calls ``run``
-(the loading thread's arena is created at load). Weights and the kernel library are shared
-(read-only). Threads therefore run concurrently without a lock; memory is ``arena_bytes`` per
-thread that has run the model (``stats()["arenas"]`` counts the live ones) plus the weights once.
-An arena is freed when its thread ends.
+Thread safety: **one arena per running thread**, created lazily the first time a thread runs
+the model (the loading thread's arena is created at load). Kernels run only on long-lived
+threads — the main thread and a small shared pool of runner threads (``runners.py``); ``run``
+called from any other thread hands the work to a runner and waits, so short-lived calling
+threads leave neither TVM thread pools nor arenas behind. Weights and the kernel library are
+shared (read-only). Threads run concurrently without a lock; memory is ``arena_bytes`` per
+thread that has run the model (``stats()["arenas"]`` counts the live ones, at most the runners
+plus the main and loading threads) plus the weights once. An arena is freed when its thread ends.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ._verify import check_isa
 from .errors import InputError, PackageError, RuntimeError_
 from .memory_pool import ALIGN, align
 from .package import Package
+from .runners import on_runner
 
 __all__ = ["Executor", "Profile", "StepTime", "load"]
 
@@ -234,6 +238,9 @@ class Executor:
         feeds = self._feeds(inputs)
         if check_finite:
             _check_finite(feeds)
+        return on_runner(self._run_feeds, feeds)   # never on a short-lived thread (runners.py)
+
+    def _run_feeds(self, feeds: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         arena = self._arena()
         views = arena.views
         for name, x in feeds:
@@ -260,6 +267,9 @@ class Executor:
 
     def profile(self, inputs: Any, repeat: int = 10, warmup: int = 1) -> Profile:
         """Median time of every step over ``repeat`` runs, and of whole runs."""
+        return on_runner(self._profile, inputs, repeat, warmup)
+
+    def _profile(self, inputs: Any, repeat: int, warmup: int) -> Profile:
         feeds = self._feeds(inputs)
         for _ in range(warmup):
             self.run(dict(feeds))

@@ -20,7 +20,8 @@ __all__ = ["build_library", "build_tiny", "tiny_weights", "tiny_input", "tiny_re
 N, K, M = 4, 8, 16
 
 
-def build_library(path: Path) -> Path:
+def build_library(path: Path, parallel: bool = False) -> Path:
+    """``parallel``: the row loop runs on TVM's thread pool (as big kernels do)."""
     tvm = import_tvm()
     from tvm import te
 
@@ -31,6 +32,13 @@ def build_library(path: Path) -> Path:
     y = te.compute((N, M), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), "Y")
     z = te.compute((N, M), lambda i, j: y[i, j] + b[j], "Z")
     f = te.create_prim_func([x, w, b, z]).with_attr("global_symbol", "dense_bias")
+    if parallel:
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(f)
+        blk = sch.get_sblock("Z")
+        sch.parallel(sch.get_loops(blk)[0])
+        f = sch.mod["main"]
     tvm.compile(tvm.IRModule({"dense_bias": f}), tvm.target.Target({"kind": "llvm"})
                 ).export_library(str(path))
     return path
