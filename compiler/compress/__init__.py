@@ -13,6 +13,15 @@ Importing this package imports torch; ``import compiler`` does not.
 from __future__ import annotations
 
 from compiler.compress.distill import Distiller, DistillLoss, teacher_weights
+from compiler.compress.iterative import (
+    TIERS,
+    IterativePruner,
+    exact_counts,
+    fine_tune,
+    measure_sensitivity,
+    prune_channels_iteratively,
+    tier_sparsities,
+)
 from compiler.compress.qat import (
     Converted,
     QATConfig,
@@ -22,5 +31,7 @@ from compiler.compress.qat import (
     prepare_qat,
 )
 
-__all__ = ["Converted", "DistillLoss", "Distiller", "QATConfig", "calibrate_qat", "convert",
-           "fold_batchnorm", "prepare_qat", "teacher_weights"]
+__all__ = ["TIERS", "Converted", "DistillLoss", "Distiller", "IterativePruner", "QATConfig",
+           "calibrate_qat", "convert", "exact_counts", "fine_tune", "fold_batchnorm",
+           "measure_sensitivity", "prepare_qat", "prune_channels_iteratively", "teacher_weights",
+           "tier_sparsities"]
