@@ -31,7 +31,7 @@ from typing import Any
 from .errors import IntegrityError, PackageError
 
 __all__ = ["PackageFiles", "PackageReader", "read_regular", "check_file_name", "SealedLibrary",
-           "swap_into_place", "recover", "OLD_MARK"]
+           "swap_into_place", "recover", "remove_stale", "temp_prefix", "OLD_MARK"]
 
 OLD_MARK = ".old-"
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -280,7 +280,7 @@ def swap_into_place(new: Path, path: Path) -> None:
         fsync_dir(path.parent)
         shutil.rmtree(new, ignore_errors=True)   # ``new`` now names the old package
         return
-    old = path.parent / f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
+    old = path.parent / f".{path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(path, old)
     try:
         os.rename(new, path)
@@ -305,6 +305,41 @@ def recover(path: Path) -> bool:
     os.rename(olds[0], path)
     fsync_dir(path.parent)
     return True
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of this process's temporary folders beside ``path``."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> list[str]:
+    """Remove what a save of ``path`` that crashed left beside it: its temporary folder
+    (``.NAME.PID.*.tmp``) and, once ``path`` is in place again, a moved-aside old package
+    (``.NAME.old-PID-*``), each only if process PID is gone. Returns the names removed."""
+    import re
+
+    if not path.parent.is_dir():
+        return []
+    name = re.escape(path.name)
+    tmp = re.compile(rf"^\.{name}\.(\d+)\..*\.tmp$")
+    old = re.compile(rf"^\.{name}{re.escape(OLD_MARK)}(\d+)-[0-9a-f]+$")
+    removed = []
+    for p in path.parent.iterdir():
+        m = tmp.match(p.name) or (old.match(p.name) if path.is_dir() else None)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

@@ -25,7 +25,14 @@ from typing import Any
 
 from .errors import PackageError
 from .manifest_schema import LIMITS, parse_manifest
-from .package_io import PackageReader, fsync_dir, recover, swap_into_place
+from .package_io import (
+    PackageReader,
+    fsync_dir,
+    recover,
+    remove_stale,
+    swap_into_place,
+    temp_prefix,
+)
 from .signing import SIGNATURE_FILE, load_private_key, signature_bytes
 
 __all__ = ["save_package", "sign_package", "check_replaceable", "not_a_package_reason"]
@@ -104,6 +111,7 @@ def save_package(pkg: Any, path: Path, sign_key: Any = None,
 
     path = Path(os.path.abspath(path))
     recover(path)
+    remove_stale(path)
     check_replaceable(path)
     key = load_private_key(sign_key, password) if sign_key is not None else None
     files = pkg.file_bytes()
@@ -115,7 +123,7 @@ def save_package(pkg: Any, path: Path, sign_key: Any = None,
         digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
         files[SIGNATURE_FILE] = signature_bytes(digests, key, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)
         for name, data in files.items():

@@ -213,7 +213,8 @@ def test_crash_at_every_step_of_save(lib, tmp_path, exchange):
         else:
             np.testing.assert_allclose(y, new_y, rtol=1e-5, atol=1e-5)
             seen.add("new")
-        build_tiny(lib, seed=7).save(dst)    # and the next save works after the crash
+        build_tiny(lib, seed=7).save(dst)    # the next save works, and removes the crash's
+        assert [p.name for p in work.iterdir()] == ["model.npkg"]   # temporaries
         shutil.rmtree(work)
         if r.returncode == 0:
             break

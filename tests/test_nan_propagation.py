@@ -203,3 +203,45 @@ def test_check_finite_names_the_input():
     assert np.isposinf(c.run({"x": x})[0][0, 1, 2, 3])   # by default it propagates
     with pytest.raises(InputError, match="input 'x'"):
         c.executor.run(_input(), check_finite=True)
+
+
+def test_minilm_like_onnxruntime(tmp_path):
+    """The trained MiniLM, entered at its token embeddings (token ids cannot carry a NaN)."""
+    import torch
+
+    from compiler import compile as compile_model
+    from examples.models import minilm, minilm_inputs
+
+    torch.set_num_threads(1)
+    model, tokenizer = minilm()
+
+    class FromEmbeddings(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, inputs_embeds, attention_mask):
+            return self.m(inputs_embeds=inputs_embeds,
+                          attention_mask=attention_mask).last_hidden_state
+
+    inputs = minilm_inputs(tokenizer, sentences=["A NaN must reach the output."], seq=16)
+    with torch.no_grad():
+        emb = model.embeddings.word_embeddings(torch.from_numpy(inputs["input_ids"])).numpy()
+    mask = inputs["attention_mask"]
+    path = tmp_path / "minilm_embeds.onnx"
+    torch.onnx.export(FromEmbeddings(model).eval(), (torch.from_numpy(emb),
+                      torch.from_numpy(mask)), str(path),
+                      input_names=["inputs_embeds", "attention_mask"],
+                      output_names=["hidden"], dynamo=False)
+    onnx_model = onnx.load(str(path))
+    onnx_model.ir_version = min(onnx_model.ir_version, 10)
+    m = compile_model(str(path), "host", progress=False)
+    feeds = {"inputs_embeds": emb, "attention_mask": mask}
+    np.testing.assert_allclose(m(feeds)[0], _ort(onnx_model, feeds)[0], rtol=1e-3, atol=1e-3)
+    for value in (np.nan, np.inf, -np.inf):
+        e = emb.copy()
+        e[0, 3, 5] = value
+        f = {"inputs_embeds": e, "attention_mask": mask}
+        want = _ort(onnx_model, f)[0]
+        assert np.isnan(want).any()
+        assert_same_nonfinite(m(f)[0], want, rtol=1e-3, atol=1e-3)
