@@ -99,6 +99,11 @@ def configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="print per-kernel times")
     p.add_argument("--save-outputs", default=None, metavar="DIR",
                    help="write each output as DIR/<name>.npy")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="PUB",
+                   help="run only if the package is signed by this public key (repeatable; "
+                   "default: NPUCC_TRUSTED_KEYS)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="refuse inputs holding NaN or inf")
     p.set_defaults(func=_cmd_run)
 
 
@@ -107,7 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import runtime
 
-    m = runtime.load(args.package)
+    m = runtime.load(args.package, trusted_keys=args.trusted_key)
     if not args.input:
         raise NpuccError(f"give the inputs: --input NAME=FILE.npy for each of "
                          f"{', '.join(m.input_names)}")
@@ -122,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             feeds[name] = np.load(path)
         except (OSError, ValueError) as e:
             raise NpuccError(f"cannot read input {name!r} from {path}: {e}") from None
-    outs = m.run(feeds)
+    outs = m.run(feeds, check_finite=args.check_finite)
     np.set_printoptions(precision=5, threshold=20, edgeitems=4)
     for name, arr in zip(m.output_names, outs, strict=True):
         print(f"{name}: {arr.dtype}{list(arr.shape)}")

@@ -462,3 +462,20 @@ def test_compile_signs_with_sign_key(keys, tmp_path):
                  "--sign-key", str(keys["b"][0])]) == 0
     assert main(["verify", str(tmp_path / "c.npkg"), "--public-key", str(keys["b"][1])]) == 0
     assert main(["verify", str(tmp_path / "c.npkg"), "--public-key", str(keys["a"][1])]) == 1
+
+
+def test_cli_run_with_trusted_key(signed, keys, tmp_path, capsys):
+    from compiler.cli import main
+
+    np.save(tmp_path / "x.npy", tiny_input())
+    assert main(["run", str(signed), "--input", str(tmp_path / "x.npy"),
+                 "--trusted-key", str(keys["a"][1])]) == 0
+    assert main(["run", str(signed), "--input", str(tmp_path / "x.npy"),
+                 "--trusted-key", str(keys["b"][1])]) == 1
+    assert "not a trusted key" in capsys.readouterr().err
+    bad = tiny_input()
+    bad[1, 2] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    assert main(["run", str(signed), "--input", str(tmp_path / "bad.npy"),
+                 "--trusted-key", str(keys["a"][1]), "--check-finite"]) == 1
+    assert "input 'x' has 1 non-finite" in capsys.readouterr().err
