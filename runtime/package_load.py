@@ -15,7 +15,9 @@ is opened by the dynamic loader:
    a one-time :class:`UnverifiedPackageWarning`.
 5. The kernel library's bytes become a sealed in-memory file (``SealedLibrary``); its ELF
    machine and instruction set are checked on those bytes (``_verify.check_arch``), then the
-   plan (``_verify.check_manifest``). The executor dlopens that sealed file: the path is never
+   plan (``_verify.check_manifest``), then that the library exports every kernel the plan
+   calls (``check_exports``, from its ELF symbol table: a foreign library is refused before
+   its constructors could run). The executor dlopens that sealed file: the path is never
    re-opened after the check, so a file swapped in meanwhile is never run.
 """
 
@@ -28,13 +30,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ._elf import exported_symbols
 from ._verify import check_arch, check_manifest
 from .errors import IntegrityError, PackageError, SignatureError, UnverifiedPackageWarning
 from .manifest_schema import LIMITS, parse_manifest
 from .package_io import PackageReader, SealedLibrary, check_file_name, recover
 from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_FILE, trusted_keys, verify_signature
 
-__all__ = ["load_verified", "read_verified", "check_signed_files"]
+__all__ = ["load_verified", "read_verified", "check_signed_files", "check_exports"]
 
 _warned = threading.Event()
 
@@ -84,6 +87,19 @@ def _caller_level() -> int:
     return level
 
 
+def check_exports(lib: bytes, manifest: dict[str, Any], where: str) -> None:
+    """Every kernel the plan calls is exported by the library (``__tvm_ffi_<name>``), checked
+    on its bytes: a library that is not this package's is refused before the dynamic loader
+    runs any of its code (constructors run at dlopen, before a kernel lookup could fail)."""
+    have = {n.removeprefix("__tvm_ffi_") for n in exported_symbols(lib, f"{where}/kernels.so")
+            if n.startswith("__tvm_ffi_")}
+    missing = sorted({s["kernel"] for s in manifest["steps"]} - have)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise PackageError(f"{where}: kernel {missing[0]!r}{more} is not in kernels.so (the "
+                           f"library exports no __tvm_ffi_{missing[0]}); refusing to load it")
+
+
 def read_verified(path: str | os.PathLike, keys: Any = None, require_signature: bool = False,
                   for_signing: bool = False) -> tuple[dict[str, Any], dict[str, bytes], Any]:
     """Steps 1-4 of the module docstring: (manifest, file bytes by name, signing key or None).
@@ -131,6 +147,7 @@ def load_verified(cls: type, path: str | os.PathLike, keys: Any = None) -> Any:
     try:
         check_arch(library.path, manifest, where=path / LIBRARY)
         check_manifest(manifest, where=str(path))
+        check_exports(blobs[LIBRARY], manifest, str(path))
     except BaseException:
         library.close()
         raise

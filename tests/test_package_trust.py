@@ -479,3 +479,21 @@ def test_cli_run_with_trusted_key(signed, keys, tmp_path, capsys):
     assert main(["run", str(signed), "--input", str(tmp_path / "bad.npy"),
                  "--trusted-key", str(keys["a"][1]), "--check-finite"]) == 1
     assert "input 'x' has 1 non-finite" in capsys.readouterr().err
+
+
+def test_foreign_library_refused_before_dlopen_without_keys(signed, tmp_path):
+    """No trust root configured (the package loads with a warning), but a kernels.so that does
+    not export the plan's kernels is refused from its symbol table: its constructor never
+    runs (it used to run at dlopen, before the kernel lookup failed)."""
+    from runtime import PackageError
+
+    marker = tmp_path / "pwned"
+    pkg = _copy(signed, tmp_path)
+    (pkg / "model.sig").unlink()
+    evil = evil_library(tmp_path / "evil.so", marker)
+    data = evil.read_bytes().replace(b"dense_bias", b"dense_xxxx")
+    (pkg / "kernels.so").write_bytes(data)
+    rehash_manifest(pkg)
+    with pytest.raises(PackageError, match="kernel 'dense_bias' is not in kernels.so"):
+        _load(pkg)
+    assert not marker.exists()
