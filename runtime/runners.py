@@ -25,6 +25,7 @@ T = TypeVar("T")
 _local = threading.local()
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0   # a forked child has none of its parent's threads: it makes its own pool
 
 
 def runner_count() -> int:
@@ -49,12 +50,13 @@ def is_runner_thread() -> bool:
 
 def on_runner(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on a long-lived thread (see the module docstring); exceptions propagate."""
-    global _pool
+    global _pool, _pool_pid
     if is_runner_thread():
         return fn(*args)
-    if _pool is None:
+    if _pool is None or _pool_pid != os.getpid():
         with _lock:
-            if _pool is None:
+            if _pool is None or _pool_pid != os.getpid():
                 _pool = ThreadPoolExecutor(runner_count(), thread_name_prefix="npucc-run",
                                            initializer=_mark_runner)
+                _pool_pid = os.getpid()
     return _pool.submit(fn, *args).result()

@@ -65,3 +65,35 @@ def test_short_lived_threads_leave_nothing(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "threads" in r.stdout
+
+
+FORK_CHILD = r"""
+import os, sys, threading, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[2])
+import runtime
+from package_helpers import tiny_input
+
+m = runtime.load(sys.argv[1])
+out = []
+t = threading.Thread(target=lambda: out.append(m(tiny_input())[0]))
+t.start(); t.join()                      # the runner pool exists now
+pid = os.fork()
+if pid == 0:                             # the child has none of the parent's threads
+    got = []
+    t = threading.Thread(target=lambda: got.append(m(tiny_input())[0]))
+    t.start(); t.join(60)
+    os._exit(0 if got and (got[0] == out[0]).all() else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+print("fork ok")
+"""
+
+
+def test_runs_after_fork(tmp_path):
+    lib = build_library(tmp_path / "kernels.so", parallel=True)
+    pkg = build_tiny(lib).save(tmp_path / "p.npkg")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TVM_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", FORK_CHILD, str(pkg), str(Path(__file__).parent)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fork ok" in r.stdout, r.stdout + r.stderr
