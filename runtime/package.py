@@ -6,6 +6,8 @@ A package is a directory ``X.npkg/``::
                            memory plan figures, sha256 and size of every other file
     kernels.so             the kernel library (one exported TVM module, every step's kernel)
     weights.safetensors    weights by name, already packed to the layout the kernels read
+    model.sig              (signed packages) OpenSSF model-signing signature over every other
+                           file's sha256 (``signing.py``)
 
 Manifest, format version 1 (every key below is written; readers ignore unknown keys)::
 
@@ -37,12 +39,14 @@ Dtypes are the IR's short names (``f32``, ``i8``, ...). A weight's stored bytes 
 verbatim: the tensor table's dtype/shape say how the kernel reads them (so packed int4 may be
 stored as ``u8``).
 
-``Package.save`` is atomic: the package is built in a temporary directory beside the target and
-renamed into place; an existing package at the path is replaced only once the new one is
-complete. ``Package.load`` / ``runtime.load`` refuse, before loading any kernel, a package whose
-format version is unknown, whose files do not match their sha256, whose kernel library is for
-another CPU architecture or needs an ISA feature this CPU lacks, or whose plan is
-inconsistent.
+``Package.save`` (``package_save.py``) is atomic: the package is built in a temporary directory
+beside the target and exchanged with an existing package in one step; it replaces nothing that
+is not an npucc package. ``Package.load`` / ``runtime.load`` (``package_load.py``) refuse, before
+loading any kernel, a package that is unsigned or foreign-signed while trusted keys are
+configured, holds a link or special file, has a manifest outside its schema and limits
+(``manifest_schema.py``), an unknown format version, a file that does not match its size and
+sha256, a kernel library for another CPU architecture, ISA or plan, or an inconsistent plan;
+and they load exactly the bytes they verified.
 """
 
 from __future__ import annotations
