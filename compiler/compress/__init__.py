@@ -5,7 +5,9 @@
 - ``distill.py``: ``Distiller`` (response KL with temperature, feature MSE with learned
   projections, multi-teacher weights from validation accuracy);
 - ``iterative.py``: prune → fine-tune → prune rounds to an exact sparsity, per-layer tiers
-  from measured sensitivity.
+  from measured sensitivity;
+- ``plan.py``: ``compress(model, data, device=, budget_mb=, latency_ms=)``: sparsity and
+  precision chosen from the target description's cost model and the budgets.
 
 Importing this package imports torch; ``import compiler`` does not.
 """
@@ -22,6 +24,13 @@ from compiler.compress.iterative import (
     prune_channels_iteratively,
     tier_sparsities,
 )
+from compiler.compress.plan import (
+    BudgetError,
+    Candidate,
+    CompressResult,
+    compress,
+    plan_compression,
+)
 from compiler.compress.qat import (
     Converted,
     QATConfig,
@@ -31,7 +40,8 @@ from compiler.compress.qat import (
     prepare_qat,
 )
 
-__all__ = ["TIERS", "Converted", "DistillLoss", "Distiller", "IterativePruner", "QATConfig",
+__all__ = ["TIERS", "BudgetError", "Candidate", "CompressResult", "Converted", "compress",
+           "plan_compression", "DistillLoss", "Distiller", "IterativePruner", "QATConfig",
            "calibrate_qat", "convert", "exact_counts", "fine_tune", "fold_batchnorm",
            "measure_sensitivity", "prepare_qat", "prune_channels_iteratively", "teacher_weights",
            "tier_sparsities"]

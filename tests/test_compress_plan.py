@@ -1,0 +1,73 @@
+"""compress(model, data, device=..., budget_mb=..., latency_ms=...): the plan follows the
+budgets and the kirin990 description, the compiled package meets them, and an impossible
+budget is refused with the closest achievable numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compiler.compress.plan import MIB, BudgetError, compress, plan_compression  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from examples.digits_cnn import load_digits_split, make_model, train
+
+    torch.set_num_threads(1)
+    xtr, ytr, xte, yte = load_digits_split()
+    torch.manual_seed(0)
+    model = train(make_model(), xtr, ytr, epochs=2)
+    data = [{"input": xtr[i:i + 1]} for i in range(4)]
+    return model, data, (torch.from_numpy(xte[:1]),)
+
+
+@pytest.fixture(scope="module")
+def candidates(digits):
+    model, data, ex = digits
+    return plan_compression(model, data, "kirin990", example_inputs=ex,
+                            sparsities=(0.0, 0.5, 0.7))
+
+
+def test_candidates_are_ordered_and_shrink(candidates):
+    assert [c.cost for c in candidates] == sorted(c.cost for c in candidates)
+    by = {(c.sparsity, c.precision): c for c in candidates}
+    # float runs in f16 on the Kirin NPU (npu-numerics): int8 halves the bytes
+    assert by[(0.0, "int8")].weight_bytes < 0.6 * by[(0.0, "float")].weight_bytes
+    assert by[(0.0, "int4")].weight_bytes < by[(0.0, "int8")].weight_bytes
+    assert by[(0.5, "float")].weight_bytes < 0.6 * by[(0.0, "float")].weight_bytes
+    assert all(c.latency_ms > 0 for c in candidates)
+
+
+def test_two_budgets_two_plans_both_met(digits, candidates):
+    model, data, ex = digits
+    by = {(c.sparsity, c.precision): c for c in candidates}
+    loose = by[(0.0, "int8")].weight_bytes / MIB * 1.01
+    tight = by[(0.5, "int4")].weight_bytes / MIB * 1.01
+    kw = {"example_inputs": ex, "sparsities": (0.0, 0.5, 0.7), "verbose": False}
+    a = compress(model, data, "kirin990", budget_mb=loose, **kw)
+    b = compress(model, data, "kirin990", budget_mb=tight, **kw)
+    assert (a.plan.sparsity, a.plan.precision) != (b.plan.sparsity, b.plan.precision)
+    assert b.plan.cost > a.plan.cost
+    for r, budget in ((a, loose), (b, tight)):
+        assert r.measured["weight_bytes"] <= budget * MIB
+        # the cost model's latency of the compiled graph is what the plan estimated
+        assert r.measured["latency_ms"] == pytest.approx(r.plan.latency_ms, rel=1e-6)
+        assert r.compiled.run(data[0])[0].shape == (1, 10)
+    lat = compress(model, data, "kirin990", latency_ms=a.plan.latency_ms * 1.0001, **kw)
+    assert lat.measured["latency_ms"] <= a.plan.latency_ms * 1.0001
+
+
+def test_impossible_budget_names_the_closest_numbers(digits, candidates):
+    model, data, ex = digits
+    smallest = min(c.weight_bytes for c in candidates) / MIB
+    with pytest.raises(BudgetError) as e:
+        compress(model, data, "kirin990", budget_mb=smallest / 4, example_inputs=ex,
+                 sparsities=(0.0, 0.5, 0.7), verbose=False)
+    msg = str(e.value)
+    assert f"{smallest:.2f} MiB" in msg and "fastest" in msg and "kirin990" in msg
+    fastest = min(c.latency_ms for c in candidates)
+    with pytest.raises(BudgetError, match=f"{fastest:.3f} ms"):
+        compress(model, data, "kirin990", latency_ms=fastest / 10, example_inputs=ex,
+                 sparsities=(0.0, 0.5, 0.7), verbose=False)
