@@ -185,16 +185,26 @@ def _tensors(v: Any, path: str) -> None:
         _dtype(t["dtype"], f"{p}.dtype")
         if t["kind"] not in _KINDS:
             raise _fail(f"{p}.kind", f"{json.dumps(t['kind'])[:40]}; expected one of {_KINDS}")
-        _int(t["nbytes"], f"{p}.nbytes", 0, LIMITS["tensor_bytes"])
+        _int(t["nbytes"], f"{p}.nbytes", 0, min(LIMITS["tensor_bytes"], _arena_limit()))
         if t.get("offset") is not None:
             _int(t["offset"], f"{p}.offset", 0, _arena_limit())
         if t.get("weight") is not None:
             _str(t["weight"], f"{p}.weight")
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 1 << 62
+
+
 def _arena_limit() -> int:
+    """The largest arena (and tensor) a manifest may ask for: 64 GiB or ``NPUCC_MAX_ARENA_BYTES``,
+    and never more than this machine's memory (a bigger one could only end in MemoryError)."""
     env = os.environ.get("NPUCC_MAX_ARENA_BYTES")
-    return int(env) if env and env.isdigit() else LIMITS["arena_bytes"]
+    limit = int(env) if env and env.isdigit() else LIMITS["arena_bytes"]
+    return min(limit, _physical_memory())
 
 
 def _memory(v: Any, path: str) -> None:
@@ -236,8 +246,13 @@ def _weight_encoding(v: Any, path: str) -> None:
         rec = _obj(rec, p, ("encoding", "dtype", "shape", "nnz"))
         _str(rec["encoding"], f"{p}.encoding")
         _dtype(rec["dtype"], f"{p}.dtype")
-        _shape(rec["shape"], f"{p}.shape")
-        _int(rec["nnz"], f"{p}.nnz", 0, LIMITS["elements"])
+        dense = _shape(rec["shape"], f"{p}.shape")
+        n = 1
+        for d in dense:
+            n *= d
+        _int(n * np.dtype(_dtypes.numpy_dtype(rec["dtype"])).itemsize, f"{p} dense bytes", 0,
+             _arena_limit())   # decoding allocates the dense array
+        _int(rec["nnz"], f"{p}.nnz", 0, n)
 
 
 def validate_manifest(m: Any, where: str, supported_versions: tuple[int, ...]) -> None:

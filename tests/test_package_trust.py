@@ -351,6 +351,10 @@ def _tensor(m, name):
     (lambda m: m["files"]["kernels.so"].update(sha256="zz"), "sha256"),
     (lambda m: m.update(weight_encoding={"w": {"encoding": "csr", "dtype": "f32",
                                               "shape": [10**13], "nnz": 1}}), "shape"),
+    (lambda m: m.update(weight_encoding={"w": {"encoding": "csr", "dtype": "f32",
+                                              "shape": [10**6, 10**6], "nnz": 1}}),
+     "dense bytes"),
+    (lambda m: _tensor(m, "y").update(nbytes=2**41), "nbytes"),
 ])
 def test_crafted_manifest_refused(signed, tmp_path, edit, match):
     from runtime import PackageError
