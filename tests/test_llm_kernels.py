@@ -44,12 +44,16 @@ def test_kv_write_writes_only_its_rows(tmp_path):
                  Case("kv_write", [cache, f32(4, 2, 8), pos(14)])], tmp_path)  # tail dropped
 
 
-def test_dense_rows(tmp_path):
+def test_tied_table_rows_and_projection(tmp_path):
+    i8 = rng.integers(-127, 128, (37, 48)).astype(np.int8)
+    rs = rng.random(37).astype(np.float32)
+    ids = np.array([0, 36, 5, 31, 32], np.int32)
     check_cases([
-        Case("dense_rows", [f32(3, 64), f32(50, 64)]),
-        Case("dense_rows", [f32(1, 36), f32(7, 36)]),                # K not a multiple of 16
-        Case("dense_rows", [f32(2, 48), rng.integers(-127, 128, (37, 48)).astype(np.int8),
-                            rng.random(37).astype(np.float32)]),
+        Case("dense_rows", [f32(3, 64), f32(50, 64)], consts=(1,)),
+        Case("dense_rows", [f32(1, 36), f32(7, 36)], consts=(1,)),
+        Case("dense_rows", [f32(2, 48), i8, rs], consts=(1, 2)),
+        Case("embed_rows", [ids, f32(37, 48)], consts=(1,)),
+        Case("embed_rows", [ids, i8, rs], consts=(1, 2)),
     ], tmp_path)
 
 

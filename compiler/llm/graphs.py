@@ -66,6 +66,11 @@ class _Builder:
         return self.add("dense", x, self.w(f"{prefix}.w"), *bias)
 
     def embed(self, ids: Value) -> Value:
+        if self.s.tied:   # the output projection reads the same table: one packed layout
+            if "embed.q8" in self.s.weights:
+                return self.add("embed_rows", ids, self.w("embed.q8"),
+                                self.w("embed.row_scales"))
+            return self.add("embed_rows", ids, self.w("embed"))
         if "embed.q8" in self.s.weights:
             return self.add("gather_q", self.w("embed.q8"), self.w("embed.row_scales"), ids)
         return self.add("gather", self.w("embed"), ids, axis=0)

@@ -12,10 +12,10 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
 
-In every scheme the token embedding becomes int8 per row (``gather_q``) and so does the output
-projection: a tied one reads the very same int8 table and row scales (``dense_rows``), an
-untied ``lm_head`` becomes ``dense_wq{bits=8}`` per row. The vocabulary-sized matrices are
-the precision-sensitive ends of the model. Norm weights,
+In every scheme the token embedding becomes int8 per row and so does the output projection:
+a tied one reads the very same int8 table and row scales (``embed_rows`` / ``dense_rows``),
+an untied ``lm_head`` becomes ``dense_wq{bits=8}`` per row (the embedding ``gather_q``). The
+vocabulary-sized matrices are the precision-sensitive ends of the model. Norm weights,
 biases and the RoPE tables stay f32.
 """
 
@@ -93,7 +93,7 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
     row = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     weights["embed.q8"] = np.clip(np.rint(table / row[:, None]), -127, 127).astype(np.int8)
     weights["embed.row_scales"] = row
-    if not spec.tied:   # tied: the output projection reads embed.q8 (dense_rows)
+    if not spec.tied:   # tied: both ends read embed.q8 (embed_rows, dense_rows)
         head = weights.pop("lm_head")
         q, s = quantize_rtn(head, 8, head.shape[1])
         weights["lm_head.wq"], weights["lm_head.scales"] = q, s

@@ -16,6 +16,8 @@ written as TIR directly because they need what TE cannot say:
 
 from __future__ import annotations
 
+import numpy as np
+
 from targets.kernels._te import expr, fast_sigmoid, generic, placeholders, prim_func
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
@@ -168,54 +170,88 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
                                  f"context {c}, {lanes}-lane dots")
 
 
+def _table_panel(req: KernelRequest) -> int:
+    """Rows per panel of a tied embedding table, ``[ceil(V/nb), D, nb]`` (``pack_nk``): the
+    same for ``embed_rows`` and ``dense_rows`` of one compile, so both read one array."""
+    return 2 * req.cpu.lanes("f32")
+
+
 @register_kernel("dense_rows")
 def dense_rows(req: KernelRequest) -> KernelImpl:
-    """One output column per parallel iteration: its weight row streamed once, dotted with
-    every x row (``lanes`` partial sums, then a horizontal add); i8 rows converted in the
-    loop, the row scale applied once per output."""
+    """The output projection over a tied table packed as ``[P, D, nb]`` panels of ``nb``
+    vocabulary rows: one panel per parallel iteration, read once for all x rows, ``nb``
+    outputs accumulated in a vector (no horizontal sums), i8 converted in the loop, the row
+    scale applied once per output."""
     from tvm.script import tirx as T
+
+    from targets.kernels.linalg import pack_nk
 
     m, k = req.input_types[0].shape
     n = req.input_types[1].shape[0]
     wdt = "float32" if req.input_types[1].dtype == "f32" else "int8"
-    lanes = _dot_lanes(req, k)
-    chunks = k // lanes
+    nb = _table_panel(req)
+    panels = -(-n // nb)
 
     @T.prim_func
-    def plain(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), wdt),
+    def plain(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, k, nb), wdt),
               out: T.Buffer((m, n), "float32")):
-        for j in T.parallel(n):
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            acc = T.alloc_buffer((1,), "float32", scope="local")
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((nb,), "float32", scope="local")
             for i in range(m):
-                for lane in T.vectorized(lanes):
-                    part[lane] = T.float32(0)
-                for ch in range(chunks):
-                    for lane in T.vectorized(lanes):
-                        part[lane] = part[lane] + x[i, ch * lanes + lane] \
-                            * T.Cast("float32", w[j, ch * lanes + lane])
-                acc[0] = T.float32(0)
-                for lane in range(lanes):
-                    acc[0] = acc[0] + part[lane]
-                out[i, j] = acc[0]
+                for j in T.vectorized(nb):
+                    acc[j] = T.float32(0)
+                for kk in range(k):
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + x[i, kk] * T.Cast("float32", w[p, kk, j])
+                for j in range(nb):
+                    if p * nb + j < n:
+                        out[i, p * nb + j] = acc[j]
 
     @T.prim_func
-    def scaled(x: T.Buffer((m, k), "float32"), w: T.Buffer((n, k), wdt),
+    def scaled(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, k, nb), wdt),
                rs: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
-        for j in T.parallel(n):
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            acc = T.alloc_buffer((1,), "float32", scope="local")
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((nb,), "float32", scope="local")
             for i in range(m):
-                for lane in T.vectorized(lanes):
-                    part[lane] = T.float32(0)
-                for ch in range(chunks):
-                    for lane in T.vectorized(lanes):
-                        part[lane] = part[lane] + x[i, ch * lanes + lane] \
-                            * T.Cast("float32", w[j, ch * lanes + lane])
-                acc[0] = T.float32(0)
-                for lane in range(lanes):
-                    acc[0] = acc[0] + part[lane]
-                out[i, j] = acc[0] * rs[j]
+                for j in T.vectorized(nb):
+                    acc[j] = T.float32(0)
+                for kk in range(k):
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + x[i, kk] * T.Cast("float32", w[p, kk, j])
+                for j in range(nb):
+                    if p * nb + j < n:
+                        out[i, p * nb + j] = acc[j] * rs[p * nb + j]
 
     func = scaled if len(req.input_types) == 3 else plain
-    return KernelImpl(func, note=f"dense_rows M={m} K={k} N={n} {wdt}, {lanes}-lane dots")
+    return KernelImpl(func, {1: lambda a, nb=nb: pack_nk(np.asarray(a), nb)},
+                      note=f"dense_rows M={m} K={k} N={n} {wdt}: {nb}-row table panels")
+
+
+@register_kernel("embed_rows")
+def embed_rows(req: KernelRequest) -> KernelImpl:
+    """Token rows gathered from the packed table ``[P, D, nb]`` (stride ``nb`` per element:
+    D loads per token, nothing next to the projection's cost)."""
+    from tvm import te
+
+    from targets.kernels.linalg import pack_nk
+
+    t = req.input_types[0].shape[0]
+    v, d = req.input_types[1].shape
+    nb = _table_panel(req)
+    Ids = te.placeholder((t,), "int32", name="in0")
+    wdt = "float32" if req.input_types[1].dtype == "f32" else "int8"
+    Tab = te.placeholder((-(-v // nb), d, nb), wdt, name="in1")
+    args = [Ids, Tab]
+    if len(req.input_types) == 3:
+        Rs = te.placeholder((v,), "float32", name="in2")
+        args.append(Rs)
+
+    def body(i, j):
+        r = te.max(te.min(Ids[i], v - 1), 0)
+        val = Tab[r // nb, j, r % nb].astype("float32")
+        return val * Rs[r] if len(args) == 3 else val
+
+    Y = te.compute((t, d), body, name="out")
+    return KernelImpl(prim_func([*args, Y], generic(req.cpu, "f32")),
+                      {1: lambda a, nb=nb: pack_nk(np.asarray(a), nb)},
+                      note=f"embed_rows {t} tokens of {d} from {nb}-row table panels")

@@ -1,5 +1,5 @@
 """Decoder-LLM ops: ``rms_norm``, ``silu_mul``, ``rope``, ``positions``, ``kv_write``,
-``cached_attention``, ``dense_rows``.
+``cached_attention``, ``dense_rows``, ``embed_rows``.
 
 The static KV cache (DESIGN.md, Language models): every layer has a K and a V cache
 ``f32[C, Hkv, Dh]`` of ``C = max_context`` positions. A graph takes the caches as inputs and
@@ -22,11 +22,12 @@ of a chunk is at position ``pos + t``.
 ``kv_write(cache, new, pos)``
     ``cache`` with rows ``pos .. pos + T - 1`` replaced by ``new[T, Hkv, Dh]``; rows at or past
     ``C`` are dropped (the padded tail of the last prefill chunk).
-``dense_rows(x, w[, row_scales])``
-    ``x[M, K] @ w[N, K]^T`` (times ``row_scales[N]`` when given) with ``w`` read as stored,
-    row-major, never repacked: f32, or i8 with f32 per-row scales. The output projection of a
-    model whose embedding is tied to it reads the embedding table itself (``gather`` /
-    ``gather_q`` read the same array), so the package holds the table once.
+``dense_rows(x, table[, row_scales])`` and ``embed_rows(ids, table[, row_scales])``
+    a tied embedding table ``[V, D]`` (f32, or i8 with f32 per-row scales) read by both ends
+    of the model: ``embed_rows`` looks rows up (``f32(table[ids]) * row_scales[ids]``),
+    ``dense_rows`` is the output projection ``x[M, D] @ table^T (* row_scales)``. Their kernels
+    read the table in one packed layout (:mod:`targets.kernels.llm`), so the package holds it
+    once.
 ``cached_attention(q, k, v, pos){scale}``
     causal attention of ``q[T, Hq, Dh]`` over the caches ``k, v[C, Hkv, Dh]`` (grouped-query:
     head ``h`` reads kv head ``h // (Hq / Hkv)``): query ``t`` attends positions
@@ -233,4 +234,32 @@ def _dense_rows_ref(xs, attrs):
 
 
 register_op(OpDef("dense_rows", (2, 3), {}, _dense_rows_infer, _dense_rows_ref, family="llm",
-                  doc="x @ w^T over a row-major f32 / i8 (+ row scales) weight, unpacked"))
+                  doc="x @ table^T over a tied embedding table (f32, or i8 + row scales)"))
+
+
+def _embed_rows_infer(types, attrs):
+    ids, table = types[0], types[1]
+    if ids.dtype != "i32" or ids.rank != 1:
+        raise OpError(f"embed_rows takes ids i32[T], got {ids}")
+    if table.rank != 2 or table.dtype not in ("f32", "i8"):
+        raise OpError(f"embed_rows takes an f32 or i8 table [V, D], got {table}")
+    if (table.dtype == "i8") != (len(types) == 3):
+        raise OpError("embed_rows: an i8 table needs f32 row scales, an f32 one none")
+    if len(types) == 3 and (types[2].shape != (table.shape[0],) or types[2].dtype != "f32"):
+        raise OpError(f"embed_rows: row scales must be f32[{table.shape[0]}], got {types[2]}")
+    return [TensorType((ids.shape[0], table.shape[1]), "f32")]
+
+
+def _embed_rows_ref(xs, attrs):
+    ids, table = xs[0].astype(np.int64), xs[1]
+    v = table.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= v):
+        raise OpError(f"embed_rows: a token id is outside [0, {v})")
+    rows = table[ids].astype(np.float32)
+    if len(xs) == 3:
+        rows = rows * xs[2][ids][:, None]
+    return [rows]
+
+
+register_op(OpDef("embed_rows", (2, 3), {}, _embed_rows_infer, _embed_rows_ref, family="llm",
+                  doc="rows of a tied embedding table (f32, or i8 + row scales)"))
