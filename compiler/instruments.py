@@ -281,16 +281,20 @@ class VerifyEach(Instrument):
 
     After a pass the structure is checked whole and the per-node checks (attributes, type
     inference) run on the nodes the pass created or changed (``node_signature``), so verifying
-    after every pass stays linear in what the passes do; the final graph is verified whole.
+    after every pass stays linear in what the passes do; a pass that reports no change is not
+    re-verified (a false report is caught by the next verification, naming a later pass);
+    the final graph is verified whole.
     """
 
     def __init__(self) -> None:
         self.seen: dict[int, tuple] = {}
+        self.graph: Graph | None = None
 
     def _remember(self, graph: Graph) -> None:
         from compiler.ir.verify import node_signature
 
         self.seen = {id(n): (n, node_signature(graph, n)) for n in graph.nodes}
+        self.graph = graph
 
     def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
         from compiler.ir.verify import verify
@@ -305,6 +309,8 @@ class VerifyEach(Instrument):
     def after(self, run: PassRun, result: PassResult) -> None:
         from compiler.ir.verify import node_signature, verify
 
+        if not result.changed and result.graph is self.graph:
+            return   # the pass says it changed nothing; the next check would see it if it did
         graph, seen = result.graph, self.seen
         fresh: dict[int, tuple] = {}
 
@@ -318,7 +324,7 @@ class VerifyEach(Instrument):
             verify(graph, recheck=changed)
         except VerificationError as e:
             raise PassVerificationError(run.text, run.index, e.problems) from None
-        self.seen = fresh
+        self.seen, self.graph = fresh, graph
 
     def finish(self, graph: Graph) -> None:
         from compiler.ir.verify import verify
