@@ -415,7 +415,8 @@ def test_fuzzed_manifests_raise_only_package_errors(signed, tmp_path_factory):
     pkg = _copy(signed, tmp_path_factory.mktemp("fuzz"))
     (pkg / "model.sig").unlink()
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=int(os.environ.get("NPUCC_FUZZ_EXAMPLES", "300")), deadline=None,
+              suppress_health_check=list(HealthCheck))
     @given(st.lists(st.tuples(st.sampled_from(paths), _json_values(),
                               st.sampled_from(["set", "delete", "raw"])), min_size=1,
                     max_size=3))
