@@ -370,6 +370,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
              _configure_diff, True),
     "compile": ("compile a model for a target into a runnable package",
                 lambda p: _build().configure_compile(p), True),
+    "compress": ("choose sparsity and precision for a target and budgets, compile the plan",
+                 lambda p: _compress().configure_compress(p), True),
     "run": ("run a compiled package on .npy inputs", lambda p: _build().configure_run(p), True),
     "targets": ("list the built-in targets, or show one",
                 lambda p: _build().configure_targets(p), True),
@@ -392,6 +394,12 @@ def _build():
     from compiler import cli_build
 
     return cli_build
+
+
+def _compress():
+    from compiler import cli_compress
+
+    return cli_compress
 
 
 def _report():

@@ -71,3 +71,31 @@ def test_impossible_budget_names_the_closest_numbers(digits, candidates):
     with pytest.raises(BudgetError, match=f"{fastest:.3f} ms"):
         compress(model, data, "kirin990", latency_ms=fastest / 10, example_inputs=ex,
                  sparsities=(0.0, 0.5, 0.7), verbose=False)
+
+
+def test_npucc_compress_from_the_shell(tmp_path, capsys):
+    import numpy as np
+
+    from compiler.cli import main
+    from examples.digits_cnn import load_digits_split
+    from runtime import load
+
+    xtr = load_digits_split()[0]
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        np.save(data / f"{i}.npy", xtr[i:i + 1])
+    np.savez(data / "3.npz", image=xtr[3:4])
+    model = "examples/digits_cnn.onnx"
+    out = tmp_path / "m.npkg"
+    rc = main(["compress", model, "--data", str(data), "-t", "kirin990", "--budget-mb", "0.03",
+               "--sparsities", "0,0.5", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "plan:" in text and "wrote" in text
+    with pytest.warns(UserWarning, match="without verifying"):
+        pkg = load(out)              # unsigned: the runtime says so
+    assert pkg.run({"image": xtr[:1]})[0].shape == (1, 10)
+    assert main(["compress", model, "--data", str(data), "-t", "kirin990", "--budget-mb",
+                 "0.0001", "--sparsities", "0,0.5", "-o", str(tmp_path / "x.npkg")]) == 1
+    assert "smallest model is" in capsys.readouterr().err
