@@ -140,6 +140,7 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
             part = T.alloc_buffer((lanes,), "float32", scope="local")
             acc = T.alloc_buffer((dh,), "float32", scope="local")
             mx = T.alloc_buffer((1,), "float32", scope="local")
+            dot = T.alloc_buffer((1,), "float32", scope="local")
             tot = T.alloc_buffer((1,), "float32", scope="local")
             n = T.min(pos[0] + th // hq, c - 1) + 1
             mx[0] = T.float32(neg)
@@ -150,10 +151,10 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
                     for lane in T.vectorized(lanes):
                         part[lane] = part[lane] + q[th // hq, th % hq, ch * lanes + lane] \
                             * k[j, th % hq // rep, ch * lanes + lane]
-                s[j] = T.float32(0)
-                for lane in range(lanes):
-                    s[j] = s[j] + part[lane]
-                s[j] = s[j] * T.float32(scale)
+                dot[0] = T.float32(0)
+                for lane in T.unroll(lanes):
+                    dot[0] = dot[0] + part[lane]
+                s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
