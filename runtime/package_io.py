@@ -49,9 +49,11 @@ class PackageFiles:
         return hashlib.sha256(self.data[name]).hexdigest()
 
 
-def read_regular(dir_fd: int | None, name: str, limit: int, where: str) -> bytes:
+def read_regular(dir_fd: int | None, name: str, limit: int, where: str,
+                 exact: bool = False) -> bytes:
     """The bytes of regular file ``name`` (relative to ``dir_fd``), read once; refuses
-    symlinks, devices, fifos and sockets, and files over ``limit`` bytes."""
+    symlinks, devices, fifos and sockets, and files over ``limit`` bytes (``exact``: of
+    another size than ``limit``, the size the manifest states)."""
     try:
         fd = os.open(name, _O_READ, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -66,6 +68,9 @@ def read_regular(dir_fd: int | None, name: str, limit: int, where: str) -> bytes
         if not stat.S_ISREG(st.st_mode):
             raise PackageError(f"{where}: {name} is not a regular file "
                                f"({_kind(st.st_mode)}); refusing to read it")
+        if exact and st.st_size != limit:
+            raise IntegrityError(f"{where}: file {name} has {st.st_size} bytes; the manifest "
+                                 f"says {limit} (damaged or modified); refusing to load")
         if st.st_size > limit:
             raise PackageError(f"{where}: {name} has {st.st_size} bytes, over the limit of "
                                f"{limit}")
@@ -152,7 +157,7 @@ class PackageReader:
                                               os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
                 except OSError:
                     raise IntegrityError(f"{self.where}: file {name} is missing") from None
-            data = read_regular(dir_fd, parts[-1], limit, self.where)
+            data = read_regular(dir_fd, parts[-1], limit, self.where, exact)
         finally:
             if opened is not None:
                 os.close(opened)

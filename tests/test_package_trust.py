@@ -502,3 +502,14 @@ def test_foreign_library_refused_before_dlopen_without_keys(signed, tmp_path):
     with pytest.raises(PackageError, match="kernel 'dense_bias' is not in kernels.so"):
         _load(pkg)
     assert not marker.exists()
+
+
+def test_size_differs_from_manifest(signed, tmp_path):
+    from runtime import IntegrityError
+
+    pkg = _copy(signed, tmp_path)
+    with open(pkg / "weights.safetensors", "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(IntegrityError, match=r"weights.safetensors has \d+ bytes; the manifest "
+                                             r"says"):
+        _load(pkg)
