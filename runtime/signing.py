@@ -15,7 +15,8 @@ key-based format is small and specified, so the runtime writes and checks it wit
 ``cryptography`` alone. The tests check both directions against ``model_signing`` itself.
 
 Trust: :func:`trusted_keys` resolves what ``runtime.load(..., trusted_keys=...)`` was given, or
-else ``NPUCC_TRUSTED_KEYS`` (PEM files or folders of ``*.pub``, separated by ``os.pathsep``).
+else ``NPUCC_TRUSTED_KEYS`` (PEM files or folders of ``*.pub``, separated by ``os.pathsep``), or
+else the per-user folder ``~/.config/npucc/trusted_keys`` (``$XDG_CONFIG_HOME``) if it exists.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from typing import Any
 
 from .errors import SignatureError
 
-__all__ = ["SIGNATURE_FILE", "TRUSTED_KEYS_ENV", "PublicKey", "generate_key", "load_private_key",
-           "load_public_key", "trusted_keys", "signature_bytes", "verify_signature", "key_id"]
+__all__ = ["SIGNATURE_FILE", "TRUSTED_KEYS_ENV", "PublicKey", "config_keys_dir", "generate_key",
+           "load_private_key", "load_public_key", "trusted_keys", "signature_bytes",
+           "verify_signature", "key_id"]
 
 SIGNATURE_FILE = "model.sig"
 TRUSTED_KEYS_ENV = "NPUCC_TRUSTED_KEYS"
@@ -149,11 +151,21 @@ def load_public_key(key: Any) -> PublicKey:
     return PublicKey(pub, _public_pem(pub), _name(key))
 
 
+def config_keys_dir() -> Path:
+    """The per-user trust root folder: ``$XDG_CONFIG_HOME/npucc/trusted_keys`` (default
+    ``~/.config/npucc/trusted_keys``); its ``*.pub`` files are trusted keys."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "npucc" / "trusted_keys"
+
+
 def trusted_keys(keys: Iterable[Any] | None = None) -> list[PublicKey]:
     """The trust root: ``keys`` if given, else the keys ``NPUCC_TRUSTED_KEYS`` names (files, or
-    folders whose ``*.pub`` / ``*.pem`` files are keys); empty when neither is set."""
+    folders whose ``*.pub`` / ``*.pem`` files are keys), else those in :func:`config_keys_dir`;
+    empty when none is set."""
     if keys is None:
         spec = os.environ.get(TRUSTED_KEYS_ENV, "")
+        if not spec.strip() and config_keys_dir().is_dir():
+            spec = str(config_keys_dir())
         keys = []
         for part in filter(None, spec.split(os.pathsep)):
             p = Path(part)

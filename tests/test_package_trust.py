@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _no_env_keys(monkeypatch):
+def _no_env_keys(monkeypatch, tmp_path):
     monkeypatch.delenv("NPUCC_TRUSTED_KEYS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))   # no per-user keys
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,13 @@ def test_unsigned_refused_when_keys_configured(lib, keys, tmp_path, monkeypatch)
     with pytest.raises(SignatureError, match="not signed"):
         _load(pkg)
     monkeypatch.setenv("NPUCC_TRUSTED_KEYS", str(keys["a"][1].parent))   # a folder of keys
+    with pytest.raises(SignatureError, match="not signed"):
+        _load(pkg)
+    monkeypatch.delenv("NPUCC_TRUSTED_KEYS")
+    _load(pkg)                                        # no trust root: loads (warned)
+    user = tmp_path / "config" / "npucc" / "trusted_keys"
+    user.mkdir(parents=True)
+    shutil.copy(keys["a"][1], user / "release.pub")   # the per-user trust root
     with pytest.raises(SignatureError, match="not signed"):
         _load(pkg)
 
