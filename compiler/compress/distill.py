@@ -27,7 +27,7 @@ a validation set (``w_i = acc_i / sum_j acc_j``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +106,7 @@ class Distiller(nn.Module):
                  temperature: float = 4.0, alpha: float = 0.5, beta: float = 1.0,
                  teacher_weights: Sequence[float] | None = None,
                  output_fn: Callable[[Any], torch.Tensor] = output_tensor,
-                 example_inputs: tuple | None = None):
+                 example_inputs: tuple | Mapping[str, Any] | None = None):
         super().__init__()
         if response not in RESPONSES:
             raise NpuccError(f"Distiller: response={response!r} is not one of "
@@ -140,13 +140,15 @@ class Distiller(nn.Module):
         self._make_projections(mods, example_inputs)
 
     def _make_projections(self, mods: list[tuple[nn.Module, nn.Module]],
-                          example_inputs: tuple | None) -> None:
+                          example_inputs: tuple | Mapping[str, Any] | None) -> None:
         """Projections exist before the user builds an optimizer: widths from the modules'
         types, or from one forward pass on ``example_inputs``."""
         if example_inputs is not None and mods:
+            args, kw = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) \
+                else (tuple(example_inputs), {})
             with torch.no_grad():
-                self.teachers[0](*example_inputs)
-                self.student(*example_inputs)
+                self.teachers[0](*args, **kw)
+                self.student(*args, **kw)
             for i in range(len(mods)):
                 self._projection(i, self._seen[f"s{i}"], self._seen[f"t{i}"])
             return
@@ -200,10 +202,12 @@ class Distiller(nn.Module):
             losses.append(torch.mean((p - t) ** 2))
         return torch.stack(losses).mean()
 
-    def forward(self, *inputs: Any, labels: torch.Tensor | None = None) -> DistillLoss:
+    def forward(self, *inputs: Any, labels: torch.Tensor | None = None, **kw: Any
+                ) -> DistillLoss:
+        """The losses on one batch; positional and keyword inputs go to every model."""
         with torch.no_grad():
-            touts = [self.output_fn(t(*inputs)) for t in self.teachers]
-        s_out = self.output_fn(self.student(*inputs))
+            touts = [self.output_fn(t(*inputs, **kw)) for t in self.teachers]
+        s_out = self.output_fn(self.student(*inputs, **kw))
         zero = torch.zeros((), dtype=s_out.dtype)
         if self.response == "kl":
             probs = sum(w * torch.softmax(t / self.temperature, dim=-1)
