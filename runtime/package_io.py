@@ -34,6 +34,7 @@ __all__ = ["PackageFiles", "PackageReader", "read_regular", "check_file_name", "
            "swap_into_place", "recover", "remove_stale", "temp_prefix", "OLD_MARK"]
 
 OLD_MARK = ".old-"
+MAX_ENTRIES = 4096   # files in a package folder (the manifest may list at most 1024)
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -101,8 +102,14 @@ def _kind(mode: int) -> str:
 
 def _scan(dir_fd: int, prefix: str, where: str, depth: int, out: PackageFiles,
           names: list[str]) -> None:
+    entries = []
     with os.scandir(dir_fd) as it:
-        entries = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+        for e in it:
+            if len(entries) >= MAX_ENTRIES:
+                raise PackageError(f"{where}: more than {MAX_ENTRIES} entries in {prefix or '.'}"
+                                   f"; not a package")
+            entries.append((e.name, e.stat(follow_symlinks=False).st_mode))
+    entries.sort()
     for name, mode in entries:
         rel = prefix + name
         if stat.S_ISLNK(mode):
