@@ -103,6 +103,9 @@ def generate_key(private_path: str | os.PathLike, public_path: str | os.PathLike
     private_path = Path(private_path)
     public_path = Path(public_path) if public_path else private_path.with_name(
         private_path.name.removesuffix(".key").removesuffix(".pem") + ".pub")
+    for path in (private_path, public_path):
+        if os.path.lexists(path):
+            raise SignatureError(f"{path} exists; refusing to overwrite a key file")
     key = ec.generate_private_key(ec.SECP256R1())
     enc = (serialization.BestAvailableEncryption(password) if password
            else serialization.NoEncryption())
