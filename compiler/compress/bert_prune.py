@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,25 +96,36 @@ def _keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.sort(torch.argsort(scores, descending=True, stable=True)[:k]).values
 
 
-def prune_bert(model: nn.Module, importance: list[Mapping[str, Any]], head_sparsity: float,
-               mlp_sparsity: float) -> dict[str, Any]:
-    """Remove heads and MLP channels in place; returns ``{"heads": [kept per layer], "mlp":
-    [kept per layer]}``."""
+def _per_layer(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    vals = [float(value)] * n if isinstance(value, int | float) else [float(v) for v in value]
+    if len(vals) != n or any(not 0 <= v < 1 for v in vals):
+        raise NpuccError(f"prune_bert: {what} must be one value or {n} values in [0, 1), got "
+                         f"{value!r}")
+    return vals
+
+
+def prune_bert(model: nn.Module, importance: list[Mapping[str, Any]],
+               head_sparsity: float | Sequence[float],
+               mlp_sparsity: float | Sequence[float]) -> dict[str, Any]:
+    """Remove heads and MLP channels in place (sparsities: one for all layers, or one per
+    layer); returns ``{"heads": [kept head ids per layer], "mlp": [kept count per layer]}``."""
     layers = bert_layers(model)
     if len(importance) != len(layers):
         raise NpuccError(f"importance has {len(importance)} layers, the model {len(layers)}")
+    hs = _per_layer(head_sparsity, len(layers), "head_sparsity")
+    ms = _per_layer(mlp_sparsity, len(layers), "mlp_sparsity")
     kept: dict[str, list] = {"heads": [], "mlp": []}
-    for b, imp in zip(layers, importance, strict=True):
+    for b, imp, h_sp, m_sp in zip(layers, importance, hs, ms, strict=True):
         sa = b.attention.self
         d = sa.attention_head_size
-        heads = _keep(torch.as_tensor(imp["heads"]), head_sparsity)
+        heads = _keep(torch.as_tensor(imp["heads"]), h_sp)
         idx = (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
         sa.query, sa.key, sa.value = _rows(sa.query, idx), _rows(sa.key, idx), \
             _rows(sa.value, idx)
         b.attention.output.dense = _cols(b.attention.output.dense, idx)
         sa.num_attention_heads = len(heads)
         sa.all_head_size = len(heads) * d
-        ch = _keep(torch.as_tensor(imp["mlp"]), mlp_sparsity)
+        ch = _keep(torch.as_tensor(imp["mlp"]), m_sp)
         b.intermediate.dense = _rows(b.intermediate.dense, ch)
         b.output.dense = _cols(b.output.dense, ch)
         kept["heads"].append(heads.tolist())
