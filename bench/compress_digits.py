@@ -8,8 +8,9 @@ Steps (all on ``load_digits_split()``; the 360 held-out images are only evaluate
 1. train the CNN (examples/digits_cnn.py, 15 epochs) — the teacher;
 2. remove 50% of every conv's output channels (``compile(prune={"method": "channel"})``,
    ``apply_to_torch``) and fine-tune 10 epochs (float, as bench/prune_digits.py);
-3. PTQ: ``compile(quantize={"conv2d": "int8", "dense": int4 g=--group}, calibration=64
-   training images)``;
+3. control: the pruned float model trained ``--qat-epochs`` more epochs (the training QAT
+   gets), and its PTQ: ``compile(quantize={"conv2d": "int8", "dense": int4 g=--group},
+   calibration=64 training images)``;
 4. QAT: ``prepare_qat`` (same precisions, ranges from the same 64 images), ``--qat-epochs`` of
    cross entropy, ``convert`` → ``compile``;
 5. QAT + distillation: the same from the same start, loss ``Distiller(teacher, alpha=0.7, T=4)``.
@@ -18,6 +19,11 @@ Prints top-1 and test NLL (compiled packages, batch 1) side by side, with a cont
 float pruned model trained the same extra epochs), the share of the PTQ loss that QAT
 recovers (``(qat - ptq) / (float - ptq)``), how far each compiled package is from its
 fake-quant torch model (max |logit difference| on the test images), and the time each step took.
+
+Measured (AMD EPYC Zen 4 class, 2 shared cores; ``--width 4 --group 512``): float +4 epochs
+97.78% / NLL 0.1086, its PTQ 97.50% / 0.1173, QAT 97.78% / 0.1111 (72% of the NLL increase
+recovered), QAT+distillation 97.22% / 0.0993; packages within 3.6e-5 of the fake-quant
+logits. At the default width 16 the int8/int4 PTQ loss is within noise (<= 1 image).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--width", type=int, default=16, help="the CNN's first conv width")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import torch
@@ -78,7 +85,7 @@ def main() -> None:
     t = time.perf_counter()
     xtr, ytr, xte, yte = load_digits_split()
     torch.manual_seed(args.seed)
-    teacher = train(make_model(), xtr, ytr)
+    teacher = train(make_model(args.width), xtr, ytr)
     ex = (torch.from_numpy(xte[:1]),)
     calib = [{"input": xtr[i:i + 1]} for i in range(args.calib)]
     pruned = compile(teacher, "host", example_inputs=ex, progress=False, calibration=calib,
@@ -106,7 +113,8 @@ def main() -> None:
     quant = {"default": "float", "conv2d": "int8", "smooth": 0,
              "dense": {"precision": "int4", "group_size": args.group}}
     t = time.perf_counter()
-    ptq = compile(small, "host", example_inputs=ex, progress=False, quantize=quant,
+    # PTQ of the control: float and PTQ get as much training as QAT (fair recovery figures)
+    ptq = compile(more, "host", example_inputs=ex, progress=False, quantize=quant,
                   calibration=calib)
     times["PTQ compile"] = time.perf_counter() - t
     cfg = QATConfig(conv="int8", linear="int4", group_size=args.group)
@@ -129,15 +137,18 @@ def main() -> None:
     print(f"digits CNN: {100 * args.sparsity:.0f}% conv channels removed + fine-tuned, "
           f"int8 convs + int4 g{args.group} dense; {len(xte)} held-out images, compiled "
           f"packages (host), QAT {args.qat_epochs} epochs lr {args.lr:g}")
-    n_s, n_p = nll(fl_s), nll(ptq)
-    print(f"{'model':34}{'top-1 %':>10}{'vs float pruned':>17}{'test NLL':>10}")
+    a_m, n_m, n_p = top1(fl_more), nll(fl_more), nll(ptq)
+    print(f"{'model':34}{'top-1 %':>10}{'vs float':>12}{'test NLL':>10}")
     rows = [("float, unpruned (teacher)", a_t, nll(fl_t)), ("float, pruned + fine-tuned", a_s,
-            n_s), (f"float, pruned, +{args.qat_epochs} epochs", top1(fl_more), nll(fl_more)),
-            ("PTQ (minmax calibration)", a_p, n_p)] + \
-        [(k, v[0], v[3]) for k, v in results.items()]
+            nll(fl_s)), (f"float, pruned, +{args.qat_epochs} epochs", a_m, n_m),
+            ("  PTQ of it (minmax calibration)", a_p, n_p)] + \
+        [(f"QAT from pruned, {args.qat_epochs} epochs" if k == "QAT" else
+          f"QAT+distill, {args.qat_epochs} epochs", v[0], v[3]) for k, v in results.items()]
     for name, acc, n in rows:
-        print(f"{name:34}{100 * acc:10.2f}{100 * (acc - a_s):+16.2f}pt{n:10.4f}")
-    loss = a_s - a_p
+        print(f"{name:34}{100 * acc:10.2f}{100 * (acc - a_m):+11.2f}pt{n:10.4f}")
+    print(f"(vs float: against the float pruned model trained +{args.qat_epochs} epochs, the "
+          "same training QAT gets)")
+    loss, n_s = a_m - a_p, n_m
     for name, (acc, diff, agree, n) in results.items():
         rec = (acc - a_p) / loss if loss > 0 else float("nan")
         rec_n = (n_p - n) / (n_p - n_s) if n_p > n_s else float("nan")
@@ -145,10 +156,11 @@ def main() -> None:
               f"and {100 * rec_n:.0f}% of its NLL increase; package vs fake-quant torch: "
               f"max |logit diff| {diff:.2e}, same top-1 on {100 * agree:.1f}% of images")
     print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
-    best = max(v[0] for v in results.values())
-    ok = loss > 0 and (best - a_p) >= 0.5 * loss
-    print("acceptance (QAT recovers >= 50% of the PTQ loss):",
-          "PASS" if ok else ("n/a: PTQ lost nothing" if loss <= 0 else "FAIL"))
+    # NLL, not top-1: on 360 images PTQ's top-1 loss is a handful of images
+    best = min(v[3] for v in results.values())
+    ok = n_p > n_s and (n_p - best) >= 0.5 * (n_p - n_s)
+    print("acceptance (QAT recovers >= 50% of PTQ's test-NLL increase):",
+          "PASS" if ok else ("n/a: PTQ lost nothing" if n_p <= n_s else "FAIL"))
 
 
 if __name__ == "__main__":
