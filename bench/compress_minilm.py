@@ -11,6 +11,11 @@ model's embedding. Distillation: ``Distiller(teacher, student, response="mse")``
 hidden state plus feature MSE on every layer's output, AdamW, batches of 8 sentences drawn
 from the 64, ``--steps`` steps. Latency: both models compiled (host, one sentence of
 ``--seq`` tokens) and timed interleaved.
+
+Measured (AMD EPYC Zen 4 class, 2 cores shared with other jobs): 17.4M of 22.7M parameters
+kept; mean cosine 0.6845 pruned only -> 0.7952 after 200 steps (128 s), worst 0.2934 ->
+0.3252; compiled latency 74.77 -> 39.01 ms (0.522x), weights 85.7 -> 65.4 MiB (the
+embedding tables are not pruned).
 """
 
 from __future__ import annotations
