@@ -186,6 +186,14 @@ def test_int4_g32_kernels_match_their_reference(tmp_path):
                                                  .values())
 
 
+def test_group_falls_back_when_k_is_not_a_multiple():
+    from compiler.llm.compile import load_spec
+    from compiler.llm.quantize import parse_scheme, quantize_spec
+
+    q = quantize_spec(load_spec(_hf("llama")), parse_scheme("int4-g128"))
+    assert q.quant["l0.q"] == (4, 64) and q.quant["l0.down"] == (4, 128)
+
+
 def test_unknown_quantization_is_refused():
     from compiler.errors import NpuccError
     from compiler.llm.quantize import parse_scheme

@@ -4,7 +4,9 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
 
 - ``int8``: every projection int8 per output row (group = K), symmetric;
 - ``int4-g32`` / ``int4-g128``: projections int4 in groups of 32 / 128 along K (llama.cpp
-  Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte;
+  Q4_0's encoding: :mod:`passes.quantization.gptq`), packed two per byte; where K is not a
+  multiple of the group (SmolLM2's K=576 at g128) the largest power of two dividing K is used
+  (g64), recorded per projection in ``spec.quant``;
 - an ``-asym`` suffix (``int4-g32-asym``, ``int4-g32-gptq-asym``): a scale and a minimum per
   group (llama.cpp Q4_1's encoding, :func:`quantize_asym`): ``dense_wq{asym}`` with per-group
   offsets;
@@ -63,6 +65,7 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
     """A copy of ``spec`` whose projections are ``dense_wq`` weights (see module docstring)."""
     from compiler.ir.ops.quant_weight import pack_int4
     from passes.quantization.gptq import gptq_quantize, gptq_quantize_asym, quantize_rtn
+    from passes.quantization.weight_only import effective_group
 
     weights = dict(spec.weights)
     hessians = _hessians(spec, calibration) if scheme.method == "gptq" else {}
@@ -74,9 +77,11 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
             if w is None:
                 continue
             k = w.shape[1]
-            g = scheme.group or k
-            if k % g or (scheme.bits == 4 and k % 2):
-                raise NpuccError(f"{prefix}: K={k} is not a multiple of the group size {g}")
+            # K not a multiple of the group (SmolLM2: K=576, g128): the largest power of two
+            # >= 8 dividing K, as the graph quantizer does (weight_only.effective_group)
+            g = effective_group(k, scheme.group or k, scheme.bits) if scheme.group else k
+            if g is None:
+                raise NpuccError(f"{prefix}: int4 needs an even K, got K={k}")
             if scheme.method == "gptq" and scheme.asym:
                 q, s, weights[f"{prefix}.offsets"] = gptq_quantize_asym(w, hessians[prefix], g)
             elif scheme.method == "gptq":
