@@ -135,6 +135,7 @@ class Executor:
                                        f"{package.lib_path}") from e
         self._funcs = [funcs[s.kernel] for s in self._steps]
         self._load_weights()
+        package.release_weight_bytes()   # copied into our buffer: weights in memory once
         self._local = threading.local()
         self._arenas: weakref.WeakSet[_Arena] = weakref.WeakSet()
         self._arena()  # the loading thread's arena, allocated now

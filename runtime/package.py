@@ -51,6 +51,7 @@ and they load exactly the bytes they verified.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -63,7 +64,7 @@ import numpy as np
 from . import _dtypes
 from ._elf import library_arch
 from ._verify import isa_record
-from .errors import PackageError, PlanError
+from .errors import IntegrityError, PackageError, PlanError
 from .memory_pool import PlanStep, PlanTensor, plan_memory
 from .package_io import SealedLibrary, check_file_name
 
@@ -199,8 +200,8 @@ class Package:
 
         where = self.directory / WEIGHTS if self.directory else self._weights
         try:
-            stored = (load(self._weights) if isinstance(self._weights, bytes)
-                      else load_file(str(self._weights)))
+            stored = (load_file(str(self._weights)) if isinstance(self._weights, Path)
+                      else load(self.weights_file_bytes()))
         except Exception as e:  # the library raises its own untyped errors
             raise PackageError(f"cannot read {where}: {e}") from e
         encoding = self.manifest.get("weight_encoding")
@@ -212,6 +213,34 @@ class Package:
             return decode_all(stored, encoding)
         except (KeyError, ValueError, TypeError) as e:
             raise PackageError(f"{where}: sparse weights do not decode: {e}") from e
+
+    def weights_file_bytes(self) -> bytes:
+        """The bytes of ``weights.safetensors``. A loaded package holds the bytes it verified
+        until an executor has copied them (:meth:`release_weight_bytes`); after that they are
+        read again from the package folder and must still match the manifest's size and sha256
+        (which load verified, signature included), else :class:`IntegrityError`."""
+        if isinstance(self._weights, bytes):
+            return self._weights
+        if isinstance(self._weights, Path):
+            return self._weights.read_bytes()
+        from .package_io import PackageReader
+
+        entry = self.manifest["files"][WEIGHTS]
+        reader = PackageReader(self.directory, str(self.directory))
+        try:
+            data = reader.read(WEIGHTS, entry["bytes"], exact=True)
+        finally:
+            reader.close()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise IntegrityError(f"{self.directory}: {WEIGHTS} changed since the package was "
+                                 f"loaded and verified; refusing to use it")
+        return data
+
+    def release_weight_bytes(self) -> None:
+        """Drop the verified weight bytes a loaded package holds (an executor copied them into
+        its own buffer): weights are then in memory once. See :meth:`weights_file_bytes`."""
+        if isinstance(self._weights, bytes) and self.directory is not None:
+            self._weights = None
 
     def stored_weight_bytes(self) -> int:
         """Bytes the used weights take in ``weights.safetensors`` (payload, without the
@@ -268,8 +297,7 @@ class Package:
                 self.manifest["format_version"] = SPARSE_FORMAT_VERSION
             files[WEIGHTS] = data
         else:
-            files[WEIGHTS] = (self._weights if isinstance(self._weights, bytes)
-                              else self._weights.read_bytes())
+            files[WEIGHTS] = self.weights_file_bytes()
         for name, src in self.extra_files.items():
             check_file_name(name, name)
             files[name] = src if isinstance(src, bytes) else src.read_bytes()

@@ -521,3 +521,24 @@ def test_size_differs_from_manifest(signed, tmp_path):
     with pytest.raises(IntegrityError, match=r"weights.safetensors has \d+ bytes; the manifest "
                                              r"says"):
         _load(pkg)
+
+
+def test_weights_held_once_and_rechecked(signed, keys, tmp_path):
+    """A running package holds its weights once (the executor's copy); saving it afterwards
+    reads them again and refuses bytes that changed since they were verified."""
+    from runtime import IntegrityError
+
+    p = _copy(signed, tmp_path)
+    m = _load(p, [keys["a"][1]])
+    assert m.package._weights is None          # the verified bytes were released
+    m.package.save(tmp_path / "q.npkg")        # unchanged on disk: re-read, re-checked, saved
+    x = tiny_input()
+    np.testing.assert_allclose(_load(tmp_path / "q.npkg")(x)[0], tiny_reference(x), rtol=1e-5,
+                               atol=1e-5)
+    q = tmp_path / "q.npkg"                    # the package now lives there (save moved it)
+    data = bytearray((q / "weights.safetensors").read_bytes())
+    data[-3] ^= 1
+    (q / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="changed since the package was loaded"):
+        m.package.save(tmp_path / "r.npkg")
+    assert not (tmp_path / "r.npkg").exists()
