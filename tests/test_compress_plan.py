@@ -99,3 +99,29 @@ def test_npucc_compress_from_the_shell(tmp_path, capsys):
     assert main(["compress", model, "--data", str(data), "-t", "kirin990", "--budget-mb",
                  "0.0001", "--sparsities", "0,0.5", "-o", str(tmp_path / "x.npkg")]) == 1
     assert "smallest model is" in capsys.readouterr().err
+
+
+def test_training_route_prunes_qat_distills_and_meets_the_budget(digits, candidates, capsys):
+    """compress(train=...): iterative channel pruning with distillation, then QAT with
+    distillation, compiled with the learned ranges; every stage prints its top-1."""
+    from examples.digits_cnn import load_digits_split
+
+    model, data, ex = digits
+    xtr, ytr, xte, yte = load_digits_split()
+    train = [(torch.from_numpy(xtr[i:i + 64]), torch.from_numpy(ytr[i:i + 64]))
+             for i in range(0, 512, 64)]
+    val = [(torch.from_numpy(xte[:120]), torch.from_numpy(yte[:120]))]
+    by = {(c.sparsity, c.precision): c for c in candidates}
+    budget = by[(0.5, "int8")].weight_bytes / MIB * 1.3   # the QAT graph's constants differ
+    assert budget * MIB < by[(0.5, "float")].weight_bytes     # from PTQ's by a few hundred B
+    r = compress(model, data, "kirin990", budget_mb=budget, example_inputs=ex,
+                 sparsities=(0.0, 0.5, 0.7), precisions=("float", "int8"), train=train,
+                 val=val, epochs=1)
+    out = capsys.readouterr().out
+    assert (r.plan.sparsity, r.plan.precision) == (0.5, "int8"), out
+    assert "pruned 50% channels in 2 rounds" in out and "QAT + distillation" in out
+    assert r.measured["weight_bytes"] <= budget * MIB
+    ops = r.compiled.graph.op_counts()
+    assert ops.get("qconv2d") == 2 and ops.get("qdense") == 2
+    final = float(out.rsplit("compiled: top-1 ", 1)[1].split()[0])
+    assert final > 0.8

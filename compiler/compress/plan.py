@@ -180,9 +180,15 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]], device: Any = "host"
              example_inputs: Any = None, sparsities: Sequence[float] = (0.0, 0.3, 0.5, 0.7),
              precisions: Sequence[str] = ("float", "int8", "int4"),
              prune_method: str = "channel", prune_ops: Sequence[str] | None = None,
-             verbose: bool = True) -> CompressResult:
-    """Plan (see the module docstring), then prune → quantize (PTQ on ``data``) → compile;
-    prints each stage; returns the compiled model with the plan and measured figures."""
+             train: Sequence[tuple] | None = None, val: Sequence[tuple] | None = None,
+             epochs: int = 2, verbose: bool = True) -> CompressResult:
+    """Plan (see the module docstring), then prune → quantize → compile; prints each stage;
+    returns the compiled model with the plan and measured figures.
+
+    Without ``train``: pruning in the graph and PTQ calibrated on ``data``. With ``train``
+    (``(inputs, labels)`` torch batches; ``val`` the same for the printed top-1, an
+    ``nn.Sequential`` CNN): iterative pruning with distillation from the original model,
+    then QAT with distillation, ``epochs`` each (:mod:`compiler.compress.trained`)."""
     from targets.description import load_target
 
     say = print if verbose else (lambda *a, **k: None)
@@ -200,8 +206,16 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]], device: Any = "host"
     tried = []
     for plan in [c for c in cands if _fits(c, budget_mb, latency_ms)]:
         say(f"plan: {plan.describe()}")
-        m, measured = _build(model, desc, plan, data, example_inputs, prune_method, prune_ops)
-        if prune_method and plan.sparsity > 0:
+        if train is not None:
+            from compiler.compress.trained import train_route
+
+            m = train_route(model, plan, desc, train, val or train, example_inputs,
+                            epochs=epochs, prune_ops=prune_ops, say=say)
+            measured = _measure(m)
+        else:
+            m, measured = _build(model, desc, plan, data, example_inputs, prune_method,
+                                 prune_ops)
+        if prune_method and plan.sparsity > 0 and m.prune_plan is not None:
             say(f"  pruned: {prune_method} {100 * plan.sparsity:.0f}% "
                 f"({len(m.prune_plan.get('layers', {}))} layers)")
         say(f"  compiled: {measured['weight_bytes'] / MIB:.2f} MiB weights, package "
@@ -229,10 +243,14 @@ def _build(model: Any, desc: Any, plan: Candidate, data: list, example_inputs: A
     m = npucc_compile(model, desc, example_inputs=example_inputs, prune=prune,
                       quantize=quantize_config(plan.precision), calibration=data,
                       progress=False)
+    return m, _measure(m)
+
+
+def _measure(m: Any) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="npucc-compress-"))
     try:
         pkg_bytes = _dir_bytes(m.save(tmp / "model.npkg"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return m, {"weight_bytes": int(m.stats()["weight_bytes"]), "package_bytes": pkg_bytes,
-               "latency_ms": float(m.estimate()["latency_ms"])}
+    return {"weight_bytes": int(m.stats()["weight_bytes"]), "package_bytes": pkg_bytes,
+            "latency_ms": float(m.estimate()["latency_ms"])}
