@@ -7,9 +7,9 @@ max-pool and softmax's row max used to hide a NaN input behind finite, plausible
 Semantics: elementwise ops, softmax and average pools match onnxruntime exactly (positions of
 NaN, +inf and -inf, and the finite values). Max/min *reductions* (max-pool, global max-pool,
 reduce_max/min, argmax/argmin) follow numpy and torch: any NaN in the window or row gives NaN
-(argmax/argmin: the index of the first NaN). onnxruntime's are order-dependent there (MLAS
-keeps the running max when the next value is NaN, so it drops a NaN unless it comes first),
-which no single rule reproduces; those ops are checked against numpy.
+(argmax/argmin: the index of the first NaN). onnxruntime's are order-dependent there (in our
+runs ReduceMax, MaxPool and ArgMax kept a NaN only when it came first in its window or row, and
+GlobalMaxPool dropped every one); those ops are checked against numpy.
 """
 
 from __future__ import annotations
