@@ -8,8 +8,9 @@ Semantics: elementwise ops, softmax and average pools match onnxruntime exactly 
 NaN, +inf and -inf, and the finite values). Max/min *reductions* (max-pool, global max-pool,
 reduce_max/min, argmax/argmin) follow numpy and torch: any NaN in the window or row gives NaN
 (argmax/argmin: the index of the first NaN). onnxruntime's are order-dependent there (in our
-runs ReduceMax, MaxPool and ArgMax kept a NaN only when it came first in its window or row, and
-GlobalMaxPool dropped every one); those ops are checked against numpy.
+runs ReduceMax and ArgMax kept a NaN only when it came first in the row, ReduceMax of
+[1, NaN, 2, 3] gave 2, MaxPool kept some NaN windows and GlobalMaxPool none); those ops are
+checked against numpy.
 """
 
 from __future__ import annotations
