@@ -36,8 +36,8 @@ from compiler.instruments import (
     VerifyEach,
     VerifyRoundtrip,
 )
-from compiler.ir.bulk import bulk_work
 from compiler.pass_base import Pass, PassContext, PassResult
+from runtime.bulk import bulk_work
 
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph

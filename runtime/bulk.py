@@ -1,5 +1,5 @@
-"""``bulk_work()``: pause Python's cyclic garbage collector while a large graph is built or
-rewritten.
+"""``bulk_work()``: pause Python's cyclic garbage collector while a large graph or plan is built
+or rewritten (the compiler's parser and pass manager, the runtime's memory planner).
 
 A full collection walks every live container object. Parsing or rewriting a graph of a million
 nodes allocates millions of them (Values, Nodes, attribute dicts) and triggers full

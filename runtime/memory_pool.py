@@ -34,6 +34,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bulk import bulk_work
 from .errors import PlanError
 
 __all__ = ["ALIGN", "KINDS", "ORDERINGS", "PlanTensor", "PlanStep", "MemoryPlan", "plan_memory",
@@ -213,6 +214,13 @@ def plan_memory(tensors: Iterable[PlanTensor | tuple[str, int, str]],
     ``orderings``: heuristics to try (names in ``ORDERINGS``; default all), smallest arena wins.
     ``inputs_also_outputs``: graph inputs returned unchanged as outputs (kept live to the end).
     """
+    with bulk_work():
+        return _plan(tensors, steps, elementwise_steps, orderings, inputs_also_outputs,
+                     alignment)
+
+
+def _plan(tensors, steps, elementwise_steps, orderings, inputs_also_outputs,
+          alignment) -> MemoryPlan:
     table = _coerce_tensors(tensors)
     io = frozenset(inputs_also_outputs)
     steps = [s if isinstance(s, PlanStep) else PlanStep(tuple(s[0]), tuple(s[1])) for s in steps]

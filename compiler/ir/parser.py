@@ -18,11 +18,11 @@ from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from compiler.errors import NpuccError, OpError, ParseError
-from compiler.ir.bulk import bulk_work
 from compiler.ir.fastparse import NotFast, parse_fast
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op, has_op
 from compiler.ir.types import TensorType, to_numpy_dtype
+from runtime.bulk import bulk_work
 
 __all__ = ["parse", "parse_with_lark"]
 

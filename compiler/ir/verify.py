@@ -14,6 +14,7 @@ from compiler.errors import NpuccError, OpError, VerificationError
 from compiler.ir.graph import Graph, Node
 from compiler.ir.registry import get_op, has_op
 from compiler.ir.types import TensorType
+from runtime.bulk import bulk_work
 
 __all__ = ["verify", "verify_node", "node_signature"]
 
@@ -92,6 +93,11 @@ def verify(graph: Graph, recheck: Callable[[Node], bool] | None = None) -> None:
     ``recheck``: when given, only nodes it accepts get the per-node checks (op, attributes,
     type inference, weights); the structure (order, definitions, outputs) is always checked
     whole. The pass manager passes the nodes a pass created or changed."""
+    with bulk_work():
+        _verify(graph, recheck)
+
+
+def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
     problems: list[str] = []
     out_of_order = False   # a cycle shows as a use before definition: searched only then
     defined: set[int] = {id(v) for v in graph.inputs}
