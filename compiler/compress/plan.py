@@ -76,7 +76,8 @@ class CompressResult:
 def quantize_config(precision: str) -> Any:
     """The ``quantize=`` value of a precision (None: float)."""
     return {"float": None, "fp16": "fp16", "int8": "int8",
-            "int4": {"default": "int8", "dense": {"precision": "int4", "group_size": 32},
+            "int4": {"default": "int8", "gather": "w8",   # int8 embeddings, as the int8 preset
+                     "dense": {"precision": "int4", "group_size": 32},
                      "matmul": {"precision": "int4", "group_size": 32}}}[precision]
 
 
