@@ -112,8 +112,9 @@ def test_training_route_prunes_qat_distills_and_meets_the_budget(digits, candida
              for i in range(0, 512, 64)]
     val = [(torch.from_numpy(xte[:120]), torch.from_numpy(yte[:120]))]
     by = {(c.sparsity, c.precision): c for c in candidates}
-    budget = by[(0.5, "int8")].weight_bytes / MIB * 1.3   # the QAT graph's constants differ
-    assert budget * MIB < by[(0.5, "float")].weight_bytes     # from PTQ's by a few hundred B
+    # kernels pad their packed weights (8192 -> 8320 B here): the plan's bytes are an estimate
+    budget = by[(0.5, "int8")].weight_bytes / MIB * 1.3
+    assert budget * MIB < by[(0.5, "float")].weight_bytes
     r = compress(model, data, "kirin990", budget_mb=budget, example_inputs=ex,
                  sparsities=(0.0, 0.5, 0.7), precisions=("float", "int8"), train=train,
                  val=val, epochs=1)
