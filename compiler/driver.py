@@ -219,12 +219,12 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             # every node gets a device, also when the pipeline did not partition
             graph = run_pipeline(graph, "partition", ctx=ctx)
     budget = _budget(desc)
-    from compiler.limits import check_graph_limits
-
-    check_graph_limits(graph, budget, desc.name)
     refs = {n.attrs.get("ref") for n in graph.find("const")}
     _check_budget(desc, budget, 0, sum(int(a.nbytes) for r, a in graph.weights.items()
                                        if r in refs))
+    from compiler.limits import check_graph_limits
+
+    check_graph_limits(graph, budget, desc.name)   # after the total: it says what budget fits
     work = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="npucc-"))
     try:
         cpu = runnable_cpu(desc, opts.cpu)
