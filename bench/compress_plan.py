@@ -79,7 +79,7 @@ def run(name: str, args) -> None:
     for label, (b, r, dt) in results.items():
         mw = r.measured["weight_bytes"] / MIB
         ok = mw <= b
-        plan = f"{100 * r.plan.sparsity:.0f}% {method}s + {r.plan.precision}"
+        plan = f"{100 * r.plan.sparsity:.0f}% {r.plan.unit} + {r.plan.precision}"
         print(f"{label + f' {b:.2f} MiB':>16}{plan:>22}{mw:13.2f}"
               f"{r.measured['package_bytes'] / MIB:13.2f}{r.measured['latency_ms']:12.3f}"
               f"{'yes' if ok else 'NO':>7}{dt:8.0f}")

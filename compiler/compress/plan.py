@@ -55,13 +55,14 @@ class Candidate:
     weight_bytes: int = 0
     latency_ms: float = 0.0
     peak_memory_bytes: int = 0
+    unit: str = "channels"            # what the sparsity removes: "channels" | "heads"
 
     @property
     def cost(self) -> float:
         return self.sparsity + PRECISION_COST[self.precision]
 
     def describe(self) -> str:
-        return (f"{100 * self.sparsity:.0f}% channels + {self.precision}: "
+        return (f"{100 * self.sparsity:.0f}% {self.unit} + {self.precision}: "
                 f"{self.weight_bytes / MIB:.2f} MiB weights, {self.latency_ms:.3f} ms estimated")
 
 
@@ -138,7 +139,8 @@ def plan_compression(model: Any, data: Sequence[Mapping[str, Any]], device: Any 
             g = _lowered(graph, desc, prune, quantize_config(p), samples)
             est = estimate(g, desc)
             out.append(Candidate(s, p, _weight_bytes(g), float(est["latency_ms"]),
-                                 int(est["peak_memory_bytes"])))
+                                 int(est["peak_memory_bytes"]),
+                                 "heads" if prune_method == "head" else "channels"))
     return sorted(out, key=lambda c: (c.cost, c.weight_bytes))
 
 
