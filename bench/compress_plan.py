@@ -6,11 +6,19 @@ two plans, both compiled packages within their budget.
 
 For each model the candidates (channel sparsity 0 / 0.5 for MobileNetV2, head sparsity
 0 / 0.5 for MiniLM, x float / int8 / int4) are planned once on kirin990; the loose budget is
-the int8 unpruned candidate's weights + 5%, the tight one the smallest candidate's + 5%. Each
+the int8 unpruned candidate's weights + 10%, the tight one the smallest candidate's + 10%
+(kernels pad packed weights: the plan's bytes are up to ~6% under the package's). Each
 budget goes through ``compress`` (plan → prune → PTQ on 2 sample inputs → compile), which
 prints its plan table and the compiled package's figures; this script prints the two plans
 side by side with the measured weight bytes and the kirin990 cost-model latency. MobileNetV2
 has seeded weights (examples/models.py), MiniLM is the trained all-MiniLM-L6-v2.
+
+Measured (AMD EPYC Zen 4 class, 2 shared cores), weights / package / kirin990 estimate:
+MobileNetV2 224: budget 3.97 MiB -> 0% channels + int8, 3.68 / 5.24 MiB, 2.105 ms;
+budget 1.13 MiB -> 50% channels + int4, 1.09 / 2.59 MiB, 1.144 ms. MiniLM (seq 64):
+budget 24.06 MiB -> 0% heads + int8, 21.95 / 22.66 MiB, 2.955 ms; budget 17.97 MiB ->
+0% heads + int4, 17.29 / 17.88 MiB, 2.750 ms (50% heads + int4, 16.33 MiB, costs more
+by the plan's order: embeddings dominate MiniLM's bytes, heads are a small share).
 """
 
 from __future__ import annotations
@@ -65,8 +73,8 @@ def run(name: str, args) -> None:
                              sparsities=(0.0, 0.5), prune_method=method)
     t_plan = time.perf_counter() - t
     by = {(c.sparsity, c.precision): c for c in cands}
-    budgets = {"loose": by[(0.0, "int8")].weight_bytes / MIB * 1.05,
-               "tight": min(c.weight_bytes for c in cands) / MIB * 1.05}
+    budgets = {"loose": by[(0.0, "int8")].weight_bytes / MIB * 1.1,
+               "tight": min(c.weight_bytes for c in cands) / MIB * 1.1}
     results = {}
     for label, b in budgets.items():
         t = time.perf_counter()
