@@ -86,6 +86,10 @@ def perplexity(logits_fn, windows: list[list[int]]) -> float:
 
 # -- workers (own processes) ----------------------------------------------------------------
 def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
