@@ -41,15 +41,9 @@ from runtime.cpu import (
 )
 from targets.kernels.base import CpuInfo
 
-__all__ = ["HostCpu", "detect_host", "isa_features", "cpu_info_for", "HOST_CPU_ENV"]
+__all__ = ["HostCpu", "detect_host", "cpu_info_for", "HOST_CPU_ENV"]
 
 HOST_CPU_ENV = "NPUCC_HOST_CPU"
-
-
-def isa_features(tvm_target: Mapping[str, Any]) -> frozenset[str]:
-    """The ISA features (LLVM names) code built for ``tvm_target`` may use: LLVM's features of
-    its ``mcpu`` with its ``mattr`` applied, less tuning flags."""
-    return target_features(dict(tvm_target))
 
 
 def cpu_info_for(tvm_target: Mapping[str, Any], *, arch: str | None = None,
@@ -60,7 +54,7 @@ def cpu_info_for(tvm_target: Mapping[str, Any], *, arch: str | None = None,
     triple = str(target.get("mtriple", ""))
     arch = arch or ("aarch64" if triple.startswith("aarch64") else
                     "x86_64" if triple.startswith("x86_64") or not triple else host_arch())
-    feats = isa_features(target)
+    feats = target_features(target)
     cores = num_cores or int(target.get("num-cores", 1))
     return CpuInfo(tvm_target=target, arch=arch, simd_bits=_simd_bits(arch, feats),
                    num_cores=cores, features=feats, **extra)
@@ -130,22 +124,22 @@ def _detect(cpu: str) -> HostCpu:
                   **_cache_sizes())
     if cpu != "native":
         _check_level(cpu, arch)
-        return HostCpu(mcpu=cpu, mattr=(), features=isa_features({"mcpu": cpu}), level=cpu,
+        return HostCpu(mcpu=cpu, mattr=(), features=target_features({"mcpu": cpu}), level=cpu,
                        **common)
     from tvm.target import codegen
 
     mcpu = str(codegen.llvm_get_system_cpu())
-    model = isa_features({"mcpu": mcpu})
+    model = target_features({"mcpu": mcpu})
     have = running_features()
     if have is None:   # no way to ask this CPU: trust LLVM's model
         return HostCpu(mcpu=mcpu, mattr=(), features=model, **common)
     mattr = tuple([f"+{f}" for f in sorted(have - model)] +
                   [f"-{f}" for f in sorted(model - have)])
-    feats = isa_features({"mcpu": mcpu, "mattr": mattr})
+    feats = target_features({"mcpu": mcpu, "mattr": mattr})
     extra = feats - have   # implied by a +f LLVM knows more about: never build for it
     if extra:
         mattr += tuple(f"-{f}" for f in sorted(extra))
-        feats = isa_features({"mcpu": mcpu, "mattr": mattr})
+        feats = target_features({"mcpu": mcpu, "mattr": mattr})
     return HostCpu(mcpu=mcpu, mattr=mattr, features=feats, **common)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import runtime
 from runtime.cpu import CHECKED, missing_features, running_features, target_features
-from targets.host import detect_host, isa_features
+from targets.host import detect_host
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_cnn.onnx"
@@ -32,7 +32,7 @@ RICHER = ("sapphirerapids", "graniterapids", "znver5", "diamondrapids")
 
 def _richer_cpu() -> tuple[str, list[str]]:
     for name in RICHER:
-        missing = missing_features(isa_features({"mcpu": name}))
+        missing = missing_features(target_features({"mcpu": name}))
         if missing:
             return name, missing
     pytest.fail(f"this CPU has every feature of {RICHER}: add a newer CPU to RICHER")
