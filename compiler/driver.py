@@ -45,6 +45,9 @@ class CompileOptions:
     work_dir: str | os.PathLike | None = None   # where the kernel library is built (temp dir)
     # sign saved packages with this private key (PEM path or key object; runtime/signing.py)
     sign_key: Any = None
+    # the model's version, written to the manifest ("3", "1.4.0"); over-the-air updates
+    # (runtime/update.py) refuse to install an older version than the installed one
+    version: str | int | None = None
     # the CPU the runnable kernels are built for: None = this machine (detected), or an LLVM
     # CPU name / portable level ("x86-64-v3", "x86-64-v4", "znver4"...) for packages that
     # must run on other machines (targets/host.py)
@@ -203,6 +206,10 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             raise NpuccError(f"compile() got an unknown option {key!r}; known: {known}")
         setattr(opts, key, value)
     opts.target, opts.pipeline = target, pipeline
+    if opts.version is not None:   # checked before the work, not after it
+        from runtime.manifest_schema import parse_version
+
+        parse_version(opts.version, "compile(version=...)")
     desc = load_target(target, cpu=opts.cpu)
     show = opts.progress if opts.progress is not None else _stderr_is_tty()
     prog = _Progress(show)
@@ -250,6 +257,8 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     if not opts.work_dir:   # our temporary folder lives as long as the package that uses it
         weakref.finalize(pkg, shutil.rmtree, str(work), True)
     pkg.sign_key = opts.sign_key
+    if opts.version is not None:
+        pkg.manifest["version"] = str(opts.version)
     return CompiledModel(pkg, graph=graph, source=source, target=desc, library=lib,
                          phase_seconds=prog.times, pass_context=ctx, work_dir=work)
 

@@ -28,7 +28,8 @@ from . import _dtypes
 from .errors import PackageError
 from .package_io import check_file_name
 
-__all__ = ["LIMITS", "parse_manifest", "validate_manifest", "json_depth"]
+__all__ = ["LIMITS", "parse_manifest", "validate_manifest", "json_depth", "parse_version",
+           "manifest_version"]
 
 LIMITS = {
     "manifest_bytes": 64 << 20,
@@ -49,6 +50,28 @@ LIMITS = {
 _KINDS = ("input", "output", "intermediate", "weight")
 _HEX = frozenset(string.hexdigits.lower())
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_VERSION = re.compile(r"\d{1,9}(?:\.\d{1,9}){0,3}")
+
+
+def parse_version(v: Any, where: str = "version") -> tuple[int, ...]:
+    """A model version (the manifest's optional ``version``: ``"2"``, ``"1.4.0"``, at most four
+    numbers) as a tuple that compares in release order; :class:`PackageError` otherwise."""
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9:
+        v = str(v)
+    if not isinstance(v, str) or not _VERSION.fullmatch(v):
+        raise PackageError(f"{where}: model version {json.dumps(v)[:40]} is not a version; "
+                           f"expected numbers separated by dots, e.g. \"3\" or \"1.4.0\"")
+    parts = [int(x) for x in v.split(".")]
+    while parts and parts[-1] == 0:   # "1.4" == "1.4.0"
+        parts.pop()
+    return tuple(parts)
+
+
+def manifest_version(m: Mapping[str, Any]) -> tuple[int, ...]:
+    """The model version a manifest states; a package without one (older compilers) is
+    version 0, older than any versioned package."""
+    v = m.get("version")
+    return () if v is None else parse_version(v, "manifest")
 
 
 def json_depth(data: bytes) -> int:
@@ -278,5 +301,10 @@ def validate_manifest(m: Any, where: str, supported_versions: tuple[int, ...]) -
         _files(m["files"], "files")
         if m.get("weight_encoding") is not None:
             _weight_encoding(m["weight_encoding"], "weight_encoding")
+        if m.get("version") is not None:
+            try:
+                parse_version(m["version"], "version")
+            except PackageError as e:
+                raise _Bad(str(e)) from None
     except _Bad as e:
         raise PackageError(f"{where}: malformed manifest: {e}") from None
