@@ -1,19 +1,25 @@
-"""A roofline latency and memory estimate of a graph on a described target.
+"""A roofline latency and memory estimate of a graph on a described target, calibrated per
+target by its ``[cost]`` section (targets/cost_desc.py, fitted by targets/calibration.py).
 
-Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) + overhead``, where
+Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) / factor[class] + launch``, where
 
-- ``flops``: 2 x MACs for conv2d / conv_transpose2d / dense / matmul / gemm (on the NPU with
-  channel, K and N dimensions padded to ``channel_align``, as its cube computes them), pool
-  window sizes, a few per element for softmax / norms, one per element for other element-wise
-  ops and reductions, none for data movement (transpose, concat, slice, pad, gather...).
+- ``flops``: 2 x MACs for conv2d / conv_transpose2d / dense / matmul / gemm and their integer
+  forms (on the NPU with channel, K and N dimensions padded to ``channel_align``, as its cube
+  computes them), pool window sizes, a few per element for softmax / norms, one per element
+  for other element-wise ops and reductions, none for data movement (transpose, concat, slice,
+  pad, gather...).
 - ``peak``: NPU ``fp16_tops`` for float work (``int8_tops`` for integer work), or the CPU's
   ``threads`` fastest cores x GHz x SIMD lanes of the dtype x 2 (FMA) x FMA pipes; both x the
   description's ``efficiency``.
 - ``bytes``: operands + results + weights read by the node (float tensors at 2 bytes on an
   NPU). Views (reshape, identity) move nothing and cost nothing.
-- ``overhead``: the device's ``node_overhead_us``.
+- ``class`` (:func:`op_class`): conv, depthwise, dense (GEMM/GEMV with a weight operand),
+  attention (matmul of two activations, softmax, fused attention), elementwise (everything
+  else that computes), copy (data movement); ``factor[class]`` is the fraction of the roofline
+  bound that class achieves on this device (``[cost.cpu]`` / ``[cost.npu]``, 1.0 if
+  uncalibrated); ``launch`` is the device's ``launch_us``.
 
-Plus, for a partitioned graph: each NPU region launch costs ``region_overhead_us``, and each
+Plus, for a partitioned graph: each NPU region costs ``region_us`` (entry + exit), and each
 value crossing between CPU and NPU (graph inputs/outputs live on the CPU) is read and written
 once more at DRAM bandwidth (format / precision conversion). Nodes run one after another.
 Graphs without device annotations are placed with :func:`targets.placement.place` first
@@ -30,6 +36,7 @@ from typing import Any
 
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.types import is_float
+from targets.cost_desc import CostDesc, CostTerms
 from targets.description import TargetDescription, load_target
 from targets.placement import (
     CPU,
@@ -41,8 +48,9 @@ from targets.placement import (
     place,
 )
 
-__all__ = ["estimate", "format_estimate", "node_cost", "region_costs", "node_flops", "node_bytes", "device_peak_flops",
-           "peak_memory"]
+__all__ = ["estimate", "format_estimate", "node_cost", "region_costs", "node_flops", "node_bytes",
+           "device_peak_flops", "peak_memory", "op_class", "cost_of", "cost_terms",
+           "predict_ms"]
 
 VIEW_OPS = frozenset({"reshape", "identity"})
 # FLOPs per output element of ops that are not plain element-wise
@@ -115,6 +123,14 @@ def _matmul_flops(node: Node, align: int) -> float:
     return _mkn_flops(m, k, n, batch, align)
 
 
+def _qdense_flops(node: Node, align: int) -> float:
+    """Dense forms whose weight operand is packed or quantized: M, K from the input, N from
+    the output."""
+    x, out = node.inputs[0].type, node.outputs[0].type
+    k, n = x.shape[-1], out.shape[-1]
+    return _mkn_flops(x.size // max(k, 1), k, n, 1, align) + _act(node)
+
+
 def _gemm_flops(node: Node, align: int) -> float:
     a = node.inputs[0].shape
     k = a[0] if node.attrs.get("trans_a") else a[1]
@@ -131,8 +147,51 @@ def _pool_flops(node: Node, align: int) -> float:
 _FLOPS: dict[str, Callable[[Node, int], float]] = {
     "conv2d": _conv_flops, "conv_transpose2d": _convt_flops, "dense": _dense_flops,
     "matmul": _matmul_flops, "gemm": _gemm_flops, "max_pool2d": _pool_flops,
-    "avg_pool2d": _pool_flops,
+    "avg_pool2d": _pool_flops, "qconv2d": _conv_flops, "qdense": _qdense_flops,
+    "qmatmul": _matmul_flops, "dense_wq": _qdense_flops, "dense_rows": _qdense_flops,
 }
+_CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d"})
+_DENSE = frozenset({"dense", "gemm", "qdense", "dense_wq", "dense_rows"})
+_MATMUL = frozenset({"matmul", "qmatmul"})
+_ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention"})
+
+
+def _is_const(v: Value) -> bool:
+    p = v.producer
+    while p is not None and p.op in VIEW_OPS | {"transpose", "dequantize", "cast"}:
+        p = p.inputs[0].producer if p.inputs else None
+    return p is not None and p.op == "const"
+
+
+def op_class(node: Node) -> str | None:
+    """The cost class of a node (``targets.cost_desc.OP_CLASSES``); None for views, which
+    cost nothing. A matmul whose second operand is a weight is dense; of two activations,
+    attention."""
+    op = node.op
+    if op in VIEW_OPS or op == "const":
+        return None
+    if op in _CONV:
+        return "depthwise" if node.attrs.get("groups", 1) > 1 else "conv"
+    if op in _DENSE:
+        return "dense"
+    if op in _MATMUL:
+        return "dense" if len(node.inputs) > 1 and _is_const(node.inputs[1]) else "attention"
+    if op in _ATTENTION:
+        return "attention"
+    if op in _DATA_MOVEMENT or op in ("kv_write", "embed_rows", "gather_q", "gather_elements",
+                                      "gather_nd", "scatter_elements", "scatter_nd"):
+        return "copy"
+    return "elementwise"
+
+
+def cost_of(desc: TargetDescription) -> CostDesc:
+    """The target's calibration (the plain roofline for a description built without one)."""
+    if desc.cost is not None:
+        return desc.cost
+    npu = desc.npu
+    return CostDesc(CostTerms({}, desc.cpu.node_overhead_us),
+                    CostTerms({}, npu.node_overhead_us, npu.region_overhead_us)
+                    if npu is not None else None)
 
 
 def node_flops(node: Node, align: int = 1) -> float:
@@ -229,20 +288,24 @@ def peak_memory(graph: Graph) -> dict[str, int]:
 
 
 def node_cost(node: Node, desc: TargetDescription, device: str) -> dict[str, Any]:
-    """One node's roofline row: ``{node, op, device, flops, bytes, ms, bound}``."""
+    """One node's row: ``{node, op, device, class, flops, bytes, roofline_ms, ms, bound}``
+    (``roofline_ms``: the uncalibrated bound; ``ms``: calibrated, with the launch cost)."""
     npu = desc.npu
     on_npu = device == NPU and npu is not None
     device = NPU if on_npu else CPU
     flops = node_flops(node, npu.channel_align if on_npu else 1)
     nbytes = node_bytes(node, 2 if on_npu else None)  # NPUs hold floats as fp16
-    if node.op in VIEW_OPS:
-        t_c = t_m = over = 0.0
+    cls = op_class(node)
+    if cls is None:
+        t_c = t_m = roof = ms = 0.0
     else:
+        terms = cost_of(desc).terms(device)
         t_c = flops / device_peak_flops(desc, device, _work_dtype(node))
         t_m = nbytes / (desc.memory.dram_gbps * 1e9)
-        over = (npu.node_overhead_us if on_npu else desc.cpu.node_overhead_us) * 1e-6
-    return {"node": node.label, "op": node.op, "device": device, "flops": flops,
-            "bytes": nbytes, "ms": (max(t_c, t_m) + over) * 1e3,
+        roof = max(t_c, t_m) * 1e3
+        ms = roof / terms.factor(cls) + terms.launch_us * 1e-3
+    return {"node": node.label, "op": node.op, "device": device, "class": cls, "flops": flops,
+            "bytes": nbytes, "roofline_ms": roof, "ms": ms,
             "bound": "compute" if t_c >= t_m else "memory"}
 
 
@@ -268,7 +331,7 @@ def region_costs(graph: Graph, region: Region, desc: TargetDescription
             if any(id(u) not in inside for u in v.uses) or any(o is v for o in outputs):
                 crossing[id(v)] = v
     npu_ms += sum(transfer_ms_of(v, desc) for v in crossing.values())
-    npu_ms += desc.npu.region_overhead_us * 1e-3 if desc.npu is not None else 0.0
+    npu_ms += cost_of(desc).terms(NPU).region_us * 1e-3 if desc.npu is not None else 0.0
     return npu_ms, cpu_ms
 
 
@@ -304,7 +367,8 @@ def estimate(graph: Graph, target: str | TargetDescription,
         rows.append(row)
     regions = find_regions(graph, device_of)
     npu_regions = [r for r in regions if r.device == NPU]
-    launch_ms = (len(npu_regions) * npu.region_overhead_us * 1e-3) if npu is not None else 0.0
+    cost = cost_of(desc)
+    launch_ms = (len(npu_regions) * cost.terms(NPU).region_us * 1e-3) if npu is not None else 0.0
     crossing = boundary_values(graph, device_of) if npu_regions else []
     transfers = [{"value": v.name, "bytes": v.type.nbytes, "ms": transfer_ms_of(v, desc)}
                  for v in crossing]
@@ -314,6 +378,9 @@ def estimate(graph: Graph, target: str | TargetDescription,
     return {
         "target": desc.name,
         "latency_ms": total,
+        "calibrated": cost.calibrated,
+        "band": cost.band(),
+        "summary": f"{total:.3g} ms, {cost.band()}",
         "ms_per_device": per_device,
         "region_launch_ms": launch_ms,
         "transfer_ms": transfer_ms,
@@ -327,6 +394,37 @@ def estimate(graph: Graph, target: str | TargetDescription,
     }
 
 
+def cost_terms(est: dict[str, Any]) -> dict[str, Any]:
+    """What an estimate's latency is made of, per device: the uncalibrated roofline ms of each
+    op class, the kernel launches and NPU regions, and the transfers (fixed ms).
+
+    ``predict_ms(cost_terms(est), cost_of(target)) == est["latency_ms"]``; a measurement file
+    stores these terms so that fitting needs no graph (targets/calibration.py)."""
+    out: dict[str, Any] = {}
+    for r in est["nodes"]:
+        if r["class"] is None:
+            continue
+        dev = out.setdefault(r["device"], {"launches": 0})
+        dev[r["class"]] = dev.get(r["class"], 0.0) + r["roofline_ms"]
+        dev["launches"] += 1
+    if est["npu_regions"]:
+        out.setdefault(NPU, {"launches": 0})["regions"] = est["npu_regions"]
+    out["fixed_ms"] = est["transfer_ms"]
+    return out
+
+
+def predict_ms(terms: dict[str, Any], cost: CostDesc) -> float:
+    """Latency (ms) of a measurement's :func:`cost_terms` under the calibration ``cost``."""
+    total = float(terms.get("fixed_ms", 0.0))
+    for device, t in terms.items():
+        if device == "fixed_ms":
+            continue
+        c = cost.terms(device)
+        total += sum(ms / c.factor(k) for k, ms in t.items() if k not in ("launches", "regions"))
+        total += t.get("launches", 0) * c.launch_us * 1e-3 + t.get("regions", 0) * c.region_us * 1e-3
+    return total
+
+
 def format_estimate(est: dict[str, Any], top: int = 10) -> str:
     """A short human-readable report: totals and the ``top`` slowest nodes."""
     per = est["ms_per_device"]
@@ -335,7 +433,7 @@ def format_estimate(est: dict[str, Any], top: int = 10) -> str:
              f"{est['npu_regions']} NPU region(s) {est['region_launch_ms']:.3f}, "
              f"transfers {est['transfer_ms']:.3f}), {est['flops'] / 1e9:.2f} GFLOP, "
              f"peak memory {est['peak_memory_bytes'] / 2**20:.1f} MiB "
-             f"(weights {est['weights_bytes'] / 2**20:.1f})"]
+             f"(weights {est['weights_bytes'] / 2**20:.1f}); {est['band']}"]
     for r in sorted(est["nodes"], key=lambda r: -r["ms"])[:top]:
         lines.append(f"  {r['ms']:8.4f} ms  {r['device']}  {r['bound']:7s}  "
                      f"{r['flops'] / 1e6:9.1f} MFLOP  {r['bytes'] / 1e6:7.2f} MB  {r['node']}")

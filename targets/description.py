@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from compiler.errors import NpuccError
+from targets.cost_desc import CostDesc, parse_cost
 
 __all__ = ["TargetError", "TargetDescription", "CpuDesc", "Cluster", "NpuDesc", "NpuOp",
            "MemoryDesc", "load_target", "list_targets", "TARGETS_DIR"]
@@ -168,6 +169,8 @@ class TargetDescription:
     npu: NpuDesc | None
     memory: MemoryDesc
     default_pipeline: str
+    cost: CostDesc | None = None   # the [cost] section (targets/cost_desc.py); always set by
+                                   # load_target, defaults = the plain roofline
 
     @property
     def has_npu(self) -> bool:
@@ -228,7 +231,8 @@ def _parse(data: dict[str, Any], file: str, default_name: str,
            cpu: str | None = None) -> TargetDescription:
     r = _Reader(file)
     top = r.table(data, "", {"name": str, "description": str, "cpu": dict, "npu": dict,
-                             "memory": dict, "pipeline": dict}, required=("cpu", "memory"))
+                             "memory": dict, "pipeline": dict, "cost": dict},
+                  required=("cpu", "memory"))
     cpu = (_detected_cpu(r, top["cpu"], cpu) if isinstance(top["cpu"], dict)
            and "detect" in top["cpu"] else _parse_cpu(r, top["cpu"]))
     npu = _parse_npu(r, top["npu"]) if "npu" in top else None
@@ -237,10 +241,12 @@ def _parse(data: dict[str, Any], file: str, default_name: str,
     for k in ("dram_gbps", "budget_mb"):
         r.positive(mem[k], f"[memory] {k}")
     pipe = r.table(top.get("pipeline", {}), "pipeline", {"default": str})
+    cost = parse_cost(r, top.get("cost"), cpu, npu, top["cpu"], top.get("npu"),
+                      Path(file).parent)
     return TargetDescription(
         name=top.get("name", default_name), file=file, description=top.get("description", ""),
         cpu=cpu, npu=npu, memory=MemoryDesc(mem["dram_gbps"], mem["budget_mb"]),
-        default_pipeline=pipe.get("default", ""))
+        default_pipeline=pipe.get("default", ""), cost=cost)
 
 
 def _parse_cpu(r: _Reader, raw: dict[str, Any]) -> CpuDesc:
