@@ -35,7 +35,8 @@ from .package_io import (
 )
 from .signing import SIGNATURE_FILE, load_private_key, signature_bytes
 
-__all__ = ["save_package", "sign_package", "check_replaceable", "not_a_package_reason"]
+__all__ = ["save_package", "sign_package", "check_replaceable", "not_a_package_reason",
+           "write_new_file"]
 
 
 def not_a_package_reason(path: Path) -> str | None:
@@ -92,7 +93,8 @@ def check_replaceable(path: Path) -> None:
                        f"another output path")
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file or link) holding ``data``, fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)
     try:
@@ -129,7 +131,7 @@ def save_package(pkg: Any, path: Path, sign_key: Any = None,
         for name, data in files.items():
             if "/" in name:
                 (tmp / name).parent.mkdir(exist_ok=True)
-            _write_new(tmp / name, data)
+            write_new_file(tmp / name, data)
         for d in {(tmp / name).parent for name in files}:
             fsync_dir(d)
         swap_into_place(tmp, path)
