@@ -12,7 +12,7 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["compile", "compile_llm", "CompileOptions", "NpuccError"]
+__all__ = ["compile", "compile_llm", "make_update", "CompileOptions", "NpuccError"]
 
 
 def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # noqa: A001
@@ -29,6 +29,14 @@ def compile_llm(source: Any, target: Any = "host", **kwargs: Any):
     from compiler.llm.compile import compile_llm as _compile_llm
 
     return _compile_llm(source, target, **kwargs)
+
+
+def make_update(old: Any, new: Any, out: Any, key: Any = None, **kwargs: Any):
+    """Write the signed over-the-air delta from package ``old`` to package ``new``; see
+    :func:`compiler.update.make_update`."""
+    from compiler.update import make_update as _make
+
+    return _make(old, new, out, key, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
            "RuntimeError_", "PackageError", "FormatVersionError", "IntegrityError",
            "ArchitectureError", "IsaError", "PlanError", "InputError", "SignatureError",
-           "UnverifiedPackageWarning"]
+           "UnverifiedPackageWarning", "apply_update"]
 
 
 def load(path: str | os.PathLike, trusted_keys: Any = None) -> Executor:
@@ -52,6 +52,17 @@ def load(path: str | os.PathLike, trusted_keys: Any = None) -> Executor:
     from .executor import load as _load
 
     return _load(path, trusted_keys=trusted_keys)
+
+
+def apply_update(installed: str | os.PathLike, delta: str | os.PathLike,
+                 trusted_keys: Any = None, allow_downgrade: bool = False, **kwargs: Any) -> Any:
+    """Apply the over-the-air delta file ``delta`` (``npucc update make``) to the installed
+    package folder ``installed``: signature, base and version checked, the new package
+    rebuilt beside the old, verified, then swapped in atomically. See ``runtime/update.py``."""
+    from .update import apply_update as _apply
+
+    return _apply(installed, delta, trusted_keys=trusted_keys,
+                  allow_downgrade=allow_downgrade, **kwargs)
 
 
 def __getattr__(name: str) -> type:
