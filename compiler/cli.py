@@ -387,6 +387,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
              lambda p: _trust().configure_sign(p), True),
     "verify": ("verify a package's signature and files against trusted public keys",
                lambda p: _trust().configure_verify(p), True),
+    "update": ("over-the-air delta updates: make a signed delta, apply one atomically",
+               lambda p: __import__("compiler.cli_update").cli_update.configure_update(p), True),
 }
 
 
