@@ -52,7 +52,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def configure_sign(p: argparse.ArgumentParser) -> None:
-    p.add_argument("package", help="a package folder written by npucc compile")
+    p.add_argument("package", help="a package folder written by npucc compile or compile-llm")
     p.add_argument("--key", required=True, help="the private key (PEM) to sign with")
     p.add_argument("--password-env", default=None, metavar="VAR",
                    help="the environment variable holding the private key's password")
@@ -60,9 +60,11 @@ def configure_sign(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
+    from runtime.llm_package import is_llm_package, sign_llm_package
     from runtime.package_save import sign_package
 
-    sig = sign_package(args.package, args.key, password_from_env(args.password_env))
+    sign = sign_llm_package if is_llm_package(args.package) else sign_package
+    sig = sign(args.package, args.key, password_from_env(args.password_env))
     print(f"signed {args.package}: {sig}", file=sys.stderr)
     return 0
 
@@ -75,10 +77,16 @@ def configure_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from runtime.llm_package import is_llm_package, read_verified_llm
     from runtime.package_load import read_verified
 
     keys = args.public_key or None
-    manifest, blobs, signer = read_verified(args.package, keys, require_signature=True)
+    if is_llm_package(args.package):
+        manifest, blobs, mapped, signer = read_verified_llm(args.package, keys,
+                                                            require_signature=True)
+        blobs = {**blobs, "weights.bin": mapped}
+    else:
+        manifest, blobs, signer = read_verified(args.package, keys, require_signature=True)
     print(f"{args.package}: signature OK, signed by key {signer.id} ({signer.source}); "
           f"{len(blobs)} files verified (target {manifest['target']['name']}, "
           f"{manifest['target']['arch']})")
