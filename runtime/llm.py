@@ -47,11 +47,11 @@ def _aligned(nbytes: int) -> np.ndarray:
 class _Program:
     """One graph's kernels bound to its arena, the shared weights and the shared state."""
 
-    def __init__(self, tvm: Any, directory: os.PathLike, spec: dict[str, Any],
+    def __init__(self, tvm: Any, package: LlmPackage, spec: dict[str, Any],
                  weights: dict[str, np.ndarray], state: dict[str, np.ndarray]):
         self.tokens = int(spec["tokens"])
-        try:
-            lib = tvm.runtime.load_module(str(os.path.join(directory, spec["library"])))
+        try:   # the sealed copy of the verified bytes, never the path
+            lib = package.libraries[spec["library"]].load(tvm)
         except Exception as e:  # TVM raises its own types
             raise PackageError(f"cannot load {spec['library']}: {e}") from e
         self.arena = _aligned(max(int(spec["arena_bytes"]), ALIGN))
@@ -62,12 +62,13 @@ class _Program:
             nbytes = _dtypes.nbytes(t["shape"], t["dtype"])
             if t["bind"] == "arena":
                 raw = self.arena[t["offset"]:t["offset"] + nbytes]
-            elif t["bind"] == "weight":
+            elif t["bind"] == "weight" and t.get("key") in weights:
                 raw = weights[t["key"]]
-            elif t["bind"] == "state":
+            elif t["bind"] == "state" and t.get("key") in state:
                 raw = state[t["key"]].reshape(-1).view(np.uint8)
             else:
-                raise PackageError(f"tensor {name!r}: unknown binding {t['bind']!r}")
+                raise PackageError(f"tensor {name!r}: unknown binding {t['bind']!r} "
+                                   f"(or a weight / state key the package does not have)")
             if raw.nbytes != nbytes:
                 raise PackageError(f"tensor {name!r} needs {nbytes} bytes, has {raw.nbytes}")
             arr = raw.view(dt).reshape(t["shape"])
@@ -133,10 +134,8 @@ class LanguageModel:
         self.state = {name: _aligned(_dtypes.nbytes(s["shape"], s["dtype"]))
                       .view(_dtypes.numpy_dtype(s["dtype"])).reshape(s["shape"])
                       for name, s in m["state"].items()}
-        self.prefill = _Program(tvm, package.directory, m["graphs"]["prefill"], self._weights,
-                                self.state)
-        self.decode = _Program(tvm, package.directory, m["graphs"]["decode"], self._weights,
-                               self.state)
+        self.prefill = _Program(tvm, package, m["graphs"]["prefill"], self._weights, self.state)
+        self.decode = _Program(tvm, package, m["graphs"]["decode"], self._weights, self.state)
         self.max_context = int(cfg["max_context"])
         self.chunk = self.prefill.tokens
         self.vocab = int(cfg["vocab"])
@@ -293,6 +292,7 @@ class LanguageModel:
         from pathlib import Path
 
         from .llm_package import LLM_MANIFEST
+        from .signing import SIGNATURE_FILE
 
         dst = Path(path)
         if dst.resolve() == self.package.directory.resolve():
@@ -302,7 +302,10 @@ class LanguageModel:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
-            for name in (LLM_MANIFEST, *self.package.manifest["files"]):
+            names = [LLM_MANIFEST, *self.package.manifest["files"]]
+            if (self.package.directory / SIGNATURE_FILE).is_file():
+                names.append(SIGNATURE_FILE)   # checked again when the copy is loaded
+            for name in names:
                 shutil.copyfile(self.package.directory / name, tmp / name)
             if dst.exists():
                 shutil.rmtree(dst)
@@ -320,6 +323,12 @@ class LanguageModel:
                 "chunk": self.chunk}
 
 
-def load(path: str | os.PathLike) -> LanguageModel:
-    """Load (and verify) the LLM package at ``path``."""
-    return LanguageModel(LlmPackage.load(path))
+def load(path: str | os.PathLike, trusted_keys: Any = None) -> LanguageModel:
+    """Load the LLM package at ``path`` after verifying it (``runtime/llm_package.py``).
+
+    ``trusted_keys``: public keys (PEM paths or bytes) whose signature the package must carry;
+    default: the keys ``NPUCC_TRUSTED_KEYS`` names (or the per-user trust folder). With keys,
+    an unsigned package, one signed by another key, or one changed after signing is refused
+    (:class:`SignatureError`); without, it loads with a one-time
+    :class:`UnverifiedPackageWarning`. No kernel library is loaded before that check."""
+    return LanguageModel(LlmPackage.load(path, trusted_keys))

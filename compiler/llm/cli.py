@@ -57,13 +57,16 @@ def configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--truncate", action="store_true",
                    help="keep the last max_context tokens of a too-long prompt")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="PUB",
+                   help="run only if the package is signed by this public key (repeatable; "
+                   "default: NPUCC_TRUSTED_KEYS); sign with `npucc sign PKG --key KEY`")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from runtime.llm import load
 
-    m = load(args.package)
+    m = load(args.package, trusted_keys=args.trusted_key)
     chat = args.chat and m.text.chat_template is not None
     out = sys.stdout
     try:

@@ -56,7 +56,8 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     (default: inside ``work_dir``); ``m.save(path)`` copies it elsewhere.
     """
     from compiler.llm.quantize import parse_scheme, quantize_spec
-    from runtime.llm import load
+    from runtime.llm import LanguageModel
+    from runtime.llm_package import LlmPackage
 
     say = progress or (lambda msg: None)
     if max_context < 1 or chunk < 1:
@@ -98,7 +99,7 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
 
     path = Path(output) if output is not None else work / "model.npkg"
     write_llm_package(path, manifest, weights, libs, spec.tokenizer_json)
-    return load(path)
+    return LanguageModel(LlmPackage.load(path, written_here=True))
 
 
 def _target(target: Any):
