@@ -39,8 +39,10 @@ __all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
            "UnverifiedPackageWarning", "apply_update"]
 
 
-def load(path: str | os.PathLike, trusted_keys: Any = None) -> Executor:
-    """Load and verify the package at ``path``; returns an :class:`Executor`.
+def load(path: str | os.PathLike, trusted_keys: Any = None, mode: str | None = None) -> Any:
+    """Load and verify the package at ``path``; returns an :class:`Executor`, or for a package
+    with several modes (``compile_modes``) a :class:`runtime.modal.ModalExecutor` starting in
+    ``mode`` (default: the package's default mode; ``m.set_mode(...)`` switches).
 
     ``trusted_keys``: public keys (PEM paths or bytes) whose signature the package must carry;
     default: the keys ``NPUCC_TRUSTED_KEYS`` names. With keys, an unsigned package, one signed
@@ -49,9 +51,9 @@ def load(path: str | os.PathLike, trusted_keys: Any = None) -> Executor:
     of the package runs before its files are checked, and the kernel library loaded is the
     very bytes that were checked (see ``runtime/package_load.py``).
     """
-    from .executor import load as _load
+    from .modal import load_model
 
-    return _load(path, trusted_keys=trusted_keys)
+    return load_model(path, trusted_keys=trusted_keys, mode=mode)
 
 
 def apply_update(installed: str | os.PathLike, delta: str | os.PathLike,

@@ -13,6 +13,10 @@ threads leave neither TVM thread pools nor arenas behind. Weights and the kernel
 shared (read-only). Threads run concurrently without a lock; memory is ``arena_bytes`` per
 thread that has run the model (``stats()["arenas"]`` counts the live ones, at most the runners
 plus the main and loading threads) plus the weights once. An arena is freed when its thread ends.
+
+Metrics are always on (``runtime/metrics.py``): every ``run`` records its latency, the arena
+bytes held and the process RSS into a bounded window; ``metrics()`` summarises it, and with
+``profiling = True`` every run also times each kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ._tvm import import_tvm
 from ._verify import check_isa
 from .errors import InputError, PackageError, RuntimeError_
 from .memory_pool import ALIGN, align
+from .metrics import Metrics
 from .package import Package
 from .runners import on_runner
 
@@ -138,6 +143,9 @@ class Executor:
         package.release_weight_bytes()   # copied into our buffer: weights in memory once
         self._local = threading.local()
         self._arenas: weakref.WeakSet[_Arena] = weakref.WeakSet()
+        self.mode_name: str | None = None   # which plan this is in a two-mode model (modes.py)
+        self.recorder = Metrics(arena_bytes=self.arena_bytes_held)
+        self._step_names = [(s.node, s.op, s.kernel) for s in self._steps]
         self._arena()  # the loading thread's arena, allocated now
 
     # -- construction helpers ----------------------------------------------------------------
@@ -239,7 +247,10 @@ class Executor:
         feeds = self._feeds(inputs)
         if check_finite:
             _check_finite(feeds)
-        return on_runner(self._run_feeds, feeds)   # never on a short-lived thread (runners.py)
+        t0 = time.perf_counter()
+        out = on_runner(self._run_feeds, feeds)   # never on a short-lived thread (runners.py)
+        self.recorder.record(time.perf_counter() - t0, self.mode_name)
+        return out
 
     def _run_feeds(self, feeds: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         arena = self._arena()
@@ -248,13 +259,44 @@ class Executor:
             np.copyto(views[name], x)
         i = 0
         try:
-            for i, (f, args) in enumerate(arena.calls):  # noqa: B007
-                f(*args)
+            if self.recorder.profiling:
+                self._run_timed(arena.calls)
+            else:
+                for i, (f, args) in enumerate(arena.calls):  # noqa: B007
+                    f(*args)
         except Exception as e:
             s = self._steps[i]
             raise RuntimeError_(f"kernel {s.kernel!r} failed at step {i} (node {s.node}, "
                                 f"{s.op}): {e}") from e
         return [views[name].copy() for name in self._outputs]
+
+    def _run_timed(self, calls: list) -> None:
+        clock = time.perf_counter
+        times = np.empty(len(calls))
+        for j, (f, args) in enumerate(calls):
+            t0 = clock()
+            f(*args)
+            times[j] = clock() - t0
+        self.recorder.record_kernels(self.mode_name, self._step_names, times)
+
+    # -- metrics ------------------------------------------------------------------------------
+    @property
+    def profiling(self) -> bool:
+        """When True every run also records each kernel's time (``metrics()["kernels"]``)."""
+        return self.recorder.profiling
+
+    @profiling.setter
+    def profiling(self, on: bool) -> None:
+        self.recorder.profiling = bool(on)
+
+    def arena_bytes_held(self) -> int:
+        """Bytes of the arenas this executor holds now (one per thread that has run it)."""
+        return len(self._arenas) * self._arena_bytes
+
+    def metrics(self) -> dict[str, Any]:
+        """Moving latency statistics (mean, p50/p90/p99) over the last runs, peak arena and
+        RSS, per-kernel times when ``profiling`` is on (see ``runtime/metrics.py``)."""
+        return self.recorder.summary()
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
         """``m(x)``, ``m(x1, x2)`` (graph order), ``m({"x": x})`` or ``m(x=x)``."""
