@@ -162,6 +162,14 @@ def _configure_opt(p: argparse.ArgumentParser) -> None:
                    "relu,relu6}'")
     p.add_argument("-o", "--output", help="write the result here (with its weights); "
                    "default: print the IR to stdout")
+    g = p.add_argument_group("what the passes read (compile() names these in its pipeline)")
+    g.add_argument("--target", metavar="NAME|FILE.toml", help="the target description for "
+                   "passes whose target option is empty (partition, npu-numerics)")
+    g.add_argument("--calibration", action="append", default=[], metavar="[NAME=]FILE.npz",
+                   help="bind a sample set to @NAME (default @calibration), as options such "
+                   "as quantize{calibration=@calibration} name it (repeatable)")
+    g.add_argument("--print-pipeline", action="store_true",
+                   help="print the pipeline text before running it (to stderr)")
     g = p.add_argument_group("IR printing (to stderr, like mlir-opt)")
     g.add_argument("--print-ir-after-all", action="store_true")
     g.add_argument("--print-ir-before-all", action="store_true")
@@ -228,6 +236,7 @@ def _debug_options(args: argparse.Namespace) -> Any:
     if ranges:
         int_range = {**{k: v for k, v in ranges.items()}, "*": int_range}
     return DebugOptions(
+        print_pipeline=args.print_pipeline,
         print_ir_before_all=args.print_ir_before_all,
         print_ir_before=tuple(n for ns in args.print_ir_before for n in ns),
         print_ir_after_all=args.print_ir_after_all,
@@ -242,18 +251,40 @@ def _debug_options(args: argparse.Namespace) -> Any:
         report_stream=sys.stderr)
 
 
+def _pass_context(args: argparse.Namespace) -> Any:
+    """The PassContext of ``npucc opt``: ``--target`` and the ``--calibration`` sample sets."""
+    from compiler.errors import NpuccError
+    from compiler.pass_base import PassContext
+    from compiler.samples import load_samples
+
+    resources = {}
+    for spec in args.calibration:
+        name, eq, file = spec.partition("=")
+        name, file = (name, file) if eq else ("calibration", spec)
+        if not name.isidentifier():
+            raise NpuccError(f"--calibration {spec!r}: give FILE.npz or NAME=FILE.npz")
+        resources[name] = load_samples(file)
+    target = None
+    if args.target:
+        from targets.description import load_target
+
+        target = load_target(args.target)
+    return PassContext(target=target, resources=resources)
+
+
 def _cmd_opt(args: argparse.Namespace) -> int:
     import dataclasses
 
     from compiler.errors import NpuccError
     from compiler.ir.parser import parse
-    from compiler.pass_base import load_plugin
+    from compiler.pass_base import PassContext, load_plugin
     from compiler.pass_manager import run_pipeline
     from compiler.pipeline import parse_pipeline
 
     for spec in args.load_plugin:
         load_plugin(spec)
     passes = parse_pipeline(args.pipeline)
+    ctx = _pass_context(args)
     debug = _debug_options(args)
     debug.instruments()  # check the pass names given to --print-ir-* before any work
     text = _read_text(args.input)
@@ -272,7 +303,8 @@ def _cmd_opt(args: argparse.Namespace) -> int:
             if args.bisect:
                 outputs.append(_bisect(graph, passes, args, debug))
                 continue
-            graph = run_pipeline(graph, passes, debug=chunk_debug)
+            graph = run_pipeline(graph, passes, debug=chunk_debug,
+                                 ctx=PassContext(target=ctx.target, resources=ctx.resources))
             graphs.append(graph)
             outputs.append(str(graph))
         except NpuccError as e:

@@ -39,7 +39,8 @@ def configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None,
                    help=".npz: one array per input, first axis = samples")
     p.add_argument("--samples", type=int, default=4, help="random samples when no .npz given")
-    p.add_argument("--method", default=None, help="calibration method for int8 (minmax, ...)")
+    p.add_argument("--method", default="minmax",
+                   help="calibration method for int8 (minmax, percentile, entropy, mse)")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
                    metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
     p.set_defaults(func=_cmd_report)
@@ -94,7 +95,7 @@ def _report_model(args: argparse.Namespace) -> dict[str, Any]:
     from compiler.driver import CompileOptions, import_model
     from compiler.numeric import make_sample_inputs
     from compiler.pass_base import PassContext
-    from passes.quantization.insert import InsertQuantize
+    from passes.quantization.insert import InsertQuantize, precision_text
     from passes.quantization.report import build_report, float_reference
     from targets.description import load_target
 
@@ -106,11 +107,10 @@ def _report_model(args: argparse.Namespace) -> dict[str, Any]:
         samples = _load_samples(args.calibration, float_graph)
     else:
         samples = [make_sample_inputs(float_graph, seed=i) for i in range(args.samples)]
-    ctx = PassContext(target=desc, sample_inputs=samples,
-                      options={"quantize": _parse_quantize(args.quantize),
-                               "size_budget_mb": args.size_budget_mb,
-                               "calibration_method": args.method})
-    quant = InsertQuantize().run(float_graph.copy(), ctx).graph
+    ctx = PassContext(target=desc, sample_inputs=samples)
+    quantize = InsertQuantize(precision=precision_text(_parse_quantize(args.quantize)),
+                              method=args.method, budget_mb=args.size_budget_mb)
+    quant = quantize.run(float_graph.copy(), ctx).graph
     return build_report(float_graph, quant, samples, plan=ctx.options.get("mixed_plan"))
 
 

@@ -128,12 +128,18 @@ class CompiledModel:
         from passes.quantization.report import model_report, write_report
 
         ctx = self.pass_context
-        samples = samples if samples is not None else getattr(ctx, "sample_inputs", None)
+        samples = samples if samples is not None else self.calibration
         plan = ctx.options.get("mixed_plan") if ctx is not None else None
         rep = model_report(self.source, self.graph, self.target, samples, plan=plan)
         if out_dir is not None:
             rep["files"] = {k: str(v) for k, v in write_report(rep, out_dir).items()}
         return rep
+
+    @property
+    def calibration(self) -> list[dict[str, Any]] | None:
+        """The calibration samples ``compile`` was given (bound as ``@calibration``)."""
+        ctx = self.pass_context
+        return ctx.resources.get("calibration") if ctx is not None else None
 
     @property
     def prune_plan(self) -> dict[str, Any] | None:
@@ -148,8 +154,7 @@ class CompiledModel:
         (:mod:`passes.pruning.report`)."""
         from passes.pruning.report import print_report, prune_report
 
-        ctx = self.pass_context
-        samples = samples if samples is not None else getattr(ctx, "sample_inputs", None)
+        samples = samples if samples is not None else self.calibration
         rep = prune_report(self.source, self.graph, self.prune_plan, self.run,
                            list(samples) if samples is not None else None,
                            stored_bytes=self.package.stored_weight_bytes(),

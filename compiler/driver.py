@@ -15,6 +15,7 @@ returns a Package. Nothing reaches back up the chain.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["CompileOptions", "compile", "import_model", "runnable_cpu"]
+__all__ = ["CompileOptions", "compile", "compile_pipeline", "import_model", "runnable_cpu"]
 
 
 @dataclass
@@ -219,12 +220,13 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     source = graph.copy()
     with prog.phase("passes", f"running the {desc.name} pipeline"):
         ctx = PassContext(target=desc)
-        text = with_compression(opts.pipeline or desc.default_pipeline, opts, ctx)
+        text = compile_pipeline(opts.pipeline or desc.default_pipeline, opts, desc, ctx)
         graph = run_pipeline(graph, text, ctx=ctx, debug=debug)
         _interface_values(graph, [v.name for v in source.outputs])
         if any(n.device is None for n in graph.nodes if n.op != "const"):
             # every node gets a device, also when the pipeline did not partition
-            graph = run_pipeline(graph, "partition", ctx=ctx)
+            graph = run_pipeline(graph, compile_pipeline("partition", CompileOptions(),
+                                                         desc, ctx), ctx=ctx)
     budget = _budget(desc)
     refs = {n.attrs.get("ref") for n in graph.find("const")}
     _check_budget(desc, budget, 0, sum(int(a.nbytes) for r, a in graph.weights.items()
@@ -266,55 +268,50 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
 COMPRESSION_ANCHORS = ("to-nhwc", "partition")
 
 
-def with_compression(pipeline: str, opts: CompileOptions, ctx) -> str:
-    """Add the pruning and quantization passes the options ask for to ``pipeline``.
+def compile_pipeline(pipeline: str, opts: CompileOptions, desc, ctx) -> str:
+    """The pipeline ``compile`` runs, as text that says everything: ``pipeline`` with the
+    pruning and quantization passes the options ask for, each with its settings as options,
+    and the target named in every pass that reads one (``partition{target=kirin990}``).
 
     Pruning goes before the first layout/partition pass (it sees the fused float graph in its
     original layout); ``quantize,lower-quantized`` go after the layout pass, before
-    ``partition`` (so partitioning sees the integer ops), or at the end. Their settings
-    travel in ``ctx.options`` and calibration samples in ``ctx.sample_inputs``.
+    ``partition`` (so partitioning sees the integer ops), or at the end. Calibration samples
+    are bound in ``ctx.resources`` as ``@calibration`` (``compiler/samples.py``), so
+    ``npucc opt -p TEXT --target T --calibration calib.npz`` replays the same passes.
     """
-    added, quant = [], []
-    if opts.prune is not None:
-        ctx.options["prune"] = dict(opts.prune)
-        added.append("prune")
-    if opts.quantize is not None or opts.size_budget_mb is not None:
-        ctx.options["quantize"] = opts.quantize if opts.quantize is not None else "int8"
-        ctx.options["calibration_method"] = opts.calibration_method
-        ctx.options["size_budget_mb"] = opts.size_budget_mb
-        quant = ["quantize", "lower-quantized"]
+    from compiler.pipeline import format_pipeline, get_pass_class, parse_pipeline
+    from targets.reference import target_reference
+
+    passes = parse_pipeline(pipeline)
+    calibration = ""
     if opts.calibration is not None:
-        ctx.sample_inputs = list(opts.calibration)
-    if not added and not quant:
-        return pipeline
-    parts = _split_top_level(pipeline)
-    names = [p.split("{")[0].strip() for p in parts]
-    at = next((i for i, n in enumerate(names) if n in COMPRESSION_ANCHORS), len(parts))
-    parts = parts[:at] + added + parts[at:]
-    if quant:
+        ctx.resources["calibration"] = [dict(s) for s in opts.calibration]
+        calibration = "@calibration"
+    if opts.prune is not None:
+        prune = get_pass_class("prune").from_options(opts.prune, calibration=calibration)
+        at = next((i for i, p in enumerate(passes) if p.name in COMPRESSION_ANCHORS),
+                  len(passes))
+        passes.insert(at, prune)
+    if opts.quantize is not None or opts.size_budget_mb is not None:
+        from passes.quantization.insert import precision_text
+
+        quantize = get_pass_class("quantize")(
+            precision=precision_text(opts.quantize if opts.quantize is not None else "int8"),
+            method=opts.calibration_method, calibration=calibration,
+            budget_mb=opts.size_budget_mb)
         # quantization sees the final layout (NHWC convs, OHWI weights): quantize/dequantize
         # pairs would otherwise stop to-nhwc's transposes; it goes before partitioning
-        names = [p.split("{")[0].strip() for p in parts]
-        at = next((i for i, n in enumerate(names) if n == "partition"), len(parts))
-        parts = parts[:at] + quant + parts[at:]
-    return ",".join(parts)
+        at = next((i for i, p in enumerate(passes) if p.name == "partition"), len(passes))
+        passes[at:at] = [quantize, get_pass_class("lower-quantized")()]
+    ref = target_reference(desc)
+    if ref is not None:
+        passes = [dataclasses.replace(p, target=ref) if _reads_target(p) else p
+                  for p in passes]
+    return format_pipeline(passes)
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        parts.append("".join(cur).strip())
-    return parts
+def _reads_target(p) -> bool:
+    return any(f.name == "target" for f in dataclasses.fields(p)) and not p.target
 
 
 def _stderr_is_tty() -> bool:

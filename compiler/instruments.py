@@ -32,9 +32,9 @@ from compiler.errors import NumericCheckError, PassVerificationError, Verificati
 
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph, Node
-    from compiler.pass_base import Pass, PassResult
+    from compiler.pass_base import Pass, PassContext, PassResult
 
-__all__ = ["PassRun", "Instrument", "PrintIR", "Timing", "VerifyEach", "VerifyRoundtrip",
+__all__ = ["PassRun", "Instrument", "PrintPipeline", "PrintIR", "Timing", "VerifyEach", "VerifyRoundtrip",
            "PassLimit", "CrashReproducer", "render_table"]
 
 
@@ -47,6 +47,7 @@ class PassRun:
     total: int
     nodes_before: int = 0
     seconds: float = 0.0  # wall time of Pass.run alone, set before the after hooks
+    ctx: PassContext | None = None   # what the pass may read besides the graph
 
     @property
     def name(self) -> str:
@@ -336,6 +337,22 @@ class VerifyEach(Instrument):
                 from None
 
 
+class PrintPipeline(Instrument):
+    """Print the whole pipeline text once, before the first pass (``compile(...,
+    debug={"print_pipeline": True})``): with ``npucc opt --target/--calibration`` it replays
+    the run."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream
+
+    def start(self, graph: Graph, passes: Sequence[Pass]) -> None:
+        from compiler.pipeline import format_pipeline
+
+        out = self.stream or sys.stdout
+        out.write(f"// pipeline: {format_pipeline(passes)}\n")
+        out.flush()
+
+
 class VerifyRoundtrip(Instrument):
     """After every pass, check that the graph's text parses back and prints identically
     (MLIR's --verify-roundtrip); a failure names the pass and the first differing line."""
@@ -372,8 +389,14 @@ class PassLimit(Instrument):
 
 
 class CrashReproducer(Instrument):
-    """When a pass fails, save the IR it received to ``crash_dir/<pass>.ir`` (weights beside
-    it) and return the ``npucc opt`` command that replays the failure.
+    """When a pass fails, save what it was given and return the one command that replays the
+    failure: ``npucc opt crash_dir/<pass>.ir -p '<pass with its options>'``.
+
+    Beside the IR (and its weights) go the sample sets the pass names (``@name`` options:
+    ``<name>.npz``, passed back with ``--calibration name=...``) and a target file it names by
+    path (copied, the option rewritten to the copy); a target given only through the context
+    is passed with ``--target``. So the command alone, in a fresh process with nothing but
+    this folder, runs the same pass on the same input with the same data and target.
 
     The graph is copied (structurally; weights shared) before every pass, so the reproducer
     holds exactly what the pass was given even if it mutated the graph before raising.
@@ -398,18 +421,60 @@ class CrashReproducer(Instrument):
         path = self.crash_dir / f"{run.name}.ir"
         try:
             save(self._snapshot, path)
+            p, extra = self._inputs(run)
         except Exception as e:  # never hide the pass's own error behind ours
             sys.stderr.write(f"npucc: warning: could not write the reproducer {path}: {e}\n")
             return None
         self.written.append(path)
-        return replay_command(path, run.pass_)
+        return replay_command(path, p, extra)
+
+    def _inputs(self, run: PassRun) -> tuple[Pass, list[str]]:
+        """Save the data and target the pass names; its (rewritten) pass and extra args."""
+        import dataclasses
+        import shutil
+
+        from compiler.samples import sample_refs, save_samples
+
+        p, extra = run.pass_, []
+        ctx = run.ctx
+        values = [getattr(p, f.name) for f in dataclasses.fields(p)]
+        for name in sample_refs(values):
+            if ctx is None or name not in ctx.resources:
+                continue   # the pass itself says it is unbound: the replay says so too
+            file = save_samples(self.crash_dir / f"{name}.npz", ctx.resources[name])
+            self.written.append(file)
+            extra += ["--calibration", f"{name}={file}"]
+        if any(f.name == "target" for f in dataclasses.fields(p)):
+            ref = p.target or self._context_target(ctx)
+            if ref and Path(ref).is_file():
+                copy = self.crash_dir / f"target-{Path(ref).name}"
+                shutil.copyfile(ref, copy)
+                self.written.append(copy)
+                ref = str(copy)
+            if p.target:
+                p = dataclasses.replace(p, target=ref)
+            elif ref:
+                extra += ["--target", ref]
+        return p, extra
 
 
-def replay_command(path: Path, p: Pass) -> str:
-    """``npucc opt <path> -p '<pass>'``, plus ``--load-plugin`` when the pass came from one."""
+    @staticmethod
+    def _context_target(ctx: PassContext | None) -> str | None:
+        if ctx is None or ctx.target is None:
+            return None
+        if isinstance(ctx.target, str | os.PathLike):
+            return str(ctx.target)
+        from targets.reference import target_reference
+
+        return target_reference(ctx.target)
+
+
+def replay_command(path: Path, p: Pass, extra: Sequence[str] = ()) -> str:
+    """``npucc opt <path> -p '<pass>' [extra]``, plus ``--load-plugin`` when the pass came
+    from one."""
     from compiler.pass_base import plugin_of
 
-    cmd = ["npucc", "opt", str(path), "-p", p.pipeline_text]
+    cmd = ["npucc", "opt", str(path), "-p", p.pipeline_text, *extra]
     plugin = plugin_of(type(p))
     if plugin is not None:
         cmd += ["--load-plugin", plugin]

@@ -42,11 +42,19 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the target description, sample inputs, and a
-    place to leave statistics and remarks (shown by the instruments)."""
+    """What a pass may read besides the graph and its own options.
+
+    ``target``: the description passes fall back to when their ``target`` option is empty
+    (``npucc opt --target``). ``resources``: sample sets bound to names, which options refer
+    to as ``@name`` (``compiler/samples.py``): the pipeline text says what a pass ran on, and
+    the crash reproducer saves each one it names. ``sample_inputs``: what the quantize pass
+    hands its precision handlers (it resolved them from its ``calibration`` option).
+    ``options``: results and caches passes leave for later ones and for the caller (plans,
+    Hessians), never settings. ``remarks``: shown by the instruments."""
 
     target: Any = None
     sample_inputs: list[dict[str, Any]] | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     remarks: list[str] = field(default_factory=list)
 
@@ -74,7 +82,7 @@ class Pass:
         return self.name + ("{" + ",".join(parts) + "}" if parts else "")
 
 
-_BARE = re.compile(r"[A-Za-z0-9_.+\-]+\Z")
+_BARE = re.compile(r"[A-Za-z0-9_.+\-@/]+\Z")
 
 
 def format_option_value(v: Any) -> str:

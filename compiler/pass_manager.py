@@ -32,6 +32,7 @@ from compiler.instruments import (
     PassLimit,
     PassRun,
     PrintIR,
+    PrintPipeline,
     Timing,
     VerifyEach,
     VerifyRoundtrip,
@@ -84,7 +85,7 @@ class PassManager:
             inst.start(graph, self.passes)
         total = len(self.passes) + self.index_offset
         for i, p in enumerate(self.passes, start=self.index_offset):
-            run = PassRun(i, p, total, nodes_before=len(graph.nodes))
+            run = PassRun(i, p, total, nodes_before=len(graph.nodes), ctx=ctx)
             if not all(inst.should_run(run) for inst in insts):
                 continue
             for inst in insts:
@@ -140,6 +141,7 @@ class DebugOptions:
     stream, and with no selection at all every stage is dumped. Streams default to stdout.
     """
 
+    print_pipeline: bool = False  # print the whole pipeline text (what replays the run)
     print_ir_before_all: bool = False
     print_ir_before: tuple[str, ...] = ()
     print_ir_after_all: bool = False
@@ -187,6 +189,8 @@ class DebugOptions:
         for n in self.print_ir_before + self.print_ir_after:
             get_pass_class(n)  # an unknown name is an error, listing the known passes
         insts: list[Instrument] = []
+        if self.print_pipeline:
+            insts.append(PrintPipeline(self.print_ir_stream))
         if self.pass_limit is not None:
             insts.append(PassLimit(self.pass_limit))
         if self.crash_dir is not None:

@@ -44,8 +44,8 @@ from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op
 from compiler.ir.types import TensorType
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from targets.description import load_target
 from targets.placement import NPU
+from targets.reference import target_for_pass
 
 __all__ = ["NpuNumerics", "F32_INSIDE", "ENTRY", "EXIT", "WIDEN", "NARROW"]
 
@@ -68,11 +68,10 @@ class NpuNumerics(Pass):
     """
 
     name: ClassVar[str] = "npu-numerics"
+    target: str = ""     # a built-in target name or .toml path; "": PassContext.target
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if ctx.target is None:
-            raise NpuccError("npu-numerics needs a target description (PassContext.target)")
-        desc = load_target(ctx.target)
+        desc = target_for_pass(self.target, ctx.target, self.name)
         if desc.npu is None:
             return PassResult(graph, False, {"skipped": "the target has no NPU"})
         unplaced = [n.label for n in graph.nodes if n.op != "const" and n.device is None]

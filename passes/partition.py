@@ -1,7 +1,7 @@
 """The ``partition`` pass: every non-const node gets ``device = "npu"`` or ``"cpu"``.
 
-Decided from the target description in ``PassContext.target`` (a TargetDescription, a
-built-in target name or a .toml path) by :func:`targets.placement.place`: a node goes to the
+Decided from the target description named by the ``target`` option (a built-in target name
+or a .toml path; empty: ``PassContext.target``) by :func:`targets.placement.place`: a node goes to the
 NPU when its op is in ``[npu.ops]`` and its dtypes, rank, batch, channels, kernel, strides,
 dilations, attribute values and constant operands meet that entry's limits; NPU regions of
 fewer than ``min_region_nodes`` nodes go back to the CPU (``"region too small"``), because each
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from targets.description import TargetDescription, TargetError, load_target
+from targets.description import TargetDescription, load_target
 from targets.placement import (
     CPU,
     DEFAULT_MIN_REGION_NODES,
@@ -32,6 +32,7 @@ from targets.placement import (
     npu_rejection,
     place,
 )
+from targets.reference import target_for_pass
 
 __all__ = ["Partition", "partition_summary"]
 
@@ -41,20 +42,19 @@ __all__ = ["Partition", "partition_summary"]
 class Partition(Pass):
     """Assign each non-const node to the NPU or the CPU from the target description.
 
-    Options: ``min-region-nodes`` (NPU regions smaller than this run on the CPU);
+    Options: ``target`` (the description: a built-in name or a .toml path; empty: the
+    context's); ``min-region-nodes`` (NPU regions smaller than this run on the CPU);
     ``by-cost`` (keep such a small region on the NPU when the roofline cost model says it is
     faster there, counting its launch and its CPU<->NPU transfers).
     """
 
     name: ClassVar[str] = "partition"
+    target: str = ""     # a built-in target name or .toml path; "": PassContext.target
     min_region_nodes: int = DEFAULT_MIN_REGION_NODES
     by_cost: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if ctx.target is None:
-            raise TargetError("the partition pass needs a target description "
-                              "(PassContext.target: a name such as 'kirin990' or a .toml path)")
-        target = load_target(ctx.target)
+        target = target_for_pass(self.target, ctx.target, self.name)
         placement = place(graph, target, self.min_region_nodes, self.by_cost)
         changed = False
         for node in graph.nodes:

@@ -14,6 +14,7 @@ from compiler.ir.types import TensorType
 from compiler.ir.verify import verify
 from compiler.pass_base import PassContext
 from compiler.pass_manager import run_pipeline
+from passes.pruning import Prune
 from passes.pruning.magnitude import check_nm
 
 GPT2_SMALL = dict(vocab=128, n_layer=2, n_head=4, d_model=32, seq=16)   # head size 8
@@ -25,9 +26,9 @@ def _w(rng, *shape):
 
 
 def _prune(g: Graph, options: dict, samples=None) -> tuple[Graph, dict]:
-    ctx = PassContext(sample_inputs=samples)
-    ctx.options["prune"] = options
-    out = run_pipeline(g.copy(), "prune", ctx=ctx)
+    ctx = PassContext(resources={"calib": samples} if samples else {})
+    prune = Prune.from_options(options, calibration="@calib" if samples else "")
+    out = run_pipeline(g.copy(), [prune], ctx=ctx)
     verify(out)
     return out, ctx.options["prune_plan"]
 

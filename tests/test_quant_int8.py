@@ -19,6 +19,7 @@ from compiler.pass_base import PassContext
 from compiler.pass_manager import run_pipeline
 from passes.quantization.calibrate import TensorStats, select_range
 from passes.quantization.config import QuantConfigError, parse_config, plan_precisions
+from passes.quantization.insert import InsertQuantize, precision_text
 
 RNG = np.random.default_rng(0)
 
@@ -224,9 +225,8 @@ def _samples(g: Graph, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 def test_insert_and_lower_keep_accuracy(build, method):
     g = build()
     calib, test = _samples(g, 32), _samples(g, 8, seed=99)
-    ctx = PassContext(sample_inputs=calib, options={"quantize": "int8",
-                                                    "calibration_method": method})
-    qdq = run_pipeline(g.copy(), "quantize", ctx=ctx)
+    ctx = PassContext(resources={"calib": calib})
+    qdq = run_pipeline(g.copy(), f"quantize{{method={method},calibration=@calib}}", ctx=ctx)
     low = run_pipeline(qdq.copy(), "lower-quantized", ctx=ctx)
     ops = low.op_counts()
     assert "dequantize" not in ops and "dense" not in ops and "conv2d" not in ops
@@ -243,9 +243,10 @@ def test_insert_and_lower_keep_accuracy(build, method):
 
 def test_lowering_requantizes_chains_and_stores_int8_weights():
     g = _cnn()
-    ctx = PassContext(sample_inputs=_samples(g, 4),
-                      options={"quantize": {"default": "int8", "smooth": 0}})
-    low = run_pipeline(g, "quantize,lower-quantized", ctx=ctx)
+    ctx = PassContext(resources={"calib": _samples(g, 4)})
+    quantize = InsertQuantize(precision=precision_text({"default": "int8", "smooth": 0}),
+                              calibration="@calib")
+    low = run_pipeline(g, [quantize, "lower-quantized"], ctx=ctx)
     assert "reshape" in low.op_counts() and not low.find("requantize")
     convs = low.find("qconv2d")
     assert convs[0].attrs["out_dtype"] == "u8"      # conv1 -> conv2: stays u8
@@ -257,9 +258,10 @@ def test_lowering_requantizes_chains_and_stores_int8_weights():
 
 def test_config_keeps_named_nodes_float_and_refuses_unknown_method():
     g = _mlp()
-    ctx = PassContext(sample_inputs=_samples(g, 4),
-                      options={"quantize": {"default": "int8", "fc1": "float"}})
-    low = run_pipeline(g.copy(), "quantize,lower-quantized", ctx=ctx)
+    ctx = PassContext(resources={"calib": _samples(g, 4)})
+    quantize = InsertQuantize(precision='{"default": "int8", "fc1": "float"}',
+                              calibration="@calib")
+    low = run_pipeline(g.copy(), [quantize, "lower-quantized"], ctx=ctx)
     assert [n.name for n in low.find("dense")] == ["fc1"]
     assert len(low.find("qdense")) == 2
     with pytest.raises(NpuccError, match="calibration"):

@@ -11,7 +11,7 @@ import pytest
 from compiler.ir.graph import Graph
 from compiler.ir.types import TensorType
 from compiler.pass_base import PassContext
-from passes.quantization.insert import InsertQuantize
+from passes.quantization.insert import InsertQuantize, precision_text
 from passes.quantization.mixed import MIB, BudgetError, layer_bytes
 from passes.quantization.report import build_report, weight_bytes, write_report
 
@@ -34,9 +34,10 @@ def _two_branch(seed: int = 0) -> tuple[Graph, list[dict[str, np.ndarray]]]:
 
 
 def _run(g: Graph, samples, budget_mb: float, quantize="int4") -> tuple[Graph, PassContext]:
-    ctx = PassContext(sample_inputs=samples,
-                      options={"quantize": quantize, "size_budget_mb": budget_mb})
-    return InsertQuantize().run(g.copy(), ctx).graph, ctx
+    ctx = PassContext(resources={"calib": samples})
+    quantize = InsertQuantize(precision=precision_text(quantize), budget_mb=budget_mb,
+                              calibration="@calib")
+    return quantize.run(g.copy(), ctx).graph, ctx
 
 
 def _precision_of(graph: Graph, name: str) -> str:

@@ -104,13 +104,13 @@ def _weight_bytes(graph) -> int:
 
 
 def _lowered(graph, desc, prune: dict | None, quantize: Any, samples: list) -> Any:
-    from compiler.driver import CompileOptions, with_compression
+    from compiler.driver import CompileOptions, compile_pipeline
     from compiler.pass_base import PassContext
     from compiler.pass_manager import run_pipeline
 
     opts = CompileOptions(prune=prune, quantize=quantize, calibration=samples)
     ctx = PassContext(target=desc)
-    text = with_compression(desc.default_pipeline, opts, ctx)
+    text = compile_pipeline(desc.default_pipeline, opts, desc, ctx)
     return run_pipeline(graph.copy(), text, ctx=ctx)
 
 

@@ -11,9 +11,11 @@ m.stats()["weight_bytes_stored"]  # bytes of weights in the package (sparse-enco
 ```
 
 ``compile(..., prune={...})`` adds the ``prune`` pass before the layout pass (the graph it sees
-is fused and canonicalised, NCHW, BatchNorm folded); the options travel in
-``ctx.options["prune"]`` and the calibration samples in ``ctx.sample_inputs``. The pass can
-also be named in a pipeline: ``prune{method=2:4}``; pipeline options override the dict.
+is fused and canonicalised, NCHW, BatchNorm folded) with the dict as its options:
+``prune{method=channel,sparsity=0.5,config="{\"ops\":[\"conv2d\"]}",calibration=@calibration}``
+(``method``, ``sparsity``, ``scope``, ``importance`` as options, the other keys as a JSON
+object in ``config``, the samples by name: ``compiler/samples.py``). ``Prune.from_options``
+makes that pass from a dict; the same text replays it in ``npucc opt``.
 
 Methods (``method``)
 --------------------
@@ -92,11 +94,14 @@ pruned size and the compiled result is the same module.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from compiler.ir.graph import Graph
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from compiler.samples import resolve_samples
 from passes.pruning.common import PLAN_KEY, Plan, PruneError
 
 __all__ = ["Prune", "PruneError", "METHODS", "prune_graph"]
@@ -147,28 +152,52 @@ class Prune(Pass):
 
     Before: a fused, canonicalised NCHW float graph. After: the same graph with zeros in the
     weights (magnitude, N:M) or with smaller weights and shapes (channel, head); it computes
-    the pruned model exactly (no approximation besides the removed weights). The options come
-    from ``ctx.options["prune"]``; non-empty fields here override them."""
+    the pruned model exactly (no approximation besides the removed weights)."""
 
     name: ClassVar[str] = "prune"
-    method: str = ""
-    sparsity: float = -1.0
+    method: str = "magnitude"
+    sparsity: float = 0.5
     scope: str = ""
     importance: str = ""
+    config: str = ""          # the other keys of the prune= dict, as a JSON object
+    calibration: str = ""     # "@name" | "file.npz": samples for calibrated importance
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("method", "sparsity", "scope", "importance")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"prune sparsity {self.sparsity!r} must be a number in [0, 1)")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], calibration: str = "") -> Prune:
+        """The pass for a ``prune=`` dict (its string/number keys become options)."""
+        opts = dict(options)
+        s = opts.get("sparsity", 0.5)
+        if isinstance(s, bool) or not isinstance(s, int | float) or not 0.0 <= s < 1.0:
+            raise PruneError(f"prune sparsity {s!r} must be a number in [0, 1)")
+        kwargs = {k: opts.pop(k) for k in cls.FIELDS if k in opts}
+        kwargs["sparsity"] = float(kwargs.get("sparsity", 0.5))
+        try:
+            config = json.dumps(opts, separators=(",", ":")) if opts else ""
+        except TypeError as e:
+            raise PruneError(f"prune=: the dict must hold only JSON values so the pipeline "
+                             f"text can carry it: {e}") from None
+        return cls(config=config, calibration=calibration, **kwargs)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The ``prune=`` dict this pass runs with."""
+        opts = json.loads(self.config) if self.config else {}
+        if not isinstance(opts, dict):
+            raise PruneError("prune{config=...} must be a JSON object")
+        opts.update(method=self.method, sparsity=self.sparsity)
+        opts.update({k: getattr(self, k) for k in ("scope", "importance") if getattr(self, k)})
+        return opts
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        opts = dict(ctx.options.get("prune") or {})
-        for key in ("method", "scope", "importance"):
-            if getattr(self, key):
-                opts[key] = getattr(self, key)
-        if self.sparsity >= 0:
-            opts["sparsity"] = self.sparsity
-        if not opts:
-            opts = {"method": "magnitude"}
-        s = opts.get("sparsity", 0.5)
-        if not isinstance(s, int | float) or not 0.0 <= float(s) < 1.0:
-            raise PruneError(f"prune sparsity {s!r} must be a number in [0, 1)")
-        n, plan = prune_graph(graph, opts, ctx.sample_inputs)
+        samples = resolve_samples(self.calibration, ctx.resources,
+                                  "prune{calibration=...}") if self.calibration else None
+        n, plan = prune_graph(graph, self.options, samples)
         ctx.options[PLAN_KEY] = plan.to_dict()
         ctx.remark(f"prune {plan.method}: {n} layer(s)/group(s) pruned")
         return PassResult(graph, n > 0, {"pruned": n})

@@ -14,14 +14,18 @@ interpreter shows the int8 accuracy; ``lower-quantized`` turns the patterns into
 Other precisions go to the handler ``config.HANDLERS[precision]``; until it exists they are
 refused with an error naming the nodes. Ops without an integer kernel stay float.
 
-Options (``quantize{...}``) override what ``compile()`` put in ``ctx.options``
-(``quantize``, ``calibration_method``, ``size_budget_mb``); without ``ctx.sample_inputs`` the
-pass calibrates on ``samples`` random inputs (``npucc opt``), with a remark.
+Its options are everything it reads: ``precision`` (a preset, or the ``quantize=`` mapping
+as a JSON object), ``method`` (calibration), ``calibration`` (``@name`` of a bound sample set
+or an .npz path, ``compiler/samples.py``; empty: ``samples`` random inputs, with a remark) and
+``budget-mb`` (mixed precision). ``compile(..., quantize=...)`` writes them into the pipeline
+text, so ``npucc opt -p TEXT --calibration calib.npz`` replays it exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,6 +36,7 @@ from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.quant import qrange
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from compiler.samples import resolve_samples
 from passes.quantization.calibrate import (
     METHODS,
     TensorStats,
@@ -41,7 +46,7 @@ from passes.quantization.calibrate import (
 )
 from passes.quantization.config import HANDLERS, INT8_OPS, PrecisionSpec, plan_precisions
 
-__all__ = ["InsertQuantize", "int8_candidates", "activation_params", "quantize_weight",
+__all__ = ["InsertQuantize", "precision_config", "precision_text", "int8_candidates", "activation_params", "quantize_weight",
            "weight_axis", "given_ranges"]
 
 RULE = "quantize"
@@ -49,6 +54,42 @@ RULE = "quantize"
 # median one (transformer residual streams: 10-100x); flatter ones gain nothing from it
 # (4: MiniLM mean cosine 0.9979 vs 0.9966 at 8; the digits CNN is not smoothed at either)
 OUTLIER_RATIO = 4.0
+
+
+def precision_config(text: str) -> Any:
+    """``quantize{precision=...}`` -> the ``quantize=`` value: a preset name, or the mapping
+    its JSON object text holds."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NpuccError(f"quantize{{precision=...}}: not a preset name nor a JSON object: "
+                         f"{e}") from None
+    if not isinstance(value, dict):
+        raise NpuccError("quantize{precision=...}: the JSON value must be an object")
+    return value
+
+
+def precision_text(config: Any) -> str:
+    """The inverse of :func:`precision_config`: a ``quantize=`` value as option text."""
+    if isinstance(config, str):
+        return config
+    if not isinstance(config, Mapping):
+        raise NpuccError(f"quantize= takes a preset name or a mapping, got "
+                         f"{type(config).__name__}")
+    try:
+        return json.dumps(config, separators=(",", ":"), default=_json_value)
+    except TypeError as e:
+        raise NpuccError(f"quantize=: the mapping must hold only JSON values (strings, "
+                         f"numbers, lists, dicts) so the pipeline text can carry it: {e}") \
+            from None
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def weight_axis(node: Node) -> int:
@@ -140,23 +181,37 @@ class InsertQuantize(Pass):
     dequantized i8 weights; other precisions as their handlers leave them."""
 
     name: ClassVar[str] = "quantize"
-    precision: str = ""          # a preset ("int8", "int4"); "" = ctx.options or "int8"
-    method: str = ""             # calibration method; "" = ctx.options or "minmax"
+    precision: str = "int8"      # a preset ("int8", "int4", "w8", "fp16") or a JSON mapping
+    method: str = "minmax"       # calibration method (calibrate.METHODS)
+    calibration: str = ""        # "@name" | "file.npz"; "" = `samples` random inputs
+    budget_mb: float | None = None   # mixed precision: fit the weights in this many MiB
     percentile: float = 99.99
     activations: str = ""        # "u8" | "i8"; "" = the config's (u8)
-    samples: int = 8             # random calibration inputs when ctx has none
+    samples: int = 8             # random calibration inputs when no calibration is named
     smooth: float = -1.0         # SmoothQuant strength for int8 dense; < 0: the config's
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"calibration method {self.method!r} is not one of "
+                             f"{', '.join(METHODS)}")
+
+    @property
+    def config(self) -> Any:
+        """The precision as ``plan_precisions`` takes it: a preset name or the mapping."""
+        return precision_config(self.precision)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        config: Any = self.precision or ctx.options.get("quantize") or "int8"
-        method = self.method or ctx.options.get("calibration_method") or "minmax"
-        if method not in METHODS:
-            raise NpuccError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+        config = self.config
+        samples = ctx.sample_inputs   # set by callers of the Python API (quantize_graph)
+        if self.calibration:
+            samples = resolve_samples(self.calibration, ctx.resources,
+                                      "quantize{calibration=...}")
+            # the precision handlers (GPTQ, mixed precision) read them from their context
+            ctx = dataclasses.replace(ctx, sample_inputs=samples)
         plan = plan_precisions(graph, config)
-        budget = ctx.options.get("size_budget_mb")
-        if budget is not None:
-            plan = _call_budget(graph, plan, float(budget), ctx)
+        if self.budget_mb is not None:
+            plan = _call_budget(graph, plan, float(self.budget_mb), ctx)
         stats: dict[str, Any] = {"int8": 0, "float": 0, "other": 0}
         # other precisions first (weight-only rewrites keep the node's identity or replace it)
         for node, spec in list(plan.items()):
@@ -176,7 +231,6 @@ class InsertQuantize(Pass):
                                          else self.activations))
         given = given_ranges(nodes, acts, config)
         todo = {k: a for k, a in acts.items() if k not in given}
-        samples = ctx.sample_inputs
         if not samples and todo:
             from compiler.numeric import make_sample_inputs
 
@@ -184,11 +238,12 @@ class InsertQuantize(Pass):
             ctx.remark(f"quantize: no calibration samples given; calibrated on {self.samples} "
                        "random inputs")
         tstats = collect_stats(graph, samples, list(todo)) if todo else {}
-        ranges = {k: select_range(st, method, self.percentile) for k, st in tstats.items()}
+        ranges = {k: select_range(st, self.method, self.percentile) for k, st in tstats.items()}
         ranges.update(given)
         smooth = _smooth(graph, nodes, plan, todo, tstats, self.smooth)
         if smooth:
-            again = calibrate(graph, samples, [m.name for m, _ in smooth.values()], method,
+            again = calibrate(graph, samples, [m.name for m, _ in smooth.values()],
+                              self.method,
                               percentile=self.percentile)
             ranges.update({name: again[m.name] for name, (m, _) in smooth.items()})
             stats["smoothed"] = len(smooth)

@@ -216,10 +216,8 @@ def quantize_graph(graph: Graph, config: Any, samples: Sequence[Mapping[str, np.
     """A quantized copy of ``graph`` through the ``quantize`` pass with ``config`` (the
     ``quantize=`` value of ``compile``) and calibration ``samples``."""
     from compiler.pass_base import PassContext
-    from passes.quantization.insert import InsertQuantize
+    from passes.quantization.insert import InsertQuantize, precision_text
 
     if ctx is None:
         ctx = PassContext(sample_inputs=list(samples) if samples else None)
-    ctx.options["quantize"] = config
-    ctx.options.pop("size_budget_mb", None)
-    return InsertQuantize().run(graph.copy(), ctx).graph
+    return InsertQuantize(precision=precision_text(config)).run(graph.copy(), ctx).graph
