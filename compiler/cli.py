@@ -421,6 +421,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
                lambda p: _trust().configure_verify(p), True),
     "update": ("over-the-air delta updates: make a signed delta, apply one atomically",
                lambda p: __import__("compiler.cli_update").cli_update.configure_update(p), True),
+    "monitor": ("run a load on a package, write a self-contained dashboard.html",
+                lambda p: __import__("compiler.cli_monitor").cli_monitor.configure_monitor(p),
+                True),
 }
 
 

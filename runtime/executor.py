@@ -200,6 +200,11 @@ class Executor:
     def output_names(self) -> list[str]:
         return list(self._outputs)
 
+    @property
+    def input_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(name, shape, numpy dtype) of every input, in graph order."""
+        return [(n, s, np.dtype(d)) for n, s, d in self._inputs]
+
     def _feeds(self, inputs: Any) -> list[tuple[str, np.ndarray]]:
         names = self.input_names
         if isinstance(inputs, Mapping):

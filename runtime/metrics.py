@@ -26,15 +26,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = ["Metrics", "RunRecord", "ModeSwitch", "RssReader", "latency_stats"]
 
 
-@dataclass(frozen=True)
-class RunRecord:
+class RunRecord(NamedTuple):
     """One run: seconds since the metrics started, latency (ms), mode, arena and RSS bytes."""
 
     t: float
@@ -186,6 +185,27 @@ class Metrics:
     def remove_listener(self, fn: Callable[[RunRecord], None]) -> None:
         with self._lock:
             self._listeners = [f for f in self._listeners if f is not fn]
+
+    def set_window(self, window: int) -> None:
+        """Keep the last ``window`` runs from now on (the newest kept ones stay)."""
+        if window < 1:
+            raise ValueError(f"metrics window must be at least 1 run, got {window}")
+        with self._lock:
+            self._runs = deque(self._runs, maxlen=window)
+            self.window = window
+
+    def clear(self) -> None:
+        """Forget every run, kernel time and switch; restart the clock (e.g. after warm-up)."""
+        with self._lock:
+            self._runs.clear()
+            self._kernels.clear()
+            self._kernel_steps.clear()
+            self._switches.clear()
+            self.total_runs = 0
+            self.runs_per_mode = {}
+            self.peak_rss_bytes = self.peak_arena_bytes = 0
+            self._rss_at = -1.0
+            self.start = time.perf_counter()
 
     # -- reading -----------------------------------------------------------------------------
     def runs(self) -> list[RunRecord]:

@@ -176,6 +176,10 @@ class ModalExecutor:
     def output_names(self) -> list[str]:
         return self._active.output_names
 
+    @property
+    def input_specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        return self._active.input_specs
+
     def run(self, inputs: Any, check_finite: bool = False) -> list[np.ndarray]:
         """Run once in the active mode (read once, at the start: see the module docstring)."""
         return self._active.run(inputs, check_finite=check_finite)
