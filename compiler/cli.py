@@ -421,6 +421,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
                lambda p: _trust().configure_verify(p), True),
     "update": ("over-the-air delta updates: make a signed delta, apply one atomically",
                lambda p: __import__("compiler.cli_update").cli_update.configure_update(p), True),
+    "stress": ("run a package from many concurrent callers: outputs checked, RSS/threads watched",
+               lambda p: __import__("compiler.cli_stress").cli_stress.configure_stress(p), True),
     "monitor": ("run a load on a package, write a self-contained dashboard.html",
                 lambda p: __import__("compiler.cli_monitor").cli_monitor.configure_monitor(p),
                 True),
