@@ -23,6 +23,9 @@ error_max = 1.48
 cpu = "..."                # detected-CPU targets only: the CPU the values were measured on
 ```
 
+``[cost.cpu] cache_speedup``: memory-bound CPU kernels move the bytes that sit in the CPU's
+last-level cache (detected for the host) this much faster than the DRAM roofline says.
+
 A factor absent from the file is 1.0 (the plain roofline); ``launch_us`` defaults to the
 device's ``node_overhead_us`` and ``region_us`` to ``[npu] region_overhead_us`` (giving both
 for one device is refused: a fact has one home).
@@ -43,10 +46,12 @@ from typing import Any
 
 __all__ = ["OP_CLASSES", "CostTerms", "Calibration", "CostDesc", "parse_cost", "cpu_key"]
 
-# the op classes the cost model tells apart (targets.cost_model.op_class)
-OP_CLASSES = ("conv", "depthwise", "dense", "attention", "elementwise", "copy")
-_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float}
-_NPU_TERM_KEYS = {**_TERM_KEYS, "region_us": float}
+# the classes the cost model tells apart (targets.cost_model): compute-bound nodes by kind
+# (conv, depthwise conv, dense/GEMM, attention, other element-wise work), and "memory": every
+# node whose roofline bound is DRAM bandwidth (copies, GEMV at batch 1, most element-wise ops)
+OP_CLASSES = ("conv", "depthwise", "dense", "attention", "elementwise", "memory")
+_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "cache_speedup": float}
+_NPU_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "region_us": float}
 _CALIBRATION_KEYS = {"source": str, "date": str, "device": str, "measurements": str,
                      "n": int, "error_kind": str, "error_median": float, "error_max": float,
                      "cpu": str, "assumed": str}
@@ -61,13 +66,16 @@ class CostTerms:
     factors: Mapping[str, float]
     launch_us: float
     region_us: float = 0.0
+    # memory-bound CPU kernels move cache-resident bytes this much faster than the DRAM
+    # roofline says (cost_model.node_cost: which bytes; 1.0: no cache effect)
+    cache_speedup: float = 1.0
 
     def factor(self, op_class: str) -> float:
         return self.factors.get(op_class, 1.0)
 
     def as_dict(self) -> dict[str, float]:
         return {**{c: self.factor(c) for c in OP_CLASSES}, "launch_us": self.launch_us,
-                "region_us": self.region_us}
+                "region_us": self.region_us, "cache_speedup": self.cache_speedup}
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,7 @@ def _terms(r: Any, raw: Any, section: str, keys: dict[str, type], launch_default
                    f"(in [{section}])")
     factors = {c: t[c] for c in OP_CLASSES if c in t}
     return CostTerms(factors, t.get("launch_us", launch_default),
-                     t.get("region_us", region_default))
+                     t.get("region_us", region_default), t.get("cache_speedup", 1.0))
 
 
 def _calibration(r: Any, raw: Any, section: str) -> Calibration:

@@ -13,11 +13,13 @@ Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) / factor[class] + lau
   description's ``efficiency``.
 - ``bytes``: operands + results + weights read by the node (float tensors at 2 bytes on an
   NPU). Views (reshape, identity) move nothing and cost nothing.
-- ``class`` (:func:`op_class`): conv, depthwise, dense (GEMM/GEMV with a weight operand),
-  attention (matmul of two activations, softmax, fused attention), elementwise (everything
-  else that computes), copy (data movement); ``factor[class]`` is the fraction of the roofline
-  bound that class achieves on this device (``[cost.cpu]`` / ``[cost.npu]``, 1.0 if
-  uncalibrated); ``launch`` is the device's ``launch_us``.
+- ``class``: ``memory`` for a node whose bound is DRAM bandwidth (data movement, GEMV at
+  batch 1, most element-wise ops), else its kind (:func:`op_class`): conv, depthwise, dense
+  (GEMM with a weight operand), attention (matmul of two activations, softmax, fused
+  attention), elementwise (everything else that computes); ``factor[class]`` is the fraction
+  of the roofline bound that class achieves on this device (``[cost.cpu]`` / ``[cost.npu]``,
+  1.0 if uncalibrated), divided further by ``cache_speedup`` for memory-bound CPU nodes of a
+  graph that fits in the last-level cache; ``launch`` is the device's ``launch_us``.
 
 Plus, for a partitioned graph: each NPU region costs ``region_us`` (entry + exit), and each
 value crossing between CPU and NPU (graph inputs/outputs live on the CPU) is read and written
@@ -50,7 +52,7 @@ from targets.placement import (
 
 __all__ = ["estimate", "format_estimate", "node_cost", "region_costs", "node_flops", "node_bytes",
            "device_peak_flops", "peak_memory", "op_class", "cost_of", "cost_terms",
-           "predict_ms"]
+           "predict_ms", "llc_bytes"]
 
 VIEW_OPS = frozenset({"reshape", "identity"})
 # FLOPs per output element of ops that are not plain element-wise
@@ -164,9 +166,10 @@ def _is_const(v: Value) -> bool:
 
 
 def op_class(node: Node) -> str | None:
-    """The cost class of a node (``targets.cost_desc.OP_CLASSES``); None for views, which
-    cost nothing. A matmul whose second operand is a weight is dense; of two activations,
-    attention."""
+    """The kind of work of a node: conv, depthwise, dense, attention, elementwise, or memory
+    (pure data movement); None for views, which cost nothing. A matmul whose second operand is
+    a weight is dense; of two activations, attention. (A compute kind whose node turns out
+    memory-bound is costed as ``memory``: :func:`node_cost`.)"""
     op = node.op
     if op in VIEW_OPS or op == "const":
         return None
@@ -180,7 +183,7 @@ def op_class(node: Node) -> str | None:
         return "attention"
     if op in _DATA_MOVEMENT or op in ("kv_write", "embed_rows", "gather_q", "gather_elements",
                                       "gather_nd", "scatter_elements", "scatter_nd"):
-        return "copy"
+        return "memory"
     return "elementwise"
 
 
@@ -287,26 +290,49 @@ def peak_memory(graph: Graph) -> dict[str, int]:
             "peak_memory_bytes": weights + peak}
 
 
-def node_cost(node: Node, desc: TargetDescription, device: str) -> dict[str, Any]:
-    """One node's row: ``{node, op, device, class, flops, bytes, roofline_ms, ms, bound}``
-    (``roofline_ms``: the uncalibrated bound; ``ms``: calibrated, with the launch cost)."""
+def llc_bytes(desc: TargetDescription) -> int | None:
+    """The CPU's last-level cache, where known (detected for the host)."""
+    host = desc.cpu.detected
+    return getattr(host, "l3_bytes", None) or None
+
+
+def node_cost(node: Node, desc: TargetDescription, device: str, resident: bool = False
+              ) -> dict[str, Any]:
+    """One node's row: ``{node, op, device, class, kind, flops, bytes, roofline_ms, ms, bound,
+    cached}`` (``roofline_ms``: the uncalibrated bound; ``ms``: calibrated, with the launch
+    cost). For a memory-bound CPU node, ``cached_ms`` is the part of ``roofline_ms`` moving
+    bytes that sit in the CPU's last-level cache (``cache_speedup`` applies to it): its
+    activations when they fit there (they were just written by the previous kernel), and
+    its weights when the whole graph fits (``resident``: runs after the first find them
+    there)."""
     npu = desc.npu
     on_npu = device == NPU and npu is not None
     device = NPU if on_npu else CPU
     flops = node_flops(node, npu.channel_align if on_npu else 1)
     nbytes = node_bytes(node, 2 if on_npu else None)  # NPUs hold floats as fp16
-    cls = op_class(node)
-    if cls is None:
+    cls = kind = op_class(node)
+    cached_ms = 0.0
+    if kind is None:
         t_c = t_m = roof = ms = 0.0
     else:
         terms = cost_of(desc).terms(device)
         t_c = flops / device_peak_flops(desc, device, _work_dtype(node))
         t_m = nbytes / (desc.memory.dram_gbps * 1e9)
         roof = max(t_c, t_m) * 1e3
-        ms = roof / terms.factor(cls) + terms.launch_us * 1e-3
-    return {"node": node.label, "op": node.op, "device": device, "class": cls, "flops": flops,
-            "bytes": nbytes, "roofline_ms": roof, "ms": ms,
-            "bound": "compute" if t_c >= t_m else "memory"}
+        if t_m > t_c:
+            cls = "memory"
+        llc = llc_bytes(desc) if device == CPU and cls == "memory" else None
+        if llc is not None:
+            weights = sum(v.type.nbytes for v in node.inputs if _is_const(v))
+            acts = nbytes - weights
+            cached = (acts if acts <= llc else 0) + (weights if resident else 0)
+            cached_ms = cached / (desc.memory.dram_gbps * 1e9) * 1e3
+        f = terms.factor(cls)
+        ms = ((roof - cached_ms) / f + cached_ms / (f * terms.cache_speedup)
+              + terms.launch_us * 1e-3)
+    return {"node": node.label, "op": node.op, "device": device, "class": cls, "kind": kind,
+            "flops": flops, "bytes": nbytes, "roofline_ms": roof, "cached_ms": cached_ms,
+            "ms": ms, "bound": "compute" if t_c >= t_m else "memory"}
 
 
 def transfer_ms_of(value: Value, desc: TargetDescription) -> float:
@@ -359,10 +385,13 @@ def estimate(graph: Graph, target: str | TargetDescription,
     npu = desc.npu
     rows: list[dict[str, Any]] = []
     per_device = {NPU: 0.0, CPU: 0.0}
+    mem = peak_memory(graph)
+    llc = llc_bytes(desc)
+    resident = llc is not None and mem["peak_memory_bytes"] <= llc
     for node in graph.nodes:
         if node.op == "const":
             continue
-        row = node_cost(node, desc, device_of(node) or CPU)
+        row = node_cost(node, desc, device_of(node) or CPU, resident)
         per_device[row["device"]] += row["ms"]
         rows.append(row)
     regions = find_regions(graph, device_of)
@@ -373,7 +402,6 @@ def estimate(graph: Graph, target: str | TargetDescription,
     transfers = [{"value": v.name, "bytes": v.type.nbytes, "ms": transfer_ms_of(v, desc)}
                  for v in crossing]
     transfer_ms = sum(t["ms"] for t in transfers)
-    mem = peak_memory(graph)
     total = sum(per_device.values()) + launch_ms + transfer_ms
     return {
         "target": desc.name,
@@ -396,7 +424,8 @@ def estimate(graph: Graph, target: str | TargetDescription,
 
 def cost_terms(est: dict[str, Any]) -> dict[str, Any]:
     """What an estimate's latency is made of, per device: the uncalibrated roofline ms of each
-    op class, the kernel launches and NPU regions, and the transfers (fixed ms).
+    class (``"memory@cache"``: the part moving cache-resident bytes), the kernel launches and
+    NPU regions, and the transfers (fixed ms).
 
     ``predict_ms(cost_terms(est), cost_of(target)) == est["latency_ms"]``; a measurement file
     stores these terms so that fitting needs no graph (targets/calibration.py)."""
@@ -405,7 +434,10 @@ def cost_terms(est: dict[str, Any]) -> dict[str, Any]:
         if r["class"] is None:
             continue
         dev = out.setdefault(r["device"], {"launches": 0})
-        dev[r["class"]] = dev.get(r["class"], 0.0) + r["roofline_ms"]
+        cached = r.get("cached_ms", 0.0)
+        for key, ms in ((r["class"], r["roofline_ms"] - cached), (r["class"] + "@cache", cached)):
+            if ms > 0:
+                dev[key] = dev.get(key, 0.0) + ms
         dev["launches"] += 1
     if est["npu_regions"]:
         out.setdefault(NPU, {"launches": 0})["regions"] = est["npu_regions"]
@@ -420,7 +452,11 @@ def predict_ms(terms: dict[str, Any], cost: CostDesc) -> float:
         if device == "fixed_ms":
             continue
         c = cost.terms(device)
-        total += sum(ms / c.factor(k) for k, ms in t.items() if k not in ("launches", "regions"))
+        for k, ms in t.items():
+            if k in ("launches", "regions"):
+                continue
+            cls, _, cached = k.partition("@")
+            total += ms / (c.factor(cls) * (c.cache_speedup if cached else 1.0))
         total += t.get("launches", 0) * c.launch_us * 1e-3 + t.get("regions", 0) * c.region_us * 1e-3
     return total
 
