@@ -426,7 +426,12 @@ class CrashReproducer(Instrument):
             sys.stderr.write(f"npucc: warning: could not write the reproducer {path}: {e}\n")
             return None
         self.written.append(path)
-        return replay_command(path, p, extra)
+        command = replay_command(path, p, extra)
+        from compiler.fault import ENV, InjectedFault
+
+        if isinstance(error, InjectedFault):   # the replay must inject it again
+            command = f"{ENV}={shlex.quote(error.pass_name)} {command}"
+        return command
 
     def _inputs(self, run: PassRun) -> tuple[Pass, list[str]]:
         """Save the data and target the pass names; its (rewritten) pass and extra args."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from compiler.errors import NpuccError, PassFailedError
+from compiler.fault import check_injected_fault
 from compiler.instruments import (
     CrashReproducer,
     Instrument,
@@ -94,6 +95,7 @@ class PassManager:
             try:
                 t0 = time.perf_counter()
                 try:
+                    check_injected_fault(p, graph, ctx)
                     result = p.run(graph, ctx)
                 finally:
                     run.seconds = time.perf_counter() - t0

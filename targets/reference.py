@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from targets.description import TARGETS_DIR, TargetDescription, TargetError, load_target
+from compiler.errors import NpuccError
+from targets.description import TARGETS_DIR, TargetDescription, load_target
 
 __all__ = ["target_reference", "target_for_pass"]
 
@@ -34,7 +35,7 @@ def target_for_pass(option: str, fallback: Any, pass_name: str) -> TargetDescrip
     if option:
         return load_target(option)
     if fallback is None:
-        raise TargetError(f"the {pass_name} pass needs a target: give it as an option "
+        raise NpuccError(f"the {pass_name} pass needs a target: give it as an option "
                           f"({pass_name}{{target=kirin990}}, or a .toml path) or run "
                           f"`npucc opt --target NAME`")
     return load_target(fallback)

@@ -114,12 +114,25 @@ def collect_stats(graph: Graph, samples: Sequence[Mapping[str, np.ndarray]],
 
     with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task("calibrating", total=len(samples))
-        for sample in samples:
+        for i, sample in enumerate(samples):
+            _check_finite(sample, i)
             interpret(graph, dict(sample), observe=observe)
             for name in inputs:
                 stats[name].update(sample[name])
             bar.advance(task)
     return stats
+
+
+def _check_finite(sample: Mapping[str, np.ndarray], index: int) -> None:
+    """A NaN or inf in a calibration sample would make every range it reaches NaN/inf, and
+    the quantized model silently wrong: refuse it, naming the sample and the input."""
+    for name, value in sample.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise NpuccError(f"calibration sample {index}, input {name!r}: {bad} value(s) are "
+                             f"NaN or inf; calibration needs finite data (clean or drop that "
+                             f"sample)")
 
 
 def entropy_threshold(stats: TensorStats, levels: int = 128, step: int = 4) -> float:
