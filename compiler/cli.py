@@ -419,6 +419,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
              lambda p: _trust().configure_sign(p), True),
     "verify": ("verify a package's signature and files against trusted public keys",
                lambda p: _trust().configure_verify(p), True),
+    "calibrate": ("fit a target's cost model to measured latencies, write a calibrated copy",
+                  lambda p: _calibrate().configure_calibrate(p), True),
     "update": ("over-the-air delta updates: make a signed delta, apply one atomically",
                lambda p: __import__("compiler.cli_update").cli_update.configure_update(p), True),
     "stress": ("run a package from many concurrent callers: outputs checked, RSS/threads watched",
@@ -451,6 +453,12 @@ def _trust():
     from compiler import cli_trust
 
     return cli_trust
+
+
+def _calibrate():
+    from compiler import cli_calibrate
+
+    return cli_calibrate
 
 
 def _llm():
