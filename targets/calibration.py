@@ -174,17 +174,18 @@ def render_cost_section(fit: Fit, calibration: Calibration, how: str) -> str:
              "# Least squares in log space; a class no measurement exercises takes its",
              "# device's typical factor (the fit's prior) and is marked ASSUMED."]
     for d in ("cpu", "npu"):
-        t = fit.cost.terms(d) if (d == "cpu" or fit.cost.npu is not None) else None
-        if t is None or d not in fit.fitted:
+        t = fit.cost.cpu if d == "cpu" else fit.cost.npu
+        if t is None:
             continue
         lines.append(f"[cost.{d}]")
-        used = fit.fitted[d]
+        used = fit.fitted.get(d)
         for k in (*OP_CLASSES, *_FIXED):
             if (k == "region_us" and d == "cpu") or (k == "cache_speedup" and d == "npu"):
                 continue
             v = t.factor(k) if k in OP_CLASSES else getattr(t, k)
-            n = used.get(k, 0)
-            why = (f"fitted: {n} measurement(s) of {calibration.device or 'the device'}"
+            n = used.get(k, 0) if used is not None else 0
+            why = ("kept from the target file (no measurement on this device)" if used is None
+                   else f"fitted: {n} measurement(s) of {calibration.device or 'the device'}"
                    if n else "ASSUMED: no measurement exercises it (device's typical factor)"
                    if k in OP_CLASSES else "not fitted (no measurement has it): kept")
             lines.append(f"{k} = {_fmt(v)}".ljust(24) + f"# {why}")
