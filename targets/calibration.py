@@ -9,7 +9,8 @@ which is linear in the multipliers ``1 / factor`` and the fixed costs. The fit i
 in log space, ``sum_i w_i (log predicted_i - log measured_i)^2`` (so a 2x error counts the same
 on a 1 ms kernel as on a 100 ms model), over the log of every parameter (so all stay
 positive), with a weak prior: each class's log multiplier is pulled (sigma ``PRIOR_SIGMA``)
-towards its device's mean log multiplier, a free parameter. A class that no measurement
+towards its device's mean log multiplier, a free parameter, and each fixed cost towards its
+starting value (sigma ``PRIOR_FIXED_SIGMA``). A class that no measurement
 exercises therefore takes the device's typical efficiency, and is reported as assumed.
 ``scipy.optimize.least_squares`` solves it.
 
@@ -39,6 +40,8 @@ __all__ = ["Fit", "fit_cost", "leave_one_out", "error_ratio", "error_summary",
            "PRIOR_SIGMA"]
 
 PRIOR_SIGMA = 1.0      # log units: a class's factor within ~e of its device's typical factor
+PRIOR_FIXED_SIGMA = 2.0  # log units: launch / region costs and cache_speedup, around their
+                         # starting values (the target file's, or 1 us / 1x)
 _FIXED = ("launch_us", "region_us", "cache_speedup")
 
 
@@ -132,11 +135,14 @@ def fit_cost(entries: Sequence[dict[str, Any]], base: CostDesc,
     meas = np.log([float(e["ms"]) for e in entries])
     w = np.sqrt([float(e.get("weight", 1.0)) for e in entries])
     cls_idx = [(i, devices.index(d)) for i, (d, k) in enumerate(params) if k in OP_CLASSES]
+    fixed_idx = [i for i, (d, k) in enumerate(params) if k not in OP_CLASSES]
+    x_start = np.array(x0)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         cost = _cost_from(x[:n_p], params, base)
         pred = np.log([max(predict_ms(e["terms"], cost), 1e-12) for e in entries])
         prior = [(x[i] - x[n_p + j]) / prior_sigma for i, j in cls_idx]
+        prior += [(x[i] - x_start[i]) / PRIOR_FIXED_SIGMA for i in fixed_idx]
         return np.concatenate([w * (pred - meas), prior])
 
     sol = least_squares(residuals, np.array(x0), method="trf", x_scale=1.0)
