@@ -32,6 +32,7 @@ GENERATOR = "npucc monitor"
 MARKER = f'<meta name="generator" content="{GENERATOR}">'
 MODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 MIB = 2**20
+MAX_POINTS = 3000
 
 
 def moving_p90(values: Sequence[float], window: int) -> np.ndarray:
@@ -92,22 +93,27 @@ def _timeline(data: Mapping[str, Any]):
     lat = np.array([r["latency_ms"] for r in runs])
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("latency per run (ms)", "memory (MiB)"))
+    # at most MAX_POINTS markers (SVG stays quick to draw); the p90 line uses every run
+    stride = max(1, -(-len(runs) // MAX_POINTS))
+    every = slice(None, None, stride)
+    shown = f" (every {stride}th)" if stride > 1 else ""
     for mode in dict.fromkeys(r["mode"] for r in runs):
-        sel = [i for i, r in enumerate(runs) if r["mode"] == mode]
-        fig.add_trace(go.Scatter(x=t[sel], y=lat[sel], mode="markers", name=f"run: {mode}",
-                                   marker={"size": 3, "color": _mode_color(modes, mode)}),
+        sel = [i for i, r in enumerate(runs) if r["mode"] == mode][every]
+        fig.add_trace(go.Scatter(x=t[sel], y=lat[sel], mode="markers",
+                                 name=f"run: {mode}{shown}",
+                                 marker={"size": 3, "color": _mode_color(modes, mode)}),
                       row=1, col=1)
     if len(runs):
-        fig.add_trace(go.Scatter(x=t, y=moving_p90(lat, data["window"]), mode="lines",
-                                 name=f"moving p90 ({data['window']} runs)",
+        fig.add_trace(go.Scatter(x=t[every], y=moving_p90(lat, data["window"])[every],
+                                 mode="lines", name=f"moving p90 ({data['window']} runs)",
                                  line={"color": "black"}), row=1, col=1)
     if data.get("budget_ms"):
         fig.add_hline(y=data["budget_ms"], line_color="red", line_dash="dash", row=1, col=1,
                       annotation_text=f"budget {data['budget_ms']:g} ms")
-    fig.add_trace(go.Scatter(x=t, y=[r["rss_bytes"] / MIB for r in runs], mode="lines",
-                             name="process RSS"), row=2, col=1)
-    fig.add_trace(go.Scatter(x=t, y=[r["arena_bytes"] / MIB for r in runs], mode="lines",
-                             name="arenas held"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=t[every], y=[r["rss_bytes"] / MIB for r in runs[every]],
+                             mode="lines", name="process RSS"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=t[every], y=[r["arena_bytes"] / MIB for r in runs[every]],
+                             mode="lines", name="arenas held"), row=2, col=1)
     _add_switches(fig, data["switches"], rows=(1, 2))
     fig.update_xaxes(title_text="seconds since the load started", row=2, col=1)
     fig.update_layout(height=620, margin={"t": 40})
@@ -122,15 +128,17 @@ def _kernels(data: Mapping[str, Any], top: int = 15):
     names = [m for m in data["modes"] if m in kernels] or list(kernels)
     if not names:
         return None
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[
-        f"{m}: slowest {top} steps, mean ms on this CPU" for m in names])
+    fig = make_subplots(rows=len(names), cols=1, vertical_spacing=0.3 / len(names),
+                        subplot_titles=[f"{m}: slowest {top} steps, mean ms on this CPU"
+                                        for m in names])
     for j, mode in enumerate(names, start=1):
         rows = sorted(kernels[mode], key=lambda r: -r["mean_ms"])[:top][::-1]
         fig.add_trace(go.Bar(x=[r["mean_ms"] for r in rows],
                              y=[f"{r['index']}: {r['node'][-32:]} ({r['op']})" for r in rows],
                              orientation="h", name=mode,
-                             marker_color=_mode_color(data["modes"], mode)), row=1, col=j)
-    fig.update_layout(height=120 + 24 * top, margin={"l": 10, "t": 50}, showlegend=False)
+                             marker_color=_mode_color(data["modes"], mode)), row=j, col=1)
+    fig.update_layout(height=(100 + 22 * top) * len(names), margin={"l": 10, "t": 50},
+                      showlegend=False)
     return fig
 
 

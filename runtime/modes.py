@@ -74,6 +74,8 @@ def _section(manifest: Mapping[str, Any], where: str) -> Mapping[str, Any]:
             order):
         raise PackageError(f"{where}: modes.plans must have exactly the modes of modes.order "
                            f"({order!r}), once each")
+    if default not in order:
+        raise PackageError(f"{where}: modes.default {default!r} is not one of {order}")
     for name in order:
         check_mode_name(name)
         plan = plans[name]
@@ -87,8 +89,6 @@ def _section(manifest: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         if name != default and any(k not in plan for k in PLAN_KEYS):
             raise PackageError(f"{where}: modes.plans.{name} lacks its plan "
                                f"({', '.join(PLAN_KEYS)})")
-    if default not in order:
-        raise PackageError(f"{where}: modes.default {default!r} is not one of {order}")
     if plans[default].get("library") != LIBRARY or any(k in plans[default] for k in PLAN_KEYS):
         raise PackageError(f"{where}: the default mode {default!r} must be the package's own "
                            f"plan ({LIBRARY} and the top-level steps)")
