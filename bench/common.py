@@ -1,5 +1,4 @@
-"""Helpers the bench scripts share (run as ``python bench/<script>.py``: this folder is on
-sys.path, so ``import _common`` works)."""
+"""Helpers the bench scripts share (``from bench.common import ...``)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(measure(args.one, args.target)), flush=True)
         return 0
     sys.path.insert(0, str(ROOT))
-    from _common import cpu_header
+    from bench.common import cpu_header
 
     print(cpu_header())
     steps = ("parse", "verify", "pipeline", "plan", "print")

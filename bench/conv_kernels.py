@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
 import numpy as np  # noqa: E402
 
@@ -213,7 +214,7 @@ def main() -> None:
     tv = [(b[0], note) for b, (_, note) in zip(best, tv, strict=True)]
     on = [b[1] for b in best]
     th = [b[2] if len(b) > 2 else nan for b in best]
-    from _common import cpu_header
+    from bench.common import cpu_header
 
     print(cpu_header())
     print(f"{THREADS} thread(s), cpu {args.cpu or 'detected'}")

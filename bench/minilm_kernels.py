@@ -33,10 +33,12 @@ if "--spin" not in sys.argv:  # idle worker threads sleep in all three engines (
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # shared, loaded machine)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SPIN = "--spin" in sys.argv
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
 import numpy as np  # noqa: E402
-from _common import cpu_header  # noqa: E402
+
+from bench.common import cpu_header  # noqa: E402
 
 
 def cases(rng):

@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         res = time_engine(json.loads(args.prep), args.engine, args.repeat)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    from _common import cpu_header
+    from bench.common import cpu_header
 
     print(cpu_header(), flush=True)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
@@ -417,5 +417,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = str(ROOT)  # bench.<name> only, never bare
     sys.exit(main())

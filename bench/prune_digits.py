@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
-from _common import interleaved_ms  # noqa: E402
+from bench.common import interleaved_ms  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
-from _common import cosine, interleaved_ms, mean_pool  # noqa: E402
+from bench.common import cosine, interleaved_ms, mean_pool  # noqa: E402
 
 
 def main() -> None:

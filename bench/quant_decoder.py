@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
 CONFIG = {"n_layer": 2, "n_head": 4, "d_model": 256, "seq": 32, "steps": 500, "batch": 16,
           "lr": 3e-3, "seed": 0, "modules": ["argparse", "textwrap", "string", "json.decoder",

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
 
 def kernel_ms(m, x, ops: tuple[str, ...], repeat: int = 20) -> float:

@@ -6,7 +6,6 @@ that made it quadratic, and that the fast path builds exactly what lark's parser
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.compile_scaling import synthetic
 from compiler.ir import parse
 from compiler.ir.fastparse import NotFast, parse_fast
 from compiler.ir.graph import Graph, Node, NodeList, Value
@@ -23,8 +23,6 @@ from compiler.ir.types import TensorType
 from runtime.memory_pool import PlanStep, PlanTensor, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from compile_scaling import synthetic  # noqa: E402
 
 
 def _node(i: int) -> Node:
