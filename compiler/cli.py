@@ -24,7 +24,7 @@ SPLIT_MARKER = "// -----"
 
 
 # -- helpers ------------------------------------------------------------------------
-def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+def shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     name, eq, dims = text.rpartition("=")
     try:
         if not eq or not name:
@@ -97,7 +97,7 @@ def _configure_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an ONNX file")
     p.add_argument("-o", "--output", required=True, help="the .ir file to write "
                    "(weights go beside it as .safetensors)")
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
+    p.add_argument("--input-shape", action="append", type=shape_arg, default=[],
                    metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
     p.set_defaults(func=_cmd_import)
 

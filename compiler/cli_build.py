@@ -17,7 +17,7 @@ __all__ = ["configure_compile", "configure_run", "configure_targets"]
 
 
 def configure_compile(p: argparse.ArgumentParser) -> None:
-    from compiler.cli import _shape_arg
+    from compiler.cli import shape_arg
 
     p.add_argument("model", help="an .onnx or .ir file")
     p.add_argument("-t", "--target", default="host",
@@ -31,7 +31,7 @@ def configure_compile(p: argparse.ArgumentParser) -> None:
                    f"name ({', '.join(PORTABLE_LEVELS)}, ...)")
     p.add_argument("-p", "--pipeline", default=None,
                    help="pipeline text replacing the target's default pipeline")
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
+    p.add_argument("--input-shape", action="append", type=shape_arg, default=[],
                    metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
     p.add_argument("--outputs", default=None, metavar="NAMES",
                    help="return these values (comma-separated names) instead of the model's "

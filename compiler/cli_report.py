@@ -27,7 +27,7 @@ __all__ = ["configure_report"]
 
 
 def configure_report(p: argparse.ArgumentParser) -> None:
-    from compiler.cli import _shape_arg
+    from compiler.cli import shape_arg
 
     p.add_argument("model", help="an .onnx or .ir model, or a quant_report.json to re-render")
     p.add_argument("-o", "--output", required=True, help="folder for the JSON / HTML / PNG")
@@ -41,7 +41,7 @@ def configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="random samples when no .npz given")
     p.add_argument("--method", default="minmax",
                    help="calibration method for int8 (minmax, percentile, entropy, mse)")
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[],
+    p.add_argument("--input-shape", action="append", type=shape_arg, default=[],
                    metavar="NAME=D0,D1,...", help="fix a dynamic input shape (repeatable)")
     p.set_defaults(func=_cmd_report)
 

@@ -76,15 +76,15 @@ def build_device_library(graph, desc, out_dir: str | os.PathLike,
 
 def device_package(graph, desc, lib):
     """A runtime Package (not yet saved) running ``lib`` (from :func:`build_device_library`)."""
-    from compiler.driver import _inplace_steps, _value_tensors
+    from compiler.driver import inplace_steps, value_tensors
     from runtime import build_package
 
     cpu = desc.cpu_info()
     return build_package(
         {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
         [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
-        _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
-        _inplace_steps(lib.steps))
+        value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
+        inplace_steps(lib.steps))
 
 
 def export_device(model, out_dir: str | os.PathLike, *,

@@ -139,7 +139,7 @@ class _Progress:
             self._console.log(f"{text}: {self.times[name]:.1f} s")
 
 
-def _value_tensors(graph, weights: Mapping[str, Any]) -> list[dict[str, Any]]:
+def value_tensors(graph, weights: Mapping[str, Any]) -> list[dict[str, Any]]:
     seen: dict[str, Any] = {v.name: v for v in graph.inputs}
     for n in graph.nodes:
         if n.op == "const":
@@ -152,7 +152,7 @@ def _value_tensors(graph, weights: Mapping[str, Any]) -> list[dict[str, Any]]:
             for v in seen.values() if v.name not in weights]
 
 
-def _inplace_steps(steps) -> list[int]:
+def inplace_steps(steps) -> list[int]:
     from compiler.ir.registry import get_op
 
     # the op definitions say which kernels may write over a dying operand (same size: the
@@ -248,8 +248,8 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
             pkg = build_package(
                 {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
                 [v.name for v in graph.inputs], [v.name for v in graph.outputs], lib.steps,
-                _value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
-                _inplace_steps(lib.steps))
+                value_tensors(graph, lib.weights), lib.weights, lib.lib_path,
+                inplace_steps(lib.steps))
             mem = pkg.memory
             _check_budget(desc, budget, mem["arena_bytes"], mem["weight_bytes"])
     except BaseException:

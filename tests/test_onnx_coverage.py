@@ -124,10 +124,10 @@ def test_symbolic_inputs_listed_and_given_shapes_compile(tmp_path):
 
 
 def test_cli_input_shape_accepts_x_separators():
-    from compiler.cli import _shape_arg  # noqa: PLC2701  (the argparse type under test)
+    from compiler.cli import shape_arg  # noqa: PLC2701  (the argparse type under test)
 
-    assert _shape_arg("input_ids=1x128") == ("input_ids", (1, 128))
-    assert _shape_arg("x=1,3,224,224") == ("x", (1, 3, 224, 224))
+    assert shape_arg("input_ids=1x128") == ("input_ids", (1, 128))
+    assert shape_arg("x=1,3,224,224") == ("x", (1, 3, 224, 224))
 
 
 def test_a_value_written_twice_is_refused_naming_both_writers():

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 from compiler import compile  # noqa: E402
 from compiler.frontends import from_torch  # noqa: E402
 from compiler.ir import interpret, parse  # noqa: E402
-from tests.test_torch_ops import Fn, _r  # noqa: E402
+from tests.test_torch_ops import Fn, rand_tensor  # noqa: E402
 
-X = _r(3, 6, 5)
+X = rand_tensor(3, 6, 5)
 rng = np.random.default_rng(5)
 IDX_DUP = torch.from_numpy(rng.integers(0, 6, (3, 4, 5)))
 PERM = torch.from_numpy(np.stack([rng.permutation(6)[:4] for _ in range(3)]))  # unique rows
@@ -76,20 +76,20 @@ CASES = {
     "gather_dim1": (lambda m, x, i: torch.gather(x, 1, i), {}, (X, IDX_DUP)),
     "gather_buffer_ids": (lambda m, x: x + torch.gather(m.ids, 1, torch.zeros_like(
         x[..., 0], dtype=torch.long)[:, :1].expand(3, 6)).float().unsqueeze(-1), {}, (X,)),
-    "scatter_src": (lambda m, x, i: x.scatter(1, i, m.s), {"s": _r(3, 4, 5)}, (X, PERM[..., None]
+    "scatter_src": (lambda m, x, i: x.scatter(1, i, m.s), {"s": rand_tensor(3, 4, 5)}, (X, PERM[..., None]
                                                                               .expand(3, 4, 5))),
     "scatter_value": (lambda m, x, i: x.scatter(1, i, 2.5), {}, (X, PERM[..., None]
                                                                  .expand(3, 4, 5))),
     "scatter_add_dups": (lambda m, x, i: x.scatter_add(1, i, torch.ones(3, 4, 5)), {},
                          (X, IDX_DUP)),
     "scatter_reduce_amax": (lambda m, x, i: x.scatter_reduce(1, i, m.s, "amax"),
-                            {"s": _r(3, 4, 5)}, (X, IDX_DUP)),
-    "slice_scatter": (_sliced, {}, (X, _r(3, 3, 5))),
-    "slice_scatter_strided": (_strided, {}, (X, _r(3, 3, 5))),
-    "select_scatter": (_selected, {}, (X, _r(3, 5))),
-    "index_put_rows": (_put_rows, {"v": _r(3, 6, 5)}, (X, ROWS[:3] % 3)),
+                            {"s": rand_tensor(3, 4, 5)}, (X, IDX_DUP)),
+    "slice_scatter": (_sliced, {}, (X, rand_tensor(3, 3, 5))),
+    "slice_scatter_strided": (_strided, {}, (X, rand_tensor(3, 3, 5))),
+    "select_scatter": (_selected, {}, (X, rand_tensor(3, 5))),
+    "index_put_rows": (_put_rows, {"v": rand_tensor(3, 6, 5)}, (X, ROWS[:3] % 3)),
     "index_put_middle_dim": (_put_mid, {}, (X, ROWS)),
-    "index_put_accumulate": (_put_acc, {"v": _r(5)}, (X, torch.tensor([0, 2, 0]))),
+    "index_put_accumulate": (_put_acc, {"v": rand_tensor(5)}, (X, torch.tensor([0, 2, 0]))),
     "masked_fill_by_index_put": (_masked, {}, (X,)),
     "swin_shift_mask": (_shift_mask, {}, (X,)),
 }
@@ -158,7 +158,7 @@ class Detector(torch.nn.Module):
 def test_data_dependent_shape_refused_naming_the_node_and_the_cut():
     from compiler.errors import ImportError_
 
-    x = _r(4, 5)
+    x = rand_tensor(4, 5)
     with pytest.raises(ImportError_) as e:
         from_torch(Detector().eval(), (x,))
     msg = str(e.value)
@@ -167,7 +167,7 @@ def test_data_dependent_shape_refused_naming_the_node_and_the_cut():
 
 
 def test_outputs_cut_before_post_processing(tmp_path):
-    x = _r(4, 5)
+    x = rand_tensor(4, 5)
     m = Detector().eval()
     g = from_torch(m, (x,), outputs=["sigmoid"])
     assert "nonzero" not in str(g) and [v.name for v in g.outputs] == ["sigmoid"]

@@ -24,23 +24,23 @@ class Fn(torch.nn.Module):
         return self.fn(self, *xs)
 
 
-def _r(*shape, seed=0):
+def rand_tensor(*shape, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape)
                             .astype(np.float32))
 
 
-X4 = _r(2, 3, 8, 8)
-X3 = _r(2, 5, 6)
-X2 = _r(4, 6)
+X4 = rand_tensor(2, 3, 8, 8)
+X3 = rand_tensor(2, 5, 6)
+X2 = rand_tensor(4, 6)
 IDS = torch.tensor([[0, 3, 1], [2, 2, 5]])
 
 CASES = {
     "conv1d": (lambda m, x: F.conv1d(x, m.w, m.b, stride=2, padding=1),
-               {"w": _r(4, 5, 3), "b": _r(4)}, (X3,)),
+               {"w": rand_tensor(4, 5, 3), "b": rand_tensor(4)}, (X3,)),
     "conv2d_grouped_dilated": (lambda m, x: F.conv2d(x, m.w, None, 1, 2, 2, 3),
-                               {"w": _r(6, 1, 3, 3)}, (X4,)),
+                               {"w": rand_tensor(6, 1, 3, 3)}, (X4,)),
     "conv_transpose2d": (lambda m, x: F.conv_transpose2d(x, m.w, stride=2, padding=1),
-                         {"w": _r(3, 4, 3, 3)}, (X4,)),
+                         {"w": rand_tensor(3, 4, 3, 3)}, (X4,)),
     "max_avg_pool": (lambda m, x: F.max_pool2d(x, 3, 2, 1) + F.avg_pool2d(x, 2, 2)[..., :4, :4]
                      * 0 + F.avg_pool2d(x, 3, 2, 1), None, (X4,)),
     "adaptive_pool_2x2": (lambda m, x: F.adaptive_avg_pool2d(x, 2), None, (X4,)),
@@ -66,31 +66,31 @@ CASES = {
     "index_gather": (lambda m, x: x[:, [0, 2, -1]] + x[[1, 0]][:, [1, 1, 1]]
                      + x[torch.tensor([0, 1])[:, None], torch.tensor([[4, 3, 2]])],
                      None, (X3,)),
-    "embedding_int_input": (lambda m, i: F.embedding(i, m.w).sum(1), {"w": _r(6, 4)}, (IDS,)),
+    "embedding_int_input": (lambda m, i: F.embedding(i, m.w).sum(1), {"w": rand_tensor(6, 4)}, (IDS,)),
     "reductions": (lambda m, x: x.mean((1, 2), keepdim=True).squeeze() + x.sum(-1).amax(1)
                    + x.amin(1).sum(-1) + x.max(dim=1).values.mean(-1)
                    + x.argmax(dim=2).float().sum(1) + x.prod(2).sum(1), None, (X3,)),
     "softmax_norms": (lambda m, x: F.log_softmax(x, 1).mean(1) + F.softmax(x, 0).sum(1)
-                      + F.layer_norm(x, (6,), m.w, None, 1e-3).sum(1), {"w": _r(6)}, (X2,)),
+                      + F.layer_norm(x, (6,), m.w, None, 1e-3).sum(1), {"w": rand_tensor(6)}, (X2,)),
     "batch_norm_eval": (lambda m, x: F.batch_norm(x, m.rm, m.rv, m.w, m.b, False, 0.1, 1e-3),
-                        {"rm": _r(3), "rv": _r(3).abs() + 0.5, "w": _r(3), "b": _r(3)}, (X4,)),
+                        {"rm": rand_tensor(3), "rv": rand_tensor(3).abs() + 0.5, "w": rand_tensor(3), "b": rand_tensor(3)}, (X4,)),
     "linear_matmul_addmm": (lambda m, x: F.linear(x, m.w, m.b) @ m.w2
                             + torch.addmm(m.b2, x.reshape(6, 6), m.w3, beta=0.5, alpha=2.0)
                             .reshape(2, 3, 6)
                             + torch.baddbmm(m.b2, x, m.w3.expand(2, 6, 6), alpha=0.5),
-                            {"w": _r(4, 6), "b": _r(4), "w2": _r(4, 6), "b2": _r(6),
-                             "w3": _r(6, 6)}, (_r(2, 3, 6),)),
+                            {"w": rand_tensor(4, 6), "b": rand_tensor(4), "w2": rand_tensor(4, 6), "b2": rand_tensor(6),
+                             "w3": rand_tensor(6, 6)}, (rand_tensor(2, 3, 6),)),
     "factories_cumsum_tril": (lambda m, x: torch.tril(x, -1) + torch.triu(x) * 2
                               + torch.ones(4, 6).cumsum(0) + torch.arange(6.0)
                               + torch.full((4, 1), 3.0) + x.cumsum(1), None, (X2,)),
     "sdpa_causal": (lambda m, q: F.scaled_dot_product_attention(q, q * 0.5, q + 1, is_causal=True)
                     + q.any(-1, keepdim=True).float() + (q > 0).all(-1, keepdim=True).float(),
-                    None, (_r(1, 2, 8, 4),)),
+                    None, (rand_tensor(1, 2, 8, 4),)),
     "group_norm_var_std": (lambda m, x: F.group_norm(x, 3, m.w, m.b, 1e-3)
                            + x.var(1, keepdim=True) + x.std((2, 3), keepdim=True, correction=0)
                            + torch.trunc(x * 3) + x.index_select(2, torch.tensor([1, 0, 7, 2,
                                                                                    3, 3, 4, 5])),
-                           {"w": _r(3), "b": _r(3)}, (X4,)),
+                           {"w": rand_tensor(3), "b": rand_tensor(3)}, (X4,)),
     "upsample_reflect_pad": (lambda m, x: F.interpolate(x, scale_factor=2, mode="nearest")
                              + F.interpolate(x, size=(16, 16), mode="bilinear")
                              + F.interpolate(x, size=(16, 16), mode="bilinear",

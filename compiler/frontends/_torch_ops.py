@@ -29,11 +29,11 @@ def conv(*names: str) -> Callable[[Conv], Conv]:
     return deco
 
 
-def _axis(dim: int, rank: int) -> int:
+def axis_arg(dim: int, rank: int) -> int:
     return dim % rank if rank else 0
 
 
-def _pair(v: Any) -> list[int]:
+def pair_arg(v: Any) -> list[int]:
     v = list(v) if isinstance(v, list | tuple) else [v]
     return v * 2 if len(v) == 1 else v
 

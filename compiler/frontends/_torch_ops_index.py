@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.frontends._torch_ops import _axis, conv
+from compiler.frontends._torch_ops import axis_arg, conv
 from compiler.frontends.torch import TorchImporter, Unsupported
 from compiler.ir.graph import Value
 
@@ -32,7 +32,7 @@ def _fit(imp: TorchImporter, v, shape, dtype: str) -> Value:
 @conv("gather.default")
 def _gather(imp: TorchImporter, a: dict) -> Value:
     x = a["self"]
-    return imp.emit("gather_elements", x, a["index"], axis=_axis(a["dim"], x.type.rank))
+    return imp.emit("gather_elements", x, a["index"], axis=axis_arg(a["dim"], x.type.rank))
 
 
 def _scatter(imp: TorchImporter, a: dict, src, reduction: str) -> Value:
@@ -40,7 +40,7 @@ def _scatter(imp: TorchImporter, a: dict, src, reduction: str) -> Value:
     src = _fit(imp, src, index.shape, x.dtype)
     if src.type.size and tuple(src.shape) != tuple(index.shape):
         raise Unsupported("scatter with src larger than index")
-    return imp.emit("scatter_elements", x, index, src, axis=_axis(a["dim"], x.type.rank),
+    return imp.emit("scatter_elements", x, index, src, axis=axis_arg(a["dim"], x.type.rank),
                     reduction=reduction)
 
 
@@ -67,7 +67,7 @@ def _scatter_reduce(imp: TorchImporter, a: dict) -> Value:
 
 def _slice_scatter(imp: TorchImporter, x: Value, src: Value, dim: int, start, end,
                    step: int) -> Value:
-    axis = _axis(dim, x.type.rank)
+    axis = axis_arg(dim, x.type.rank)
     n = x.shape[axis]
     start = 0 if start is None else (start + n if start < 0 else start)
     end = n if end is None else (end + n if end < 0 else end)
@@ -102,7 +102,7 @@ def _slice_scatter_op(imp: TorchImporter, a: dict) -> Value:
 @conv("select_scatter.default")
 def _select_scatter(imp: TorchImporter, a: dict) -> Value:
     x, src = a["self"], a["src"]
-    axis = _axis(a["dim"], x.type.rank)
+    axis = axis_arg(a["dim"], x.type.rank)
     shape = list(x.shape)
     shape[axis] = 1
     src = imp.emit("reshape", _fit(imp, src, shape[:axis] + shape[axis + 1:], x.dtype),

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.frontends._torch_ops import _axis, _pair, conv
+from compiler.frontends._torch_ops import axis_arg, conv, pair_arg
 from compiler.frontends.torch import TorchImporter, Unsupported
 from compiler.ir.graph import Value
 
@@ -22,15 +22,15 @@ def _conv2d(imp: TorchImporter, x: Value, w: Value, b: Value | None, stride: Any
     if one_d:  # conv1d as conv2d over a height of 1
         x = imp.emit("reshape", x, shape=[x.shape[0], x.shape[1], 1, x.shape[2]])
         w = imp.emit("reshape", w, shape=[*w.shape[:2], 1, w.shape[2]])
-        stride, dilation = [1, _pair(stride)[0]], [1, _pair(dilation)[0]]
-        padding, output_padding = [0, _pair(padding)[0]], [0, _pair(output_padding)[0]]
+        stride, dilation = [1, pair_arg(stride)[0]], [1, pair_arg(dilation)[0]]
+        padding, output_padding = [0, pair_arg(padding)[0]], [0, pair_arg(output_padding)[0]]
     elif x.type.rank != 4:
         raise Unsupported(f"{x.type.rank - 2}-D convolution")
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    s, p, d = pair_arg(stride), pair_arg(padding), pair_arg(dilation)
     ins = [x, w] if b is None else [x, w, b]
     attrs = dict(strides=s, pads=[p[0], p[1], p[0], p[1]], dilations=d, groups=int(groups))
     if transposed:
-        y = imp.emit("conv_transpose2d", *ins, output_padding=_pair(output_padding), **attrs)
+        y = imp.emit("conv_transpose2d", *ins, output_padding=pair_arg(output_padding), **attrs)
     else:
         y = imp.emit("conv2d", *ins, **attrs)
     if one_d:
@@ -89,17 +89,17 @@ def _layer_norm(imp: TorchImporter, a: dict) -> Any:
 def _softmax(imp: TorchImporter, a: dict) -> Value:
     op = "log_softmax" if "log" in str(imp.node.target) else "softmax"
     x = imp.tensor(a["self"], imp.out_type().dtype)
-    return imp.emit(op, x, axis=_axis(a["dim"], x.type.rank))
+    return imp.emit(op, x, axis=axis_arg(a["dim"], x.type.rank))
 
 
 @conv("max_pool2d_with_indices.default", "max_pool2d.default")
 def _max_pool(imp: TorchImporter, a: dict) -> Any:
     x = a["self"]
-    k = _pair(a["kernel_size"])
-    s = _pair(a["stride"]) if a["stride"] else k
-    p = _pair(a["padding"])
+    k = pair_arg(a["kernel_size"])
+    s = pair_arg(a["stride"]) if a["stride"] else k
+    p = pair_arg(a["padding"])
     y = imp.emit("max_pool2d", x, kernel=k, strides=s, pads=[p[0], p[1], p[0], p[1]],
-                 dilations=_pair(a["dilation"]), ceil_mode=bool(a["ceil_mode"]))
+                 dilations=pair_arg(a["dilation"]), ceil_mode=bool(a["ceil_mode"]))
     return [y, None] if "indices" in str(imp.node.target) else y
 
 
@@ -107,9 +107,9 @@ def _max_pool(imp: TorchImporter, a: dict) -> Any:
 def _avg_pool(imp: TorchImporter, a: dict) -> Value:
     if a["divisor_override"] is not None:
         raise Unsupported("avg_pool2d with divisor_override")
-    k = _pair(a["kernel_size"])
-    s = _pair(a["stride"]) if a["stride"] else k
-    p = _pair(a["padding"])
+    k = pair_arg(a["kernel_size"])
+    s = pair_arg(a["stride"]) if a["stride"] else k
+    p = pair_arg(a["padding"])
     return imp.emit("avg_pool2d", a["self"], kernel=k, strides=s,
                     pads=[p[0], p[1], p[0], p[1]], ceil_mode=bool(a["ceil_mode"]),
                     count_include_pad=bool(a["count_include_pad"]))
@@ -118,7 +118,7 @@ def _avg_pool(imp: TorchImporter, a: dict) -> Value:
 @conv("adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default")
 def _adaptive_avg_pool(imp: TorchImporter, a: dict) -> Value:
     x = a["self"]
-    out = _pair(a["output_size"])
+    out = pair_arg(a["output_size"])
     if x.type.rank != 4:
         raise Unsupported(f"adaptive pooling of a rank-{x.type.rank} tensor")
     if out == [1, 1]:

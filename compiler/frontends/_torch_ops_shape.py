@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler.frontends._torch_ops import _axis, conv
+from compiler.frontends._torch_ops import axis_arg, conv
 from compiler.frontends.torch import TorchImporter, Unsupported
 from compiler.ir.graph import Value
 
@@ -29,11 +29,11 @@ def _permute(imp: TorchImporter, a: dict) -> Value:
     r = x.type.rank
     key = str(imp.node.target)
     if "permute" in key:
-        perm = [_axis(d, r) for d in a["dims"]]
+        perm = [axis_arg(d, r) for d in a["dims"]]
     else:
         perm = list(range(r))
         if "transpose" in key:
-            i, j = _axis(a["dim0"], r), _axis(a["dim1"], r)
+            i, j = axis_arg(a["dim0"], r), axis_arg(a["dim1"], r)
         else:
             i, j = (0, 1) if r == 2 else (0, 0)
         perm[i], perm[j] = perm[j], perm[i]
@@ -66,13 +66,13 @@ def _cat(imp: TorchImporter, a: dict) -> Value:
     xs = [x for x in xs if not (x.type.rank == 1 and x.shape[0] == 0 and t.rank != 1)]
     if len(xs) == 1:
         return xs[0]
-    return imp.emit("concat", *xs, axis=_axis(a["dim"], t.rank))
+    return imp.emit("concat", *xs, axis=axis_arg(a["dim"], t.rank))
 
 
 @conv("split.Tensor", "split_with_sizes.default", "split_with_sizes_copy.default")
 def _split(imp: TorchImporter, a: dict) -> list[Value]:
     x = a["self"]
-    axis = _axis(a["dim"], x.type.rank)
+    axis = axis_arg(a["dim"], x.type.rank)
     n = x.shape[axis]
     if "split_sizes" in a:
         sizes = list(a["split_sizes"])
@@ -85,7 +85,7 @@ def _split(imp: TorchImporter, a: dict) -> list[Value]:
 
 
 def _slice(imp: TorchImporter, x: Value, dim: int, start: Any, end: Any, step: int) -> Value:
-    axis = _axis(dim, x.type.rank)
+    axis = axis_arg(dim, x.type.rank)
     n = x.shape[axis]
     start = 0 if start is None else start
     end = n if end is None else end
@@ -104,7 +104,7 @@ def _slice_op(imp: TorchImporter, a: dict) -> Value:
 @conv("flip.default")
 def _flip(imp: TorchImporter, a: dict) -> Value:
     x = a["self"]
-    axes = sorted({_axis(d, x.type.rank) for d in a["dims"]})
+    axes = sorted({axis_arg(d, x.type.rank) for d in a["dims"]})
     if not axes:
         return x
     return imp.emit("slice", x, starts=[x.shape[d] - 1 for d in axes],
@@ -130,7 +130,7 @@ def _embedding(imp: TorchImporter, a: dict) -> Value:
 @conv("index_select.default")
 def _index_select(imp: TorchImporter, a: dict) -> Value:
     x = a["self"]
-    return imp.emit("gather", x, a["index"], axis=_axis(a["dim"], x.type.rank))
+    return imp.emit("gather", x, a["index"], axis=axis_arg(a["dim"], x.type.rank))
 
 
 @conv("index.Tensor")
@@ -178,7 +178,7 @@ def _trilu(imp: TorchImporter, a: dict) -> Value:
 @conv("cumsum.default")
 def _cumsum(imp: TorchImporter, a: dict) -> Value:
     x = imp.tensor(a["self"], imp.out_type().dtype)
-    return imp.emit("cumsum", x, axis=_axis(a["dim"], x.type.rank))
+    return imp.emit("cumsum", x, axis=axis_arg(a["dim"], x.type.rank))
 
 
 # -- reductions -------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def _reduce_axes(dim: Any, rank: int) -> list[int]:
     if dim is None:
         return list(range(rank))
     dims = dim if isinstance(dim, list | tuple) else [dim]
-    return sorted(_axis(d, rank) for d in dims) or list(range(rank))
+    return sorted(axis_arg(d, rank) for d in dims) or list(range(rank))
 
 
 def _reduce(imp: TorchImporter, a: dict) -> Value:
@@ -210,7 +210,7 @@ for _k in ("mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.d
 def _max_dim(imp: TorchImporter, a: dict) -> list[Value]:
     is_max = str(imp.node.target).startswith("aten.max")
     x = a["self"]
-    axis = _axis(a["dim"], x.type.rank)
+    axis = axis_arg(a["dim"], x.type.rank)
     keep = bool(a["keepdim"])
     vals = imp.emit("reduce_max" if is_max else "reduce_min", x, axes=[axis], keepdims=keep)
     idx = imp.emit("argmax" if is_max else "argmin", x, axis=axis, keepdims=keep)
@@ -226,7 +226,7 @@ def _argmax(imp: TorchImporter, a: dict) -> Value:
         y = imp.emit(op, x, axis=0, keepdims=False)
         return imp.emit("reshape", y, shape=list(imp.out_type().shape)) \
             if imp.out_type().rank else y
-    return imp.emit(op, x, axis=_axis(a["dim"], x.type.rank), keepdims=bool(a["keepdim"]))
+    return imp.emit(op, x, axis=axis_arg(a["dim"], x.type.rank), keepdims=bool(a["keepdim"]))
 
 
 @conv("max.default", "min.default")

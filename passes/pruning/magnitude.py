@@ -82,7 +82,7 @@ def replace_weight(graph: Graph, value: Value, array: np.ndarray) -> None:
         node.attrs["value"] = array
 
 
-def _selected(graph: Graph, opts: dict[str, Any]) -> list[Layer]:
+def selected_layers(graph: Graph, opts: dict[str, Any]) -> list[Layer]:
     exclude = tuple(opts.get("exclude") or ())
     out, seen = [], set()
     for lay in layers(graph):
@@ -114,7 +114,7 @@ def prune_unstructured(graph: Graph, opts: dict[str, Any], plan) -> int:
     scope = opts.get("scope", "layer")
     if scope not in ("layer", "global"):
         raise PruneError(f"prune scope {scope!r} is not known; accepted: 'layer', 'global'")
-    sel = _selected(graph, opts)
+    sel = selected_layers(graph, opts)
     thr = global_threshold([lay.weight for lay in sel], sparsity) if scope == "global" else None
     changed = 0
     for lay in sel:
@@ -134,7 +134,7 @@ def prune_nm(graph: Graph, opts: dict[str, Any], plan, n: int = 2, m: int = 4) -
     """N:M sparsity (``n`` of every ``m`` zero along the reduction axis). Layers whose reduction
     axis is not a multiple of ``m`` are left dense and listed in the plan as ``skipped``."""
     changed = 0
-    for lay in _selected(graph, opts):
+    for lay in selected_layers(graph, opts):
         mask = nm_mask(lay.weight, lay.node.op, n, m)
         if mask is None:
             plan.layers[lay.name] = {"op": lay.node.op, "shape": list(lay.weight.shape),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph
-from passes.pruning.magnitude import _selected, magnitude_mask, replace_weight
+from passes.pruning.magnitude import magnitude_mask, replace_weight, selected_layers
 
 __all__ = ["STEPS", "layer_sensitivity", "choose_sparsities", "sensitivity_plan",
            "print_plan"]
@@ -44,7 +44,7 @@ def layer_sensitivity(graph: Graph, samples: list[dict[str, np.ndarray]],
 
     base = [interpret(graph, s) for s in samples]
     out: dict[str, dict[str, Any]] = {}
-    for lay in _selected(graph, opts or {}):
+    for lay in selected_layers(graph, opts or {}):
         v = lay.node.inputs[1]
         w = lay.weight
         errs = {}

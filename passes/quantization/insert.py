@@ -99,7 +99,7 @@ def weight_axis(node: Node) -> int:
     return 0
 
 
-def _int8_reason(graph: Graph, node: Node) -> str | None:
+def int8_reason(graph: Graph, node: Node) -> str | None:
     """Why ``node`` cannot take the int8 path (None: it can)."""
     if node.op not in INT8_OPS:
         return "no integer kernel"
@@ -121,7 +121,7 @@ def int8_candidates(graph: Graph, plan: dict[Node, PrecisionSpec]) -> list[Node]
     """The int8 nodes with an integer kernel. A matmul of two activations (attention) is
     quantized only when the config names it (op type or name pattern), not by ``default``:
     its operands change per input, so its error is the least predictable."""
-    return [n for n, s in plan.items() if s.precision == "int8" and _int8_reason(graph, n)
+    return [n for n, s in plan.items() if s.precision == "int8" and int8_reason(graph, n)
             is None and (n.op != "matmul" or s.source != "default")]
 
 

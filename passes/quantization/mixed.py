@@ -95,10 +95,10 @@ def layer_bytes(graph: Graph, node: Node, precision: str, group: int) -> int:
 
 def _int8_ok(graph: Graph, node: Node) -> bool:
     try:
-        from passes.quantization.insert import _int8_reason
+        from passes.quantization.insert import int8_reason
     except ImportError:
         return False
-    return _int8_reason(graph, node) is None
+    return int8_reason(graph, node) is None
 
 
 def find_layers(graph: Graph, plan: Mapping[Node, PrecisionSpec],

@@ -77,14 +77,14 @@ def _pack_in_kernel(batch: tuple[int, ...], K: int, N: int, nb: int, read: Calla
     return te.compute(tuple(batch) + (-(-N // nb), K, nb), body, name="Bpack")
 
 
-def _ravel(idx, shape) -> Any:
+def ravel_index(idx, shape) -> Any:
     flat: Any = 0
     for i, d in zip(idx, shape, strict=True):
         flat = flat * d + i
     return flat
 
 
-def _unravel(flat, shape) -> list[Any]:
+def unravel(flat, shape) -> list[Any]:
     out = []
     for d in reversed(shape):
         out.append(flat % d if d != 1 else 0)
@@ -92,7 +92,7 @@ def _unravel(flat, shape) -> list[Any]:
     return list(reversed(out))
 
 
-def _gemm_func(
+def gemm_func(
     req: KernelRequest, ins: list, out_type: TensorType, *,
     batch: tuple[int, ...], n_mdims: int, M: int, K: int, N: int, nb: int, mr: int,
     a_at: Callable, b_at: Callable, epilogue: Callable,
@@ -125,7 +125,7 @@ def _gemm_func(
 
     def out_body(*idx):
         bi = list(idx[:nbat])
-        m = _ravel(idx[nbat:nbat + n_mdims], mshape) if n_mdims else 0
+        m = ravel_index(idx[nbat:nbat + n_mdims], mshape) if n_mdims else 0
         n = idx[-1]
         v = expr(epilogue(C[tuple(bi) + (m, n)], idx))
         return v if dtype_of(v) == out_dt else v.astype(out_dt)
@@ -145,7 +145,7 @@ def _gemm_func(
 
 def _schedule_gemm(sch, req: KernelRequest, *, nbat: int, n_mdims: int, K: int, nb: int,
                    mr: int, work: int):
-    """The register-tiled schedule of :func:`_gemm_func`'s blocks (raises when a loop nest
+    """The register-tiled schedule of :func:`gemm_func`'s blocks (raises when a loop nest
     cannot take it; the caller then falls back to a generic schedule)."""
     try:
         pblk = sch.get_sblock("Bpack")
@@ -199,7 +199,7 @@ def _schedule_gemm(sch, req: KernelRequest, *, nbat: int, n_mdims: int, K: int, 
     return sch.mod["main"]
 
 
-def _bias_act(req: KernelRequest, bias_at: Callable | None) -> Callable:
+def bias_act(req: KernelRequest, bias_at: Callable | None) -> Callable:
     kind = req.attrs.get("activation", "none")
     lo, hi = req.attrs.get("clip_min", 0.0), req.attrs.get("clip_max", 6.0)
 
@@ -236,7 +236,7 @@ def dense(req: KernelRequest) -> KernelImpl:
         if M != (-(-M // mr) * mr):
             from tvm import te
             m = te.min(m, M - 1)
-        return X[tuple(bi) + tuple(_unravel(m, lead)) + (k,)]
+        return X[tuple(bi) + tuple(unravel(m, lead)) + (k,)]
 
     if not packed:  # weights computed at run time: pack them inside the kernel
         W = _pack_in_kernel((), K, N, nb, lambda bi, k, n: W[n, k])
@@ -245,8 +245,8 @@ def dense(req: KernelRequest) -> KernelImpl:
         return W[n // nb, k, n % nb]
 
     bias_at = (lambda idx: ins[2][idx[-1]]) if len(ins) > 2 else None
-    func = _gemm_func(req, ins, out, batch=batch, n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
-                      mr=mr, a_at=a_at, b_at=b_at, epilogue=_bias_act(req, bias_at))
+    func = gemm_func(req, ins, out, batch=batch, n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
+                      mr=mr, a_at=a_at, b_at=b_at, epilogue=bias_act(req, bias_at))
     transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w), nb))} if packed else {}
     return KernelImpl(func, transforms,
                       note=f"dense batch={list(batch)} M={M} K={K} N={N}: {mr}x{nb} tiles"
@@ -293,7 +293,7 @@ def matmul(req: KernelRequest) -> KernelImpl:
             return B[bb + (n // nb, k, n % nb)]
         return B[bb + (k, n)]
 
-    func = _gemm_func(req, ins, out, batch=batch, n_mdims=n_mdims, M=M, K=K, N=N, nb=nb,
+    func = gemm_func(req, ins, out, batch=batch, n_mdims=n_mdims, M=M, K=K, N=N, nb=nb,
                       mr=mr, a_at=a_at, b_at=b_at, epilogue=lambda acc, idx: acc)
     transforms = {1: (lambda w, nb=nb: pack_nk(np.asarray(w).T, nb))} if packed else {}
     return KernelImpl(func, transforms,
@@ -369,7 +369,7 @@ def gemm(req: KernelRequest) -> KernelImpl:
             v = v + (c if beta == 1.0 else c * tirx.const(beta, dt))
         return v
 
-    func = _gemm_func(req, ins, out, batch=(), n_mdims=1, M=M, K=K, N=N, nb=nb, mr=mr,
+    func = gemm_func(req, ins, out, batch=(), n_mdims=1, M=M, K=K, N=N, nb=nb, mr=mr,
                       a_at=a_at, b_at=b_at, epilogue=epilogue)
 
     def pack(w, nb=nb, tb=tb):

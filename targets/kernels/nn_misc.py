@@ -30,7 +30,7 @@ from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_ke
 __all__: list[str] = []
 
 
-def _row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,
+def row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,
                   lanes: int, row_buffers: frozenset[str] = frozenset()):
     """Schedule ``out`` row by row. ``blocks`` (consumers first) are computed per row:
     reductions (row statistics) rfactor-ed over ``lanes`` when the row length allows, names
@@ -148,7 +148,7 @@ def softmax(req: KernelRequest) -> KernelImpl:
     if _last_axis(req):
         blocks = ["rowsum", "rowexp", "rowmax"] if req.op == "softmax" \
             else ["rowsum", "rowmax"]
-        sched = _row_schedule(req.cpu, blocks, xt.rank - 1, n, req.cpu.lanes(xt.dtype),
+        sched = row_schedule(req.cpu, blocks, xt.rank - 1, n, req.cpu.lanes(xt.dtype),
                               frozenset({"rowexp"} if req.op == "softmax" else ()))
         note = f"{req.op} rows of {n}, row-parallel, vectorised"
     else:
@@ -195,7 +195,7 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
 
     Y = te.compute(xt.shape, body, name="out")
     if axis == xt.rank - 1:
-        sched = _row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
+        sched = row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
                               req.cpu.lanes(xt.dtype))
         note = f"layer_norm rows of {count}, row-parallel, vectorised"
     else:
@@ -368,7 +368,7 @@ def pad(req: KernelRequest) -> KernelImpl:
 def _resize_tables(req: KernelRequest) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """Per resized axis: (axis, taps[out_len, T] int32, weights[out_len, T] f32), from the
     op's own reference applied to an identity matrix (so every mode matches it)."""
-    from compiler.ir.ops.nn_resize import _resize_axis
+    from compiler.ir.ops.nn_resize import resize_axis
 
     xt, out = req.input_types[0], req.output_types[0]
     tables = []
@@ -376,7 +376,7 @@ def _resize_tables(req: KernelRequest) -> list[tuple[int, np.ndarray, np.ndarray
                                                 strict=True)):
         if n_in == n_out and s == 1.0:
             continue
-        R = np.asarray(_resize_axis(np.eye(n_in), 0, n_out, s, req.attrs))  # [out, in]
+        R = np.asarray(resize_axis(np.eye(n_in), 0, n_out, s, req.attrs))  # [out, in]
         T = max(1, int((np.abs(R) > 0).sum(axis=1).max()))
         taps = np.zeros((n_out, T), np.int32)
         wts = np.zeros((n_out, T), np.float32)

@@ -26,7 +26,7 @@ import numpy as np
 from compiler.ir.types import TensorType
 from targets.kernels._te import expr, generic, placeholders, prim_func
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
-from targets.kernels.linalg import _bias_act, _gemm_func, _unravel, gemm_tiles, pack_nk
+from targets.kernels.linalg import bias_act, gemm_func, gemm_tiles, pack_nk, unravel
 
 __all__: list[str] = []
 
@@ -67,7 +67,7 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
     def a_at(bi, m, k):
         if M != Mp:
             m = te.min(m, M - 1)
-        return X[tuple(_unravel(m, lead)) + (k,)]
+        return X[tuple(unravel(m, lead)) + (k,)]
 
     def w_at(n, kk):
         return W[n // nb, kk, n % nb] if packed else W[te.min(n, N - 1), kk]
@@ -92,12 +92,12 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
 
     nb_ = 4 if asym else 3
     bias_at = (lambda idx: ins[nb_][idx[-1]]) if len(ins) > nb_ else None
-    epilogue = _bias_act(req, bias_at)
+    epilogue = bias_act(req, bias_at)
     if packed and M > mr:  # several row tiles read each panel: decode it once per panel
         func = _panel_gemm(req, ins, out, lead, M, K, N, nb, mr, a_at, b_at, epilogue)
         how = "panel decoded once per n-panel into a [K, nb] f32 scratch"
     else:
-        func = _gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
+        func = gemm_func(req, ins, out, batch=(), n_mdims=len(lead), M=M, K=K, N=N, nb=nb,
                           mr=mr, a_at=a_at, b_at=b_at, epilogue=epilogue)
         how = "decoded in the K loop"
     transforms = pack if packed else {}
@@ -122,8 +122,8 @@ def _panel_gemm(req: KernelRequest, ins: list, out: TensorType, lead: tuple[int,
     nm = len(lead)
 
     def out_body(*idx):
-        from targets.kernels.linalg import _ravel
-        m = _ravel(idx[:nm], lead) if nm else 0
+        from targets.kernels.linalg import ravel_index
+        m = ravel_index(idx[:nm], lead) if nm else 0
         return expr(epilogue(C[m, idx[-1]], idx)).astype("float32")
 
     Y = te.compute(out.shape, out_body, name="out")
@@ -229,9 +229,9 @@ def norm_f16(req: KernelRequest) -> KernelImpl:
     Y = te.compute(xt.shape, body, name="out")
     trailing = bool(axes) and axes == list(range(rank - len(axes), rank))
     if trailing:
-        from targets.kernels.nn_misc import _row_schedule
+        from targets.kernels.nn_misc import row_schedule
 
-        sched = _row_schedule(req.cpu, ["var", "mean"], rank - len(axes), count,
+        sched = row_schedule(req.cpu, ["var", "mean"], rank - len(axes), count,
                               req.cpu.lanes("f32"))
         note = f"norm_f16 rows of {count}, row-parallel"
     else:

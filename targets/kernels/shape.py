@@ -124,11 +124,11 @@ def split(req: KernelRequest) -> KernelImpl:
 def slice_(req: KernelRequest) -> KernelImpl:
     from tvm import te
 
-    from compiler.ir.ops.shape import _slice_parts
+    from compiler.ir.ops.shape import slice_parts
 
     (X,) = placeholders(req)
     xt, out = req.input_types[0], req.output_types[0]
-    parts = _slice_parts(xt.shape, req.attrs)
+    parts = slice_parts(xt.shape, req.attrs)
     starts_steps = [sl.indices(d)[::2] for sl, d in zip(parts, xt.shape, strict=True)]
 
     def body(*i):

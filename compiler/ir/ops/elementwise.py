@@ -30,7 +30,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return np.asarray(erf(x)).astype(x.dtype)
 
 
-def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+def gelu_array(x: np.ndarray, approximate: str) -> np.ndarray:
     x64 = x.astype(np.float64)
     if approximate == "tanh":
         y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)))
@@ -80,7 +80,7 @@ for _name, _fn in _UNARY_ANY.items():
 
 
 def _ref_gelu(xs, attrs):
-    return [_gelu(xs[0], attrs["approximate"])]
+    return [gelu_array(xs[0], attrs["approximate"])]
 
 
 register_op(OpDef("gelu", (1, 1), {"approximate": Attr("str", "none", ("none", "tanh"))},

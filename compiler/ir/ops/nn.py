@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from compiler.errors import OpError
 from compiler.ir.ops._util import same_dtype
-from compiler.ir.ops.elementwise import _gelu
+from compiler.ir.ops.elementwise import gelu_array
 from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
@@ -60,7 +60,7 @@ def apply_activation(y: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
         return np.clip(y, np.asarray(lo, dt), np.asarray(hi, dt))
     if act == "sigmoid":
         return (1.0 / (1.0 + np.exp(-y.astype(np.float64)))).astype(dt)
-    return _gelu(y, "tanh" if act == "gelu_tanh" else "none")
+    return gelu_array(y, "tanh" if act == "gelu_tanh" else "none")
 
 
 def _ints(attrs, key, n, lo, what):
@@ -95,11 +95,11 @@ def _windows(xp: np.ndarray, kh: int, kw: int, strides, dilations, oh: int, ow: 
                       (s0, s1, s2 * sh, s3 * sw, s2 * dh, s3 * dw), writeable=False)
 
 
-def _to_nchw(x, layout):
+def to_nchw(x, layout):
     return x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
 
 
-def _from_nchw(y, layout):
+def from_nchw(y, layout):
     return y if layout == "NCHW" else np.ascontiguousarray(y.transpose(0, 2, 3, 1))
 
 
@@ -118,7 +118,7 @@ def _make(layout, n, c, h, w):
 
 
 # -- conv2d -------------------------------------------------------------------------
-_KERNEL_LAYOUTS = ("OIHW", "OHWI", "HWIO")
+KERNEL_LAYOUTS = ("OIHW", "OHWI", "HWIO")
 
 
 def kernel_dims(w: tuple[int, ...], kl: str) -> tuple[int, int, int, int]:
@@ -132,7 +132,7 @@ def kernel_dims(w: tuple[int, ...], kl: str) -> tuple[int, int, int, int]:
     return o, i, kh, kw
 
 
-def _conv_infer(types, attrs):
+def conv_infer(types, attrs):
     x, w = types[0], types[1]
     dtype = same_dtype(types, "conv2d's operands")
     if dtype == "bool":
@@ -201,21 +201,21 @@ def _conv_ref(xs, attrs):
     elif kl == "HWIO":
         w = w.transpose(3, 2, 0, 1)
     wide = accumulator_dtype(x.dtype) == np.float32 and x.dtype != np.float32
-    y = conv2d_nchw(_to_nchw(x, attrs["layout"]), w, b, attrs["strides"], attrs["pads"],
+    y = conv2d_nchw(to_nchw(x, attrs["layout"]), w, b, attrs["strides"], attrs["pads"],
                     attrs["dilations"], attrs["groups"], keep_acc=wide)
     y = apply_activation(y, attrs).astype(x.dtype, copy=False)
-    return [_from_nchw(y, attrs["layout"])]
+    return [from_nchw(y, attrs["layout"])]
 
 
-_CONV_ATTRS = {
+CONV_ATTRS = {
     "strides": Attr("ints", [1, 1]), "pads": Attr("ints", [0, 0, 0, 0]),
     "dilations": Attr("ints", [1, 1]), "groups": Attr("int", 1),
 }
 register_op(OpDef(
     "conv2d", (2, 3),
-    {**_CONV_ATTRS, "layout": Attr("str", "NCHW", LAYOUTS),
-     "kernel_layout": Attr("str", "OIHW", _KERNEL_LAYOUTS), **ACTIVATION_ATTRS},
-    _conv_infer, _conv_ref, verify=check_activation, family="nn",
+    {**CONV_ATTRS, "layout": Attr("str", "NCHW", LAYOUTS),
+     "kernel_layout": Attr("str", "OIHW", KERNEL_LAYOUTS), **ACTIVATION_ATTRS},
+    conv_infer, _conv_ref, verify=check_activation, family="nn",
     doc="2-D convolution, optional bias and fused activation"))
 
 
@@ -276,7 +276,7 @@ def _convt_ref(xs, attrs):
 
 
 register_op(OpDef(
-    "conv_transpose2d", (2, 3), {**_CONV_ATTRS, "output_padding": Attr("ints", [0, 0])},
+    "conv_transpose2d", (2, 3), {**CONV_ATTRS, "output_padding": Attr("ints", [0, 0])},
     _convt_infer, _convt_ref, family="nn",
     doc="transposed 2-D convolution (ONNX ConvTranspose), NCHW, w [I, O/g, KH, KW]"))
 
@@ -314,7 +314,7 @@ def _pool_geometry(x, attrs):
 
 
 def _max_pool_ref(xs, attrs):
-    x = _to_nchw(xs[0], attrs["layout"])
+    x = to_nchw(xs[0], attrs["layout"])
     k, s, p, d, oh, ow, eh, ew = _pool_geometry(x, attrs)
     if np.issubdtype(x.dtype, np.integer):
         low = np.iinfo(x.dtype).min
@@ -323,11 +323,11 @@ def _max_pool_ref(xs, attrs):
     xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2] + eh), (p[1], p[3] + ew)),
                 constant_values=low)
     y = _windows(xp, k[0], k[1], s, d, oh, ow).max(axis=(4, 5))
-    return [_from_nchw(y, attrs["layout"])]
+    return [from_nchw(y, attrs["layout"])]
 
 
 def _avg_pool_ref(xs, attrs):
-    x = _to_nchw(xs[0], attrs["layout"])
+    x = to_nchw(xs[0], attrs["layout"])
     k, s, p, d, oh, ow, eh, ew = _pool_geometry(x, attrs)
     _, _, h, w = x.shape
     acc = np.float64
@@ -340,7 +340,7 @@ def _avg_pool_ref(xs, attrs):
         mask[:, :, p[0]: p[0] + h, p[1]: p[1] + w] = 1
     count = _windows(mask, k[0], k[1], s, d, oh, ow).sum(axis=(4, 5))
     y = total / np.maximum(count, 1)
-    return [_from_nchw(y.astype(x.dtype), attrs["layout"])]
+    return [from_nchw(y.astype(x.dtype), attrs["layout"])]
 
 
 _POOL_ATTRS = {

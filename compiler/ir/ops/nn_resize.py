@@ -119,7 +119,7 @@ def _cubic(t: np.ndarray, a: float) -> list[np.ndarray]:
             ((a * (s + 1) - 5 * a) * (s + 1) + 8 * a) * (s + 1) - 4 * a]
 
 
-def _resize_axis(x: np.ndarray, axis: int, out_len: int, scale: float, attrs) -> np.ndarray:
+def resize_axis(x: np.ndarray, axis: int, out_len: int, scale: float, attrs) -> np.ndarray:
     in_len = x.shape[axis]
     ctm = attrs["coordinate_transformation_mode"]
     roi = (attrs["roi"][axis], attrs["roi"][axis + x.ndim]) if attrs["roi"] else (0.0, 1.0)
@@ -215,7 +215,7 @@ def _resize_ref(xs, attrs):
         full = not roi or (roi[axis] == 0.0 and roi[axis + x.ndim] == 1.0)
         if out_len == x.shape[axis] and s == 1.0 and full:
             continue
-        y = _resize_axis(y, axis, out_len, s, attrs)
+        y = resize_axis(y, axis, out_len, s, attrs)
     return [np.asarray(y).astype(x.dtype)]
 
 

@@ -32,16 +32,16 @@ import numpy as np
 
 from compiler.errors import OpError
 from compiler.ir.ops.nn import (
-    _CONV_ATTRS,
-    _KERNEL_LAYOUTS,
     ACTIVATION_ATTRS,
+    CONV_ATTRS,
+    KERNEL_LAYOUTS,
     LAYOUTS,
-    _conv_infer,
-    _from_nchw,
-    _to_nchw,
     apply_activation,
     check_activation,
     conv2d_nchw,
+    conv_infer,
+    from_nchw,
+    to_nchw,
 )
 from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
@@ -292,7 +292,7 @@ def _qconv_infer(types, attrs):
         raise OpError(f"qconv2d takes u8/i8 x and i8 w, got {x} and {w}")
     fattrs = {k: v for k, v in attrs.items() if k != "out_dtype"}
     fattrs["activation"] = "none"
-    (ft,) = _conv_infer([x.with_dtype("f32"), w.with_dtype("f32")], fattrs)
+    (ft,) = conv_infer([x.with_dtype("f32"), w.with_dtype("f32")], fattrs)
     o = ft.shape[1] if attrs["layout"] == "NCHW" else ft.shape[3]
     if b.shape != (o,) or b.dtype != "i32":
         raise OpError(f"qconv2d: bias must be i32[{o}], got {b}")
@@ -311,17 +311,17 @@ def _qconv_ref(xs, attrs):
         w = w.transpose(0, 3, 1, 2)
     elif kl == "HWIO":
         w = w.transpose(3, 2, 0, 1)
-    xi = _to_nchw(x, attrs["layout"]).astype(np.int64) - np.int64(x_zp)
+    xi = to_nchw(x, attrs["layout"]).astype(np.int64) - np.int64(x_zp)
     acc = conv2d_nchw(xi, w.astype(np.int64), b.astype(np.int64), attrs["strides"],
                       attrs["pads"], attrs["dilations"], attrs["groups"], keep_acc=True)
     y = _finish(acc, xs, attrs, x_scale, np.asarray(w_scale), 1)
-    return [_from_nchw(y, attrs["layout"])]
+    return [from_nchw(y, attrs["layout"])]
 
 
 register_op(OpDef(
     "qconv2d", (6, 8),
-    {**_CONV_ATTRS, "layout": Attr("str", "NCHW", LAYOUTS),
-     "kernel_layout": Attr("str", "OIHW", _KERNEL_LAYOUTS), **ACTIVATION_ATTRS, **_QOUT},
+    {**CONV_ATTRS, "layout": Attr("str", "NCHW", LAYOUTS),
+     "kernel_layout": Attr("str", "OIHW", KERNEL_LAYOUTS), **ACTIVATION_ATTRS, **_QOUT},
     _qconv_infer, _qconv_ref, verify=check_activation, family="quant",
     doc="int8 conv2d: int32 accumulation, then dequantized or requantized"))
 

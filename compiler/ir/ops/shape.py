@@ -108,7 +108,7 @@ def slice_bounds(dim: int, start: int, end: int, step: int) -> slice:
     return slice(start, None if end < 0 else end, step)
 
 
-def _slice_parts(shape, attrs):
+def slice_parts(shape, attrs):
     starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]
     n = len(starts)
     axes = axes or list(range(n))
@@ -130,7 +130,7 @@ def _slice_parts(shape, attrs):
 
 def _slice_infer(types, attrs):
     (x,) = types
-    index = _slice_parts(x.shape, attrs)
+    index = slice_parts(x.shape, attrs)
     shape = [len(range(*sl.indices(d))) for sl, d in zip(index, x.shape, strict=True)]
     return [x.with_shape(shape)]
 
@@ -139,7 +139,7 @@ register_op(OpDef("slice", (1, 1),
                   {"starts": Attr("ints"), "ends": Attr("ints"), "axes": Attr("ints", []),
                    "steps": Attr("ints", [])},
                   _slice_infer,
-                  lambda xs, a: [np.ascontiguousarray(xs[0][_slice_parts(xs[0].shape, a)])],
+                  lambda xs, a: [np.ascontiguousarray(xs[0][slice_parts(xs[0].shape, a)])],
                   family="shape", doc="ONNX Slice (clamping, negative steps); axes/steps "
                   "empty mean all axes / step 1"))
 
