@@ -21,6 +21,8 @@ family modules in ``passes/`` register on import and are imported lazily by name
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -111,23 +113,49 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def pass_registry() -> dict[str, type[Pass]]:
-    """Every registered pass (imports the built-in families on first call)."""
-    import compiler.builtin_passes  # noqa: F401  (verify, print-op-stats)
-    import passes  # noqa: F401  (its __init__ imports the families lazily on demand)
+PASS_GROUP = "npucc.passes"
 
-    passes.load_all()
+
+@functools.cache
+def pass_providers() -> tuple[Any, ...]:
+    """The modules that provide passes: each ``npucc.passes`` entry point (the built-in
+    ``passes`` package registers itself in pyproject.toml; an out-of-tree family does the
+    same in its own). A provider's ``PASS_MODULES`` maps pass names to the modules that
+    define them (imported on first use); its ``FAMILIES`` are imported for a full listing.
+    The core never imports a provider by name."""
+    from importlib.metadata import entry_points
+
+    from compiler.errors import NpuccError
+
+    found = [ep.load() for ep in entry_points(group=PASS_GROUP)]
+    if not found:
+        raise NpuccError(f"no pass provider is registered (entry-point group {PASS_GROUP!r}); "
+                         "install npucc (pip install -e .) so its passes are found")
+    return tuple(found)
+
+
+def pass_registry() -> dict[str, type[Pass]]:
+    """Every registered pass (imports every provider's modules)."""
+    import compiler.builtin_passes  # noqa: F401  (verify, print-op-stats)
+
+    for provider in pass_providers():
+        modules = [*getattr(provider, "PASS_MODULES", {}).values(),
+                   *getattr(provider, "FAMILIES", ())]
+        for mod in dict.fromkeys(modules):
+            importlib.import_module(mod)
     return dict(_PASSES)
 
 
 def lookup_pass(name: str) -> type[Pass] | None:
-    """The pass registered as ``name``, importing only its module when it is known."""
+    """The pass registered as ``name``, importing only its module when a provider names it."""
     if name in _PASSES:
         return _PASSES[name]
     import compiler.builtin_passes  # noqa: F401
-    import passes
 
-    passes.load(name)
+    for provider in pass_providers():
+        mod = getattr(provider, "PASS_MODULES", {}).get(name)
+        if mod is not None:
+            importlib.import_module(mod)
     if name not in _PASSES:
         pass_registry()
     return _PASSES.get(name)

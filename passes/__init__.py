@@ -1,14 +1,13 @@
 """Built-in pass families. Each module registers its passes on import.
 
-``PASS_MODULES`` maps a pass name to the module defining it, so ``npucc opt -p fold-constants``
-imports only what it needs. A new family adds its names here (or registers through the
-``npucc.passes`` entry-point group, see ``load_all``).
+This package is a pass provider: pyproject.toml registers it in the ``npucc.passes``
+entry-point group, and the pass registry (``compiler.pass_base``) finds it there, never by
+name. ``PASS_MODULES`` maps a pass name to the module defining it, so
+``npucc opt -p fold-constants`` imports only what it needs; ``FAMILIES`` are imported for a
+full listing. A new family adds its names here, or registers its own provider module.
 """
 
 from __future__ import annotations
-
-import importlib
-from importlib.metadata import entry_points
 
 # pass name -> module (filled in by each family as it lands)
 PASS_MODULES: dict[str, str] = {
@@ -30,17 +29,3 @@ FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.lay
 # fuse-conv-relu is fuse-conv-act under the name the acceptance tests print after.
 DEFAULT_PIPELINE = ("canonicalize,fuse-matmul-add,fuse-gemm,fold-batchnorm,fuse-conv-relu,"
                     "fuse-dense-act,to-nhwc,canonicalize")
-
-
-def load(name: str) -> None:
-    """Import the module that defines pass ``name``, if we know it."""
-    mod = PASS_MODULES.get(name)
-    if mod is not None:
-        importlib.import_module(mod)
-
-
-def load_all() -> None:
-    for mod in dict.fromkeys(list(PASS_MODULES.values()) + list(FAMILIES)):
-        importlib.import_module(mod)
-    for ep in entry_points(group="npucc.passes"):
-        ep.load()
