@@ -34,6 +34,9 @@ Manifest, format version 1 (every key below is written; readers ignore unknown k
               (``Package.extra_files``), possibly in a subdirectory, e.g.
               ``device/kernels.aarch64.so`` (the target CPU's own kernel library when the
               runnable one is a host build); they are checked like the others
+    version:  "3", "1.4.0" (optional): the model's version (``compile(version=...)``);
+              over-the-air updates (``runtime/update.py``) refuse an older one unless told;
+              a package without it counts as version 0
 
 Dtypes are the IR's short names (``f32``, ``i8``, ...). A weight's stored bytes are used
 verbatim: the tensor table's dtype/shape say how the kernel reads them (so packed int4 may be
