@@ -188,6 +188,8 @@ def render_cost_section(fit: Fit, calibration: Calibration, how: str) -> str:
         for k in (*OP_CLASSES, *_FIXED):
             if (k == "region_us" and d == "cpu") or (k == "cache_speedup" and d == "npu"):
                 continue
+            if k == "cache_speedup" and not (used or {}).get(k) and t.cache_speedup == 1.0:
+                continue
             v = t.factor(k) if k in OP_CLASSES else getattr(t, k)
             n = used.get(k, 0) if used is not None else 0
             why = ("kept from the target file (no measurement on this device)" if used is None

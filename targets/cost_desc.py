@@ -100,7 +100,7 @@ class Calibration:
             return "no error band: the calibration records no prediction error"
         mx = f" (max x{self.error_max:.2f})" if self.error_max is not None else ""
         return (f"typically within x{self.error_median:.2f}{mx} on this target's calibration "
-                f"set ({self.n} measurements, {self.error_kind or 'in-sample'})")
+                f"set ({self.n} model latencies, {self.error_kind or 'in-sample'})")
 
 
 @dataclass(frozen=True)

@@ -333,9 +333,11 @@ def test_cost_model_conv_compute_bound_elementwise_memory_bound():
     assert conv["flops"] == 2 * 56 * 56 * 64 * 64 * 9  # channels already multiples of 16
     assert conv["bound"] == "compute" and relu["bound"] == "memory"
     assert relu["bytes"] == 2 * 64 * 56 * 56 * 2  # fp16 in and out on the NPU
-    npu = load_target("kirin990").npu
+    kirin = load_target("kirin990")
+    npu, cost = kirin.npu, kirin.cost.npu   # the calibrated [cost.npu] section
+    assert conv["class"] == "conv" and relu["class"] == "memory"
     assert conv["ms"] == pytest.approx(conv["flops"] / (npu.fp16_tops * 1e12) * 1e3
-                                       + npu.node_overhead_us * 1e-3)
+                                       / cost.factor("conv") + cost.launch_us * 1e-3)
     # one region: one launch, the input in and the output out
     assert est["npu_regions"] == 1 and len(est["transfers"]) == 2
     assert est["latency_ms"] == pytest.approx(
