@@ -164,8 +164,8 @@ def main() -> int:
         keep = set(args.models.split(","))
         MODELS[:] = [m for m in MODELS if m[0] in keep]
 
-    from targets.calibration import fit_cost, leave_one_out
-    from targets.cost_desc import CostDesc, CostTerms, cpu_key
+    from targets.calibration import fit_base, fit_cost, leave_one_out
+    from targets.cost_desc import cpu_key
     from targets.cost_model import predict_ms
     from targets.description import load_target
     from targets.measurements import read_measurements, write_measurements
@@ -188,8 +188,7 @@ def main() -> int:
     if args.write:
         write_measurements(args.write, [e for es in by_model.values() for e in es], host,
                            source="bench/calibrate_host.py")
-    # fit from the plain roofline, not from an existing calibration of this CPU
-    base = CostDesc(CostTerms({}, host.cpu.node_overhead_us))
+    base = fit_base(host)   # the plain roofline, not an existing calibration of this CPU
     half = {name: h for name, _, h in MODELS}
     fit_set = [e for n, es in by_model.items() if half.get(n) == "fit" for e in es]
     held = [e for n, es in by_model.items() if half.get(n) == "held-out" for e in es]

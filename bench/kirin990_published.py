@@ -121,8 +121,7 @@ def main() -> int:
     ap.add_argument("--measurements", help="reuse a measurement file (skip the rebuilding)")
     args = ap.parse_args()
 
-    from targets.calibration import error_ratio, error_summary, fit_cost, leave_one_out
-    from targets.cost_desc import CostDesc, CostTerms
+    from targets.calibration import error_ratio, error_summary, fit_base, fit_cost, leave_one_out
     from targets.description import load_target
     from targets.measurements import read_measurements, write_measurements
 
@@ -136,9 +135,7 @@ def main() -> int:
                            "Cortex-A76 (published)", source=f"published figures: {DATA.name} "
                            "(bench/kirin990_published.py)")
         print(f"wrote {MEASUREMENTS}")
-    npu = desc.npu
-    base = CostDesc(CostTerms({}, desc.cpu.node_overhead_us),   # the plain roofline
-                    CostTerms({}, npu.node_overhead_us, npu.region_overhead_us))
+    base = fit_base(desc)   # the plain roofline
     rows = leave_one_out(entries, base)
     ratios = [error_ratio(p, m) for _, p, m in rows]
     print(f"\n{'figure':<66}{'pred ms':>9}{'pub ms':>9}{'ratio':>7}")

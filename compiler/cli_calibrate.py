@@ -45,13 +45,13 @@ def calibrate(target: str, measurements: list[str], output: str,
         PRIOR_SIGMA,
         error_ratio,
         error_summary,
+        fit_base,
         fit_cost,
         leave_one_out,
         render_cost_section,
         write_calibrated_target,
     )
     from targets.cost_desc import Calibration, cpu_key
-    from targets.cost_model import cost_of
     from targets.description import load_target
     from targets.measurements import read_measurements
 
@@ -72,7 +72,7 @@ def calibrate(target: str, measurements: list[str], output: str,
                              f"terms) for {desc.name}")
     entries = [e for d in docs for e in d["measurements"]]
     sigma = PRIOR_SIGMA if prior_sigma is None else prior_sigma
-    base = cost_of(desc)
+    base = fit_base(desc)
     fit = fit_cost(entries, base, sigma)
     models = {e["group"] for e in entries if e["kind"] == "model"}
     if len(models) >= 3:

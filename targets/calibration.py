@@ -35,12 +35,12 @@ from compiler.errors import NpuccError
 from targets.cost_desc import OP_CLASSES, Calibration, CostDesc, CostTerms
 from targets.cost_model import predict_ms
 
-__all__ = ["Fit", "fit_cost", "leave_one_out", "error_ratio", "error_summary",
+__all__ = ["Fit", "fit_cost", "fit_base", "leave_one_out", "error_ratio", "error_summary",
            "render_cost_section", "replace_cost_section", "write_calibrated_target",
            "PRIOR_SIGMA"]
 
-PRIOR_SIGMA = 1.0      # log units: a class's factor within ~e of its device's typical factor
-PRIOR_FIXED_SIGMA = 2.0  # log units: launch / region costs and cache_speedup, around their
+PRIOR_SIGMA = 2.0      # log units: a class's factor mostly within e^2 of its device's typical one
+PRIOR_FIXED_SIGMA = 3.0  # log units: launch / region costs and cache_speedup, around their
                          # starting values (the target file's, or 1 us / 1x)
 _FIXED = ("launch_us", "region_us", "cache_speedup")
 
@@ -63,6 +63,16 @@ class Fit:
     cost: CostDesc
     fitted: dict[str, dict[str, int]]     # device -> parameter -> measurements exercising it
     in_sample: list[tuple[str, float, float]]  # (name, predicted ms, measured ms)
+
+
+def fit_base(desc: Any) -> CostDesc:
+    """Where a fit starts, whatever calibration ``desc`` holds now: every factor 1.0 (the plain
+    roofline) and the fixed costs of its [cpu] / [npu] tables (their defaults if absent), so
+    that calibrating a calibrated target gives the same result as the first time."""
+    npu = desc.npu
+    return CostDesc(CostTerms({}, desc.cpu.node_overhead_us),
+                    CostTerms({}, npu.node_overhead_us, npu.region_overhead_us)
+                    if npu is not None else None)
 
 
 def _devices(entries: Sequence[dict[str, Any]]) -> list[str]:
@@ -116,8 +126,9 @@ def _cost_from(theta: np.ndarray, params: list[tuple[str, str]], base: CostDesc)
 
 
 def fit_cost(entries: Sequence[dict[str, Any]], base: CostDesc,
-             prior_sigma: float = PRIOR_SIGMA) -> Fit:
-    """Fit ``base``'s factors and fixed costs to ``entries`` (measurement-file entries)."""
+             prior_sigma: float = PRIOR_SIGMA, fixed_sigma: float = PRIOR_FIXED_SIGMA) -> Fit:
+    """Fit ``base``'s factors and fixed costs to ``entries`` (measurement-file entries); the
+    priors' spreads are ``prior_sigma`` (classes) and ``fixed_sigma`` (fixed costs)."""
     from scipy.optimize import least_squares
 
     if not entries:
@@ -142,17 +153,19 @@ def fit_cost(entries: Sequence[dict[str, Any]], base: CostDesc,
         cost = _cost_from(x[:n_p], params, base)
         pred = np.log([max(predict_ms(e["terms"], cost), 1e-12) for e in entries])
         prior = [(x[i] - x[n_p + j]) / prior_sigma for i, j in cls_idx]
-        prior += [(x[i] - x_start[i]) / PRIOR_FIXED_SIGMA for i in fixed_idx]
+        prior += [(x[i] - x_start[i]) / fixed_sigma for i in fixed_idx]
         return np.concatenate([w * (pred - meas), prior])
 
-    sol = least_squares(residuals, np.array(x0), method="trf", x_scale=1.0)
+    sol = least_squares(residuals, np.array(x0), method="trf", x_scale=1.0, ftol=1e-12,
+                        xtol=1e-12, gtol=1e-12)
     cost = _cost_from(sol.x[:n_p], params, base)
     in_sample = [(e["name"], predict_ms(e["terms"], cost), float(e["ms"])) for e in entries]
     return Fit(cost, used, in_sample)
 
 
 def leave_one_out(entries: Sequence[dict[str, Any]], base: CostDesc,
-                  prior_sigma: float = PRIOR_SIGMA) -> list[tuple[str, float, float]]:
+                  prior_sigma: float = PRIOR_SIGMA, fixed_sigma: float = PRIOR_FIXED_SIGMA
+                  ) -> list[tuple[str, float, float]]:
     """For every group (a model and its kernels), fit on the others and predict its
     per-model entries: ``[(name, predicted ms, measured ms)]``."""
     groups = sorted({e["group"] for e in entries})
@@ -161,7 +174,7 @@ def leave_one_out(entries: Sequence[dict[str, Any]], base: CostDesc,
     out = []
     for g in groups:
         rest = [e for e in entries if e["group"] != g]
-        cost = fit_cost(rest, base, prior_sigma).cost
+        cost = fit_cost(rest, base, prior_sigma, fixed_sigma).cost
         out += [(e["name"], predict_ms(e["terms"], cost), float(e["ms"]))
                 for e in entries if e["group"] == g and e["kind"] == "model"]
     return out
@@ -226,6 +239,8 @@ def replace_cost_section(text: str, section: str) -> str:
         if s.startswith("[") and not s.startswith("[["):
             table = s.strip("[]").strip()
             skipping = table == "cost" or table.startswith("cost.")
+            if skipping:   # and the header comment an earlier calibrate wrote above it
+                _drop_generated_header(out)
         if skipping:
             continue
         key = s.split("=", 1)[0].strip() if "=" in s and not s.startswith("#") else ""
@@ -236,6 +251,17 @@ def replace_cost_section(text: str, section: str) -> str:
     while out and not out[-1].strip():
         out.pop()
     return "\n".join(out) + "\n\n" + section
+
+
+def _drop_generated_header(out: list[str]) -> None:
+    """Remove the trailing comment block from ``# [cost] written by`` on (render_cost_section's
+    header), leaving comments written by people in place."""
+    i = len(out)
+    while i > 0 and (out[i - 1].lstrip().startswith("#") or not out[i - 1].strip()):
+        i -= 1
+        if out[i].startswith("# [cost] written by `npucc calibrate`"):
+            del out[i:]
+            return
 
 
 def write_calibrated_target(source: str | os.PathLike, out: str | os.PathLike,
