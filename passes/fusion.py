@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.ops.nn import ACTIVATIONS
 from compiler.ir.types import TensorType, is_float
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import const_array, erase_dead, is_const, new_const, only_user, replace_node
@@ -23,8 +24,8 @@ from passes._rewrite import const_array, erase_dead, is_const, new_const, only_u
 __all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDenseAct",
            "activation_of", "erf_gelu_tail"]
 
-_ALL_ACTS = ("relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
-Activation = Literal["relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh"]
+_ALL_ACTS = tuple(a for a in ACTIVATIONS if a != "none")   # the fused-activation attribute
+Activation = Literal[_ALL_ACTS]  # type: ignore[valid-type]  (one list: ir/ops/nn.py)
 
 
 def _count(stats: dict[str, int], key: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
-from compiler.ir.registry import get_op
+from compiler.ir.registry import get_op, ops_with
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import (
     compose_perm,
@@ -41,13 +41,12 @@ __all__ = ["ToNHWC", "TO_NHWC", "TO_NCHW"]
 
 TO_NHWC = [0, 2, 3, 1]
 TO_NCHW = [0, 3, 1, 2]
-_POOLS = ("max_pool2d", "avg_pool2d", "global_avg_pool", "global_max_pool")
-_BROADCAST = frozenset({"add", "sub", "mul", "div", "max", "min", "pow", "mod", "sum", "where",
-                        "prelu", "equal", "less", "less_equal", "greater", "greater_equal",
-                        "logical_and", "logical_or", "logical_xor"})
-_UNARY = frozenset({"cast", "identity"})
-_AXIS_OPS = frozenset({"softmax", "log_softmax", "batch_norm"})
-_REDUCE = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
+# op categories come from the registry's traits (compiler/ir/ops/traits.py)
+_POOLS = tuple(sorted(ops_with("pool")))
+_BROADCAST = ops_with("broadcast")
+_UNARY = frozenset({"cast"}) | ops_with("view") - {"reshape"}
+_AXIS_OPS = ops_with("axis")
+_REDUCE = frozenset(o for o in ops_with("reduction") if "axes" in get_op(o).attrs)
 RULE = "to-nhwc"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import NpuccError
+from compiler.ir import onnx_names
 from compiler.ir.graph import Graph, Node, Value
 
 __all__ = ["ExportError", "OPSET", "IR_VERSION", "SUPPORTED_OPS", "Writer", "value_info"]
@@ -17,19 +18,14 @@ __all__ = ["ExportError", "OPSET", "IR_VERSION", "SUPPORTED_OPS", "Writer", "val
 OPSET = 17
 IR_VERSION = 8   # onnxruntime 1.31 loads IR versions <= 13 (TVM-NOTES)
 _FLOATS = ("f32", "f16", "bf16", "f64")
-_UNARY = {"abs": "Abs", "neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
-          "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round",
-          "sin": "Sin", "cos": "Cos", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
-          "erf": "Erf", "sign": "Sign", "hard_swish": "HardSwish", "identity": "Identity",
-          "softplus": "Softplus"}
-_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min",
-           "pow": "Pow"}
+# the shared table of one-to-one ONNX operators (compiler/ir/onnx_names.py)
+_UNARY = onnx_names.unary()
+_BINARY = onnx_names.binary()
 _LAYOUT_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool", "global_max_pool",
                "instance_norm")
 _SHAPE_OPS = ("reshape", "transpose", "concat", "split", "slice", "gather", "tile", "expand",
               "pad")
-_REDUCE = {"reduce_mean": "ReduceMean", "reduce_sum": "ReduceSum", "reduce_max": "ReduceMax",
-           "reduce_min": "ReduceMin"}
+_REDUCE = onnx_names.reductions()
 SUPPORTED_OPS = tuple(sorted({*_UNARY, *_BINARY, *_LAYOUT_OPS, *_SHAPE_OPS, *_REDUCE, "cast",
                               "conv_transpose2d", "dense", "gemm", "matmul", "softmax",
                               "log_softmax", "clip", "leaky_relu", "gelu", "layer_norm"}))

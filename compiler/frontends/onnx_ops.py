@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from compiler.frontends.onnx_ctx import Ctx, Unsupported, converter, onnx_dtype
+from compiler.ir import onnx_names
 from compiler.ir.graph import Value
 from compiler.ir.registry import get_op
 from compiler.ir.types import TensorType, from_numpy_dtype, is_float
@@ -27,18 +28,10 @@ def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
 
 
 # -- elementwise --------------------------------------------------------------------------
-_UNARY = {
-    "Abs": "abs", "Neg": "neg", "Sign": "sign", "Relu": "relu", "Exp": "exp", "Log": "log",
-    "Sqrt": "sqrt", "Tanh": "tanh", "Sigmoid": "sigmoid", "Erf": "erf",
-    "Reciprocal": "reciprocal", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Ceil": "ceil",
-    "Round": "round", "Softplus": "softplus", "HardSwish": "hard_swish", "Not": "logical_not",
-}
-_BINARY = {
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal",
-    "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
-    "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
-    "Xor": "logical_xor",
-}
+# the shared table (compiler/ir/onnx_names.py), inverted; Identity, Max and Min (variadic in
+# ONNX) have their own converters
+_UNARY = {name: op for op, name in onnx_names.unary().items() if op != "identity"}
+_BINARY = {name: op for op, name in onnx_names.binary().items() if op not in ("max", "min")}
 
 
 @converter(*_UNARY)
@@ -392,8 +385,7 @@ def _cumsum(c: Ctx):
 
 
 # -- reductions ---------------------------------------------------------------------------
-_REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max",
-           "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod"}
+_REDUCE = {name: op for op, name in onnx_names.reductions().items()}
 _REDUCE_COMPOSITE = ("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum",
                      "ReduceLogSumExp")
 

@@ -15,7 +15,7 @@ Writing an op::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +26,8 @@ from compiler.ir.types import DTYPES, TensorType
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph, Value
 
-__all__ = ["Attr", "OpDef", "REQUIRED", "register_op", "get_op", "has_op", "all_ops"]
+__all__ = ["Attr", "OpDef", "REQUIRED", "TRAITS", "register_op", "get_op", "has_op", "all_ops",
+           "declare_traits", "declare_flops", "ops_with"]
 
 
 class _Required:
@@ -118,7 +119,11 @@ class OpDef:
     - ``inplace``: the kernel reads element i of its operands before writing element i of
       the result, so the result may take a dying operand's memory of the same size (binary
       broadcasting ops, reshape); ``elementwise`` implies it.
-    - ``num_outputs``: fixed result count, or None when ``infer`` decides.
+    - ``traits``: what passes, the cost model and exporters ask of an op (``TRAITS``);
+      declared once per op in ``compiler/ir/ops/traits.py`` and read with
+      :func:`ops_with` / :meth:`has`.
+    - ``flops``: arithmetic per output element for ops that are not one-op-per-element
+      (softmax: 5), with ``flops_source`` saying where the figure comes from.
     """
 
     name: str
@@ -131,6 +136,14 @@ class OpDef:
     inplace: bool = False
     doc: str = ""
     family: str = field(default="", compare=False)
+    traits: frozenset[str] = frozenset()
+    flops: float | None = None
+    flops_source: str = ""
+
+    def has(self, trait: str) -> bool:
+        if trait not in TRAITS:
+            raise KeyError(f"unknown op trait {trait!r}; known: {', '.join(TRAITS)}")
+        return trait in self.traits
 
     def normalize_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults, reject unknown or missing attributes, coerce kinds."""
@@ -173,6 +186,44 @@ class OpDef:
 
 _REGISTRY: dict[str, OpDef] = {}
 _LOADED = False
+
+
+# The op traits (compiler/ir/ops/traits.py declares which ops have each).
+TRAITS: dict[str, str] = {
+    "broadcast": "binary element-wise with numpy broadcasting (operands may be constants)",
+    "activation": "a unary activation a producer (conv2d, dense) can fuse",
+    "pool": "pools over the layout's spatial axes (H, W)",
+    "reduction": "reduces over axes given as attributes",
+    "axis": "has one axis attribute that a layout change must remap",
+    "view": "changes only the shape: no data is copied",
+    "data-movement": "copies or rearranges data without arithmetic",
+    "quantizable": "has an integer (int8) kernel the quantize pass can lower to",
+    "layout": "has a layout attribute (NCHW/NHWC) that to-nhwc rewrites",
+}
+
+
+def declare_traits(trait: str, *ops: str) -> None:
+    """Give ``ops`` the ``trait`` (traits.py, once per op and trait)."""
+    if trait not in TRAITS:
+        raise ValueError(f"unknown op trait {trait!r}; known: {', '.join(TRAITS)}")
+    for name in ops:
+        if name not in _REGISTRY:
+            raise ValueError(f"trait {trait!r}: unknown op {name!r}")
+        op = _REGISTRY[name]
+        _REGISTRY[name] = replace(op, traits=op.traits | {trait})
+
+
+def declare_flops(name: str, flops: float, source: str) -> None:
+    """Arithmetic per output element of ``name`` and where the figure comes from."""
+    _REGISTRY[name] = replace(_REGISTRY[name], flops=float(flops), flops_source=source)
+
+
+def ops_with(trait: str) -> frozenset[str]:
+    """The names of the ops that have ``trait``."""
+    _load()
+    if trait not in TRAITS:
+        raise KeyError(f"unknown op trait {trait!r}; known: {', '.join(TRAITS)}")
+    return frozenset(n for n, op in _REGISTRY.items() if trait in op.traits)
 
 
 def register_op(opdef: OpDef) -> OpDef:

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
-from compiler.ir.registry import get_op
+from compiler.ir.registry import get_op, ops_with
 from passes.pruning.common import PruneError, layer_name, reinfer_types, set_const
 
 __all__ = ["ChannelAnalysis", "analyse_channels", "channel_importance", "prune_channels"]
 
-POOLS = frozenset({"max_pool2d", "avg_pool2d", "global_avg_pool", "global_max_pool"})
-BINARY = frozenset({"add", "sub", "mul", "div", "max", "min"})
+POOLS = ops_with("pool")
+# broadcasting ops whose result keeps a pruned channel's meaning (not comparisons, where...)
+BINARY = ops_with("broadcast") & frozenset({"add", "sub", "mul", "div", "max", "min"})
 
 
 @dataclass

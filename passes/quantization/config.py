@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import NpuccError
+from compiler.ir.registry import ops_with
 
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph, Node
@@ -57,7 +58,7 @@ PRECISIONS = ("int8", "int4", "w8", "int16", "fp16", "float")
 RESERVED_KEYS = ("default", "activations", "weights", "method", "group_size", "smooth",
                  "activation_ranges")
 # ops the int8 path quantizes (they have integer kernels); others stay float around them
-INT8_OPS = frozenset({"dense", "conv2d", "matmul"})
+INT8_OPS = ops_with("quantizable")   # compiler/ir/ops/traits.py
 # precision -> "module:function" applying it to one node: apply(graph, node, spec, ctx) -> bool
 HANDLERS: dict[str, str] = {
     "int4": "passes.quantization.weight_only:apply",

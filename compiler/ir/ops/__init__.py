@@ -13,4 +13,5 @@ from compiler.ir.ops import (
     quant_weight,  # noqa: F401
     reduce,  # noqa: F401
     shape,  # noqa: F401
+    traits,  # noqa: F401, E402  (after every op is registered)
 )
