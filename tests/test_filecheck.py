@@ -90,7 +90,7 @@ def test_filecheck(path: Path, tmp_path: Path) -> None:
 
 
 def _chunks(path: Path) -> list[tuple[int, str]]:
-    from compiler.cli import split_input_file
+    from compiler.cli_opt import split_input_file
 
     return [(line, c) for line, c in split_input_file(path.read_text())
             if re.search(r"^\s*graph\s+@", c, re.M) and "// NO-ROUNDTRIP" not in c]
