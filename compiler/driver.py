@@ -22,7 +22,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class CompileOptions:
     size_budget_mb: float | None = None  # mixed precision: fit the weights in this budget
     prune: Mapping[str, Any] | None = None   # {"method": "magnitude" | "2:4" | ..., ...}
     progress: bool | None = None         # a progress display on the long steps (default: tty)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def import_model(model: Any, options: CompileOptions):
@@ -202,8 +201,8 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
 
     opts = options or CompileOptions()
     for key, value in kwargs.items():
-        if not hasattr(opts, key) or key == "extra":
-            known = ", ".join(f for f in CompileOptions.__dataclass_fields__ if f != "extra")
+        if not hasattr(opts, key):
+            known = ", ".join(CompileOptions.__dataclass_fields__)
             raise NpuccError(f"compile() got an unknown option {key!r}; known: {known}")
         setattr(opts, key, value)
     opts.target, opts.pipeline = target, pipeline

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph
 
-__all__ = ["Pass", "PassResult", "PassContext", "register_pass", "pass_registry",
-           "pass_options", "lookup_pass", "format_option_value", "load_plugin", "plugin_of"]
+__all__ = ["Pass", "PassResult", "PassContext", "register_pass", "pass_registry", "lookup_pass", "format_option_value", "load_plugin", "plugin_of"]
 
 
 @dataclass
@@ -159,10 +158,6 @@ def lookup_pass(name: str) -> type[Pass] | None:
     if name not in _PASSES:
         pass_registry()
     return _PASSES.get(name)
-
-
-def pass_options(cls: type[Pass]) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 _PLUGINS: dict[str, str] = {}  # module name -> how it was named to load_plugin

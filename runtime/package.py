@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from .executor import Executor
 
 __all__ = ["FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "Step", "TensorInfo", "Package",
-           "build_package", "load_package"]
+           "build_package"]
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1, 2)   # 2: weight_encoding (sparse-stored weights)
@@ -327,10 +327,6 @@ def dump_manifest(m: Mapping[str, Any]) -> str:
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def load_package(path: str | os.PathLike) -> Package:
-    return Package.load(path)
 
 
 _SAFETENSORS_NATIVE = frozenset({"float64", "float32", "float16", "int64", "int32", "int16",

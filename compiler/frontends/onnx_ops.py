@@ -321,7 +321,6 @@ def _split(c: Ctx):
     return c.emit_multi("split", [c.value(0)], axis=axis, sizes=sizes)
 
 
-_BIG = 2**62
 
 
 @converter("Slice")

@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from compiler.errors import InputError, NpuccError, OpError
-from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.graph import Graph, Node
 from compiler.ir.registry import get_op
-from compiler.ir.types import TensorType
 
 __all__ = ["interpret", "check_inputs"]
 
@@ -110,7 +109,3 @@ def interpret(graph: Graph, inputs: Mapping[str, np.ndarray] | np.ndarray | list
                 if last_use.get(id(v)) == i and id(v) not in pinned:
                     env.pop(id(v), None)
     return [env[id(v)] for v in graph.outputs]
-
-
-def value_type(v: Value) -> TensorType:
-    return v.type

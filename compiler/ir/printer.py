@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.graph import Graph, Node
 
 __all__ = ["print_graph", "format_value_name", "format_attr"]
 
@@ -110,7 +110,3 @@ def print_graph(graph: Graph) -> str:
     lines.append("  return " + ", ".join(format_value_name(v.name) for v in graph.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def value_ref(v: Value) -> str:
-    return format_value_name(v.name)

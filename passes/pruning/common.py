@@ -14,7 +14,7 @@ from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op
 
 __all__ = ["PruneError", "Layer", "layers", "layer_name", "set_const", "reinfer_types",
-           "PLAN_KEY", "plan_of"]
+           "PLAN_KEY"]
 
 PLAN_KEY = "prune_plan"
 LAYER_OPS = ("conv2d", "dense")
@@ -99,8 +99,3 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "options": dict(self.options),
                 "layers": {k: dict(v) for k, v in self.layers.items()}}
-
-
-def plan_of(ctx: Any) -> dict[str, Any] | None:
-    opts = getattr(ctx, "options", None) or {}
-    return opts.get(PLAN_KEY)
