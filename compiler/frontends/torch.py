@@ -231,6 +231,9 @@ def supported_aten_ops() -> list[str]:
     return sorted(CONVERTERS)
 
 
+MISSING = object()   # an fx node we could not import (past the cut, or unsupported)
+
+
 def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | None = None,
                *, name: str | None = None, fold_limit: int = FOLD_LIMIT,
                outputs: Sequence[str] | None = None) -> Graph:
@@ -241,121 +244,145 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
     the graph's input types. ``outputs``: names of exported-program nodes to return instead
     of the module's outputs; only what they need is imported.
     """
-    from compiler.frontends._torch_ops import CONVERTERS
-    from compiler.frontends.cut import data_dependent_error, fx_data_dependent, fx_needed
+    from compiler.frontends.cut import data_dependent_error, fx_needed
 
-    torch = _torch()
     ep = export_program(module, example_inputs)
     sig = ep.graph_signature
     g = Graph(name or type(module).__name__)
     imp = TorchImporter(g, fold_limit)
-    kinds = torch.export.graph_signature.InputKind
-    specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
-    params = dict(ep.named_parameters())
-    buffers = dict(ep.named_buffers())
-    user_inputs = [n for n in sig.user_inputs]
+    user_inputs = list(sig.user_inputs)
     if input_names is not None and len(input_names) != len(user_inputs):
         raise ImportError_(f"input_names has {len(input_names)} name(s) but the module takes "
                            f"{len(user_inputs)} tensor input(s): {', '.join(user_inputs)}")
     rename = dict(zip(user_inputs, input_names or user_inputs, strict=True))
-    unsupported: list[tuple[str, str, str]] = []
-    data_dependent: list[Any] = []
-    tainted: set[str] = set()
-    needed = fx_needed(ep.graph, list(outputs)) if outputs else None
-    missing = object()
-
+    walk = _Walk(imp, fx_needed(ep.graph, list(outputs)) if outputs else None)
+    specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+    tensors = {**ep.constants, **dict(ep.named_buffers()), **dict(ep.named_parameters())}
     for node in ep.graph.nodes:
         imp.node = node
         if node.op == "placeholder":
-            spec = specs.get(node.name)
-            if spec is not None and spec.kind == kinds.USER_INPUT:
-                try:
-                    ty = imp.out_type()
-                except Unsupported as e:
-                    raise ImportError_(f"input {node.name!r}: {e}") from None
-                imp.env[node.name] = g.add_input(rename[node.name], ty)
-                continue
-            if spec is None or spec.kind not in (kinds.PARAMETER, kinds.BUFFER,
-                                                 kinds.CONSTANT_TENSOR):
-                raise ImportError_(f"input {node.name!r} of kind "
-                                   f"{getattr(spec, 'kind', '?')} is not supported")
-            target = spec.target
-            t = params.get(target)
-            if t is None:
-                t = buffers.get(target)
-            if t is None:
-                t = ep.constants.get(target)
-            if not isinstance(t, torch.Tensor):
-                raise ImportError_(f"constant {target!r} is not a tensor")
-            arr = t.detach().cpu().contiguous().numpy().copy()
-            imp.node = None
-            v = g.add_weight(target, arr)
-            if spec.kind == kinds.PARAMETER:
-                imp.params.add(id(v))
-            imp.env[node.name] = v
-            continue
-        if node.op == "output":
+            _placeholder(imp, node, specs.get(node.name), tensors, rename)
+        elif node.op == "output":
             break
+        else:
+            imp.env[node.name] = walk.call(node)
+    if walk.data_dependent and all(u[0] in walk.tainted for u in walk.unsupported):
+        raise data_dependent_error([f"{n.name} ({n.target})" for n in walk.data_dependent],
+                                   [a.name for a in walk.data_dependent[0].all_input_nodes])
+    if walk.unsupported:
+        raise UnsupportedOpsError(walk.unsupported)
+    _graph_outputs(imp, ep, outputs)
+    g.remove_dead()
+    if outputs:
+        g.inputs = [v for v in g.inputs if v.uses or v in g.outputs]
+    try:
+        verify(g)
+    except NpuccError as e:
+        raise ImportError_(f"the imported graph does not verify (an importer bug): {e}") from e
+    return g
+
+
+def _placeholder(imp: TorchImporter, node: Any, spec: Any, tensors: dict[str, Any],
+                 rename: dict[str, str]) -> None:
+    """A graph input for a user input; a weight for a parameter, buffer or constant."""
+    torch = _torch()
+    kinds = torch.export.graph_signature.InputKind
+    g = imp.graph
+    if spec is not None and spec.kind == kinds.USER_INPUT:
+        try:
+            ty = imp.out_type()
+        except Unsupported as e:
+            raise ImportError_(f"input {node.name!r}: {e}") from None
+        imp.env[node.name] = g.add_input(rename[node.name], ty)
+        return
+    if spec is None or spec.kind not in (kinds.PARAMETER, kinds.BUFFER, kinds.CONSTANT_TENSOR):
+        raise ImportError_(f"input {node.name!r} of kind {getattr(spec, 'kind', '?')} is not "
+                           "supported")
+    target = spec.target
+    t = tensors.get(target)
+    if not isinstance(t, torch.Tensor):
+        raise ImportError_(f"constant {target!r} is not a tensor")
+    arr = t.detach().cpu().contiguous().numpy().copy()
+    imp.node = None
+    v = g.add_weight(target, arr)
+    if spec.kind == kinds.PARAMETER:
+        imp.params.add(id(v))
+    imp.env[node.name] = v
+
+
+class _Walk:
+    """Converts the call nodes of one exported graph, collecting what it cannot import."""
+
+    def __init__(self, imp: TorchImporter, needed: set[str] | None):
+        self.imp, self.needed = imp, needed
+        self.unsupported: list[tuple[str, str, str]] = []
+        self.data_dependent: list[Any] = []
+        self.tainted: set[str] = set()
+
+    def call(self, node: Any) -> Any:
+        """The imported value of ``node`` (``MISSING`` when it cannot be imported)."""
+        from compiler.frontends.cut import fx_data_dependent
+
+        torch = _torch()
+        env = self.imp.env
         if node.op != "call_function":
-            unsupported.append((node.name, node.op, "not an ATen call"))
-            imp.env[node.name] = missing
-            continue
-        args = torch.fx.node.map_arg(node.args, lambda n: imp.env[n.name])
-        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: imp.env[n.name])
+            self.unsupported.append((node.name, node.op, "not an ATen call"))
+            return MISSING
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
         if node.target is operator.getitem:
-            src, i = args
-            if src is missing:
-                imp.env[node.name] = missing
-                continue
-            if not isinstance(src, list | tuple) or src[i] is None:
-                unsupported.append((node.name, f"getitem {i} of {node.args[0].target}",
-                                    "this result of the op cannot be imported"))
-                imp.env[node.name] = missing
-                continue
-            imp.env[node.name] = src[i]
-            continue
-        if needed is not None and node.name not in needed:
-            imp.env[node.name] = missing  # past the cut
-            continue
-        if fx_data_dependent(node) or any(a.name in tainted for a in node.all_input_nodes):
-            tainted.add(node.name)  # shapes, or checks on shapes, that depend on values
+            return self._getitem(node, *args)
+        if self.needed is not None and node.name not in self.needed:
+            return MISSING  # past the cut
+        if fx_data_dependent(node) or any(a.name in self.tainted for a in node.all_input_nodes):
+            self.tainted.add(node.name)  # shapes, or checks on shapes, that depend on values
             if fx_data_dependent(node) and hasattr(node.meta.get("val"), "shape"):
-                data_dependent.append(node)
-        key = str(node.target).removeprefix("aten.")
-        conv = CONVERTERS.get(key)
+                self.data_dependent.append(node)
+        return self._convert(node, args, kwargs)
+
+    def _getitem(self, node: Any, src: Any, i: int) -> Any:
+        if src is MISSING:
+            return MISSING
+        if not isinstance(src, list | tuple) or src[i] is None:
+            self.unsupported.append((node.name, f"getitem {i} of {node.args[0].target}",
+                                     "this result of the op cannot be imported"))
+            return MISSING
+        return src[i]
+
+    def _convert(self, node: Any, args: Any, kwargs: Any) -> Any:
+        from compiler.frontends._torch_ops import CONVERTERS
+
+        conv = CONVERTERS.get(str(node.target).removeprefix("aten."))
         where = _module_path(node)
         if conv is None:
-            unsupported.append((node.name, str(node.target), f"in {where}" if where else ""))
-            imp.env[node.name] = missing
-            continue
+            self.unsupported.append((node.name, str(node.target), f"in {where}" if where else ""))
+            return MISSING
         flat = [*args, *kwargs.values()]
         flat += [x for a in flat if isinstance(a, list | tuple) for x in a]
-        if any(a is missing for a in flat):
-            imp.env[node.name] = missing
-            continue
+        if any(a is MISSING for a in flat):
+            return MISSING
         try:
-            result = conv(imp, _bind(node.target, args, kwargs))
-            _check_types(imp, node, result)
+            result = conv(self.imp, _bind(node.target, args, kwargs))
+            _check_types(self.imp, node, result)
         except Unsupported as e:
-            unsupported.append((node.name, str(node.target),
-                                str(e) + (f" (in {where})" if where else "")))
-            result = missing
+            self.unsupported.append((node.name, str(node.target),
+                                     str(e) + (f" (in {where})" if where else "")))
+            return MISSING
         except ImportError_:
             raise
         except Exception as e:  # an op verifier refusing our node is an importer bug too
             raise ImportError_(f"node {node.name} ({node.target}"
                                f"{', in ' + where if where else ''}) could not be converted: "
                                f"{type(e).__name__}: {e}") from e
-        imp.env[node.name] = result
+        return result
 
-    if data_dependent and all(u[0] in tainted for u in unsupported):
-        raise data_dependent_error([f"{n.name} ({n.target})" for n in data_dependent],
-                                   [a.name for a in data_dependent[0].all_input_nodes])
-    if unsupported:
-        raise UnsupportedOpsError(unsupported)
-    out_node = next(n for n in ep.graph.nodes if n.op == "output")
-    outs = out_node.args[0]
-    user_out = [s for s in sig.output_specs]
+
+def _graph_outputs(imp: TorchImporter, ep: Any, outputs: Sequence[str] | None) -> None:
+    """The module's outputs (or the named cut points) become the graph's outputs."""
+    torch = _torch()
+    g = imp.graph
+    outs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    user_out = list(ep.graph_signature.output_specs)
     if outputs:
         outs = [next(n for n in ep.graph.nodes if n.name == o) for o in outputs]
         user_out = [None] * len(outs)
@@ -370,14 +397,6 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
                 or v in g.outputs:
             v = g.add("identity", v)
         g.outputs.append(v)
-    g.remove_dead()
-    if outputs:
-        g.inputs = [v for v in g.inputs if v.uses or v in g.outputs]
-    try:
-        verify(g)
-    except NpuccError as e:
-        raise ImportError_(f"the imported graph does not verify (an importer bug): {e}") from e
-    return g
 
 
 def _check_types(imp: TorchImporter, node: Any, result: Any) -> None:
