@@ -384,24 +384,7 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
     """
     steps = [_coerce_step(s) for s in steps]
     in_set, out_set = set(inputs), set(outputs)
-    table: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        name = str(_get(t, "name"))
-        shape = [int(d) for d in _get(t, "shape")]
-        dtype = _dtypes.canonical(str(_get(t, "dtype")))
-        wkey = _get(t, "weight", default=None)
-        kind = _get(t, "kind", default=None)
-        if kind is None:
-            kind = ("input" if name in in_set else "output" if name in out_set
-                    else "weight" if (wkey or name) in weights else "intermediate")
-        if kind == "weight":
-            wkey = wkey or name
-        nbytes = _get(t, "nbytes", default=None)
-        nbytes = _dtypes.nbytes(shape, dtype) if nbytes is None else int(nbytes)
-        if name in table:
-            raise PlanError(f"tensor {name!r} appears twice in the tensor table")
-        table[name] = {"name": name, "shape": shape, "dtype": dtype, "kind": kind,
-                       "nbytes": nbytes, "offset": None, "weight": wkey}
+    table = _tensor_table(tensors, weights, in_set, out_set)
     named = [n for s in steps for n in (*s.inputs, *s.outputs)] + list(inputs) + list(outputs)
     for name in named:  # weights the table does not describe: typed by their arrays
         if name not in table and name in weights:
@@ -412,26 +395,8 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
     missing = sorted({n for n in named if n not in table})
     if missing:
         raise PlanError(f"tensors named by the plan but not in the tensor table: {missing}")
-    used_weights: dict[str, int] = {}
-    for t in table.values():
-        if t["kind"] != "weight":
-            continue
-        if t["weight"] not in weights:
-            raise PlanError(f"weight tensor {t['name']!r}: no array {t['weight']!r} in weights")
-        size = np.asarray(weights[t["weight"]]).nbytes
-        if size != t["nbytes"]:
-            raise PlanError(f"weight {t['weight']!r} has {size} bytes; tensor {t['name']!r} "
-                            f"({t['dtype']}{t['shape']}) needs {t['nbytes']}")
-        used_weights[t["weight"]] = size
-
-    labels = {s.node: i for i, s in enumerate(steps)}
-    ew = set()
-    for e in elementwise_steps:
-        if isinstance(e, str):
-            if e not in labels:
-                raise PlanError(f"elementwise step {e!r} is not a node label of the plan")
-            e = labels[e]
-        ew.add(int(e))
+    used_weights = _weight_sizes(table, weights)
+    ew = _step_indices(steps, elementwise_steps)
     plan = plan_memory(
         [PlanTensor(t["name"], t["nbytes"], t["kind"]) for t in table.values()],
         [PlanStep(s.inputs, s.outputs) for s in steps], ew,
@@ -463,3 +428,57 @@ def build_package(target: Mapping[str, Any] | Any, inputs: Sequence[str], output
     }
     return Package(manifest, lib_path, {k: weights[k] for k in used_weights})
 
+
+def _tensor_table(tensors: Sequence[TensorInfo | Mapping[str, Any]],
+                  weights: Mapping[str, np.ndarray], in_set: set[str], out_set: set[str]
+                  ) -> dict[str, dict[str, Any]]:
+    """The manifest's tensor records by name, kinds derived where not given."""
+    table: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        name = str(_get(t, "name"))
+        shape = [int(d) for d in _get(t, "shape")]
+        dtype = _dtypes.canonical(str(_get(t, "dtype")))
+        wkey = _get(t, "weight", default=None)
+        kind = _get(t, "kind", default=None)
+        if kind is None:
+            kind = ("input" if name in in_set else "output" if name in out_set
+                    else "weight" if (wkey or name) in weights else "intermediate")
+        if kind == "weight":
+            wkey = wkey or name
+        nbytes = _get(t, "nbytes", default=None)
+        nbytes = _dtypes.nbytes(shape, dtype) if nbytes is None else int(nbytes)
+        if name in table:
+            raise PlanError(f"tensor {name!r} appears twice in the tensor table")
+        table[name] = {"name": name, "shape": shape, "dtype": dtype, "kind": kind,
+                       "nbytes": nbytes, "offset": None, "weight": wkey}
+    return table
+
+
+def _weight_sizes(table: Mapping[str, dict[str, Any]], weights: Mapping[str, np.ndarray]
+                  ) -> dict[str, int]:
+    """Bytes of each weight array the table uses, checked against its tensor's size."""
+    used: dict[str, int] = {}
+    for t in table.values():
+        if t["kind"] != "weight":
+            continue
+        if t["weight"] not in weights:
+            raise PlanError(f"weight tensor {t['name']!r}: no array {t['weight']!r} in weights")
+        size = np.asarray(weights[t["weight"]]).nbytes
+        if size != t["nbytes"]:
+            raise PlanError(f"weight {t['weight']!r} has {size} bytes; tensor {t['name']!r} "
+                            f"({t['dtype']}{t['shape']}) needs {t['nbytes']}")
+        used[t["weight"]] = size
+    return used
+
+
+def _step_indices(steps: Sequence[Step], which: Collection[int | str]) -> set[int]:
+    """Step indices from indices or node labels."""
+    labels = {s.node: i for i, s in enumerate(steps)}
+    out = set()
+    for e in which:
+        if isinstance(e, str):
+            if e not in labels:
+                raise PlanError(f"elementwise step {e!r} is not a node label of the plan")
+            e = labels[e]
+        out.add(int(e))
+    return out
