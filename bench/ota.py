@@ -29,7 +29,8 @@ printed first; other jobs may be running.
 Measured (AMD EPYC znver4, 2 shared cores, load average ~10 from other jobs), delta / NEW
 package bytes, apply time: MiniLM last layer fine-tuned 6.60 MB / 90.6 MB = 7.3% (16 tensors,
 0.080 of NEW zstd -19), 1.7 s; MiniLM int8 re-calibrated 8.19 / 23.7 MB = 34.6% (166 tensors:
-the int8 weights themselves change with the calibration here), 0.5 s; char decoder + LoRA r8
+the packed int8 dense weights differ in 70-83% of their bytes between the two calibrations,
+checked separately), 0.5 s; char decoder + LoRA r8
 in q/v 0.98 / 6.77 MB = 14.4% (2 tensors), 0.14 s; pipeline without fuse-dense-act 73 KB /
 90.6 MB = 0.08%, 1.8 s; x86-64-v3 -> -v4 kernels 156 KB / 90.6 MB = 0.17% (37 re-packed
 weights as bsdiff patches), 3.2 s. Every round trip byte-identical, loaded with NEW's
