@@ -171,6 +171,9 @@ def apply_update(installed: str | os.PathLike, delta: str | os.PathLike,
 
     t0 = time.perf_counter()
     path = Path(os.path.abspath(installed))
+    if path.is_symlink():
+        raise UpdateError(f"{path} is a symbolic link; apply the update to the package folder "
+                          f"itself ({os.path.realpath(path)})")
     step = on_step or (lambda _name: None)
     keys = resolve_keys(trusted_keys)
     d = read_delta(delta)

@@ -208,6 +208,26 @@ def test_make_refuses_to_overwrite_what_is_not_a_delta(world, tmp_path):
     assert precious.read_text() == "mine"
 
 
+def test_make_with_a_key_refuses_an_unsigned_new(world, tmp_path):
+    from compiler.errors import NpuccError
+
+    unsigned = _install(world, tmp_path, "new")
+    (unsigned / "model.sig").unlink()
+    with pytest.raises(NpuccError, match="is not signed: an update installs NEW with its own "
+                       "signature, so sign it first"):
+        make_update(world["old"], unsigned, tmp_path / "u.npkd", world["key"])
+    assert not (tmp_path / "u.npkd").exists()
+
+
+def test_refuses_a_link_to_the_package(world, tmp_path):
+    inst = _install(world, tmp_path)
+    (tmp_path / "link.npkg").symlink_to(inst)
+    with pytest.raises(UpdateError, match="is a symbolic link; apply the update to the package "
+                       "folder itself"):
+        apply_update(tmp_path / "link.npkg", world["delta"], trusted_keys=[world["pub"]])
+    _loads_as(inst, world, "old")
+
+
 def test_cli_make_and_apply(world, tmp_path, capsys):
     out = tmp_path / "cli.npkd"
     assert main(["update", "make", str(world["old"]), str(world["new"]), "-o", str(out),
