@@ -37,11 +37,13 @@ class _Builder:
         self.s, self.t, self.c = spec, tokens, max_context
         self.g = Graph(f"{spec.name}_t{tokens}")
         self._consts: dict[str, Value] = {}
+        self.weights = dict(spec.weights)   # + fused projections (never the spec's own dict)
+        self.quant = dict(spec.quant)
 
     def w(self, name: str) -> Value | None:
         """The const value of weight ``name`` (one const node per weight), None if absent."""
         if name not in self._consts:
-            arr = self.s.weights.get(name)
+            arr = self.weights.get(name)
             if arr is None:
                 return None
             self.g.weights[name] = arr
@@ -56,14 +58,50 @@ class _Builder:
     def dense(self, x: Value, prefix: str) -> Value:
         b = self.w(f"{prefix}.b")
         bias = [b] if b is not None else []
-        if prefix in self.s.quant:
-            bits, group = self.s.quant[prefix]
+        if prefix in self.quant:
+            bits, group = self.quant[prefix]
             offsets = self.w(f"{prefix}.offsets")   # asymmetric groups: w = q d + offset
             extra = [offsets] if offsets is not None else []
             return self.add("dense_wq", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.scales"),
                             *extra, *bias, bits=bits, group_size=group,
                             asym=offsets is not None)
         return self.add("dense", x, self.w(f"{prefix}.w"), *bias)
+
+    def fused(self, prefixes: list[str]) -> str | None:
+        """Weights of projections that read one input, concatenated along N under a new
+        prefix (``l0.q+k+v``), when they share one scheme; None when they do not. Rows are
+        quantized independently (RTN, asymmetric and GPTQ alike: one Hessian per input), so
+        the concatenation holds the very same codes and scales: one GEMV call instead of
+        several, the same arithmetic per output."""
+        w, name = self.weights, "+".join(prefixes)
+        if len({self.quant.get(p) for p in prefixes}) != 1:
+            return None
+        parts = ["wq", "scales"] if prefixes[0] in self.quant else ["w"]
+        has_offsets = [f"{p}.offsets" in w for p in prefixes]
+        if any(has_offsets) and not all(has_offsets):
+            return None
+        parts += ["offsets"] if all(has_offsets) else []
+        if any(f"{p}.{part}" not in w for p in prefixes for part in parts):
+            return None
+        for part in parts:
+            w[f"{name}.{part}"] = np.concatenate([w[f"{p}.{part}"] for p in prefixes])
+        if any(f"{p}.b" in w for p in prefixes):
+            w[f"{name}.b"] = np.concatenate(
+                [w.get(f"{p}.b", np.zeros(len(w[f"{p}.{parts[0]}"]), np.float32))
+                 for p in prefixes]).astype(np.float32)
+        if prefixes[0] in self.quant:
+            self.quant[name] = self.quant[prefixes[0]]
+        return name
+
+    def dense_split(self, x: Value, prefixes: list[str], fuse: bool) -> list[Value]:
+        """``dense`` of each projection of ``x``: one fused GEMV and a split when ``fuse``."""
+        name = self.fused(prefixes) if fuse else None
+        if name is None:
+            return [self.dense(x, p) for p in prefixes]
+        key = "wq" if name in self.quant else "w"
+        sizes = [int(self.weights[f"{p}.{key}"].shape[0]) for p in prefixes]
+        y = self.dense(x, name)
+        return list(self.g.make_node("split", [y], {"axis": -1, "sizes": sizes}).outputs)
 
     def embed(self, ids: Value) -> Value:
         if self.s.tied:   # the output projection reads the same table: one packed layout
@@ -82,8 +120,13 @@ class _Builder:
         return self.add("rms_norm", x, self.w(f"{prefix}.w"), epsilon=self.s.eps)
 
 
-def build_step_graph(spec: LlmSpec, tokens: int, max_context: int) -> Graph:
-    """The graph of one model step over ``tokens`` tokens (see the module docstring)."""
+def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
+                     fuse: bool = True) -> Graph:
+    """The graph of one model step over ``tokens`` tokens (see the module docstring).
+
+    ``fuse``: q, k, v are one projection (weights concatenated along N) followed by a split,
+    and so are gate and up (per-call overhead: each GEMV is a parallel launch); GPTQ's
+    Hessian capture builds the unfused graph, whose dense nodes name each projection."""
     b = _Builder(spec, tokens, max_context)
     g, s = b.g, spec
     ids = g.add_input(INPUT_IDS, TensorType((tokens,), "i32"))
@@ -101,9 +144,10 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int) -> Graph:
     new_caches: list[Value] = []
     for i in range(s.layers):
         h = b.norm(x, f"l{i}.attn_norm")
-        q = b.add("reshape", b.dense(h, f"l{i}.q"), shape=[tokens, s.heads, s.head_dim])
-        k = b.add("reshape", b.dense(h, f"l{i}.k"), shape=[tokens, s.kv_heads, s.head_dim])
-        v = b.add("reshape", b.dense(h, f"l{i}.v"), shape=[tokens, s.kv_heads, s.head_dim])
+        q, k, v = b.dense_split(h, [f"l{i}.q", f"l{i}.k", f"l{i}.v"], fuse)
+        q = b.add("reshape", q, shape=[tokens, s.heads, s.head_dim])
+        k = b.add("reshape", k, shape=[tokens, s.kv_heads, s.head_dim])
+        v = b.add("reshape", v, shape=[tokens, s.kv_heads, s.head_dim])
         if rope is not None:
             q = b.add("rope", q, pos, *rope)
             k = b.add("rope", k, pos, *rope)
@@ -116,7 +160,7 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int) -> Graph:
         if s.arch == "gpt2":
             m = b.add("gelu", b.dense(h, f"l{i}.up"), approximate="tanh")
         else:
-            m = b.add("silu_mul", b.dense(h, f"l{i}.gate"), b.dense(h, f"l{i}.up"))
+            m = b.add("silu_mul", *b.dense_split(h, [f"l{i}.gate", f"l{i}.up"], fuse))
         x = b.add("add", x, b.dense(m, f"l{i}.down"))
     x = b.norm(x, "norm")
     if s.tied and "embed.q8" in s.weights:   # the output projection reads the table itself

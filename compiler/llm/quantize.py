@@ -164,7 +164,7 @@ def _hessians(spec: LlmSpec, calibration: str | Sequence[int] | None
     seq = min(128, n)
     if n < 16:
         raise NpuccError(f"the calibration text has {len(ids)} tokens; GPTQ needs more")
-    graph = build_step_graph(spec, seq, seq)
+    graph = build_step_graph(spec, seq, seq, fuse=False)
     inputs = {}
     for node in graph.nodes:
         if node.op == "dense":
