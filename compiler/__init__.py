@@ -12,7 +12,8 @@ from typing import Any
 
 from compiler.errors import NpuccError
 
-__all__ = ["compile", "compile_llm", "make_update", "CompileOptions", "NpuccError"]
+__all__ = ["compile", "compile_modes", "compile_llm", "make_update", "CompileOptions",
+           "NpuccError"]
 
 
 def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # noqa: A001
@@ -21,6 +22,14 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     from compiler.driver import compile as _compile
 
     return _compile(model, target, pipeline, debug, **kwargs)
+
+
+def compile_modes(model: Any, target: Any = "host", modes: Any = None, **kwargs: Any):
+    """One package holding the model compiled several ways (default: ``performance`` and
+    ``accuracy``), switched at run time; see :func:`compiler.modes.compile_modes`."""
+    from compiler.modes import compile_modes as _compile_modes
+
+    return _compile_modes(model, target, modes, **kwargs)
 
 
 def compile_llm(source: Any, target: Any = "host", **kwargs: Any):
