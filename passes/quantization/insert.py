@@ -35,6 +35,7 @@ import numpy as np
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.quant import qrange
+from compiler.numeric import make_sample_inputs
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from compiler.samples import resolve_samples
 from passes.quantization.calibrate import (
@@ -232,7 +233,6 @@ class InsertQuantize(Pass):
         given = given_ranges(nodes, acts, config)
         todo = {k: a for k, a in acts.items() if k not in given}
         if not samples and todo:
-            from compiler.numeric import make_sample_inputs
 
             samples = [make_sample_inputs(graph, seed=self.seed + i) for i in range(self.samples)]
             ctx.remark(f"quantize: no calibration samples given; calibrated on {self.samples} "
@@ -247,48 +247,65 @@ class InsertQuantize(Pass):
                               percentile=self.percentile)
             ranges.update({name: again[m.name] for name, (m, _) in smooth.items()})
             stats["smoothed"] = len(smooth)
-        qdq: dict[int, Value] = {}
-        for name, (v, dtype) in acts.items():
-            src = smooth[name][0] if name in smooth else v
-            lo, hi = ranges[name]
-            scale, zp = activation_params(lo, hi, dtype)
-            at = _first_user(graph, v) if src is v else \
-                graph.nodes[graph.nodes.index(src.producer) + 1]
-            s = graph.add_const(np.asarray(scale, np.float32), before=at)
-            z = graph.add_const(np.asarray(zp, dtype=np.dtype("u1" if dtype == "u8" else "i1")),
-                                before=at)
-            q = graph.add("quantize", src, s, z, dtype=dtype, name=RULE, before=at)
-            qdq[id(v)] = graph.add("dequantize", q, s, z, name=RULE, before=at)
-        weights: dict[tuple[int, int, str], Value] = {}
-        for n in nodes:
-            spec = plan[n]
-            k = 2 if n.op == "matmul" else 1
-            x_name = n.inputs[0].name
-            for i, v in enumerate(list(n.inputs[:k])):
-                n.set_input(i, qdq[id(v)])
-            if n.op != "matmul":
-                w = n.inputs[1]
-                axis = weight_axis(n)
-                alpha = smooth[x_name][1] if x_name in smooth else None
-                key = (id(w), axis, x_name if alpha is not None else "")
-                if key not in weights:
-                    arr = graph.const_value(w)
-                    if alpha is not None:
-                        arr = arr * alpha[None, :].astype(np.float32)
-                    q, scale = quantize_weight(arr, axis, spec.weights == "per_channel")
-                    ref = w.producer.attrs.get("ref") or w.name
-                    first = graph.nodes[0]
-                    wq = graph.add_weight(f"{ref}.i8", q, before=first)
-                    ws = graph.add_const(scale, before=first)
-                    wz = graph.add_const(np.zeros(scale.shape, np.int8), before=first)
-                    weights[key] = graph.add("dequantize", wq, ws, wz,
-                                             axis=axis if scale.ndim else -1, name=RULE,
-                                             before=first)
-                n.set_input(1, weights[key])
-            stats["int8"] += 1
+        qdq = _activation_qdq(graph, acts, ranges, smooth)
+        _read_quantized(graph, nodes, plan, qdq, smooth)
+        stats["int8"] += len(nodes)
         graph.remove_dead()
         stats["float"] = len(plan) - stats["int8"] - stats["other"]
         return PassResult(graph, True, stats)
+
+
+def _activation_qdq(graph: Graph, acts: dict[str, tuple[Value, str]],
+                    ranges: dict[str, tuple[float, float]], smooth: dict[str, Any]
+                    ) -> dict[int, Value]:
+    """One quantize/dequantize pair per activation (after its SmoothQuant divide, if any):
+    ``{id(value): the dequantized value its int8 readers read}``."""
+    qdq: dict[int, Value] = {}
+    for name, (v, dtype) in acts.items():
+        src = smooth[name][0] if name in smooth else v
+        lo, hi = ranges[name]
+        scale, zp = activation_params(lo, hi, dtype)
+        at = _first_user(graph, v) if src is v else \
+            graph.nodes[graph.nodes.index(src.producer) + 1]
+        s = graph.add_const(np.asarray(scale, np.float32), before=at)
+        z = graph.add_const(np.asarray(zp, dtype=np.dtype("u1" if dtype == "u8" else "i1")),
+                            before=at)
+        q = graph.add("quantize", src, s, z, dtype=dtype, name=RULE, before=at)
+        qdq[id(v)] = graph.add("dequantize", q, s, z, name=RULE, before=at)
+    return qdq
+
+
+def _read_quantized(graph: Graph, nodes: list[Node], plan: Mapping[Node, PrecisionSpec],
+                    qdq: dict[int, Value], smooth: dict[str, Any]) -> None:
+    """Point each int8 node at its dequantized activations and at its weight as an i8
+    constant (scaled by SmoothQuant's factors when its input was smoothed), read through
+    ``dequantize{axis}``; a weight shared by several nodes is quantized once."""
+    weights: dict[tuple[int, int, str], Value] = {}
+    for n in nodes:
+        spec = plan[n]
+        k = 2 if n.op == "matmul" else 1
+        x_name = n.inputs[0].name
+        for i, v in enumerate(list(n.inputs[:k])):
+            n.set_input(i, qdq[id(v)])
+        if n.op == "matmul":
+            continue
+        w = n.inputs[1]
+        axis = weight_axis(n)
+        alpha = smooth[x_name][1] if x_name in smooth else None
+        key = (id(w), axis, x_name if alpha is not None else "")
+        if key not in weights:
+            arr = graph.const_value(w)
+            if alpha is not None:
+                arr = arr * alpha[None, :].astype(np.float32)
+            q, scale = quantize_weight(arr, axis, spec.weights == "per_channel")
+            ref = w.producer.attrs.get("ref") or w.name
+            first = graph.nodes[0]
+            wq = graph.add_weight(f"{ref}.i8", q, before=first)
+            ws = graph.add_const(scale, before=first)
+            wz = graph.add_const(np.zeros(scale.shape, np.int8), before=first)
+            weights[key] = graph.add("dequantize", wq, ws, wz,
+                                     axis=axis if scale.ndim else -1, name=RULE, before=first)
+        n.set_input(1, weights[key])
 
 
 def given_ranges(nodes: list[Node], acts: dict[str, tuple[Value, str]], config: Any
