@@ -121,6 +121,18 @@ def test_one_copy_of_each_weight(pair):
     assert len(pre & dec) >= len(dec) - 2
 
 
+def test_projections_sharing_an_input_are_one_call(pair):
+    """q/k/v are one projection and (Llama, Qwen2) gate/up another: a decode step makes four
+    projection calls per layer (qkv, o, gate+up or up, down), plus an untied lm_head."""
+    hf, m = pair
+    steps = m.package.manifest["graphs"]["decode"]["steps"]
+    proj = [s for s in steps if s["op"] in ("dense", "dense_wq")]
+    tied = hf.config.tie_word_embeddings
+    assert len(proj) == 4 * m.config["layers"] + (0 if tied else 1)
+    assert sum(s["op"] == "split" for s in steps) == m.config["layers"] * (
+        1 if hf.config.model_type == "gpt2" else 2)
+
+
 def test_sampling_is_seeded_and_bounded(pair):
     _, m = pair
     ids = PROMPTS[1]
