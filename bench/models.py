@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("minilm", "resnet50", "mobilenet_v2", "gpt2")
+MODELS = ("minilm", "resnet50", "mobilenet_v2", "gpt2", "mobilenet_v3_small",
+          "efficientnet_b0", "resnet18", "deit_tiny")
 THREADS = 2          # --same-process mode only: every runtime pinned to 2 threads
 ENGINES = ("npucc", "onnxruntime", "torch")
 
@@ -99,8 +100,35 @@ def _gpt2() -> tuple[Path, dict, Any, str]:
     return path, {"input_ids": ids}, lambda: model(tids), f"GPT-2-style decoder ({desc})"
 
 
+def _vision(name: str, timm: bool = False) -> tuple[Path, dict, Any, str]:
+    """A torchvision / timm model of the model-zoo test at 224x224, seeded random weights."""
+    import torch
+
+    from examples.models import export_onnx
+    from tests.torchvision_cpu import import_torchvision
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    if timm:
+        import timm as timm_lib
+
+        model = timm_lib.create_model(name, pretrained=False).eval()
+    else:
+        model = getattr(tv.models, name)(weights=None).eval()
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    path = export_onnx(model, x, input_names=["images"])
+    source = "timm" if timm else "torchvision"
+    return (path, {"images": x.numpy()}, lambda: model(x),
+            f"{source} {name}, 224x224, seeded random weights")
+
+
 BUILDERS = {"minilm": _minilm, "resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2,
-            "gpt2": _gpt2}
+            "gpt2": _gpt2,
+            # the phone models of the model-zoo test (tests/test_model_zoo.py)
+            "mobilenet_v3_small": lambda: _vision("mobilenet_v3_small"),
+            "efficientnet_b0": lambda: _vision("efficientnet_b0"),
+            "resnet18": lambda: _vision("resnet18"),
+            "deit_tiny": lambda: _vision("deit_tiny_patch16_224", timm=True)}
 
 
 def _percentile(xs: list[float], q: float) -> float:
