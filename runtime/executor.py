@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .package import Package
 from .runners import on_runner
 
-__all__ = ["Executor", "Profile", "StepTime", "load"]
+__all__ = ["Executor", "Profile", "StepTime", "load", "pack_weights"]
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:
@@ -48,6 +48,27 @@ def _aligned_bytes(nbytes: int) -> np.ndarray:
     raw = np.zeros(nbytes + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN
     return raw[start:start + nbytes]
+
+
+def pack_weights(stored: Mapping[str, np.ndarray], keys: Any) -> dict[str, np.ndarray]:
+    """Copy the arrays ``keys`` names from ``stored`` into one ALIGN-aligned buffer; returns a
+    uint8 view of each (the views keep the buffer alive). Executors of several modes of one
+    package share such a dict, so a tensor the modes have in common is in memory once."""
+    keys = sorted(set(keys))
+    missing = [k for k in keys if k not in stored]
+    if missing:
+        raise PackageError(f"weight {missing[0]!r} is missing from the package's weights")
+    offsets, total = {}, 0
+    for k in keys:
+        offsets[k] = total
+        total += align(np.asarray(stored[k]).nbytes)
+    buf = _aligned_bytes(max(total, ALIGN))
+    out = {}
+    for k in keys:
+        data = np.ascontiguousarray(stored[k]).reshape(-1).view(np.uint8)
+        out[k] = view = buf[offsets[k]:offsets[k] + data.nbytes]
+        view[:] = data
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,9 @@ class _Arena:
 class Executor:
     """Runs a :class:`Package`. See the module docstring for memory and thread safety."""
 
-    def __init__(self, package: Package):
+    def __init__(self, package: Package, weights: Mapping[str, np.ndarray] | None = None):
+        """``weights``: the package's weights already packed (:func:`pack_weights`), shared
+        with other executors; default: this executor packs its own copy."""
         self.package = package
         m = package.manifest
         cores = (m.get("target") or {}).get("tvm", {}).get("num-cores")
@@ -139,7 +162,7 @@ class Executor:
                     raise PackageError(f"kernel {s.kernel!r} (step {s.node}, {s.op}) is not in "
                                        f"{package.lib_path}") from e
         self._funcs = [funcs[s.kernel] for s in self._steps]
-        self._load_weights()
+        self._load_weights(weights)
         package.release_weight_bytes()   # copied into our buffer: weights in memory once
         self._local = threading.local()
         self._arenas: weakref.WeakSet[_Arena] = weakref.WeakSet()
@@ -157,25 +180,20 @@ class Executor:
         # bf16 / int4 / ...: numpy cannot export them through DLPack; retype a byte view.
         return from_dlpack(raw)._create_view(t["shape"], _dtypes.tvm_dtype(t["dtype"]))
 
-    def _load_weights(self) -> None:
-        stored = self.package.weights()
+    def _load_weights(self, packed: Mapping[str, np.ndarray] | None) -> None:
         wtensors = [t for t in self._tensors.values() if t["kind"] == "weight"]
         keys = sorted({t["weight"] for t in wtensors})
-        offsets, total = {}, 0
-        for k in keys:
-            if k not in stored:
-                raise PackageError(f"weight {k!r} is missing from the package's weights")
-            offsets[k] = total
-            total += align(np.asarray(stored[k]).nbytes)
-        self._weight_buffer = buf = _aligned_bytes(max(total, ALIGN))
-        for k in keys:
-            data = np.ascontiguousarray(stored[k]).reshape(-1).view(np.uint8)
-            buf[offsets[k]:offsets[k] + data.nbytes] = data
-        self._weight_bytes = sum(np.asarray(stored[k]).nbytes for k in keys)
+        if packed is None:
+            packed = pack_weights(self.package.weights(), keys)
+        missing = [k for k in keys if k not in packed]
+        if missing:
+            raise PackageError(f"weight {missing[0]!r} is missing from the package's weights")
+        self._weights_packed = {k: packed[k] for k in keys}   # keeps the buffer(s) alive
+        self._weight_bytes = sum(packed[k].nbytes for k in keys)
         self._weight_tvm: dict[str, Any] = {}
         self._weight_np: dict[str, np.ndarray] = {}
         for t in wtensors:
-            raw = buf[offsets[t["weight"]]:offsets[t["weight"]] + t["nbytes"]]
+            raw = packed[t["weight"]][:t["nbytes"]]
             if raw.nbytes != t["nbytes"]:
                 raise PackageError(f"weight {t['weight']!r} has {raw.nbytes} bytes; tensor "
                                    f"{t['name']!r} needs {t['nbytes']}")

@@ -15,6 +15,8 @@ the window starts empty, so the next decision waits for ``W`` runs of the new mo
 switch is logged (logger ``npucc.modes``, INFO) and recorded in ``metrics()``.
 
 All modes record into one :class:`~runtime.metrics.Metrics`; each record names its mode.
+Weights are packed once for all modes (``executor.pack_weights``): a tensor the modes share
+(embeddings, norms) is in memory once, as it is in the file.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PackageError
-from .executor import Executor, Profile
+from .executor import Executor, Profile, pack_weights
 from .metrics import Metrics, RunRecord
 from .modes import has_modes, mode_packages, mode_report
 from .package import Package
@@ -96,9 +98,14 @@ class ModalExecutor:
         self.package = package
         packages = mode_packages(package)
         self.recorder = metrics or Metrics()
+        # every mode's weights packed once: a tensor the modes share is in memory once
+        keys = {t["weight"] for p in packages.values() for t in p.manifest["tensors"]
+                if t["kind"] == "weight"}
+        shared = pack_weights(package.weights(), keys)
+        self.weight_bytes = sum(v.nbytes for v in shared.values())
         self._executors: dict[str, Executor] = {}
         for name, pkg in packages.items():
-            ex = Executor(pkg)
+            ex = Executor(pkg, weights=shared)
             ex.mode_name = name
             ex.recorder = self.recorder
             self._executors[name] = ex
@@ -224,7 +231,8 @@ class ModalExecutor:
         out = dict(per[self.mode])
         out["mode"] = self.mode
         out["modes"] = per
-        out["allocated_bytes"] = sum(s["allocated_bytes"] for s in per.values())
+        out["weight_bytes_all_modes"] = self.weight_bytes   # shared tensors counted once
+        out["allocated_bytes"] = self.arena_bytes_held() + self.weight_bytes
         return out
 
     def __repr__(self) -> str:

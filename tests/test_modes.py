@@ -97,6 +97,10 @@ def test_equal_tensors_stored_once_and_each_mode_runs_its_plan(tiny, quiet):
         (y,) = m.run(x)
         assert np.array_equal(y, singles[mode].run(x)[0])
         np.testing.assert_allclose(y, tiny["ref"][mode](x), rtol=1e-5, atol=1e-5)
+    # in memory too, the shared tensor is held once for both modes
+    st = m.stats()
+    assert st["weight_bytes_all_modes"] == sum(a.nbytes for a in merged.weights().values())
+    assert st["weight_bytes_all_modes"] < sum(s["weight_bytes"] for s in st["modes"].values())
     # load(mode=...) starts there; a runtime that ignores modes runs the default plan
     assert runtime.load(d / "m.npkg", mode="accuracy").mode == "accuracy"
     plain = runtime.Executor(runtime.Package.load(d / "m.npkg"))
@@ -192,8 +196,11 @@ def _check_concurrent_switching(m, feeds, expected, switches, threads, pause_s):
     for w in workers:
         w.start()
     modes = m.modes
+    pauses = []
     for i in range(switches):
+        t0 = time.perf_counter()
         m.set_mode(modes[(i + 1) % 2])
+        pauses.append(time.perf_counter() - t0)
         time.sleep(pause_s)
     stop.set()
     for w in workers:
@@ -204,7 +211,11 @@ def _check_concurrent_switching(m, feeds, expected, switches, threads, pause_s):
     metrics = m.metrics()
     assert metrics["runs_per_mode"] == {k: v for k, v in counts.items() if v}
     assert len(metrics["mode_switches"]) == switches
-    return counts
+    # a switch never waits for runs: its longest call is shorter than a typical run
+    run_ms = metrics["latency_ms"]["p50"]
+    print(f"set_mode: longest {max(pauses) * 1e3:.3f} ms, median "
+          f"{np.median(pauses) * 1e3:.4f} ms; median run {run_ms:.3f} ms")
+    return counts, max(pauses) * 1e3, run_ms
 
 
 def test_switching_1000_times_during_concurrent_runs_tiny(tiny, quiet):
@@ -213,7 +224,7 @@ def test_switching_1000_times_during_concurrent_runs_tiny(tiny, quiet):
     x = tiny_input()
     expected = {mode: m.executor(mode).run(x) for mode in m.modes}
     assert not np.array_equal(expected["performance"][0], expected["accuracy"][0])
-    counts = _check_concurrent_switching(m, x, expected, 1000, threads=4, pause_s=0.0002)
+    counts, _, _ = _check_concurrent_switching(m, x, expected, 1000, threads=4, pause_s=0.0002)
     assert min(counts.values()) > 50
 
 
@@ -372,6 +383,12 @@ def test_minilm_switching_1000_times_during_concurrent_runs(minilm_modes):
     m = runtime.load(minilm_modes["path"], trusted_keys=[minilm_modes["pub"]])
     feeds = minilm_modes["inputs"]
     expected = {mode: minilm_modes["singles"][mode].run(feeds) for mode in m.modes}
-    counts = _check_concurrent_switching(m, feeds, expected, 1000, threads=3, pause_s=0.001)
+    counts, longest_ms, run_ms = _check_concurrent_switching(m, feeds, expected, 1000,
+                                                              threads=3, pause_s=0.001)
     assert min(counts.values()) >= 3
+    assert longest_ms < run_ms   # "without a pause longer than one run"
+    st = m.stats()
+    print(f"weights in memory: {st['weight_bytes_all_modes']:,} B for both modes; "
+          f"{sum(s['weight_bytes'] for s in st['modes'].values()):,} B if each held its own")
+    assert st["weight_bytes_all_modes"] < sum(s["weight_bytes"] for s in st["modes"].values())
 
