@@ -392,3 +392,24 @@ def test_minilm_switching_1000_times_during_concurrent_runs(minilm_modes):
           f"{sum(s['weight_bytes'] for s in st['modes'].values()):,} B if each held its own")
     assert st["weight_bytes_all_modes"] < sum(s["weight_bytes"] for s in st["modes"].values())
 
+
+
+def test_mode_specs_are_compile_options_or_a_quantize_value():
+    from compiler.errors import NpuccError
+    from compiler.modes import DEFAULT_MODES, compile_modes, mode_options
+
+    assert mode_options("a", "int8") == {"quantize": "int8"}
+    assert mode_options("a", {"dense": "int8", "default": "float"}) == {
+        "quantize": {"dense": "int8", "default": "float"}}
+    opts = {"quantize": "int4", "prune": {"method": "2:4"}}
+    assert mode_options("a", opts) == opts
+    assert mode_options("p", DEFAULT_MODES["performance"])["quantize"]["attention"] == {
+        "precision": "int4", "group_size": 128}
+    with pytest.raises(NpuccError, match=r"mode 'a': unknown compile option\(s\) \['bogus'\]"):
+        mode_options("a", {"quantize": "int8", "bogus": 1})
+    with pytest.raises(NpuccError, match="mode 'a': expected compile options"):
+        mode_options("a", 8)
+    with pytest.raises(NpuccError, match="mode name 'x y' is not valid"):
+        compile_modes("m.onnx", modes={"x y": "int8"})
+    with pytest.raises(NpuccError, match=r"default mode 'c' is not one of \['a', 'b'\]"):
+        compile_modes("m.onnx", modes={"a": "int8", "b": "int4"}, default="c")
