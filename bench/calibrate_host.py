@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name, kind, half ("fit" or "held-out"); interleaved so each half has every kind
 MODELS = [
-    ("resnet18", "conv", "fit"), ("vgg11", "conv", "held-out"),
+    ("resnet18", "conv", "fit"), ("resnet50", "conv", "held-out"),
     ("squeezenet1_1", "conv", "held-out"), ("resnet34", "conv", "fit"),
     ("mobilenet_v2", "depthwise", "fit"), ("mobilenet_v3_large", "depthwise", "held-out"),
     ("mnasnet1_0", "depthwise", "held-out"), ("shufflenet_v2_x1_0", "depthwise", "fit"),

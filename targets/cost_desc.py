@@ -23,8 +23,8 @@ error_max = 1.48
 cpu = "..."                # detected-CPU targets only: the CPU the values were measured on
 ```
 
-``[cost.cpu] cache_speedup``: memory-bound CPU kernels move the bytes that sit in the CPU's
-last-level cache (detected for the host) this much faster than the DRAM roofline says.
+``[cost.cpu] cache_speedup``: memory-bound CPU kernels move activations that sit in the CPU's
+last-level cache (detected for the host) this many times as fast as they stream weights.
 
 A factor absent from the file is 1.0 (the plain roofline); ``launch_us`` defaults to the
 device's ``node_overhead_us`` and ``region_us`` to ``[npu] region_overhead_us`` (giving both
@@ -46,9 +46,10 @@ from typing import Any
 
 __all__ = ["OP_CLASSES", "CostTerms", "Calibration", "CostDesc", "parse_cost", "cpu_key"]
 
-# the classes the cost model tells apart (targets.cost_model): compute-bound nodes by kind
-# (conv, depthwise conv, dense/GEMM, attention, other element-wise work), and "memory": every
-# node whose roofline bound is DRAM bandwidth (copies, GEMV at batch 1, most element-wise ops)
+# the classes the cost model tells apart (targets.cost_model): convolutions (conv, depthwise),
+# compute-bound nodes by kind (dense/GEMM, attention, other element-wise work), and "memory":
+# every other node whose roofline bound is DRAM bandwidth (copies, GEMV at batch 1, most
+# element-wise ops)
 OP_CLASSES = ("conv", "depthwise", "dense", "attention", "elementwise", "memory")
 _TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "cache_speedup": float}
 _NPU_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "region_us": float}
@@ -66,8 +67,8 @@ class CostTerms:
     factors: Mapping[str, float]
     launch_us: float
     region_us: float = 0.0
-    # memory-bound CPU kernels move cache-resident bytes this much faster than the DRAM
-    # roofline says (cost_model.node_cost: which bytes; 1.0: no cache effect)
+    # memory-bound CPU kernels move cache-resident activations this many times as fast as
+    # they stream weights (cost_model.node_cost; 1.0: no difference; fitted, may be < 1)
     cache_speedup: float = 1.0
 
     def factor(self, op_class: str) -> float:

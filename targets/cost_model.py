@@ -13,13 +13,16 @@ Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) / factor[class] + lau
   description's ``efficiency``.
 - ``bytes``: operands + results + weights read by the node (float tensors at 2 bytes on an
   NPU). Views (reshape, identity) move nothing and cost nothing.
-- ``class``: ``memory`` for a node whose bound is DRAM bandwidth (data movement, GEMV at
-  batch 1, most element-wise ops), else its kind (:func:`op_class`): conv, depthwise, dense
+- ``class``: ``memory`` for a node other than a convolution whose bound is DRAM bandwidth
+  (data movement, GEMV at batch 1, most element-wise ops), else its kind
+  (:func:`op_class`): conv, depthwise, dense
   (GEMM with a weight operand), attention (matmul of two activations, softmax, fused
   attention), elementwise (everything else that computes); ``factor[class]`` is the fraction
   of the roofline bound that class achieves on this device (``[cost.cpu]`` / ``[cost.npu]``,
-  1.0 if uncalibrated), divided further by ``cache_speedup`` for memory-bound CPU nodes of a
-  graph that fits in the last-level cache; ``launch`` is the device's ``launch_us``.
+  1.0 if uncalibrated); on a CPU whose last-level cache is known, the activation bytes of a
+  memory-bound node that fit there move ``cache_speedup`` times as fast as streamed weights
+  (fitted; below 1 where such kernels are limited by more than bandwidth); ``launch`` is the
+  device's ``launch_us``.
 
 Plus, for a partitioned graph: each NPU region costs ``region_us`` (entry + exit), and each
 value crossing between CPU and NPU (graph inputs/outputs live on the CPU) is read and written
@@ -156,6 +159,9 @@ _CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d"})
 _DENSE = frozenset({"dense", "gemm", "qdense", "dense_wq", "dense_rows"})
 _MATMUL = frozenset({"matmul", "qmatmul"})
 _ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention"})
+# convolutions keep their class even when memory-bound: their schedule, not bandwidth, sets
+# their speed (a depthwise conv is memory-bound by the roofline and still compute-limited)
+_OWN_CLASS = frozenset({"conv", "depthwise"})
 
 
 def _is_const(v: Value) -> bool:
@@ -301,10 +307,10 @@ def node_cost(node: Node, desc: TargetDescription, device: str, resident: bool =
     """One node's row: ``{node, op, device, class, kind, flops, bytes, roofline_ms, ms, bound,
     cached}`` (``roofline_ms``: the uncalibrated bound; ``ms``: calibrated, with the launch
     cost). For a memory-bound CPU node, ``cached_ms`` is the part of ``roofline_ms`` moving
-    bytes that sit in the CPU's last-level cache (``cache_speedup`` applies to it): its
-    activations when they fit there (they were just written by the previous kernel), and
-    its weights when the whole graph fits (``resident``: runs after the first find them
-    there)."""
+    its activations when they fit in the CPU's last-level cache (the previous kernel just
+    wrote them there); ``cache_speedup`` applies to it, the ``memory`` factor to all of it.
+    ``resident`` (the whole graph fits in that cache) is recorded, not used: measured on the
+    host, weight streaming ran at the same speed whether or not the weights fit."""
     npu = desc.npu
     on_npu = device == NPU and npu is not None
     device = NPU if on_npu else CPU
@@ -319,14 +325,12 @@ def node_cost(node: Node, desc: TargetDescription, device: str, resident: bool =
         t_c = flops / device_peak_flops(desc, device, _work_dtype(node))
         t_m = nbytes / (desc.memory.dram_gbps * 1e9)
         roof = max(t_c, t_m) * 1e3
-        if t_m > t_c:
+        if t_m > t_c and kind not in _OWN_CLASS:
             cls = "memory"
         llc = llc_bytes(desc) if device == CPU and cls == "memory" else None
-        if llc is not None:
-            weights = sum(v.type.nbytes for v in node.inputs if _is_const(v))
-            acts = nbytes - weights
-            cached = (acts if acts <= llc else 0) + (weights if resident else 0)
-            cached_ms = cached / (desc.memory.dram_gbps * 1e9) * 1e3
+        if llc is not None:   # activations just written by the previous kernel
+            acts = nbytes - sum(v.type.nbytes for v in node.inputs if _is_const(v))
+            cached_ms = (acts if acts <= llc else 0) / (desc.memory.dram_gbps * 1e9) * 1e3
         f = terms.factor(cls)
         ms = ((roof - cached_ms) / f + cached_ms / (f * terms.cache_speedup)
               + terms.launch_us * 1e-3)
