@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from compiler.errors import PipelineError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.nn import ACTIVATIONS
 from compiler.ir.types import TensorType, is_float
@@ -312,7 +313,6 @@ def erf_gelu_tail(graph: Graph, v: Value) -> Node | None:
 def _check_activations(name: str, acts: tuple[str, ...]) -> None:
     bad = [a for a in acts if a not in _ALL_ACTS]
     if bad:
-        from compiler.errors import PipelineError
 
         raise PipelineError(f"{name}: unknown activation(s) {', '.join(bad)}; "
                             f"known: {', '.join(_ALL_ACTS)}")

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from compiler.errors import PipelineError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op, ops_with
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
@@ -247,7 +248,6 @@ class ToNHWC(Pass):
 
     def __post_init__(self) -> None:
         if self.kernel_layout not in ("OHWI", "HWIO"):
-            from compiler.errors import PipelineError
 
             raise PipelineError(f"to-nhwc: kernel-layout={self.kernel_layout!r} is not "
                                 "one of OHWI, HWIO")

@@ -102,7 +102,9 @@ from typing import Any, ClassVar
 from compiler.ir.graph import Graph
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from compiler.samples import resolve_samples
+from passes.pruning import heads, magnitude, structured
 from passes.pruning.common import PLAN_KEY, Plan, PruneError
+from passes.pruning.sensitivity import sensitivity_plan
 
 __all__ = ["Prune", "PruneError", "METHODS", "prune_graph"]
 
@@ -112,13 +114,11 @@ METHODS = ("magnitude", "2:4", "n:m", "channel", "head")
 def prune_graph(graph: Graph, options: dict, samples=None) -> tuple[int, Plan]:
     """Prune ``graph`` in place by ``options`` (the ``prune=`` dict); returns (layers or blocks
     changed, the plan)."""
-    from passes.pruning import heads, magnitude, structured
 
     method = str(options.get("method", "magnitude"))
     plan = Plan(method, dict(options))
     if method == "magnitude":
         if options.get("plan") == "sensitivity":
-            from passes.pruning.sensitivity import sensitivity_plan
 
             if not samples:
                 raise PruneError("plan='sensitivity' needs calibration samples: "

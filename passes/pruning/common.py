@@ -12,6 +12,7 @@ import numpy as np
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op
+from compiler.ir.types import TensorType
 
 __all__ = ["PruneError", "Layer", "layers", "layer_name", "set_const", "reinfer_types",
            "PLAN_KEY"]
@@ -74,7 +75,6 @@ def set_const(graph: Graph, node: Node, index: int, array: np.ndarray) -> Value:
 
 def reinfer_types(graph: Graph) -> None:
     """Recompute every non-const node's result types from its operands (after shrinking)."""
-    from compiler.ir.types import TensorType
 
     for n in graph.nodes:
         if n.op == "const":

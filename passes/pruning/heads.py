@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.interpreter import interpret
 from passes.pruning.common import PruneError, layer_name, reinfer_types, set_const
 
 __all__ = ["Attention", "find_attention", "head_importance", "prune_heads"]
@@ -167,7 +168,6 @@ def _contrib(graph: Graph, blocks: list[Attention], samples, mask_input: str | N
              means: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Mean norm of each head's contribution to its output projection; with ``means``, also
     fills ``means[block]`` with each head's mean contribution vector ``[H, N]``."""
-    from compiler.ir.interpreter import interpret
 
     where = {id(a.merge): i for i, a in enumerate(blocks)}
     acc: dict[int, np.ndarray] = {i: np.zeros(a.heads) for i, a in enumerate(blocks)}
@@ -215,7 +215,6 @@ def _err(got: list[np.ndarray], ref: list[np.ndarray], tw: Any) -> float:
 
 def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None,
               outputs: list[int] | None = None) -> dict[int, np.ndarray]:
-    from compiler.ir.interpreter import interpret
 
     def run(s):
         res = interpret(graph, s)

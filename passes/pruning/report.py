@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph
+from compiler.ir.interpreter import interpret
 
 __all__ = ["prune_report", "print_report", "output_error"]
 
@@ -51,7 +52,6 @@ def prune_report(source: Graph, pruned: Graph, plan: dict[str, Any] | None, run:
     """``run(inputs) -> outputs`` runs the pruned model (the compiled one); the unpruned
     reference is ``source`` on the reference interpreter. ``pruned`` is the graph after the
     passes (its conv/dense weights are counted)."""
-    from compiler.ir.interpreter import interpret
 
     before, nnz_before = _params(source)
     after, nnz_after = _params(pruned)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph
+from compiler.ir.interpreter import interpret
 from passes.pruning.magnitude import magnitude_mask, replace_weight, selected_layers
 
 __all__ = ["STEPS", "layer_sensitivity", "choose_sparsities", "sensitivity_plan",
@@ -40,7 +41,6 @@ def layer_sensitivity(graph: Graph, samples: list[dict[str, np.ndarray]],
                       ) -> dict[str, dict[str, Any]]:
     """``{layer: {"size": n, "errors": {sparsity: relative output error}}}``, each layer
     pruned alone (magnitude) and the others untouched."""
-    from compiler.ir.interpreter import interpret
 
     base = [interpret(graph, s) for s in samples]
     out: dict[str, dict[str, Any]] = {}

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.interpreter import interpret
 from compiler.ir.registry import get_op, ops_with
 from passes.pruning.common import PruneError, layer_name, reinfer_types, set_const
 
@@ -216,7 +217,6 @@ def channel_importance(graph: Graph, a: ChannelAnalysis, norm: str = "l1",
         flat = np.abs(w.reshape(w.shape[0], -1).astype(np.float64))
         out[g] = flat.sum(1) if norm == "l1" else np.sqrt((flat ** 2).sum(1))
     if samples:
-        from compiler.ir.interpreter import interpret
 
         where = {id(n): g for g, n in enumerate(a.producers)}
         acc: dict[int, np.ndarray] = {}

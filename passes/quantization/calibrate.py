@@ -28,6 +28,7 @@ import numpy as np
 
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph
+from compiler.ir.interpreter import interpret
 
 __all__ = ["TensorStats", "collect_stats", "calibrate", "select_range", "METHODS",
            "entropy_threshold"]
@@ -95,7 +96,6 @@ def collect_stats(graph: Graph, samples: Sequence[Mapping[str, np.ndarray]],
                   values: Iterable[str], *, progress: bool | None = None
                   ) -> dict[str, TensorStats]:
     """Run ``graph`` on every sample and gather statistics of the named values."""
-    from compiler.ir.interpreter import interpret
 
     wanted = set(values)
     stats = {name: TensorStats() for name in wanted}

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import NpuccError
-from compiler.ir.registry import ops_with
+from compiler.ir.registry import has_op, ops_with
 
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph, Node
@@ -162,7 +162,6 @@ def _group(key: str, value: Any) -> int:
 
 def parse_config(config: str | Mapping[str, Any] | QuantConfig | None) -> QuantConfig:
     """``"int8"`` / ``"int4"`` / a mapping (see the module docstring) -> QuantConfig."""
-    from compiler.ir.registry import has_op
 
     if isinstance(config, QuantConfig):
         return config

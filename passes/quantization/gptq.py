@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from compiler.errors import NpuccError
+from compiler.ir.interpreter import check_inputs, interpret
 
 __all__ = ["group_scales", "quantize_with_scales", "quantize_rtn", "gptq_quantize",
            "gptq_quantize_asym",
@@ -175,7 +176,6 @@ def capture_hessians(graph, samples: Sequence[Mapping[str, np.ndarray]],
                      value_names: Iterable[str]) -> dict[str, np.ndarray]:
     """``H = 2 X^T X / n`` (float64) for each named value of ``graph`` (rows = all leading
     positions of all samples), from one interpreter run per sample."""
-    from compiler.ir.interpreter import check_inputs, interpret
 
     names = set(value_names)
     acc: dict[str, np.ndarray] = {}

@@ -35,7 +35,16 @@ import numpy as np
 
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node
-from passes.quantization.config import PrecisionSpec
+from compiler.ir.interpreter import interpret
+from compiler.numeric import make_sample_inputs
+from compiler.pass_base import PassContext
+from passes.quantization.config import PrecisionSpec, plan_precisions
+from passes.quantization.weight_only import (
+    HESSIAN_KEY,
+    dense_weight,
+    effective_group,
+    quantize_graph,
+)
 
 __all__ = ["plan_budget", "Layer", "measure_sensitivity", "choose", "BudgetError",
            "plan_table", "layer_bytes", "CANDIDATES", "output_error"]
@@ -79,7 +88,6 @@ def snr_db(noise: float) -> float:
 
 
 def layer_bytes(graph: Graph, node: Node, precision: str, group: int) -> int:
-    from passes.quantization.weight_only import dense_weight, effective_group
 
     w = dense_weight(graph, node)
     n, k = w.shape
@@ -103,7 +111,6 @@ def _int8_ok(graph: Graph, node: Node) -> bool:
 
 def find_layers(graph: Graph, plan: Mapping[Node, PrecisionSpec],
                 candidates: Sequence[str] = CANDIDATES) -> list[Layer]:
-    from passes.quantization.weight_only import dense_weight
 
     groups: dict[str, list[Node]] = {}
     for node in graph.nodes:
@@ -144,9 +151,6 @@ def measure_sensitivity(graph: Graph, plan: Mapping[Node, PrecisionSpec],
                         layers: Sequence[Layer], samples: Sequence[Mapping[str, np.ndarray]],
                         ctx: Any = None) -> None:
     """Fill ``layer.noise`` / ``layer.cosine`` per candidate (each layer quantized alone)."""
-    from compiler.ir.interpreter import interpret
-    from compiler.pass_base import PassContext
-    from passes.quantization.weight_only import HESSIAN_KEY, quantize_graph
 
     refs = [interpret(graph, s) for s in samples]
     shared = {HESSIAN_KEY: ctx.options.get(HESSIAN_KEY, {})} if ctx is not None else {}
@@ -233,8 +237,6 @@ def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
                 ) -> dict[Node, PrecisionSpec]:
     """The ``quantize`` pass's hook: ``plan`` with each weight layer's precision chosen to fit
     ``budget_mb`` (MB = 2^20 bytes) with the least total sensitivity."""
-    from compiler.numeric import make_sample_inputs
-    from passes.quantization.config import plan_precisions
 
     samples = list(getattr(ctx, "sample_inputs", None) or [])
     if not samples:
@@ -274,8 +276,6 @@ def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
 def _weights_outside(graph: Graph, plan: Mapping[Node, PrecisionSpec], layer_nodes: set[int],
                      samples: Sequence[Mapping[str, np.ndarray]], ctx: Any) -> int:
     """Bytes of the weights not read by the chosen layers, after the rest of the plan."""
-    from compiler.pass_base import PassContext
-    from passes.quantization.weight_only import quantize_graph
 
     cfg = _config_for({n: s for n, s in plan.items() if id(n) not in layer_nodes}, [], {})
     g = graph.copy()

@@ -32,6 +32,10 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph, Node
+from compiler.ir.interpreter import check_inputs, interpret, run_node
+from compiler.numeric import make_sample_inputs
+from compiler.pass_manager import run_pipeline
+from compiler.pipeline import parse_pipeline
 
 __all__ = ["build_report", "write_report", "render_html", "heatmap_png", "QUANT_OPS"]
 
@@ -116,7 +120,6 @@ def build_report(float_graph: Graph, quant_graph: Graph,
                  samples: Sequence[Mapping[str, np.ndarray]], *,
                  plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compare ``quant_graph`` with ``float_graph`` on ``samples`` (see the module doc)."""
-    from compiler.ir.interpreter import check_inputs, interpret, run_node
 
     ftypes = {v.name: v.type for v in float_graph.values()}
     fnodes = {o.name: n for n in float_graph.nodes for o in n.outputs}
@@ -281,8 +284,6 @@ def float_reference(source: Graph, target: Any) -> Graph:
     """``source`` through ``target``'s default pipeline up to where ``compile`` puts the
     ``quantize`` pass (before ``partition``, after the layout passes): the float graph the
     ``quantize`` pass saw (without pruning)."""
-    from compiler.pass_manager import run_pipeline
-    from compiler.pipeline import parse_pipeline
 
     passes = parse_pipeline(target.default_pipeline)
     at = next((i for i, p in enumerate(passes) if p.name == "partition"), len(passes))
@@ -294,7 +295,6 @@ def model_report(source: Graph, quant_graph: Graph, target: Any,
                  plan: Mapping[str, Any] | None = None, count: int = 4) -> dict[str, Any]:
     """:func:`build_report` of ``quant_graph`` against ``source``'s float pipeline; random
     samples (``count``) when none are given."""
-    from compiler.numeric import make_sample_inputs
 
     float_graph = float_reference(source, target)
     if not samples:

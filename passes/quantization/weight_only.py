@@ -29,8 +29,10 @@ import numpy as np
 from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.quant_weight import pack_int4
+from compiler.pass_base import PassContext
 from passes.quantization.config import PrecisionSpec
 from passes.quantization.gptq import capture_hessians, gptq_quantize, quantize_rtn
+from passes.quantization.insert import InsertQuantize, precision_text
 
 __all__ = ["apply", "dense_weight", "effective_group", "quantize_graph", "WEIGHT_ONLY_OPS",
            "HESSIAN_KEY"]
@@ -215,8 +217,6 @@ def quantize_graph(graph: Graph, config: Any, samples: Sequence[Mapping[str, np.
                    | None = None, *, ctx: Any = None) -> Graph:
     """A quantized copy of ``graph`` through the ``quantize`` pass with ``config`` (the
     ``quantize=`` value of ``compile``) and calibration ``samples``."""
-    from compiler.pass_base import PassContext
-    from passes.quantization.insert import InsertQuantize, precision_text
 
     if ctx is None:
         ctx = PassContext(sample_inputs=list(samples) if samples else None)
