@@ -43,6 +43,9 @@ def configure_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--sign-key", default=None, metavar="KEY",
                    help="sign the package with this private key (npucc keygen)")
+    p.add_argument("--model-version", default=None, metavar="VERSION",
+                   help="the model's version in the manifest (\"3\", \"1.4.0\"); npucc update "
+                   "refuses to install an older version over a newer one")
     p.add_argument("--password-env", default=None, metavar="VAR",
                    help="the environment variable holding the signing key's password")
     p.set_defaults(func=_cmd_compile)
@@ -74,7 +77,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     m = compile_model(args.model, args.target, args.pipeline, debug or None,
                       input_shapes=shapes or None, progress=not args.no_progress,
                       outputs=args.outputs.split(",") if args.outputs else None,
-                      cpu=args.cpu)
+                      cpu=args.cpu, version=args.model_version)
     out = m.save(args.output, sign_key=key)
     s = m.stats()
     summ = m.summary()["nodes_per_device"]

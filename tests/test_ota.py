@@ -262,6 +262,15 @@ def test_manifest_version_is_optional_and_checked(world, tmp_path):
         load(inst)
 
 
+def test_compile_model_version_from_the_shell(tmp_path, capsys):
+    onnx = ROOT / "examples" / "digits_cnn.onnx"
+    out = tmp_path / "d.npkg"
+    assert main(["compile", str(onnx), "-o", str(out), "--no-progress",
+                 "--model-version", "2.x"]) == 1
+    assert "model version \"2.x\" is not a version" in capsys.readouterr().err
+    assert not out.exists()   # refused before the work (a good version: the decoder cases)
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
