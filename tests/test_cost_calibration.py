@@ -268,3 +268,49 @@ def test_estimate_carries_the_band_and_profile_measures(tmp_path):
     path = write_measurements(tmp_path / "p.json", entries, m.target, source="test")
     doc = read_measurements(path)
     assert doc["target"] == "kirin990" and len(doc["measurements"]) == len(entries)
+
+
+# -- the LLM decode estimate uses the same model --------------------------------------------------
+def decode_graph(ctx: int = 512, d: int = 256, heads: int = 4) -> Graph:
+    rng = np.random.default_rng(0)
+    dh = d // heads
+    g = Graph("decode")
+    x = g.add_input("x", TensorType((1, d), "f32"))
+    kc = g.add_input("k_cache", TensorType((ctx, heads, dh), "f32"))
+    vc = g.add_input("v_cache", TensorType((ctx, heads, dh), "f32"))
+    pos = g.add_input("pos", TensorType((1,), "i32"))
+    w = {n: g.add_weight(n, rng.standard_normal((d, d)).astype(np.float32))
+         for n in ("wq", "wk", "wv", "wo")}
+    q, k, v = (g.add("reshape", g.add("dense", x, w[n]), shape=[1, heads, dh])
+               for n in ("wq", "wk", "wv"))
+    kc2 = g.add("kv_write", kc, k, pos)
+    vc2 = g.add("kv_write", vc, v, pos)
+    a = g.add("cached_attention", q, kc2, vc2, pos, scale=dh ** -0.5)
+    g.outputs = [g.add("dense", a, w["wo"])]
+    verify(g)
+    return g
+
+
+def test_decode_estimate_reads_the_kv_cache_up_to_the_position():
+    from targets.llm_cost import decode_estimate, decode_ms_per_token
+
+    g = decode_graph()
+    kirin = load_target("kirin990")
+    early, late = decode_estimate(g, kirin, position=0), decode_estimate(g, kirin)
+    assert late["position"] == 511 and early["position"] == 0
+    assert early["weights_ms"] == pytest.approx(late["weights_ms"])
+    assert late["kv_ms"] > 10 * early["kv_ms"] > 0
+    assert late["ms_per_token"] == pytest.approx(
+        late["weights_ms"] + late["kv_ms"] + late["fixed_ms"])
+    assert late["band"] == kirin.cost.band() and "ms/token at position 511" in late["summary"]
+    # kv_write costs the new rows, not the whole static cache; the full-cache estimate of
+    # the plain graph is larger
+    assert decode_estimate(g, kirin)["ms_per_token"] < estimate(g, kirin)["latency_ms"]
+    # from sizes alone: weights streamed at the calibrated bandwidth, KV read to the position
+    mem = kirin.cost.cpu.factor("memory")
+    s = decode_ms_per_token(kirin, weight_bytes=4 * 256 * 256 * 4, kv_bytes_per_position=2048,
+                            position=99, layers=1, kernels_per_layer=8)
+    bw = kirin.memory.dram_gbps * 1e9 * mem
+    assert s["weights_ms"] == pytest.approx(4 * 256 * 256 * 4 / bw * 1e3)
+    assert s["kv_ms"] == pytest.approx(2048 * 100 / bw * 1e3)
+    assert s["fixed_ms"] == pytest.approx(8 * kirin.cost.cpu.launch_us * 1e-3)
