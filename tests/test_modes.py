@@ -120,6 +120,11 @@ def test_signed_two_mode_package_verifies_and_refuses_tampering(tiny, tmp_path):
     from compiler.cli import main
 
     assert main(["verify", str(path), "--public-key", str(pub)]) == 0
+    # and npucc sign signs an unsigned two-mode package in place
+    unsigned = merge_packages({"performance": tiny["perf"], "accuracy": tiny["acc"]}).save(
+        tmp_path / "u.npkg")
+    assert main(["sign", str(unsigned), "--key", str(key)]) == 0
+    assert runtime.load(unsigned, trusted_keys=[pub]).modes == ["performance", "accuracy"]
     # the second mode's library is covered by the signature like every other file
     lib = path / "modes" / "accuracy.kernels.so"
     lib.write_bytes(lib.read_bytes() + b"\0")
