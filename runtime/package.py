@@ -29,6 +29,9 @@ Manifest, format version 1 (every key below is written; readers ignore unknown k
     weight_encoding: {key: {encoding: "bitmask" | "csr", dtype, shape, nnz}}   (optional)
               weights stored sparse (``runtime/sparse.py``); a package with this key has
               format version 2, and ``Package.weights()`` expands them (exactly) at load
+    modes:    {default, order, plans: {mode: {library, extra_files, [target, steps, tensors,
+               memory], report}}}   (optional) other plans of the same model, switched at run
+              time; the top level is the default mode's plan (``runtime/modes.py``)
     files:    {filename: {sha256, bytes}}
               besides kernels.so and weights.safetensors: extra files of the package
               (``Package.extra_files``), possibly in a subdirectory, e.g.
