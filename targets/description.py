@@ -22,6 +22,8 @@ from types import MappingProxyType
 from typing import Any
 
 from compiler.errors import NpuccError
+from compiler.ir.registry import all_ops
+from compiler.ir.types import DTYPES
 from targets.cost_desc import CostDesc, parse_cost
 
 __all__ = ["TargetError", "TargetDescription", "CpuDesc", "Cluster", "NpuDesc", "NpuOp",
@@ -350,7 +352,6 @@ def _parse_npu(r: _Reader, raw: dict[str, Any]) -> NpuDesc:
     max_rank = t.get("max_rank", 4)
     max_batch = t.get("max_batch")
     ops = {}
-    from compiler.ir.registry import all_ops
 
     registered = all_ops()
     valid_ops = sorted(k for k in registered if k != "const")
@@ -452,7 +453,6 @@ class _Reader:
             self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
     def dtypes(self, values: list[Any], key: str) -> tuple[str, ...]:
-        from compiler.ir.types import DTYPES
 
         for v in values:
             if not isinstance(v, str) or v not in DTYPES:

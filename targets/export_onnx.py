@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.interpreter import interpret
+from compiler.ir.serialize import atomic_write
 from compiler.ir.types import is_float
 from targets.onnx_writer import (
     IR_VERSION,
@@ -113,7 +115,6 @@ def random_inputs(graph: Graph, n: int, seed: int = 0) -> list[dict[str, np.ndar
 def calibrate(graph: Graph, samples: Iterable[Mapping[str, Any]],
               names: set[str] | None = None) -> dict[str, tuple[float, float]]:
     """min/max of every float value (of ``names``, default all) over the interpreted samples."""
-    from compiler.ir.interpreter import interpret
 
     ranges: dict[str, tuple[float, float]] = {}
 
@@ -202,7 +203,6 @@ def export_regions(graph: Graph, out_dir: str | Path | None = None, *, target: A
         path = None
         if out_dir is not None:
 
-            from compiler.ir.serialize import atomic_write
 
             path = Path(out_dir) / f"region{rid}.onnx"
             atomic_write(path, model.SerializeToString())

@@ -12,6 +12,7 @@ import numpy as np
 from compiler.errors import NpuccError
 from compiler.ir import onnx_names
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.types import to_numpy_dtype
 
 __all__ = ["ExportError", "OPSET", "IR_VERSION", "SUPPORTED_OPS", "Writer", "value_info"]
 
@@ -403,7 +404,6 @@ class Writer:
 def _onnx_dtype(dtype: str) -> int:
     from onnx import helper
 
-    from compiler.ir.types import to_numpy_dtype
 
     return helper.np_dtype_to_tensor_dtype(np.dtype(to_numpy_dtype(dtype)))
 

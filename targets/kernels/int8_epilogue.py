@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from compiler.ir.ops.quant import qrange
 from targets.kernels._te import tvm_dtype
 from targets.kernels.base import KernelRequest
 
@@ -42,7 +43,6 @@ def int_bounds(attrs: dict[str, Any], out_dt: str, y_scale, y_zp):
     """Integer clamp bounds (TIR exprs, int64) of a fused activation on the result."""
     from tvm import te, tirx
 
-    from compiler.ir.ops.quant import qrange
 
     qlo, qhi = qrange(out_dt)
     lo, hi = tirx.const(qlo, "int64"), tirx.const(qhi, "int64")

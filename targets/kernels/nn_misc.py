@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from compiler.ir.ops.nn_resize import resize_axis
 from targets.kernels._te import (
     PARALLEL_MIN,
     broadcast_index,
@@ -368,7 +369,6 @@ def pad(req: KernelRequest) -> KernelImpl:
 def _resize_tables(req: KernelRequest) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """Per resized axis: (axis, taps[out_len, T] int32, weights[out_len, T] f32), from the
     op's own reference applied to an identity matrix (so every mode matches it)."""
-    from compiler.ir.ops.nn_resize import resize_axis
 
     xt, out = req.input_types[0], req.output_types[0]
     tables = []

@@ -10,6 +10,7 @@ requantization, bit-exact with the reference interpreter.
 
 from __future__ import annotations
 
+from compiler.ir.ops.quant import qrange
 from compiler.ir.types import TensorType
 from targets.kernels._te import generic, placeholders, prim_func, tvm_dtype
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
@@ -158,7 +159,6 @@ def _param(p, idx, axis: int, rank: int, ptype: TensorType):
 def quantize(req: KernelRequest) -> KernelImpl:
     from tvm import te, tirx
 
-    from compiler.ir.ops.quant import qrange
 
     xt = req.input_types[0]
     X, S, Z = placeholders(req)

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from compiler.ir.ops.shape import slice_parts
+from compiler.ir.registry import get_op
 from targets.kernels._te import (
     broadcast_index,
     generic,
@@ -124,7 +126,6 @@ def split(req: KernelRequest) -> KernelImpl:
 def slice_(req: KernelRequest) -> KernelImpl:
     from tvm import te
 
-    from compiler.ir.ops.shape import slice_parts
 
     (X,) = placeholders(req)
     xt, out = req.input_types[0], req.output_types[0]
@@ -241,7 +242,6 @@ def table(req: KernelRequest) -> KernelImpl:
     """Results that depend on attributes alone: computed now, copied at run time."""
     from tvm import te
 
-    from compiler.ir.registry import get_op
 
     out = req.output_types[0]
     xs = [np.zeros(t.shape, t.np_dtype) for t in req.input_types]
