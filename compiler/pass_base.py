@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from compiler.ir.graph import Graph
 
-__all__ = ["Pass", "PassResult", "PassContext", "register_pass", "pass_registry", "lookup_pass", "format_option_value", "load_plugin", "plugin_of"]
+__all__ = ["Pass", "PassResult", "PassContext", "register_pass", "pass_registry", "json_option", "lookup_pass", "format_option_value", "load_plugin", "plugin_of"]
 
 
 @dataclass
@@ -98,6 +98,18 @@ def format_option_value(v: Any) -> str:
         return repr(v)
     s = str(v)
     return s if _BARE.match(s) and s.lower() != "none" else json.dumps(s)
+
+
+def json_option(value: Any) -> str:
+    """A mapping as the text of a JSON-object option (``quantize{precision=...}``,
+    ``prune{config=...}``): key order kept, numpy scalars and arrays as numbers and lists.
+    Raises TypeError for values JSON cannot hold."""
+    def default(v: Any) -> Any:
+        if hasattr(v, "tolist"):   # numpy scalars and arrays
+            return v.tolist()
+        raise TypeError(f"{type(v).__name__} is not JSON serializable")
+
+    return json.dumps(value, separators=(",", ":"), default=default)
 
 
 _PASSES: dict[str, type[Pass]] = {}

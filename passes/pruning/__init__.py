@@ -100,7 +100,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from compiler.ir.graph import Graph
-from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from compiler.pass_base import Pass, PassContext, PassResult, json_option, register_pass
 from compiler.samples import resolve_samples
 from passes.pruning import heads, magnitude, structured
 from passes.pruning.common import PLAN_KEY, Plan, PruneError
@@ -178,7 +178,7 @@ class Prune(Pass):
         kwargs = {k: opts.pop(k) for k in cls.FIELDS if k in opts}
         kwargs["sparsity"] = float(kwargs.get("sparsity", 0.5))
         try:
-            config = json.dumps(opts, separators=(",", ":")) if opts else ""
+            config = json_option(opts) if opts else ""
         except TypeError as e:
             raise PruneError(f"prune=: the dict must hold only JSON values so the pipeline "
                              f"text can carry it: {e}") from None

@@ -36,7 +36,7 @@ from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.ops.quant import qrange
 from compiler.numeric import make_sample_inputs
-from compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from compiler.pass_base import Pass, PassContext, PassResult, json_option, register_pass
 from compiler.samples import resolve_samples
 from passes.quantization.calibrate import (
     METHODS,
@@ -80,17 +80,11 @@ def precision_text(config: Any) -> str:
         raise NpuccError(f"quantize= takes a preset name or a mapping, got "
                          f"{type(config).__name__}")
     try:
-        return json.dumps(config, separators=(",", ":"), default=_json_value)
+        return json_option(config)
     except TypeError as e:
         raise NpuccError(f"quantize=: the mapping must hold only JSON values (strings, "
                          f"numbers, lists, dicts) so the pipeline text can carry it: {e}") \
             from None
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def weight_axis(node: Node) -> int:
