@@ -31,8 +31,8 @@ device's ``node_overhead_us`` and ``region_us`` to ``[npu] region_overhead_us`` 
 for one device is refused: a fact has one home).
 
 A target whose CPU is detected (``host``) cannot hold one CPU's figures as facts: its
-``[cost] per_cpu = "data/host_cost"`` names a folder of calibrations, each recorded with the
-CPU it was measured on (``[cost.calibration] cpu``); the one whose CPU is this machine's is
+``[cost] per_cpu = "data/host_cost"`` names a folder of calibrations (next to the file, else
+among the built-in targets), each recorded with the CPU it was measured on (``[cost.calibration] cpu``); the one whose CPU is this machine's is
 used, and with none the estimate is the uncalibrated roofline and says so.
 """
 
@@ -161,6 +161,18 @@ def _calibration(r: Any, raw: Any, section: str) -> Calibration:
     return Calibration(**t)
 
 
+def _calibration_folder(base_dir: Path, rel: str) -> Path | None:
+    """``rel`` next to the target file, else among the built-in targets (a copy of host.toml
+    elsewhere keeps this machine's calibration)."""
+    from targets.description import TARGETS_DIR
+
+    for root in (base_dir, TARGETS_DIR):
+        folder = (root / rel).resolve()
+        if folder.is_dir():
+            return folder
+    return None
+
+
 def parse_cost(r: Any, raw: Mapping[str, Any] | None, cpu: Any, npu: Any,
                raw_cpu: Mapping[str, Any], raw_npu: Mapping[str, Any] | None,
                base_dir: Path, _depth: int = 0) -> CostDesc:
@@ -196,9 +208,10 @@ def parse_cost(r: Any, raw: Mapping[str, Any] | None, cpu: Any, npu: Any,
                         note=f"its calibration was measured on {cal.cpu}, this is {key}",
                         file=r.file)
     if "per_cpu" in t and _depth == 0:
-        folder = (base_dir / t["per_cpu"]).resolve()
-        if not folder.is_dir():
-            r.fail("[cost] per_cpu", f"no such folder: {folder}")
+        folder = _calibration_folder(base_dir, t["per_cpu"])
+        if folder is None:
+            return replace(cost, note=f"no calibration folder {t['per_cpu']!r} next to "
+                           f"{r.file} or among the built-in targets")
         for path in sorted(folder.glob("*.toml")):
             data = tomllib.loads(path.read_text(encoding="utf-8"))
             found = data.get("cost", {}).get("calibration", {}).get("cpu")

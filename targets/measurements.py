@@ -1,8 +1,8 @@
 """Measurement files: measured latencies, each with the cost-model terms it is fitted against.
 
 ```json
-{"format": "npucc-measurements/1", "target": "host", "device": "AMD EPYC 9R14 (znver4, 2 threads)",
- "cpu": "...", "date": "2026-12-07", "source": "m.profile(), median of 20 runs",
+{"format": "npucc-measurements/1", "target": "host", "device": "<brand> (<LLVM cpu>, 2 threads)",
+ "cpu": "<the same>", "date": "2026-12-07", "source": "m.profile(), median of 20 runs",
  "measurements": [
    {"name": "resnet18", "kind": "model", "ms": 21.4, "weight": 1.0, "group": "resnet18",
     "terms": {"cpu": {"conv": 3.1, "elementwise": 0.2, "launches": 31}, "fixed_ms": 0.0}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,13 @@ def test_a_fixed_cost_has_one_home(tmp_path):
     assert plain.cost.band() == "uncalibrated roofline"
 
 
+def test_a_copied_host_target_keeps_finding_its_calibrations(tmp_path):
+    copy = load_target(write(tmp_path, HOST, "copy.toml"))
+    assert copy.cost.band() == load_target("host").cost.band()
+    gone = load_target(write(tmp_path, HOST.replace('"data/host_cost"', '"nowhere"'), "g.toml"))
+    assert gone.cost.band().startswith("uncalibrated roofline (no calibration folder 'nowhere'")
+
+
 def test_no_npu_no_npu_costs(tmp_path):
     text = HOST.replace("[memory]", "[cost.npu]\nconv = 0.5\n\n[memory]")
     with pytest.raises(TargetError, match=r"\[cost.npu\]: this target has no \[npu\] section"):
@@ -166,8 +174,9 @@ def test_host_calibrations_are_per_cpu(tmp_path):
     cal = ('[cost.cpu]\nconv = 0.25\nlaunch_us = 4.0\n[cost.calibration]\ncpu = "{cpu}"\n'
            'n = 5\nerror_kind = "held-out"\nerror_median = 1.1\nerror_max = 1.4\n')
     (folder / "other.toml").write_text(cal.format(cpu="Some Other CPU (zen9, 64 threads)"))
-    base = HOST[:HOST.index("\n[cost]")] if "\n[cost]" in HOST else HOST
+    base = re.sub(r"(?ms)^\[cost\]\n.*?\n\n", "", HOST)   # host.toml without its [cost]
     base = "\n".join(ln for ln in base.splitlines() if not ln.startswith("node_overhead_us"))
+    assert "[memory]" in base and "per_cpu" not in base
     target = write(tmp_path, base + '\n[cost]\nper_cpu = "cal"\n', "host.toml")
     t = load_target(target)
     assert not t.cost.calibrated and "no calibration in" in t.cost.band() and key in t.cost.band()
