@@ -12,12 +12,12 @@ bytes against the two single packages, that each mode of it is bitwise its singl
 and what the always-on metrics cost per run (run with recording on vs off, interleaved).
 
 Measured on a shared 2-core AMD EPYC (LLVM znver4: AVX-512 + VNNI) while other jobs ran (load
-average 8 -> 14), seq 128, batch 8: performance 21,792,068 B, embedding cosine vs torch 0.9787
-worst / 0.9805 mean, host 890 ms, kirin990 estimate 234.8 ms (168 NPU / 73 CPU nodes);
-accuracy 37,758,077 B, 0.9992 / 0.9995, 2199 ms, 223.6 ms (111 / 122); two-mode package
-47,569,049 B = 0.799x the two; both modes bitwise their single compiles; metrics 2.4 us per
-recorded run. (The working tree's quantizer was being changed by others meanwhile: an earlier
-run gave worse cosines for both modes, 0.92-0.95.)
+average 14.6 -> 19.1), seq 128, batch 8, after the kirin990 [cost] refit of 12eacfa:
+performance 21,792,068 B, embedding cosine vs torch 0.9787 worst / 0.9805 mean, host 983 ms,
+kirin990 estimate 248.9 ms (168 NPU / 73 CPU nodes); accuracy 37,746,540 B, 0.9994 / 0.9995,
+2321 ms, 232.9 ms (107 / 124); two-mode package 47,557,316 B = 0.799x the two; both modes
+bitwise their single compiles; metrics 2.55 us per recorded run. (The working tree's quantizer
+was being changed by others meanwhile: one earlier run gave worse cosines, 0.92-0.95.)
 """
 
 from __future__ import annotations
