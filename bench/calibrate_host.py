@@ -4,11 +4,11 @@
 
 Compiles ten models for ``host`` (conv nets, depthwise nets, transformers, MLPs; torchvision
 and transformers architectures with random weights, batch 1), profiles each ``--rounds``
-times (``m.profile``: the median of ``--repeat`` calls of every kernel per round; models
-interleaved so that load from other processes spreads over all of them) and keeps, per
-kernel, the lowest of the per-round medians (``--across median`` for their median: on a
-shared machine other jobs only ever add time, and two-thread kernels stall whenever one of
-their threads is descheduled). A model's time is the sum of its kernels' times. It then fits ``[cost.cpu]`` on the per-kernel and per-model times of the FIT half,
+times (``m.profile``: the median of ``--repeat`` calls of every kernel per round, by default
+one call; models interleaved so that load from other processes spreads over all of them) and
+keeps, per kernel, the lowest of the per-round times (``--across median`` for their median:
+on a shared machine other jobs only ever add time, and two-thread kernels stall whenever one
+of their threads is descheduled). A model's time is the sum of its kernels' times. It then fits ``[cost.cpu]`` on the per-kernel and per-model times of the FIT half,
 predicts the HELD-OUT half, and prints predicted vs measured per model with the error
 distribution (ratio ``max(pred/meas, meas/pred)``: median and max). Finally it fits on all
 ten and prints the leave-one-out errors, which become the calibration's error band.
@@ -116,7 +116,8 @@ def measure(rounds: int, repeat: int, across: str) -> dict[str, list[dict]]:
     runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in MODELS}
     for r in range(rounds):
         for name, (m, feeds) in compiled.items():
-            runs[name].append(profile_measurements(m, feeds, name, repeat=repeat))
+            runs[name].append(profile_measurements(m, feeds, name, repeat=repeat,
+                                                   warmup=1 if r == 0 else 0))
         print(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {runs[n][-1][0]['ms']:.2f}" for n in runs), flush=True)
     pick = min if across == "min" else statistics.median
@@ -150,8 +151,8 @@ def report(title: str, rows: list[tuple[str, float, float]]) -> dict[str, float]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--across", choices=("min", "median"), default="min",
                     help="how the per-round medians combine (default min: other jobs only "
                     "ever add time)")
