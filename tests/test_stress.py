@@ -13,7 +13,8 @@ import pytest
 from compiler.cli import main
 from runtime.stress import input_variants, random_inputs, stress
 
-RUNS = 200   # the CLI's default is 10000; 200 keeps each model's test near 20 s on 2 cores
+RUNS = 100   # after a warm-up of 100; the CLI default is 10000 (full-size runs: README)
+WARMUP = ["--warmup", "100"]
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +47,21 @@ def minilm_pkg(tmp_path_factory, minilm_model):
 
 @pytest.mark.slow
 def test_stress_mobilenet_v2_100_callers(mobilenet_pkg, capsys):
-    assert main(["stress", str(mobilenet_pkg), "--concurrency", "100", "--runs", str(RUNS)]) == 0
+    assert main(["stress", str(mobilenet_pkg), "--concurrency", "100", "--runs", str(RUNS),
+                 *WARMUP]) == 0
     out = capsys.readouterr().out
     assert f"{RUNS} runs from 100 concurrent callers" in out
-    assert f"bit-identical to single-threaded runs: {RUNS + 200}/{RUNS + 200}" in out
+    assert f"bit-identical to single-threaded runs: {RUNS + 100}/{RUNS + 100}" in out
     assert out.rstrip().endswith("OK")
 
 
 @pytest.mark.slow
 def test_stress_minilm_100_callers_real_sentence(minilm_pkg, capsys):
     pkg, inputs = minilm_pkg
-    assert main(["stress", str(pkg), "--concurrency", "100", "--runs", str(RUNS), *inputs]) == 0
+    assert main(["stress", str(pkg), "--concurrency", "100", "--runs", str(RUNS), *WARMUP,
+                 *inputs]) == 0
     out = capsys.readouterr().out
-    assert f"bit-identical to single-threaded runs: {RUNS + 200}/{RUNS + 200}" in out
+    assert f"bit-identical to single-threaded runs: {RUNS + 100}/{RUNS + 100}" in out
     assert "0 mismatches, 0 errors" in out and out.rstrip().endswith("OK")
 
 
