@@ -217,6 +217,7 @@ def main() -> int:
 
 def _save(entries, host, key, loo, base) -> None:
     import datetime
+    import os
 
     from targets.calibration import fit_cost, render_cost_section
     from targets.cost_desc import Calibration
@@ -238,8 +239,10 @@ def _save(entries, host, key, loo, base) -> None:
     text = render_cost_section(fit, cal, f"fitted on {len(entries)} measurements of "
                                f"{loo['n']} models profiled on {key}")
     out = folder / f"{slug}.toml"
-    out.write_text("# The host cost model's calibration for ONE CPU (named in [cost.calibration]"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("# The host cost model's calibration for ONE CPU (named in [cost.calibration]"
                    " cpu);\n# host.toml uses it only on that CPU.\n" + text, encoding="utf-8")
+    os.replace(tmp, out)   # atomically: a reader sees the old calibration or the new one
     print(f"wrote {meas} and {out}")
 
 

@@ -100,6 +100,7 @@ def write_measurements(path: str | os.PathLike, entries: Sequence[dict[str, Any]
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make a shared data file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
