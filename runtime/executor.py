@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .package import Package
 from .runners import on_runner
 
-__all__ = ["Executor", "Profile", "StepTime", "load", "pack_weights"]
+__all__ = ["Executor", "Profile", "StepTime", "check_inputs", "load", "pack_weights"]
 
 
 def _aligned_bytes(nbytes: int) -> np.ndarray:
@@ -224,41 +224,7 @@ class Executor:
         return [(n, s, np.dtype(d)) for n, s, d in self._inputs]
 
     def _feeds(self, inputs: Any) -> list[tuple[str, np.ndarray]]:
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            unknown = sorted(set(inputs) - set(names))
-            if unknown:
-                raise InputError(f"unknown input(s) {unknown}; the model's inputs are {names}")
-            missing = [n for n in names if n not in inputs]
-            if missing:
-                raise InputError(f"missing input(s) {missing}; the model's inputs are {names}")
-            given = [inputs[n] for n in names]
-        elif isinstance(inputs, (list, tuple)):
-            if len(inputs) != len(names):
-                raise InputError(f"{len(inputs)} inputs given; the model takes {len(names)}: "
-                                 f"{names}")
-            given = list(inputs)
-        elif len(names) == 1:
-            given = [inputs]
-        else:
-            raise InputError(f"the model takes {len(names)} inputs {names}: pass a dict or a list")
-        feeds = []
-        for (name, shape, dtype), x in zip(self._inputs, given, strict=True):
-            short = _dtypes.canonical(dtype)
-            if not isinstance(x, np.ndarray):
-                try:
-                    x = np.asarray(x, dtype=dtype)
-                except (TypeError, ValueError) as e:
-                    raise InputError(f"input {name!r}: cannot convert {type(x).__name__} to "
-                                     f"{short}{list(shape)}: {e}") from e
-            if x.dtype != dtype:
-                raise InputError(f"input {name!r} has dtype {x.dtype}; expected {dtype} "
-                                 f"({short}{list(shape)}) — convert with .astype(np.{dtype})")
-            if x.shape != shape:
-                raise InputError(f"input {name!r} has shape {list(x.shape)}; expected "
-                                 f"{list(shape)} ({short})")
-            feeds.append((name, x))
-        return feeds
+        return check_inputs(self._inputs, inputs)
 
     def run(self, inputs: Any, check_finite: bool = False) -> list[np.ndarray]:
         """Run once. ``inputs``: ``{name: array}``, a list in graph order, or the array itself
@@ -377,6 +343,48 @@ class Executor:
     def __repr__(self) -> str:
         return (f"<Executor {self.input_names} -> {self.output_names}: {len(self._steps)} steps, "
                 f"arena {self._arena_bytes} B>")
+
+
+def check_inputs(spec: list[tuple[str, tuple[int, ...], Any]], inputs: Any
+                 ) -> list[tuple[str, np.ndarray]]:
+    """``inputs`` (a dict, a list in graph order, or the array of a one-input model) checked
+    against ``spec`` (``(name, shape, numpy dtype)`` per input, graph order): ``[(name, array)]``
+    in graph order, or :class:`InputError` naming the input at fault and what was expected."""
+    names = [n for n, _, _ in spec]
+    if isinstance(inputs, Mapping):
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise InputError(f"unknown input(s) {unknown}; the model's inputs are {names}")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model's inputs are {names}")
+        given = [inputs[n] for n in names]
+    elif isinstance(inputs, (list, tuple)):
+        if len(inputs) != len(names):
+            raise InputError(f"{len(inputs)} inputs given; the model takes {len(names)}: "
+                             f"{names}")
+        given = list(inputs)
+    elif len(names) == 1:
+        given = [inputs]
+    else:
+        raise InputError(f"the model takes {len(names)} inputs {names}: pass a dict or a list")
+    feeds = []
+    for (name, shape, dtype), x in zip(spec, given, strict=True):
+        short = _dtypes.canonical(dtype)
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x, dtype=dtype)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"input {name!r}: cannot convert {type(x).__name__} to "
+                                 f"{short}{list(shape)}: {e}") from e
+        if x.dtype != dtype:
+            raise InputError(f"input {name!r} has dtype {x.dtype}; expected {dtype} "
+                             f"({short}{list(shape)}) — convert with .astype(np.{dtype})")
+        if x.shape != shape:
+            raise InputError(f"input {name!r} has shape {list(x.shape)}; expected "
+                             f"{list(shape)} ({short})")
+        feeds.append((name, x))
+    return feeds
 
 
 def _check_finite(feeds: list[tuple[str, np.ndarray]]) -> None:
