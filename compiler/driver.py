@@ -192,8 +192,16 @@ def compile(model: Any, target: Any = "host", pipeline: str | None = None,  # no
     path to a target .toml, or a loaded description. ``pipeline``: pipeline text replacing the
     target's default. ``debug``: a :class:`compiler.pass_manager.DebugOptions` or dict (print
     IR after passes, timing, numeric checks... see ``npucc opt --help``). Other keyword
-    arguments are fields of :class:`CompileOptions`.
+    arguments are fields of :class:`CompileOptions`. ``modes={"performance": {...},
+    "accuracy": {...}}`` compiles one package holding several precision plans
+    (:func:`compiler.modes.compile_modes`; it returns a ``CompiledModes``).
     """
+    if kwargs.get("modes") is not None:
+        from compiler.modes import compile_modes
+
+        return compile_modes(model, target, kwargs.pop("modes"), pipeline=pipeline,
+                             debug=debug, **kwargs)
+    kwargs.pop("modes", None)
     from compiler.compiled import CompiledModel
     from compiler.pass_base import PassContext
     from compiler.pass_manager import run_pipeline

@@ -398,7 +398,6 @@ def test_minilm_switching_1000_times_during_concurrent_runs(minilm_modes):
     assert st["weight_bytes_all_modes"] < sum(s["weight_bytes"] for s in st["modes"].values())
 
 
-
 def test_mode_specs_are_compile_options_or_a_quantize_value():
     from compiler.errors import NpuccError
     from compiler.modes import DEFAULT_MODES, compile_modes, mode_options
@@ -418,3 +417,14 @@ def test_mode_specs_are_compile_options_or_a_quantize_value():
         compile_modes("m.onnx", modes={"x y": "int8"})
     with pytest.raises(NpuccError, match=r"default mode 'c' is not one of \['a', 'b'\]"):
         compile_modes("m.onnx", modes={"a": "int8", "b": "int4"}, default="c")
+
+
+def test_compile_with_modes_is_compile_modes():
+    """``compile(..., modes=...)`` is the same entry: its checks are compile_modes'."""
+    from compiler import compile
+    from compiler.errors import NpuccError
+
+    with pytest.raises(NpuccError, match="mode name 'x y' is not valid"):
+        compile("m.onnx", modes={"x y": "int8"})
+    with pytest.raises(NpuccError, match=r"default mode 'c' is not one of \['a', 'b'\]"):
+        compile("m.onnx", modes={"a": "int8", "b": "int4"}, default="c")
