@@ -33,7 +33,7 @@ from .package import Package, Step, TensorInfo, build_package
 if TYPE_CHECKING:
     from .executor import Executor
 
-__all__ = ["load", "Package", "Executor", "Step", "TensorInfo", "build_package",
+__all__ = ["load", "connect", "Package", "Executor", "Step", "TensorInfo", "build_package",
            "RuntimeError_", "PackageError", "FormatVersionError", "IntegrityError",
            "ArchitectureError", "IsaError", "PlanError", "InputError", "SignatureError",
            "UnverifiedPackageWarning", "apply_update"]
@@ -65,6 +65,15 @@ def apply_update(installed: str | os.PathLike, delta: str | os.PathLike,
 
     return _apply(installed, delta, trusted_keys=trusted_keys,
                   allow_downgrade=allow_downgrade, **kwargs)
+
+
+def connect(tracker: str, key: str, timeout: float = 60.0, retries: int = 2) -> Any:
+    """A session with the remote devices of ``key`` behind the TVM RPC tracker ``tracker``
+    (HOST:PORT); ``.load(path)`` verifies a package here and runs it there
+    (``runtime/remote.py``)."""
+    from .remote import connect as _connect
+
+    return _connect(tracker, key, timeout=timeout, retries=retries)
 
 
 def __getattr__(name: str) -> type:
