@@ -107,6 +107,12 @@ def configure_run(p: argparse.ArgumentParser) -> None:
                    "default: NPUCC_TRUSTED_KEYS)")
     p.add_argument("--check-finite", action="store_true",
                    help="refuse inputs holding NaN or inf")
+    p.add_argument("--remote", default=None, metavar="HOST:PORT",
+                   help="run (and --profile) on a device a TVM RPC tracker hands out "
+                   "(runtime/remote.py); the package is verified here first")
+    p.add_argument("--key", default=None, help="with --remote: the device key (e.g. kirin990)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="with --remote: seconds to wait for a free device")
     p.set_defaults(func=_cmd_run)
 
 
@@ -115,7 +121,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import runtime
 
-    m = runtime.load(args.package, trusted_keys=args.trusted_key)
+    if args.remote:
+        if not args.key:
+            raise NpuccError("--remote needs --key KEY (the device key the RPC servers use)")
+        m = runtime.connect(args.remote, args.key, timeout=args.timeout).load(
+            args.package, trusted_keys=args.trusted_key)
+    else:
+        m = runtime.load(args.package, trusted_keys=args.trusted_key)
     if not args.input:
         raise NpuccError(f"give the inputs: --input NAME=FILE.npy for each of "
                          f"{', '.join(m.input_names)}")
@@ -130,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             feeds[name] = np.load(path)
         except (OSError, ValueError) as e:
             raise NpuccError(f"cannot read input {name!r} from {path}: {e}") from None
-    outs = m.run(feeds, check_finite=args.check_finite)
+    outs = m.run(feeds) if args.remote else m.run(feeds, check_finite=args.check_finite)
     np.set_printoptions(precision=5, threshold=20, edgeitems=4)
     for name, arr in zip(m.output_names, outs, strict=True):
         print(f"{name}: {arr.dtype}{list(arr.shape)}")
