@@ -240,6 +240,14 @@ class RemoteModel:
                               f"{self.session.key!r} at {self.session.tracker} (retries="
                               f"{self.session.retries}); last error: {self.failures[-1]}")
 
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n, _, _ in self._spec]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
     def run(self, inputs: Any) -> list[np.ndarray]:
         """Run once on the device; outputs (numpy, graph order) like ``Executor.run``."""
         feeds = check_inputs(self._spec, inputs)
