@@ -17,7 +17,6 @@ import html
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import NpuccError
+from runtime.package_io import replace_file
 
 __all__ = ["GENERATOR", "write_dashboard", "dashboard_html", "check_ours", "moving_p90"]
 
@@ -281,17 +281,5 @@ def write_dashboard(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write the dashboard for ``data`` to ``path`` atomically (see the module docstring)."""
     path = Path(os.path.abspath(path))
     check_ours(path)
-    text = dashboard_html(data).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        check_ours(path)   # again: nothing of someone else's appeared meanwhile
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # check again just before the rename: nothing of someone else's appeared meanwhile
+    return replace_file(path, dashboard_html(data).encode(), check=lambda: check_ours(path))

@@ -31,7 +31,8 @@ from typing import Any
 from .errors import IntegrityError, PackageError
 
 __all__ = ["PackageFiles", "PackageReader", "read_regular", "check_file_name", "SealedLibrary",
-           "swap_into_place", "recover", "remove_stale", "temp_prefix", "OLD_MARK"]
+           "swap_into_place", "recover", "remove_stale", "temp_prefix", "OLD_MARK",
+           "replace_file", "fsync_dir"]
 
 OLD_MARK = ".old-"
 MAX_ENTRIES = 4096   # files in a package folder (the manifest may list at most 1024)
@@ -366,3 +367,27 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_file(path: str | os.PathLike, data: bytes, *, mode: int = 0o644,
+                 check: Any = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it, written and
+    fsynced, then renamed over ``path`` (and the folder fsynced). ``check()``, when given,
+    runs just before the rename (e.g. that nothing of someone else's appeared at ``path``);
+    if anything raises, the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if check is not None:
+            check()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path

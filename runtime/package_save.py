@@ -30,6 +30,7 @@ from .package_io import (
     fsync_dir,
     recover,
     remove_stale,
+    replace_file,
     swap_into_place,
     temp_prefix,
 )
@@ -153,16 +154,4 @@ def sign_package(path: str | os.PathLike, sign_key: Any, password: bytes | None 
     names = [MANIFEST, *manifest["files"]]
     digests = {n: hashlib.sha256(blobs[n]).hexdigest() for n in names}
     sig = signature_bytes(digests, key, Path(os.path.abspath(path)).name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", suffix=".tmp", dir=path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(sig)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / SIGNATURE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path)
-    return path / SIGNATURE_FILE
+    return replace_file(path / SIGNATURE_FILE, sig)
