@@ -214,31 +214,47 @@ def _err(got: list[np.ndarray], ref: list[np.ndarray], tw: Any) -> float:
 
 
 def _ablation(graph: Graph, blocks: list[Attention], samples, mask_input: str | None = None,
-              outputs: list[int] | None = None) -> dict[int, np.ndarray]:
+              outputs: list[int] | None = None, executor: Any = "serial"
+              ) -> dict[int, np.ndarray]:
+    from compiler.parallel import map_tasks
 
-    def run(s):
-        res = interpret(graph, s)
-        return res if outputs is None else [res[i] for i in outputs]
-
-    base = [run(s) for s in samples]
+    base = [_run_outputs(graph, s, outputs) for s in samples]
     tws = [_token_weights(s, mask_input, np.asarray(s[mask_input]).shape)
            if mask_input in s else None for s in samples]
-    out: dict[int, np.ndarray] = {}
-    for i, a in enumerate(blocks):
-        wo_v = a.out.inputs[1]
-        wo = graph.const_value(wo_v)
-        errs = np.zeros(a.heads)
-        for h in range(a.heads):
-            w2 = wo.copy()
-            w2[:, h * a.dim:(h + 1) * a.dim] = 0
-            _swap(graph, wo_v, w2)
-            try:
-                for b, s, tw in zip(base, samples, tws, strict=True):
-                    errs[h] += _err(run(s), b, tw)
-            finally:
-                _swap(graph, wo_v, wo)
-        out[i] = errs / len(samples)
-    return out
+    tasks = [(i, h) for i, a in enumerate(blocks) for h in range(a.heads)]
+    shared = (graph, blocks, samples, base, tws, outputs)
+    errs = map_tasks(_head_error, shared, tasks, executor=executor)
+    out = {i: np.zeros(a.heads) for i, a in enumerate(blocks)}
+    for (i, h), e in zip(tasks, errs, strict=True):
+        out[i][h] = e
+    return {i: v / len(samples) for i, v in out.items()}
+
+
+def _run_outputs(graph: Graph, s: dict[str, np.ndarray], outputs: list[int] | None):
+    from compiler.ir.interpreter import interpret
+
+    res = interpret(graph, s)
+    return res if outputs is None else [res[i] for i in outputs]
+
+
+def _head_error(shared: tuple, task: tuple[int, int]) -> float:
+    """The summed output error over the samples with head ``task = (block, head)`` removed
+    (its Wo columns zeroed); one task of :func:`_ablation`, here or on a Ray worker."""
+    graph, blocks, samples, base, tws, outputs = shared
+    i, h = task
+    a = blocks[i]
+    wo_v = a.out.inputs[1]
+    wo = graph.const_value(wo_v)
+    w2 = np.array(wo, copy=True)
+    w2[:, h * a.dim:(h + 1) * a.dim] = 0
+    _swap(graph, wo_v, w2)
+    err = 0.0
+    try:
+        for b, s, tw in zip(base, samples, tws, strict=True):
+            err += _err(_run_outputs(graph, s, outputs), b, tw)
+    finally:
+        _swap(graph, wo_v, wo)
+    return err
 
 
 def _swap(graph: Graph, v: Value, arr: np.ndarray) -> None:
@@ -251,11 +267,14 @@ def _swap(graph: Graph, v: Value, arr: np.ndarray) -> None:
 
 def head_importance(graph: Graph, blocks: list[Attention], kind: str = "contribution",
                     samples=None, mask_input: str | None = None,
-                    outputs: list[int] | None = None) -> dict[int, np.ndarray]:
+                    outputs: list[int] | None = None, executor: Any = "serial"
+                    ) -> dict[int, np.ndarray]:
     """Importance per head of each block (index into ``blocks``); see the module docstring.
     ``mask_input``: the name of a ``[B, S]`` padding-mask input; positions where it is 0 do
     not count (padded calibration sentences would otherwise be mostly padding). ``outputs``:
-    which graph outputs ``"output-error"`` measures (default all)."""
+    which graph outputs ``"output-error"`` measures (default all). ``executor``: ``"serial"``
+    or ``"ray"`` (``compiler.parallel``): the L x H ablations of ``"output-error"`` as Ray
+    tasks, with results identical to the serial loop."""
     if kind in ("contribution", "output-error") and not samples:
         raise PruneError(f"head importance {kind!r} needs calibration samples: "
                          "compile(..., calibration=[{input: array}, ...]); or use "
@@ -263,7 +282,7 @@ def head_importance(graph: Graph, blocks: list[Attention], kind: str = "contribu
     if kind == "contribution":
         return _contrib(graph, blocks, samples, mask_input)
     if kind == "output-error":
-        return _ablation(graph, blocks, samples, mask_input, outputs)
+        return _ablation(graph, blocks, samples, mask_input, outputs, executor)
     if kind == "weight":
         out = {}
         for i, a in enumerate(blocks):
@@ -329,7 +348,8 @@ def prune_heads(graph: Graph, opts: dict[str, Any], plan, samples=None) -> int:
     kind = opts.get("importance", "contribution")
     outs = opts.get("outputs")
     imp = head_importance(graph, blocks, kind, samples, mask_input,
-                          [int(i) for i in outs] if outs is not None else None)
+                          [int(i) for i in outs] if outs is not None else None,
+                          executor=opts.get("executor", "serial"))
     keeps = _choose(blocks, imp, float(opts.get("sparsity", 0.25)), scope,
                     normalise=kind != "output-error")
     means: dict[int, np.ndarray] | None = None
