@@ -37,25 +37,35 @@ def _rel(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
 
 
 def layer_sensitivity(graph: Graph, samples: list[dict[str, np.ndarray]],
-                      steps: tuple[float, ...] = STEPS, opts: dict[str, Any] | None = None
-                      ) -> dict[str, dict[str, Any]]:
+                      steps: tuple[float, ...] = STEPS, opts: dict[str, Any] | None = None,
+                      executor: Any = "serial") -> dict[str, dict[str, Any]]:
     """``{layer: {"size": n, "errors": {sparsity: relative output error}}}``, each layer
-    pruned alone (magnitude) and the others untouched."""
+    pruned alone (magnitude) and the others untouched. ``executor``: ``"serial"`` or
+    ``"ray"`` (``compiler.parallel``: one task per layer and sparsity, identical results)."""
+    from compiler.parallel import map_tasks
 
     base = [interpret(graph, s) for s in samples]
+    layers = list(selected_layers(graph, opts or {}))
+    tasks = [(j, s) for j in range(len(layers)) for s in steps]
+    errs = map_tasks(_pruned_error, (graph, layers, samples, base), tasks, executor=executor)
     out: dict[str, dict[str, Any]] = {}
-    for lay in selected_layers(graph, opts or {}):
-        v = lay.node.inputs[1]
-        w = lay.weight
-        errs = {}
-        try:
-            for s in steps:
-                replace_weight(graph, v, np.where(magnitude_mask(w, s), w, np.float32(0)))
-                errs[s] = _rel(base, [interpret(graph, x) for x in samples])
-        finally:
-            replace_weight(graph, v, w)
-        out[lay.name] = {"size": int(w.size), "errors": errs}
+    for (j, s), e in zip(tasks, errs, strict=True):
+        lay = layers[j]
+        out.setdefault(lay.name, {"size": int(lay.weight.size), "errors": {}})["errors"][s] = e
     return out
+
+
+def _pruned_error(shared: tuple, task: tuple[int, float]) -> float:
+    """Relative output error with layer ``task[0]`` alone pruned to sparsity ``task[1]``."""
+    graph, layers, samples, base = shared
+    j, s = task
+    lay = layers[j]
+    v, w = lay.node.inputs[1], lay.weight
+    try:
+        replace_weight(graph, v, np.where(magnitude_mask(w, s), w, np.float32(0)))
+        return _rel(base, [interpret(graph, x) for x in samples])
+    finally:
+        replace_weight(graph, v, w)
 
 
 def choose_sparsities(sens: dict[str, dict[str, Any]], target: float,
@@ -86,11 +96,11 @@ def choose_sparsities(sens: dict[str, dict[str, Any]], target: float,
 
 def sensitivity_plan(graph: Graph, samples: list[dict[str, np.ndarray]], target: float, *,
                      steps: tuple[float, ...] = STEPS, max_sparsity: float = 0.9,
-                     verbose: bool = False, opts: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+                     verbose: bool = False, opts: dict[str, Any] | None = None,
+                     executor: Any = "serial") -> dict[str, Any]:
     """Measure, choose, and (``verbose``) print the plan; returns ``{"sparsities": {layer: s},
     "sensitivity": {layer: {size, errors}}, "target": target}``."""
-    sens = layer_sensitivity(graph, samples, steps, opts)
+    sens = layer_sensitivity(graph, samples, steps, opts, executor=executor)
     chosen = choose_sparsities(sens, target, max_sparsity)
     plan = {"sparsities": chosen, "target": target,
             "sensitivity": {k: {"size": e["size"],
