@@ -42,7 +42,7 @@ __all__ = ["Fit", "fit_cost", "fit_base", "leave_one_out", "error_ratio", "error
 PRIOR_SIGMA = 2.0      # log units: a class's factor mostly within e^2 of its device's typical one
 PRIOR_FIXED_SIGMA = 3.0  # log units: launch / region costs and cache_speedup, around their
                          # starting values (the target file's, or 1 us / 1x)
-_FIXED = ("launch_us", "region_us", "cache_speedup")
+_FIXED = ("launch_us", "region_us", "cache_speedup", "parallel")
 
 
 def error_ratio(pred: float, meas: float) -> float:
@@ -104,6 +104,8 @@ def _exercises(terms: dict[str, Any], param: str) -> bool:
         return terms.get("regions", 0) > 0
     if param == "cache_speedup":
         return any(k.endswith("@cache") and v > 0 for k, v in terms.items())
+    if param == "parallel":
+        return terms.get("threads", 1) > 1
     return terms.get(param, 0) > 0 or terms.get(param + "@cache", 0) > 0
 
 
@@ -120,7 +122,8 @@ def _cost_from(theta: np.ndarray, params: list[tuple[str, str]], base: CostDesc)
         factors.update({k: 1.0 / v[k] for k in OP_CLASSES if k in v})
         return CostTerms(factors, v.get("launch_us", old.launch_us),
                          v.get("region_us", old.region_us),
-                         v.get("cache_speedup", old.cache_speedup))
+                         v.get("cache_speedup", old.cache_speedup),
+                         v.get("parallel", old.parallel))
 
     return replace(base, cpu=terms("cpu", base.cpu), npu=terms("npu", base.npu))
 
@@ -139,7 +142,8 @@ def fit_cost(entries: Sequence[dict[str, Any]], base: CostDesc,
     for d, k in params:
         t = base.terms(d)
         x0.append(math.log(1.0 / t.factor(k)) if k in OP_CLASSES else
-                  math.log(max(getattr(t, k), 0.5 if k != "cache_speedup" else 1.0)))
+                  math.log(max(getattr(t, k), 1.0 if k in ("cache_speedup", "parallel")
+                               else 0.5)))
     x0 += [statistics.fmean(x0[i] for i, (d, k) in enumerate(params)
                             if d == dev and k in OP_CLASSES) for dev in devices]
     n_p = len(params)
@@ -199,9 +203,11 @@ def render_cost_section(fit: Fit, calibration: Calibration, how: str) -> str:
         lines.append(f"[cost.{d}]")
         used = fit.fitted.get(d)
         for k in (*OP_CLASSES, *_FIXED):
-            if (k == "region_us" and d == "cpu") or (k == "cache_speedup" and d == "npu"):
+            if (k == "region_us" and d == "cpu") or (
+                    k in ("cache_speedup", "parallel") and d == "npu"):
                 continue
-            if k == "cache_speedup" and not (used or {}).get(k) and t.cache_speedup == 1.0:
+            if k in ("cache_speedup", "parallel") and not (used or {}).get(k) \
+                    and getattr(t, k) == 1.0:
                 continue
             v = t.factor(k) if k in OP_CLASSES else getattr(t, k)
             n = used.get(k, 0) if used is not None else 0

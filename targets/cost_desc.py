@@ -25,6 +25,8 @@ cpu = "..."                # detected-CPU targets only: the CPU the values were 
 
 ``[cost.cpu] cache_speedup``: memory-bound CPU kernels move activations that sit in the CPU's
 last-level cache (detected for the host) this many times as fast as they stream weights.
+``[cost.cpu] parallel``: the fraction of a core each thread beyond the first adds to
+compute-bound work (1.0: linear scaling over ``[cpu] threads``).
 
 A factor absent from the file is 1.0 (the plain roofline); ``launch_us`` defaults to the
 device's ``node_overhead_us`` and ``region_us`` to ``[npu] region_overhead_us`` (giving both
@@ -51,7 +53,8 @@ __all__ = ["OP_CLASSES", "CostTerms", "Calibration", "CostDesc", "parse_cost", "
 # every other node whose roofline bound is DRAM bandwidth (copies, GEMV at batch 1, most
 # element-wise ops)
 OP_CLASSES = ("conv", "depthwise", "dense", "attention", "elementwise", "memory")
-_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "cache_speedup": float}
+_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "cache_speedup": float,
+              "parallel": float}
 _NPU_TERM_KEYS = {**{c: float for c in OP_CLASSES}, "launch_us": float, "region_us": float}
 _CALIBRATION_KEYS = {"source": str, "date": str, "device": str, "measurements": str,
                      "n": int, "error_kind": str, "error_median": float, "error_max": float,
@@ -70,13 +73,21 @@ class CostTerms:
     # memory-bound CPU kernels move cache-resident activations this many times as fast as
     # they stream weights (cost_model.node_cost; 1.0: no difference; fitted, may be < 1)
     cache_speedup: float = 1.0
+    # what each thread beyond the first adds to compute-bound CPU work, as a fraction of a
+    # core: T threads run it T / (1 + (T - 1) * parallel) times slower than the roofline's
+    # T cores say (1.0: linear scaling)
+    parallel: float = 1.0
+
+    def thread_penalty(self, threads: int) -> float:
+        return threads / (1 + (threads - 1) * self.parallel) if threads > 1 else 1.0
 
     def factor(self, op_class: str) -> float:
         return self.factors.get(op_class, 1.0)
 
     def as_dict(self) -> dict[str, float]:
         return {**{c: self.factor(c) for c in OP_CLASSES}, "launch_us": self.launch_us,
-                "region_us": self.region_us, "cache_speedup": self.cache_speedup}
+                "region_us": self.region_us, "cache_speedup": self.cache_speedup,
+                "parallel": self.parallel}
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,8 @@ def _terms(r: Any, raw: Any, section: str, keys: dict[str, type], launch_default
                    f"(in [{section}])")
     factors = {c: t[c] for c in OP_CLASSES if c in t}
     return CostTerms(factors, t.get("launch_us", launch_default),
-                     t.get("region_us", region_default), t.get("cache_speedup", 1.0))
+                     t.get("region_us", region_default), t.get("cache_speedup", 1.0),
+                     t.get("parallel", 1.0))
 
 
 def _calibration(r: Any, raw: Any, section: str) -> Calibration:

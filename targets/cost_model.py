@@ -21,8 +21,9 @@ Per node: ``ms = max(flops / peak, bytes / dram_bandwidth) / factor[class] + lau
   of the roofline bound that class achieves on this device (``[cost.cpu]`` / ``[cost.npu]``,
   1.0 if uncalibrated); on a CPU whose last-level cache is known, the activation bytes of a
   memory-bound node that fit there move ``cache_speedup`` times as fast as streamed weights
-  (fitted; below 1 where such kernels are limited by more than bandwidth); ``launch`` is the
-  device's ``launch_us``.
+  (fitted; below 1 where such kernels are limited by more than bandwidth); compute-bound CPU
+  work on T threads is slowed by ``T / (1 + (T - 1) * parallel)`` (1 with ``parallel = 1``,
+  linear scaling); ``launch`` is the device's ``launch_us``.
 
 Plus, for a partitioned graph: each NPU region costs ``region_us`` (entry + exit), and each
 value crossing between CPU and NPU (graph inputs/outputs live on the CPU) is read and written
@@ -332,6 +333,8 @@ def node_cost(node: Node, desc: TargetDescription, device: str, resident: bool =
             acts = nbytes - sum(v.type.nbytes for v in node.inputs if _is_const(v))
             cached_ms = (acts if acts <= llc else 0) / (desc.memory.dram_gbps * 1e9) * 1e3
         f = terms.factor(cls)
+        if cls != "memory" and device == CPU:
+            f /= terms.thread_penalty(desc.cpu.threads)
         ms = ((roof - cached_ms) / f + cached_ms / (f * terms.cache_speedup)
               + terms.launch_us * 1e-3)
     return {"node": node.label, "op": node.op, "device": device, "class": cls, "kind": kind,
@@ -409,6 +412,7 @@ def estimate(graph: Graph, target: str | TargetDescription,
     total = sum(per_device.values()) + launch_ms + transfer_ms
     return {
         "target": desc.name,
+        "cpu_threads": desc.cpu.threads,
         "latency_ms": total,
         "calibrated": cost.calibrated,
         "band": cost.band(),
@@ -429,7 +433,7 @@ def estimate(graph: Graph, target: str | TargetDescription,
 def cost_terms(est: dict[str, Any]) -> dict[str, Any]:
     """What an estimate's latency is made of, per device: the uncalibrated roofline ms of each
     class (``"memory@cache"``: the part moving cache-resident bytes), the kernel launches and
-    NPU regions, and the transfers (fixed ms).
+    NPU regions, the CPU's threads (when more than one), and the transfers (fixed ms).
 
     ``predict_ms(cost_terms(est), cost_of(target)) == est["latency_ms"]``; a measurement file
     stores these terms so that fitting needs no graph (targets/calibration.py)."""
@@ -445,6 +449,8 @@ def cost_terms(est: dict[str, Any]) -> dict[str, Any]:
         dev["launches"] += 1
     if est["npu_regions"]:
         out.setdefault(NPU, {"launches": 0})["regions"] = est["npu_regions"]
+    if CPU in out and est.get("cpu_threads", 1) > 1:
+        out[CPU]["threads"] = est["cpu_threads"]
     out["fixed_ms"] = est["transfer_ms"]
     return out
 
@@ -456,11 +462,13 @@ def predict_ms(terms: dict[str, Any], cost: CostDesc) -> float:
         if device == "fixed_ms":
             continue
         c = cost.terms(device)
+        slow = c.thread_penalty(t.get("threads", 1))
         for k, ms in t.items():
-            if k in ("launches", "regions"):
+            if k in ("launches", "regions", "threads"):
                 continue
             cls, _, cached = k.partition("@")
-            total += ms / (c.factor(cls) * (c.cache_speedup if cached else 1.0))
+            total += ms * (slow if cls != "memory" else 1.0) / (
+                c.factor(cls) * (c.cache_speedup if cached else 1.0))
         total += t.get("launches", 0) * c.launch_us * 1e-3 + t.get("regions", 0) * c.region_us * 1e-3
     return total
 

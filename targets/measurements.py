@@ -75,7 +75,8 @@ def profile_measurements(m: Any, inputs: Any, name: str, repeat: int = 20, warmu
              if s.node in rows and rows[s.node]["class"] is not None and s.median_ms > 0]
     total = sum(s.median_ms for s, _ in timed) or 1.0
     for s, r in timed:
-        one = {"nodes": [r], "npu_regions": 0, "transfer_ms": 0.0}
+        one = {"nodes": [r], "npu_regions": 0, "transfer_ms": 0.0,
+               "cpu_threads": est["cpu_threads"]}
         out.append({"name": f"{name}/{s.node}", "kind": "kernel", "op": s.op, "ms": s.median_ms,
                     "weight": s.median_ms / total, "group": name, "terms": cost_terms(one)})
     return out

@@ -48,6 +48,8 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         cpu = {c: float(rng.uniform(0.05, 5)) for c in OP_CLASSES if rng.random() < 0.8}
         cpu["launches"] = int(rng.integers(5, 200))
+        if rng.random() < 0.5:
+            cpu["threads"] = 4
         terms = {"cpu": cpu, "fixed_ms": float(rng.uniform(0, 0.2))}
         if rng.random() < 0.5:
             npu = {c: float(rng.uniform(0.01, 1)) for c in OP_CLASSES if rng.random() < 0.8}
@@ -58,7 +60,7 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-TRUE = CostDesc(CostTerms(TRUE_CPU, 7.0), CostTerms(TRUE_NPU, 4.0, 150.0))
+TRUE = CostDesc(CostTerms(TRUE_CPU, 7.0, parallel=0.5), CostTerms(TRUE_NPU, 4.0, 150.0))
 PLAIN = CostDesc(CostTerms({}, 2.0), CostTerms({}, 5.0, 100.0))
 
 
@@ -72,8 +74,9 @@ def test_fit_recovers_known_factors_from_its_own_predictions():
         got = fit.cost.terms(dev)
         for c in OP_CLASSES:
             assert got.factor(c) == pytest.approx(true.factor(c), rel=1e-3), (dev, c)
-        assert got.launch_us == pytest.approx(true.launch_us, rel=1e-2)
+        assert got.launch_us == pytest.approx(true.launch_us, rel=3e-2)
     assert fit.cost.npu.region_us == pytest.approx(150.0, rel=2e-2)
+    assert fit.cost.cpu.parallel == pytest.approx(0.5, rel=1e-2)   # 1- and 4-thread terms
     # with the default (weak) priors the fit still reproduces the data closely
     fit = fit_cost(entries, PLAIN)
     assert max(abs(math.log(p / m)) for _, p, m in fit.in_sample) < 0.15
@@ -263,7 +266,7 @@ def test_estimate_carries_the_band_and_profile_measures(tmp_path):
     est = m.estimate()
     kirin = load_target("kirin990")
     assert est["calibrated"] and est["band"] == kirin.cost.band()
-    assert est["band"].startswith("typically within x1.13 (max x2.29)")
+    assert est["band"].startswith("typically within x1.13 (max x1.80)")
     assert est["summary"] == f"{est['latency_ms']:.3g} ms, {est['band']}"
     # the helper that turns m.profile() into a measurement file
     from targets.measurements import profile_measurements
