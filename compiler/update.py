@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +188,7 @@ def _write_delta(out: Path, data: bytes) -> None:
     """Write ``out`` atomically; an existing ``out`` is replaced only if it is a delta file
     (by its magic), never anything else."""
     from runtime.delta_format import MAGIC
-    from runtime.package_io import fsync_dir
+    from runtime.package_io import replace_file
 
     try:
         st = os.lstat(out)
@@ -204,18 +203,7 @@ def _write_delta(out: Path, data: bytes) -> None:
             raise NpuccError(f"refusing to replace {out}: it exists and is not an npucc delta; "
                              f"remove it yourself or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+    replace_file(out, data)
 
 
 def make_update(old: str | os.PathLike, new: str | os.PathLike, out: str | os.PathLike,
