@@ -8,8 +8,9 @@ sensitivity) are many independent interpreter runs. They call :func:`map_tasks`:
 which returns ``[fn(shared, t) for t in tasks]`` in task order. ``executor``:
 
 - ``"serial"`` (default): that list comprehension, here.
-- ``"ray"``: one Ray task per item; ``shared`` (the graph, the samples...) is put in Ray's
-  object store once and handed to every task. Ray is imported only then
+- ``"ray"``: one Ray task per item; ``shared`` (the graph, the samples...) is pickled once
+  (on a deep stack: a graph is a deeply nested object), put in Ray's object store once, and
+  unpickled once per worker (cached there while the tasks of one call run). Ray is imported only then
   (``pip install 'npucc[distributed]'``). Without a running Ray, ``ray.init()`` starts a local
   cluster (all cores of this machine); ``Ray(address="ray://head:10001")`` or
   ``NPUCC_RAY_ADDRESS`` joins an existing cluster instead; a caller that already ran
@@ -22,6 +23,10 @@ computes exactly what the serial loop computes for that item, so the results are
 from __future__ import annotations
 
 import os
+import pickle
+import sys
+import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +73,40 @@ def _resolve(executor: str | Ray | None) -> Ray | None:
                      f"or compiler.parallel.Ray(address=...)")
 
 
-def _call(fn: Callable, shared: Any, task: Any) -> Any:
+_CACHE: dict[str, Any] = {}   # in a Ray worker: the last shared object, unpickled once
+
+
+def _deep(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a thread with a large stack and recursion limit: a graph's nodes, values and
+    use lists make a deeply nested object that pickle walks recursively."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["v"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+            out["e"] = e
+
+    old_stack, old_limit = threading.stack_size(), sys.getrecursionlimit()
+    threading.stack_size(512 << 20)
+    sys.setrecursionlimit(max(old_limit, 200_000))
+    try:
+        t = threading.Thread(target=run, name="npucc-pickle")
+        t.start()
+        t.join()
+    finally:
+        threading.stack_size(old_stack)
+        sys.setrecursionlimit(old_limit)
+    if "e" in out:
+        raise out["e"]
+    return out["v"]
+
+
+def _call(fn: Callable, token: str, blob: bytes, task: Any) -> Any:
+    shared = _CACHE.get(token)
+    if shared is None:
+        _CACHE.clear()
+        shared = _CACHE[token] = _deep(lambda: pickle.loads(blob))
     return fn(shared, task)
 
 
@@ -80,5 +118,7 @@ def map_tasks(fn: Callable[[Any, Any], Any], shared: Any, tasks: Sequence[Any],
         return [fn(shared, t) for t in tasks]
     ray = ray_exec.init()
     remote = ray.remote(_call)
-    ref = ray.put(shared)
-    return ray.get([remote.remote(fn, ref, t) for t in tasks])
+    blob = _deep(lambda: pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL))
+    ref = ray.put(blob)     # once in the object store; each worker unpickles it once
+    token = uuid.uuid4().hex
+    return ray.get([remote.remote(fn, token, ref, t) for t in tasks])
