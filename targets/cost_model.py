@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compiler.ir.graph import Graph, Node, Value
+from compiler.ir.registry import get_op, ops_with
 from compiler.ir.types import is_float
 from targets.cost_desc import CostDesc, CostTerms
 from targets.description import TargetDescription, load_target
@@ -58,16 +59,11 @@ __all__ = ["estimate", "format_estimate", "node_cost", "region_costs", "node_flo
            "device_peak_flops", "peak_memory", "op_class", "cost_of", "cost_terms",
            "predict_ms", "llc_bytes"]
 
-VIEW_OPS = frozenset({"reshape", "identity"})
-# FLOPs per output element of ops that are not plain element-wise
-_PER_ELEMENT = {"softmax": 5, "log_softmax": 6, "layer_norm": 8, "instance_norm": 6,
-                "batch_norm": 2, "lrn": 8, "gelu": 8, "erf": 4, "resize": 4}
-_DATA_MOVEMENT = frozenset({"transpose", "concat", "split", "slice", "gather", "pad", "tile",
-                            "expand", "shape", "fill", "arange", "trilu"})
-_REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min",
-                         "reduce_prod", "argmax", "argmin", "cumsum", "global_avg_pool",
-                         "global_max_pool"})
-_PARTIAL_READS = frozenset({"gather", "slice"})
+# op categories and FLOPs per element come from the registry (compiler/ir/ops/traits.py)
+VIEW_OPS = ops_with("view")
+_DATA_MOVEMENT = ops_with("data-movement")
+_REDUCTIONS = ops_with("reduction")
+_PARTIAL_READS = frozenset({"gather", "slice"})   # read only the part of the input they copy
 _INT_DTYPES_8 = frozenset({"i8", "u8", "i4", "u4"})
 
 
@@ -212,7 +208,7 @@ def node_flops(node: Node, align: int = 1) -> float:
         return 0.0
     if node.op in _REDUCTIONS:
         return float(node.inputs[0].type.size)
-    per = _PER_ELEMENT.get(node.op, 1)
+    per = get_op(node.op).flops or 1
     if node.op == "sum":
         per = max(len(node.inputs) - 1, 1)
     return float(per * _out_elems(node))
