@@ -87,7 +87,10 @@ class CompiledModel:
         return partition_summary(self.graph, self.target)
 
     def estimate(self) -> dict[str, Any]:
-        """Roofline estimate of device latency per node and in total (``latency_ms``)."""
+        """The target's latency estimate, per node and in total (``latency_ms``): a roofline
+        scaled by the target's ``[cost]`` calibration, with that calibration's error band
+        (``band``; ``summary`` says it in words, e.g. "6.1 ms, typically within x1.13 ...").
+        An uncalibrated target says so in ``summary``."""
         from targets.cost_model import estimate
 
         return estimate(self.graph, self.target)
