@@ -59,7 +59,7 @@ def build(name: str):
         return torch.nn.Sequential(*layers).eval(), (torch.rand(8, 784),)
     if name in ("bert", "distilbert", "gpt2", "vit"):
         return _transformer(name)
-    from tests.torchvision_cpu import import_torchvision
+    from examples.vision import import_torchvision
 
     tv = import_torchvision()
     model = getattr(tv.models, name)(weights=None).eval()

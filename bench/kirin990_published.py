@@ -50,7 +50,7 @@ def graph_of(name: str):
     import torch
 
     from compiler.frontends import from_torch
-    from tests.torchvision_cpu import import_torchvision
+    from examples.vision import import_torchvision
 
     tv = import_torchvision()
     torch.manual_seed(0)

@@ -105,7 +105,7 @@ def _vision(name: str, timm: bool = False) -> tuple[Path, dict, Any, str]:
     import torch
 
     from examples.models import export_onnx
-    from tests.torchvision_cpu import import_torchvision
+    from examples.vision import import_torchvision
 
     tv = import_torchvision()
     torch.manual_seed(0)

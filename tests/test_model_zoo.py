@@ -21,7 +21,7 @@ model's attention biases fix the resolution), 2-layer transformers with hidden 1
 ``token_type_ids``. Detection (ssdlite320) is refused with the data-dependent-shape error and
 compiles when cut at the head outputs.
 
-torchvision and timm come from ``tests/torchvision_cpu.py`` (installed in their own folder by
+torchvision and timm come from ``examples/vision.py`` (installed in their own folder by
 .ci/run); without them their models are skipped, not failed.
 """
 
@@ -42,7 +42,7 @@ from compiler import compile  # noqa: E402
 from compiler.errors import ImportError_  # noqa: E402
 from compiler.frontends import from_onnx, from_torch  # noqa: E402
 from compiler.ir import interpret  # noqa: E402
-from tests.torchvision_cpu import import_torchvision  # noqa: E402
+from examples.vision import import_torchvision  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
