@@ -9,8 +9,10 @@ Printed:
   second half (fixed windows of ``--window`` tokens, each from position 0, ``--eval-tokens``
   in all): no overlap;
 - decode tokens/s (``--new`` tokens after a ``--prompt``-token prompt, greedy, 2 threads) and
-  prefill tokens/s, each package in its own process (``--worker``), with that process's peak
-  RSS, and the package size on disk;
+  prefill tokens/s, each engine in its own process (``--worker``), with that process's peak
+  RSS, and the package size on disk; ``--rounds`` rounds in which every engine runs once, in
+  turn (the load of a shared machine drifts), the median reported with every round's figure,
+  the ratios to llama.cpp Q4_0 and onnxruntime-genai int4, the CPU and the load average;
 - the bandwidth bound: weight bytes read per decoded token / this machine's measured read
   bandwidth (2 threads summing a 1 GiB array), and each engine's fraction of it;
 - with ``--llama-python PY`` (an interpreter with llama-cpp-python): llama.cpp's perplexity on
@@ -45,8 +47,9 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCHEMES = ["f32", "int8", "int4-g128", "int4-g128-gptq", "int4-g32", "int4-g32-gptq"]
-DECODE = ["f32", "int8", "int4-g32"]
+SCHEMES = ["f32", "int8", "int4-g128", "int4-g128-gptq", "int4-g32", "int4-g32-gptq",
+           "int4-g128-asym", "int4-g128-gptq-asym", "int4-g32-asym", "int4-g32-gptq-asym"]
+DECODE = ["f32", "int8", "int4-g32", "int4-g32-asym"]
 
 
 def texts() -> tuple[str, str]:
@@ -137,18 +140,20 @@ def run_worker(args: list[str], python: str | None = None) -> dict:
 def worker_llama(gguf: str, windows_file: str, prompt: list[int], new: int) -> dict:
     from llama_cpp import Llama
 
-    windows = json.loads(Path(windows_file).read_text())
-    n_ctx = max(len(w) for w in windows)
-    llm = Llama(model_path=gguf, n_ctx=max(n_ctx, len(prompt) + new + 8), logits_all=True,
-                n_threads=2, verbose=False)
-    tot, cnt = 0.0, 0
-    for w in windows:
-        llm.reset()
-        llm.eval(w)
-        logits = np.asarray(llm.scores[:len(w)], np.float32)
-        s, c = nll(logits, w)
-        tot, cnt = tot + s, cnt + c
-    ppl = math.exp(tot / cnt)
+    ppl = float("nan")
+    if windows_file != "none":      # "none": a decode-speed round only
+        windows = json.loads(Path(windows_file).read_text())
+        n_ctx = max(len(w) for w in windows)
+        llm = Llama(model_path=gguf, n_ctx=max(n_ctx, len(prompt) + new + 8), logits_all=True,
+                    n_threads=2, verbose=False)
+        tot, cnt = 0.0, 0
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            logits = np.asarray(llm.scores[:len(w)], np.float32)
+            s, c = nll(logits, w)
+            tot, cnt = tot + s, cnt + c
+        ppl = math.exp(tot / cnt)
     fast = Llama(model_path=gguf, n_ctx=len(prompt) + new + 8, n_threads=2, verbose=False)
     fast.reset()
     t0 = time.perf_counter()
@@ -239,13 +244,12 @@ def ortgenai_row(a, hf, tok, prompt, work: Path) -> dict:
         subprocess.run([a.ort_genai_python, "-m", "onnxruntime_genai.models.builder", "-i",
                         str(hfdir), "-o", str(out), "-p", "int4", "-e", "cpu"], check=True,
                        capture_output=True, timeout=3600)
-    row = run_worker(["--worker", "ortgenai", str(out), json.dumps(prompt), str(a.new)],
-                     a.ort_genai_python)
-    row["weight_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".data"
-                              or f.name.endswith(".onnx.data")) or row["package_bytes"]
-    row["ppl"] = float("nan")
-    print(f"  onnxruntime-genai int4: decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-    return {"ort-genai int4": row}
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    row = {"ppl": float("nan"), "package_bytes": size,
+           "weight_bytes": sum(f.stat().st_size for f in out.iterdir()
+                               if f.name.endswith(".data")) or size}
+    return {"ort-genai int4": (row, (["--worker", "ortgenai", str(out), json.dumps(prompt),
+                                      str(a.new)], a.ort_genai_python))}
 
 
 # -- main -------------------------------------------------------------------------------
@@ -259,6 +263,11 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
+    p.add_argument("--speed-only", action="store_true",
+                   help="decode/prefill speed only: no perplexity (nan in the table)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="decode-speed rounds; the engines take turns in each round (a shared "
+                   "machine's load changes over time) and the median is reported")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "npucc-bench-llm"))
     p.add_argument("--reuse", action="store_true", help="reuse packages already in --work")
     p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
@@ -320,6 +329,7 @@ def bench(a: argparse.Namespace) -> int:
           f"pydoc_data.topics (second half); calibration: first half; decode: {a.new} new "
           f"tokens after {a.prompt}, greedy, 2 threads")
     rows: dict[str, dict] = {}
+    speed: dict[str, tuple[list[str], str | None]] = {}   # row -> (worker args, python)
     for scheme in a.schemes.split(","):
         pkg = work / f"smol-{scheme}.npkg"
         t0 = time.perf_counter()
@@ -329,32 +339,63 @@ def bench(a: argparse.Namespace) -> int:
         from runtime.llm import load
 
         m = load(pkg)
-        row = rows[scheme] = {"compile_s": time.perf_counter() - t0,
-                              "ppl": perplexity(m.logits, windows)}
+        row = rows[scheme] = {"compile_s": time.perf_counter() - t0, "ppl": float("nan")
+                              if a.speed_only else perplexity(m.logits, windows)}
         if scheme in a.decode.split(","):
-            row.update(run_worker(["--worker", "npucc", str(pkg), json.dumps(prompt),
-                                   str(a.new)]))
+            speed[scheme] = ["--worker", "npucc", str(pkg), json.dumps(prompt), str(a.new)], None
         row.setdefault("package_bytes", m.stats()["package_bytes"])
         row.setdefault("weight_bytes", m.stats()["weight_bytes"])
-        print(f"  {scheme}: ppl {row['ppl']:.3f}" + (f", decode {row['decode_tok_s']:.1f} tok/s"
-                                                    if "decode_tok_s" in row else ""),
-              flush=True)
+        print(f"  {scheme}: ppl {row['ppl']:.3f}", flush=True)
     import torch
 
-    with torch.no_grad():
-        ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
+    ref = float("nan")
+    if not a.speed_only:
+        with torch.no_grad():
+            ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
     for peer, run in (("llama.cpp", a.llama_python and (lambda: llama_rows(
             a, hf, tok, windows, prompt, work, gguf))), ("onnxruntime-genai", a.ort_genai_python
                                                         and (lambda: ortgenai_row(
                                                             a, hf, tok, prompt, work)))):
         if run:
             try:
-                rows.update(run())
+                got = run()
             except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
                 print(f"  {peer} not measured: {str(e)[-400:]}", flush=True)
+                continue
+            for name, (row, job) in got.items():
+                rows[name] = row
+                speed[name] = job
+    decode_rounds(rows, speed, a.rounds)
     bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
     report(rows, ref, bw)
     return 0
+
+
+def decode_rounds(rows: dict, speed: dict, rounds: int) -> None:
+    """Decode speed: in each round every engine runs once in its own process, in turn; a
+    row gets the median of its rounds' tok/s (and of prefill tok/s), the largest peak RSS,
+    and ``decode_runs``, every round's figure."""
+    runs: dict[str, list[dict]] = {name: [] for name in speed}
+    for r in range(rounds):
+        for name, (args, python) in speed.items():
+            try:
+                runs[name].append(run_worker(args, python))
+            except RuntimeError as e:
+                print(f"  {name} round {r + 1} failed: {str(e)[-300:]}", flush=True)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {runs[n][-1]['decode_tok_s']:.1f}" for n in speed if runs[n]) + " tok/s; load "
+            f"{os.getloadavg()[0]:.1f}", flush=True)
+    for name, got in runs.items():
+        if not got:
+            continue
+        rows[name].update(
+            decode_tok_s=float(np.median([g["decode_tok_s"] for g in got])),
+            prefill_tok_s=float(np.median([g["prefill_tok_s"] for g in got])),
+            peak_rss_mib=max(g["peak_rss_mib"] for g in got),
+            decode_runs=[round(g["decode_tok_s"], 1) for g in got])
+        for key in ("weight_bytes", "package_bytes"):
+            if key in got[0]:
+                rows[name].setdefault(key, got[0][key])
 
 
 def llama_rows(a, hf, tok, windows, prompt, work: Path, gguf: str) -> dict:
@@ -367,12 +408,13 @@ def llama_rows(a, hf, tok, windows, prompt, work: Path, gguf: str) -> dict:
         dst = work / "llama" / f"smollm2-{kind}.gguf"
         if not dst.exists():
             run_worker(["--worker", "quantize", str(f32), str(dst), kind], a.llama_python)
-        out[f"llama.cpp {kind}"] = run_worker(["--worker", "llama", str(dst), str(wfile),
-                                               json.dumps(prompt), str(a.new)], a.llama_python)
-        out[f"llama.cpp {kind}"]["weight_bytes"] = os.path.getsize(dst)
-        r = out[f"llama.cpp {kind}"]
-        print(f"  llama.cpp {kind}: ppl {r['ppl']:.3f}, decode {r['decode_tok_s']:.1f} tok/s",
-              flush=True)
+        r = run_worker(["--worker", "llama", str(dst), "none" if a.speed_only else str(wfile),
+                        json.dumps(prompt), str(a.new)], a.llama_python)
+        r = {"ppl": r["ppl"], "weight_bytes": os.path.getsize(dst),
+             "package_bytes": r["package_bytes"]}
+        out[f"llama.cpp {kind}"] = r, (["--worker", "llama", str(dst), "none",
+                                         json.dumps(prompt), str(a.new)], a.llama_python)
+        print(f"  llama.cpp {kind}: ppl {r['ppl']:.3f}", flush=True)
     return out
 
 
@@ -399,6 +441,24 @@ def report(rows: dict, ref: float, bw: float) -> None:
               + f"{r.get('package_bytes', 0) / 2**20:>9.1f}")
     print("weights MiB: bytes the decode step reads per token (all weights once; the KV cache "
           "reads come on top); bound tok/s = bandwidth / that")
+    peers = {n: r["decode_tok_s"] for n, r in rows.items()
+             if n in ("llama.cpp Q4_0", "ort-genai int4") and r.get("decode_tok_s")}
+    for name, r in rows.items():
+        if "decode_runs" in r:
+            ratios = "".join(f", {r['decode_tok_s'] / v:.2f}x {p}" for p, v in peers.items())
+            print(f"decode {name}: rounds {r['decode_runs']} tok/s, median "
+                  f"{r['decode_tok_s']:.1f}{ratios}")
+    print(f"CPU: {cpu_name()}; load average at the end {os.getloadavg()[0]:.1f} "
+          f"(other jobs on the machine slow every engine)")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
