@@ -79,6 +79,35 @@ def test_aarch64_device_package_matches_host_simulation(farm, kirin):
     assert [s.kernel for s in prof.steps] == [s.kernel for s in remote.steps]
 
 
+def test_mobilenet_v2_kirin990_on_the_aarch64_device(farm, mobilenet_model, tmp_path):
+    """The acceptance model: MobileNetV2's kirin990 CPU library on the qemu-aarch64 device."""
+    import time
+
+    import torch
+
+    from compiler import compile
+
+    model, x = mobilenet_model
+    t0 = time.perf_counter()
+    m = compile(model, example_inputs=(torch.from_numpy(x),), target="kirin990",
+                progress=False)
+    info = m.export_device(tmp_path / "dev")
+    t1 = time.perf_counter()
+    remote = runtime.connect(farm.tracker, "kirin990", timeout=120).load(
+        tmp_path / "dev" / info["cpu"]["package"])
+    name = m.input_names[0]
+    (y,) = remote.run({name: x})
+    (y_host,) = m.run({name: x})
+    print(f"MobileNetV2 {list(x.shape)} kirin990: compile + export {t1 - t0:.0f} s; aarch64 "
+          f"device vs host simulation: max |diff| {np.abs(y - y_host).max():.3e}, rel L2 "
+          f"{rel_l2(y, y_host):.2e}", file=sys.stderr)
+    np.testing.assert_array_equal(y, y_host)
+    prof = remote.profile({name: x}, repeat=1)
+    print("MobileNetV2 per-kernel device times, slowest 10 (qemu-aarch64 on a loaded x86 "
+          "host: not A76 speed):\n" + prof.table(top=10), file=sys.stderr)
+    assert len(prof.steps) == len(remote.steps)
+
+
 def test_kill_a_server_during_a_batch_then_none_left(farm, kirin):
     m, _, dev_pkg = kirin
     xs = [image(seed=s) for s in range(4)]
@@ -95,6 +124,39 @@ def test_kill_a_server_during_a_batch_then_none_left(farm, kirin):
     farm.kill_server(last)
     with pytest.raises(DeviceError, match="no free device with key 'kirin990'"):
         remote.run(xs[0])
+
+
+def test_tampered_package_is_refused_before_upload(farm, kirin, tmp_path):
+    import shutil as sh
+
+    from runtime.errors import IntegrityError
+
+    _, _, dev_pkg = kirin
+    bad = tmp_path / "bad.npkg"
+    sh.copytree(dev_pkg, bad)
+    data = bytearray((bad / "kernels.so").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "kernels.so").write_bytes(bytes(data))
+    session = runtime.connect(farm.tracker, "x86", timeout=5)
+    with pytest.raises(IntegrityError, match="kernels.so does not match its sha256"):
+        session.load(bad)
+    assert session.queue()["free"] == 1      # no device was taken
+
+
+def test_npucc_run_remote_cli(farm, kirin, tmp_path, capsys):
+    from compiler.cli import main
+
+    _, host_pkg, _ = kirin
+    x = image()["x"]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(host_pkg), "--input", f"x={tmp_path / 'x.npy'}", "--remote",
+                 farm.tracker, "--key", "x86", "--profile", "--save-outputs",
+                 str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "median of" in out
+    local = runtime.load(host_pkg).run({"x": x})
+    saved = sorted((tmp_path / "out").glob("*.npy"))
+    assert len(saved) == len(local)
 
 
 def test_no_free_device_and_no_tracker_errors(farm, kirin):
