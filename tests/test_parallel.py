@@ -71,3 +71,37 @@ def test_head_importance_ray_equals_serial(ray_cluster):
         assert np.ptp(serial[i]) > 0     # the heads differ: the ranking means something
     rank = lambda imp: np.argsort(np.concatenate([imp[i] for i in sorted(imp)]))  # noqa: E731
     np.testing.assert_array_equal(rank(serial), rank(par))
+
+
+def _mixed_plan(executor: str) -> dict:
+    """The mixed-precision plan (per-layer SNR per candidate, choice) of a two-layer model."""
+    from compiler.ir.graph import Graph
+    from compiler.ir.types import TensorType
+    from compiler.pass_base import PassContext
+    from passes.quantization.insert import InsertQuantize, precision_text
+    from passes.quantization.mixed import MIB, layer_bytes
+
+    rng = np.random.default_rng(0)
+    g = Graph("two")
+    x = g.add_input("x", TensorType((8, 128), "f32"))
+    outs = []
+    for name in ("a", "b"):
+        w = g.add_weight(f"{name}.weight", rng.standard_normal((64, 128)).astype(np.float32))
+        b = g.add_weight(f"{name}.bias", rng.standard_normal(64).astype(np.float32))
+        outs.append(g.make_node("dense", [x, w, b], {}, name=name, out_names=[name]).output)
+    g.outputs = [g.add("add", outs[0], g.add("mul", outs[1], g.add_const(
+        np.asarray(0.001, np.float32))))]
+    samples = [{"x": rng.standard_normal((8, 128)).astype(np.float32)} for _ in range(3)]
+    a, b = (next(n for n in g.nodes if n.name == k) for k in ("a", "b"))
+    budget = layer_bytes(g, a, "w8", 128) + layer_bytes(g, b, "int4", 128) + 32
+    ctx = PassContext(resources={"calib": samples}, options={"executor": executor})
+    InsertQuantize(precision=precision_text("int4"), budget_mb=budget / MIB,
+                   calibration="@calib").run(g, ctx)
+    return ctx.options["mixed_plan"]
+
+
+def test_mixed_precision_sensitivity_ray_equals_serial(ray_cluster):
+    serial, par = _mixed_plan("serial"), _mixed_plan("ray")
+    assert serial == par
+    layers = {ly["name"]: ly for ly in serial["layers"]}
+    assert layers["a"]["snr_db"]["int4"] < layers["b"]["snr_db"]["int4"]

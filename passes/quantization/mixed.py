@@ -149,42 +149,68 @@ def _spec_dict(spec: PrecisionSpec) -> dict[str, Any]:
 
 def measure_sensitivity(graph: Graph, plan: Mapping[Node, PrecisionSpec],
                         layers: Sequence[Layer], samples: Sequence[Mapping[str, np.ndarray]],
-                        ctx: Any = None) -> None:
-    """Fill ``layer.noise`` / ``layer.cosine`` per candidate (each layer quantized alone)."""
+                        ctx: Any = None, executor: Any = "serial") -> None:
+    """Fill ``layer.noise`` / ``layer.cosine`` per candidate (each layer quantized alone).
+    ``executor``: ``"serial"`` or ``"ray"`` (``compiler.parallel``: one task per layer and
+    candidate; GPTQ Hessians a task computes are merged back; results identical)."""
+    from compiler.parallel import map_tasks
 
     refs = [interpret(graph, s) for s in samples]
-    shared = {HESSIAN_KEY: ctx.options.get(HESSIAN_KEY, {})} if ctx is not None else {}
-    all_float = {ly.name: "float" for ly in layers}
+    hess = dict(ctx.options.get(HESSIAN_KEY, {})) if ctx is not None else {}
+    tasks = [(j, cand) for j, ly in enumerate(layers) for cand in ly.bytes if cand != "float"]
+    if executor in (None, "serial"):
+        # serial: one task after the other, each reusing the Hessians the previous computed
+        results = []
+        for t in tasks:
+            r = _candidate_error((graph, plan, layers, samples, refs, hess), t)
+            hess.update(r[3])
+            results.append(r)
+    else:
+        results = map_tasks(_candidate_error, (graph, plan, layers, samples, refs, hess),
+                            tasks, executor=executor)
+        for r in results:
+            hess.update(r[3])
     for ly in layers:
         ly.noise["float"], ly.cosine["float"] = 0.0, 1.0
-        for cand in list(ly.bytes):
-            if cand == "float":
-                continue
-            cfg = _config_for({n: s for n, s in plan.items() if n.name == ly.name}, [ly],
-                              {**all_float, ly.name: cand})
-            sub = PassContext(sample_inputs=list(samples), options=dict(shared))
-            try:
-                q = quantize_graph(graph, cfg, ctx=sub)
-                outs = [interpret(q, s) for s in samples]
-            except NpuccError as e:  # a candidate that cannot be measured is not chosen
-                del ly.bytes[cand]
-                if ctx is not None:
-                    ctx.remark(f"quantize: mixed precision: {cand} for layer {ly.name!r} "
-                               f"dropped, it failed: {e}")
-                continue
-            shared[HESSIAN_KEY] = sub.options.get(HESSIAN_KEY, {})
-            num = den = 0.0
-            cos = []
-            for r, o in zip(refs, outs, strict=True):
-                nz, c = output_error(r, o)
-                d = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in r)
-                num += nz * d
-                den += d
-                cos.append(c)
-            ly.noise[cand] = num / den if den > 0 else 0.0
-            ly.cosine[cand] = float(np.mean(cos))
-    if ctx is not None and shared.get(HESSIAN_KEY):
-        ctx.options[HESSIAN_KEY] = shared[HESSIAN_KEY]
+    for (j, cand), (noise, cos, err, _) in zip(tasks, results, strict=True):
+        ly = layers[j]
+        if err is not None:   # a candidate that cannot be measured is not chosen
+            del ly.bytes[cand]
+            if ctx is not None:
+                ctx.remark(f"quantize: mixed precision: {cand} for layer {ly.name!r} "
+                           f"dropped, it failed: {err}")
+            continue
+        ly.noise[cand], ly.cosine[cand] = noise, cos
+    if ctx is not None and hess:
+        ctx.options[HESSIAN_KEY] = hess
+
+
+def _candidate_error(shared: tuple, task: tuple[int, str]
+                     ) -> tuple[float | None, float | None, str | None, dict[str, Any]]:
+    """Layer ``task[0]`` alone at precision ``task[1]``: (noise, mean cosine, error message or
+    None, the GPTQ Hessians known afterwards)."""
+    graph, plan, layers, samples, refs, hess = shared
+    j, cand = task
+    ly = layers[j]
+    all_float = {x.name: "float" for x in layers}
+    cfg = _config_for({n: s for n, s in plan.items() if n.name == ly.name}, [ly],
+                      {**all_float, ly.name: cand})
+    sub = PassContext(sample_inputs=list(samples), options={HESSIAN_KEY: dict(hess)})
+    try:
+        q = quantize_graph(graph, cfg, ctx=sub)
+        outs = [interpret(q, s) for s in samples]
+    except NpuccError as e:
+        return None, None, str(e), {}
+    num = den = 0.0
+    cos = []
+    for r, o in zip(refs, outs, strict=True):
+        nz, c = output_error(r, o)
+        d = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in r)
+        num += nz * d
+        den += d
+        cos.append(c)
+    return (num / den if den > 0 else 0.0, float(np.mean(cos)), None,
+            sub.options.get(HESSIAN_KEY, {}))
 
 
 def choose(layers: Sequence[Layer], fixed_bytes: int, budget_bytes: int) -> int:
@@ -250,7 +276,9 @@ def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
                           "constant weight) whose precision could be chosen")
     layer_nodes = {id(n) for ly in layers for n in ly.nodes}
     rest = _weights_outside(graph, plan, layer_nodes, samples, ctx)
-    measure_sensitivity(graph, plan, layers, samples, ctx)
+    measure_sensitivity(graph, plan, layers, samples, ctx,
+                        executor=ctx.options.get("executor", "serial") if ctx is not None
+                        else "serial")
     budget = int(budget_mb * MIB)
     total = choose(layers, rest, budget)
     float_total = sum(int(a.nbytes) for a in graph.weights.values())
