@@ -125,8 +125,17 @@ class RemoteSession:
         th.start()
         th.join(self.timeout)
         if th.is_alive():
-            tracker.close()   # the tracker drops a closed connection's pending request
+            # end the pending request: shut the tracker connection down (close() alone does
+            # not wake the thread blocked in recv); the tracker drops a closed connection's
+            # pending request
+            sock = getattr(tracker, "_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             th.join(10)
+            tracker.close()
             got.pop("session", None)
             q = self.queue()
             busy = (f"all {q['servers']} device(s) of that key are busy" if q["servers"]

@@ -122,6 +122,7 @@ def test_kill_a_server_during_a_batch_then_none_left(farm, kirin):
             assert rel_l2(y, y_host) < 2e-3
     (last,) = farm.serving_this_process()
     farm.kill_server(last)
+    remote.session.timeout = 3     # no device will come: wait 3 s, not 30
     with pytest.raises(DeviceError, match="no free device with key 'kirin990'"):
         remote.run(xs[0])
 
