@@ -73,13 +73,10 @@ def test_head_importance_ray_equals_serial(ray_cluster):
     np.testing.assert_array_equal(rank(serial), rank(par))
 
 
-def _mixed_plan(executor: str) -> dict:
-    """The mixed-precision plan (per-layer SNR per candidate, choice) of a two-layer model."""
+def _two_dense():
+    """y = a(x) + 0.001 * b(x), and 3 samples."""
     from compiler.ir.graph import Graph
     from compiler.ir.types import TensorType
-    from compiler.pass_base import PassContext
-    from passes.quantization.insert import InsertQuantize, precision_text
-    from passes.quantization.mixed import MIB, layer_bytes
 
     rng = np.random.default_rng(0)
     g = Graph("two")
@@ -92,6 +89,16 @@ def _mixed_plan(executor: str) -> dict:
     g.outputs = [g.add("add", outs[0], g.add("mul", outs[1], g.add_const(
         np.asarray(0.001, np.float32))))]
     samples = [{"x": rng.standard_normal((8, 128)).astype(np.float32)} for _ in range(3)]
+    return g, samples
+
+
+def _mixed_plan(executor: str) -> dict:
+    """The mixed-precision plan (per-layer SNR per candidate, choice) of a two-layer model."""
+    from compiler.pass_base import PassContext
+    from passes.quantization.insert import InsertQuantize, precision_text
+    from passes.quantization.mixed import MIB, layer_bytes
+
+    g, samples = _two_dense()
     a, b = (next(n for n in g.nodes if n.name == k) for k in ("a", "b"))
     budget = layer_bytes(g, a, "w8", 128) + layer_bytes(g, b, "int4", 128) + 32
     ctx = PassContext(resources={"calib": samples}, options={"executor": executor})
@@ -105,3 +112,13 @@ def test_mixed_precision_sensitivity_ray_equals_serial(ray_cluster):
     assert serial == par
     layers = {ly["name"]: ly for ly in serial["layers"]}
     assert layers["a"]["snr_db"]["int4"] < layers["b"]["snr_db"]["int4"]
+
+
+def test_pruning_sensitivity_ray_equals_serial(ray_cluster):
+    from passes.pruning.sensitivity import layer_sensitivity
+
+    g, samples = _two_dense()
+    serial = layer_sensitivity(g, samples)
+    par = layer_sensitivity(g, samples, executor="ray")
+    assert serial == par and len(serial) == 2
+    assert serial["a"]["errors"][0.9] > serial["b"]["errors"][0.9]
