@@ -243,6 +243,8 @@ def _kill_group(p: subprocess.Popen, sig: int) -> None:
 
 
 def main() -> None:
+    # a SIGTERM (timeout, CI) unwinds through the with-block, which stops every server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
     with DeviceFarm() as farm:
         farm.add_server("x86", "x86_64")
