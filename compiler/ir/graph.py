@@ -20,7 +20,7 @@ import numpy as np
 
 from compiler.errors import OpError
 from compiler.ir.types import TensorType
-from compiler.ir.value import UseList, Value
+from compiler.ir.value import ListLike, UseList, Value
 
 __all__ = ["Value", "Node", "NodeList", "UseList", "Graph"]
 
@@ -78,7 +78,7 @@ class Node:
         return f"<Node {self.label}>"
 
 
-class NodeList:
+class NodeList(ListLike):
     """A graph's nodes in order: an intrusive doubly linked list (as MLIR's op lists).
 
     Membership, ``remove``, ``insert_before`` and ``append`` are O(1), so a pass that rewrites
@@ -225,15 +225,6 @@ class NodeList:
             return self._tail
         return self._list()[i]
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, NodeList | list | tuple):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"NodeList({list(self)!r})"
 
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.\-/]+\Z")

@@ -10,10 +10,28 @@ from compiler.ir.types import TensorType
 if TYPE_CHECKING:
     from compiler.ir.graph import Node
 
-__all__ = ["Value", "UseList"]
+__all__ = ["Value", "UseList", "ListLike"]
 
 
-class UseList:
+class ListLike:
+    """``==`` against lists and tuples (and each other), unhashable, and a list-like repr: what
+    the IR's linked containers (:class:`UseList`, ``NodeList``) share with the lists they
+    replaced."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ListLike | list | tuple):
+            return list(self) == list(other)   # type: ignore[call-overload]
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self)!r})"   # type: ignore[call-overload]
+
+
+class UseList(ListLike):
     """The nodes reading a value, one entry per operand slot (a node reading it twice is
     there twice), in first-use order, with O(1) ``append`` and ``remove``: a constant shared
     by every block of a large model (after CSE) has as many uses as blocks, and removing
@@ -62,15 +80,6 @@ class UseList:
             return next(iter(self._count))
         return list(self)[i]
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, UseList | list | tuple):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"UseList({list(self)!r})"
 
 
 class Value:
