@@ -56,12 +56,23 @@ import numpy as np
 from . import _dtypes
 from ._elf import exported_symbols
 from ._verify import check_arch
-from .errors import (FormatVersionError, IntegrityError, PackageError, SignatureError,
-                     UnverifiedPackageWarning)
+from .errors import (
+    FormatVersionError,
+    IntegrityError,
+    PackageError,
+    SignatureError,
+    UnverifiedPackageWarning,
+)
 from .memory_pool import ALIGN, align
 from .package_io import PackageReader, SealedLibrary, check_file_name
-from .signing import (MAX_SIGNATURE_BYTES, SIGNATURE_FILE, load_private_key, signature_bytes,
-                      trusted_keys, verify_signature)
+from .signing import (
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
+    load_private_key,
+    signature_bytes,
+    trusted_keys,
+    verify_signature,
+)
 
 __all__ = ["LLM_MANIFEST", "LlmPackage", "write_llm_package", "WEIGHTS_BIN",
            "read_verified_llm", "sign_llm_package", "is_llm_package"]
