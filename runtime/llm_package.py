@@ -75,7 +75,8 @@ from .signing import (
 )
 
 __all__ = ["LLM_MANIFEST", "LlmPackage", "write_llm_package", "WEIGHTS_BIN",
-           "read_verified_llm", "sign_llm_package", "is_llm_package"]
+           "read_verified_llm", "sign_llm_package", "is_llm_package", "dtype_name",
+           "tensor_nbytes"]
 
 LLM_MANIFEST = "llm.json"
 WEIGHTS_BIN = "weights.bin"
@@ -85,6 +86,16 @@ VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20
 
 _warned = threading.Event()
+
+
+def dtype_name(dtype: Any) -> str:
+    """The manifest's name of a dtype (``f32``, ``i8``, ...): what ``llm.json`` records."""
+    return _dtypes.canonical(dtype)
+
+
+def tensor_nbytes(shape: Any, dtype: str) -> int:
+    """Bytes of a tensor of ``shape`` and manifest dtype ``dtype`` (sub-byte types packed)."""
+    return _dtypes.nbytes(shape, dtype)
 
 
 def _sha256(path: Path) -> str:

@@ -186,12 +186,12 @@ def _plan(graph, lib, tokens: int, layers: int, weights: dict[str, np.ndarray],
 
 
 def _short(dtype: Any) -> str:
-    from runtime import _dtypes
+    from runtime.llm_package import dtype_name
 
-    return _dtypes.canonical(dtype)
+    return dtype_name(dtype)
 
 
 def _nbytes(t: Mapping[str, Any]) -> int:
-    from runtime import _dtypes
+    from runtime.llm_package import tensor_nbytes
 
-    return _dtypes.nbytes(t["shape"], t["dtype"])
+    return tensor_nbytes(t["shape"], t["dtype"])
