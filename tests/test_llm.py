@@ -229,9 +229,22 @@ def test_cli_compile_llm_from_a_transformers_folder(tmp_path, capsys):
     rc = main(["compile-llm", str(tmp_path / "tiny"), "-o", str(out), "--max-context", "64",
                "--chunk", "8", "--quantize", "int8"])
     assert rc == 0, capsys.readouterr().err
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    assert "estimated decode on host:" in printed and "estimated decode on kirin990:" in printed
     m = load(out)
     assert m.config["quantize"] == "int8" and m.max_context == 64
+    # the kirin990 decode estimate: weights once per token, the KV cache up to the position
+    from compiler.llm import estimate_decode
+
+    e0, e63 = estimate_decode(m, "kirin990", 0), estimate_decode(m, "kirin990", 63)
+    assert e0["weights_ms"] == e63["weights_ms"] > 0
+    assert e63["kv_ms"] == pytest.approx(64 * e0["kv_ms"])
+    assert e63["ms_per_token"] == pytest.approx(e63["weights_ms"] + e63["kv_ms"]
+                                                + e63["fixed_ms"])
+    assert "typically within" in e63["summary"]
+    with pytest.raises(ValueError, match=r"position 64 is outside the context \(0..63\)"):
+        estimate_decode(m, "kirin990", 64)
     ids = PROMPTS[2]
     f = _hf_logits(hf, ids)
     got = m.logits(ids)

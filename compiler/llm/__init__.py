@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["compile_llm"]
+__all__ = ["compile_llm", "estimate_decode"]
 
 
 def compile_llm(source: Any, target: Any = "host", **kwargs: Any):
@@ -19,3 +19,11 @@ def compile_llm(source: Any, target: Any = "host", **kwargs: Any):
     from compiler.llm.compile import compile_llm as _compile_llm
 
     return _compile_llm(source, target, **kwargs)
+
+
+def estimate_decode(model: Any, target: Any = "kirin990", position: int | None = None,
+                    device: str = "cpu") -> dict[str, Any]:
+    """See :func:`compiler.llm.estimate.estimate_decode`."""
+    from compiler.llm.estimate import estimate_decode as _estimate
+
+    return _estimate(model, target, position, device)

@@ -41,6 +41,13 @@ def _cmd_compile_llm(args: argparse.Namespace) -> int:
           f"(weights {s['weight_bytes'] / 2**20:.1f} MiB, KV cache "
           f"{s['kv_cache_bytes'] / 2**20:.1f} MiB at run time, max_context {s['max_context']}) "
           f"in {time.perf_counter() - t0:.0f} s")
+    from compiler.llm.estimate import estimate_decode
+
+    for target in dict.fromkeys([args.target, "kirin990"]):
+        e = estimate_decode(m, target)
+        print(f"estimated decode on {e['target']}: {e['summary']} (weights "
+              f"{e['weights_ms']:.2f} ms + KV cache {e['kv_ms']:.2f} ms + launches "
+              f"{e['fixed_ms']:.2f} ms)")
     return 0
 
 
