@@ -45,8 +45,6 @@ import os
 import shutil
 import stat
 import tempfile
-import threading
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,17 +59,15 @@ from .errors import (
     IntegrityError,
     PackageError,
     SignatureError,
-    UnverifiedPackageWarning,
 )
 from .memory_pool import ALIGN, align
 from .package_io import PackageReader, SealedLibrary, check_file_name
+from .package_load import check_signed_files
 from .signing import (
-    MAX_SIGNATURE_BYTES,
     SIGNATURE_FILE,
     load_private_key,
     signature_bytes,
     trusted_keys,
-    verify_signature,
 )
 
 __all__ = ["LLM_MANIFEST", "LlmPackage", "write_llm_package", "WEIGHTS_BIN",
@@ -84,8 +80,6 @@ TOKENIZER = "tokenizer.json"
 FORMAT = "npucc-llm"
 VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20
-
-_warned = threading.Event()
 
 
 def dtype_name(dtype: Any) -> str:
@@ -341,8 +335,9 @@ def read_verified_llm(path: str | os.PathLike, keys: Any = None, *,
             if digests[name] != entry["sha256"]:
                 raise IntegrityError(f"{where}: file {name} does not match its sha256 in the "
                                      f"manifest (damaged or modified); refusing to load")
-        signer = None if written_here else _check_signature(reader, manifest, digests, keys,
-                                                            where, for_signing)
+        signer = None if written_here else check_signed_files(
+            reader, manifest, keys, where, for_signing, manifest_name=LLM_MANIFEST,
+            digests=digests)
     except BaseException:
         if mapped is not None:
             mapped.close()
@@ -350,44 +345,6 @@ def read_verified_llm(path: str | os.PathLike, keys: Any = None, *,
     finally:
         reader.close()
     return manifest, blobs, mapped, signer
-
-
-def _check_signature(reader: PackageReader, manifest: dict[str, Any], digests: dict[str, str],
-                     keys: list, where: str, for_signing: bool) -> Any:
-    listed = set(manifest["files"]) | {LLM_MANIFEST, SIGNATURE_FILE}
-    unlisted = sorted(n for n in reader.names if n not in listed)
-    if for_signing:
-        if unlisted:
-            raise PackageError(f"{where}: file(s) {unlisted} are not listed in {LLM_MANIFEST}; "
-                               f"refusing to sign a package with unlisted files")
-        return None
-    if not keys:
-        if not _warned.is_set():
-            _warned.set()
-            warnings.warn(f"{where}: loaded without verifying its signature (no trusted keys "
-                          f"configured: pass trusted_keys= or set NPUCC_TRUSTED_KEYS); a "
-                          f"package is code, load only packages you trust",
-                          UnverifiedPackageWarning, stacklevel=_outside_runtime())
-        return None
-    if SIGNATURE_FILE not in reader.names:
-        raise SignatureError(f"{where}: the package is not signed ({SIGNATURE_FILE} missing) and "
-                             f"trusted keys are configured; refusing to load")
-    if unlisted:
-        raise SignatureError(f"{where}: file(s) {unlisted} are not part of the signed "
-                             f"package; refusing to load")
-    sig = reader.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
-    return verify_signature(sig, digests, keys, where)
-
-
-def _outside_runtime() -> int:
-    """The stack level (for warnings.warn) of the first caller outside runtime/."""
-    import sys
-
-    here = os.path.dirname(__file__)
-    frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def sign_llm_package(path: str | os.PathLike, sign_key: Any,

@@ -43,18 +43,24 @@ _warned = threading.Event()
 
 
 def check_signed_files(reader: PackageReader, manifest: dict[str, Any], keys: list,
-                       where: str, for_signing: bool = False) -> Any:
+                       where: str, for_signing: bool = False, *, manifest_name: str = "",
+                       digests: dict[str, str] | None = None) -> Any:
     """Step 4 of the module docstring. Returns the key that signed, or None (no keys).
-    ``for_signing``: no keys needed and no warning, but no unlisted file either."""
+    ``for_signing``: no keys needed and no warning, but no unlisted file either.
+    ``manifest_name``: the file holding ``manifest`` (default ``manifest.json``; LLM packages:
+    ``llm.json``); ``digests``: the sha256 of every signed file when the reader did not read
+    them all itself (an LLM package hashes its weights over the mapping the kernels read)."""
     from .package import MANIFEST
 
-    listed = set(manifest["files"]) | {MANIFEST, SIGNATURE_FILE}
+    manifest_name = manifest_name or MANIFEST
+    listed = set(manifest["files"]) | {manifest_name, SIGNATURE_FILE}
     unlisted = sorted(n for n in reader.names if n not in listed)
     signed = SIGNATURE_FILE in reader.names
     if for_signing:
         if unlisted:
-            raise PackageError(f"{where}: file(s) {unlisted} are not listed in the manifest; "
-                               f"refusing to sign a package with unlisted files")
+            raise PackageError(f"{where}: file(s) {unlisted} are not listed in "
+                               f"{manifest_name}; refusing to sign a package with unlisted "
+                               f"files")
         return None
     if not keys:
         if not _warned.is_set():
@@ -71,8 +77,9 @@ def check_signed_files(reader: PackageReader, manifest: dict[str, Any], keys: li
         raise SignatureError(f"{where}: file(s) {unlisted} are not part of the signed "
                              f"package; refusing to load")
     sig = reader.read(SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
-    digests = {name: reader.files.digest(name) for name in reader.files.data
-               if name != SIGNATURE_FILE}
+    if digests is None:
+        digests = {name: reader.files.digest(name) for name in reader.files.data
+                   if name != SIGNATURE_FILE}
     return verify_signature(sig, digests, keys, where)
 
 
