@@ -16,6 +16,7 @@ import pytest
 
 from compiler.errors import NpuccError
 from compiler.parallel import map_tasks
+from tests.test_quant_mixed import two_branch
 
 GPT2_SMALL = dict(vocab=128, n_layer=2, n_head=4, d_model=32, seq=16)   # head size 8
 FUSE = "canonicalize,fuse-matmul-add,fuse-gemm,fold-batchnorm,fuse-conv-relu,fuse-dense-act"
@@ -73,37 +74,18 @@ def test_head_importance_ray_equals_serial(ray_cluster):
     np.testing.assert_array_equal(rank(serial), rank(par))
 
 
-def _two_dense():
-    """y = a(x) + 0.001 * b(x), and 3 samples."""
-    from compiler.ir.graph import Graph
-    from compiler.ir.types import TensorType
-
-    rng = np.random.default_rng(0)
-    g = Graph("two")
-    x = g.add_input("x", TensorType((8, 128), "f32"))
-    outs = []
-    for name in ("a", "b"):
-        w = g.add_weight(f"{name}.weight", rng.standard_normal((64, 128)).astype(np.float32))
-        b = g.add_weight(f"{name}.bias", rng.standard_normal(64).astype(np.float32))
-        outs.append(g.make_node("dense", [x, w, b], {}, name=name, out_names=[name]).output)
-    g.outputs = [g.add("add", outs[0], g.add("mul", outs[1], g.add_const(
-        np.asarray(0.001, np.float32))))]
-    samples = [{"x": rng.standard_normal((8, 128)).astype(np.float32)} for _ in range(3)]
-    return g, samples
-
-
 def _mixed_plan(executor: str) -> dict:
     """The mixed-precision plan (per-layer SNR per candidate, choice) of a two-layer model."""
     from compiler.pass_base import PassContext
     from passes.quantization.insert import InsertQuantize, precision_text
     from passes.quantization.mixed import MIB, layer_bytes
 
-    g, samples = _two_dense()
+    g, samples = two_branch()
     a, b = (next(n for n in g.nodes if n.name == k) for k in ("a", "b"))
     budget = layer_bytes(g, a, "w8", 128) + layer_bytes(g, b, "int4", 128) + 32
-    ctx = PassContext(resources={"calib": samples}, options={"executor": executor})
+    ctx = PassContext(resources={"calib": samples})
     InsertQuantize(precision=precision_text("int4"), budget_mb=budget / MIB,
-                   calibration="@calib").run(g, ctx)
+                   calibration="@calib", executor=executor).run(g, ctx)
     return ctx.options["mixed_plan"]
 
 
@@ -117,7 +99,7 @@ def test_mixed_precision_sensitivity_ray_equals_serial(ray_cluster):
 def test_pruning_sensitivity_ray_equals_serial(ray_cluster):
     from passes.pruning.sensitivity import layer_sensitivity
 
-    g, samples = _two_dense()
+    g, samples = two_branch()
     serial = layer_sensitivity(g, samples)
     par = layer_sensitivity(g, samples, executor="ray")
     assert serial == par and len(serial) == 2

@@ -16,7 +16,7 @@ from passes.quantization.mixed import MIB, BudgetError, layer_bytes
 from passes.quantization.report import build_report, weight_bytes, write_report
 
 
-def _two_branch(seed: int = 0) -> tuple[Graph, list[dict[str, np.ndarray]]]:
+def two_branch(seed: int = 0) -> tuple[Graph, list[dict[str, np.ndarray]]]:
     """y = a(x) + 0.001 * b(x): layer "b" barely reaches the output, layer "a" dominates."""
     rng = np.random.default_rng(seed)
     g = Graph("two")
@@ -51,7 +51,7 @@ def _precision_of(graph: Graph, name: str) -> str:
 
 
 def test_budget_met_and_less_sensitive_layer_gets_lower_precision():
-    g, samples = _two_branch()
+    g, samples = two_branch()
     a, b = (next(n for n in g.nodes if n.name == k) for k in ("a", "b"))
     budget = layer_bytes(g, a, "w8", 128) + layer_bytes(g, b, "int4", 128) + 32
     q, ctx = _run(g, samples, budget / MIB)
@@ -72,7 +72,7 @@ def test_budget_met_and_less_sensitive_layer_gets_lower_precision():
 def test_report_fields_and_files(tmp_path):
     from passes.quantization.weight_only import quantize_graph
 
-    g, samples = _two_branch(1)
+    g, samples = two_branch(1)
     q = quantize_graph(g, {"a": "int4", "b": "w8"}, samples)
     rep = build_report(g, q, samples)
     assert rep["samples"] == 3 and rep["unmatched_layers"] == 0
@@ -99,7 +99,7 @@ def test_cli_report(tmp_path, capsys):
     from compiler.cli import main
     from compiler.ir.serialize import save
 
-    g, samples = _two_branch(2)
+    g, samples = two_branch(2)
     path = save(g, tmp_path / "two.ir")
     np.savez(tmp_path / "cal.npz", x=np.stack([s["x"] for s in samples]))
     rc = main(["report", str(path), "-q", '{"dense": "w8"}', "--calibration",
@@ -119,7 +119,7 @@ def test_compile_with_budget_runs_and_reports(tmp_path):
     from compiler import compile
     from compiler.ir.interpreter import interpret
 
-    g, samples = _two_branch(3)
+    g, samples = two_branch(3)
     a, b = (next(n for n in g.nodes if n.name == k) for k in ("a", "b"))
     budget = layer_bytes(g, a, "w8", 128) + layer_bytes(g, b, "int4", 128) + 32
     m = compile(g, "host", quantize={"dense": {"precision": "int4", "group_size": 64}},

@@ -180,6 +180,7 @@ class InsertQuantize(Pass):
     method: str = "minmax"       # calibration method (calibrate.METHODS)
     calibration: str = ""        # "@name" | "file.npz"; "" = `samples` random inputs
     budget_mb: float | None = None   # mixed precision: fit the weights in this many MiB
+    executor: str = "serial"     # mixed precision's sensitivity runs: "serial" | "ray"
     percentile: float = 99.99
     activations: str = ""        # "u8" | "i8"; "" = the config's (u8)
     samples: int = 8             # random calibration inputs when no calibration is named
@@ -206,7 +207,7 @@ class InsertQuantize(Pass):
             ctx = dataclasses.replace(ctx, sample_inputs=samples)
         plan = plan_precisions(graph, config)
         if self.budget_mb is not None:
-            plan = _call_budget(graph, plan, float(self.budget_mb), ctx)
+            plan = _call_budget(graph, plan, float(self.budget_mb), ctx, self.executor)
         stats: dict[str, Any] = {"int8": 0, "float": 0, "other": 0}
         # other precisions first (weight-only rewrites keep the node's identity or replace it)
         for node, spec in list(plan.items()):
@@ -363,7 +364,7 @@ def _smooth(graph: Graph, nodes: list[Node], plan: dict[Node, PrecisionSpec],
 
 
 def _call_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
-                 ctx: PassContext) -> dict[Node, PrecisionSpec]:
+                 ctx: PassContext, executor: str) -> dict[Node, PrecisionSpec]:
     from passes.quantization.mixed import plan_budget  # a cycle: mixed quantizes with this pass
 
-    return plan_budget(graph, plan, budget_mb, ctx)
+    return plan_budget(graph, plan, budget_mb, ctx, executor=executor)

@@ -259,8 +259,8 @@ def plan_table(layers: Sequence[Layer], total: int, budget: int, float_total: in
 
 
 def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float, ctx: Any,
-                candidates: Sequence[str] = CANDIDATES, show: bool = True
-                ) -> dict[Node, PrecisionSpec]:
+                candidates: Sequence[str] = CANDIDATES, show: bool = True,
+                executor: Any = "serial") -> dict[Node, PrecisionSpec]:
     """The ``quantize`` pass's hook: ``plan`` with each weight layer's precision chosen to fit
     ``budget_mb`` (MB = 2^20 bytes) with the least total sensitivity."""
 
@@ -276,9 +276,7 @@ def plan_budget(graph: Graph, plan: dict[Node, PrecisionSpec], budget_mb: float,
                           "constant weight) whose precision could be chosen")
     layer_nodes = {id(n) for ly in layers for n in ly.nodes}
     rest = _weights_outside(graph, plan, layer_nodes, samples, ctx)
-    measure_sensitivity(graph, plan, layers, samples, ctx,
-                        executor=ctx.options.get("executor", "serial") if ctx is not None
-                        else "serial")
+    measure_sensitivity(graph, plan, layers, samples, ctx, executor=executor)
     budget = int(budget_mb * MIB)
     total = choose(layers, rest, budget)
     float_total = sum(int(a.nbytes) for a in graph.weights.values())
