@@ -50,8 +50,9 @@ def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
             "b": rng.standard_normal(M, dtype=np.float32)}
 
 
-def build_tiny(lib: Path, seed: int = 0):
-    """An in-memory Package (``.save(path)`` writes it)."""
+def build_tiny(lib: Path, seed: int = 0, weights: dict[str, np.ndarray] | None = None):
+    """An in-memory Package (``.save(path)`` writes it); ``weights``: ``{"w", "b"}`` instead
+    of the seeded ones."""
     from runtime import build_package
 
     return build_package({"name": "host", "tvm": {"kind": "llvm"}}, ["x"], ["y"],
@@ -61,7 +62,7 @@ def build_tiny(lib: Path, seed: int = 0):
                           {"name": "w", "shape": [M, K], "dtype": "f32"},
                           {"name": "b", "shape": [M], "dtype": "f32"},
                           {"name": "y", "shape": [N, M], "dtype": "f32"}],
-                         tiny_weights(seed), lib)
+                         tiny_weights(seed) if weights is None else weights, lib)
 
 
 def tiny_input(seed: int = 1) -> np.ndarray:

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from package_helpers import N, build_library, rehash_manifest, tiny_input
+from package_helpers import K, M, N, build_library, build_tiny, rehash_manifest, tiny_input
 
 import runtime
 from runtime import build_package
@@ -26,22 +26,12 @@ from runtime.metrics import Metrics, RunRecord
 from runtime.modal import ModalExecutor
 from runtime.modes import merge_packages
 
-M, K = 16, 8
-
 
 def _tiny(lib, w_seed: int, b_seed: int = 0):
     """y = x @ w.T + b with w from ``w_seed`` and b from ``b_seed`` (so b can be shared)."""
     w = np.random.default_rng(w_seed).standard_normal((M, K), dtype=np.float32)
     b = np.random.default_rng(100 + b_seed).standard_normal(M, dtype=np.float32)
-    pkg = build_package({"name": "host", "tvm": {"kind": "llvm"}}, ["x"], ["y"],
-                        [{"kernel": "dense_bias", "node": "fc", "op": "dense",
-                          "inputs": ["x", "w", "b"], "outputs": ["y"]}],
-                        [{"name": "x", "shape": [N, K], "dtype": "f32"},
-                         {"name": "w", "shape": [M, K], "dtype": "f32"},
-                         {"name": "b", "shape": [M], "dtype": "f32"},
-                         {"name": "y", "shape": [N, M], "dtype": "f32"}],
-                        {"w": w, "b": b}, lib)
-    return pkg, x_ref(w, b)
+    return build_tiny(lib, weights={"w": w, "b": b}), x_ref(w, b)
 
 
 def x_ref(w, b):
