@@ -155,14 +155,20 @@ def test_refuses_unsigned_or_foreign_signed_delta_when_keys_are_configured(world
              "which is not a trusted key")
 
 
-def test_unsigned_delta_without_keys_applies_with_a_warning(world, tmp_path, monkeypatch):
-    from runtime.errors import UnverifiedPackageWarning
+def test_unsigned_delta_without_keys_applies_with_a_warning(world, tmp_path):
+    """In a fresh process (the warning is given once per process, so an earlier test in this
+    one may already have used it up): ``npucc update apply`` with no key configured."""
+    import os
 
-    monkeypatch.delenv("NPUCC_TRUSTED_KEYS", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
+    env = {k: v for k, v in os.environ.items() if k != "NPUCC_TRUSTED_KEYS"}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "no-config"), PYTHONPATH=str(ROOT))
     inst = _install(world, tmp_path)
-    with pytest.warns(UnverifiedPackageWarning, match="without verifying its signature"):
-        apply_update(inst, world["unsigned"])
+    r = subprocess.run([sys.executable, "-m", "compiler.cli", "update", "apply", str(inst),
+                        str(world["unsigned"])], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "UnverifiedPackageWarning" in r.stderr, r.stderr
+    assert "without verifying its signature" in r.stderr, r.stderr
     _loads_as(inst, world, "new")
 
 
