@@ -22,7 +22,7 @@ import numpy as np
 
 from targets.kernels.base import KernelImpl, KernelRequest
 
-__all__ = ["dense_wq_gemv"]
+__all__ = ["dense_wq_gemv", "dense_wq_lowbit"]
 
 
 def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
@@ -144,3 +144,87 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
     return KernelImpl(func, transforms, extra_const_inputs=extra,
                       note=f"dense_wq int{bits} g{g} GEMV K={k} N={n}: {nb}-wide panels, "
                            f"scale once per group")
+
+
+def dense_wq_lowbit(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
+    """3-bit and 2-bit ``dense_wq`` (asymmetric: scales and offsets per group) for any number
+    of rows M, over the same ``[ceil(N/nb), K*bits/8, nb]`` panels as the int4 GEMV.
+
+    Per n-panel (parallel), per word of 8 (3-bit: 3 bytes) or 4 (2-bit: 1 byte) codes, the
+    panel's ``nb`` words are assembled and decoded once into ``per x nb`` f32 codes in
+    registers; every row then accumulates ``x[r, k] * f32(u)``; the group is finished once
+    per row as in :func:`dense_wq_gemv` with ``z = 2^(bits-1)``: ``acc += d * (part - z *
+    sum(x over the group)) + c * sum(x over the group)``. Decode (M=1) thus reads each packed
+    byte once per token; prefill (M=chunk) decodes each panel word once for all rows."""
+    from tvm.script import tirx as T
+
+    bits, g = int(req.attrs["bits"]), int(req.attrs["group_size"])
+    xshape = req.input_types[0].shape
+    k = xshape[-1]
+    m = int(np.prod(xshape[:-1], dtype=np.int64))
+    n = req.input_types[1].shape[0]
+    panels, groups = -(-n // nb), k // g
+    per = 8 if bits == 3 else 4                  # codes per word
+    nby = per * bits // 8                        # bytes per word
+    wpg = g // per                               # words per group
+    if g % per or req.attrs.get("activation", "none") not in ("none", None):
+        raise NotImplementedError(f"dense_wq int{bits} with group {g} / activation")
+    kw, zero, mask = k * bits // 8, float(1 << (bits - 1)), (1 << bits) - 1
+    cdt = "float16" if req.input_types[3].dtype == "f16" else "float32"
+    has_bias = len(req.input_types) == 5
+
+    @T.prim_func
+    def lowbit(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, kw, nb), "uint8"),
+               s: T.Buffer((panels, groups, nb), "float16"),
+               c: T.Buffer((panels, groups, nb), cdt), b: T.Buffer((n,), "float32"),
+               out: T.Buffer(xshape[:-1] + (n,), "float32")):
+        xf = T.decl_buffer((m, k), "float32", data=x.data)
+        of = T.decl_buffer((m, n), "float32", data=out.data)
+        xs = T.alloc_buffer((m, groups), "float32")
+        for r, gi in T.grid(m, groups):
+            xs[r, gi] = T.float32(0)
+            for kk in range(g):
+                xs[r, gi] = xs[r, gi] + xf[r, gi * g + kk]
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((m, nb), "float32", scope="local")
+            part = T.alloc_buffer((m, nb), "float32", scope="local")
+            word = T.alloc_buffer((nb,), "uint32", scope="local")
+            dq = T.alloc_buffer((per, nb), "float32", scope="local")
+            for r in range(m):
+                for j in T.vectorized(nb):
+                    acc[r, j] = T.float32(0)
+            for gi in range(groups):
+                for r in range(m):
+                    for j in T.vectorized(nb):
+                        part[r, j] = T.float32(0)
+                for wi in range(wpg):
+                    for j in T.vectorized(nb):
+                        word[j] = T.uint32(0)
+                    for t in T.unroll(nby):
+                        for j in T.vectorized(nb):
+                            word[j] = T.bitwise_or(word[j], T.shift_left(
+                                T.Cast("uint32", w[p, (gi * wpg + wi) * nby + t, j]),
+                                T.Cast("uint32", 8 * t)))
+                    for i in T.unroll(per):
+                        for j in T.vectorized(nb):
+                            dq[i, j] = T.Cast("float32", T.bitwise_and(
+                                T.shift_right(word[j], T.Cast("uint32", bits * i)),
+                                T.uint32(mask)))
+                    for r in range(m):
+                        for i in T.unroll(per):
+                            for j in T.vectorized(nb):
+                                part[r, j] = part[r, j] + xf[r, gi * g + wi * per + i] * dq[i, j]
+                for r in range(m):
+                    for j in T.vectorized(nb):
+                        acc[r, j] = acc[r, j] + T.Cast("float32", s[p, gi, j]) \
+                            * (part[r, j] - T.float32(zero) * xs[r, gi]) \
+                            + T.Cast("float32", c[p, gi, j]) * xs[r, gi]
+            for r in range(m):
+                for j in range(nb):
+                    if p * nb + j < n:
+                        of[r, p * nb + j] = acc[r, j] + b[p * nb + j]
+
+    extra = [] if has_bias else [np.zeros(n, np.float32)]
+    return KernelImpl(lowbit, transforms, extra_const_inputs=extra,
+                      note=f"dense_wq int{bits} g{g} M={m} K={k} N={n}: {nb}-wide panels, "
+                           f"{per} codes per {nby}-byte word decoded once for all rows")

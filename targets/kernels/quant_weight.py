@@ -48,6 +48,13 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
                                                                    or not asym)
     pack = {i: (lambda a, nb=nb: pack_nk(np.asarray(a), nb)) for i in (1, 2, 3)[:3 if asym
                                                                                   else 2]}
+    if bits in (2, 3):
+        if not packed:
+            raise NotImplementedError(f"dense_wq int{bits} needs constant weights")
+        from targets.kernels.gemv_q import dense_wq_lowbit
+
+        # 3/2-bit words: every row count (decode and prefill) runs the word-decoding kernel
+        return dense_wq_lowbit(req, nb, pack)
     if packed and M == 1 and req.attrs.get("activation", "none") == "none" and K % 2 == 0 \
             and g % 2 == 0:
         from targets.kernels.gemv_q import dense_wq_gemv

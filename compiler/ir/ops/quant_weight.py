@@ -9,12 +9,18 @@
       ``j`` of row ``n`` holds ``k = 2j`` in its low nibble and ``k = 2j + 1`` in its high
       nibble; a nibble ``u`` (0..15) is the weight ``q = u - 8`` (-8..7), llama.cpp's Q4_0
       encoding.
+    - ``bits=3`` / ``bits=2``: ``wq`` is u8 ``[N, K * bits / 8]``: every 8 consecutive k of a
+      row are one little-endian word of ``bits`` bytes, k = 8c + i in bits ``bits*i ..
+      bits*i + bits - 1`` of word c; a code ``u`` is the weight ``q = u - 2^(bits-1)``
+      (:func:`pack_bits`; with ``bits=4`` it is the nibble order above). K must be a
+      multiple of 8 (3-bit) or 4 (2-bit).
     - ``bits=8``: ``wq`` is i8 ``[N, K]`` (-127..127).
 
     Numerics (reference = kernels): the dequantised weight is exact in f32 (a small integer
     times an f16 value); products and sums in f32, bias and activation in f32.
 
-    ``asym=True`` (int4 only) adds an operand after the scales, ``offsets`` f32 ``[N, K/g]``:
+    ``asym=True`` (bits 2, 3, 4; required for 2 and 3) adds an operand after the scales, ``offsets`` f32 or f16
+    ``[N, K/g]``:
     ``W[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]`` (a minimum per group,
     llama.cpp Q4_1's grid written as ``q = u - 8``, ``offset = min + 8 * scale``).
 ``gather_q(table, scales, idx)``
@@ -40,7 +46,8 @@ from compiler.ir.ops.nn import ACTIVATION_ATTRS, apply_activation, check_activat
 from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize_groups"]
+__all__ = ["pack_int4", "unpack_int4", "pack_bits", "unpack_bits", "dequantize_groups",
+           "packed_width"]
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -61,9 +68,50 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+def packed_width(k: int, bits: int) -> int:
+    """Bytes per row of ``k`` weights at ``bits`` (8: i8, else packed u8)."""
+    return k * bits // 8
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """i8 values in ``[-2^(bits-1), 2^(bits-1) - 1]``, shape [..., K] -> u8
+    ``[..., K * bits / 8]``: each 8 k a little-endian word of ``bits`` bytes, k = 8c + i at
+    bit ``bits * i`` of word c (``bits=4``: :func:`pack_int4`'s nibble order)."""
+    q = np.asarray(q)
+    if bits == 4:
+        return pack_int4(q)
+    k = q.shape[-1]
+    if k % 8 and not (bits == 2 and k % 4 == 0):
+        raise OpError(f"{bits}-bit packing needs a last dimension that is a multiple of 8 "
+                      f"(2-bit: 4), got {list(q.shape)}")
+    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint32)
+    if bits == 2:   # four codes per byte: the word layout with byte-sized words
+        u = u.reshape(q.shape[:-1] + (k // 4, 4))
+        return (u << (2 * np.arange(4, dtype=np.uint32))).sum(-1).astype(np.uint8)
+    words = (u.reshape(q.shape[:-1] + (k // 8, 8))
+             << (bits * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)
+    out = np.stack([(words >> (8 * b)) & 255 for b in range(bits)], -1).astype(np.uint8)
+    return out.reshape(q.shape[:-1] + (k * bits // 8,))
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: u8 ``[..., K * bits / 8]`` -> i8 ``[..., K]``."""
+    if bits == 4:
+        return unpack_int4(packed)
+    p = np.asarray(packed, np.uint8).astype(np.uint32)
+    per = 4 if bits == 2 else 8             # codes per word
+    nby = per * bits // 8                   # bytes per word
+    lead = p.shape[:-1]
+    words = p.reshape(lead + (p.shape[-1] // nby, nby))
+    words = (words << (8 * np.arange(nby, dtype=np.uint32))).sum(-1, dtype=np.uint32)
+    codes = (words[..., None] >> (bits * np.arange(per, dtype=np.uint32))) & ((1 << bits) - 1)
+    return (codes.astype(np.int16) - (1 << (bits - 1))).astype(np.int8).reshape(
+        lead + (words.shape[-1] * per,))
+
+
 def dequantize_groups(wq: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
     """The f32 weight ``[N, K]`` that ``dense_wq`` multiplies by."""
-    q = unpack_int4(wq) if bits == 4 else np.asarray(wq, np.int8)
+    q = unpack_bits(wq, bits) if bits < 8 else np.asarray(wq, np.int8)
     n, k = q.shape
     g = k // scales.shape[1]
     s = np.repeat(np.asarray(scales).astype(np.float32), g, axis=1)
@@ -74,21 +122,24 @@ def dequantize_groups(wq: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarr
 def _dense_wq_infer(types, attrs):
     x, wq, sc = types[0], types[1], types[2]
     asym = attrs["asym"]
-    if asym and (bits := attrs["bits"]) != 4:
-        raise OpError(f"dense_wq: asym needs bits=4, got bits={bits}")
+    if asym and (bits := attrs["bits"]) == 8:
+        raise OpError("dense_wq: asym needs bits 2, 3 or 4, got bits=8")
     if len(types) > (4 if asym else 3) + 1 or (asym and len(types) < 4):
         raise OpError(f"dense_wq{' asym' if asym else ''} takes x, wq, scales"
                       f"{', offsets' if asym else ''} and an optional bias; got "
                       f"{len(types)} operands")
     bits, g = attrs["bits"], attrs["group_size"]
+    if bits in (2, 3) and not asym:
+        raise OpError(f"dense_wq bits={bits} is asymmetric only (scales and offsets per group): "
+                      f"set asym=True and pass the offsets")
     if x.dtype != "f32" or x.rank < 1:
         raise OpError(f"dense_wq takes an f32 x[..., K], got {x}")
-    want = "u8" if bits == 4 else "i8"
-    if wq.dtype != want or wq.rank != 2:
-        raise OpError(f"dense_wq bits={bits}: weights must be {want}[N, K{'/2' if bits == 4 else ''}]"
-                      f", got {wq}")
+    want = "u8" if bits < 8 else "i8"
+    if wq.dtype != want or wq.rank != 2 or (wq.shape[1] * 8) % bits:
+        raise OpError(f"dense_wq bits={bits}: weights must be {want}[N, K"
+                      f"{f'*{bits}/8' if bits < 8 else ''}], got {wq}")
     n = wq.shape[0]
-    k = wq.shape[1] * (2 if bits == 4 else 1)
+    k = wq.shape[1] * 8 // bits
     if x.shape[-1] != k:
         raise OpError(f"dense_wq: x's last dimension {x.shape[-1]} differs from the weight's "
                       f"K {k} ({wq}, bits={bits})")
@@ -96,8 +147,8 @@ def _dense_wq_infer(types, attrs):
         raise OpError(f"dense_wq: K={k} is not a multiple of group_size={g}")
     if sc.dtype != "f16" or sc.shape != (n, k // g):
         raise OpError(f"dense_wq: scales must be f16[{n},{k // g}] (N, K/group_size), got {sc}")
-    if asym and (types[3].dtype != "f32" or types[3].shape != (n, k // g)):
-        raise OpError(f"dense_wq: offsets must be f32[{n},{k // g}], got {types[3]}")
+    if asym and (types[3].dtype not in ("f32", "f16") or types[3].shape != (n, k // g)):
+        raise OpError(f"dense_wq: offsets must be f32 or f16 [{n},{k // g}], got {types[3]}")
     b = 4 if asym else 3
     if len(types) == b + 1 and (types[b].shape != (n,) or types[b].dtype != "f32"):
         raise OpError(f"dense_wq: bias must be f32[{n}], got {types[b]}")
@@ -119,10 +170,10 @@ def _dense_wq_ref(xs, attrs):
 
 register_op(OpDef(
     "dense_wq", (3, 5),
-    {"bits": Attr("int", 4, (4, 8)), "group_size": Attr("int", 128), "asym": Attr("bool", False),
+    {"bits": Attr("int", 4, (2, 3, 4, 8)), "group_size": Attr("int", 128), "asym": Attr("bool", False),
      **ACTIVATION_ATTRS},
     _dense_wq_infer, _dense_wq_ref, verify=check_activation, family="quant",
-    doc="dense with group-wise int4/int8 weights and f16 scales (weight-only)"))
+    doc="dense with group-wise int2/3/4/8 weights and f16 scales (weight-only)"))
 
 
 # -- gather_q ------------------------------------------------------------------------
