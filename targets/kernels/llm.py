@@ -171,6 +171,9 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
                                  f"context {c}, {lanes}-lane dots")
 
 
+TABLE_DTYPES = {"f32": "float32", "i8": "int8", "i16": "int16"}
+
+
 def _table_panel(req: KernelRequest) -> int:
     """Rows per panel of a tied embedding table, ``[ceil(V/nb), D, nb]`` (``pack_nk``): the
     same for ``embed_rows`` and ``dense_rows`` of one compile, so both read one array."""
@@ -189,7 +192,7 @@ def dense_rows(req: KernelRequest) -> KernelImpl:
 
     m, k = req.input_types[0].shape
     n = req.input_types[1].shape[0]
-    wdt = "float32" if req.input_types[1].dtype == "f32" else "int8"
+    wdt = TABLE_DTYPES[req.input_types[1].dtype]
     nb = _table_panel(req)
     panels = -(-n // nb)
 
@@ -240,7 +243,7 @@ def embed_rows(req: KernelRequest) -> KernelImpl:
     v, d = req.input_types[1].shape
     nb = _table_panel(req)
     Ids = te.placeholder((t,), "int32", name="in0")
-    wdt = "float32" if req.input_types[1].dtype == "f32" else "int8"
+    wdt = TABLE_DTYPES[req.input_types[1].dtype]
     Tab = te.placeholder((-(-v // nb), d, nb), wdt, name="in1")
     args = [Ids, Tab]
     if len(req.input_types) == 3:

@@ -23,7 +23,7 @@ of a chunk is at position ``pos + t``.
     ``cache`` with rows ``pos .. pos + T - 1`` replaced by ``new[T, Hkv, Dh]``; rows at or past
     ``C`` are dropped (the padded tail of the last prefill chunk).
 ``dense_rows(x, table[, row_scales])`` and ``embed_rows(ids, table[, row_scales])``
-    a tied embedding table ``[V, D]`` (f32, or i8 with f32 per-row scales) read by both ends
+    a tied embedding table ``[V, D]`` (f32, or i8/i16 with f32 per-row scales) read by both ends
     of the model: ``embed_rows`` looks rows up (``f32(table[ids]) * row_scales[ids]``),
     ``dense_rows`` is the output projection ``x[M, D] @ table^T (* row_scales)``. Their kernels
     read the table in one packed layout (:mod:`targets.kernels.llm`), so the package holds it
@@ -216,10 +216,11 @@ register_op(OpDef("cached_attention", (4, 4), {"scale": Attr("float", REQUIRED)}
 def _dense_rows_infer(types, attrs):
     x, w = types[0], types[1]
     _f32(x, "dense_rows' x")
-    if x.rank != 2 or w.rank != 2 or w.shape[1] != x.shape[1] or w.dtype not in ("f32", "i8"):
-        raise OpError(f"dense_rows takes x[M, K] and an f32 or i8 w[N, K], got {x}, {w}")
-    if (w.dtype == "i8") != (len(types) == 3):
-        raise OpError("dense_rows: an i8 weight needs f32 row scales, an f32 one none")
+    if x.rank != 2 or w.rank != 2 or w.shape[1] != x.shape[1] \
+            or w.dtype not in ("f32", "i8", "i16"):
+        raise OpError(f"dense_rows takes x[M, K] and an f32, i8 or i16 w[N, K], got {x}, {w}")
+    if (w.dtype != "f32") != (len(types) == 3):
+        raise OpError("dense_rows: an i8/i16 weight needs f32 row scales, an f32 one none")
     if len(types) == 3 and (types[2].shape != (w.shape[0],) or types[2].dtype != "f32"):
         raise OpError(f"dense_rows: row scales must be f32[{w.shape[0]}], got {types[2]}")
     return [TensorType((x.shape[0], w.shape[0]), "f32")]
@@ -241,10 +242,10 @@ def _embed_rows_infer(types, attrs):
     ids, table = types[0], types[1]
     if ids.dtype != "i32" or ids.rank != 1:
         raise OpError(f"embed_rows takes ids i32[T], got {ids}")
-    if table.rank != 2 or table.dtype not in ("f32", "i8"):
-        raise OpError(f"embed_rows takes an f32 or i8 table [V, D], got {table}")
-    if (table.dtype == "i8") != (len(types) == 3):
-        raise OpError("embed_rows: an i8 table needs f32 row scales, an f32 one none")
+    if table.rank != 2 or table.dtype not in ("f32", "i8", "i16"):
+        raise OpError(f"embed_rows takes an f32, i8 or i16 table [V, D], got {table}")
+    if (table.dtype != "f32") != (len(types) == 3):
+        raise OpError("embed_rows: an i8/i16 table needs f32 row scales, an f32 one none")
     if len(types) == 3 and (types[2].shape != (table.shape[0],) or types[2].dtype != "f32"):
         raise OpError(f"embed_rows: row scales must be f32[{table.shape[0]}], got {types[2]}")
     return [TensorType((ids.shape[0], table.shape[1]), "f32")]
