@@ -6,6 +6,7 @@ from targets.kernels import (  # noqa: F401
     indexing,
     linalg,
     llm,
+    llm_kv,
     nn_misc,
     pool,
     quant,

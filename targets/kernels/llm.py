@@ -21,7 +21,7 @@ import numpy as np
 from targets.kernels._te import expr, fast_sigmoid, generic, placeholders, prim_func
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
-__all__: list[str] = []
+__all__ = ["dot_lanes"]
 
 
 @register_kernel("rms_norm")
@@ -111,7 +111,9 @@ def kv_write(req: KernelRequest) -> KernelImpl:
     return KernelImpl(func, note=f"kv_write {tn} rows of {hkv}x{dh} in place")
 
 
-def _dot_lanes(req: KernelRequest, dh: int) -> int:
+def dot_lanes(req: KernelRequest, dh: int) -> int:
+    """f32 lanes of a dot product over ``dh`` values: the CPU's vector, halved until it
+    divides ``dh``."""
     lanes = req.cpu.lanes("f32")
     while lanes > 1 and dh % lanes:
         lanes //= 2
@@ -126,7 +128,7 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
     c, hkv, _ = req.input_types[1].shape
     rep = hq // hkv
     scale = float(req.attrs["scale"])
-    lanes = _dot_lanes(req, dh)
+    lanes = dot_lanes(req, dh)
     chunks = dh // lanes
     pairs = tn * hq
     neg = -3.0e38

@@ -6,6 +6,7 @@ from compiler.ir.ops import (
     indexing,  # noqa: F401
     linalg,  # noqa: F401
     llm,  # noqa: F401
+    llm_kv,  # noqa: F401
     nn,  # noqa: F401
     nn_norm,  # noqa: F401
     nn_resize,  # noqa: F401

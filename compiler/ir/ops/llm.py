@@ -43,7 +43,7 @@ from compiler.errors import OpError
 from compiler.ir.registry import REQUIRED, Attr, OpDef, register_op
 from compiler.ir.types import TensorType
 
-__all__ = ["rope_tables"]
+__all__ = ["rope_tables", "attention_reference"]
 
 
 def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -190,21 +190,28 @@ def _attn_infer(types, attrs):
     return [TensorType((q.shape[0], q.shape[1] * q.shape[2]), "f32")]
 
 
-def _attn_ref(xs, attrs):
-    q, k, v, pos = xs
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
+                        scale: float) -> np.ndarray:
+    """``cached_attention``'s numpy reference over f32 caches ``k, v[C, Hkv, Dh]``:
+    ``[T, Hq * Dh]``."""
     t_, hq, dh = q.shape
     c, hkv, _ = k.shape
     rep = hq // hkv
     out = np.zeros((t_, hq, dh), np.float32)
     for t in range(t_):
-        n = min(int(pos[0]) + t, c - 1) + 1
+        n = min(int(pos) + t, c - 1) + 1
         kk = np.repeat(k[:n], rep, axis=1).astype(np.float64)   # [n, Hq, Dh]
         vv = np.repeat(v[:n], rep, axis=1).astype(np.float64)
-        s = np.einsum("hd,nhd->hn", q[t].astype(np.float64), kk) * attrs["scale"]
+        s = np.einsum("hd,nhd->hn", q[t].astype(np.float64), kk) * scale
         p = np.exp(s - s.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         out[t] = np.einsum("hn,nhd->hd", p, vv)
-    return [out.reshape(t_, hq * dh)]
+    return out.reshape(t_, hq * dh)
+
+
+def _attn_ref(xs, attrs):
+    q, k, v, pos = xs
+    return [attention_reference(q, k, v, int(pos[0]), attrs["scale"])]
 
 
 register_op(OpDef("cached_attention", (4, 4), {"scale": Attr("float", REQUIRED)}, _attn_infer,
