@@ -22,9 +22,15 @@ from compiler.ir.ops.llm import rope_tables
 from compiler.ir.types import TensorType
 from compiler.llm.hf_import import LlmSpec
 
-__all__ = ["build_step_graph", "cache_names", "INPUT_IDS", "INPUT_POS", "OUTPUT_LOGITS"]
+__all__ = ["build_step_graph", "cache_names", "quantized_table", "INPUT_IDS", "INPUT_POS", "OUTPUT_LOGITS"]
 
 INPUT_IDS, INPUT_POS, OUTPUT_LOGITS = "ids", "pos", "logits"
+
+
+def quantized_table(weights) -> str | None:
+    """The key of the quantized embedding table (``embed.q8`` i8 or ``embed.q16`` i16, with
+    ``embed.row_scales``), None when the table is f32 (``embed``)."""
+    return next((k for k in ("embed.q8", "embed.q16") if k in weights), None)
 
 
 def cache_names(layers: int) -> list[str]:
@@ -104,13 +110,13 @@ class _Builder:
         return list(self.g.make_node("split", [y], {"axis": -1, "sizes": sizes}).outputs)
 
     def embed(self, ids: Value) -> Value:
+        table = quantized_table(self.s.weights)
         if self.s.tied:   # the output projection reads the same table: one packed layout
-            if "embed.q8" in self.s.weights:
-                return self.add("embed_rows", ids, self.w("embed.q8"),
-                                self.w("embed.row_scales"))
+            if table is not None:
+                return self.add("embed_rows", ids, self.w(table), self.w("embed.row_scales"))
             return self.add("embed_rows", ids, self.w("embed"))
-        if "embed.q8" in self.s.weights:
-            return self.add("gather_q", self.w("embed.q8"), self.w("embed.row_scales"), ids)
+        if table is not None:
+            return self.add("gather_q", self.w(table), self.w("embed.row_scales"), ids)
         return self.add("gather", self.w("embed"), ids, axis=0)
 
     def norm(self, x: Value, prefix: str) -> Value:
@@ -163,8 +169,9 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
             m = b.add("silu_mul", *b.dense_split(h, [f"l{i}.gate", f"l{i}.up"], fuse))
         x = b.add("add", x, b.dense(m, f"l{i}.down"))
     x = b.norm(x, "norm")
-    if s.tied and "embed.q8" in s.weights:   # the output projection reads the table itself
-        logits = b.add("dense_rows", x, b.w("embed.q8"), b.w("embed.row_scales"))
+    table = quantized_table(s.weights)
+    if s.tied and table is not None:   # the output projection reads the table itself
+        logits = b.add("dense_rows", x, b.w(table), b.w("embed.row_scales"))
     elif s.tied:
         logits = b.add("dense_rows", x, b.w("embed"))
     elif "lm_head" in s.quant:
