@@ -21,7 +21,8 @@ import numpy as np
 
 from compiler.errors import NpuccError
 
-__all__ = ["LlmSpec", "load_transformers", "spec_from_transformers"]
+__all__ = ["LlmSpec", "load_transformers", "spec_from_transformers", "llama_spec_from_config",
+           "finish_spec", "LLAMA_NAMES", "LLAMA_LIKE"]
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
@@ -104,16 +105,31 @@ def spec_from_transformers(model: Any, tokenizer: Any = None) -> LlmSpec:
     else:
         raise NpuccError(f"model type {kind!r} is not supported; supported: "
                          f"{', '.join((*LLAMA_LIKE, 'gpt2'))}")
-    spec.name = kind
+    return finish_spec(spec, cfg, tokenizer)
+
+
+def finish_spec(spec: LlmSpec, cfg: Any, tokenizer: Any = None) -> LlmSpec:
+    """``spec`` named after the config's model type, with ``tokenizer`` (when given) and the
+    EOS ids (the tokenizer's, else the config's)."""
+    spec.name = cfg.model_type
     if tokenizer is not None:
-        _add_tokenizer(spec, tokenizer)
+        add_tokenizer(spec, tokenizer)
     eos = cfg.eos_token_id if spec.eos_ids == [] else None
     if eos is not None:
         spec.eos_ids = [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
     return spec
 
 
-def _llama_spec(model: Any, cfg: Any) -> LlmSpec:
+# our per-layer weight names -> transformers' Llama-family module names
+LLAMA_NAMES = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+               "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+               "down": "mlp.down_proj"}
+
+
+def llama_spec_from_config(cfg: Any, tied: bool) -> LlmSpec:
+    """The spec of a Llama-family transformers config, without weights (``tied``: the
+    output projection is the token embedding)."""
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if rtype not in ("default", None):
@@ -123,26 +139,27 @@ def _llama_spec(model: Any, cfg: Any) -> LlmSpec:
         raise NpuccError("sliding-window attention is not supported")
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return LlmSpec("llama", cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, heads,
+                   cfg.num_key_value_heads or heads, head_dim, cfg.intermediate_size,
+                   float(cfg.rms_norm_eps), float(theta),
+                   int(getattr(cfg, "max_position_embeddings", 2048)), tied)
+
+
+def _llama_spec(model: Any, cfg: Any) -> LlmSpec:
     sd = model.state_dict()
-    w: dict[str, np.ndarray] = {"embed": _np(sd["model.embed_tokens.weight"]),
-                                "norm.w": _np(sd["model.norm.weight"])}
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) or "lm_head.weight" not in sd
+    spec = llama_spec_from_config(cfg, tied)
+    w = spec.weights
+    w["embed"], w["norm.w"] = _np(sd["model.embed_tokens.weight"]), _np(sd["model.norm.weight"])
     if not tied:
         w["lm_head"] = _np(sd["lm_head.weight"])
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-             "down": "mlp.down_proj"}
     for i in range(cfg.num_hidden_layers):
-        for ours, theirs in names.items():
+        for ours, theirs in LLAMA_NAMES.items():
             for suffix in ("weight", "bias"):
                 key = f"model.layers.{i}.{theirs}.{suffix}"
                 if key in sd:
                     w[f"l{i}.{ours}.{suffix[0]}"] = _np(sd[key])
-    return LlmSpec("llama", cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, heads,
-                   cfg.num_key_value_heads or heads, head_dim, cfg.intermediate_size,
-                   float(cfg.rms_norm_eps), float(theta),
-                   int(getattr(cfg, "max_position_embeddings", 2048)), tied, w)
+    return spec
 
 
 def _gpt2_spec(model: Any, cfg: Any) -> LlmSpec:
@@ -180,7 +197,8 @@ def _gpt2_spec(model: Any, cfg: Any) -> LlmSpec:
                    tied=tied, weights=w)
 
 
-def _add_tokenizer(spec: LlmSpec, tok: Any) -> None:
+def add_tokenizer(spec: LlmSpec, tok: Any) -> None:
+    """The tokenizer (tokenizer.json text), chat template, BOS and EOS of ``tok`` into ``spec``."""
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend is None:
         raise NpuccError(f"tokenizer {type(tok).__name__} has no fast (tokenizers) backend; "
