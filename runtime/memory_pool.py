@@ -21,7 +21,8 @@ executor keeps them in their own aligned buffers); ``naive_bytes`` and the bound
 Placement: buffers sorted by an ordering heuristic (by default: largest first), each placed in
 the best-fitting gap (the smallest one that fits) between buffers already placed whose lifetimes
 overlap its own, or above all of them. Every size is rounded up to ``ALIGN`` bytes, so every
-offset is aligned. ``plan_memory`` tries several orderings and keeps the smallest arena.
+offset is aligned. ``plan_memory`` tries several orderings and keeps the smallest arena; it
+stops at the first that reaches the lower bound, which none can beat.
 
 Figures: ``arena_bytes``; ``lower_bound_bytes`` = the largest total (aligned) size of buffers
 live at one time — no placement can do better; ``naive_bytes`` = the sum of all tensors' aligned
@@ -205,22 +206,25 @@ def plan_memory(tensors: Iterable[PlanTensor | tuple[str, int, str]],
                 elementwise_steps: Collection[int] = (),
                 *, orderings: Sequence[str] | None = None,
                 inputs_also_outputs: Collection[str] = (),
-                alignment: int = ALIGN) -> MemoryPlan:
+                alignment: int = ALIGN, stop_at_bound: bool = True) -> MemoryPlan:
     """Plan the arena for ``steps`` run in order.
 
     ``tensors``: ``PlanTensor(name, nbytes, kind)`` or ``(name, nbytes, kind)`` tuples.
     ``steps``: ``PlanStep(reads, writes)`` or ``(reads, writes)`` pairs, in execution order.
     ``elementwise_steps``: indices of steps that may write a result over a dying operand.
     ``orderings``: heuristics to try (names in ``ORDERINGS``; default all), smallest arena wins.
+    ``stop_at_bound``: stop at the first ordering whose arena equals the lower bound (no
+    other can do better, so the plan is the same; ``tried`` then lists only the orderings
+    run). ``False`` runs every ordering (to compare them).
     ``inputs_also_outputs``: graph inputs returned unchanged as outputs (kept live to the end).
     """
     with bulk_work():
         return _plan(tensors, steps, elementwise_steps, orderings, inputs_also_outputs,
-                     alignment)
+                     alignment, stop_at_bound)
 
 
 def _plan(tensors, steps, elementwise_steps, orderings, inputs_also_outputs,
-          alignment) -> MemoryPlan:
+          alignment, stop_at_bound) -> MemoryPlan:
     table = _coerce_tensors(tensors)
     io = frozenset(inputs_also_outputs)
     steps = [s if isinstance(s, PlanStep) else PlanStep(tuple(s[0]), tuple(s[1])) for s in steps]
@@ -256,15 +260,19 @@ def _plan(tensors, steps, elementwise_steps, orderings, inputs_also_outputs,
 
     bound = _lower_bound(buffers)
     naive = sum(sizes.values())
-    tried: dict[str, int] = {}
-    best: tuple[int, str, list[int]] | None = None
-    for name in orderings or list(ORDERINGS):
+    names = list(orderings or ORDERINGS)
+    for name in names:
         if name not in ORDERINGS:
             raise PlanError(f"unknown ordering {name!r}; known: {', '.join(ORDERINGS)}")
+    tried: dict[str, int] = {}
+    best: tuple[int, str, list[int]] | None = None
+    for name in names:
         arena = _place(buffers, ORDERINGS[name])
         tried[name] = arena
         if best is None or arena < best[0]:
             best = (arena, name, [b.offset for b in buffers])
+        if stop_at_bound and arena <= bound:
+            break   # optimal: no ordering can place these buffers in less
     assert best is not None
     arena, ordering, offsets = best
     offs: dict[str, int] = {}

@@ -162,8 +162,14 @@ def test_plan_properties(g):
     plan.check()
     _independent_check(tensors, steps, elementwise, plan)
     assert plan.lower_bound_bytes <= plan.arena_bytes <= plan.naive_bytes
+    every = plan_memory(tensors, steps, elementwise, stop_at_bound=False)
+    assert sorted(every.tried) == sorted(ORDERINGS)
     for name in ORDERINGS:
-        assert plan.tried[name] >= plan.arena_bytes
+        assert every.tried[name] >= plan.arena_bytes
+    # stopping at the lower bound gives the plan trying every ordering gives
+    assert (plan.arena_bytes, plan.ordering, plan.offsets) == \
+        (every.arena_bytes, every.ordering, every.offsets)
+    assert len(plan.tried) == len(ORDERINGS) or plan.arena_bytes == plan.lower_bound_bytes
 
 
 @settings(max_examples=40, deadline=None)
