@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import NpuccError
-from compiler.llm.graphs import INPUT_IDS, INPUT_POS, OUTPUT_LOGITS, build_step_graph, cache_names
+from compiler.llm.graphs import (
+    INPUT_IDS,
+    INPUT_POS,
+    OUTPUT_LOGITS,
+    build_step_graph,
+    cache_names,
+    cache_types,
+    check_kv_cache,
+    kv_cache_layout,
+)
 from compiler.llm.hf_import import LlmSpec, load_transformers, spec_from_transformers
 
 __all__ = ["compile_llm", "load_spec"]
@@ -43,7 +52,7 @@ def load_spec(source: Any, tokenizer: Any = None) -> LlmSpec:
 
 
 def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, chunk: int = 32,
-                quantize: str | None = None, calibration: Any = None,
+                quantize: str | None = None, kv_cache: str = "f32", calibration: Any = None,
                 tokenizer: Any = None, output: str | os.PathLike | None = None,
                 work_dir: str | os.PathLike | None = None, progress: Any = None):
     """Compile a decoder LLM and return the loaded model (``runtime.llm.LanguageModel``).
@@ -52,7 +61,10 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     ``max_context``: positions of the static KV cache. ``chunk``: tokens per prefill call.
     ``quantize``: None (f32), ``"int8"``, ``"int4-g32"``, ``"int4-g128"``, optionally with
     ``"-gptq"`` (e.g. ``"int4-g32-gptq"``; GPTQ calibrates on ``calibration``: text, token
-    ids, or by default a built-in English text). ``output``: where the package is written
+    ids, or by default a built-in English text). ``kv_cache``: the KV cache's type, ``"f32"``,
+    ``"int8"`` (K and V int8, groups of 32: llama.cpp's q8_0) or ``"k4v8"`` (K int4 groups of
+    64, V int8 groups of 128 or per head), quantized per token by the kernel that writes it
+    (:mod:`compiler.llm.graphs`). ``output``: where the package is written
     (default: inside ``work_dir``); ``m.save(path)`` copies it elsewhere.
     """
     from compiler.llm.quantize import parse_scheme, quantize_spec
@@ -63,6 +75,7 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     if max_context < 1 or chunk < 1:
         raise NpuccError(f"max_context and chunk must be >= 1 (got {max_context}, {chunk})")
     scheme = parse_scheme(quantize)
+    kv_cache = check_kv_cache(kv_cache)
     spec = load_spec(source, tokenizer)
     if spec.arch == "gpt2" and max_context > spec.max_positions:
         raise NpuccError(f"max_context {max_context} exceeds the model's {spec.max_positions} "
@@ -72,28 +85,30 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
         say(f"quantizing weights ({quantize})")
         spec = quantize_spec(spec, scheme, calibration=calibration, max_context=max_context,
                              chunk=chunk)
+    layout = kv_cache_layout(kv_cache, spec.head_dim)
     desc, cpu = _target(target)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
     graphs, weights, libs = {}, {}, {}
     blobs: dict[str, str] = {}   # content hash -> key
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         say(f"{name}: building and compiling the {tokens}-token graph")
-        g = _lower(build_step_graph(spec, tokens, max_context), desc)
+        g = _lower(build_step_graph(spec, tokens, max_context, kv_cache=layout), desc)
         from targets.tvm_codegen import build_library
 
         lib = build_library(g, cpu, work / name)
-        graphs[name] = _plan(g, lib, tokens, spec.layers, weights, blobs)
+        graphs[name] = _plan(g, lib, tokens, cache_names(spec.layers, layout), weights, blobs)
         graphs[name]["library"] = f"{name}.so"
         libs[f"{name}.so"] = lib.lib_path
-    state = {n: {"shape": [max_context, spec.kv_heads, spec.head_dim], "dtype": "f32"}
-             for n in cache_names(spec.layers)}
+    state = {n: {"shape": list(t.shape), "dtype": t.dtype}
+             for n, t in cache_types(spec, max_context, layout).items()}
     manifest = {"target": {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
                 "model": {"name": spec.name, "arch": spec.arch, "vocab": spec.vocab,
                           "layers": spec.layers, "kv_heads": spec.kv_heads,
                           "head_dim": spec.head_dim, "max_context": max_context,
                           "chunk": chunk, "bos_id": spec.bos_id, "eos_ids": spec.eos_ids,
                           "chat_template": spec.chat_template,
-                          "quantize": spec.scheme},
+                          "quantize": spec.scheme, "kv_cache": kv_cache,
+                          "kv_cache_layout": layout.describe() if layout else None},
                 "state": state, "graphs": graphs}
     from runtime.llm_package import write_llm_package
 
@@ -124,14 +139,14 @@ def _lower(graph, desc):
     return g
 
 
-def _plan(graph, lib, tokens: int, layers: int, weights: dict[str, np.ndarray],
+def _plan(graph, lib, tokens: int, state_names: list[str], weights: dict[str, np.ndarray],
           blobs: dict[str, str]) -> dict[str, Any]:
     """The graph's entry of llm.json: steps, tensor bindings and its arena plan."""
     from runtime.memory_pool import PlanStep, PlanTensor, plan_memory
 
     types = {v.name: v.type for v in graph.values()}
-    state = dict(zip([v.name for v in graph.inputs[2:]], cache_names(layers), strict=True))
-    state.update(zip([v.name for v in graph.outputs[1:]], cache_names(layers), strict=True))
+    state = dict(zip([v.name for v in graph.inputs[2:]], state_names, strict=True))
+    state.update(zip([v.name for v in graph.outputs[1:]], state_names, strict=True))
     io = {graph.inputs[0].name: INPUT_IDS, graph.inputs[1].name: INPUT_POS,
           graph.outputs[0].name: OUTPUT_LOGITS}
     tensors: dict[str, dict[str, Any]] = {}

@@ -9,20 +9,30 @@ weights. The graph's interface::
 
 The runtime binds each cache input and its updated output to one buffer (it owns the cache);
 see :mod:`compiler.ir.ops.llm` for the ops' contracts.
+
+A quantized KV cache (``kv_cache="int8"`` or ``"k4v8"``, :data:`KV_CACHES`) replaces each
+f32 cache by the tensors of :func:`compiler.ir.ops.llm_kv.kv_tensor_types` (codes, scales and,
+for 4-bit keys, mins: ``k_cache.i, k_scales.i, k_mins.i, v_cache.i, v_scales.i``), written by
+``kv_write_q`` (which quantizes the new rows) and read by ``cached_attention_q``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Value
 from compiler.ir.ops.llm import rope_tables
+from compiler.ir.ops.llm_kv import kv_tensor_types
 from compiler.ir.types import TensorType
 from compiler.llm.hf_import import LlmSpec
 
-__all__ = ["build_step_graph", "cache_names", "quantized_table", "INPUT_IDS", "INPUT_POS", "OUTPUT_LOGITS"]
+__all__ = ["build_step_graph", "cache_names", "cache_types", "quantized_table",
+           "check_kv_cache", "kv_cache_layout", "KvCacheLayout", "KV_CACHES", "INPUT_IDS", "INPUT_POS",
+           "OUTPUT_LOGITS"]
 
 INPUT_IDS, INPUT_POS, OUTPUT_LOGITS = "ids", "pos", "logits"
 
@@ -33,9 +43,86 @@ def quantized_table(weights) -> str | None:
     return next((k for k in ("embed.q8", "embed.q16") if k in weights), None)
 
 
-def cache_names(layers: int) -> list[str]:
-    """The cache inputs in graph order: k_cache.0, v_cache.0, k_cache.1, ..."""
-    return [f"{kv}_cache.{i}" for i in range(layers) for kv in "kv"]
+# name -> (K bits, K group, V bits, V group); groups are capped at the head size
+KV_CACHES = {
+    "f32": None,
+    "int8": (8, 32, 8, 32),    # llama.cpp --cache-type-k q8_0 --cache-type-v q8_0
+    "k4v8": (4, 64, 8, 128),   # the seed's K int4 g64 / V int8 g128 (per head if Dh < 128)
+}
+
+
+@dataclass(frozen=True)
+class KvCacheLayout:
+    """A quantized KV cache: bits and group sizes along head_dim of K and V (4 bits are
+    asymmetric, 8 bits symmetric: :mod:`compiler.ir.ops.llm_kv`)."""
+    name: str
+    k_bits: int
+    k_group: int
+    v_bits: int
+    v_group: int
+
+    def describe(self) -> dict:
+        """The manifest's record of the layout."""
+        return {"k_bits": self.k_bits, "k_group": self.k_group, "k_asym": self.k_bits == 4,
+                "v_bits": self.v_bits, "v_group": self.v_group, "v_asym": self.v_bits == 4,
+                "scales": "f32 per token and group, computed by the kernel that writes"}
+
+
+def _group(want: int, head_dim: int) -> int:
+    """The largest even divisor of ``head_dim`` not above ``want``."""
+    g = min(want, head_dim)
+    while g > 2 and (head_dim % g or g % 2):
+        g -= 1
+    return g
+
+
+def check_kv_cache(kv_cache: str | None) -> str:
+    """``kv_cache`` (None: ``"f32"``) if it is one of :data:`KV_CACHES`; an error naming the
+    valid ones otherwise."""
+    if kv_cache is None:
+        return "f32"
+    if kv_cache not in KV_CACHES:
+        raise NpuccError(f"unknown KV cache type {kv_cache!r}: use one of "
+                         f"{', '.join(KV_CACHES)} (f32: float; int8: K and V int8 in groups "
+                         f"of 32, like llama.cpp's q8_0; k4v8: K int4 in groups of 64, V int8 "
+                         f"in groups of 128, or per head when head_dim < 128)")
+    return kv_cache
+
+
+def kv_cache_layout(kv_cache: str | None, head_dim: int) -> KvCacheLayout | None:
+    """The layout of ``kv_cache`` (one of :data:`KV_CACHES`) for heads of ``head_dim``; None
+    for the f32 cache. An unknown name is refused with the valid ones."""
+    bits = KV_CACHES[check_kv_cache(kv_cache)]
+    if bits is None:
+        return None
+    kb, kg, vb, vg = bits
+    return KvCacheLayout(kv_cache, kb, _group(kg, head_dim), vb, _group(vg, head_dim))
+
+
+def _layer_cache_names(i: int, layout: KvCacheLayout | None) -> list[str]:
+    if layout is None:
+        return [f"k_cache.{i}", f"v_cache.{i}"]
+    k = [f"k_cache.{i}", f"k_scales.{i}"] + ([f"k_mins.{i}"] if layout.k_bits == 4 else [])
+    return k + [f"v_cache.{i}", f"v_scales.{i}"] + ([f"v_mins.{i}"] if layout.v_bits == 4
+                                                   else [])
+
+
+def cache_names(layers: int, layout: KvCacheLayout | None = None) -> list[str]:
+    """The cache inputs in graph order: k_cache.0, v_cache.0, k_cache.1, ... (a quantized
+    cache: k_cache.0, k_scales.0, [k_mins.0,] v_cache.0, v_scales.0, k_cache.1, ...)."""
+    return [n for i in range(layers) for n in _layer_cache_names(i, layout)]
+
+
+def cache_types(spec: LlmSpec, max_context: int, layout: KvCacheLayout | None = None
+                ) -> dict[str, TensorType]:
+    """Every cache tensor's name and type, in graph order."""
+    c, h, d = max_context, spec.kv_heads, spec.head_dim
+    if layout is None:
+        one = [TensorType((c, h, d), "f32")] * 2
+    else:
+        one = (kv_tensor_types(c, h, d, layout.k_bits, layout.k_group)
+               + kv_tensor_types(c, h, d, layout.v_bits, layout.v_group))
+    return dict(zip(cache_names(spec.layers, layout), one * spec.layers, strict=True))
 
 
 class _Builder:
@@ -127,18 +214,20 @@ class _Builder:
 
 
 def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
-                     fuse: bool = True) -> Graph:
+                     fuse: bool = True, kv_cache: KvCacheLayout | None = None) -> Graph:
     """The graph of one model step over ``tokens`` tokens (see the module docstring).
 
     ``fuse``: q, k, v are one projection (weights concatenated along N) followed by a split,
     and so are gate and up (per-call overhead: each GEMV is a parallel launch); GPTQ's
-    Hessian capture builds the unfused graph, whose dense nodes name each projection."""
+    Hessian capture builds the unfused graph, whose dense nodes name each projection.
+    ``kv_cache``: the quantized cache's layout (:func:`kv_cache_layout`), None for f32."""
     b = _Builder(spec, tokens, max_context)
     g, s = b.g, spec
     ids = g.add_input(INPUT_IDS, TensorType((tokens,), "i32"))
     pos = g.add_input(INPUT_POS, TensorType((1,), "i32"))
-    cshape = TensorType((max_context, s.kv_heads, s.head_dim), "f32")
-    caches = [g.add_input(n, cshape) for n in cache_names(s.layers)]
+    ctypes = cache_types(s, max_context, kv_cache)
+    caches = [g.add_input(n, t) for n, t in ctypes.items()]
+    per_layer = len(caches) // s.layers
     x = b.embed(ids)
     rope = None
     if s.arch == "gpt2":
@@ -157,10 +246,9 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
         if rope is not None:
             q = b.add("rope", q, pos, *rope)
             k = b.add("rope", k, pos, *rope)
-        kc = b.add("kv_write", caches[2 * i], k, pos)
-        vc = b.add("kv_write", caches[2 * i + 1], v, pos)
-        new_caches += [kc, vc]
-        a = b.add("cached_attention", q, kc, vc, pos, scale=1.0 / math.sqrt(s.head_dim))
+        layer = caches[per_layer * i:per_layer * (i + 1)]
+        a, written = _attention(b, q, k, v, pos, layer, kv_cache)
+        new_caches += written
         x = b.add("add", x, b.dense(a, f"l{i}.o"))
         h = b.norm(x, f"l{i}.mlp_norm")
         if s.arch == "gpt2":
@@ -179,8 +267,27 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
     else:
         logits = b.add("dense", x, b.w("lm_head"))
     g.outputs = [logits, *new_caches]
-    _name_outputs(g, [OUTPUT_LOGITS] + [f"{n}.new" for n in cache_names(s.layers)])
+    _name_outputs(g, [OUTPUT_LOGITS] + [f"{n}.new" for n in ctypes])
     return g
+
+
+def _attention(b: _Builder, q: Value, k: Value, v: Value, pos: Value, layer: list[Value],
+               kv: KvCacheLayout | None) -> tuple[Value, list[Value]]:
+    """Write this step's k and v rows into the layer's cache tensors, attend over them:
+    (the attention result, the updated cache tensors in graph order)."""
+    scale = 1.0 / math.sqrt(b.s.head_dim)
+    if kv is None:
+        kc = b.add("kv_write", layer[0], k, pos)
+        vc = b.add("kv_write", layer[1], v, pos)
+        return b.add("cached_attention", q, kc, vc, pos, scale=scale), [kc, vc]
+    nk = 3 if kv.k_bits == 4 else 2
+    kc = list(b.g.make_node("kv_write_q", [*layer[:nk], k, pos],
+                            {"bits": kv.k_bits, "group": kv.k_group}).outputs)
+    vc = list(b.g.make_node("kv_write_q", [*layer[nk:], v, pos],
+                            {"bits": kv.v_bits, "group": kv.v_group}).outputs)
+    a = b.add("cached_attention_q", q, *kc, *vc, pos, scale=scale, k_bits=kv.k_bits,
+              k_group=kv.k_group, v_bits=kv.v_bits, v_group=kv.v_group)
+    return a, kc + vc
 
 
 def _name_outputs(g: Graph, names: list[str]) -> None:
@@ -190,11 +297,12 @@ def _name_outputs(g: Graph, names: list[str]) -> None:
 
 
 def sample_graph_inputs(spec: LlmSpec, tokens: int, max_context: int, ids: np.ndarray,
-                        pos: int, caches: list[np.ndarray] | None = None) -> dict:
+                        pos: int, caches: list[np.ndarray] | None = None,
+                        kv_cache: KvCacheLayout | None = None) -> dict:
     """Inputs for the reference interpreter (tests, GPTQ calibration)."""
-    shape = (max_context, spec.kv_heads, spec.head_dim)
-    caches = caches or [np.zeros(shape, np.float32) for _ in cache_names(spec.layers)]
+    ctypes = cache_types(spec, max_context, kv_cache)
+    caches = caches or [np.zeros(t.shape, t.np_dtype) for t in ctypes.values()]
     feeds = {INPUT_IDS: np.asarray(ids, np.int32).reshape(tokens),
              INPUT_POS: np.array([pos], np.int32)}
-    feeds.update(zip(cache_names(spec.layers), caches, strict=True))
+    feeds.update(zip(ctypes, caches, strict=True))
     return feeds
