@@ -10,6 +10,7 @@ __all__ = ["configure_compile_llm", "configure_generate"]
 
 
 def configure_compile_llm(p: argparse.ArgumentParser) -> None:
+    from compiler.llm.graphs import KV_CACHES
     from compiler.llm.quantize import SCHEMES
 
     p.add_argument("model", help="a .gguf file or a transformers model folder")
@@ -17,6 +18,10 @@ def configure_compile_llm(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the package directory to write")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help=f"weight-only quantization: {', '.join(SCHEMES)} (default: f32)")
+    p.add_argument("--kv-cache", default="f32", metavar="TYPE",
+                   help=f"KV cache type: {', '.join(KV_CACHES)} (int8: K and V int8 groups of "
+                        f"32, like llama.cpp's --cache-type-k/v q8_0; k4v8: K int4 groups of 64, "
+                        f"V int8 groups of 128 or per head; default f32)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="positions of the static KV cache (default 2048)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
@@ -34,12 +39,14 @@ def _cmd_compile_llm(args: argparse.Namespace) -> int:
             calib = f.read()
     t0 = time.perf_counter()
     m = compile_llm(args.model, args.target, max_context=args.max_context, chunk=args.chunk,
-                    quantize=args.quantize, calibration=calib, output=args.output,
+                    quantize=args.quantize, kv_cache=args.kv_cache, calibration=calib,
+                    output=args.output,
                     progress=lambda msg: print(f"  {msg}", file=sys.stderr))
     s = m.stats()
     print(f"wrote {args.output}: {s['package_bytes'] / 2**20:.1f} MiB "
           f"(weights {s['weight_bytes'] / 2**20:.1f} MiB, KV cache "
-          f"{s['kv_cache_bytes'] / 2**20:.1f} MiB at run time, max_context {s['max_context']}) "
+          f"{s['kv_cache_bytes'] / 2**20:.1f} MiB at run time ({args.kv_cache}), max_context "
+          f"{s['max_context']}) "
           f"in {time.perf_counter() - t0:.0f} s")
     from compiler.llm.estimate import estimate_decode
 
