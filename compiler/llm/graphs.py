@@ -176,8 +176,9 @@ class _Builder:
         parts += ["offsets"] if all(has_offsets) else []
         if any(f"{p}.{part}" not in w for p in prefixes for part in parts):
             return None
-        for part in parts:
-            w[f"{name}.{part}"] = np.concatenate([w[f"{p}.{part}"] for p in prefixes])
+        for part in parts:   # a streamed spec (compiler.llm.stream) holds them concatenated
+            if f"{name}.{part}" not in w:
+                w[f"{name}.{part}"] = np.concatenate([w[f"{p}.{part}"] for p in prefixes])
         if any(f"{p}.b" in w for p in prefixes):
             w[f"{name}.b"] = np.concatenate(
                 [w.get(f"{p}.b", np.zeros(len(w[f"{p}.{parts[0]}"]), np.float32))
