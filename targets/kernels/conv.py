@@ -44,21 +44,22 @@ from targets.kernels.conv_common import (
     transpose_weight_to_conv,
 )
 
-__all__ = ["conv2d", "conv_transpose2d"]
+__all__ = ["conv2d", "conv_transpose2d", "input_stage", "conv_epilogue", "schedule_stage",
+           "acc_ir_dtype", "PARALLEL_MIN_MACS"]
 
 # Below this many multiply-adds (~10-25 µs on one AVX-512 core) a conv runs on one thread: a
 # parallel launch costs µs, and on a busy machine a descheduled worker stalls the whole call.
-_PARALLEL_MIN_MACS = 1_000_000
+PARALLEL_MIN_MACS = 1_000_000
 
 
-def _acc_ir(dtype: str) -> str:
+def acc_ir_dtype(dtype: str) -> str:
     """IR name of the accumulator dtype for operands of IR dtype ``dtype`` (f16 sums in f32)."""
     return "f32" if accumulator_dtype(tvm_dtype(dtype)) == "float32" else dtype
 
 
 # ---------------------------------------------------------------- TE stages
 
-def _input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int, ws: int,
+def input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int, ws: int,
                  top: int, left: int, up_h: int = 1, up_w: int = 1):
     """``Xs[n, y, x, c]`` (NHWC, ``hs x ws``) = the input at ``((y - top)/up_h, (x - left)/up_w)``
     where that is an input pixel, else 0 (padding, or a zero inserted by upsampling)."""
@@ -89,7 +90,7 @@ def _activation(v, attrs: dict[str, Any]):
                       float(attrs.get("clip_min", 0.0)), float(attrs.get("clip_max", 6.0)))
 
 
-def _epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str | None = None):
+def conv_epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str | None = None):
     """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc])`` in ``out_layout``, rounded to
     ``out_dt`` when the accumulator is wider (f16 convs sum in f32)."""
     from tvm import te
@@ -150,7 +151,7 @@ def _weight_stage(W, kernel_layout: str, g: ConvGeom, t: ConvTiles, transposed: 
 
 # ---------------------------------------------------------------- schedules
 
-def _schedule_stage(sch, name: str, lanes: int, parallel: bool) -> None:
+def schedule_stage(sch, name: str, lanes: int, parallel: bool) -> None:
     """Parallel over the two outer loops, vectorised over the last one when it is whole."""
     try:
         blk = sch.get_sblock(name)
@@ -167,7 +168,7 @@ def _schedule_stage(sch, name: str, lanes: int, parallel: bool) -> None:
 
 def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,
                    out_layout: str) -> None:
-    par = cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS
+    par = cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
     b, y, x, blk, oci, rc, ry, rx = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, t.owb])
@@ -188,12 +189,12 @@ def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,
         if out_layout == "NHWC":
             sch.vectorize(sch.get_loops(out)[-1])
     else:  # per-group channel padding: the epilogue runs over the whole output afterwards
-        _schedule_stage(sch, "out", lanes, par)
+        schedule_stage(sch, "out", lanes, par)
     sch.unroll(xi)
     sch.vectorize(oci)
     sch.decompose_reduction(conv, red[0])
-    _schedule_stage(sch, "pad", lanes, par)
-    _schedule_stage(sch, "wpack", lanes, par)
+    schedule_stage(sch, "pad", lanes, par)
+    schedule_stage(sch, "wpack", lanes, par)
 
 
 def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
@@ -202,7 +203,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     from tvm import te
 
     dtype = tvm_dtype(req.output_types[0].dtype)
-    acc_ir = _acc_ir(req.output_types[0].dtype)
+    acc_ir = acc_ir_dtype(req.output_types[0].dtype)
     lanes = req.cpu.lanes(acc_ir)
     t = conv_tiles(g, req.cpu, acc_ir)  # tiles count accumulator registers
     X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
@@ -223,7 +224,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     need_stage = (layout == "NCHW" or sa["top"] != 0 or sa["left"] != 0 or sa.get("up", 1) > 1
                   or hs > sa["src_h"] or ws > sa["src_w"])
     if need_stage:
-        xs = _input_stage(X, layout, g.n, g.ic, sa["src_h"], sa["src_w"], hs, ws, sa["top"],
+        xs = input_stage(X, layout, g.n, g.ic, sa["src_h"], sa["src_w"], hs, ws, sa["top"],
                           sa["left"], sa.get("up_h", 1), sa.get("up_w", 1))
     else:
         xs = X
@@ -236,7 +237,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
         r = oc % g.ocg
         return C[b, y, x, (oc // g.ocg) * t.nb_g + r // t.ob, r % t.ob]
 
-    out = _epilogue(acc_at, bias, req.attrs, g, out_layout, dtype)
+    out = conv_epilogue(acc_at, bias, req.attrs, g, out_layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     func = te.create_prim_func(args)
     from tvm.s_tir import Schedule
@@ -271,8 +272,8 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
 
     odt = req.output_types[0].dtype
     dtype = tvm_dtype(odt)
-    lanes = req.cpu.lanes(_acc_ir(odt))
-    cb, owb, owp = _dw_tiles(g, req.cpu, _acc_ir(odt))
+    lanes = req.cpu.lanes(acc_ir_dtype(odt))
+    cb, owb, owp = _dw_tiles(g, req.cpu, acc_ir_dtype(odt))
     X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
     w_const = 1 in req.const_inputs
     if w_const:
@@ -294,7 +295,7 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     hs = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1
     ws = (owp - 1) * g.sw + g.dw * (g.kw - 1) + 1
     need_stage = layout == "NCHW" or g.pt or g.pl or hs > g.h or ws > g.w
-    xs = _input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
+    xs = input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
     ry = te.reduce_axis((0, g.kh), "ry")
     rx = te.reduce_axis((0, g.kw), "rx")
     acc = accumulator_dtype(dtype)
@@ -302,10 +303,10 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
                    lambda b, y, x, ch: te.sum(
                        xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch].astype(acc)
                        * wd[ry, rx, ch].astype(acc), axis=[ry, rx]), name="conv")
-    out = _epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
+    out = conv_epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     sch = Schedule(te.create_prim_func(args))
-    par = req.cpu.num_cores > 1 and g.macs >= _PARALLEL_MIN_MACS
+    par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
     b, y, x, ch, ry_, rx_ = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, owb])
@@ -326,8 +327,8 @@ def _depthwise_impl(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     sch.decompose_reduction(conv, ry_)
     if need_stage and layout == "NHWC":  # a padded copy costs more than the conditions
         sch.compute_inline(sch.get_sblock("pad"))
-    _schedule_stage(sch, "pad", lanes, par)  # NCHW: the stage transposes to NHWC
-    _schedule_stage(sch, "wpack", lanes, False)
+    schedule_stage(sch, "pad", lanes, par)  # NCHW: the stage transposes to NHWC
+    schedule_stage(sch, "wpack", lanes, False)
     note = f"depthwise {layout} {g.kh}x{g.kw}/{g.sh}: tile {owb}x{cb}"
     return KernelImpl(sch.mod["main"],
                       {1: lambda w: pack_dw_weight(to_oihw(w, kernel_layout))} if w_const else {},
@@ -354,6 +355,11 @@ def conv2d(req: KernelRequest) -> KernelImpl:
                label)
     if g.depthwise:
         return _depthwise_impl(req, g, layout, kl)
+    from targets.kernels import winograd  # imports this module
+
+    m = winograd.winograd_tile(g, req.cpu, req.output_types[0].dtype, 1 in req.const_inputs)
+    if m:
+        return winograd.winograd_conv2d(req, g, layout, kl, m)
     stage = {"src_h": g.h, "src_w": g.w, "top": g.pt, "left": g.pl}
     return _conv_impl(
         req, g, layout, layout, stage,

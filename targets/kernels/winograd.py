@@ -1,0 +1,285 @@
+"""Winograd F(m, 3) convolution (m = 2 or 4) for 3x3, stride-1, ungrouped f32 convs.
+
+A 3x3 conv computes ``m x m`` outputs from an ``a x a`` input tile (``a = m + 2``) as
+``Y = A^T [ (G g G^T) * (B^T d B) ] A`` (Lavin & Gray, arXiv:1509.09308): ``a^2`` multiplies
+per tile and channel pair instead of ``9 m^2``: 2.25x fewer for F(2,3), 4x for F(4,3). Summed
+over input channels, the element-wise product becomes ``a^2`` independent GEMMs
+``[tiles, IC] x [IC, OC]``, which is where the time goes; the kernel has four stages:
+
+- ``pad``: the zero-padded NHWC copy of the input (conv.input_stage, also transposes NCHW).
+- ``V = B^T d B`` per tile and input channel (``[a, a, tiles, IC]``), two separable passes
+  whose constant coefficients are unrolled into adds (zero coefficients vanish).
+- ``M[e, n, tile, oc] = sum_ic V[e, n, tile, ic] * U[e, n, ic, oc]``: the register-tiled
+  micro-kernel of conv.py's 1x1 case (``owb`` tiles x ``ob`` channels of accumulators,
+  ``ob`` vectorised), parallel over (e, n, channel block).
+- ``Y = A^T M A`` per tile, then bias and activation, written in NHWC or NCHW.
+
+The weight transform ``U = G g G^T`` runs once at compile time (numpy, float64, stored in the
+package packed ``[a, a, NB, IC, ob]``). F(4,3)'s larger coefficients make it less accurate
+than F(2,3) in f32; both stay well inside 1e-4 relative (tests/test_kernels_winograd.py).
+
+Whether a conv runs this way is :func:`winograd_tile`'s rule (module docstring there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from targets.kernels._te import accumulator_dtype, tvm_dtype
+from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
+from targets.kernels.conv import (
+    PARALLEL_MIN_MACS,
+    conv_epilogue,
+    input_stage,
+    schedule_stage,
+)
+from targets.kernels.conv_common import ConvGeom, pick_width, to_oihw
+
+__all__ = ["winograd_matrices", "winograd_weight", "winograd_tile", "winograd_conv2d",
+           "WinogradPlan"]
+
+# F(2,3) and F(4,3) with the interpolation points 0, +-1 (, +-2) and infinity (Lavin & Gray)
+_MATRICES = {
+    2: ([[1, 1, 1, 0], [0, 1, -1, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+    4: ([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+}
+
+
+def winograd_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A^T, G, B^T)`` of F(m, 3) as float64 arrays (``m x a``, ``a x 3``, ``a x a``)."""
+    if m not in _MATRICES:
+        raise ValueError(f"Winograd F({m},3) not available; use one of {sorted(_MATRICES)}")
+    return tuple(np.array(x, np.float64) for x in _MATRICES[m])  # type: ignore[return-value]
+
+
+def winograd_weight(w_oihw: np.ndarray, m: int, ob: int) -> np.ndarray:
+    """``[OC, IC, 3, 3]`` -> ``U = G g G^T`` packed ``[a, a, NB, IC, ob]`` (OC zero-padded)."""
+    _, g_mat, _ = winograd_matrices(m)
+    oc, ic = w_oihw.shape[:2]
+    u = np.einsum("ek,oikl,nl->enio", g_mat, w_oihw.astype(np.float64), g_mat)
+    nb = -(-oc // ob)
+    a = m + 2
+    up = np.zeros((a, a, ic, nb * ob), np.float64)
+    up[..., :oc] = u
+    up = up.reshape(a, a, ic, nb, ob).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(up.astype(w_oihw.dtype))
+
+
+class WinogradPlan:
+    """Tile geometry of one Winograd conv: ``m``, tiles per image (``th x tw``), GEMM tiles."""
+
+    def __init__(self, g: ConvGeom, m: int, cpu: CpuInfo, acc_regs: int = 14) -> None:
+        lanes = cpu.lanes("f32")
+        self.m, self.a = m, m + 2
+        self.th, self.tw = -(-g.oh // m), -(-g.ow // m)
+        self.tiles = g.n * self.th * self.tw
+        self.ob = 2 * lanes if g.oc % (2 * lanes) == 0 or g.oc > 4 * lanes else lanes
+        self.nb = -(-g.oc // self.ob)
+        self.owb = pick_width(self.tiles, max(1, acc_regs * lanes // self.ob))
+        self.tiles_p = -(-self.tiles // self.owb) * self.owb
+        self.cb = next((c for c in (lanes, lanes // 2, lanes // 4, 4, 2) if c and g.ic % c == 0),
+                       1)
+
+
+def winograd_tile(g: ConvGeom, cpu: CpuInfo, dtype: str, w_const: bool) -> int:
+    """``m`` of the Winograd variant to use for this conv, or 0 for the direct conv.
+
+    Only 3x3 stride-1 undilated ungrouped f32 convs with a constant weight qualify, with at
+    least ``lanes`` input and output channels (below that the transforms cost more than the
+    GEMM saves). ``m`` minimises the estimated work: GEMM multiply-adds plus the transforms
+    (about ``a`` adds per transformed value, counted as one multiply-add per ``a/2``), with
+    the tile padding of maps not divisible by ``m``; Winograd must beat the direct conv's
+    ``9 * oh * ow`` multiply-adds per channel pair by ``1.5x`` (the transforms stream through
+    memory, the direct conv does not).
+    """
+    lanes = cpu.lanes("f32")
+    if (dtype != "f32" or not w_const or (g.kh, g.kw, g.sh, g.sw, g.dh, g.dw) != (3, 3, 1, 1, 1, 1)
+            or g.groups != 1 or g.ic < lanes or g.oc % lanes):
+        return 0
+    direct = 9.0 * g.oh * g.ow * g.ic * g.oc
+    best, best_cost = 0, direct / 1.5
+    for m in (2, 4):
+        a, tiles = m + 2, -(-g.oh // m) * -(-g.ow // m)
+        gemm = a * a * tiles * g.ic * g.oc
+        transforms = tiles * (a * a * g.ic * a + a * m * g.oc * a) / 2
+        cost = gemm + transforms
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+# ---------------------------------------------------------------- TE helpers
+
+def _lincomb(row, terms):
+    """``sum(row[k] * terms[k])`` with zero coefficients dropped and +-1 as add/sub."""
+    from tvm import tirx
+
+    out = None
+    for c, t in zip(row, terms, strict=True):
+        if c == 0:
+            continue
+        if c == 1:
+            v, sub = t, False
+        elif c == -1:
+            v, sub = t, True
+        else:
+            v, sub = t * tirx.const(float(c), t.dtype), False
+        if out is None:
+            out = -v if sub else v
+        else:
+            out = out - v if sub else out + v
+    return out
+
+
+def _by_index(i, values):
+    """``values[i]`` for a loop variable ``i`` (a Select chain; unrolled loops fold it)."""
+    from tvm import tirx
+
+    out = values[-1]
+    for k in range(len(values) - 2, -1, -1):
+        out = tirx.Select(i == k, values[k], out)
+    return out
+
+
+def winograd_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout: str,
+                    m: int) -> KernelImpl:
+    """The Winograd F(m,3) kernel of a conv2d request (constant weight, f32)."""
+    from tvm import te, tirx
+    from tvm.s_tir import Schedule
+
+    dtype = tvm_dtype(req.output_types[0].dtype)
+    p = WinogradPlan(g, m, req.cpu)
+    at_m, _, bt_m = winograd_matrices(m)
+    a, lanes = p.a, req.cpu.lanes("f32")
+    X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
+    U = te.placeholder((a, a, p.nb, g.ic, p.ob), dtype, name="in1")
+    bias = te.placeholder(req.input_types[2].shape, dtype, name="in2") \
+        if len(req.input_types) > 2 else None
+    hs, ws = p.th * m + 2, p.tw * m + 2
+    need_stage = layout == "NCHW" or g.pt or g.pl or hs > g.h or ws > g.w
+    xs = input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
+    per_img = p.th * p.tw
+
+    def tile_origin(t):
+        t = tirx.min(t, p.tiles - 1)  # GEMM padding tiles repeat the last one
+        return t // per_img, (t % per_img) // p.tw * m, t % p.tw * m
+
+    def bt_rows(b, y0, x0, r2, c):  # B^T d along the tile's rows, column r2
+        col = [xs[b, y0 + r1, x0 + r2, c] for r1 in range(a)]
+        return [_lincomb(bt_m[e], col) for e in range(a)]
+
+    def t1_body(e, r2, t, c):
+        b, y0, x0 = tile_origin(t)
+        return _by_index(e, bt_rows(b, y0, x0, r2, c))
+
+    T1 = te.compute((a, a, p.tiles_p, g.ic), t1_body, name="bt1")
+    V = te.compute((a, a, p.tiles_p, g.ic),
+                   lambda e, nu, t, c: _by_index(
+                       nu, [_lincomb(bt_m[k], [T1[e, r2, t, c] for r2 in range(a)])
+                            for k in range(a)]), name="V")
+    acc = accumulator_dtype(dtype)
+    rc = te.reduce_axis((0, g.ic), "rc")
+    M = te.compute((a, a, p.tiles_p, p.nb, p.ob),
+                   lambda e, nu, t, blk, oci: te.sum(
+                       V[e, nu, t, rc].astype(acc) * U[e, nu, blk, rc, oci].astype(acc),
+                       axis=rc), name="mm")
+
+    def mm_at(e, nu, b, ty, tx, oc):
+        return M[e, nu, (b * p.th + ty) * p.tw + tx, oc // p.ob, oc % p.ob]
+
+    A1 = te.compute((g.n, p.th, p.tw, m, a, g.oc),
+                    lambda b, ty, tx, i, nu, oc: _by_index(
+                        i, [_lincomb(at_m[k], [mm_at(e, nu, b, ty, tx, oc) for e in range(a)])
+                            for k in range(m)]), name="at1")
+    Y = te.compute((g.n, p.th, p.tw, m, m, g.oc),
+                   lambda b, ty, tx, i, j, oc: _by_index(
+                       j, [_lincomb(at_m[k], [A1[b, ty, tx, i, nu, oc] for nu in range(a)])
+                           for k in range(m)]), name="ot")
+    out = conv_epilogue(lambda b, y, x, oc: Y[b, y // m, x // m, y % m, x % m, oc], bias,
+                        req.attrs, g, layout, dtype)
+    args = [X, U] + ([bias] if bias is not None else []) + [out]
+    sch = Schedule(te.create_prim_func(args))
+    par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
+    _schedule_input(sch, p, par)
+    _schedule_gemm(sch, p, par)
+    _schedule_output(sch, p, layout, lanes, par)
+    schedule_stage(sch, "pad", lanes, par)
+    note = (f"conv2d {layout} 3x3/1 winograd F({m},3): {p.tiles} tiles, GEMM tile "
+            f"{p.owb}x{p.ob}{', pad stage' if need_stage else ''}")
+    return KernelImpl(sch.mod["main"],
+                      {1: lambda w: winograd_weight(to_oihw(w, kernel_layout), m, p.ob)},
+                      note=note)
+
+
+# ---------------------------------------------------------------- schedules
+
+def _schedule_input(sch, p: WinogradPlan, par: bool) -> None:
+    """V: per tile and channel vector, both passes in registers; parallel over tiles."""
+    v, t1 = sch.get_sblock("V"), sch.get_sblock("bt1")
+    e, nu, t, c = sch.get_loops(v)
+    co, ci = sch.split(c, [None, p.cb])
+    sch.reorder(t, co, e, nu, ci)
+    if par:
+        sch.parallel(t)
+    sch.compute_at(t1, co)
+    sch.set_scope(t1, 0, "local")
+    sch.unroll(e)
+    sch.unroll(nu)
+    sch.vectorize(ci)
+    _unroll_vectorize(sch, t1, 2)
+
+
+def _unroll_vectorize(sch, block, outer: int) -> None:
+    """Unroll a compute_at block's loops below the ``outer`` enclosing ones, vectorise the last."""
+    loops = sch.get_loops(block)[outer:]
+    for lp in loops[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(loops[-1])
+
+
+def _schedule_gemm(sch, p: WinogradPlan, par: bool) -> None:
+    mm = sch.get_sblock("mm")
+    e, nu, t, blk, oci, rc = sch.get_loops(mm)
+    to, ti = sch.split(t, [None, p.owb])
+    sch.reorder(e, nu, blk, to, rc, ti, oci)
+    fused = sch.fuse(e, nu, blk)
+    if par:
+        sch.parallel(fused)
+    wb = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(wb, to)
+    sch.vectorize(sch.get_loops(wb)[-1])
+    sch.unroll(ti)
+    sch.vectorize(oci)
+    sch.decompose_reduction(mm, rc)
+
+
+def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool) -> None:
+    """Y = A^T M A per tile and channel vector, written out with bias and activation."""
+    out, ot, a1 = sch.get_sblock("out"), sch.get_sblock("ot"), sch.get_sblock("at1")
+    if layout == "NHWC":
+        b, y, x, oc = sch.get_loops(out)
+    else:
+        b, oc, y, x = sch.get_loops(out)
+    ty, i = sch.split(y, [None, p.m])
+    tx, j = sch.split(x, [None, p.m])
+    oco, oci = sch.split(oc, [None, lanes])
+    sch.reorder(b, ty, tx, oco, i, j, oci)
+    fused = sch.fuse(b, ty, tx)
+    if par:
+        sch.parallel(fused)
+    sch.compute_at(ot, oco)
+    sch.compute_at(a1, oco)
+    sch.set_scope(ot, 0, "local")
+    sch.set_scope(a1, 0, "local")
+    for blk in (a1, ot):
+        _unroll_vectorize(sch, blk, 2)
+    sch.unroll(i)
+    sch.unroll(j)
+    if layout == "NHWC":
+        sch.vectorize(oci)
