@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from compiler.llm.graphs import (
     kv_cache_layout,
 )
 from compiler.llm.hf_import import LlmSpec, load_transformers, spec_from_transformers
+from compiler.llm.stream import ArrayFile, stream_spec, streamable
 
 __all__ = ["compile_llm", "load_spec"]
 
@@ -76,19 +78,40 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
         raise NpuccError(f"max_context and chunk must be >= 1 (got {max_context}, {chunk})")
     scheme = parse_scheme(quantize)
     kv_cache = check_kv_cache(kv_cache)
-    spec = load_spec(source, tokenizer)
-    if spec.arch == "gpt2" and max_context > spec.max_positions:
-        raise NpuccError(f"max_context {max_context} exceeds the model's {spec.max_positions} "
-                         f"learned positions")
     chunk = min(chunk, max_context)
-    if scheme is not None:
-        say(f"quantizing weights ({quantize})")
-        spec = quantize_spec(spec, scheme, calibration=calibration, max_context=max_context,
-                             chunk=chunk)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=work))
+    store = None
+    try:
+        if streamable(source) and (scheme is None or scheme.method == "rtn"):
+            say(f"streaming {source}: one block of rows read, quantized and written at a time")
+            spec, store = stream_spec(source, scheme, scratch, tokenizer, say)
+        else:
+            spec = load_spec(source, tokenizer)
+            if scheme is not None:
+                say(f"quantizing weights ({quantize})")
+                spec = quantize_spec(spec, scheme, calibration=calibration,
+                                     max_context=max_context, chunk=chunk)
+        if spec.arch == "gpt2" and max_context > spec.max_positions:
+            raise NpuccError(f"max_context {max_context} exceeds the model's "
+                             f"{spec.max_positions} learned positions")
+        path = _build(spec, target, max_context, chunk, kv_cache, work, scratch, output, say)
+    finally:
+        if store is not None:
+            store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return LanguageModel(LlmPackage.load(path, written_here=True))
+
+
+def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: str, work: Path,
+           scratch: Path, output: Any, say: Any) -> Path:
+    """Both graphs compiled, their weights spilled to ``scratch`` graph by graph (one
+    graph's packed weights in memory at a time), the package written; returns its path."""
     layout = kv_cache_layout(kv_cache, spec.head_dim)
     desc, cpu = _target(target)
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
-    graphs, weights, libs = {}, {}, {}
+    graphs, libs = {}, {}
+    weights = ArrayFile(scratch / "weights.spill")
     blobs: dict[str, str] = {}   # content hash -> key
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         say(f"{name}: building and compiling the {tokens}-token graph")
@@ -99,6 +122,7 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
         graphs[name] = _plan(g, lib, tokens, cache_names(spec.layers, layout), weights, blobs)
         graphs[name]["library"] = f"{name}.so"
         libs[f"{name}.so"] = lib.lib_path
+        del lib, g     # its packed weights are in the spill file now
     state = {n: {"shape": list(t.shape), "dtype": t.dtype}
              for n, t in cache_types(spec, max_context, layout).items()}
     manifest = {"target": {"name": desc.name, "tvm": cpu.tvm_target, "arch": cpu.arch},
@@ -113,8 +137,11 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     from runtime.llm_package import write_llm_package
 
     path = Path(output) if output is not None else work / "model.npkg"
-    write_llm_package(path, manifest, weights, libs, spec.tokenizer_json)
-    return LanguageModel(LlmPackage.load(path, written_here=True))
+    say(f"writing {path}")
+    try:
+        return write_llm_package(path, manifest, weights, libs, spec.tokenizer_json)
+    finally:
+        weights.close()
 
 
 def _target(target: Any):
@@ -156,7 +183,7 @@ def _plan(graph, lib, tokens: int, state_names: list[str], weights: dict[str, np
                 continue
             if a in lib.weights:
                 arr = np.ascontiguousarray(lib.weights[a])
-                digest = hashlib.sha256(arr.tobytes()).hexdigest() + str(arr.dtype) \
+                digest = hashlib.sha256(arr).hexdigest() + str(arr.dtype) \
                     + str(arr.shape)
                 if digest not in blobs:
                     key = a if a not in weights else f"{a}.{len(weights)}"
