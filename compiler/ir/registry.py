@@ -79,7 +79,7 @@ class Attr:
             elif k in ("ints", "floats", "strs"):
                 if not isinstance(value, list | tuple):
                     raise TypeError
-                elem = Attr(k[:-1])
+                elem = _ELEMENT[k]
                 out = [elem.coerce(name, v) for v in value]
             else:  # tensor
                 if not isinstance(value, np.ndarray):
@@ -94,6 +94,9 @@ class Attr:
                 raise OpError(f"attribute {name}={_short(value)} is not one of "
                               f"{', '.join(map(repr, self.choices))}")
         return out
+
+
+_ELEMENT = {k: Attr(k[:-1]) for k in ("ints", "floats", "strs")}  # what a list kind holds
 
 
 def _short(v: Any) -> str:

@@ -66,8 +66,8 @@ class TensorType:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise OpError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
-        shape = tuple(int(d) for d in self.shape)
-        if any(d < 0 for d in shape):
+        shape = tuple(map(int, self.shape))
+        if shape and min(shape) < 0:
             raise OpError(f"negative dimension in shape {list(shape)}")
         object.__setattr__(self, "shape", shape)
 

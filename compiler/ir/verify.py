@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from compiler.errors import NpuccError, OpError, VerificationError
 from compiler.ir.graph import Graph, Node
-from compiler.ir.registry import get_op, has_op
+from compiler.ir.registry import get_op
 from compiler.ir.types import TensorType
 from runtime.bulk import bulk_work
 
@@ -50,9 +50,7 @@ def _find_cycle(graph: Graph) -> list[Node] | None:
 
 def verify_node(graph: Graph, node: Node) -> None:
     """Check one node's op, arity, attributes and declared types; raises OpError."""
-    if not has_op(node.op):
-        get_op(node.op)  # raises with the list of known ops
-    opdef = get_op(node.op)
+    opdef = get_op(node.op)  # an unknown op raises, listing the known ops
     opdef.check_arity(len(node.inputs))
     normalized = opdef.normalize_attrs(node.attrs)
     if normalized.keys() != node.attrs.keys():
@@ -101,11 +99,11 @@ def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
     problems: list[str] = []
     out_of_order = False   # a cycle shows as a use before definition: searched only then
     defined: set[int] = {id(v) for v in graph.inputs}
-    names: dict[str, str] = {}
+    names: set[str] = set()
     for v in graph.inputs:
         if v.name in names:
             problems.append(f"input %{v.name} is defined twice")
-        names[v.name] = "input"
+        names.add(v.name)
     for node in graph.nodes:
         for v in node.inputs:
             if id(v) not in defined:
@@ -118,7 +116,7 @@ def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
                 problems.append(f"{node.label}: result %{v.name} names another producer")
             if v.name in names:
                 problems.append(f"{node.label}: redefines %{v.name}")
-            names[v.name] = node.label
+            names.add(v.name)
             defined.add(id(v))
         if recheck is not None and not recheck(node):
             continue

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from compiler.errors import OpError
 from compiler.ir.types import TensorType, is_float
 
@@ -15,11 +13,17 @@ __all__ = ["broadcast_shapes", "same_type", "same_dtype", "require_float", "norm
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """Numpy/ONNX multidirectional broadcasting; OpError on mismatch."""
-    try:
-        return tuple(np.broadcast_shapes(*shapes))
-    except ValueError:
-        raise OpError("shapes " + ", ".join(str(list(s)) for s in shapes)
-                      + " do not broadcast") from None
+    rank = max(map(len, shapes), default=0)
+    out = [1] * rank
+    for s in shapes:
+        off = rank - len(s)
+        for i, d in enumerate(s, off):
+            if out[i] == 1:
+                out[i] = d
+            elif d != 1 and d != out[i]:
+                raise OpError("shapes " + ", ".join(str(list(s)) for s in shapes)
+                              + " do not broadcast")
+    return tuple(out)
 
 
 def same_dtype(types: list[TensorType], what: str = "operands") -> str:
