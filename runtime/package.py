@@ -169,7 +169,9 @@ class Package:
         were verified (never re-opened by path)."""
         if self._library is not None:
             return self._library.load(tvm)
-        return tvm.runtime.load_module(str(self.lib_path))
+        from .pool import load_library
+
+        return load_library(tvm, self.lib_path)
 
     # -- views of the manifest -------------------------------------------------------------
     @property

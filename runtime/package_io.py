@@ -213,11 +213,9 @@ class SealedLibrary:
 
     def load(self, tvm: Any) -> Any:
         """The TVM module of this library (dlopen of exactly these bytes)."""
-        if self.memfd:
-            # tvm.runtime.load_module picks the loader by file suffix after realpath(), which
-            # for a memfd is "/memfd:... (deleted)"; call the .so loader itself
-            return tvm.get_global_func("ffi.Module.load_from_file.so")(str(self.path), "so")
-        return tvm.runtime.load_module(str(self.path))
+        from .pool import load_library  # its parallel loops on npucc's launcher
+
+        return load_library(tvm, self.path, memfd=self.memfd)
 
     def read_bytes(self) -> bytes:
         """The sealed bytes (for saving a loaded package: what was verified, not the path)."""

@@ -29,7 +29,7 @@ from compiler.ir.types import TensorType
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, get_kernel_builder
 
 __all__ = ["KernelStep", "KernelLibrary", "CodegenError", "build_library", "host_cpu",
-           "request_for", "compile_funcs", "empty_kernel"]
+           "export_with_launcher", "request_for", "compile_funcs", "empty_kernel"]
 
 
 class CodegenError(NpuccError):
@@ -169,15 +169,31 @@ def compile_funcs(funcs: dict[str, Any], cpu: CpuInfo, path: str | Path, *,
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".kernels-", dir=path.parent)
     os.close(fd)
     try:
-        if cross_compiler is not None:
-            exe.export_library(tmp, fcompile=cross_compiler)
-        else:
-            exe.export_library(tmp)
+        export_with_launcher(exe, tmp, cross_compiler)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def export_with_launcher(exe: Any, path: str, cross_compiler: Callable | None = None) -> None:
+    """``exe.export_library(path)`` with npucc's parallel launcher (``runtime.pool``) linked
+    in by the same compiler. If that compiler cannot build the launcher, the library is built
+    without it and keeps TVM's thread pool (a warning says so)."""
+    import warnings
+
+    from runtime.pool import launcher_addons
+
+    kw = {"fcompile": cross_compiler} if cross_compiler is not None else {}
+    addons = launcher_addons(cross=cross_compiler is not None)
+    try:
+        exe.export_library(path, addons=list(addons), **kw)
+    except Exception as e:  # TVM's compiler wrapper raises RuntimeError with the output
+        warnings.warn(f"the parallel launcher (runtime/native/npucc_pool.c) did not compile "
+                      f"({str(e).strip().splitlines()[-1] if str(e).strip() else e}); this "
+                      f"library keeps TVM's thread pool", RuntimeWarning, stacklevel=3)
+        exe.export_library(path, **kw)
 
 
 def build_library(graph: Graph, cpu: CpuInfo, out_dir: str | Path, *,

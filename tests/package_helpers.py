@@ -39,8 +39,10 @@ def build_library(path: Path, parallel: bool = False) -> Path:
         blk = sch.get_sblock("Z")
         sch.parallel(sch.get_loops(blk)[0])
         f = sch.mod["main"]
-    tvm.compile(tvm.IRModule({"dense_bias": f}), tvm.target.Target({"kind": "llvm"})
-                ).export_library(str(path))
+    from targets.tvm_codegen import export_with_launcher
+
+    export_with_launcher(tvm.compile(tvm.IRModule({"dense_bias": f}),
+                                     tvm.target.Target({"kind": "llvm"})), str(path))
     return path
 
 

@@ -1,0 +1,324 @@
+/* npucc's parallel launcher, linked into every kernels.so (targets/tvm_codegen.py).
+ *
+ * A TVM parallel loop compiles to a lambda `int f(int task_id, TVMParallelGroupEnv* penv,
+ * void* cdata)` that runs the task_id-th of penv->num_task contiguous slices of the loop, and
+ * to a call through the library's `__TVMBackendParallelLaunch` pointer, which TVM's loader
+ * fills with its own pool (a static split: task i on worker i, so one descheduled worker
+ * stalls every launch). The runtime (runtime/pool.py) points that slot at
+ * npucc_parallel_launch instead: the loop is cut into more chunks than threads, and every
+ * thread (the caller too) takes the next chunk from an atomic counter until none is left, so
+ * a thread that is not running simply takes fewer chunks (ggml's scheme).
+ *
+ * - Workers spin for a while after a launch, then sleep on a condition variable: an idle
+ *   runtime uses no CPU.
+ * - A launch from inside a chunk, or while another thread's launch holds the pool, runs all
+ *   of its slices on the calling thread (correct, never blocked).
+ * - TVMBackendParallelBarrier assumes every task runs at once; a library whose code calls it
+ *   is left on TVM's pool (runtime/pool.py checks for `__TVMBackendParallelBarrier`).
+ * - After fork() the child has no workers; they are started again at its first launch.
+ *
+ * Valid C and C++ (g++ compiles .c files as C++; export_library links this file with the
+ * compiler it uses for the kernels, including the aarch64 cross g++). GCC/Clang __atomic
+ * builtins throughout.
+ */
+#pragma GCC optimize("O2")
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+/* tvm_ffi's error slot is thread-local: a worker's error moves to the launching thread.
+ * Weak, so that the library still loads where they are absent (then the message is lost,
+ * the launch still fails). */
+void TVMFFIErrorMoveFromRaised(void** result) __attribute__((weak));
+void TVMFFIErrorSetRaised(void* error) __attribute__((weak));
+int TVMFFIObjectDecRef(void* obj) __attribute__((weak));
+
+#define NPUCC_MAX_THREADS 64
+#define NPUCC_LINE 64
+
+typedef struct {
+  int64_t chunks;            /* chunks this thread ran */
+  char pad[NPUCC_LINE - sizeof(int64_t)];
+} npucc_counter;
+
+static struct {
+  int n_threads;             /* caller + workers */
+  int chunks_per_thread;
+  int64_t spin_ns;           /* how long a worker spins before sleeping */
+  int started;               /* workers running */
+  uint32_t start_gen;        /* the generation before the launch that started them */
+  pthread_t workers[NPUCC_MAX_THREADS];
+  pthread_mutex_t launch_mu; /* one launch at a time; others run serially */
+  pthread_mutex_t sleep_mu;
+  pthread_cond_t sleep_cv;
+  int sleepers;
+  int stop;
+  /* the current launch: `state` packs (generation << 32 | next chunk). A thread claims a
+   * chunk with a CAS on it, which also proves that the job fields it read belong to that
+   * generation (they are rewritten only after all of a generation's chunks ran). */
+  uint64_t state;
+  uintptr_t job_f, job_cdata;
+  int job_chunks;
+  int done;                  /* chunks finished in this generation */
+  void* error;               /* a worker's tvm_ffi error (owned) */
+  int failed;
+  int stall_thread;          /* tests: this thread holds its chunk until all are claimed */
+  int64_t launches, serial_launches;
+  npucc_counter counts[NPUCC_MAX_THREADS];
+} P;  /* static storage: zero-initialized */
+
+static __thread int t_in_task;  /* this thread is running a chunk */
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+static int run_serial(FTVMParallelLambda f, void* cdata, int num_task) {
+  TVMParallelGroupEnv env;
+  int32_t sync = 0, i, rc = 0;
+  env.sync_handle = &sync;
+  env.num_task = num_task > 0 ? num_task : 1;
+  __atomic_add_fetch(&P.serial_launches, 1, __ATOMIC_RELAXED);
+  for (i = 0; i < env.num_task && rc == 0; ++i) rc = f(i, &env, cdata);
+  return rc;
+}
+
+/* Claim and run chunks of generation `gen` until none is left. */
+static void run_chunks(uint32_t gen, int self) {
+  uint64_t s = __atomic_load_n(&P.state, __ATOMIC_ACQUIRE);
+  TVMParallelGroupEnv env;
+  int32_t sync = 0;
+  env.sync_handle = &sync;
+  for (;;) {
+    if ((uint32_t)(s >> 32) != gen) return;
+    FTVMParallelLambda f = (FTVMParallelLambda)__atomic_load_n(&P.job_f, __ATOMIC_RELAXED);
+    void* cdata = (void*)__atomic_load_n(&P.job_cdata, __ATOMIC_RELAXED);
+    int n = __atomic_load_n(&P.job_chunks, __ATOMIC_RELAXED);
+    int chunk = (int)(uint32_t)s;
+    if (chunk >= n) return;
+    if (!__atomic_compare_exchange_n(&P.state, &s, s + 1, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+      continue;  /* s now holds the current state */
+    if (self == __atomic_load_n(&P.stall_thread, __ATOMIC_RELAXED)) {
+      /* a descheduled thread, made deterministic: hold this chunk until all are claimed */
+      uint64_t t;
+      do {
+        cpu_relax();
+        t = __atomic_load_n(&P.state, __ATOMIC_ACQUIRE);
+      } while ((uint32_t)(t >> 32) == gen && (int)(uint32_t)t < n);
+    }
+    env.num_task = n;
+    t_in_task = 1;
+    int rc = f(chunk, &env, cdata);
+    t_in_task = 0;
+    if (rc != 0) {
+      void* err = NULL;
+      if (self != 0 && TVMFFIErrorMoveFromRaised) TVMFFIErrorMoveFromRaised(&err);
+      if (__atomic_exchange_n(&P.failed, 1, __ATOMIC_ACQ_REL) == 0 && err) {
+        __atomic_store_n(&P.error, err, __ATOMIC_RELEASE);
+      } else if (err && TVMFFIObjectDecRef) {
+        TVMFFIObjectDecRef(err);
+      }
+    }
+    __atomic_add_fetch(&P.counts[self].chunks, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&P.done, 1, __ATOMIC_RELEASE);
+    s = __atomic_load_n(&P.state, __ATOMIC_ACQUIRE);
+  }
+}
+
+static void* worker_main(void* arg) {
+  int self = (int)(intptr_t)arg;
+  uint32_t seen = P.start_gen;  /* the launch that started this worker comes after it */
+  for (;;) {
+    int64_t until = now_ns() + P.spin_ns;
+    uint32_t gen;
+    int spins = 0;
+    for (;;) {
+      gen = (uint32_t)(__atomic_load_n(&P.state, __ATOMIC_ACQUIRE) >> 32);
+      if (gen != seen || __atomic_load_n(&P.stop, __ATOMIC_ACQUIRE)) break;
+      cpu_relax();
+      if (++spins % 256 == 0 && now_ns() > until) {
+        pthread_mutex_lock(&P.sleep_mu);
+        __atomic_add_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+        for (;;) {
+          gen = (uint32_t)(__atomic_load_n(&P.state, __ATOMIC_SEQ_CST) >> 32);
+          if (gen != seen || __atomic_load_n(&P.stop, __ATOMIC_SEQ_CST)) break;
+          pthread_cond_wait(&P.sleep_cv, &P.sleep_mu);
+        }
+        __atomic_sub_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&P.sleep_mu);
+        break;
+      }
+    }
+    if (__atomic_load_n(&P.stop, __ATOMIC_ACQUIRE)) return NULL;
+    seen = gen;
+    run_chunks(gen, self);
+  }
+}
+
+static void stop_workers(void) {
+  int i;
+  if (!P.started) return;
+  pthread_mutex_lock(&P.sleep_mu);
+  __atomic_store_n(&P.stop, 1, __ATOMIC_SEQ_CST);
+  pthread_cond_broadcast(&P.sleep_cv);
+  pthread_mutex_unlock(&P.sleep_mu);
+  for (i = 1; i < P.n_threads; ++i) pthread_join(P.workers[i], NULL);
+  P.started = 0;
+  __atomic_store_n(&P.stop, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Called with launch_mu held. Returns the number of threads that run (1: none started). */
+static int start_workers(void) {
+  int i;
+  if (P.started) return P.n_threads;
+  P.start_gen = (uint32_t)(__atomic_load_n(&P.state, __ATOMIC_ACQUIRE) >> 32);
+  for (i = 1; i < P.n_threads; ++i) {
+    if (pthread_create(&P.workers[i], NULL, worker_main, (void*)(intptr_t)i) != 0) {
+      int n = i;
+      P.n_threads = n;   /* run with the threads we got */
+      break;
+    }
+  }
+  P.started = 1;
+  return P.n_threads;
+}
+
+static void after_fork_child(void) {
+  /* the child has only the forking thread: forget the workers, reset the locks */
+  pthread_mutex_init(&P.launch_mu, NULL);
+  pthread_mutex_init(&P.sleep_mu, NULL);
+  pthread_cond_init(&P.sleep_cv, NULL);
+  P.started = 0;
+  P.sleepers = 0;
+  P.stop = 0;
+  t_in_task = 0;
+}
+
+int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
+  int n, chunks, failed;
+  uint64_t s;
+  uint32_t gen;
+  if (P.n_threads <= 1 || t_in_task || pthread_mutex_trylock(&P.launch_mu) != 0)
+    return run_serial(f, cdata, num_task);
+  if (start_workers() <= 1) {
+    pthread_mutex_unlock(&P.launch_mu);
+    return run_serial(f, cdata, num_task);
+  }
+  n = P.n_threads;
+  chunks = num_task > 0 ? num_task : n * P.chunks_per_thread;
+  __atomic_store_n(&P.job_f, (uintptr_t)f, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.job_cdata, (uintptr_t)cdata, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.job_chunks, chunks, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.done, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.failed, 0, __ATOMIC_RELAXED);
+  s = __atomic_load_n(&P.state, __ATOMIC_RELAXED);
+  gen = (uint32_t)(s >> 32) + 1;
+  __atomic_store_n(&P.state, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&P.sleepers, __ATOMIC_SEQ_CST) > 0) {
+    pthread_mutex_lock(&P.sleep_mu);
+    pthread_cond_broadcast(&P.sleep_cv);
+    pthread_mutex_unlock(&P.sleep_mu);
+  }
+  run_chunks(gen, 0);
+  {
+    int spins = 0;
+    while (__atomic_load_n(&P.done, __ATOMIC_ACQUIRE) < chunks) {
+      if (++spins < 4096) cpu_relax();
+      else sched_yield();  /* a worker holding a chunk is not running: give way */
+    }
+  }
+  __atomic_add_fetch(&P.launches, 1, __ATOMIC_RELAXED);
+  failed = __atomic_load_n(&P.failed, __ATOMIC_ACQUIRE);
+  if (failed) {
+    void* err = __atomic_exchange_n(&P.error, (void*)NULL, __ATOMIC_ACQ_REL);
+    if (err && TVMFFIErrorSetRaised) {
+      TVMFFIErrorSetRaised(err);
+      if (TVMFFIObjectDecRef) TVMFFIObjectDecRef(err);
+    }
+  }
+  pthread_mutex_unlock(&P.launch_mu);
+  return failed ? -1 : 0;
+}
+
+/* Configure the pool (before or between launches): `n_threads` including the caller,
+ * `chunks_per_thread` chunks per thread and launch, workers spin `spin_us` before sleeping.
+ * Returns the thread count in use. */
+int npucc_pool_configure(int n_threads, int chunks_per_thread, int spin_us) {
+  static int once = 0;
+  if (!once) {
+    once = 1;
+    pthread_mutex_init(&P.launch_mu, NULL);
+    pthread_mutex_init(&P.sleep_mu, NULL);
+    pthread_cond_init(&P.sleep_cv, NULL);
+    P.stall_thread = -1;
+    pthread_atfork(NULL, NULL, after_fork_child);
+  }
+  if (n_threads < 1) n_threads = 1;
+  if (n_threads > NPUCC_MAX_THREADS) n_threads = NPUCC_MAX_THREADS;
+  pthread_mutex_lock(&P.launch_mu);
+  stop_workers();
+  P.n_threads = n_threads;
+  P.chunks_per_thread = chunks_per_thread < 1 ? 1 : chunks_per_thread;
+  P.spin_ns = (int64_t)(spin_us < 0 ? 0 : spin_us) * 1000;
+  pthread_mutex_unlock(&P.launch_mu);
+  return n_threads;
+}
+
+/* Statistics: out[0] launches through the pool, out[1] launches run serially, out[2 + i]
+ * chunks run by thread i (0: the launching thread) for i < n; returns the thread count. */
+int npucc_pool_stats(int64_t* out, int n) {
+  int i;
+  out[0] = __atomic_load_n(&P.launches, __ATOMIC_RELAXED);
+  out[1] = __atomic_load_n(&P.serial_launches, __ATOMIC_RELAXED);
+  for (i = 0; i < n && i < NPUCC_MAX_THREADS; ++i)
+    out[2 + i] = __atomic_load_n(&P.counts[i].chunks, __ATOMIC_RELAXED);
+  return P.n_threads;
+}
+
+void npucc_pool_reset_stats(void) {
+  int i;
+  __atomic_store_n(&P.launches, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.serial_launches, 0, __ATOMIC_RELAXED);
+  for (i = 0; i < NPUCC_MAX_THREADS; ++i) __atomic_store_n(&P.counts[i].chunks, 0, __ATOMIC_RELAXED);
+}
+
+/* Tests: thread `index` (0: the launching thread, -1: none) holds each chunk it claims until
+ * every chunk of the launch is claimed, as a descheduled thread would. */
+void npucc_pool_stall_thread(int index) { __atomic_store_n(&P.stall_thread, index, __ATOMIC_RELAXED); }
+
+__attribute__((destructor)) static void npucc_pool_unload(void) {
+  /* dlclose: the workers' code is about to be unmapped */
+  if (P.started) {
+    pthread_mutex_lock(&P.launch_mu);
+    stop_workers();
+    pthread_mutex_unlock(&P.launch_mu);
+  }
+}
+
+#ifdef __cplusplus
+}
+#endif

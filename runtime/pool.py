@@ -1,0 +1,190 @@
+"""npucc's parallel launcher: dynamic chunks instead of TVM's static split.
+
+Every kernel library built by ``targets.tvm_codegen.compile_funcs`` carries the launcher of
+``runtime/native/npucc_pool.c``. :func:`load_library` loads a library into TVM and points the
+library's ``__TVMBackendParallelLaunch`` slot (filled by TVM's loader with TVM's own pool) at
+that launcher: each parallel loop is cut into ``chunks_per_thread`` × threads chunks which the
+threads (the calling one included) take from a shared counter, so a thread that another
+process keeps off its core takes fewer chunks instead of stalling the launch.
+
+Libraries without the launcher (built before it existed, or where no C compiler could build
+it) and libraries whose code calls ``TVMBackendParallelBarrier`` (which needs every task
+running at once) keep TVM's pool.
+
+Settings, read when a library is loaded:
+
+- threads: ``TVM_NUM_THREADS`` if the user set it, else the package target's cores that this
+  process may use (``runtime._tvm.default_threads`` sets it; :func:`pool_threads`);
+- ``NPUCC_POOL_CHUNKS``: chunks per thread and launch (default 4);
+- ``NPUCC_POOL_SPIN_US``: how long an idle worker spins before it sleeps (default 200 µs);
+- ``NPUCC_POOL=tvm``: keep TVM's pool for every library (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SOURCE", "PoolStats", "LibraryPool", "load_library", "pool_threads",
+           "library_pool", "launcher_addons"]
+
+SOURCE = Path(__file__).resolve().parent / "native" / "npucc_pool.c"
+LAUNCH = "npucc_parallel_launch"
+SLOT = "__TVMBackendParallelLaunch"
+BARRIER = "__TVMBackendParallelBarrier"
+MAX_THREADS = 64
+DEFAULT_CHUNKS = 4
+DEFAULT_SPIN_US = 200
+
+# id(tvm module) -> its LibraryPool, or None. Written at every load_library (TVM modules take
+# no weak references): an id reused by a later module is overwritten before it is looked up
+_POOLS: dict[int, LibraryPool | None] = {}
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    threads: int
+    launches: int          # parallel launches shared out by the pool
+    serial_launches: int   # launches run on the calling thread (nested, concurrent, 1 thread)
+    chunks: tuple[int, ...]   # chunks run per thread; [0] is the launching thread
+
+
+def pool_threads() -> int:
+    """The pool's thread count: ``TVM_NUM_THREADS`` (the user's, or the target's cores this
+    process may use, set by ``import_tvm``), else the usable cores."""
+    value = os.environ.get("TVM_NUM_THREADS", "")
+    if value.strip():
+        try:
+            return max(1, min(MAX_THREADS, int(value)))
+        except ValueError:
+            raise ValueError(f"TVM_NUM_THREADS={value!r} is not a whole number; set it to "
+                             f"the number of threads kernels may use") from None
+    try:
+        return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number") from None
+
+
+class LibraryPool:
+    """The launcher inside one loaded kernel library (its functions, by address)."""
+
+    def __init__(self, handle: ctypes.CDLL):
+        self._configure = handle.npucc_pool_configure
+        self._configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._configure.restype = ctypes.c_int
+        self._stats = handle.npucc_pool_stats
+        self._stats.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        self._stats.restype = ctypes.c_int
+        self._reset = handle.npucc_pool_reset_stats
+        self._reset.restype = None
+        self._stall = handle.npucc_pool_stall_thread
+        self._stall.argtypes = [ctypes.c_int]
+        self._stall.restype = None
+        self.threads = 1
+
+    def configure(self, threads: int, chunks_per_thread: int = DEFAULT_CHUNKS,
+                  spin_us: int = DEFAULT_SPIN_US) -> int:
+        """Set the thread count (caller included), chunks per thread and spin time; running
+        workers are stopped and restarted at the next launch."""
+        self.threads = int(self._configure(int(threads), int(chunks_per_thread), int(spin_us)))
+        return self.threads
+
+    def stats(self) -> PoolStats:
+        buf = (ctypes.c_int64 * (2 + MAX_THREADS))()
+        n = self._stats(buf, MAX_THREADS)
+        return PoolStats(n, buf[0], buf[1], tuple(buf[2:2 + n]))
+
+    def reset_stats(self) -> None:
+        self._reset()
+
+    def stall_thread(self, index: int | None) -> None:
+        """Tests: thread ``index`` (0 = the launching thread) holds every chunk it takes until
+        all chunks of the launch are taken, as a descheduled thread would; None: no stall."""
+        self._stall(-1 if index is None else int(index))
+
+
+def _open_loaded(path: str) -> ctypes.CDLL | None:
+    """A ctypes handle on the library the dynamic loader already has at ``path`` (never a
+    second copy); None if it is not loaded."""
+    try:
+        return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+    except OSError:
+        return None
+
+
+def _attach(module: Any, path: str) -> str:
+    """Point ``module``'s parallel launches at its npucc launcher; returns which launcher its
+    parallel loops use: ``"npucc"``, ``"tvm"`` or ``"none"`` (it has no parallel loop)."""
+    handle = _open_loaded(path)
+    if handle is None:
+        return "tvm"
+    try:
+        try:
+            slot = ctypes.c_void_p.in_dll(handle, SLOT)
+        except ValueError:
+            return "none"  # no parallel loop in this library
+        if (not hasattr(handle, LAUNCH) or hasattr(handle, BARRIER)
+                or os.environ.get("NPUCC_POOL", "").strip().lower() == "tvm"):
+            return "tvm"   # an older library, one whose code needs TVM's barrier, or asked
+        pool = LibraryPool(handle)
+        pool.configure(pool_threads(), max(1, _env_int("NPUCC_POOL_CHUNKS", DEFAULT_CHUNKS)),
+                       max(0, _env_int("NPUCC_POOL_SPIN_US", DEFAULT_SPIN_US)))
+        slot.value = ctypes.cast(getattr(handle, LAUNCH), ctypes.c_void_p).value
+    finally:
+        # drop the reference RTLD_NOLOAD took: the library stays loaded exactly as long as
+        # TVM's module holds it (and the function addresses above stay valid that long)
+        ctypes.CDLL(None).dlclose(ctypes.c_void_p(handle._handle))
+    _POOLS[id(module)] = pool
+    return "npucc"
+
+
+def load_library(tvm: Any, path: str | os.PathLike, *, memfd: bool = False,
+                 require: bool = False) -> Any:
+    """Load the kernel library at ``path`` into TVM and give its parallel loops npucc's
+    launcher (when the library carries it). ``memfd``: ``path`` is ``/proc/self/fd/N``
+    (TVM's ``load_module`` would pick the loader by the file's resolved name). ``require``:
+    raise RuntimeError if the library has parallel loops but they would stay on TVM's pool."""
+    path = str(path)
+    if memfd:
+        module = tvm.get_global_func("ffi.Module.load_from_file.so")(path, "so")
+    else:
+        module = tvm.runtime.load_module(path)
+    _POOLS[id(module)] = None
+    used = _attach(module, path)
+    if require and used == "tvm":
+        raise RuntimeError(f"{path}: its parallel loops would run on TVM's thread pool (built "
+                           f"without runtime/native/npucc_pool.c, or NPUCC_POOL=tvm)")
+    return module
+
+
+def library_pool(module: Any) -> LibraryPool | None:
+    """The launcher serving a module loaded by :func:`load_library` (None: TVM's pool)."""
+    return _POOLS.get(id(module))
+
+
+def launcher_addons(cross: bool = False) -> list[str]:
+    """Extra sources for ``export_library(addons=...)``: the launcher's C file, compiled and
+    linked with the kernels by the compiler TVM links them with. For a host build, raises
+    RuntimeError naming what to do when no C compiler is on PATH (TVM cannot link any kernel
+    library without one; a cross compiler is checked where it is chosen)."""
+    if not cross:
+        from tvm.support import cc
+
+        if not cc.get_cc():
+            raise RuntimeError("no C compiler found (looked for $CXX, $CC, g++, gcc, clang++, "
+                               "clang, c++, cc on PATH): TVM needs one to link kernels.so; "
+                               "install gcc (apt-get install g++) or set CXX")
+    return [str(SOURCE)]
