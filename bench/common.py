@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header"]
+__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header", "peak_rss_bytes"]
 
 
 def interleaved_ms(runs: Sequence[Callable[[], object]], repeat: int, warmup: int = 3
@@ -43,3 +43,18 @@ def cpu_header() -> str:
 
     h = detect_host()
     return f"CPU: {h.summary()}\nISA features: {' '.join(sorted(h.features))}"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM (Linux; ru_maxrss would include the RSS of the parent
+    that forked it), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

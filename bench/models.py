@@ -137,21 +137,6 @@ def _percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS: VmHWM (Linux; ru_maxrss would include the RSS of the parent
-    that forked it), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False,
             gap_ms: float = 0.0) -> dict[str, Any]:
     """Build, compile and time one model; returns the figures as a JSON-able dict."""
@@ -159,6 +144,7 @@ def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False,
     import onnxruntime as ort
     import torch
 
+    from bench.common import peak_rss_bytes
     from compiler import compile as npucc_compile
 
     torch.set_num_threads(THREADS)
@@ -212,7 +198,7 @@ def measure(name: str, repeat: int, warmup: int = 3, spin: bool = False,
         "compile_s": compile_s, "compile_phases": s["compile_seconds"],
         "arena_bytes": s["arena_bytes"], "lower_bound_bytes": s["lower_bound_bytes"],
         "naive_bytes": s["naive_bytes"], "weight_bytes": s["weight_bytes"],
-        "steps": s["steps"], "peak_rss_bytes": _peak_rss_bytes(), "max_rel_diff_vs_ort": diff,
+        "steps": s["steps"], "peak_rss_bytes": peak_rss_bytes(), "max_rel_diff_vs_ort": diff,
         "profile_total_ms": prof.total_ms, "profile_kernel_ms": prof.kernel_ms,
         "top_kernels": [{"node": k.node, "op": k.op, "kernel": k.kernel, "ms": k.median_ms}
                         for k in top],
@@ -269,6 +255,8 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
     """Child: load one engine at its defaults and time ``repeat`` calls (ms each)."""
     import numpy as np
 
+    from bench.common import peak_rss_bytes
+
     data = np.load(prep["inputs"])
     feeds = {n: data[n] for n in prep["input_names"]}
     if engine == "npucc":
@@ -297,7 +285,7 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
         t = time.perf_counter()
         call()
         times.append((time.perf_counter() - t) * 1e3)
-    return {"engine": engine, "times_ms": times, "peak_rss_bytes": _peak_rss_bytes()}
+    return {"engine": engine, "times_ms": times, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
