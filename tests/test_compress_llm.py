@@ -1,0 +1,140 @@
+"""QAT of decoder LLMs (compiler.compress.llm_qat) and the LLM route of compress: a tiny
+random Llama (untied output head, GQA). The compiled package gets the QAT codes and learned
+f16 scales exactly and computes the fake-quant torch model's logits; distillation lowers the
+KL to the float model on held-out tokens; budgets choose the precision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import unittest
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from compiler.compress.llm_qat import (  # noqa: E402
+    LlmQATConfig,
+    llm_qat_spec,
+    prepare_llm_qat,
+    qat_codes,
+    token_windows,
+    train_llm_qat,
+)
+from compiler.errors import NpuccError  # noqa: E402
+
+VOCAB = 256
+
+
+def _tiny():
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, initializer_range=0.1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _text_bytes(*modules) -> list[int]:
+    """Token ids: the UTF-8 bytes of standard-library docstrings (English text, vocab 256)."""
+    return list("\n\n".join(m.__doc__ for m in modules).encode())
+
+
+def _kl(teacher, student, windows) -> float:
+    with torch.no_grad():
+        tot = 0.0
+        for w in windows:
+            x = torch.tensor([w])
+            pt = torch.log_softmax(teacher(x).logits, -1)
+            ps = torch.log_softmax(student(x).logits, -1)
+            tot += float((pt.exp() * (pt - ps)).sum(-1).mean())
+    return tot / len(windows)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    hf = _tiny()
+    student = prepare_llm_qat(hf, LlmQATConfig(bits=4, group_size=32))
+    held_out = token_windows(_text_bytes(unittest), 32)[:6]      # never trained on
+    before = _kl(hf, student, held_out)
+    info = train_llm_qat(student, hf, _text_bytes(argparse, json), steps=40, seq=32, batch=2,
+                         lr=1e-4, scale_lr=1e-2)
+    return hf, student, held_out, before, info
+
+
+def test_distillation_lowers_the_kl_on_held_out_tokens(trained):
+    hf, student, held_out, before, info = trained
+    after = _kl(hf, student, held_out)
+    assert info["steps"] == 40 and info["seconds"] > 0
+    assert after < 0.85 * before, (before, after)   # measured: 0.0201 -> 0.0138
+    assert info["last_loss"] < info["first_loss"]
+
+
+@pytest.mark.slow
+def test_compiled_package_is_the_fake_quant_model(trained, tmp_path):
+    """The codes and learned f16 scales go into compile_llm as they are: the package's logits
+    are the student's (f32 summation order apart), and differ from round-to-nearest PTQ's."""
+    from compiler import compile_llm
+    from compiler.ir.ops.quant_weight import unpack_int4
+    from compiler.llm.compile import load_spec
+    from compiler.llm.quantize import parse_scheme, quantize_spec
+
+    hf, student, held_out, _, _ = trained
+    spec = llm_qat_spec(student)
+    codes = qat_codes(student)
+    rtn = quantize_spec(load_spec(hf), parse_scheme("int4-g32"))
+    learned = 0
+    for prefix, (q, s, bits, group) in codes.items():
+        assert (bits, group) == spec.quant[prefix] == (4, 32)
+        assert np.array_equal(unpack_int4(spec.weights[f"{prefix}.wq"]), q)
+        assert np.array_equal(spec.weights[f"{prefix}.scales"], s)
+        assert s.dtype == np.float16
+        learned += int((s != rtn.weights[f"{prefix}.scales"]).sum())
+    assert learned > 0                      # the scales the package holds are the trained ones
+    m = compile_llm(spec, max_context=64, chunk=8, output=tmp_path / "qat.npkg")
+    ids = held_out[0]
+    with torch.no_grad():
+        fake = student(torch.tensor([ids])).logits[0].numpy()
+        ptq = prepare_llm_qat(hf, LlmQATConfig(bits=4, group_size=32))(
+            torch.tensor([ids])).logits[0].numpy()
+    got = m.logits(ids)
+    scale = np.abs(fake).max()
+    assert np.abs(got - fake).max() / scale < 1e-4
+    assert np.abs(ptq - fake).max() / scale > 1e-2     # the check above can tell them apart
+    assert m.config["quantize"] == "int4-g32-qat"
+
+
+def test_a_3_bit_student_is_refused_by_the_package_route():
+    student = prepare_llm_qat(_tiny(), LlmQATConfig(bits=3, group_size=32))
+    assert qat_codes(student)["l0.q"][0].min() >= -4
+    assert qat_codes(student)["l0.q"][0].max() <= 3
+    with pytest.raises(NpuccError, match="int3"):
+        llm_qat_spec(student)
+    with pytest.raises(NpuccError, match="bits=9"):
+        LlmQATConfig(bits=9)
+
+
+def test_qat_refuses_a_model_it_cannot_quantize():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2,
+                                                                vocab_size=64))
+    with pytest.raises(NpuccError, match="Llama-like"):
+        prepare_llm_qat(gpt2)
+
+
+def test_budgets_choose_the_precision():
+    from compiler.compress.llm_plan import choose_scheme
+    from compiler.compress.plan import BudgetError
+    from compiler.llm.compile import load_spec
+
+    spec = load_spec(_tiny())
+    said: list[str] = []
+    big, sizes = choose_scheme(spec, None, say=said.append)
+    assert big == "f32" and len(said) == 4
+    assert sizes["f32"] > sizes["int8"] > sizes["int4-g32"] > sizes["int4-g128"]
+    mid = (sizes["int8"] + sizes["int4-g32"]) / 2 / 2**20
+    assert choose_scheme(spec, mid, say=said.append)[0] == "int4-g32"
+    assert choose_scheme(spec, sizes["int8"] / 2**20, say=said.append)[0] == "int8"
+    with pytest.raises(BudgetError, match=r"closest is int4-g128 at 0\.\d\d MiB"):
+        choose_scheme(spec, 0.01, say=said.append)
