@@ -156,7 +156,8 @@ class _Tensors:
         f = self.where.get(name)
         if f is None:
             raise NpuccError(f"tensor {name!r} is not in the safetensors files")
-        if f not in self._handles:
+        if f not in self._handles:   # one file mapped at a time: its pages leave with it
+            self._handles.clear()
             self._handles[f] = self._open(str(f), framework="pt")
         return self._handles[f].get_slice(name)
 
@@ -290,7 +291,12 @@ def _rows(ts: _Tensors, names: list[str] | str, prefix: str, scheme: Scheme | No
 def _projections(ts: _Tensors, spec: LlmSpec, scheme: Scheme | None, store: ArrayFile,
                  i: int, group: tuple[str, ...]) -> None:
     names = [f"model.layers.{i}.{LLAMA_NAMES[p]}.weight" for p in group]
-    _rows(ts, names, f"l{i}." + "+".join(group), scheme, store, spec)
+    _rows(ts, names, fused_name(i, group), scheme, store, spec)
+
+
+def fused_name(layer: int, group: tuple[str, ...]) -> str:
+    """The prefix :mod:`compiler.llm.graphs` gives projections it fuses (``l0.q+l0.k+l0.v``)."""
+    return "+".join(f"l{layer}.{p}" for p in group)
 
 
 def _views(spec: LlmSpec, scheme: Scheme | None) -> None:
@@ -301,7 +307,7 @@ def _views(spec: LlmSpec, scheme: Scheme | None) -> None:
             "up": spec.intermediate}
     for i in range(spec.layers):
         for group in (g for g in FUSED if len(g) > 1):
-            fused = f"l{i}." + "+".join(group)
+            fused = fused_name(i, group)
             parts = [k.rsplit(".", 1)[1] for k in list(w) if k.startswith(fused + ".")]
             row = 0
             for p in group:
