@@ -81,7 +81,10 @@ def _env_int(name: str, default: int) -> int:
 class LibraryPool:
     """The launcher inside one loaded kernel library (its functions, by address)."""
 
-    def __init__(self, handle: ctypes.CDLL):
+    def __init__(self, handle: ctypes.CDLL, slot: ctypes.c_void_p):
+        self._slot = slot                      # the library's __TVMBackendParallelLaunch
+        self._launchers = {"tvm": slot.value,  # what TVM's loader put there
+                           "npucc": ctypes.cast(getattr(handle, LAUNCH), ctypes.c_void_p).value}
         self._configure = handle.npucc_pool_configure
         self._configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self._configure.restype = ctypes.c_int
@@ -101,6 +104,13 @@ class LibraryPool:
         workers are stopped and restarted at the next launch."""
         self.threads = int(self._configure(int(threads), int(chunks_per_thread), int(spin_us)))
         return self.threads
+
+    def use(self, launcher: str) -> None:
+        """Send this library's parallel launches to ``"npucc"`` (this pool) or ``"tvm"``
+        (TVM's pool; for comparisons in one process). Not while a kernel of it runs."""
+        if launcher not in self._launchers:
+            raise ValueError(f"launcher {launcher!r}: use 'npucc' or 'tvm'")
+        self._slot.value = self._launchers[launcher]
 
     def stats(self) -> PoolStats:
         buf = (ctypes.c_int64 * (2 + MAX_THREADS))()
@@ -139,10 +149,10 @@ def _attach(module: Any, path: str) -> str:
         if (not hasattr(handle, LAUNCH) or hasattr(handle, BARRIER)
                 or os.environ.get("NPUCC_POOL", "").strip().lower() == "tvm"):
             return "tvm"   # an older library, one whose code needs TVM's barrier, or asked
-        pool = LibraryPool(handle)
+        pool = LibraryPool(handle, slot)
         pool.configure(pool_threads(), max(1, _env_int("NPUCC_POOL_CHUNKS", DEFAULT_CHUNKS)),
                        max(0, _env_int("NPUCC_POOL_SPIN_US", DEFAULT_SPIN_US)))
-        slot.value = ctypes.cast(getattr(handle, LAUNCH), ctypes.c_void_p).value
+        pool.use("npucc")
     finally:
         # drop the reference RTLD_NOLOAD took: the library stays loaded exactly as long as
         # TVM's module holds it (and the function addresses above stay valid that long)
