@@ -7,6 +7,8 @@ one decimal digit in f32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,7 @@ def test_transform_identity(m):
         winograd_matrices(3)
 
 
-def _case(n, c, h, w, oc, *, layout="NHWC", kl="OHWI", bias=True, **attrs):
+def _case(n, c, h, w, oc, *, layout="NHWC", kl="OHWI", bias=True, cpu=HOST, **attrs):
     x = _rng.standard_normal((n, c, h, w) if layout == "NCHW" else (n, h, w, c)).astype("f4")
     wo = (_rng.standard_normal((oc, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
     wt = {"OIHW": wo, "OHWI": wo.transpose(0, 2, 3, 1), "HWIO": wo.transpose(2, 3, 1, 0)}[kl]
@@ -57,7 +59,7 @@ def _case(n, c, h, w, oc, *, layout="NHWC", kl="OHWI", bias=True, **attrs):
     ref = np.asarray(opdef.reference(inputs, attrs)[0])
     req = KernelRequest("conv2d", attrs, [TensorType.of(a) for a in inputs],
                         [TensorType.of(ref)], {j: inputs[j] for j in range(1, len(inputs))},
-                        HOST)
+                        cpu)
     return req, inputs, ref
 
 
@@ -67,6 +69,9 @@ CASES = [  # (n, c, h, w, oc, attrs)
     (1, 16, 10, 7, 32, {"pads": [0, 2, 1, 0], "kl": "HWIO", "bias": False}),  # asymmetric
     (1, 32, 8, 8, 32, {"layout": "NCHW", "kl": "OIHW", "activation": "relu6"}),  # no padding
     (1, 512, 7, 7, 64, {"pads": [1, 1, 1, 1], "activation": "sigmoid"}),  # long reductions
+    # a 64 KiB L2: the transformed tensors spill, so one row of tiles at a time
+    (1, 16, 16, 15, 32, {"pads": [1, 1, 1, 1], "activation": "relu",
+                         "cpu": dataclasses.replace(HOST, l2_bytes=64 * 1024)}),
 ]
 
 
@@ -83,6 +88,7 @@ def test_winograd_matches_reference():
         for m in (2, 4):
             impl = winograd_conv2d(req, g, layout, kl, m)
             assert f"winograd F({m},3)" in impl.note
+            assert ("by rows" in impl.note) == (i == len(CASES) - 1), impl.note
             funcs[f"c{i}m{m}"] = impl.prim_func.with_attr("global_symbol", f"c{i}m{m}")
             runs.append((f"c{i}m{m}", impl, inputs, ref))
     ex = tvm.compile(tvm.IRModule(funcs), tvm.target.Target(HOST.tvm_target))

@@ -81,7 +81,16 @@ class WinogradPlan:
         self.tiles = g.n * self.th * self.tw
         self.ob = 2 * lanes if g.oc % (2 * lanes) == 0 or g.oc > 4 * lanes else lanes
         self.nb = -(-g.oc // self.ob)
-        self.owb = pick_width(self.tiles, max(1, acc_regs * lanes // self.ob))
+        owb_max = max(1, acc_regs * lanes // self.ob)
+        # One row of tiles at a time (transform, GEMM, inverse transform) when the transformed
+        # tensors would spill out of L2 but the transformed weights, re-read per row, are
+        # smaller than them, and the row splits into register tiles of at least half width.
+        row_owb = max(d for d in range(1, min(owb_max, self.tw) + 1) if self.tw % d == 0)
+        planes = 4 * self.a * self.a
+        spill = planes * self.tiles * (g.ic + g.oc) > cpu.l2_bytes
+        self.rows = spill and self.tw > 1 and planes * g.ic * g.oc < planes * self.tiles * (g.ic + g.oc) \
+            and 2 * row_owb >= min(owb_max, self.tw)
+        self.owb = row_owb if self.rows else pick_width(self.tiles, owb_max)
         self.tiles_p = -(-self.tiles // self.owb) * self.owb
         self.cb = next((c for c in (lanes, lanes // 2, lanes // 4, 4, 2) if c and g.ic % c == 0),
                        1)
@@ -206,12 +215,16 @@ def winograd_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     args = [X, U] + ([bias] if bias is not None else []) + [out]
     sch = Schedule(te.create_prim_func(args))
     par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
-    _schedule_input(sch, p, par)
-    _schedule_gemm(sch, p, par)
-    _schedule_output(sch, p, layout, lanes, par)
+    rb = _schedule_output(sch, p, layout, lanes, par)
+    if p.rows:  # the GEMM and the input transform of one tile row, inside the row loop
+        sch.compute_at(sch.get_sblock("mm"), rb)
+        sch.compute_at(sch.get_sblock("V"), rb)
+    _schedule_gemm(sch, p, par and not p.rows)
+    _schedule_input(sch, p, par and not p.rows)
     schedule_stage(sch, "pad", lanes, par)
-    note = (f"conv2d {layout} 3x3/1 winograd F({m},3): {p.tiles} tiles, GEMM tile "
-            f"{p.owb}x{p.ob}{', pad stage' if need_stage else ''}")
+    note = (f"conv2d {layout} 3x3/1 winograd F({m},3): {p.tiles} tiles"
+            f"{' by rows' if p.rows else ''}, GEMM tile {p.owb}x{p.ob}"
+            f"{', pad stage' if need_stage else ''}")
     return KernelImpl(sch.mod["main"],
                       {1: lambda w: winograd_weight(to_oihw(w, kernel_layout), m, p.ob)},
                       note=note)
@@ -222,7 +235,8 @@ def winograd_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
 def _schedule_input(sch, p: WinogradPlan, par: bool) -> None:
     """V: per tile and channel vector, both passes in registers; parallel over tiles."""
     v, t1 = sch.get_sblock("V"), sch.get_sblock("bt1")
-    e, nu, t, c = sch.get_loops(v)
+    outer = sch.get_loops(v)[:-4]  # the row loop when by rows
+    e, nu, t, c = sch.get_loops(v)[-4:]
     co, ci = sch.split(c, [None, p.cb])
     sch.reorder(t, co, e, nu, ci)
     if par:
@@ -232,7 +246,7 @@ def _schedule_input(sch, p: WinogradPlan, par: bool) -> None:
     sch.unroll(e)
     sch.unroll(nu)
     sch.vectorize(ci)
-    _unroll_vectorize(sch, t1, 2)
+    _unroll_vectorize(sch, t1, len(outer) + 2)
 
 
 def _unroll_vectorize(sch, block, outer: int) -> None:
@@ -245,10 +259,14 @@ def _unroll_vectorize(sch, block, outer: int) -> None:
 
 def _schedule_gemm(sch, p: WinogradPlan, par: bool) -> None:
     mm = sch.get_sblock("mm")
-    e, nu, t, blk, oci, rc = sch.get_loops(mm)
+    loops = sch.get_loops(mm)[1 if p.rows else 0:]
+    if len(loops) == 5:  # compute_at under the row loop drops a single channel block's loop
+        loops.insert(3, None)
+    e, nu, t, blk, oci, rc = loops
     to, ti = sch.split(t, [None, p.owb])
-    sch.reorder(e, nu, blk, to, rc, ti, oci)
-    fused = sch.fuse(e, nu, blk)
+    outer = [e, nu] + ([blk] if blk is not None else [])
+    sch.reorder(*outer, to, rc, ti, oci)
+    fused = sch.fuse(*outer)
     if par:
         sch.parallel(fused)
     wb = sch.cache_write(mm, 0, "local")
@@ -259,7 +277,7 @@ def _schedule_gemm(sch, p: WinogradPlan, par: bool) -> None:
     sch.decompose_reduction(mm, rc)
 
 
-def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool) -> None:
+def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool):
     """Y = A^T M A per tile and channel vector, written out with bias and activation."""
     out, ot, a1 = sch.get_sblock("out"), sch.get_sblock("ot"), sch.get_sblock("at1")
     if layout == "NHWC":
@@ -270,16 +288,19 @@ def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool) -
     tx, j = sch.split(x, [None, p.m])
     oco, oci = sch.split(oc, [None, lanes])
     sch.reorder(b, ty, tx, oco, i, j, oci)
-    fused = sch.fuse(b, ty, tx)
+    rb = sch.fuse(b, ty)
+    if not p.rows:
+        rb = sch.fuse(rb, tx)
     if par:
-        sch.parallel(fused)
+        sch.parallel(rb)
     sch.compute_at(ot, oco)
     sch.compute_at(a1, oco)
     sch.set_scope(ot, 0, "local")
     sch.set_scope(a1, 0, "local")
     for blk in (a1, ot):
-        _unroll_vectorize(sch, blk, 2)
+        _unroll_vectorize(sch, blk, 3 if p.rows else 2)
     sch.unroll(i)
     sch.unroll(j)
     if layout == "NHWC":
         sch.vectorize(oci)
+    return rb
