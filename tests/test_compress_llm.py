@@ -138,3 +138,52 @@ def test_budgets_choose_the_precision():
     assert choose_scheme(spec, sizes["int8"] / 2**20, say=said.append)[0] == "int8"
     with pytest.raises(BudgetError, match=r"closest is int4-g128 at 0\.\d\d MiB"):
         choose_scheme(spec, 0.01, say=said.append)
+
+
+def _tokenizer(text: str):
+    """A word-level tokenizer of at most VOCAB words trained on ``text`` (a tokenizer.json
+    tokenizer, as the package carries)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=VOCAB,
+                                                              special_tokens=["<unk>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.slow
+def test_cli_compresses_an_llm_from_a_text(tmp_path, capsys):
+    """`npucc compress FOLDER --text FILE --device kirin990 --budget-mb N --qat-steps N`: the
+    budget picks int4 g32, QAT runs, every stage's held-out perplexity is printed, and the
+    package holds the QAT scheme."""
+    from compiler.cli import main
+    from compiler.compress.llm_plan import choose_scheme
+    from compiler.llm.compile import load_spec
+    from runtime.llm import load
+
+    text = "\n\n".join(m.__doc__ for m in (argparse, json, unittest))
+    hf = _tiny()
+    hf.save_pretrained(tmp_path / "tiny")
+    _tokenizer(text).save_pretrained(tmp_path / "tiny")
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
+    _, sizes = choose_scheme(load_spec(hf), None, say=lambda _: None)
+    budget = (sizes["int8"] + sizes["int4-g32"]) / 2 / 2**20
+    out = tmp_path / "tiny.npkg"
+    rc = main(["compress", str(tmp_path / "tiny"), "--text", str(tmp_path / "notes.txt"),
+               "--device", "kirin990", "--budget-mb", f"{budget:.4f}", "--qat-steps", "4",
+               "--seq", "32", "--window", "32", "--max-context", "64", "--chunk", "8",
+               "-o", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    lines = printed.out
+    assert "over int8" in lines and "fits int4-g32" in lines and "plan: int4-g32, QAT 4" in lines
+    for stage in ("float: perplexity", "PTQ int4-g32: perplexity", "QAT: perplexity",
+                  "compiled for host", "decode on kirin990"):
+        assert stage in lines, stage
+    m = load(out)
+    assert m.config["quantize"] == "int4-g32-qat" and m.max_context == 64
+    assert m.stats()["weight_bytes"] <= budget * 2**20
+    assert main(["compress", str(tmp_path / "tiny"), "--text", str(tmp_path / "notes.txt"),
+                 "--budget-mb", "0.001", "-o", str(tmp_path / "b.npkg")]) == 1
+    assert "closest is int4-g128" in capsys.readouterr().err

@@ -178,7 +178,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def compress(model: Any, data: Sequence[Mapping[str, Any]], device: Any = "host", *,
+def compress(model: Any, data: Sequence[Mapping[str, Any]] | str, device: Any = "host", *,
              budget_mb: float | None = None, latency_ms: float | None = None,
              example_inputs: Any = None, sparsities: Sequence[float] = (0.0, 0.3, 0.5, 0.7),
              precisions: Sequence[str] = ("float", "int8", "int4"),
@@ -191,10 +191,19 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]], device: Any = "host"
     Without ``train``: pruning in the graph and PTQ calibrated on ``data``. With ``train``
     (``(inputs, labels)`` torch batches; ``val`` the same for the printed top-1, an
     ``nn.Sequential`` CNN): iterative pruning with distillation from the original model,
-    then QAT with distillation, ``epochs`` each (:mod:`compiler.compress.trained`)."""
+    then QAT with distillation, ``epochs`` each (:mod:`compiler.compress.trained`).
+
+    ``data`` a text (``str``): ``model`` is a decoder LLM and the route is
+    :func:`compiler.compress.llm_plan.compress_llm` (PTQ at the precision the budget allows;
+    call it directly for QAT steps and its other options); it returns an
+    ``LlmCompressResult``."""
     from targets.description import load_target
 
     say = print if verbose else (lambda *a, **k: None)
+    if isinstance(data, str):       # a text: the model is a decoder LLM
+        from compiler.compress.llm_plan import compress_llm
+
+        return compress_llm(model, data, device, budget_mb=budget_mb, say=say)
     data = [dict(s) for s in data]
     if not data:
         raise NpuccError("compress needs sample inputs (data=[{input: array}, ...])")
