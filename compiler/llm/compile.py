@@ -56,7 +56,8 @@ def load_spec(source: Any, tokenizer: Any = None) -> LlmSpec:
 def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, chunk: int = 32,
                 quantize: str | None = None, kv_cache: str = "f32", calibration: Any = None,
                 tokenizer: Any = None, output: str | os.PathLike | None = None,
-                work_dir: str | os.PathLike | None = None, progress: Any = None):
+                work_dir: str | os.PathLike | None = None, progress: Any = None,
+                size_budget_mb: float | None = None, sensitivity: Any = None):
     """Compile a decoder LLM and return the loaded model (``runtime.llm.LanguageModel``).
 
     ``source``: a GGUF file, a transformers folder or model (Llama, Qwen2, GPT-2 families).
@@ -68,6 +69,10 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     64, V int8 groups of 128 or per head), quantized per token by the kernel that writes it
     (:mod:`compiler.llm.graphs`). ``output``: where the package is written
     (default: inside ``work_dir``); ``m.save(path)`` copies it elsewhere.
+    ``size_budget_mb``: mixed precision, a scheme per matrix chosen to fit the weights in that
+    many MB with the least predicted loss; ``quantize="seed-2b"``: the seed's fixed recipe
+    (:mod:`compiler.llm.mixed`; ``sensitivity``: a measured ``Sensitivity`` to reuse). The plan
+    is printed through ``progress`` and recorded in the manifest (``precision_plan``).
     """
     from compiler.llm.quantize import parse_scheme, quantize_spec
     from runtime.llm import LanguageModel
@@ -76,7 +81,10 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     say = progress or (lambda msg: None)
     if max_context < 1 or chunk < 1:
         raise NpuccError(f"max_context and chunk must be >= 1 (got {max_context}, {chunk})")
-    scheme = parse_scheme(quantize)
+    from compiler.llm.mixed import is_mixed, quantize_mixed
+
+    mixed = is_mixed(quantize, size_budget_mb)
+    scheme = None if mixed else parse_scheme(quantize)
     kv_cache = check_kv_cache(kv_cache)
     chunk = min(chunk, max_context)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
@@ -84,12 +92,16 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=work))
     store = None
     try:
-        if streamable(source) and (scheme is None or scheme.method == "rtn"):
+        if streamable(source) and not mixed and (scheme is None or scheme.method == "rtn"):
             say(f"streaming {source}: one block of rows read, quantized and written at a time")
             spec, store = stream_spec(source, scheme, scratch, tokenizer, say)
         else:
             spec = load_spec(source, tokenizer)
-            if scheme is not None:
+            if mixed:
+                spec = quantize_mixed(spec, quantize, size_budget_mb, max_context=max_context,
+                                      calibration=calibration, sensitivity=sensitivity,
+                                      progress=say)
+            elif scheme is not None:
                 say(f"quantizing weights ({quantize})")
                 spec = quantize_spec(spec, scheme, calibration=calibration,
                                      max_context=max_context, chunk=chunk)
@@ -132,7 +144,8 @@ def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: s
                           "chunk": chunk, "bos_id": spec.bos_id, "eos_ids": spec.eos_ids,
                           "chat_template": spec.chat_template,
                           "quantize": spec.scheme, "kv_cache": kv_cache,
-                          "kv_cache_layout": layout.describe() if layout else None},
+                          "kv_cache_layout": layout.describe() if layout else None,
+                          "precision_plan": spec.precision},
                 "state": state, "graphs": graphs}
     from runtime.llm_package import write_llm_package
 

@@ -59,6 +59,7 @@ class LlmSpec:
     name: str = "llm"
     quant: dict[str, tuple[int, int]] = field(default_factory=dict)  # prefix -> (bits, group)
     scheme: str | None = None  # the quantization that made ``quant`` (e.g. "int4-g32-gptq")
+    precision: dict | None = None  # a mixed-precision plan (compiler.llm.mixed), for llm.json
 
 
 def load_transformers(source: str | os.PathLike) -> tuple[Any, Any]:
