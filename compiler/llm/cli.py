@@ -11,13 +11,18 @@ __all__ = ["configure_compile_llm", "configure_generate"]
 
 def configure_compile_llm(p: argparse.ArgumentParser) -> None:
     from compiler.llm.graphs import KV_CACHES
+    from compiler.llm.mixed import PRESETS
     from compiler.llm.quantize import SCHEMES
 
     p.add_argument("model", help="a .gguf file or a transformers model folder")
     p.add_argument("-t", "--target", default="host", help="target name or .toml (default host)")
     p.add_argument("-o", "--output", required=True, help="the package directory to write")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
-                   help=f"weight-only quantization: {', '.join(SCHEMES)} (default: f32)")
+                   help=f"weight-only quantization: {', '.join(SCHEMES)}, or a mixed-"
+                        f"precision preset: {', '.join(PRESETS)} (default: f32)")
+    p.add_argument("--size-budget-mb", type=float, default=None, metavar="N",
+                   help="mixed precision: bits per matrix (8/4/3/2) chosen by sensitivity to "
+                        "fit the package's weights in N MB (10^6 bytes); prints the plan")
     p.add_argument("--kv-cache", default="f32", metavar="TYPE",
                    help=f"KV cache type: {', '.join(KV_CACHES)} (int8: K and V int8 groups of "
                         f"32, like llama.cpp's --cache-type-k/v q8_0; k4v8: K int4 groups of 64, "
@@ -26,7 +31,7 @@ def configure_compile_llm(p: argparse.ArgumentParser) -> None:
                    help="positions of the static KV cache (default 2048)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
     p.add_argument("--calibration", default=None, metavar="TEXT_FILE",
-                   help="GPTQ calibration text (default: built-in English text)")
+                   help="GPTQ / sensitivity calibration text (default: built-in English text)")
     p.set_defaults(func=_cmd_compile_llm)
 
 
@@ -40,6 +45,7 @@ def _cmd_compile_llm(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     m = compile_llm(args.model, args.target, max_context=args.max_context, chunk=args.chunk,
                     quantize=args.quantize, kv_cache=args.kv_cache, calibration=calib,
+                    size_budget_mb=args.size_budget_mb,
                     output=args.output,
                     progress=lambda msg: print(f"  {msg}", file=sys.stderr))
     s = m.stats()
