@@ -19,6 +19,12 @@ subexpression to fold, and a duplicate node CSE removes. Every block has its own
 
 Printed per size: seconds per step, peak RSS, and the growth exponent between consecutive
 sizes (``log(t2/t1) / log(n2/n1)``: 1.0 is linear).
+
+Real models (``--zoo [NAMES]``): every model of ``bench/models.py`` (the phone models of the
+model-zoo test among them) goes through ``compiler.compile`` for the target, each in its own
+child process (its ONNX exported first, in another): nodes before and after the pipeline,
+seconds per compile phase (import, passes, codegen, package, and the rest of ``compile``) and
+peak RSS (VmHWM).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -119,39 +124,108 @@ def measure(n_nodes: int, target: str) -> dict:
     t = time.perf_counter()
     out_text = print_graph(g)
     times["print"] = time.perf_counter() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from bench.common import peak_rss_bytes
+
     return {"nodes": nodes_in, "nodes_after": len(g.nodes), "times": times,
-            "total": sum(times.values()), "peak_mb": peak_kb / 1024,
+            "total": sum(times.values()), "peak_mb": peak_rss_bytes() / 2**20,
             "arena_bytes": plan.arena_bytes, "text_mb": len(out_text) / 2**20}
+
+
+# -- real models --------------------------------------------------------------------------
+PHASES = ("import", "passes", "codegen", "package")
+
+
+def export_model(name: str) -> str:
+    """Child: the ONNX file of bench/models.py's model ``name`` (exported once, then cached)."""
+    from bench.models import BUILDERS
+
+    return str(BUILDERS[name]()[0])
+
+
+def compile_model(path: str, target: str) -> dict:
+    """Child: compile one ONNX file as ``compiler.compile`` does for a user."""
+    from bench.common import peak_rss_bytes
+    from compiler import compile as npucc_compile
+
+    t = time.perf_counter()
+    m = npucc_compile(path, target=target, progress=False)
+    total = time.perf_counter() - t
+    return {"nodes": len(m.source.nodes), "nodes_after": len(m.graph.nodes), "total": total,
+            "times": {k: m.phase_seconds.get(k, 0.0) for k in PHASES},
+            "peak_mb": peak_rss_bytes() / 2**20}
+
+
+def _child(args: list[str]) -> tuple[dict | str | None, str]:
+    """Run this script with ``args`` in a child process: (its RESULT, or None; its stderr)."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return None, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("RESULT "):]), ""
+
+
+def zoo(names: list[str], target: str) -> bool:
+    print(f"{'model':<20} {'nodes':>6} {'after':>6} " + " ".join(f"{p:>8}" for p in PHASES)
+          + f" {'other':>8} {'total s':>8} {'peak MB':>8}", flush=True)
+    ok = True
+    for name in names:
+        path, err = _child(["--export", name])
+        r, err = (None, err) if path is None else _child(["--compile", path, "--target", target])
+        if r is None:
+            print(f"{name:<20} FAILED ({err})", flush=True)
+            ok = False
+            continue
+        print(f"{name:<20} {r['nodes']:>6} {r['nodes_after']:>6} "
+              + " ".join(f"{r['times'][p]:>8.2f}" for p in PHASES)
+              + f" {r['total'] - sum(r['times'].values()):>8.2f} {r['total']:>8.2f}"
+              + f" {r['peak_mb']:>8.0f}", flush=True)
+    print("other: the rest of compile() (loading the target, which imports TVM and detects "
+          "the host; budget checks)")
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--target", default="host")
+    ap.add_argument("--zoo", nargs="?", const="all", default=None, metavar="NAMES",
+                    help="compile bench/models.py's models instead (comma-separated, or all)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--export", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
     if args.one is not None:
         print("RESULT " + json.dumps(measure(args.one, args.target)), flush=True)
         return 0
-    sys.path.insert(0, str(ROOT))
+    if args.export is not None:
+        print("RESULT " + json.dumps(export_model(args.export)), flush=True)
+        return 0
+    if args.compile is not None:
+        print("RESULT " + json.dumps(compile_model(args.compile, args.target)), flush=True)
+        return 0
     from bench.common import cpu_header
 
     print(cpu_header())
+    if args.zoo is not None:
+        from bench.models import MODELS
+
+        names = list(MODELS) if args.zoo == "all" else args.zoo.split(",")
+        unknown = [n for n in names if n not in MODELS]
+        if unknown:
+            ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        return 0 if zoo(names, args.target) else 1
     steps = ("parse", "verify", "pipeline", "plan", "print")
     print(f"{'nodes':>9} {'after':>9} " + " ".join(f"{s:>9}" for s in steps)
           + f" {'total s':>9} {'peak MB':>9} {'exponent':>9}")
     prev = None
     ok = True
     for n in (int(s) for s in args.sizes.split(",")):
-        proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--target",
-                               args.target], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"{n:>9}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+        r, err = _child(["--one", str(n), "--target", args.target])
+        if r is None:
+            print(f"{n:>9}: FAILED ({err})")
             ok = False
             continue
-        r = json.loads(line[len("RESULT "):])
         exp = ""
         if prev is not None:
             exp = f"{math.log(r['total'] / prev['total']) / math.log(r['nodes'] / prev['nodes']):.2f}"
