@@ -106,6 +106,27 @@ def test_compiled_package_is_the_fake_quant_model(trained, tmp_path):
     assert m.config["quantize"] == "int4-g32-qat"
 
 
+def test_fake_quant_gradients_are_the_straight_through_and_lsq_ones():
+    """GroupFakeQuant (which keeps only w and d for backward) against the same arithmetic
+    written as an autograd graph: values equal, gradients to w and d equal."""
+    from compiler.compress.llm_qat import GroupFakeQuant
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 8, requires_grad=True)
+    d = (torch.rand(6, 4, 1) * 0.3 + 0.05).requires_grad_(True)
+    gy = torch.randn(6, 4, 8)
+    y = GroupFakeQuant.apply(w, d, -8, 7)
+    gw, gd = torch.autograd.grad((y * gy).sum(), (w, d))
+    x = w / d
+    q = torch.clamp(x + (torch.round(x) - x).detach(), -8, 7)     # STE round, clipped
+    ref = q * d
+    rw, rd = torch.autograd.grad((ref * gy).sum(), (w, d))
+    assert torch.equal(y, ref.detach())
+    assert (y.detach() / d.detach()).abs().max() > 7.5              # some weights are clipped
+    assert torch.allclose(gw, rw, atol=1e-5) and torch.allclose(gd, rd, atol=1e-4)
+    assert (gw == 0).any() and (gw != 0).any()
+
+
 def test_a_3_bit_student_is_refused_by_the_package_route():
     student = prepare_llm_qat(_tiny(), LlmQATConfig(bits=3, group_size=32))
     assert qat_codes(student)["l0.q"][0].min() >= -4
