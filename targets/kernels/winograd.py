@@ -33,7 +33,7 @@ from targets.kernels.conv import (
     input_stage,
     schedule_stage,
 )
-from targets.kernels.conv_common import ConvGeom, pick_width, to_oihw
+from targets.kernels.conv_common import ConvGeom, accumulator_registers, pick_width, to_oihw
 
 __all__ = ["winograd_matrices", "winograd_weight", "winograd_tile", "winograd_conv2d",
            "WinogradPlan"]
@@ -74,8 +74,9 @@ def winograd_weight(w_oihw: np.ndarray, m: int, ob: int) -> np.ndarray:
 class WinogradPlan:
     """Tile geometry of one Winograd conv: ``m``, tiles per image (``th x tw``), GEMM tiles."""
 
-    def __init__(self, g: ConvGeom, m: int, cpu: CpuInfo, acc_regs: int = 14) -> None:
+    def __init__(self, g: ConvGeom, m: int, cpu: CpuInfo) -> None:
         lanes = cpu.lanes("f32")
+        acc_regs = accumulator_registers(cpu)
         self.m, self.a = m, m + 2
         self.th, self.tw = -(-g.oh // m), -(-g.ow // m)
         self.tiles = g.n * self.th * self.tw
