@@ -20,7 +20,9 @@ SmolLM2-135M is its GGUF's float weights written as a safetensors folder.
 
 **decode** decodes ``--new`` tokens after a ``--prompt``-token prompt (greedy, 2 threads) with
 the npucc packages and with llama.cpp Q4_0 of the same weights (the folder converted to a
-GGUF F16 by llama.cpp's ``convert_hf_to_gguf.py``, quantized by llama.cpp), each in its own
+GGUF F16 by llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, which
+imports ``sentencepiece``: ``pip install --target DIR sentencepiece`` and put DIR on
+PYTHONPATH; quantized by llama.cpp), each in its own
 process, in alternating rounds; prints tok/s, the fraction of the bandwidth bound (weight
 bytes per token / this machine's read bandwidth, ``bench/llm_decode.py``'s measure), RSS
 during decode split into anonymous and file-backed (the mapped weights) pages, and the
@@ -147,6 +149,7 @@ def build_random(size: str, out: Path, work: Path, seed: int = 0) -> Path:
         shard(i + 1, t)
         print(f"  {out.name}: layer {i + 1}/{cfg.num_hidden_layers} written", flush=True)
     cfg.torch_dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]     # llama.cpp's converter dispatches on it
     cfg.save_pretrained(out)
     for name in TOKENIZER_FILES:
         src = tokenizer_folder(work) / name
@@ -291,7 +294,8 @@ def gguf_q4_0(folder: Path, work: Path, a: argparse.Namespace) -> Path:
     if not q4.exists():
         if not f16.exists():
             gguf_py = Path(a.convert).parent / "gguf-py"
-            env = dict(os.environ, PYTHONPATH=str(gguf_py), NO_LOCAL_GGUF="")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(gguf_py), *filter(None, [os.environ.get("PYTHONPATH")])]))
             subprocess.run([sys.executable, a.convert, str(folder), "--outtype", "f16",
                             "--outfile", str(f16)], check=True, capture_output=True, env=env)
         run(["--worker", "quantize", str(f16), str(q4), "Q4_0"], a.llama_python,
