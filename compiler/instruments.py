@@ -283,8 +283,9 @@ class VerifyEach(Instrument):
     After a pass the structure is checked whole and the per-node checks (attributes, type
     inference) run on the nodes the pass created or changed (``node_signature``), so verifying
     after every pass stays linear in what the passes do; a pass that reports no change is not
-    re-verified (a false report is caught by the next verification, naming a later pass);
-    the final graph is verified whole.
+    re-verified (a false report is caught by the next verification, naming a later pass).
+    The final graph's structure is checked whole, and the per-node checks run on every node
+    changed since the last verification.
     """
 
     def __init__(self) -> None:
@@ -308,11 +309,19 @@ class VerifyEach(Instrument):
         self._remember(graph)
 
     def after(self, run: PassRun, result: PassResult) -> None:
-        from compiler.ir.verify import node_signature, verify
 
         if not result.changed and result.graph is self.graph:
             return   # the pass says it changed nothing; the next check would see it if it did
-        graph, seen = result.graph, self.seen
+        try:
+            self._verify_changes(result.graph)
+        except VerificationError as e:
+            raise PassVerificationError(run.text, run.index, e.problems) from None
+
+    def _verify_changes(self, graph: Graph) -> None:
+        """Verify ``graph``, with per-node checks only on nodes changed since the last time."""
+        from compiler.ir.verify import node_signature, verify
+
+        seen = self.seen
         fresh: dict[int, tuple] = {}
 
         def changed(n: Node) -> bool:
@@ -321,17 +330,12 @@ class VerifyEach(Instrument):
             old = seen.get(id(n))
             return old is None or old[0] is not n or old[1] != sig
 
-        try:
-            verify(graph, recheck=changed)
-        except VerificationError as e:
-            raise PassVerificationError(run.text, run.index, e.problems) from None
+        verify(graph, recheck=changed)
         self.seen, self.graph = fresh, graph
 
     def finish(self, graph: Graph) -> None:
-        from compiler.ir.verify import verify
-
         try:
-            verify(graph)
+            self._verify_changes(graph)
         except VerificationError as e:
             raise VerificationError([f"the pipeline's result: {p}" for p in e.problems]) \
                 from None

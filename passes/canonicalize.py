@@ -214,11 +214,18 @@ def _unit_moves_only(shape: tuple[int, ...], perm: list[int]) -> bool:
 
 def simplify_node(graph: Graph, node: Node, transpose_to_reshape: bool = True) -> str | None:
     """Apply one reshape/transpose simplification to ``node``; returns the rule's name."""
+    found = _simplify(graph, node, transpose_to_reshape)
+    return found[0] if found else None
+
+
+def _simplify(graph: Graph, node: Node, transpose_to_reshape: bool
+              ) -> tuple[str, Node | None] | None:
+    """``simplify_node``, also returning the node the rule created (None if it only erased)."""
     rule = "simplify-reshapes"
     if node.op == "identity":
         graph.replace_all_uses(node.output, node.inputs[0])
         erase_dead(graph, [node])
-        return "identity"
+        return "identity", None
     if node.op not in ("reshape", "transpose"):
         return None
     x = node.inputs[0]
@@ -227,27 +234,27 @@ def simplify_node(graph: Graph, node: Node, transpose_to_reshape: bool = True) -
         if tuple(node.attrs["shape"]) == x.shape:
             graph.replace_all_uses(node.output, x)
             erase_dead(graph, [node])
-            return "identity-reshape"
+            return "identity-reshape", None
         if inner is not None and inner.op == "reshape":
-            replace_node(graph, node, "reshape", [inner.inputs[0]], dict(node.attrs), rule=rule)
-            return "reshape-chain"
+            return "reshape-chain", replace_node(graph, node, "reshape", [inner.inputs[0]],
+                                                 dict(node.attrs), rule=rule)
         return None
     perm = list(node.attrs["perm"])
     if is_identity_perm(perm):
         graph.replace_all_uses(node.output, x)
         erase_dead(graph, [node])
-        return "identity-transpose"
+        return "identity-transpose", None
     if inner is not None and inner.op == "transpose":
         p = compose_perm(list(inner.attrs["perm"]), perm)
         if is_identity_perm(p):
             graph.replace_all_uses(node.output, inner.inputs[0])
             erase_dead(graph, [node])
-        else:
-            replace_node(graph, node, "transpose", [inner.inputs[0]], {"perm": p}, rule=rule)
-        return "transpose-chain"
+            return "transpose-chain", None
+        return "transpose-chain", replace_node(graph, node, "transpose", [inner.inputs[0]],
+                                               {"perm": p}, rule=rule)
     if transpose_to_reshape and _unit_moves_only(x.shape, perm):
-        replace_node(graph, node, "reshape", [x], {"shape": list(node.output.shape)}, rule=rule)
-        return "transpose-as-reshape"
+        return "transpose-as-reshape", replace_node(
+            graph, node, "reshape", [x], {"shape": list(node.output.shape)}, rule=rule)
     return None
 
 
@@ -259,6 +266,10 @@ class SimplifyReshapes(Pass):
     moves size-1 dimensions becomes a reshape (``transpose-to-reshape``).
 
     After: no identity op, no reshape of a reshape, no transpose of a transpose.
+
+    One sweep in graph order reaches the fixed point: a rule at a node looks only at the
+    node and its producer, which the sweep has already simplified, and the node a rule
+    creates is simplified again at once (at most ``max_iterations`` times in a row).
     """
 
     name: ClassVar[str] = "simplify-reshapes"
@@ -267,17 +278,17 @@ class SimplifyReshapes(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, int] = {}
-        for _ in range(self.max_iterations):
-            changed = False
-            for node in list(graph.nodes):
+        for node in list(graph.nodes):
+            for _ in range(self.max_iterations):
                 if node not in graph.nodes or not _alive(graph, node):
-                    continue
-                rule = simplify_node(graph, node, self.transpose_to_reshape)
-                if rule:
-                    stats[rule] = stats.get(rule, 0) + 1
-                    changed = True
-            if not changed:
-                break
+                    break
+                found = _simplify(graph, node, self.transpose_to_reshape)
+                if found is None:
+                    break
+                rule, node = found
+                stats[rule] = stats.get(rule, 0) + 1
+                if node is None:
+                    break
         return PassResult(graph, bool(stats), stats)
 
 

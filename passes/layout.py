@@ -263,8 +263,9 @@ class ToNHWC(Pass):
                 elif node.op == "lrn" and self.decompose_lrn:
                     _decompose_lrn(graph, node)
                     stats["converted"] += 1
-        converged = False
-        for _ in range(self.max_iterations):
+        # every push and cancellation starts at a transpose: none, nothing to move
+        converged = not any(n.op == "transpose" for n in graph.nodes)
+        for _ in range(0 if converged else self.max_iterations):
             changed = False
             for node in list(graph.nodes):
                 if node.outputs and not any(v.uses or v in graph.outputs

@@ -7,7 +7,9 @@ that made it quadratic, and that the fast path builds exactly what lark's parser
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from compiler.ir.fastparse import NotFast, parse_fast
 from compiler.ir.graph import Graph, Node, NodeList, Value
 from compiler.ir.printer import print_graph
 from compiler.ir.types import TensorType
+from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from runtime.memory_pool import PlanStep, PlanTensor, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +191,62 @@ def test_synthetic_graph_is_valid_and_computes():
     x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
     (y,) = interpret(g, {"x": x})
     assert y.shape == (1, 8) and np.isfinite(y).all()
+
+
+# -- verification stays whole in what it catches ----------------------------------------------
+@register_pass
+@dataclass(frozen=True)
+class SilentCorrupt(Pass):
+    """Declare a wrong result type on the last node, and report no change."""
+
+    name: ClassVar[str] = "test-silent-corrupt"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        v = graph.nodes[-1].outputs[0]
+        v.type = TensorType((*v.type.shape, 1), v.type.dtype)
+        return PassResult(graph, False)
+
+
+def test_the_final_verification_catches_a_pass_that_hid_its_change():
+    from compiler.errors import VerificationError
+    from compiler.pass_manager import run_pipeline
+
+    g = parse("graph @g(%x: f32[2,3]) -> (f32[2,3]) {\n  %0 = relu(%x) : f32[2,3]\n"
+              "  %1 = neg(%0) : f32[2,3]\n  return %1\n}\n")
+    with pytest.raises(VerificationError, match=r"the pipeline's result: neg %1: result 0 is "
+                       r"declared f32\[2,3,1\] but the op infers f32\[2,3\]"):
+        run_pipeline(g, "canonicalize,test-silent-corrupt,fuse-dense-act")
+
+
+# -- the pieces made faster compute what they computed ----------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2, 3]), max_size=4).map(tuple),
+                min_size=1, max_size=3))
+def test_broadcast_shapes_agrees_with_numpy(shapes):
+    from compiler.errors import OpError
+    from compiler.ir.ops._util import broadcast_shapes
+
+    try:
+        want = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        with pytest.raises(OpError, match="do not broadcast"):
+            broadcast_shapes(*shapes)
+    else:
+        assert broadcast_shapes(*shapes) == want
+
+
+def test_simplify_reshapes_reaches_its_fixed_point():
+    """A chain the old pass needed several sweeps for: each rewrite makes the next one."""
+    from compiler.pass_base import PassContext
+    from passes.canonicalize import SimplifyReshapes
+
+    lines = ["graph @g(%x: f32[1,8]) -> (f32[1,8]) {", "  %v0 = relu(%x) : f32[1,8]"]
+    for i in range(1, 7):
+        shape = "f32[8,1]" if i % 2 else "f32[1,8]"
+        lines.append(f"  %v{i} = transpose(%v{i - 1}) {{perm=[1,0]}} : {shape}")
+    lines += ["  %y = neg(%v6) : f32[1,8]", "  return %y", "}"]
+    g = parse("\n".join(lines) + "\n")
+    r = SimplifyReshapes().run(g, PassContext())
+    assert r.changed and [n.op for n in g.nodes] == ["relu", "neg"]
+    again = SimplifyReshapes().run(g, PassContext())
+    assert not again.changed and not again.stats
