@@ -10,15 +10,17 @@ written as TIR directly because they need what TE cannot say:
 - ``cached_attention`` loops over ``min(pos + t, C - 1) + 1`` keys, a bound read from the
   ``pos`` buffer at run time: a decode step at position p reads p + 1 cache rows, not C.
   One (token, head) pair per parallel iteration; scores in a local ``[C]`` buffer, the q.k
-  dot products with ``lanes`` partial sums (SIMD, then a horizontal add), softmax in f32,
-  the value sum vectorised over ``Dh``.
+  dot products with ``lanes`` partial sums (SIMD, then a tree of vector adds: 4 steps for
+  16 lanes, not 16 dependent scalar adds), softmax in f32 with the exp of 16 scores at a time
+  (``fast_exp``'s polynomial: one libm call per key cost more than the dot product), the
+  value sum vectorised over ``Dh``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from targets.kernels._te import expr, fast_sigmoid, generic, placeholders, prim_func
+from targets.kernels._te import expr, fast_exp, fast_sigmoid, generic, placeholders, prim_func
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
 __all__ = ["dot_lanes"]
@@ -138,7 +140,7 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
              v: T.Buffer((c, hkv, dh), "float32"), pos: T.Buffer((1,), "int32"),
              out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((c,), "float32", scope="local")
+            s = T.alloc_buffer((-(-c // 16) * 16,), "float32", scope="local")
             part = T.alloc_buffer((lanes,), "float32", scope="local")
             acc = T.alloc_buffer((dh,), "float32", scope="local")
             mx = T.alloc_buffer((1,), "float32", scope="local")
@@ -153,16 +155,25 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
                     for lane in T.vectorized(lanes):
                         part[lane] = part[lane] + q[th // hq, th % hq, ch * lanes + lane] \
                             * k[j, th % hq // rep, ch * lanes + lane]
-                dot[0] = T.float32(0)
-                for lane in T.unroll(lanes):
-                    dot[0] = dot[0] + part[lane]
+                if lanes >= 16:   # a tree of vector adds, not a chain of lanes scalar adds
+                    for lane in T.vectorized(8):
+                        part[lane] = part[lane] + part[lane + 8]
+                if lanes >= 8:
+                    for lane in T.vectorized(4):
+                        part[lane] = part[lane] + part[lane + 4]
+                if lanes >= 4:
+                    for lane in T.vectorized(2):
+                        part[lane] = part[lane] + part[lane + 2]
+                dot[0] = part[0] + part[1] if lanes >= 2 else part[0]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
+            for jb in range((n + 15) // 16):   # exp over whole vectors (polynomial)
+                for lane in T.vectorized(16):
+                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)
             for j in range(n):
-                s[j] = T.exp(s[j] - mx[0])
                 tot[0] = tot[0] + s[j]
                 for d in T.vectorized(dh):
                     acc[d] = acc[d] + s[j] * v[j, th % hq // rep, d]

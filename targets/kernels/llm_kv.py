@@ -18,6 +18,7 @@ the write touches only the rows at ``pos``, the attention reads only ``pos + t +
 from __future__ import annotations
 
 from compiler.ir.ops.llm_kv import split_attention_inputs
+from targets.kernels._te import fast_exp
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 from targets.kernels.llm import dot_lanes
 
@@ -99,6 +100,7 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
     chunks = (half if kb == 4 else kg) // lanes
     scale = float(req.attrs["scale"])
     neg = -3.0e38
+    cpad = -(-c // 16) * 16   # the exp pass runs over whole vectors of scores
 
     @T.prim_func
     def k4(q: T.Buffer((tn, hq, dh), "float32"), kc: T.Buffer((c, hkv, dh // 2), "uint8"),
@@ -106,7 +108,7 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
            vc: T.Buffer((c, hkv, dh), "int8"), vs: T.Buffer((c, hkv, vng), "float32"),
            pos: T.Buffer((1,), "int32"), out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((c,), "float32", scope="local")
+            s = T.alloc_buffer((cpad,), "float32", scope="local")
             part = T.alloc_buffer((lanes,), "float32", scope="local")
             acc = T.alloc_buffer((dh,), "float32", scope="local")
             qs = T.alloc_buffer((kng,), "float32", scope="local")
@@ -120,31 +122,41 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                     qs[g] = qs[g] + q[th // hq, th % hq, g * kg + e]
             mx[0] = T.float32(neg)
             for j in range(n):
-                for lane in T.vectorized(lanes):
-                    part[lane] = T.float32(0)
-                for g, ch in T.grid(kng, chunks):
-                    for lane in T.vectorized(lanes):
-                        part[lane] = part[lane] + ks[j, th % hq // rep, g] * (
-                            q[th // hq, th % hq, g * kg + ch * lanes + lane] * T.Cast(
-                                "float32", T.bitwise_and(
-                                    kc[j, th % hq // rep, g * half + ch * lanes + lane],
-                                    T.uint8(15)))
-                            + q[th // hq, th % hq, g * kg + half + ch * lanes + lane] * T.Cast(
-                                "float32", T.shift_right(
-                                    kc[j, th % hq // rep, g * half + ch * lanes + lane],
-                                    T.uint8(4))))
                 dot[0] = T.float32(0)
-                for lane in T.unroll(lanes):
-                    dot[0] = dot[0] + part[lane]
-                for g in range(kng):
-                    dot[0] = dot[0] + km[j, th % hq // rep, g] * qs[g]
+                for g in range(kng):   # per group: sum q * code, then * scale + min * sum q
+                    for lane in T.vectorized(lanes):
+                        part[lane] = T.float32(0)
+                    for ch in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            part[lane] = part[lane] \
+                                + q[th // hq, th % hq, g * kg + ch * lanes + lane] * T.Cast(
+                                    "float32", T.bitwise_and(
+                                        kc[j, th % hq // rep, g * half + ch * lanes + lane],
+                                        T.uint8(15))) \
+                                + q[th // hq, th % hq, g * kg + half + ch * lanes + lane] \
+                                * T.Cast("float32", T.shift_right(
+                                    kc[j, th % hq // rep, g * half + ch * lanes + lane],
+                                    T.uint8(4)))
+                    if lanes >= 16:
+                        for lane in T.vectorized(8):
+                            part[lane] = part[lane] + part[lane + 8]
+                    if lanes >= 8:
+                        for lane in T.vectorized(4):
+                            part[lane] = part[lane] + part[lane + 4]
+                    if lanes >= 4:
+                        for lane in T.vectorized(2):
+                            part[lane] = part[lane] + part[lane + 2]
+                    dot[0] = dot[0] + (part[0] + part[1] if lanes >= 2 else part[0]) \
+                        * ks[j, th % hq // rep, g] + km[j, th % hq // rep, g] * qs[g]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
+            for jb in range((n + 15) // 16):
+                for lane in T.vectorized(16):
+                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)
             for j in range(n):
-                s[j] = T.exp(s[j] - mx[0])
                 tot[0] = tot[0] + s[j]
                 for g in range(vng):
                     for d in T.vectorized(vg):
@@ -159,7 +171,7 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
            vc: T.Buffer((c, hkv, dh), "int8"), vs: T.Buffer((c, hkv, vng), "float32"),
            pos: T.Buffer((1,), "int32"), out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((c,), "float32", scope="local")
+            s = T.alloc_buffer((cpad,), "float32", scope="local")
             part = T.alloc_buffer((lanes,), "float32", scope="local")
             acc = T.alloc_buffer((dh,), "float32", scope="local")
             mx = T.alloc_buffer((1,), "float32", scope="local")
@@ -175,16 +187,25 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                         part[lane] = part[lane] + ks[j, th % hq // rep, g] \
                             * q[th // hq, th % hq, g * kg + ch * lanes + lane] \
                             * T.Cast("float32", kc[j, th % hq // rep, g * kg + ch * lanes + lane])
-                dot[0] = T.float32(0)
-                for lane in T.unroll(lanes):
-                    dot[0] = dot[0] + part[lane]
+                if lanes >= 16:
+                    for lane in T.vectorized(8):
+                        part[lane] = part[lane] + part[lane + 8]
+                if lanes >= 8:
+                    for lane in T.vectorized(4):
+                        part[lane] = part[lane] + part[lane + 4]
+                if lanes >= 4:
+                    for lane in T.vectorized(2):
+                        part[lane] = part[lane] + part[lane + 2]
+                dot[0] = part[0] + part[1] if lanes >= 2 else part[0]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
+            for jb in range((n + 15) // 16):
+                for lane in T.vectorized(16):
+                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)
             for j in range(n):
-                s[j] = T.exp(s[j] - mx[0])
                 tot[0] = tot[0] + s[j]
                 for g in range(vng):
                     for d in T.vectorized(vg):
