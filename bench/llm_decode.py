@@ -21,7 +21,14 @@ Printed:
   file (``allow_requantize``: it dequantizes to f32 first, i.e. the float model), or an F32
   GGUF written by llama.cpp's ``convert_hf_to_gguf.py`` when ``--convert`` names it;
 - with ``--ort-genai-python PY``: onnxruntime-genai's int4 CPU model built from the same float
-  weights by its ``models.builder`` (its defaults), decode and prefill speed in its own process.
+  weights by its ``models.builder`` (its defaults), decode and prefill speed in its own process;
+- the KV-cache table (``--kv-cache``, default ``int8,k4v8``; ``--kv-weights``, default
+  ``f32,int4-g32``): for each weight scheme, a package with the f32 cache and one per
+  quantized cache, all at ``--kv-context`` (2048) positions: perplexity on the same windows
+  (and its change against the f32 cache of the same weights), the KV cache's bytes per layer
+  and in total, and decode tok/s at position ``--kv-position`` (1024: a prompt of that many
+  tokens of the evaluation text, then ``--new`` tokens), where reading the cache is a large
+  part of a step, in the same alternating rounds.
 
 Run: ``python bench/llm_decode.py`` (about 10 minutes on 2 cores; packages are kept in
 ``--work`` and reused with ``--reuse``).
@@ -50,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SCHEMES = ["f32", "int8", "int4-g128", "int4-g128-gptq", "int4-g32", "int4-g32-gptq",
            "int4-g128-asym", "int4-g128-gptq-asym", "int4-g32-asym", "int4-g32-gptq-asym"]
 DECODE = ["f32", "int8", "int4-g32", "int4-g32-asym"]
+KV_CACHES = ["int8", "k4v8"]
+KV_WEIGHTS = ["f32", "int4-g32"]
 
 
 def texts() -> tuple[str, str]:
@@ -268,6 +277,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="decode-speed rounds; the engines take turns in each round (a shared "
                    "machine's load changes over time) and the median is reported")
+    p.add_argument("--kv-cache", default=",".join(KV_CACHES),
+                   help="quantized KV caches of the KV table (compile_llm kv_cache=; '' for "
+                        "no KV table)")
+    p.add_argument("--kv-weights", default=",".join(KV_WEIGHTS),
+                   help="weight schemes the KV table is measured with")
+    p.add_argument("--kv-context", type=int, default=2048, help="max_context of the KV table")
+    p.add_argument("--kv-position", type=int, default=1024,
+                   help="position at which the KV table's decode speed is measured")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "npucc-bench-llm"))
     p.add_argument("--reuse", action="store_true", help="reuse packages already in --work")
     p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python")
@@ -368,7 +385,62 @@ def bench(a: argparse.Namespace) -> int:
     decode_rounds(rows, speed, a.rounds)
     bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
     report(rows, ref, bw)
+    if a.kv_cache:
+        kv_table(a, spec, calib, windows, evaluation, work)
     return 0
+
+
+def kv_table(a: argparse.Namespace, spec, calib: str, windows, evaluation: str, work: Path
+             ) -> None:
+    """The KV-cache rows: each weight scheme with the f32 cache and each quantized cache."""
+    from compiler.llm.compile import compile_llm
+    from runtime.llm import load
+
+    long_prompt = eval_windows(spec.tokenizer_json, evaluation, a.kv_position, a.kv_position)[0]
+    rows: dict[str, dict] = {}
+    speed: dict[str, tuple[list[str], str | None]] = {}
+    for scheme in a.kv_weights.split(","):
+        for kv in ["f32", *a.kv_cache.split(",")]:
+            name = f"{scheme} kv {kv}"
+            pkg = work / f"smol-{scheme}-kv-{kv}-c{a.kv_context}.npkg"
+            if not (a.reuse and pkg.exists()):
+                compile_llm(quantized(spec, scheme, calib, work), chunk=32, kv_cache=kv,
+                            max_context=a.kv_context, output=pkg)
+            m = load(pkg)
+            st = m.stats()
+            rows[name] = {"weights": scheme, "kv": kv, "ppl": float("nan") if a.speed_only
+                          else perplexity(m.logits, windows),
+                          "kv_bytes": st["kv_cache_bytes"], "layers": int(m.config["layers"]),
+                          "weight_bytes": st["weight_bytes"]}
+            speed[name] = ["--worker", "npucc", str(pkg), json.dumps(long_prompt),
+                           str(a.new)], None
+            print(f"  {name}: ppl {rows[name]['ppl']:.3f}", flush=True)
+            del m
+    print(f"\nKV cache at position {a.kv_position} ({a.new} new tokens after a "
+          f"{a.kv_position}-token prompt), max_context {a.kv_context}:")
+    decode_rounds(rows, speed, a.rounds)
+    report_kv(rows, a)
+
+
+def report_kv(rows: dict, a: argparse.Namespace) -> None:
+    print(f"{'weights':<12}{'KV cache':<10}{'ppl':>8}{'vs f32 KV':>11}{'KV KiB/layer':>14}"
+          f"{'KV MiB':>9}{'saved':>8}{'decode tok/s':>14}{'vs f32 KV':>11}{'pkg weights MiB':>17}")
+    for r in rows.values():
+        base = rows[f"{r['weights']} kv f32"]
+        dec, bdec = r.get("decode_tok_s"), base.get("decode_tok_s")
+        print(f"{r['weights']:<12}{r['kv']:<10}{r['ppl']:>8.3f}"
+              f"{100 * (r['ppl'] / base['ppl'] - 1):>+10.2f}%"
+              f"{r['kv_bytes'] / r['layers'] / 1024:>14.0f}{r['kv_bytes'] / 2**20:>9.1f}"
+              f"{base['kv_bytes'] / r['kv_bytes']:>7.2f}x"
+              + (f"{dec:>14.1f}" if dec else f"{'-':>14}")
+              + (f"{dec / bdec:>10.2f}x" if dec and bdec else f"{'-':>11}")
+              + f"{r['weight_bytes'] / 2**20:>17.1f}")
+    for name, r in rows.items():
+        if "decode_runs" in r:
+            print(f"decode {name} at position {a.kv_position}: rounds {r['decode_runs']} tok/s")
+    print("KV cache: K and V of every layer for max_context positions, codes plus their f32 "
+          "scales (and mins), as the runtime allocates them; saved = f32 cache bytes / these")
+    print(f"CPU: {cpu_name()}; load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def decode_rounds(rows: dict, speed: dict, rounds: int) -> None:
