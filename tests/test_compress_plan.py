@@ -129,3 +129,40 @@ def test_training_route_prunes_qat_distills_and_meets_the_budget(digits, candida
     assert ops.get("qconv2d") == 2 and ops.get("qdense") == 2
     final = float(out.rsplit("compiled: top-1 ", 1)[1].split()[0])
     assert final > 0.8
+
+
+class _ResidualDigits(torch.nn.Module):
+    """Not an nn.Sequential: a residual conv block, then the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.conv(h))
+        return self.head(torch.flatten(torch.nn.functional.max_pool2d(h, 2), 1))
+
+
+@pytest.mark.slow
+def test_training_route_takes_a_module_that_is_not_sequential(capsys):
+    """QAT + distillation on a residual module (no pruning: apply_to_torch rebuilds
+    nn.Sequential only): planned at sparsity 0, compiled with the learned ranges."""
+    from examples.digits_cnn import load_digits_split, train
+
+    xtr, ytr, xte, yte = load_digits_split()
+    torch.manual_seed(0)
+    model = train(_ResidualDigits(), xtr, ytr, epochs=1)
+    batches = [(torch.from_numpy(xtr[i:i + 64]), torch.from_numpy(ytr[i:i + 64]))
+               for i in range(0, 256, 64)]
+    val = [(torch.from_numpy(xte[:100]), torch.from_numpy(yte[:100]))]
+    r = compress(model, [{"x": xtr[:1]}], "kirin990", example_inputs=(batches[0][0][:1],),
+                 sparsities=(0.0, 0.5), precisions=("int8",), train=batches, val=val, epochs=1)
+    out = capsys.readouterr().out
+    assert "is not an nn.Sequential" in out and "QAT + distillation" in out
+    assert (r.plan.sparsity, r.plan.precision) == (0.0, "int8")
+    ops = r.compiled.graph.op_counts()
+    assert ops.get("qconv2d") == 2 and ops.get("qdense") == 1
+    assert float(out.rsplit("compiled: top-1 ", 1)[1].split()[0]) > 0.8

@@ -189,9 +189,10 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]] | str, device: Any = 
     returns the compiled model with the plan and measured figures.
 
     Without ``train``: pruning in the graph and PTQ calibrated on ``data``. With ``train``
-    (``(inputs, labels)`` torch batches; ``val`` the same for the printed top-1, an
-    ``nn.Sequential`` CNN): iterative pruning with distillation from the original model,
-    then QAT with distillation, ``epochs`` each (:mod:`compiler.compress.trained`).
+    (``(inputs, labels)`` torch batches; ``val`` the same for the printed top-1): iterative
+    pruning with distillation from the original model (``nn.Sequential`` CNNs; any other
+    module is planned at sparsity 0), then QAT with distillation, ``epochs`` each
+    (:mod:`compiler.compress.trained`).
 
     ``data`` a text (``str``): ``model`` is a decoder LLM and the route is
     :func:`compiler.compress.llm_plan.compress_llm` (PTQ at the precision the budget allows;
@@ -205,6 +206,10 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]] | str, device: Any = 
 
         return compress_llm(model, data, device, budget_mb=budget_mb, say=say)
     data = [dict(s) for s in data]
+    if train is not None and 0.0 in sparsities and not _sequential(model):
+        say(f"compress(train=...): a {type(model).__name__} is not an nn.Sequential, which the "
+            f"training route's pruning needs: QAT + distillation only (sparsity 0)")
+        sparsities = (0.0,)
     if not data:
         raise NpuccError("compress needs sample inputs (data=[{input: array}, ...])")
     desc = load_target(device)
@@ -245,6 +250,12 @@ def compress(model: Any, data: Sequence[Mapping[str, Any]] | str, device: Any = 
                       f"{measured['weight_bytes'] / MIB:.2f} MiB and "
                       f"{measured['latency_ms']:.3f} ms (budget_mb={budget_mb}, "
                       f"latency_ms={latency_ms})")
+
+
+def _sequential(model: Any) -> bool:
+    from torch import nn
+
+    return isinstance(model, nn.Sequential)
 
 
 def _build(model: Any, desc: Any, plan: Candidate, data: list, example_inputs: Any,

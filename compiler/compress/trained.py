@@ -1,5 +1,7 @@
 """The training route of ``compress``: prune → QAT → distillation on the user's labelled
-batches, for torch ``nn.Sequential`` CNNs (the structures ``apply_to_torch`` rebuilds).
+batches. Pruning needs a torch ``nn.Sequential`` CNN (the structure ``apply_to_torch``
+rebuilds); QAT and distillation take any module whose Conv2d / Linear layers ``prepare_qat``
+wraps (``compress`` plans only unpruned candidates for other modules).
 
 For a plan ``(sparsity, precision)``:
 
@@ -69,10 +71,10 @@ def train_route(model: nn.Module, plan: Any, desc: Any, train: Sequence[tuple],
     """Prune, quantize-aware train and compile ``model`` as ``plan`` says (see module doc)."""
     from compiler.driver import compile as npucc_compile
 
-    if not isinstance(model, nn.Sequential):
-        raise NpuccError("compress(train=...) fine-tunes nn.Sequential CNNs (apply_to_torch "
-                         f"rebuilds them); got a {type(model).__name__}: use the PTQ route "
-                         "(no train=)")
+    if plan.sparsity > 0 and not isinstance(model, nn.Sequential):
+        raise NpuccError("compress(train=...) prunes nn.Sequential CNNs only (apply_to_torch "
+                         f"rebuilds them); got a {type(model).__name__}: plan sparsities=(0,) "
+                         "(QAT and distillation only) or use the PTQ route (no train=)")
     teacher = copy.deepcopy(model).eval()
 
     def torch_top1(m: nn.Module) -> float:
