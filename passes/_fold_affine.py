@@ -13,7 +13,9 @@ from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.types import is_float
 from passes._rewrite import const_array, erase_dead, new_const, only_user, replace_node, tag
 
-__all__ = ["bn_affine", "fold_affine", "bn_to_mul_add", "elementwise_affine"]
+__all__ = ["AFFINE_OPS", "bn_affine", "fold_affine", "bn_to_mul_add", "elementwise_affine"]
+
+AFFINE_OPS = frozenset({"mul", "add", "sub", "div"})   # what elementwise_affine folds
 
 RULE = "fold-batchnorm"
 _KERNEL_OUT_AXIS = {"OIHW": 0, "OHWI": 0, "HWIO": 3}
@@ -100,7 +102,7 @@ def elementwise_affine(graph: Graph, node: Node) -> tuple[Value, int, np.ndarray
                                                           ] | None:
     """For ``mul``/``add``/``sub``/``div`` of a conv2d/dense result by a per-channel constant:
     (x, axis, s, t) with node(x) == x * s + t. None otherwise."""
-    if node.op not in ("mul", "add", "sub", "div") or len(node.inputs) != 2:
+    if node.op not in AFFINE_OPS or len(node.inputs) != 2:
         return None
     a, b = node.inputs
     for x, c in ((a, b), (b, a)):

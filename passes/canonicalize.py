@@ -14,7 +14,13 @@ import numpy as np
 from compiler.ir.graph import Graph, Node
 from compiler.ir.interpreter import run_node
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from passes._fold_affine import bn_affine, bn_to_mul_add, elementwise_affine, fold_affine
+from passes._fold_affine import (
+    AFFINE_OPS,
+    bn_affine,
+    bn_to_mul_add,
+    elementwise_affine,
+    fold_affine,
+)
 from passes._rewrite import (
     compose_perm,
     const_array,
@@ -51,10 +57,9 @@ def fold_constants_in(graph: Graph, max_bytes: int, inline_limit: int = 16,
     (and "failed": nodes whose reference implementation raised, left in place)."""
     folded = skipped = failed = 0
     for node in list(graph.nodes):
-        if not node.outputs or all(not v.uses and v not in graph.outputs for v in node.outputs):
-            continue
         args = _foldable_args(graph, node)
-        if args is None:
+        if args is None or not node.outputs \
+                or all(not v.uses and v not in graph.outputs for v in node.outputs):
             continue
         if sum(v.type.nbytes for v in node.outputs) > max_bytes:
             skipped += 1
@@ -133,7 +138,7 @@ def _freeze(v: Any) -> Any:
 
 
 def _cse_key(node: Node) -> tuple:
-    attrs = tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items()))
+    attrs = tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items())) if node.attrs else ()
     types = tuple(v.type for v in node.outputs) if node.op == "const" else ()
     return (node.op, tuple(id(v) for v in node.inputs), attrs, types, node.device)
 
@@ -197,8 +202,8 @@ class FoldBatchNorm(Pass):
                 else:
                     bn_to_mul_add(graph, node, *st)
                     stats["to_mul_add"] += 1
-            elif self.into_conv and self.affine and len(node.outputs) == 1 \
-                    and _alive(graph, node):
+            elif self.into_conv and self.affine and node.op in AFFINE_OPS \
+                    and len(node.outputs) == 1 and _alive(graph, node):
                 found = elementwise_affine(graph, node)
                 if found is not None and fold_affine(graph, node, *found):
                     stats[f"{node.op}_folded"] = stats.get(f"{node.op}_folded", 0) + 1
@@ -218,6 +223,9 @@ def simplify_node(graph: Graph, node: Node, transpose_to_reshape: bool = True) -
     return found[0] if found else None
 
 
+_SIMPLIFIED = frozenset({"identity", "reshape", "transpose"})   # the ops a rule applies to
+
+
 def _simplify(graph: Graph, node: Node, transpose_to_reshape: bool
               ) -> tuple[str, Node | None] | None:
     """``simplify_node``, also returning the node the rule created (None if it only erased)."""
@@ -226,7 +234,7 @@ def _simplify(graph: Graph, node: Node, transpose_to_reshape: bool
         graph.replace_all_uses(node.output, node.inputs[0])
         erase_dead(graph, [node])
         return "identity", None
-    if node.op not in ("reshape", "transpose"):
+    if node.op not in _SIMPLIFIED:
         return None
     x = node.inputs[0]
     inner = x.producer
@@ -280,7 +288,8 @@ class SimplifyReshapes(Pass):
         stats: dict[str, int] = {}
         for node in list(graph.nodes):
             for _ in range(self.max_iterations):
-                if node not in graph.nodes or not _alive(graph, node):
+                if node.op not in _SIMPLIFIED or node not in graph.nodes \
+                        or not _alive(graph, node):
                     break
                 found = _simplify(graph, node, self.transpose_to_reshape)
                 if found is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from compiler.errors import NpuccError, OpError, VerificationError
-from compiler.ir.graph import Graph, Node
+from compiler.ir.graph import Graph, Node, Value
 from compiler.ir.registry import get_op
 from compiler.ir.types import TensorType
 from runtime.bulk import bulk_work
@@ -79,10 +79,12 @@ def node_signature(graph: Graph, node: Node) -> tuple:
     """What the per-node checks of ``node`` depend on, by identity: op, attribute values,
     operands and their types, result types, and a const's weight array. Equal signatures
     before and after a pass mean the pass did not touch the node (attribute values are
-    replaced, not mutated in place, by the passes)."""
-    weight = graph.weights.get(node.attrs.get("ref") or "") if node.op == "const" else None
-    return (node.op, id(weight), tuple(map(id, node.attrs.values())), tuple(map(id, node.inputs)),
-            tuple(v.type for v in node.inputs), tuple(v.type for v in node.outputs))
+    replaced, not mutated in place, by the passes). One flat tuple, the groups separated by
+    None (computed for every node after every pass: nested tuples cost twice as much)."""
+    attrs, inputs = node.attrs, node.inputs
+    weight = graph.weights.get(attrs.get("ref") or "") if node.op == "const" else None
+    return (node.op, id(weight), *map(id, attrs.values()), None, *inputs, None,
+            *[v.type for v in inputs], None, *[v.type for v in node.outputs])
 
 
 def verify(graph: Graph, recheck: Callable[[Node], bool] | None = None) -> None:
@@ -98,7 +100,7 @@ def verify(graph: Graph, recheck: Callable[[Node], bool] | None = None) -> None:
 def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
     problems: list[str] = []
     out_of_order = False   # a cycle shows as a use before definition: searched only then
-    defined: set[int] = {id(v) for v in graph.inputs}
+    defined: set[Value] = set(graph.inputs)   # Values hash by identity
     names: set[str] = set()
     for v in graph.inputs:
         if v.name in names:
@@ -106,7 +108,7 @@ def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
         names.add(v.name)
     for node in graph.nodes:
         for v in node.inputs:
-            if id(v) not in defined:
+            if v not in defined:
                 out_of_order |= v.producer is not None
                 where = "is never defined" if v.producer is None else \
                     f"is defined later, by {v.producer.label}"
@@ -117,7 +119,7 @@ def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
             if v.name in names:
                 problems.append(f"{node.label}: redefines %{v.name}")
             names.add(v.name)
-            defined.add(id(v))
+            defined.add(v)
         if recheck is not None and not recheck(node):
             continue
         try:
@@ -128,7 +130,7 @@ def _verify(graph: Graph, recheck: Callable[[Node], bool] | None) -> None:
     if cycle:
         raise VerificationError("cycle: " + " -> ".join(n.label for n in cycle + cycle[:1]))
     for i, v in enumerate(graph.outputs):
-        if id(v) not in defined:
+        if v not in defined:
             problems.append(f"output {i} (%{v.name}) is dangling: no node or input defines it")
     if not graph.outputs:
         problems.append("the graph returns nothing")
