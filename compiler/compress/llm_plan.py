@@ -131,6 +131,7 @@ def compress_llm(model: Any, text: str, device: Any = "host", *, tokenizer: Any 
     from compiler.compress.llm_qat import (
         LlmQATConfig,
         llm_qat_spec,
+        logits_perplexity,
         perplexity,
         prepare_llm_qat,
         train_llm_qat,
@@ -173,8 +174,8 @@ def compress_llm(model: Any, text: str, device: Any = "host", *, tokenizer: Any 
             source, quantize = llm_qat_spec(student, tok), None
     t0 = time.perf_counter()
     m = compile_llm(source, build_for, max_context=max(max_context, window), chunk=chunk,
-                    quantize=quantize, output=output)
-    stages["compiled"] = _package_perplexity(m, windows)
+                    quantize=quantize, tokenizer=tok, output=output)
+    stages["compiled"] = logits_perplexity(m.logits, windows)
     est = estimate_decode(m, desc)
     say(f"  compiled for {build_for} in {time.perf_counter() - t0:.0f} s: perplexity "
         f"{stages['compiled']:.3f}, {m.stats()['weight_bytes'] / MIB:.2f} MiB weights; "
@@ -183,18 +184,3 @@ def compress_llm(model: Any, text: str, device: Any = "host", *, tokenizer: Any 
         raise BudgetError(f"{scheme} compiled to {m.stats()['weight_bytes'] / MIB:.2f} MiB of "
                           f"weights, over budget_mb={budget_mb}")
     return LlmCompressResult(m, scheme, sizes, stages, training, est)
-
-
-def _package_perplexity(m: Any, windows: list[list[int]]) -> float:
-    import math
-
-    import numpy as np
-
-    tot, cnt = 0.0, 0
-    for w in windows:
-        z = np.asarray(m.logits(w), np.float64)[:-1]
-        z = z - z.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=-1))
-        tot += float((lse - z[np.arange(len(w) - 1), w[1:]]).sum())
-        cnt += len(w) - 1
-    return math.exp(tot / cnt)

@@ -41,8 +41,9 @@ from torch import nn
 from compiler.errors import NpuccError
 from passes.quantization.weight_only import effective_group
 
-__all__ = ["LlmQATConfig", "GroupQuantLinear", "prepare_llm_qat", "train_llm_qat",
-           "llm_qat_spec", "qat_codes", "GroupFakeQuant", "perplexity", "token_windows", "PROJECTION_PATHS"]
+__all__ = ["LlmQATConfig", "GroupQuantLinear", "GroupFakeQuant", "prepare_llm_qat",
+           "train_llm_qat", "llm_qat_spec", "qat_codes", "perplexity", "logits_perplexity",
+           "token_windows", "PROJECTION_PATHS"]
 
 # our projection names (compiler.llm.quantize.PROJECTIONS) -> the Llama module path
 PROJECTION_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -326,14 +327,22 @@ def llm_qat_spec(student: nn.Module, tokenizer: Any = None):
     return replace(spec, weights=weights, quant=quant, scheme=label)
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: Sequence[Sequence[int]]) -> float:
-    """``exp`` of the mean next-token NLL over ``windows`` (each scored from position 0)."""
-    model.eval()
+def logits_perplexity(logits_fn: Callable[[list[int]], np.ndarray],
+                      windows: Sequence[Sequence[int]]) -> float:
+    """``exp`` of the mean next-token NLL over ``windows`` (each scored from position 0),
+    ``logits_fn(window)`` giving ``[len(window), vocab]`` logits (a package's ``m.logits``)."""
     tot, cnt = 0.0, 0
     for w in windows:
-        logits = model(torch.tensor([list(w)])).logits[0, :-1].double()
-        tgt = torch.tensor(list(w[1:]))
-        tot += float(nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+        z = np.asarray(logits_fn(list(w)), np.float64)[:-1]
+        z = z - z.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=-1))
+        tot += float((lse - z[np.arange(len(w) - 1), list(w[1:])]).sum())
         cnt += len(w) - 1
     return math.exp(tot / cnt)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Sequence[Sequence[int]]) -> float:
+    """:func:`logits_perplexity` of a transformers causal LM (eval mode)."""
+    model.eval()
+    return logits_perplexity(lambda w: model(torch.tensor([w])).logits[0].numpy(), windows)
