@@ -399,11 +399,10 @@ class Graph:
             live.add(id(n))
             stack.extend(n.inputs)
         dead = [n for n in self.nodes if id(n) not in live]
-        for n in dead:
+        for n in dead:   # O(1) each: the rest of the list stays as it is
             n.drop_inputs()
-        self.nodes = [n for n in self.nodes if id(n) in live]
-        used_refs = {n.attrs["ref"] for n in self.nodes if n.op == "const" and "ref" in n.attrs}
-        for ref in [r for r in self.weights if r not in used_refs]:
+            self.nodes.remove(n)
+        for ref in [r for r in self.weights if not self.nodes.references(r)]:
             del self.weights[ref]
         return len(dead)
 
