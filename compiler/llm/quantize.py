@@ -10,6 +10,12 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
 - an ``-asym`` suffix (``int4-g32-asym``, ``int4-g32-gptq-asym``): a scale and a minimum per
   group (llama.cpp Q4_1's encoding, :func:`quantize_asym`): ``dense_wq{asym}`` with per-group
   offsets;
+- ``int3-gN`` / ``int2-gN``: 3 and 2 bits, always asymmetric (an f16 scale and an f16 offset
+  per group, the range per group chosen among a few shrunk min..max ranges for the least
+  squared error), packed 8 (3-bit) or 4 (2-bit) codes per little-endian word
+  (:func:`compiler.ir.ops.quant_weight.pack_bits`), round-to-nearest only;
+- a mixed plan (``quantize_spec(plan=...)``, :mod:`compiler.llm.mixed`): a scheme per matrix,
+  the embedding table int8 or int16 per row;
 - a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
