@@ -7,7 +7,10 @@ The shape of every conv kernel (x86 AVX-512 numbers; everything scales with ``cp
 - Constant weights are packed at compile time to ``[NB, KH, KW, ICg, ob]`` (conv_common.py),
   ``ob`` = 32 output channels, so the inner loop reads one contiguous ``ob`` vector per
   (kh, kw, ic). Non-constant weights get the same packing as an in-kernel ``wpack`` stage.
-- The output is tiled ``owb`` columns x ``ob`` channels (7 x 32 = 14 zmm accumulators);
+- 3x3 stride-1 f32 convs with a constant weight run as Winograd F(2,3) or F(4,3) where
+  ``winograd.winograd_tile`` estimates a gain (winograd.py); everything below is the direct conv.
+- The output is tiled ``owb`` columns x ``ob`` channels (7 x 32 = 14 zmm accumulators; the
+  accumulator budget comes from the ISA's register count, ``conv_common.accumulator_registers``);
   each tile accumulates in a local buffer (registers) over (kh, kw, ic), columns unrolled,
   channels vectorised, the kernel width unrolled. Bias and the activation are applied as the
   tile is written out (epilogue), in NHWC or NCHW.
