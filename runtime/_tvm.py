@@ -29,11 +29,12 @@ class _RefuseTorch(importlib.abc.MetaPathFinder):
 
 
 def default_threads(num_cores: int | None = None) -> None:
-    """Give TVM's thread pool the cores this process may use (or the target's core count).
+    """Size the kernels' thread pool: the target's cores that this process may use.
 
-    TVM sizes its pool from ``TVM_NUM_THREADS`` when the first parallel kernel runs and
-    otherwise guesses physical cores (1 on this 2-vCPU guest: no kernel ran in parallel). A
-    value the user set is kept.
+    Sets ``TVM_NUM_THREADS``, which both launchers read: npucc's (``runtime.pool``, in every
+    library built with it, when the library is loaded) and TVM's (when its first parallel
+    kernel runs; it otherwise guesses physical cores, 1 on a 2-vCPU guest). A value the user
+    set is kept.
     """
     if "TVM_NUM_THREADS" in os.environ:
         return

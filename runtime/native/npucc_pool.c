@@ -311,11 +311,17 @@ void npucc_pool_reset_stats(void) {
 void npucc_pool_stall_thread(int index) { __atomic_store_n(&P.stall_thread, index, __ATOMIC_RELAXED); }
 
 __attribute__((destructor)) static void npucc_pool_unload(void) {
-  /* dlclose: the workers' code is about to be unmapped */
-  if (P.started) {
-    pthread_mutex_lock(&P.launch_mu);
+  /* dlclose: the workers' code is about to be unmapped, stop them. At exit() another
+   * thread may still be inside a launch: never wait for it, just tell the workers to stop. */
+  if (!P.started) return;
+  if (pthread_mutex_trylock(&P.launch_mu) == 0) {
     stop_workers();
     pthread_mutex_unlock(&P.launch_mu);
+  } else {
+    pthread_mutex_lock(&P.sleep_mu);
+    __atomic_store_n(&P.stop, 1, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&P.sleep_cv);
+    pthread_mutex_unlock(&P.sleep_mu);
   }
 }
 
