@@ -371,6 +371,21 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def selected_models(ap: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated model names of ``text``; an unknown one is a usage error."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    return names
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a bench child process: offline hub, this checkout importable."""
+    return dict(os.environ, HF_HUB_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS),
@@ -402,12 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import cpu_header
 
     print(cpu_header(), flush=True)
-    names = [s.strip() for s in args.models.split(",") if s.strip()]
-    unknown = [n for n in names if n not in BUILDERS]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    names = selected_models(ap, args.models)
+    env = child_env()
     if args.same_process:
         env.update(TVM_NUM_THREADS=str(THREADS))
         env.pop("OMP_NUM_THREADS", None)

@@ -175,7 +175,7 @@ def model_table(name: str, times: dict[str, dict[str, list[float]]]) -> tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.models import MODELS
+    from bench.models import MODELS, child_env, selected_models
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -203,12 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import cpu_header
 
-    names = [n.strip() for n in a.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    names = selected_models(ap, a.models)
+    env = child_env()
     print(cpu_header())
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"{len(os.sched_getaffinity(0))} usable cores; burner: one Python busy loop",
