@@ -155,7 +155,7 @@ _FLOPS: dict[str, Callable[[Node, int], float]] = {
 _CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d"})
 _DENSE = frozenset({"dense", "gemm", "qdense", "dense_wq", "dense_rows"})
 _MATMUL = frozenset({"matmul", "qmatmul"})
-_ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention"})
+_ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention", "cached_attention_q"})
 # convolutions keep their class even when memory-bound: their schedule, not bandwidth, sets
 # their speed (a depthwise conv is memory-bound by the roofline and still compute-limited)
 _OWN_CLASS = frozenset({"conv", "depthwise"})
@@ -184,7 +184,7 @@ def op_class(node: Node) -> str | None:
         return "dense" if len(node.inputs) > 1 and _is_const(node.inputs[1]) else "attention"
     if op in _ATTENTION:
         return "attention"
-    if op in _DATA_MOVEMENT or op in ("kv_write", "embed_rows", "gather_q", "gather_elements",
+    if op in _DATA_MOVEMENT or op in ("kv_write", "kv_write_q", "embed_rows", "gather_q", "gather_elements",
                                       "gather_nd", "scatter_elements", "scatter_nd"):
         return "memory"
     return "elementwise"

@@ -35,7 +35,7 @@ from targets.description import TargetDescription, load_target
 
 __all__ = ["decode_estimate", "decode_ms_per_token"]
 
-_KV_OPS = ("cached_attention", "kv_write")
+_KV_OPS = ("cached_attention", "kv_write", "cached_attention_q", "kv_write_q")
 
 
 def _kv_row(node: Node, row: dict[str, Any], desc: TargetDescription, position: int
@@ -43,19 +43,24 @@ def _kv_row(node: Node, row: dict[str, Any], desc: TargetDescription, position: 
     """``row`` re-costed for the KV rows actually touched at ``position``."""
     bw = desc.memory.dram_gbps * 1e9
     terms = cost_of(desc).terms(row["device"])
-    if node.op == "cached_attention":
-        q, k, v = (x.type for x in node.inputs[:3])
-        n = min(position + q.shape[0], k.shape[0])
-        kv = (k.nbytes + v.nbytes) * n / k.shape[0]
-        nbytes = row["bytes"] - k.nbytes - v.nbytes + kv
+    if node.op in ("cached_attention", "cached_attention_q"):
+        q = node.inputs[0].type
+        cache = [x.type for x in node.inputs[1:-1]]    # f32 k, v; or codes, scales (, mins)
+        c = cache[0].shape[0]
+        n = min(position + q.shape[0], c)
+        whole = sum(t.nbytes for t in cache)
+        kv = whole * n / c
+        nbytes = row["bytes"] - whole + kv
         flops = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * n   # q.k and p.v
         peak = device_peak_flops(desc, row["device"], "f32")
         t_c, t_m = flops / peak, nbytes / bw
         cls = "memory" if t_m > t_c else "attention"
-    else:   # kv_write: the new rows in, the same rows out (in place)
-        new = node.inputs[1].type
-        t_c, t_m, nbytes, flops, kv, cls = 0.0, 2 * new.nbytes / bw, 2 * new.nbytes, 0.0, 0.0, \
-            "memory"
+    else:   # kv_write(_q): the new rows in, the same rows (or their codes) out, in place
+        new = node.inputs[-2].type
+        rows = sum(t.type.nbytes for t in node.inputs[:-2]) * new.shape[0] \
+            // node.inputs[0].type.shape[0]
+        t_c, t_m, nbytes, flops, kv, cls = 0.0, (new.nbytes + rows) / bw, new.nbytes + rows, \
+            0.0, 0.0, "memory"
     roof = max(t_c, t_m) * 1e3
     return {**row, "class": cls, "flops": flops, "bytes": nbytes, "roofline_ms": roof,
             "cached_ms": 0.0, "kv_bytes": kv,

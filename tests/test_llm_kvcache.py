@@ -174,6 +174,25 @@ def test_sizes_and_the_decode_estimate_count_the_quantized_cache(tiny):
     assert lay["k_rotation"] == "hadamard"
 
 
+def test_graph_decode_estimate_reads_the_quantized_cache_to_the_position():
+    """targets.llm_cost.decode_estimate on the decode graphs themselves: the attention reads
+    the cache tensors up to the position at their stored size (codes, scales, mins)."""
+    from compiler.llm.compile import load_spec
+    from compiler.llm.graphs import build_step_graph, kv_cache_layout
+    from targets.llm_cost import decode_estimate
+
+    spec = load_spec(_hf())
+    kv = {}
+    for name in ("f32", "int8", "k4v8"):
+        g = build_step_graph(spec, 1, 48, kv_cache=kv_cache_layout(name, 64))
+        rows = decode_estimate(g, "kirin990", position=40)["nodes"]
+        kv[name] = sum(r["kv_bytes"] for r in rows if r["op"].startswith("cached_attention"))
+    per_position = 2 * 2 * 2 * 64 * 4                 # layers, kv heads, K and V, Dh, f32
+    assert kv["f32"] == pytest.approx(41 * per_position)
+    assert kv["k4v8"] / kv["f32"] == pytest.approx((32 + 4 + 4 + 64 + 4) / (2 * 64 * 4))
+    assert kv["int8"] / kv["f32"] == pytest.approx(2 * (64 + 2 * 4) / (2 * 64 * 4))
+
+
 def test_an_unknown_kv_cache_type_is_refused_with_the_valid_ones(tmp_path, capsys):
     from compiler import compile_llm
     from compiler.cli import main
