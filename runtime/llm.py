@@ -8,7 +8,9 @@
 
 The runtime owns the KV cache: one buffer per layer for K and one for V (``max_context``
 positions of ``kv_heads x head_dim`` f32), allocated once and shared by both graphs; the
-``kv_write`` kernels update it in place at the current position. Weights are views of one
+``kv_write`` kernels update it in place at the current position. A quantized cache
+(``compile_llm(kv_cache="int8" | "k4v8")``) is more state tensors per layer (codes, scales,
+mins), allocated the same way from the manifest's ``state`` at their stored sizes. Weights are views of one
 memory map of weights.bin, shared by both graphs. Each graph has its own arena (static
 memory plan) and bound argument tuples, so a step is: copy ids and pos in, call the kernels,
 read the logits view.
