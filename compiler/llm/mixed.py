@@ -37,7 +37,7 @@ from compiler.llm.quantize import (
 )
 
 __all__ = ["Plan", "PRESETS", "candidates", "label_of", "matrix_shapes", "fixed_bytes", "solve", "preset_plan",
-           "plan_for_budget", "is_mixed", "quantize_mixed", "plan_bytes"]
+           "plan_for_budget", "smallest_bytes", "is_mixed", "quantize_mixed", "plan_bytes"]
 
 MB = 1_000_000
 PANEL = 32          # rows are padded to the kernels' panel width (2 x f32 lanes, <= 32)
@@ -204,6 +204,13 @@ def preset_plan(name: str, spec: LlmSpec, max_context: int) -> Plan:
                 params={m: shapes[m][0] * shapes[m][1] for m in shapes})
 
 
+def smallest_bytes(spec: LlmSpec, max_context: int) -> int:
+    """weights.bin bytes of the smallest plan: every matrix at its fewest bytes."""
+    shapes = matrix_shapes(spec)
+    return fixed_bytes(spec, max_context) + sum(
+        min(plan_bytes(m, shapes[m], s) for s in candidates(m)) for m in shapes)
+
+
 def plan_for_budget(spec: LlmSpec, budget_mb: float, *, max_context: int,
                     calibration: Any = None, sensitivity: Any = None, progress=None) -> Plan:
     """Sensitivity (measured unless given) and the knapsack for ``budget_mb`` MB."""
@@ -212,9 +219,7 @@ def plan_for_budget(spec: LlmSpec, budget_mb: float, *, max_context: int,
     budget = int(budget_mb * MB)
     fixed = fixed_bytes(spec, max_context)
     shapes = matrix_shapes(spec)
-    smallest = fixed + sum(min(plan_bytes(m, shapes[m], s) for s in candidates(m))
-                           for m in shapes)
-    if smallest > budget:   # refuse before measuring anything
+    if smallest_bytes(spec, max_context) > budget:   # refuse before measuring anything
         solve(shapes, {m: {label_of(s): 0.0 for s in candidates(m)} for m in shapes},
               budget, fixed)
     sens = sensitivity or measure_sensitivity(spec, calibration, progress=progress)

@@ -39,8 +39,8 @@ from compiler.errors import NpuccError
 from compiler.llm.hf_import import LlmSpec
 
 __all__ = ["Scheme", "parse_scheme", "quantize_spec", "quantize_projection", "quantize_rows_int8",
-           "quantize_rows", "quantize_asym", "group_for", "matrix_bytes", "table_bytes", "scheme_label",
-           "PROJECTIONS", "SCHEMES"]
+           "quantize_rows", "quantize_asym", "group_for", "matrix_bytes", "table_bytes",
+           "scheme_label", "calibration_token_ids", "PROJECTIONS", "SCHEMES"]
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 SCHEMES = ("int8", "int4-g32", "int4-g128", "int4-g32-gptq", "int4-g128-gptq", "int8-gptq",
@@ -261,22 +261,26 @@ def calibration_text() -> str:
                                                  unittest))
 
 
+def calibration_token_ids(spec: LlmSpec, calibration: str | Sequence[int] | None,
+                          what: str) -> list[int]:
+    """Token ids of ``calibration`` (token ids, text, or None: :func:`calibration_text`)."""
+    if calibration is not None and not isinstance(calibration, str):
+        return [int(i) for i in calibration]
+    if spec.tokenizer_json is None:
+        raise NpuccError(f"{what} calibration text needs a tokenizer, and this model has "
+                         f"none: pass calibration token ids")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(spec.tokenizer_json).encode(calibration or calibration_text()).ids
+
+
 def _hessians(spec: LlmSpec, calibration: str | Sequence[int] | None
               ) -> dict[str, np.ndarray]:
     """Per projection prefix: ``H = 2 X^T X / n`` of its input on the calibration tokens."""
     from compiler.llm.graphs import build_step_graph, sample_graph_inputs
     from passes.quantization.gptq import capture_hessians
 
-    if calibration is not None and not isinstance(calibration, str):
-        ids = [int(i) for i in calibration]          # token ids
-    else:
-        if spec.tokenizer_json is None:
-            raise NpuccError("GPTQ calibration text needs a tokenizer, and this model has "
-                             "none: pass calibration token ids")
-        from tokenizers import Tokenizer
-
-        ids = Tokenizer.from_str(spec.tokenizer_json).encode(
-            calibration or calibration_text()).ids
+    ids = calibration_token_ids(spec, calibration, "GPTQ")
     n = min(len(ids), CALIBRATION_TOKENS)
     seq = min(128, n)
     if n < 16:

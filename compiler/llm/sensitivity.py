@@ -70,18 +70,9 @@ def calibration_ids(spec: LlmSpec, calibration: str | Sequence[int] | None, toke
                     ) -> np.ndarray:
     """Token ids of the calibration text (default: :func:`quantize.calibration_text`, never
     the pydoc topics text perplexity is evaluated on)."""
-    from compiler.llm.quantize import calibration_text
+    from compiler.llm.quantize import calibration_token_ids
 
-    if calibration is not None and not isinstance(calibration, str):
-        ids = [int(i) for i in calibration]
-    else:
-        if spec.tokenizer_json is None:
-            raise NpuccError("sensitivity needs calibration token ids: this model has no "
-                             "tokenizer")
-        from tokenizers import Tokenizer
-
-        ids = Tokenizer.from_str(spec.tokenizer_json).encode(
-            calibration or calibration_text()).ids
+    ids = calibration_token_ids(spec, calibration, "sensitivity")
     if len(ids) < 16:
         raise NpuccError(f"the calibration text has {len(ids)} tokens; sensitivity needs "
                          f"at least 16")
