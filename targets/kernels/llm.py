@@ -10,10 +10,9 @@ written as TIR directly because they need what TE cannot say:
 - ``cached_attention`` loops over ``min(pos + t, C - 1) + 1`` keys, a bound read from the
   ``pos`` buffer at run time: a decode step at position p reads p + 1 cache rows, not C.
   One (token, head) pair per parallel iteration; scores in a local ``[C]`` buffer, the q.k
-  dot products with ``lanes`` partial sums (SIMD, then a tree of vector adds: 4 steps for
-  16 lanes, not 16 dependent scalar adds), softmax in f32 with the exp of 16 scores at a time
-  (``fast_exp``'s polynomial: one libm call per key cost more than the dot product), the
-  value sum vectorised over ``Dh``.
+  dot products with ``lanes`` partial sums (SIMD, then a tree of vector adds), softmax in f32
+  with the exp of 16 scores at a time (:func:`attention_macros`), the value sum vectorised
+  over ``Dh``.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 from targets.kernels._te import expr, fast_exp, fast_sigmoid, generic, placeholders, prim_func
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["dot_lanes"]
+__all__ = ["dot_lanes", "attention_macros", "padded_scores"]
 
 
 @register_kernel("rms_norm")
@@ -122,6 +121,42 @@ def dot_lanes(req: KernelRequest, dh: int) -> int:
     return lanes
 
 
+def attention_macros(lanes: int):
+    """TIR macros the attention kernels share: ``tree_sum(part)`` leaves the sum of the
+    ``lanes`` partial sums in ``part[0]`` (a tree of vector adds: 4 steps for 16 lanes, not
+    16 dependent scalar adds); ``exp_scores(s, n, mx)`` turns ``s[:n]`` into ``exp(s - mx)``
+    16 scores at a time (``fast_exp``'s polynomial: one libm call per key cost more than the
+    dot product; ``s`` is padded to whole vectors)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def tree_sum(part):
+        if lanes >= 16:
+            for lane in T.vectorized(8):
+                part[lane] = part[lane] + part[lane + 8]
+        if lanes >= 8:
+            for lane in T.vectorized(4):
+                part[lane] = part[lane] + part[lane + 4]
+        if lanes >= 4:
+            for lane in T.vectorized(2):
+                part[lane] = part[lane] + part[lane + 2]
+        if lanes >= 2:
+            part[0] = part[0] + part[1]
+
+    @T.macro
+    def exp_scores(s, n, mx):
+        for jb in range((n + 15) // 16):
+            for lane in T.vectorized(16):
+                s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
+
+    return tree_sum, exp_scores
+
+
+def padded_scores(c: int) -> int:
+    """Scores buffer length for ``c`` keys: whole vectors of 16 for ``exp_scores``."""
+    return -(-c // 16) * 16
+
+
 @register_kernel("cached_attention")
 def cached_attention(req: KernelRequest) -> KernelImpl:
     from tvm.script import tirx as T
@@ -131,6 +166,7 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
     rep = hq // hkv
     scale = float(req.attrs["scale"])
     lanes = dot_lanes(req, dh)
+    tree_sum, exp_scores = attention_macros(lanes)
     chunks = dh // lanes
     pairs = tn * hq
     neg = -3.0e38
@@ -140,7 +176,7 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
              v: T.Buffer((c, hkv, dh), "float32"), pos: T.Buffer((1,), "int32"),
              out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((-(-c // 16) * 16,), "float32", scope="local")
+            s = T.alloc_buffer((padded_scores(c),), "float32", scope="local")
             part = T.alloc_buffer((lanes,), "float32", scope="local")
             acc = T.alloc_buffer((dh,), "float32", scope="local")
             mx = T.alloc_buffer((1,), "float32", scope="local")
@@ -155,21 +191,11 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
                     for lane in T.vectorized(lanes):
                         part[lane] = part[lane] + q[th // hq, th % hq, ch * lanes + lane] \
                             * k[j, th % hq // rep, ch * lanes + lane]
-                if lanes >= 16:   # a tree of vector adds, not a chain of lanes scalar adds
-                    for lane in T.vectorized(8):
-                        part[lane] = part[lane] + part[lane + 8]
-                if lanes >= 8:
-                    for lane in T.vectorized(4):
-                        part[lane] = part[lane] + part[lane + 4]
-                if lanes >= 4:
-                    for lane in T.vectorized(2):
-                        part[lane] = part[lane] + part[lane + 2]
-                dot[0] = part[0] + part[1] if lanes >= 2 else part[0]
+                tree_sum(part)
+                dot[0] = part[0]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
-            for jb in range((n + 15) // 16):   # exp over whole vectors (polynomial)
-                for lane in T.vectorized(16):
-                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
+            exp_scores(s, n, mx)
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)

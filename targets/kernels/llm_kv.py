@@ -18,9 +18,8 @@ the write touches only the rows at ``pos``, the attention reads only ``pos + t +
 from __future__ import annotations
 
 from compiler.ir.ops.llm_kv import split_attention_inputs
-from targets.kernels._te import fast_exp
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
-from targets.kernels.llm import dot_lanes
+from targets.kernels.llm import attention_macros, dot_lanes, padded_scores
 
 __all__: list[str] = []
 
@@ -100,7 +99,8 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
     chunks = (half if kb == 4 else kg) // lanes
     scale = float(req.attrs["scale"])
     neg = -3.0e38
-    cpad = -(-c // 16) * 16   # the exp pass runs over whole vectors of scores
+    cpad = padded_scores(c)
+    tree_sum, exp_scores = attention_macros(lanes)
 
     @T.prim_func
     def k4(q: T.Buffer((tn, hq, dh), "float32"), kc: T.Buffer((c, hkv, dh // 2), "uint8"),
@@ -137,22 +137,12 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                                 * T.Cast("float32", T.shift_right(
                                     kc[j, th % hq // rep, g * half + ch * lanes + lane],
                                     T.uint8(4)))
-                    if lanes >= 16:
-                        for lane in T.vectorized(8):
-                            part[lane] = part[lane] + part[lane + 8]
-                    if lanes >= 8:
-                        for lane in T.vectorized(4):
-                            part[lane] = part[lane] + part[lane + 4]
-                    if lanes >= 4:
-                        for lane in T.vectorized(2):
-                            part[lane] = part[lane] + part[lane + 2]
-                    dot[0] = dot[0] + (part[0] + part[1] if lanes >= 2 else part[0]) \
-                        * ks[j, th % hq // rep, g] + km[j, th % hq // rep, g] * qs[g]
+                    tree_sum(part)
+                    dot[0] = dot[0] + part[0] * ks[j, th % hq // rep, g] \
+                        + km[j, th % hq // rep, g] * qs[g]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
-            for jb in range((n + 15) // 16):
-                for lane in T.vectorized(16):
-                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
+            exp_scores(s, n, mx)
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)
@@ -187,21 +177,11 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                         part[lane] = part[lane] + ks[j, th % hq // rep, g] \
                             * q[th // hq, th % hq, g * kg + ch * lanes + lane] \
                             * T.Cast("float32", kc[j, th % hq // rep, g * kg + ch * lanes + lane])
-                if lanes >= 16:
-                    for lane in T.vectorized(8):
-                        part[lane] = part[lane] + part[lane + 8]
-                if lanes >= 8:
-                    for lane in T.vectorized(4):
-                        part[lane] = part[lane] + part[lane + 4]
-                if lanes >= 4:
-                    for lane in T.vectorized(2):
-                        part[lane] = part[lane] + part[lane + 2]
-                dot[0] = part[0] + part[1] if lanes >= 2 else part[0]
+                tree_sum(part)
+                dot[0] = part[0]
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
-            for jb in range((n + 15) // 16):
-                for lane in T.vectorized(16):
-                    s[jb * 16 + lane] = fast_exp(s[jb * 16 + lane] - mx[0])
+            exp_scores(s, n, mx)
             tot[0] = T.float32(0)
             for d in T.vectorized(dh):
                 acc[d] = T.float32(0)
