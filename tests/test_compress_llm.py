@@ -174,12 +174,13 @@ def test_budgets_choose_the_precision():
     spec = load_spec(_tiny())
     said: list[str] = []
     big, sizes = choose_scheme(spec, None, say=said.append)
-    assert big == "f32" and len(said) == 4
-    assert sizes["f32"] > sizes["int8"] > sizes["int4-g32"] > sizes["int4-g128"]
+    assert big == "f32" and len(said) == 5
+    assert sizes["f32"] > sizes["int8"] > sizes["int4-g32"] > sizes["int4-g128"] \
+        > sizes["int3-g128"]
     mid = (sizes["int8"] + sizes["int4-g32"]) / 2 / 2**20
     assert choose_scheme(spec, mid, say=said.append)[0] == "int4-g32"
     assert choose_scheme(spec, sizes["int8"] / 2**20, say=said.append)[0] == "int8"
-    with pytest.raises(BudgetError, match=r"closest is int4-g128 at 0\.\d\d MiB"):
+    with pytest.raises(BudgetError, match=r"closest is int3-g128 at 0\.\d\d MiB"):
         choose_scheme(spec, 0.01, say=said.append)
 
 
@@ -229,4 +230,4 @@ def test_cli_compresses_an_llm_from_a_text(tmp_path, capsys):
     assert m.stats()["weight_bytes"] <= budget * 2**20
     assert main(["compress", str(tmp_path / "tiny"), "--text", str(tmp_path / "notes.txt"),
                  "--budget-mb", "0.001", "-o", str(tmp_path / "b.npkg")]) == 1
-    assert "closest is int4-g128" in capsys.readouterr().err
+    assert "closest is int3-g128" in capsys.readouterr().err

@@ -11,12 +11,12 @@ r.model.generate("Hello", 16)
   calibration / training tokens (QAT and distillation see only them), the rest are held out
   for the perplexity printed at each stage (windows of ``window`` tokens), never trained on.
 - Precision comes from the budget: the candidate schemes (``SCHEMES``: f32, int8, int4 g32,
-  int4 g128, most precise first) are quantized as ``compile_llm`` would quantize them, and the
+  int4 g128, int3 g128, most precise first) are quantized as ``compile_llm`` would quantize them, and the
   first whose weight bytes fit ``budget_mb`` is the plan (the weight bytes each scheme stores
   are printed). None fitting is refused with :class:`BudgetError` naming the smallest.
 - Stages, each with its measured held-out perplexity: the float model, PTQ (round to nearest
   on the scheme's grid, in torch), QAT with distillation from the float model
-  (``qat_steps > 0``, int4 schemes: :mod:`compiler.compress.llm_qat`), and the compiled
+  (``qat_steps > 0``, int4 and int3 schemes: :mod:`compiler.compress.llm_qat`), and the compiled
   package (``compile_llm``; with QAT its codes and learned scales go in as they are). The
   package's decode estimate on ``device`` is printed (``estimate_decode``).
 
@@ -40,7 +40,8 @@ from compiler.errors import NpuccError
 __all__ = ["SCHEMES", "LlmCompressResult", "compress_llm", "choose_scheme", "split_tokens",
            "scheme_bytes"]
 
-SCHEMES = ("f32", "int8", "int4-g32", "int4-g128")
+SCHEMES = ("f32", "int8", "int4-g32", "int4-g128", "int3-g128")
+QAT_GRIDS = ("int4", "int3")        # the schemes with a PTQ and a QAT stage
 
 
 @dataclass
@@ -153,15 +154,15 @@ def compress_llm(model: Any, text: str, device: Any = "host", *, tokenizer: Any 
         f"{len(windows)} x {window} held out; budget_mb={budget_mb}")
     scheme, sizes = choose_scheme(spec_from_transformers(hf, tok), budget_mb, schemes, say)
     say(f"plan: {scheme}" + (f", QAT {qat_steps} steps of {seq} tokens with distillation"
-                             if qat_steps and scheme.startswith("int4") else ""))
+                             if qat_steps and scheme.startswith(QAT_GRIDS) else ""))
     stages = {"float": perplexity(hf, windows)}
     say(f"  float: perplexity {stages['float']:.3f}")
     training = None
     source: Any = hf
     quantize = None if scheme == "f32" else scheme
-    if scheme.startswith("int4"):
-        group = int(scheme.split("-g")[1])
-        student = prepare_llm_qat(hf, LlmQATConfig(bits=4, group_size=group))
+    if scheme.startswith(QAT_GRIDS):
+        bits, group = int(scheme[3]), int(scheme.split("-g")[1])
+        student = prepare_llm_qat(hf, LlmQATConfig(bits=bits, group_size=group))
         stages["ptq"] = perplexity(student, windows)
         say(f"  PTQ {scheme}: perplexity {stages['ptq']:.3f}")
         if qat_steps > 0:
