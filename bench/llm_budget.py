@@ -207,7 +207,7 @@ def main() -> int:
         hf.load_state_dict(saved)
         print(f"{name:<32}{nbytes / 1e6:>9.0f}{8 * nbytes / params:>8.2f}"
               f"{'yes' if nbytes <= a.budget_mb * 1e6 else 'no':>6}"
-              f"{est['ms_per_token']:>17.1f}{got:>13.2f}{100 * (got / base - 1):>+9.1f}%",
+              f"{est['ms_per_token']:>17.1f}{got:>13.4g}{100 * (got / base - 1):>+10.4g}%",
               flush=True)
     for name in checks:
         print(f"npucc package {name}: perplexity {package_ppl(name, smollm2_folder(work), windows, work):.2f} "
