@@ -5,7 +5,6 @@ budget is refused with the closest achievable numbers."""
 from __future__ import annotations
 
 import re
-
 import warnings
 
 import pytest
