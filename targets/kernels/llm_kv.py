@@ -102,6 +102,21 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
     cpad = padded_scores(c)
     tree_sum, exp_scores = attention_macros(lanes)
 
+    @T.macro
+    def weighted_values(s, n, th, acc, tot, vc, vs, out):
+        """out = sum_j s[j] * dequant(V[j]) / sum_j s[j], V read as int8 codes x group scales."""
+        tot[0] = T.float32(0)
+        for d in T.vectorized(dh):
+            acc[d] = T.float32(0)
+        for j in range(n):
+            tot[0] = tot[0] + s[j]
+            for g in range(vng):
+                for d in T.vectorized(vg):
+                    acc[g * vg + d] = acc[g * vg + d] + s[j] * vs[j, th % hq // rep, g] \
+                        * T.Cast("float32", vc[j, th % hq // rep, g * vg + d])
+        for d in T.vectorized(dh):
+            out[th // hq, th % hq * dh + d] = acc[d] / tot[0]
+
     @T.prim_func
     def k4(q: T.Buffer((tn, hq, dh), "float32"), kc: T.Buffer((c, hkv, dh // 2), "uint8"),
            ks: T.Buffer((c, hkv, kng), "float32"), km: T.Buffer((c, hkv, kng), "float32"),
@@ -143,17 +158,7 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
             exp_scores(s, n, mx)
-            tot[0] = T.float32(0)
-            for d in T.vectorized(dh):
-                acc[d] = T.float32(0)
-            for j in range(n):
-                tot[0] = tot[0] + s[j]
-                for g in range(vng):
-                    for d in T.vectorized(vg):
-                        acc[g * vg + d] = acc[g * vg + d] + s[j] * vs[j, th % hq // rep, g] \
-                            * T.Cast("float32", vc[j, th % hq // rep, g * vg + d])
-            for d in T.vectorized(dh):
-                out[th // hq, th % hq * dh + d] = acc[d] / tot[0]
+            weighted_values(s, n, th, acc, tot, vc, vs, out)
 
     @T.prim_func
     def k8(q: T.Buffer((tn, hq, dh), "float32"), kc: T.Buffer((c, hkv, dh), "int8"),
@@ -182,17 +187,7 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
                 s[j] = dot[0] * T.float32(scale)
                 mx[0] = T.max(mx[0], s[j])
             exp_scores(s, n, mx)
-            tot[0] = T.float32(0)
-            for d in T.vectorized(dh):
-                acc[d] = T.float32(0)
-            for j in range(n):
-                tot[0] = tot[0] + s[j]
-                for g in range(vng):
-                    for d in T.vectorized(vg):
-                        acc[g * vg + d] = acc[g * vg + d] + s[j] * vs[j, th % hq // rep, g] \
-                            * T.Cast("float32", vc[j, th % hq // rep, g * vg + d])
-            for d in T.vectorized(dh):
-                out[th // hq, th % hq * dh + d] = acc[d] / tot[0]
+            weighted_values(s, n, th, acc, tot, vc, vs, out)
 
     return KernelImpl(k4 if kb == 4 else k8,
                       note=f"cached_attention_q T={tn} {hq}/{hkv} heads x {dh}, context {c}, "
