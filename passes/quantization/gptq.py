@@ -33,7 +33,7 @@ from compiler.ir.interpreter import check_inputs, interpret
 
 __all__ = ["group_scales", "quantize_with_scales", "quantize_rtn", "gptq_quantize",
            "gptq_quantize_asym",
-           "capture_hessians", "QRANGE"]
+           "capture_hessians", "upper_cholesky_of_inverse", "QRANGE"]
 
 QRANGE = {4: (-8, 7), 8: (-127, 127)}
 
@@ -170,6 +170,9 @@ def _upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
         except np.linalg.LinAlgError:
             extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(H))) or 1e-6)
     raise NpuccError("GPTQ: the layer's Hessian is not positive definite even after damping")
+
+
+upper_cholesky_of_inverse = _upper_cholesky_of_inverse   # public: SparseGPT shares it
 
 
 def capture_hessians(graph, samples: Sequence[Mapping[str, np.ndarray]],
