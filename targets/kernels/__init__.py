@@ -3,6 +3,7 @@
 from targets.kernels import (  # noqa: F401
     conv,
     elementwise,
+    embed_q,
     indexing,
     linalg,
     llm,

@@ -3,6 +3,7 @@
 from compiler.ir.ops import (
     core,  # noqa: F401
     elementwise,  # noqa: F401
+    embed_q,  # noqa: F401
     indexing,  # noqa: F401
     linalg,  # noqa: F401
     llm,  # noqa: F401
