@@ -12,6 +12,7 @@ from compiler.ir.ops import (
     nn_norm,  # noqa: F401
     nn_resize,  # noqa: F401
     quant,  # noqa: F401
+    quant_sparse,  # noqa: F401
     quant_weight,  # noqa: F401
     reduce,  # noqa: F401
     shape,  # noqa: F401
