@@ -4,6 +4,7 @@ from targets.kernels import (  # noqa: F401
     conv,
     elementwise,
     embed_q,
+    gemv_sparse,
     indexing,
     linalg,
     llm,
