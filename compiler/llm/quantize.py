@@ -14,8 +14,12 @@ Schemes (``compile_llm(quantize=...)``, ``npucc compile-llm --quantize``):
   per group, the range per group chosen among a few shrunk min..max ranges for the least
   squared error), packed 8 (3-bit) or 4 (2-bit) codes per little-endian word
   (:func:`compiler.ir.ops.quant_weight.pack_bits`), round-to-nearest only;
+- ``int4-g128-2:4`` (``-wanda``, ``-sparsegpt``): 2 of every 4 inputs kept, int4 in groups of
+  kept weights, stored compactly for ``dense_wq24`` (:mod:`compiler.llm.sparse`);
 - a mixed plan (``quantize_spec(plan=...)``, :mod:`compiler.llm.mixed`): a scheme per matrix,
-  the embedding table int8 or int16 per row;
+  the embedding table int8 or int16 per row, or group-wise int4 / int3 / int2 like a
+  projection (``embed.wq``, ``embed.scales``, ``embed.offsets``; ``quant["embed"]``): rows
+  gathered by ``embed_wq``, a tied output projection is ``dense_wq`` over the same arrays;
 - a ``-gptq`` suffix (``int4-g32-gptq``): GPTQ instead of round-to-nearest, with Hessians
   ``2 X^T X / n`` of each projection's input captured by the reference interpreter on
   calibration text run through the float model (all projections from one float pass).
@@ -56,18 +60,24 @@ class Scheme:
     group: int | None     # None: one group per row (K)
     method: str           # "rtn" | "gptq"
     asym: bool = False    # a scale and a minimum per group (else a scale, symmetric)
+    sparse: bool = False  # 2:4 int4, group = kept weights per scale (compiler.llm.sparse)
 
 
 def parse_scheme(text: str | None) -> Scheme | None:
     if text is None or text in ("none", "f32", "float"):
         return None
+    if "2:4" in text:
+        from compiler.llm.sparse import parse_sparse_scheme
+
+        return parse_sparse_scheme(text)
     m = re.fullmatch(r"int(2|3|4|8)(?:-g(\d+))?(?:-(rtn|gptq))?(-asym)?", text)
     low = m is not None and m.group(1) in ("2", "3")
     if m is None or (m.group(1) != "8" and m.group(2) is None) \
             or (m.group(4) and m.group(1) == "8") or (low and m.group(3) == "gptq"):
         raise NpuccError(f"unknown quantization {text!r}; choose one of: {', '.join(SCHEMES)} "
                          f"(a -rtn or -gptq suffix picks the method, -asym the int4 grid; "
-                         f"int3/int2 are round-to-nearest and asymmetric), or a preset / "
+                         f"int3/int2 are round-to-nearest and asymmetric; int4-g128-2:4: "
+                         f"2:4 sparse, compiler.llm.sparse), or a preset / "
                          f"size budget (compiler.llm.mixed)")
     return Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else None,
                   m.group(3) or "rtn", bool(m.group(4)) or low)
@@ -75,6 +85,9 @@ def parse_scheme(text: str | None) -> Scheme | None:
 
 def scheme_label(scheme: Scheme) -> str:
     """``int4-g32-gptq-asym`` style name of a scheme (``int8`` per row, ``int16`` rows)."""
+    if scheme.sparse:
+        return f"int4-g{scheme.group}-2:4" + ("" if scheme.method == "rtn" else
+                                             f"-{scheme.method}")
     return f"int{scheme.bits}" + (f"-g{scheme.group}" if scheme.group else "") \
         + ("" if scheme.method == "rtn" else f"-{scheme.method}") \
         + ("-asym" if scheme.asym and scheme.bits == 4 else "")
@@ -84,6 +97,10 @@ def matrix_bytes(n: int, k: int, scheme: Scheme) -> int:
     """Bytes ``dense_wq`` stores for an ``[N, K]`` projection: packed codes, f16 scales per
     group, offsets per asymmetric group (f32 at int4,
     f16 at 3/2 bits). Panel padding of N (to the kernel's panel width) is not counted."""
+    if scheme.sparse:
+        from compiler.llm.sparse import sparse_bytes
+
+        return sparse_bytes(n, k, group_for(k // 2, scheme))
     g = group_for(k, scheme) if scheme.group else k
     codes = n * k * scheme.bits // 8
     scales = n * (k // g) * 2
@@ -105,13 +122,14 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
 
     ``plan`` (mixed precision, :mod:`compiler.llm.mixed`): a scheme per matrix name
     (``l3.q``, ``embed``, ``lm_head``) overriding ``scheme``; ``embed`` takes ``int8`` or
-    ``int16`` rows (``Scheme(16, None, "rtn")``). ``label`` names the result
+    ``int16`` rows (``Scheme(16, None, "rtn")``) or a grouped int4 / int3 / int2 scheme
+    (round-to-nearest, as a projection). ``label`` names the result
     (``spec.scheme``)."""
     from passes.quantization.gptq import quantize_rtn
 
     plan = dict(plan or {})
     weights = dict(spec.weights)
-    wants_gptq = any(plan.get(f"l{i}.{p}", scheme).method == "gptq"
+    wants_gptq = any(plan.get(f"l{i}.{p}", scheme).method != "rtn"   # GPTQ, 2:4 selection
                      for i in range(spec.layers) for p in PROJECTIONS)
     hessians = _hessians(spec, calibration) if wants_gptq else {}
     quant: dict[str, tuple[int, int]] = {}
@@ -125,9 +143,15 @@ def quantize_spec(spec: LlmSpec, scheme: Scheme, *,
             parts, g = quantize_projection(w, sch, hessians.get(prefix), prefix)
             weights.update({f"{prefix}.{part}": a for part, a in parts.items()})
             quant[prefix] = (sch.bits, g)
-    table_bits = plan["embed"].bits if "embed" in plan else 8
-    weights[f"embed.q{table_bits}"], weights["embed.row_scales"] = quantize_rows(
-        weights.pop("embed"), table_bits)
+    emb = plan.get("embed")
+    if emb is not None and emb.group is not None:   # group-wise rows: dense_wq's arrays
+        parts, g = quantize_projection(weights.pop("embed"), emb, None, "embed")
+        weights.update({f"embed.{part}": a for part, a in parts.items()})
+        quant["embed"] = (emb.bits, g)
+    else:
+        table_bits = emb.bits if emb is not None else 8
+        weights[f"embed.q{table_bits}"], weights["embed.row_scales"] = quantize_rows(
+            weights.pop("embed"), table_bits)
     if not spec.tied:   # tied: both ends read embed.q8 / q16 (embed_rows, dense_rows)
         head = weights.pop("lm_head")
         sch = plan.get("lm_head", Scheme(8, None, "rtn"))
@@ -163,6 +187,10 @@ def quantize_projection(w: np.ndarray, scheme: Scheme, hessian: np.ndarray | Non
     from compiler.ir.ops.quant_weight import pack_bits
     from passes.quantization.gptq import gptq_quantize, gptq_quantize_asym, quantize_rtn
 
+    if scheme.sparse:
+        from compiler.llm.sparse import quantize_sparse
+
+        return quantize_sparse(w, scheme, hessian, prefix)
     g = group_for(w.shape[1], scheme, prefix)
     if scheme.bits in (2, 3):
         if g % 8:
