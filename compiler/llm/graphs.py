@@ -172,6 +172,9 @@ class _Builder:
         bias = [b] if b is not None else []
         if prefix in self.quant:
             bits, group = self.quant[prefix]
+            if f"{prefix}.idx" in self.weights:   # 2:4 sparse int4 (compiler.llm.sparse)
+                return self.add("dense_wq24", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.idx"),
+                                self.w(f"{prefix}.scales"), *bias, group_size=group)
             offsets = self.w(f"{prefix}.offsets")   # asymmetric groups: w = q d + offset
             extra = [offsets] if offsets is not None else []
             return self.add("dense_wq", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.scales"),
@@ -193,6 +196,10 @@ class _Builder:
         if any(has_offsets) and not all(has_offsets):
             return None
         parts += ["offsets"] if all(has_offsets) else []
+        has_idx = [f"{p}.idx" in w for p in prefixes]   # 2:4 sparse: all or none
+        if any(has_idx) and not all(has_idx):
+            return None
+        parts += ["idx"] if all(has_idx) else []
         if any(f"{p}.{part}" not in w for p in prefixes for part in parts):
             return None
         for part in parts:   # a streamed spec (compiler.llm.stream) holds them concatenated
@@ -217,6 +224,12 @@ class _Builder:
         return list(self.g.make_node("split", [y], {"axis": -1, "sizes": sizes}).outputs)
 
     def embed(self, ids: Value) -> Value:
+        if "embed" in self.quant:   # group-wise int4/3/2 rows (compiler.ir.ops.embed_q)
+            bits, group = self.quant["embed"]
+            off = self.w("embed.offsets")
+            return self.add("embed_wq", ids, self.w("embed.wq"), self.w("embed.scales"),
+                            *([off] if off is not None else []), bits=bits, group_size=group,
+                            asym=off is not None)
         table = quantized_table(self.s.weights)
         if self.s.tied:   # the output projection reads the same table: one packed layout
             if table is not None:
@@ -278,7 +291,9 @@ def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
         x = b.add("add", x, b.dense(m, f"l{i}.down"))
     x = b.norm(x, "norm")
     table = quantized_table(s.weights)
-    if s.tied and table is not None:   # the output projection reads the table itself
+    if s.tied and "embed" in s.quant:   # dense_wq over embed_wq's arrays: one copy
+        logits = b.dense(x, "embed")
+    elif s.tied and table is not None:   # the output projection reads the table itself
         logits = b.add("dense_rows", x, b.w(table), b.w("embed.row_scales"))
     elif s.tied:
         logits = b.add("dense_rows", x, b.w("embed"))
