@@ -1,0 +1,112 @@
+"""Depthwise conv2d (groups == channels == output channels): vectorised over channels.
+
+Moved out of conv.py; ``conv.conv2d`` delegates here when ``ConvGeom.depthwise``.
+
+- Weights are ``[KH, KW, C]`` (packed at compile time from OIHW/OHWI/HWIO; a non-constant
+  weight gets the same layout from an in-kernel ``wpack`` stage).
+- The output is tiled ``owb`` columns x ``cb`` channels (``cb`` a power of two up to two
+  vectors of ``cpu.lanes``); the kernel window is unrolled and accumulates in registers.
+- NHWC padding is inlined as conditions (memory-bound: a padded copy would double the
+  traffic); an NCHW input keeps conv.py's transposing ``pad`` stage.
+- Bias and the fused activation are the epilogue, applied as each tile is written.
+"""
+
+from __future__ import annotations
+
+from targets.kernels._te import accumulator_dtype, tvm_dtype
+from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
+from targets.kernels.conv_common import ConvGeom, pack_dw_weight, pick_width, to_oihw
+
+__all__ = ["depthwise_conv2d", "dw_tiles"]
+
+
+def dw_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str) -> tuple[int, int, int]:
+    """(cb, owb, owp): channels per vector tile, columns per register tile, padded width."""
+    lanes = cpu.lanes(dtype)
+    cb = 1
+    for cand in (2 * lanes, lanes, lanes // 2, lanes // 4, 8, 4, 2):
+        if cand >= 1 and g.oc % cand == 0:
+            cb = cand
+            break
+    vecs = max(1, cb // lanes)
+    owb = pick_width(g.ow, max(1, 8 // vecs))
+    return cb, owb, -(-g.ow // owb) * owb
+
+
+def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout: str
+                     ) -> KernelImpl:
+    """The depthwise conv of ``req`` (geometry ``g``, input ``layout``, weight layout)."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from targets.kernels.conv import (
+        PARALLEL_MIN_MACS,
+        acc_ir_dtype,
+        conv_epilogue,
+        input_stage,
+        schedule_stage,
+    )
+
+    odt = req.output_types[0].dtype
+    dtype = tvm_dtype(odt)
+    lanes = req.cpu.lanes(acc_ir_dtype(odt))
+    cb, owb, owp = dw_tiles(g, req.cpu, acc_ir_dtype(odt))
+    X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
+    w_const = 1 in req.const_inputs
+    if w_const:
+        W = te.placeholder((g.kh, g.kw, g.oc), dtype, name="in1")
+        wd = W
+    else:
+        W = te.placeholder(req.input_types[1].shape, dtype, name="in1")
+
+        def wbody(ky, kx, ch):
+            if kernel_layout == "OIHW":
+                return W[ch, 0, ky, kx]
+            if kernel_layout == "OHWI":
+                return W[ch, ky, kx, 0]
+            return W[ky, kx, 0, ch]
+
+        wd = te.compute((g.kh, g.kw, g.oc), wbody, name="wpack")
+    bias = te.placeholder(req.input_types[2].shape, dtype, name="in2") \
+        if len(req.input_types) > 2 else None
+    hs = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1
+    ws = (owp - 1) * g.sw + g.dw * (g.kw - 1) + 1
+    need_stage = layout == "NCHW" or g.pt or g.pl or hs > g.h or ws > g.w
+    xs = input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
+    ry = te.reduce_axis((0, g.kh), "ry")
+    rx = te.reduce_axis((0, g.kw), "rx")
+    acc = accumulator_dtype(dtype)
+    D = te.compute((g.n, g.oh, owp, g.oc),
+                   lambda b, y, x, ch: te.sum(
+                       xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch].astype(acc)
+                       * wd[ry, rx, ch].astype(acc), axis=[ry, rx]), name="conv")
+    out = conv_epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
+    args = [X, W] + ([bias] if bias is not None else []) + [out]
+    sch = Schedule(te.create_prim_func(args))
+    par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
+    b, y, x, ch, ry_, rx_ = sch.get_loops(conv)
+    xo, xi = sch.split(x, [None, owb])
+    co, ci = sch.split(ch, [None, cb])
+    sch.reorder(b, y, co, xo, ry_, rx_, xi, ci)
+    fused = sch.fuse(b, y, co)  # rows x channel tiles: enough tasks to balance small maps
+    if par:
+        sch.parallel(fused)
+    sch.reverse_compute_at(out, xo)
+    sch.set_scope(conv, 0, "local")
+    if layout == "NHWC":
+        sch.vectorize(sch.get_loops(out)[-1])
+    if g.kh * g.kw <= 25:
+        sch.unroll(ry_)
+        sch.unroll(rx_)
+    sch.unroll(xi)
+    sch.vectorize(ci)
+    sch.decompose_reduction(conv, ry_)
+    if need_stage and layout == "NHWC":  # a padded copy costs more than the conditions
+        sch.compute_inline(sch.get_sblock("pad"))
+    schedule_stage(sch, "pad", lanes, par)  # NCHW: the stage transposes to NHWC
+    schedule_stage(sch, "wpack", lanes, False)
+    note = f"depthwise {layout} {g.kh}x{g.kw}/{g.sh}: tile {owb}x{cb}"
+    return KernelImpl(sch.mod["main"],
+                      {1: lambda w: pack_dw_weight(to_oihw(w, kernel_layout))} if w_const else {},
+                      note=note)
