@@ -3,8 +3,10 @@ solver to fit a size budget with the least predicted loss.
 
 The solver is an exact **multiple-choice knapsack by dynamic programming** over the bytes of
 each matrix (``l{i}.q/k/v/o/gate/up/down`` from :data:`sensitivity.CANDIDATES`: int8 rows,
-int4 g32/g128 (symmetric, and g32 asymmetric), int3 g32/g128, int2 g32/g64/g128; the tied
-embedding int16 or int8 rows): minimise the sum of predicted losses
+int4 g32/g128 (symmetric, and g32 asymmetric), int3 g32/g128, int2 g32/g64/g128; the
+embedding, which a tied model's output projection reads too, from
+:data:`sensitivity.TABLE_CANDIDATES`: int16 or int8 rows, or groups of int4 / int3 / int2 like
+a projection, read by ``embed_wq`` and ``dense_wq``): minimise the sum of predicted losses
 (:mod:`compiler.llm.sensitivity`: ``lambda_m * NSR(m, scheme)``, KL nats per token, taken as
 additive over matrices) subject to the bytes fitting. Bytes are counted in bins of
 ``budget / 20000`` rounded *up*, so the plan's exact byte total never exceeds the budget.
@@ -37,7 +39,8 @@ from compiler.llm.quantize import (
 )
 
 __all__ = ["Plan", "PRESETS", "candidates", "label_of", "matrix_shapes", "fixed_bytes", "solve", "preset_plan",
-           "plan_for_budget", "smallest_bytes", "is_mixed", "quantize_mixed", "plan_bytes"]
+           "plan_for_budget", "smallest_bytes", "is_mixed", "quantize_mixed", "plan_bytes",
+           "transfer_loss", "shape_spec"]
 
 MB = 1_000_000
 PANEL = 32          # rows are padded to the kernels' panel width (2 x f32 lanes, <= 32)
@@ -116,9 +119,11 @@ def _padded(n: int) -> int:
 
 
 def plan_bytes(name: str, shape: tuple[int, int], scheme: Scheme) -> int:
-    """Bytes one matrix takes in weights.bin (padded rows, alignment, a zero bias)."""
+    """Bytes one matrix takes in weights.bin (padded rows, alignment, a zero bias). The
+    embedding in int8 / int16 rows is a table with row scales; in groups (int4/3/2) it is
+    stored as a projection (the tied output projection's GEMV adds its zero bias)."""
     n, k = shape
-    if name == "embed":
+    if name == "embed" and scheme.group is None:
         return table_bytes(_padded(n), k, scheme.bits) + 2 * ALIGN
     return matrix_bytes(_padded(n), k, scheme) + 4 * n + 4 * ALIGN
 
@@ -209,6 +214,48 @@ def smallest_bytes(spec: LlmSpec, max_context: int) -> int:
     shapes = matrix_shapes(spec)
     return fixed_bytes(spec, max_context) + sum(
         min(plan_bytes(m, shapes[m], s) for s in candidates(m)) for m in shapes)
+
+
+def shape_spec(vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
+               kv_heads: int, tied: bool = True, name: str = "shape") -> LlmSpec:
+    """A Llama spec whose weights are zero-strided f32 arrays of the right shapes (no memory):
+    enough for :func:`matrix_shapes`, :func:`fixed_bytes`, :func:`plan_bytes` and
+    :func:`solve` on a model that is not in memory (a 1.7B plan's bytes)."""
+    d, hd = hidden, hidden // heads
+
+    def z(*shape: int) -> np.ndarray:
+        return np.broadcast_to(np.float32(0), shape)
+
+    w = {"embed": z(vocab, d), "norm.w": z(d)}
+    if not tied:
+        w["lm_head"] = z(vocab, d)
+    for i in range(layers):
+        w.update({f"l{i}.attn_norm.w": z(d), f"l{i}.mlp_norm.w": z(d),
+                  f"l{i}.q.w": z(heads * hd, d), f"l{i}.k.w": z(kv_heads * hd, d),
+                  f"l{i}.v.w": z(kv_heads * hd, d), f"l{i}.o.w": z(d, heads * hd),
+                  f"l{i}.gate.w": z(intermediate, d), f"l{i}.up.w": z(intermediate, d),
+                  f"l{i}.down.w": z(d, intermediate)})
+    return LlmSpec("llama", vocab, d, layers, heads, kv_heads, hd, intermediate, 1e-5,
+                   tied=tied, weights=w, name=name)
+
+
+def transfer_loss(loss: Mapping[str, Mapping[str, float]], layers_from: int,
+                  shapes: Mapping[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """Predicted losses for another model of the same family (``shapes``) from a measured
+    one's (``loss``, a model of ``layers_from`` layers): matrix ``l{i}.{kind}`` takes the
+    measured model's same kind at the same relative depth, the embedding the embedding's.
+    For planning a model that cannot be measured here (random weights have no meaningful
+    sensitivity, a 1.7B float copy does not fit the memory a plan is made in)."""
+    layers_to = 1 + max(int(m.split(".")[0][1:]) for m in shapes if m != "embed")
+    out = {}
+    for m in shapes:
+        if m == "embed":
+            out[m] = dict(loss["embed"])
+            continue
+        i, kind = int(m.split(".")[0][1:]), m.split(".")[1]
+        j = round(i * (layers_from - 1) / max(layers_to - 1, 1))
+        out[m] = dict(loss[f"l{j}.{kind}"])
+    return out
 
 
 def plan_for_budget(spec: LlmSpec, budget_mb: float, *, max_context: int,

@@ -8,7 +8,8 @@ both on calibration tokens run through the float model (numpy, f32):
   ``10 log10(|X W^T|^2 / |X (W - Q(W))^T|^2)`` with ``X`` the matrix's real input captured
   from the float forward pass;
 - **perplexity change** when only that matrix is quantized (the costly one, run for the
-  ``measure`` most sensitive matrices by the proxy, at the ``probe`` scheme): the forward pass
+  ``measure`` most sensitive matrices by the proxy, at the ``probe`` scheme, and for the
+  embedding at every one of its candidate schemes): the forward pass
   restarts at the matrix's layer from the captured residual stream, and reports the mean
   next-token NLL change (``log`` of the perplexity ratio) and the KL divergence of the
   next-token distribution from the float model's.
@@ -16,7 +17,8 @@ both on calibration tokens run through the float model (numpy, f32):
 The predicted loss of matrix ``m`` at scheme ``c`` is ``lambda_m * NSR(m, c)``
 (``NSR = 10^(-SNR/10)``): first order, a small output perturbation costs KL proportional to
 its energy. ``lambda_m = KL_m(probe) / NSR(m, probe)`` where measured, else the median over the
-measured matrices of the same kind (q, k, ..., down), else over all measured ones.
+measured matrices of the same kind (q, k, ..., down), else over all measured ones. The
+embedding's loss per scheme is its measured KL (one matrix, a handful of schemes).
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ __all__ = ["CANDIDATES", "TABLE_CANDIDATES", "Sensitivity", "measure_sensitivity
 CANDIDATES = tuple(parse_scheme(t) for t in (
     "int8", "int4-g32", "int4-g128", "int4-g32-asym", "int3-g32", "int3-g128", "int2-g32",
     "int2-g64", "int2-g128"))
-TABLE_CANDIDATES = (Scheme(16, None, "rtn"), Scheme(8, None, "rtn"))
+#: the embedding table: int16 / int8 rows, or groups like a projection (a tied model's output
+#: projection reads the same table: ``embed_wq`` + ``dense_wq``)
+TABLE_CANDIDATES = (Scheme(16, None, "rtn"), Scheme(8, None, "rtn")) + tuple(
+    parse_scheme(t) for t in ("int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "int3-g64",
+                              "int3-g128", "int2-g64", "int2-g128"))
 
 
 @dataclass
@@ -182,11 +188,18 @@ def _dequantized(w: np.ndarray, scheme: Scheme) -> np.ndarray:
     return wd
 
 
-def _table(w: np.ndarray, bits: int) -> np.ndarray:
+def _table(w: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """The embedding table as a scheme of :data:`TABLE_CANDIDATES` stores it, dequantized."""
     from compiler.llm.quantize import quantize_rows
 
-    q, rs = quantize_rows(w, bits)
+    if scheme.group is not None:
+        return _dequantized(w, scheme)
+    q, rs = quantize_rows(w, scheme.bits)
     return q.astype(np.float32) * rs[:, None]
+
+
+def _table_label(scheme: Scheme) -> str:
+    return f"int{scheme.bits}" if scheme.group is None else scheme_label(scheme)
 
 
 def measure_sensitivity(spec: LlmSpec, calibration: str | Sequence[int] | None = None, *,
@@ -219,22 +232,29 @@ def measure_sensitivity(spec: LlmSpec, calibration: str | Sequence[int] | None =
     table = spec.weights["embed"]
     shapes["embed"] = table.shape
     emb_in = table[fwd.ids]
-    snr["embed"] = {}
+    snr["embed"], table_kl = {}, {}
     for sch in TABLE_CANDIDATES:
-        e2 = float(np.square(emb_in - _table(table, sch.bits)[fwd.ids]).sum())
-        lab = f"int{sch.bits}"
+        deq = _table(table, sch)
+        e2 = float(np.square(emb_in - deq[fwd.ids]).sum())
+        lab = _table_label(sch)
         snr["embed"][lab] = 10 * math.log10(float(np.square(emb_in).sum()) / e2) \
             if e2 > 0 else math.inf
+        # one matrix, a few schemes: the effect of each is measured, not predicted (a tied
+        # table changes both the input rows and the output projection)
+        table_kl[lab] = fwd.effect(fwd.run(0, {"embed": deq}))
+    say(f"sensitivity: the embedding at {len(table_kl)} schemes "
+        f"({time.perf_counter() - t0:.0f} s)")
     sens = Sensitivity(shapes, snr, probe, tokens=len(fwd.ids))
     probe_s = parse_scheme(probe)
     for m in _most_sensitive(snr, probe, measure):
         layer = int(m.split(".")[0][1:])
         w = spec.weights[f"{m}.w"]
         sens.measured[m] = fwd.effect(fwd.run(layer, {f"{m}.w": _dequantized(w, probe_s)}))
-    sens.measured["embed"] = fwd.effect(fwd.run(0, {"embed": _table(table, 8)}))
+    sens.measured["embed"] = table_kl["int8"]
     say(f"sensitivity: perplexity effect of {len(sens.measured)} matrices "
         f"({time.perf_counter() - t0:.0f} s)")
     _predict(sens, "int8")
+    sens.loss["embed"] = {lab: max(e["kl"], 0.0) for lab, e in table_kl.items()}
     sens.seconds = time.perf_counter() - t0
     return sens
 
