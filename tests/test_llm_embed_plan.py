@@ -92,7 +92,7 @@ def test_tight_budget_takes_a_grouped_low_bit_embedding(tiny, sens, tmp_path):
     # room for everything at its smallest plus less than an int8 table's extra bytes
     budget_mb = math.floor(least + 0.5 * (int8_table - smallest_table)) / MB
     m = compile_llm(tiny, max_context=MAX_CONTEXT, chunk=CHUNK, size_budget_mb=budget_mb,
-                    sensitivity=sens, output=tmp_path / "tight.npkg")
+                    sensitivity=sens, output=tmp_path / "tight.npkg", work_dir=tmp_path / "w")
     plan = m.package.manifest["model"]["precision_plan"]
     emb = plan["matrices"]["embed"]
     assert emb.startswith(("int4", "int3", "int2")), emb
@@ -114,3 +114,36 @@ def test_tight_budget_takes_a_grouped_low_bit_embedding(tiny, sens, tmp_path):
     got = got - got.max(-1, keepdims=True)
     got = got - np.log(np.exp(got).sum(-1, keepdims=True))
     assert np.abs(got - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_a_1_7b_plan_fits_500_mb_only_with_a_grouped_embedding(sens):
+    """SmolLM2-1.7B's shape at 500 MB: with int8 rows for the tied table no plan exists (the
+    table alone is 101 MB); with grouped tables the solver finds one, from losses carried over
+    by depth, and its bytes are the sum of plan_bytes over its schemes."""
+    from compiler.llm.mixed import (
+        MB,
+        fixed_bytes,
+        matrix_shapes,
+        plan_bytes,
+        plan_of,
+        shape_spec,
+        solve,
+        transfer_by_depth,
+    )
+    from compiler.llm.quantize import Scheme
+
+    spec = shape_spec(49152, 2048, 8192, 24, 32, 32)
+    shapes = matrix_shapes(spec)
+    assert sum(n * k for n, k in shapes.values()) == 1_711_276_032
+    fixed = fixed_bytes(spec, 2048)
+    loss = transfer_by_depth(sens.loss, 2, shapes)
+    rows_only = {**loss, "embed": {k: v for k, v in loss["embed"].items()
+                                   if k in ("int8", "int16")}}
+    int8 = plan_bytes("embed", shapes["embed"], Scheme(8, None, "rtn"))
+    assert int8 > 100 * MB
+    with pytest.raises(Exception, match="cannot be met"):
+        solve(shapes, rows_only, 500 * MB, fixed)
+    plan = solve(shapes, loss, 500 * MB, fixed, name="1.7b")
+    assert plan.total <= 500 * MB and plan.schemes["embed"].group is not None
+    again = plan_of("1.7b", spec, plan.schemes, 2048)
+    assert again.total == plan.total and 2.2 < plan.bits_per_weight() < 2.35

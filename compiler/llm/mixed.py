@@ -40,7 +40,7 @@ from compiler.llm.quantize import (
 
 __all__ = ["Plan", "PRESETS", "candidates", "label_of", "matrix_shapes", "fixed_bytes", "solve", "preset_plan",
            "plan_for_budget", "smallest_bytes", "is_mixed", "quantize_mixed", "plan_bytes",
-           "transfer_loss", "shape_spec"]
+           "transfer_by_depth", "shape_spec", "plan_of", "quantize_plan"]
 
 MB = 1_000_000
 PANEL = 32          # rows are padded to the kernels' panel width (2 x f32 lanes, <= 32)
@@ -199,14 +199,11 @@ def preset_plan(name: str, spec: LlmSpec, max_context: int) -> Plan:
     """The named recipe of :data:`PRESETS` for ``spec``."""
     if name not in PRESETS:
         raise NpuccError(f"unknown precision preset {name!r}; presets: {', '.join(PRESETS)}")
-    shapes = matrix_shapes(spec)
     schemes = {}
-    for m in shapes:
+    for m in matrix_shapes(spec):
         lab = PRESETS[name][m.split(".")[-1]]
         schemes[m] = Scheme(16, None, "rtn") if lab == "int16" else parse_scheme(lab)
-    return Plan(name, schemes, {m: plan_bytes(m, shapes[m], s) for m, s in schemes.items()},
-                fixed_bytes(spec, max_context),
-                params={m: shapes[m][0] * shapes[m][1] for m in shapes})
+    return plan_of(name, spec, schemes, max_context)
 
 
 def smallest_bytes(spec: LlmSpec, max_context: int) -> int:
@@ -239,23 +236,33 @@ def shape_spec(vocab: int, hidden: int, intermediate: int, layers: int, heads: i
                    tied=tied, weights=w, name=name)
 
 
-def transfer_loss(loss: Mapping[str, Mapping[str, float]], layers_from: int,
-                  shapes: Mapping[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
-    """Predicted losses for another model of the same family (``shapes``) from a measured
-    one's (``loss``, a model of ``layers_from`` layers): matrix ``l{i}.{kind}`` takes the
-    measured model's same kind at the same relative depth, the embedding the embedding's.
-    For planning a model that cannot be measured here (random weights have no meaningful
-    sensitivity, a 1.7B float copy does not fit the memory a plan is made in)."""
+def transfer_by_depth(values: Mapping[str, Any], layers_from: int,
+                      shapes: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """Per-matrix ``values`` of one model (``layers_from`` layers) carried to another of the
+    same family (its ``shapes``): matrix ``l{i}.{kind}`` takes the same kind at the same
+    relative depth, the embedding the embedding's. For predicted losses (plan a model that
+    is not measured here: random weights have no meaningful sensitivity, and a 1.7B float copy
+    does not fit the memory a plan is made in) and for schemes (a plan's recipe applied to
+    another model)."""
     layers_to = 1 + max(int(m.split(".")[0][1:]) for m in shapes if m != "embed")
     out = {}
     for m in shapes:
         if m == "embed":
-            out[m] = dict(loss["embed"])
+            out[m] = values["embed"]
             continue
         i, kind = int(m.split(".")[0][1:]), m.split(".")[1]
-        j = round(i * (layers_from - 1) / max(layers_to - 1, 1))
-        out[m] = dict(loss[f"l{j}.{kind}"])
+        out[m] = values[f"l{round(i * (layers_from - 1) / max(layers_to - 1, 1))}.{kind}"]
     return out
+
+
+def plan_of(name: str, spec: LlmSpec, schemes: Mapping[str, Scheme], max_context: int
+            ) -> Plan:
+    """The plan that stores ``spec``'s matrices as ``schemes`` say (bytes as
+    :func:`plan_bytes` counts them)."""
+    shapes = matrix_shapes(spec)
+    return Plan(name, dict(schemes), {m: plan_bytes(m, shapes[m], s) for m, s in schemes.items()},
+                fixed_bytes(spec, max_context),
+                params={m: shapes[m][0] * shapes[m][1] for m in shapes})
 
 
 def plan_for_budget(spec: LlmSpec, budget_mb: float, *, max_context: int,
@@ -288,10 +295,6 @@ def quantize_mixed(spec: LlmSpec, quantize: str | None, size_budget_mb: float | 
                    progress=None) -> LlmSpec:
     """The spec quantized by a preset or a budget's plan; the plan is printed (``progress``)
     and kept in ``spec.precision`` for the package manifest."""
-    from dataclasses import replace
-
-    from compiler.llm.quantize import quantize_spec
-
     say = progress or (lambda msg: None)
     if size_budget_mb is not None:
         plan = plan_for_budget(spec, size_budget_mb, max_context=max_context,
@@ -300,6 +303,16 @@ def quantize_mixed(spec: LlmSpec, quantize: str | None, size_budget_mb: float | 
     else:
         plan = preset_plan(quantize, spec, max_context)
     say(plan.table())
+    return quantize_plan(spec, plan, max_context)
+
+
+def quantize_plan(spec: LlmSpec, plan: Plan, max_context: int) -> LlmSpec:
+    """``spec`` quantized as ``plan`` says, the plan in ``spec.precision`` (the manifest's
+    ``precision_plan``); ``compile_llm`` compiles the result as it is."""
+    from dataclasses import replace
+
+    from compiler.llm.quantize import quantize_spec
+
     out = quantize_spec(spec, Scheme(8, None, "rtn"), plan=plan.schemes, label=plan.name,
                         max_context=max_context)
     return replace(out, precision=plan.manifest())
