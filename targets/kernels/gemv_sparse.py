@@ -6,8 +6,9 @@ The constant operands are packed at compile time into n-panels of ``nb`` outputs
 byte = a quad's two kept codes), index ``[.., K/8, nb]`` u8 (one byte = two quads' 4-bit
 patterns), scales ``[.., K/(2g), nb]`` f16. Per n-panel (parallel), per pair of quads, the
 panel's ``nb`` code bytes and pattern bytes are decoded once into f32 codes ``q = u - 8`` and
-the positions ``a < b`` of the kept inputs; every row then selects its ``x[4j + a]`` and
-``x[4j + b]`` per lane (two compare-and-blends each: ``a`` is 0..2, ``b`` 1..3) and
+the pattern byte; every row then selects its ``x[4j + a]`` and ``x[4j + b]`` per lane with
+two bit tests and two blends each, on the pattern byte itself (``a`` is 0..2: bit 1 picks
+x2, else bit 0 x1, else x0; ``b`` is 1..3: bit 3 picks x3 or x2 by bit 2, else x1), and
 accumulates two multiply-adds per quad: half the multiply-adds of the dense int4 GEMV, and
 12 bits read per 4 weights instead of 16. The scale is applied once per group of ``g`` kept
 weights. No dense weight is ever formed. Numerics: f32, the reference's products in another
@@ -52,7 +53,7 @@ def dense_wq24(req: KernelRequest) -> KernelImpl:
             acc = T.alloc_buffer((m, nb), "float32", scope="local")
             part = T.alloc_buffer((m, nb), "float32", scope="local")
             code = T.alloc_buffer((4, nb), "float32", scope="local")
-            at = T.alloc_buffer((4, nb), "int32", scope="local")
+            pat = T.alloc_buffer((nb,), "int32", scope="local")
             for r in range(m):
                 for j in T.vectorized(nb):
                     acc[r, j] = T.float32(0)
@@ -61,31 +62,30 @@ def dense_wq24(req: KernelRequest) -> KernelImpl:
                     for j in T.vectorized(nb):
                         part[r, j] = T.float32(0)
                 for pi in range(pairs):
+                    for j in T.vectorized(nb):
+                        pat[j] = T.Cast("int32", ix[p, gi * pairs + pi, j])
                     for h in T.unroll(2):   # quad 2 * (gi * pairs + pi) + h
                         for j in T.vectorized(nb):
                             code[2 * h, j] = T.Cast("float32", T.Cast("int32", T.bitwise_and(
                                 w[p, (gi * pairs + pi) * 2 + h, j], T.uint8(15))) - 8)
                             code[2 * h + 1, j] = T.Cast("float32", T.Cast("int32", T.shift_right(
                                 w[p, (gi * pairs + pi) * 2 + h, j], T.uint8(4))) - 8)
-                            at[2 * h, j] = T.Cast("int32", T.bitwise_and(T.shift_right(
-                                ix[p, gi * pairs + pi, j], T.uint8(4 * h)), T.uint8(3)))
-                            at[2 * h + 1, j] = T.Cast("int32", T.bitwise_and(T.shift_right(
-                                ix[p, gi * pairs + pi, j], T.uint8(4 * h + 2)), T.uint8(3)))
                     for r in range(m):
                         for h in T.unroll(2):
                             for j in T.vectorized(nb):
+                                # a = bits 0-1 of the quad's nibble (0..2), b = bits 2-3 (1..3)
                                 part[r, j] = part[r, j] + code[2 * h, j] * T.Select(
-                                    at[2 * h, j] == 0,
-                                    xf[r, ((gi * pairs + pi) * 2 + h) * 4],
-                                    T.Select(at[2 * h, j] == 1,
+                                    T.bitwise_and(pat[j], 2 << (4 * h)) != 0,
+                                    xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 2],
+                                    T.Select(T.bitwise_and(pat[j], 1 << (4 * h)) != 0,
                                              xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 1],
-                                             xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 2])) \
+                                             xf[r, ((gi * pairs + pi) * 2 + h) * 4])) \
                                     + code[2 * h + 1, j] * T.Select(
-                                        at[2 * h + 1, j] == 3,
-                                        xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 3],
-                                        T.Select(at[2 * h + 1, j] == 2,
-                                                 xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 2],
-                                                 xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 1]))
+                                        T.bitwise_and(pat[j], 8 << (4 * h)) != 0,
+                                        T.Select(T.bitwise_and(pat[j], 4 << (4 * h)) != 0,
+                                                 xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 3],
+                                                 xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 2]),
+                                        xf[r, ((gi * pairs + pi) * 2 + h) * 4 + 1])
                 for r in range(m):
                     for j in T.vectorized(nb):
                         acc[r, j] = acc[r, j] + T.Cast("float32", s[p, gi, j]) * part[r, j]
