@@ -108,7 +108,15 @@ def decode_ms_per_token(target: str | TargetDescription, *, weight_bytes: int,
     fixed_ms = (layers * kernels_per_layer * terms.launch_us
                 + (terms.region_us if device == "npu" and desc.npu is not None else 0.0)) * 1e-3
     total = weights_ms + kv_ms + fixed_ms
+    launches = layers * kernels_per_layer
+    inputs = {"weight_bytes": int(weight_bytes), "dram_gbps": desc.memory.dram_gbps,
+              "memory_factor": terms.factor("memory"),
+              "kv_bytes": int(kv_bytes_per_position * (position + 1)), "launches": launches,
+              "launch_us": terms.launch_us}
+    formula = (f"{weight_bytes / 1e6:.1f} MB weights + {inputs['kv_bytes'] / 1e6:.1f} MB KV "
+               f"(positions 0..{position}) over {desc.memory.dram_gbps:g} GB/s x "
+               f"{inputs['memory_factor']:.3g} + {launches} launches x {terms.launch_us:g} us")
     return {"target": desc.name, "position": position, "ms_per_token": total,
             "tokens_per_s": 1e3 / total, "weights_ms": weights_ms, "kv_ms": kv_ms,
-            "fixed_ms": fixed_ms, "band": cost.band(),
+            "fixed_ms": fixed_ms, "band": cost.band(), "inputs": inputs, "formula": formula,
             "summary": f"{total:.3g} ms/token at position {position}, {cost.band()}"}

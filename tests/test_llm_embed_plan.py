@@ -147,3 +147,15 @@ def test_a_1_7b_plan_fits_500_mb_only_with_a_grouped_embedding(sens):
     assert plan.total <= 500 * MB and plan.schemes["embed"].group is not None
     again = plan_of("1.7b", spec, plan.schemes, 2048)
     assert again.total == plan.total and 2.2 < plan.bits_per_weight() < 2.35
+
+    # the kirin990 estimate of that plan, and the inputs it prints are the ones it used
+    from targets.llm_cost import decode_ms_per_token
+
+    est = decode_ms_per_token("kirin990", weight_bytes=plan.total, kv_bytes_per_position=393216,
+                              position=1023, layers=24, kernels_per_layer=16)
+    i = est["inputs"]
+    assert i["weight_bytes"] == plan.total and i["kv_bytes"] == 393216 * 1024
+    bw = i["dram_gbps"] * 1e9 * i["memory_factor"]
+    assert est["ms_per_token"] == pytest.approx(
+        (i["weight_bytes"] + i["kv_bytes"]) / bw * 1e3 + i["launches"] * i["launch_us"] * 1e-3)
+    assert f"{plan.total / 1e6:.1f} MB weights" in est["formula"]
