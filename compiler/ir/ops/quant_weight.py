@@ -23,6 +23,12 @@
     ``[N, K/g]``:
     ``W[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g]`` (a minimum per group,
     llama.cpp Q4_1's grid written as ``q = u - 8``, ``offset = min + 8 * scale``).
+
+    ``act_bits=8`` (bits 4, K and group_size multiples of 32): the input is first quantized to
+    int8 in blocks of 32 along K, as llama.cpp's Q8 activations (:func:`quantize_input_blocks`:
+    ``dx = max|x| / 127``, ``x8 = round(x * (127 / max|x|))``, ``x = x8 * dx``), so a kernel
+    may take integer dot products of codes (the asym offsets still multiply the f32 input's
+    group sums). ``act_bits=0`` (default): the f32 input as it is.
 ``gather_q(table, scales, idx)``
     an embedding lookup from an i16 or i8 table ``[V, D]`` with per-row f32 scales ``[V]``:
     ``out[..., d] = f32(table[idx, d]) * scales[idx]`` (axis 0; negative indices wrap).
@@ -47,7 +53,9 @@ from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType
 
 __all__ = ["pack_int4", "unpack_int4", "pack_bits", "unpack_bits", "dequantize_groups",
-           "packed_width"]
+           "packed_width", "quantize_input_blocks", "ACT_BLOCK"]
+
+ACT_BLOCK = 32   # inputs per int8 block with act_bits=8
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -118,6 +126,19 @@ def dequantize_groups(wq: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarr
     return q.astype(np.float32) * s
 
 
+def quantize_input_blocks(x: np.ndarray, block: int = ACT_BLOCK) -> np.ndarray:
+    """``x[..., K]`` rounded to int8 codes per block of ``block`` along K and back to f32:
+    ``x8 * dx`` with ``dx = max|x| / 127`` and ``x8 = round(x * (127 / max|x|))`` (all f32;
+    a zero block stays zero)."""
+    x = np.asarray(x, np.float32)
+    xb = x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.round(xb * inv).astype(np.float32)
+    return (q * (amax / np.float32(127)).astype(np.float32)).reshape(x.shape)
+
+
 # -- dense_wq --------------------------------------------------------------------------
 def _dense_wq_infer(types, attrs):
     x, wq, sc = types[0], types[1], types[2]
@@ -152,17 +173,25 @@ def _dense_wq_infer(types, attrs):
     b = 4 if asym else 3
     if len(types) == b + 1 and (types[b].shape != (n,) or types[b].dtype != "f32"):
         raise OpError(f"dense_wq: bias must be f32[{n}], got {types[b]}")
+    if attrs["act_bits"] and (bits != 4 or k % ACT_BLOCK or g % ACT_BLOCK):
+        raise OpError(f"dense_wq act_bits=8 needs bits=4 and K, group_size multiples of "
+                      f"{ACT_BLOCK}; got bits={bits}, K={k}, group_size={g}")
     return [TensorType(x.shape[:-1] + (n,), "f32")]
 
 
 def _dense_wq_ref(xs, attrs):
     x, wq, sc = xs[0], xs[1], xs[2]
     w = dequantize_groups(wq, sc, attrs["bits"])
-    b = 3
-    if attrs["asym"]:
-        w = w + np.repeat(np.asarray(xs[3], np.float32), w.shape[1] // xs[3].shape[1], axis=1)
-        b = 4
-    y = np.matmul(x.astype(np.float32), w.T)
+    x = x.astype(np.float32)
+    b = 4 if attrs["asym"] else 3
+    off = np.repeat(np.asarray(xs[3], np.float32), w.shape[1] // xs[3].shape[1], axis=1) \
+        if attrs["asym"] else None
+    if attrs["act_bits"]:   # the codes meet the quantized input, the offsets the f32 one
+        y = np.matmul(quantize_input_blocks(x), w.T)
+        if off is not None:
+            y = y + np.matmul(x, off.T)
+    else:
+        y = np.matmul(x, (w if off is None else w + off).T)
     if len(xs) == b + 1:
         y = y + xs[b]
     return [apply_activation(y.astype(np.float32), attrs)]
@@ -171,7 +200,7 @@ def _dense_wq_ref(xs, attrs):
 register_op(OpDef(
     "dense_wq", (3, 5),
     {"bits": Attr("int", 4, (2, 3, 4, 8)), "group_size": Attr("int", 128), "asym": Attr("bool", False),
-     **ACTIVATION_ATTRS},
+     "act_bits": Attr("int", 0, (0, 8)), **ACTIVATION_ATTRS},
     _dense_wq_infer, _dense_wq_ref, verify=check_activation, family="quant",
     doc="dense with group-wise int2/3/4/8 weights and f16 scales (weight-only)"))
 
