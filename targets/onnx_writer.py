@@ -170,6 +170,12 @@ class Writer:
             return self._clip(y, lo, hi, base)
         if act == "sigmoid":
             return self.op1("Sigmoid", [y], base)
+        if act == "silu":
+            return self.op1("Mul", [y, self.op1("Sigmoid", [y], base)], base)
+        if act == "hard_swish":
+            return self.op1("HardSwish", [y], base)
+        if act == "hard_sigmoid":
+            return self.op1("HardSigmoid", [y], base, alpha=1.0 / 6.0, beta=0.5)
         return self._gelu(y, "tanh" if act == "gelu_tanh" else "none", base)
 
     def _clip(self, y: str, lo: float, hi: float, base: str) -> str:

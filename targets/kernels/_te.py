@@ -16,7 +16,7 @@ from targets.kernels.base import CpuInfo, KernelRequest
 __all__ = ["tvm_dtype", "placeholders", "activation", "schedule_generic", "prim_func",
            "broadcast_index", "const", "PARALLEL_MIN", "expr", "dtype_of",
            "fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid", "accumulator_dtype",
-           "keep_nan", "nan_max", "nan_min", "nan_max_reducer", "nan_min_reducer"]
+           "keep_nan", "is_nan", "nan_max", "nan_min", "nan_max_reducer", "nan_min_reducer"]
 
 _TVM_DTYPES = {
     "f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
@@ -112,12 +112,33 @@ def _is_float(v) -> bool:
     return dtype_of(v).startswith(("float", "bfloat"))
 
 
+_NAN_BITS = {"float16": ("int16", 0x7FFF, 0x7C00), "bfloat16": ("int16", 0x7FFF, 0x7F80),
+             "float32": ("int32", 0x7FFFFFFF, 0x7F800000),
+             "float64": ("int64", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+def is_nan(x):
+    """``x`` is NaN, as an integer test on its bits (exponent all ones, mantissa not zero).
+
+    ``tirx.isnan`` in a Select over a loop TVM vectorises made the vectoriser give up: LLVM then
+    vectorised the scalar loop with gathers and scatters (relu on 56x56x256 f32 took 0.69 ms on
+    one Zen 4 core, 0.09 ms with this test; clip, hard_sigmoid and binary max alike)."""
+    from tvm import tirx
+
+    x = expr(x)
+    bits = _NAN_BITS.get(dtype_of(x))
+    if bits is None:
+        return tirx.isnan(x)
+    idt, mask, inf = bits
+    return tirx.reinterpret(idt, x) & tirx.const(mask, idt) > tirx.const(inf, idt)
+
+
 def keep_nan(x, y):
     """``y``, except NaN where ``x`` is NaN (for a function of ``x`` that would drop it)."""
     from tvm import tirx
 
     x = expr(x)
-    return tirx.Select(tirx.isnan(x), x.astype(dtype_of(y)), y) if _is_float(x) else y
+    return tirx.Select(is_nan(x), x.astype(dtype_of(y)), y) if _is_float(x) else y
 
 
 def nan_max(a, b):
@@ -127,7 +148,7 @@ def nan_max(a, b):
     a, b = expr(a), expr(b)
     if not _is_float(a):
         return te.max(a, b)
-    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, te.max(a, b)))
+    return tirx.Select(is_nan(a), a, tirx.Select(is_nan(b), b, te.max(a, b)))
 
 
 def nan_min(a, b):
@@ -137,7 +158,7 @@ def nan_min(a, b):
     a, b = expr(a), expr(b)
     if not _is_float(a):
         return te.min(a, b)
-    return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, te.min(a, b)))
+    return tirx.Select(is_nan(a), a, tirx.Select(is_nan(b), b, te.min(a, b)))
 
 
 def _nan_reducer(is_max: bool):
@@ -282,7 +303,8 @@ def fast_sigmoid(x):
 
 
 def activation(v, kind: str, clip_min: float = 0.0, clip_max: float = 6.0):
-    """Apply a fused-op activation (CATALOGUE: none relu relu6 clip sigmoid gelu gelu_tanh)."""
+    """Apply a fused-op activation (CATALOGUE: none relu relu6 clip sigmoid gelu gelu_tanh silu
+    hard_swish hard_sigmoid)."""
     from tvm import te, tirx
 
     v = expr(v)
@@ -300,6 +322,11 @@ def activation(v, kind: str, clip_min: float = 0.0, clip_max: float = 6.0):
                                   const(float(clip_max), dt)))
     if kind == "sigmoid":
         return fast_sigmoid(v)
+    if kind == "silu":
+        return v * fast_sigmoid(v)
+    if kind in ("hard_swish", "hard_sigmoid"):
+        hs = te.min(te.max(v * tirx.const(1.0 / 6.0, dt) + half, tirx.const(0, dt)), one)
+        return keep_nan(v, hs if kind == "hard_sigmoid" else v * hs)
     if kind == "gelu":
         return half * v * (one + fast_erf(v * tirx.const(1.0 / math.sqrt(2.0), dt)))
     if kind == "gelu_tanh":

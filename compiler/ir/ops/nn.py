@@ -21,7 +21,8 @@ from compiler.ir.types import TensorType, is_float
 __all__ = ["ACTIVATIONS", "ACTIVATION_ATTRS", "apply_activation", "check_activation",
            "conv_out_size", "pool_out_size", "kernel_dims", "accumulator_dtype"]
 
-ACTIVATIONS = ("none", "relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
+ACTIVATIONS = ("none", "relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh", "silu",
+               "hard_swish", "hard_sigmoid")
 ACTIVATION_ATTRS = {
     "activation": Attr("str", "none", ACTIVATIONS, "fused activation"),
     "clip_min": Attr("float", 0.0, doc="lower bound when activation is clip"),
@@ -58,8 +59,12 @@ def apply_activation(y: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
     if act in ("relu6", "clip"):
         lo, hi = (0.0, 6.0) if act == "relu6" else (attrs["clip_min"], attrs["clip_max"])
         return np.clip(y, np.asarray(lo, dt), np.asarray(hi, dt))
-    if act == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-y.astype(np.float64)))).astype(dt)
+    if act in ("sigmoid", "silu"):
+        s = 1.0 / (1.0 + np.exp(-y.astype(np.float64)))
+        return (s if act == "sigmoid" else y * s).astype(dt)
+    if act in ("hard_swish", "hard_sigmoid"):  # torch's: clip(y / 6 + 0.5, 0, 1) [* y]
+        s = np.clip(y.astype(np.float64) / 6.0 + 0.5, 0.0, 1.0)
+        return (s if act == "hard_sigmoid" else y * s).astype(dt)
     return gelu_array(y, "tanh" if act == "gelu_tanh" else "none")
 
 
