@@ -27,6 +27,10 @@ __all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDens
 
 _ALL_ACTS = tuple(a for a in ACTIVATIONS if a != "none")   # the fused-activation attribute
 Activation = Literal[_ALL_ACTS]  # type: ignore[valid-type]  (one list: ir/ops/nn.py)
+# Fused by default. silu, hard_swish and hard_sigmoid are asked for by name (the host
+# pipeline does): an NPU target whose conv takes only these keeps e.g. conv -> hard_swish as
+# two nodes it can both run, instead of one conv that falls back to the CPU.
+_DEFAULT_ACTS = ("relu", "relu6", "clip", "sigmoid", "gelu", "gelu_tanh")
 
 
 def _count(stats: dict[str, int], key: str) -> None:
@@ -241,6 +245,13 @@ def activation_of(node: Node) -> dict[str, Any] | None:
         return {"activation": "relu"}
     if op == "sigmoid":
         return {"activation": "sigmoid"}
+    if op == "hard_swish":
+        return {"activation": "hard_swish"}
+    if op == "hard_sigmoid":  # torch's hardsigmoid only (alpha 1/6, beta 1/2)
+        a, b = node.attrs["alpha"], node.attrs["beta"]
+        if math.isclose(a, 1.0 / 6.0, rel_tol=1e-6) and math.isclose(b, 0.5, rel_tol=1e-6):
+            return {"activation": "hard_sigmoid"}
+        return None
     if op == "gelu":
         return {"activation": "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu"}
     if op == "clip":
@@ -310,6 +321,31 @@ def erf_gelu_tail(graph: Graph, v: Value) -> Node | None:
     return None
 
 
+def silu_tail(graph: Graph, v: Value) -> Node | None:
+    """The ``mul(v, sigmoid(v))`` (either operand order) when ``v`` has exactly these two
+    readers, is not a graph output and the sigmoid's result is read only by the mul."""
+    users = v.users()
+    if len(users) != 2 or len(v.uses) != 2 or any(o is v for o in graph.outputs):
+        return None
+    sig = next((u for u in users if u.op == "sigmoid"), None)
+    mul = next((u for u in users if u.op == "mul"), None)
+    if sig is None or mul is None or _other(mul, v) is not sig.output:
+        return None
+    return mul if only_user(graph, sig.output) is mul else None
+
+
+def _written_out_act(graph: Graph, v: Value, allowed: tuple[str, ...]
+                     ) -> tuple[str, Node] | None:
+    """(activation, last node) of a GELU or SiLU written out over ``v``, if enabled."""
+    if not is_float(v.dtype):
+        return None
+    for kind, find_tail in (("gelu", erf_gelu_tail), ("silu", silu_tail)):
+        tail = find_tail(graph, v) if kind in allowed else None
+        if tail is not None:
+            return kind, tail
+    return None
+
+
 def _check_activations(name: str, acts: tuple[str, ...]) -> None:
     bad = [a for a in acts if a not in _ALL_ACTS]
     if bad:
@@ -323,15 +359,15 @@ def _fuse_act(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str) ->
     for node in graph.find(anchor):
         if node.attrs["activation"] != "none":
             continue
-        if "gelu" in allowed and is_float(node.output.dtype):
-            tail = erf_gelu_tail(graph, node.output)
-            if tail is not None:
-                attrs = {**node.attrs, "activation": "gelu"}
-                replace_node(graph, tail, anchor, list(node.inputs), attrs, rule=rule,
-                             name_from=node)
-                erase_dead(graph, [node])
-                _count(stats, "fused")
-                continue
+        found = _written_out_act(graph, node.output, allowed)
+        if found is not None:
+            kind, tail = found
+            attrs = {**node.attrs, "activation": kind}
+            replace_node(graph, tail, anchor, list(node.inputs), attrs, rule=rule,
+                         name_from=node)
+            erase_dead(graph, [node])
+            _count(stats, "fused")
+            continue
         user = only_user(graph, node.output)
         if user is None:
             _count(stats, "skipped.result_used_elsewhere")
@@ -358,11 +394,14 @@ class FuseConvAct(Pass):
     """A relu / relu6 (clip 0..6) / clip / sigmoid / gelu that is the only reader of a
     conv2d without activation becomes the conv's ``activation`` (clip bounds in
     ``clip_min``/``clip_max``). Before: conv2d -> relu. After: conv2d{activation="relu"}.
-    Conv+BN+ReLU fuses after ``fold-batchnorm`` has removed the BN.
+    Conv+BN+ReLU fuses after ``fold-batchnorm`` has removed the BN. When enabled by name
+    (``activations=...,silu,hard_swish,hard_sigmoid``): a hard_swish, a torch hardsigmoid
+    (alpha 1/6, beta 1/2), and SiLU written out as ``mul(y, sigmoid(y))`` (the conv's only
+    two readers) fuse too.
     """
 
     name: ClassVar[str] = "fuse-conv-act"
-    activations: tuple[Activation, ...] = _ALL_ACTS
+    activations: tuple[Activation, ...] = _DEFAULT_ACTS
 
     def __post_init__(self) -> None:
         _check_activations(self.name, self.activations)
@@ -386,10 +425,11 @@ class FuseDenseAct(Pass):
     """A relu / gelu (erf or tanh) / relu6 / clip / sigmoid that is the only reader of a
     dense without activation becomes the dense's ``activation``; so does GELU written out
     with erf (``0.5 * x * (1 + erf(x / sqrt 2))``, how ONNX exports before opset 20 carry
-    it), when its intermediates are read by nothing else."""
+    it), when its intermediates are read by nothing else. silu / hard_swish / hard_sigmoid
+    as in ``fuse-conv-act``, when named in ``activations``."""
 
     name: ClassVar[str] = "fuse-dense-act"
-    activations: tuple[Activation, ...] = _ALL_ACTS
+    activations: tuple[Activation, ...] = _DEFAULT_ACTS
 
     def __post_init__(self) -> None:
         _check_activations(self.name, self.activations)
