@@ -61,6 +61,9 @@ def dense_wq(req: KernelRequest) -> KernelImpl:
 
         # token-by-token decoding: one pass over the packed weights (same layout as below)
         return dense_wq_gemv(req, nb, pack)
+    if req.attrs.get("act_bits", 0):
+        raise NotImplementedError("dense_wq act_bits=8 runs only as the one-row GEMV over "
+                                  "constant weights (targets/kernels/gemv_q.py)")
     types = {}
     if packed:
         types[1] = TensorType((-(-N // nb), wt.shape[1], nb), wt.dtype)
