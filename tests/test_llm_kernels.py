@@ -83,3 +83,49 @@ def test_dense_wq_asym(tmp_path, rows, bias):
     ins = [f32(rows, k), pack_int4(q), s, c] + ([f32(n)] if bias else [])
     check_cases([Case("dense_wq", ins, {"bits": 4, "group_size": g, "asym": True},
                       consts=tuple(range(1, len(ins))))], tmp_path, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group,asym,bias", [(32, False, False), (128, False, True),
+                                             (32, True, True), (64, True, False)])
+@pytest.mark.parametrize("cpu", [None, "x86-64-v3"])
+def test_dense_wq_gemv_int8_input(tmp_path, group, asym, bias, cpu):
+    """dense_wq{act_bits=8}: the input quantized to int8 per block of 32 — the VNNI kernel
+    (integer dot products, gemv_q.dense_wq_gemv_x8) where the CPU has it, the f32 GEMV over the
+    quantized input elsewhere (x86-64-v3 here) — against the op's reference, which differs
+    from the f32-input result by the input's rounding."""
+    import tvm
+
+    from compiler.ir.ops.quant_weight import pack_int4
+    from compiler.llm.quantize import quantize_asym
+    from passes.quantization.gptq import quantize_rtn
+    from runtime.pool import load_library
+    from targets.kernels.gemv_q import has_dot_gemv
+    from targets.tvm_codegen import host_cpu
+    from tests.kernel_harness import build_cases, reference
+
+    n, k = 72, 256
+    w = f32(n, k)
+    x = f32(1, k)
+    x[0, 32:64] = 0                      # an all-zero block: step 0, codes 0
+    if asym:
+        q, s, c = quantize_asym(w, group)
+        ins = [x, pack_int4(q), s, c]
+    else:
+        q, s = quantize_rtn(w, 4, group)
+        ins = [x, pack_int4(q), s]
+    ins += [f32(n)] if bias else []
+    attrs = {"bits": 4, "group_size": group, "asym": asym}
+    cases = [Case("dense_wq", ins, dict(attrs, act_bits=8), consts=tuple(range(1, len(ins))))]
+    target = host_cpu(cpu)
+    assert has_dot_gemv(target, 32, k, group) == (cpu is None and has_dot_gemv(host_cpu(), 32,
+                                                                               k, group))
+    lib_path, calls = build_cases(cases, tmp_path, cpu=target)
+    lib = load_library(tvm, lib_path, require=True)
+    sym, args, otypes = calls[0]
+    out = tvm.runtime.tensor(np.zeros(otypes[0].shape, np.float32))
+    lib[sym](*[tvm.runtime.tensor(a) for a in args], out)
+    got, ref = out.numpy(), reference(cases[0])[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    f32_ref = reference(Case("dense_wq", ins, attrs))[0]
+    rel = np.abs(got - f32_ref).max() / np.abs(f32_ref).max()
+    assert 1e-4 < rel < 3e-2, rel        # the input's int8 rounding, no more

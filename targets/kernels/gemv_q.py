@@ -41,13 +41,36 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
     xshape = req.input_types[0].shape
     zero = 8.0 if bits == 4 else 0.0
     wdt, kw = ("uint8", k // 2) if bits == 4 else ("int8", k)
+    act8 = int(req.attrs.get("act_bits", 0)) == 8
+    if act8 and has_dot_gemv(req.cpu, nb, k, g):
+        return dense_wq_gemv_x8(req, nb, transforms)
+
+    @T.macro
+    def stage_input(xin, xf):
+        """xf = the input (act_bits=8: rounded to int8 codes per block of 32, times the
+        block's step, as the op's reference does; CPUs without the integer-dot kernel)."""
+        if act8:
+            for bi in range(k // 32):
+                amax = T.alloc_buffer((1,), "float32")
+                amax[0] = T.float32(0)
+                for kk in range(32):
+                    amax[0] = T.max(amax[0], T.fabs(xin[bi * 32 + kk]))
+                for kk in range(32):
+                    xf[bi * 32 + kk] = T.round(xin[bi * 32 + kk] * T.if_then_else(
+                        amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))) \
+                        * (amax[0] / T.float32(127))
+        else:
+            for kk in range(k):
+                xf[kk] = xin[kk]
 
     @T.prim_func
     def gemv4(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, kw, nb), wdt),
               s: T.Buffer((panels, groups, nb), "float16"), b: T.Buffer((n,), "float32"),
               out: T.Buffer(xshape[:-1] + (n,), "float32")):
-        xf = T.decl_buffer((k,), "float32", data=x.data)
+        xin = T.decl_buffer((k,), "float32", data=x.data)
         of = T.decl_buffer((n,), "float32", data=out.data)
+        xf = T.alloc_buffer((k,), "float32")
+        stage_input(xin, xf)
         xs = T.alloc_buffer((groups,), "float32")
         for gi in range(groups):
             xs[gi] = T.float32(0)
@@ -82,13 +105,18 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
                s: T.Buffer((panels, groups, nb), "float16"),
                c: T.Buffer((panels, groups, nb), "float32"), b: T.Buffer((n,), "float32"),
                out: T.Buffer(xshape[:-1] + (n,), "float32")):
-        xf = T.decl_buffer((k,), "float32", data=x.data)
+        xin = T.decl_buffer((k,), "float32", data=x.data)
         of = T.decl_buffer((n,), "float32", data=out.data)
-        xs = T.alloc_buffer((groups,), "float32")
+        xf = T.alloc_buffer((k,), "float32")
+        stage_input(xin, xf)
+        xs = T.alloc_buffer((groups,), "float32")    # of the (quantized) input
+        xo = T.alloc_buffer((groups,), "float32")    # of the f32 input: the offsets'
         for gi in range(groups):
             xs[gi] = T.float32(0)
+            xo[gi] = T.float32(0)
             for kk in range(g):
                 xs[gi] = xs[gi] + xf[gi * g + kk]
+                xo[gi] = xo[gi] + xin[gi * g + kk]
         for p in T.parallel(panels):
             acc = T.alloc_buffer((nb,), "float32", scope="local")
             part = T.alloc_buffer((nb,), "float32", scope="local")
@@ -108,7 +136,7 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
                                                          T.uint8(4)))
                 for j in T.vectorized(nb):
                     acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) \
-                        * (part[j] - T.float32(8) * xs[gi]) + c[p, gi, j] * xs[gi]
+                        * (part[j] - T.float32(8) * xs[gi]) + c[p, gi, j] * xo[gi]
             for j in range(nb):
                 if p * nb + j < n:
                     of[p * nb + j] = acc[j] + b[p * nb + j]
@@ -228,3 +256,156 @@ def dense_wq_lowbit(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl
     return KernelImpl(lowbit, transforms, extra_const_inputs=extra,
                       note=f"dense_wq int{bits} g{g} M={m} K={k} N={n}: {nb}-wide panels, "
                            f"{per} codes per {nby}-byte word decoded once for all rows")
+
+
+def has_dot_gemv(cpu, nb: int, k: int, g: int) -> bool:
+    """Whether :func:`dense_wq_gemv_x8` can run well: AVX512-VNNI (``vpdpbusd``) and VBMI
+    (``vpermt2b``), 32-wide panels, whole 32-input blocks inside a group."""
+    return (cpu.arch == "x86_64" and cpu.has("avx512vnni", "avx512bw", "avx512vbmi")
+            and nb == 32 and k % 32 == 0 and g % 32 == 0)
+
+
+def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
+    """The int4 GEMV with the input quantized to int8 (``act_bits=8``) and integer dot
+    products (``vpdpbusd``), as llama.cpp's Q4 x Q8 dot: per block of 32 inputs
+    ``dx = max|x| / 127``, ``x8 = round(x / dx)``; per block and column ``sum (u - 8) * x8`` in
+    int32, then ``acc += scale * dx * that`` in f32 (asym: ``+ offset * sum(x over the
+    group)`` with the f32 sums).
+
+    Same packed weights as :func:`dense_wq_gemv` (``[panels, K/2, 32]`` u8, read once). Four
+    panel rows (128 bytes) are transposed in registers by two byte permutations
+    (``vpermt2b``) so that dword ``c`` holds column ``c``'s bytes of the 4 rows; masking out
+    the low and the high nibbles gives, per column, 4 codes at even k and 4 at odd k, which
+    one ``vpdpbusd`` each multiplies by the 4 matching input codes (one broadcast dword) and
+    adds to the column's int32 sum: 4 ``vpdpbusd`` per 256 weights, no int-to-float conversion
+    per weight (the f32 GEMV converts every nibble)."""
+    from tvm.script import tirx as T
+
+    g = int(req.attrs["group_size"])
+    k = req.input_types[0].shape[-1]
+    n = req.input_types[1].shape[0]
+    xshape = req.input_types[0].shape
+    asym = bool(req.attrs.get("asym", False))
+    has_bias = len(req.input_types) == (5 if asym else 4)
+    panels, groups, blocks, bpg, half = -(-n // nb), k // g, k // 32, g // 32, nb // 2
+    # out byte 4c + r <- byte (row r, column c) of 4 rows x 32 columns, columns c0 .. c0 + 15
+    perms = [[32 * (q % 4) + c0 + q // 4 for q in range(64)] for c0 in (0, half)]
+    vdot = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.macro
+    def quantize_x(xf, x8, xq, dx, sx):
+        """x8: the input codes; xq[quad, h]: the codes at k = 8 quad + 2r + h (r = 0..3) as
+        the bytes of one dword; dx[b]: the block's step; sx[b] = 8 * sum(x8 over block b)."""
+        for bi in range(blocks):
+            dx[bi] = T.float32(0)
+            for kk in range(32):
+                dx[bi] = T.max(dx[bi], T.fabs(xf[bi * 32 + kk]))
+            sx[bi] = 0
+            for kk in range(32):
+                x8[bi * 32 + kk] = T.Cast("int32", T.round(xf[bi * 32 + kk] * T.if_then_else(
+                    dx[bi] > T.float32(0), T.float32(127) / dx[bi], T.float32(0))))
+                sx[bi] = sx[bi] + x8[bi * 32 + kk] * 8
+            dx[bi] = dx[bi] / T.float32(127)
+        for qd, h in T.grid(k // 8, 2):
+            xq[qd, h] = T.bitwise_or(
+                T.bitwise_or(T.bitwise_and(x8[qd * 8 + h], 255),
+                             T.shift_left(T.bitwise_and(x8[qd * 8 + 2 + h], 255), 8)),
+                T.bitwise_or(T.shift_left(T.bitwise_and(x8[qd * 8 + 4 + h], 255), 16),
+                             T.shift_left(x8[qd * 8 + 6 + h], 24)))
+
+    @T.macro
+    def dot_quad(w, xq, ia, p, qd, a0, perm):
+        """Columns perm's 16 of 4 rows (quad qd) into ia[a0] (low nibbles), ia[a0 + 1]."""
+        wv = T.reinterpret(T.Shuffle([w.vload([p, qd * 4, 0], "uint8x64"),
+                                      w.vload([p, qd * 4 + 2, 0], "uint8x64")], perm),
+                           dtype="int32x16")
+        ia[a0, T.ramp(0, 1, half)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(vdot), ia.vload([a0, 0], "int32x16"),
+            T.reinterpret(T.bitwise_and(wv, T.broadcast(T.int32(0x0F0F0F0F), half)),
+                          dtype="int8x64"),
+            T.reinterpret(T.broadcast(xq[qd, 0], half), dtype="int8x64"), dtype="int32x16")
+        ia[a0 + 1, T.ramp(0, 1, half)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(vdot), ia.vload([a0 + 1, 0], "int32x16"),
+            T.reinterpret(T.bitwise_and(T.shift_right(wv, T.broadcast(T.int32(4), half)),
+                                        T.broadcast(T.int32(0x0F0F0F0F), half)),
+                          dtype="int8x64"),
+            T.reinterpret(T.broadcast(xq[qd, 1], half), dtype="int8x64"), dtype="int32x16")
+
+    @T.macro
+    def panel_group(w, xq, dx, sx, gs, ia, p, gi):
+        """gs[j] = sum over the group's blocks of dx * sum (u - 8) * x8 for column j."""
+        for j in T.vectorized(nb):
+            gs[j] = T.float32(0)
+        for bb in range(bpg):
+            for a in T.unroll(4):
+                for i in T.vectorized(half):
+                    ia[a, i] = 0
+            for rq in range(4):   # 4 quads of 4 rows: the block's 32 inputs
+                dot_quad(w, xq, ia, p, (gi * bpg + bb) * 4 + rq, 0, perms[0])
+                dot_quad(w, xq, ia, p, (gi * bpg + bb) * 4 + rq, 2, perms[1])
+            for hc in T.unroll(2):
+                for i in T.vectorized(half):
+                    gs[hc * half + i] = gs[hc * half + i] + dx[gi * bpg + bb] * T.Cast(
+                        "float32", ia[2 * hc, i] + ia[2 * hc + 1, i] - sx[gi * bpg + bb])
+
+    @T.prim_func
+    def gemv_x8(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
+                s: T.Buffer((panels, groups, nb), "float16"), b: T.Buffer((n,), "float32"),
+                out: T.Buffer(xshape[:-1] + (n,), "float32")):
+        xf = T.decl_buffer((k,), "float32", data=x.data)
+        of = T.decl_buffer((n,), "float32", data=out.data)
+        x8 = T.alloc_buffer((k,), "int32")
+        xq = T.alloc_buffer((k // 8, 2), "int32")
+        dx = T.alloc_buffer((blocks,), "float32")
+        sx = T.alloc_buffer((blocks,), "int32")
+        quantize_x(xf, x8, xq, dx, sx)
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((nb,), "float32")
+            gs = T.alloc_buffer((nb,), "float32")
+            ia = T.alloc_buffer((4, half), "int32")
+            for j in T.vectorized(nb):
+                acc[j] = T.float32(0)
+            for gi in range(groups):
+                panel_group(w, xq, dx, sx, gs, ia, p, gi)
+                for j in T.vectorized(nb):
+                    acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j]
+            for j in range(nb):
+                if p * nb + j < n:
+                    of[p * nb + j] = acc[j] + b[p * nb + j]
+
+    @T.prim_func
+    def gemv_x8a(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
+                 s: T.Buffer((panels, groups, nb), "float16"),
+                 c: T.Buffer((panels, groups, nb), "float32"), b: T.Buffer((n,), "float32"),
+                 out: T.Buffer(xshape[:-1] + (n,), "float32")):
+        xf = T.decl_buffer((k,), "float32", data=x.data)
+        of = T.decl_buffer((n,), "float32", data=out.data)
+        x8 = T.alloc_buffer((k,), "int32")
+        xq = T.alloc_buffer((k // 8, 2), "int32")
+        dx = T.alloc_buffer((blocks,), "float32")
+        sx = T.alloc_buffer((blocks,), "int32")
+        xs = T.alloc_buffer((groups,), "float32")
+        quantize_x(xf, x8, xq, dx, sx)
+        for gi in range(groups):
+            xs[gi] = T.float32(0)
+            for kk in range(g):
+                xs[gi] = xs[gi] + xf[gi * g + kk]
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((nb,), "float32")
+            gs = T.alloc_buffer((nb,), "float32")
+            ia = T.alloc_buffer((4, half), "int32")
+            for j in T.vectorized(nb):
+                acc[j] = T.float32(0)
+            for gi in range(groups):
+                panel_group(w, xq, dx, sx, gs, ia, p, gi)
+                for j in T.vectorized(nb):
+                    acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j] \
+                        + c[p, gi, j] * xs[gi]
+            for j in range(nb):
+                if p * nb + j < n:
+                    of[p * nb + j] = acc[j] + b[p * nb + j]
+
+    extra = [] if has_bias else [np.zeros(n, np.float32)]
+    return KernelImpl(gemv_x8a if asym else gemv_x8, transforms, extra_const_inputs=extra,
+                      note=f"dense_wq int4 g{g} x int8 input GEMV K={k} N={n}: vpdpbusd on "
+                           f"4-row transposed panels, input blocks of 32")
