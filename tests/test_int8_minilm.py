@@ -1,0 +1,90 @@
+"""The int8 MiniLM path's kernels stay on their fast paths.
+
+Regressions caught here cost MiniLM int8 its speed without changing a single result:
+- the quantize kernel must compile to vector code for every CPU kind (TVM's vectoriser
+  scalarises ``tirx.nearbyint``: LLVM then vectorised the outer loop with gathers and 16
+  single-byte stores per vector, ~10x slower; ``tirx.round`` is the same LLVM nearbyint and
+  stays a vector op);
+- a qdense with a float activation (gelu) whose result is quantized writes u8 directly
+  (``out_dtype=u8``, f32 result quantized in the epilogue) and matches the reference
+  (qdense f32 then quantize) exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.ir.registry import get_op
+from compiler.ir.types import TensorType
+from targets.host import cpu_info_for
+from targets.kernels.base import KernelRequest, get_kernel_builder
+
+RNG = np.random.default_rng(18)
+
+LEVELS = {
+    "znver4": {"kind": "llvm", "mcpu": "znver4", "num-cores": 2},
+    "x86-64-v3": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
+    "cortex-a76": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                   "mattr": ["+neon", "+dotprod", "+fullfp16"], "num-cores": 2},
+}
+
+
+def _compiled(impl, cpu, kind: str) -> str:
+    import tvm
+
+    mod = tvm.IRModule({"f": impl.prim_func.with_attr("global_symbol", "f")})
+    return tvm.compile(mod, target=tvm.target.Target(cpu.tvm_target)).mod.inspect_source(kind)
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_quantize_kernel_is_vector_code(level):
+    """Built (not run) for each CPU kind: the rounding is one vector nearbyint per SIMD
+    register of floats, and x86 code has no gathers (the scalarised form had 32 per loop)."""
+    cpu = cpu_info_for(LEVELS[level])
+    s, z = np.asarray(0.02, np.float32), np.asarray(128, np.uint8)
+    x = TensorType((1, 128, 1536), "f32")
+    req = KernelRequest("quantize", get_op("quantize").normalize_attrs({"dtype": "u8"}),
+                        [x, TensorType.of(s), TensorType.of(z)], [x.with_dtype("u8")],
+                        {1: s, 2: z}, cpu)
+    impl = get_kernel_builder("quantize")(req)
+    ll = _compiled(impl, cpu, "ll")
+    lanes = cpu.lanes("f32")
+    assert lanes >= 4
+    assert f"@llvm.nearbyint.v{lanes}f32" in ll
+    assert "@llvm.nearbyint.f32(" not in ll
+    if cpu.arch == "x86_64":
+        asm = _compiled(impl, cpu, "asm")
+        assert "vgather" not in asm and "vpextrb" not in asm
+
+
+def _run(case_ins, attrs, op, consts, tmp_path):
+    from kernel_harness import Case, reference, run_cases
+
+    c = Case(op, case_ins, attrs, consts=consts)
+    (got,) = run_cases([c], tmp_path)
+    return got[0], reference(c)[0]
+
+
+@pytest.mark.parametrize("K", [384, 30])   # VNNI micro-kernel where the CPU has it; generic
+def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, tmp_path):
+    M, N = 16, 48
+    x = RNG.integers(0, 256, (M, K)).astype(np.uint8)
+    w = RNG.integers(-127, 128, (N, K)).astype(np.int8)
+    b = RNG.integers(-3000, 3000, N).astype(np.int32)
+    ws = (RNG.random(N) * 0.002 + 0.0005).astype(np.float32)
+    xs, xz = np.asarray(0.02, np.float32), np.asarray(120, np.uint8)
+    ys, yz = np.asarray(0.01, np.float32), np.asarray(17, np.uint8)
+    ins = [x, w, b, xs, xz, ws, ys, yz]
+    got, want = _run(ins, {"out_dtype": "u8", "activation": "gelu"}, "qdense",
+                     tuple(range(1, 8)), tmp_path)
+    # the reference is the two-op form: qdense to f32, then quantize
+    op = get_op("qdense")
+    y = op.reference(ins[:6], op.normalize_attrs({"activation": "gelu"}))[0]
+    q = get_op("quantize").reference([y, ys, yz], get_op("quantize").normalize_attrs({}))[0]
+    np.testing.assert_array_equal(want, q)
+    assert got.dtype == np.uint8 and len(np.unique(got)) > 20   # not clipped flat
+    # gelu is a polynomial erf in the kernel, numpy's erf in the reference: a result at a
+    # rounding boundary may land one step away; no more, and rarely
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    assert diff.max() <= 1 and np.mean(diff) < 0.01
