@@ -7,9 +7,11 @@ Rules (each counted in the pass stats):
   reading ``xq`` and the i8 weight directly (stored int8 in the package); the float bias
   becomes i32 at scale ``x_scale * w_scale``. ``matmul(dequantize(a), dequantize(b))``
   becomes ``qmatmul``.
-- The result: when its only reader is a per-tensor ``quantize`` to u8/i8 and the activation
-  is none/relu/relu6/clip, the integer op requantizes to it (``out_dtype`` u8/i8) and the
-  quantize goes; otherwise ``out_dtype=f32`` (dequantized in the epilogue).
+- The result: when its only reader is a per-tensor ``quantize`` to u8/i8, the integer op
+  produces that quantize's result (``out_dtype`` u8/i8) and the quantize goes: requantized in
+  fixed point with the activation none/relu/relu6/clip as a clamp, or (qdense/qconv2d with
+  any other activation, e.g. gelu) the f32 result quantized in the epilogue; otherwise
+  ``out_dtype=f32`` (dequantized in the epilogue).
 - ``quantize(dequantize(q, s, z), s, z)`` is ``q``; with other per-tensor parameters it is
   ``requantize``.
 - ``quantize(reshape(x))`` / ``quantize(transpose(x))`` become ``reshape(quantize(x))`` first,
@@ -34,7 +36,6 @@ from passes._rewrite import erase_dead
 __all__ = ["LowerQuantized"]
 
 RULE = "lower-quantized"
-_INT_ACTS = ("none", "relu", "relu6", "clip")
 
 
 def _dq(graph: Graph, v: Value, per_tensor: bool = True) -> Node | None:
@@ -76,7 +77,6 @@ def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
             return False
         ins = [x_dq.inputs[0], b_dq.inputs[0], *x_dq.inputs[1:], *b_dq.inputs[1:]]
         attrs: dict[str, Any] = {}
-        act = "none"
     else:
         w_dq = _dq(graph, node.inputs[1], per_tensor=False)
         if w_dq is None or w_dq.inputs[0].dtype != "i8" \
@@ -104,9 +104,8 @@ def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
         ins = [x_dq.inputs[0], w_dq.inputs[0], bias_v, x_dq.inputs[1], x_dq.inputs[2],
                w_dq.inputs[1]]
         attrs = dict(node.attrs)
-        act = attrs.get("activation", "none")
     q = _only_quantize(graph, node.output)
-    if q is not None and act in _INT_ACTS:
+    if q is not None:
         ins += [q.inputs[1], q.inputs[2]]
         attrs["out_dtype"] = q.attrs["dtype"]
         replaced = q.output

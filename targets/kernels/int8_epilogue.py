@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from compiler.ir.ops.quant import qrange
+from compiler.ir.ops.quant import INT_ACTIVATIONS, qrange
 from targets.kernels._te import tvm_dtype
 from targets.kernels.base import KernelRequest
 
@@ -78,10 +78,18 @@ def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shif
     if wsum is not None:
         v = v - zp * wsum
     ws = w_scale[n] if per_channel else w_scale[()]
-    if out_dt == "f32":
+    act = attrs.get("activation", "none")
+    if out_dt == "f32" or act not in INT_ACTIVATIONS:
         y = v.astype("float32") * (x_scale[()] * ws)
-        return activation(y, attrs.get("activation", "none"), attrs.get("clip_min", 0.0),
-                          attrs.get("clip_max", 6.0))
+        y = activation(y, act, attrs.get("clip_min", 0.0), attrs.get("clip_max", 6.0))
+        if out_dt == "f32":
+            return y
+        # a float activation quantized in place, as quantize() would (round half to even:
+        # tirx.round is LLVM's nearbyint, and it vectorises where tirx.nearbyint does not)
+        lo, hi = qrange(out_dt)
+        q = tirx.round(y / ins[6][()]) + ins[7][()].astype("float32")
+        q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
+        return q.astype(tvm_dtype(out_dt))
     y_scale, y_zp = ins[6], ins[7]
     if mult_shift is not None:
         mult, shift = mult_shift
@@ -100,7 +108,8 @@ def mult_shift_stage(req: KernelRequest, ins, n_ch: int, per_channel: bool):
     """Root-level [n_ch] stages with the fixed-point multiplier and shift (int out only)."""
     from tvm import te
 
-    if req.attrs["out_dtype"] == "f32":
+    if req.attrs["out_dtype"] == "f32" or \
+            req.attrs.get("activation", "none") not in INT_ACTIVATIONS:
         return None
     x_scale, w_scale, y_scale = ins[3], ins[5], ins[6]
 
