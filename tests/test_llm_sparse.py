@@ -79,9 +79,16 @@ def test_kernel_matches_the_dense_product(tmp_path, m, n, k, group, bias):
 
 
 def _tiny():
-    from tests.test_llm import _hf
+    """A random Llama with GQA and tied embeddings, K = 64 and 128 (every group size fits)."""
+    import torch
+    import transformers
 
-    return _hf("llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True, initializer_range=0.2)
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("scheme", ["int4-g32-2:4", "int4-g16-2:4-sparsegpt"])
