@@ -27,6 +27,10 @@ def configure_compile_llm(p: argparse.ArgumentParser) -> None:
                    help=f"KV cache type: {', '.join(KV_CACHES)} (int8: K and V int8 groups of "
                         f"32, like llama.cpp's --cache-type-k/v q8_0; k4v8: K int4 groups of 64, "
                         f"V int8 groups of 128 or per head; default f32)")
+    p.add_argument("--decode-activations", default="f32", choices=["f32", "int8"],
+                   help="int8: the decode step's int4 projections quantize their input to "
+                        "int8 per block of 32 and take integer dot products (llama.cpp's Q4 x "
+                        "Q8; VNNI); default f32")
     p.add_argument("--max-context", type=int, default=2048,
                    help="positions of the static KV cache (default 2048)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call (default 32)")
@@ -46,7 +50,7 @@ def _cmd_compile_llm(args: argparse.Namespace) -> int:
     m = compile_llm(args.model, args.target, max_context=args.max_context, chunk=args.chunk,
                     quantize=args.quantize, kv_cache=args.kv_cache, calibration=calib,
                     size_budget_mb=args.size_budget_mb,
-                    output=args.output,
+                    decode_activations=args.decode_activations, output=args.output,
                     progress=lambda msg: print(f"  {msg}", file=sys.stderr))
     s = m.stats()
     print(f"wrote {args.output}: {s['package_bytes'] / 2**20:.1f} MiB "

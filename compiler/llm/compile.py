@@ -29,6 +29,7 @@ from compiler.llm.graphs import (
     build_step_graph,
     cache_names,
     cache_types,
+    check_decode_activations,
     check_kv_cache,
     kv_cache_layout,
 )
@@ -57,7 +58,8 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
                 quantize: str | None = None, kv_cache: str = "f32", calibration: Any = None,
                 tokenizer: Any = None, output: str | os.PathLike | None = None,
                 work_dir: str | os.PathLike | None = None, progress: Any = None,
-                size_budget_mb: float | None = None, sensitivity: Any = None):
+                size_budget_mb: float | None = None, sensitivity: Any = None,
+                decode_activations: str = "f32"):
     """Compile a decoder LLM and return the loaded model (``runtime.llm.LanguageModel``).
 
     ``source``: a GGUF file, a transformers folder or model (Llama, Qwen2, GPT-2 families).
@@ -73,6 +75,9 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     many MB with the least predicted loss; ``quantize="seed-2b"``: the seed's fixed recipe
     (:mod:`compiler.llm.mixed`; ``sensitivity``: a measured ``Sensitivity`` to reuse). The plan
     is printed through ``progress`` and recorded in the manifest (``precision_plan``).
+    ``decode_activations``: ``"f32"`` or ``"int8"``: the decode graph's int4 projections
+    quantize their input to int8 per block of 32 and take integer dot products (llama.cpp's
+    Q4 x Q8 dot; ``vpdpbusd`` where the CPU has AVX512-VNNI); the prefill graph keeps f32.
     """
     from compiler.llm.quantize import parse_scheme, quantize_spec
     from runtime.llm import LanguageModel
@@ -86,6 +91,7 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
     mixed = is_mixed(quantize, size_budget_mb)
     scheme = None if mixed else parse_scheme(quantize)
     kv_cache = check_kv_cache(kv_cache)
+    act_bits = check_decode_activations(decode_activations)
     chunk = min(chunk, max_context)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="npucc-llm-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -108,7 +114,8 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
         if spec.arch == "gpt2" and max_context > spec.max_positions:
             raise NpuccError(f"max_context {max_context} exceeds the model's "
                              f"{spec.max_positions} learned positions")
-        path = _build(spec, target, max_context, chunk, kv_cache, work, scratch, output, say)
+        path = _build(spec, target, max_context, chunk, kv_cache, work, scratch, output, say,
+                      act_bits)
     finally:
         if store is not None:
             store.close()
@@ -117,7 +124,7 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
 
 
 def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: str, work: Path,
-           scratch: Path, output: Any, say: Any) -> Path:
+           scratch: Path, output: Any, say: Any, act_bits: int = 0) -> Path:
     """Both graphs compiled, their weights spilled to ``scratch`` graph by graph (one
     graph's packed weights in memory at a time), the package written; returns its path."""
     layout = kv_cache_layout(kv_cache, spec.head_dim)
@@ -127,7 +134,8 @@ def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: s
     blobs: dict[str, str] = {}   # content hash -> key
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         say(f"{name}: building and compiling the {tokens}-token graph")
-        g = _lower(build_step_graph(spec, tokens, max_context, kv_cache=layout), desc)
+        g = _lower(build_step_graph(spec, tokens, max_context, kv_cache=layout,
+                                    act_bits=act_bits if name == "decode" else 0), desc)
         from targets.tvm_codegen import build_library
 
         lib = build_library(g, cpu, work / name)
@@ -144,6 +152,7 @@ def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: s
                           "chunk": chunk, "bos_id": spec.bos_id, "eos_ids": spec.eos_ids,
                           "chat_template": spec.chat_template,
                           "quantize": spec.scheme, "kv_cache": kv_cache,
+                          "decode_activations": "int8" if act_bits else "f32",
                           "kv_cache_layout": layout.describe() if layout else None,
                           "precision_plan": spec.precision},
                 "state": state, "graphs": graphs}

@@ -33,12 +33,13 @@ from compiler.errors import NpuccError
 from compiler.ir.graph import Graph, Value
 from compiler.ir.ops.llm import rope_tables
 from compiler.ir.ops.llm_kv import kv_tensor_types
+from compiler.ir.ops.quant_weight import ACT_BLOCK
 from compiler.ir.types import TensorType
 from compiler.llm.hf_import import LlmSpec
 
 __all__ = ["build_step_graph", "cache_names", "cache_types", "quantized_table",
            "check_kv_cache", "kv_cache_layout", "hadamard", "KvCacheLayout", "KV_CACHES", "INPUT_IDS", "INPUT_POS",
-           "OUTPUT_LOGITS"]
+           "OUTPUT_LOGITS", "DECODE_ACTIVATIONS", "check_decode_activations"]
 
 INPUT_IDS, INPUT_POS, OUTPUT_LOGITS = "ids", "pos", "logits"
 
@@ -74,6 +75,23 @@ class KvCacheLayout:
                 "k_rotation": "hadamard" if self.k_rotate else None,
                 "v_bits": self.v_bits, "v_group": self.v_group, "v_asym": self.v_bits == 4,
                 "scales": "f32 per token and group, computed by the kernel that writes"}
+
+
+# the decode graph's input to its int4 projections -> dense_wq act_bits
+DECODE_ACTIVATIONS = {"f32": 0, "int8": 8}
+
+
+def check_decode_activations(value: str | None) -> int:
+    """``act_bits`` for a ``decode_activations`` name (None: ``"f32"``); an error naming the
+    valid ones otherwise."""
+    if value is None:
+        return 0
+    if value not in DECODE_ACTIVATIONS:
+        raise NpuccError(f"unknown decode activations {value!r}: use f32 (the projections read "
+                         f"the f32 input) or int8 (int4 projections quantize their input to "
+                         f"int8 per block of 32 and take integer dot products, like llama.cpp's "
+                         f"Q4 x Q8; faster on CPUs with VNNI, logits within ~1%)")
+    return DECODE_ACTIVATIONS[value]
 
 
 def _group(want: int, head_dim: int) -> int:
@@ -145,8 +163,9 @@ def cache_types(spec: LlmSpec, max_context: int, layout: KvCacheLayout | None = 
 
 
 class _Builder:
-    def __init__(self, spec: LlmSpec, tokens: int, max_context: int):
+    def __init__(self, spec: LlmSpec, tokens: int, max_context: int, act_bits: int = 0):
         self.s, self.t, self.c = spec, tokens, max_context
+        self.act_bits = act_bits
         self.g = Graph(f"{spec.name}_t{tokens}")
         self._consts: dict[str, Value] = {}
         self.weights = dict(spec.weights)   # + fused projections (never the spec's own dict)
@@ -177,9 +196,12 @@ class _Builder:
                                 self.w(f"{prefix}.scales"), *bias, group_size=group)
             offsets = self.w(f"{prefix}.offsets")   # asymmetric groups: w = q d + offset
             extra = [offsets] if offsets is not None else []
+            k = int(self.weights[f"{prefix}.wq"].shape[1]) * 8 // bits
+            act = {"act_bits": self.act_bits} if self.act_bits and bits == 4 \
+                and k % ACT_BLOCK == 0 and group % ACT_BLOCK == 0 else {}
             return self.add("dense_wq", x, self.w(f"{prefix}.wq"), self.w(f"{prefix}.scales"),
                             *extra, *bias, bits=bits, group_size=group,
-                            asym=offsets is not None)
+                            asym=offsets is not None, **act)
         return self.add("dense", x, self.w(f"{prefix}.w"), *bias)
 
     def fused(self, prefixes: list[str]) -> str | None:
@@ -247,14 +269,18 @@ class _Builder:
 
 
 def build_step_graph(spec: LlmSpec, tokens: int, max_context: int, *,
-                     fuse: bool = True, kv_cache: KvCacheLayout | None = None) -> Graph:
+                     fuse: bool = True, kv_cache: KvCacheLayout | None = None,
+                     act_bits: int = 0) -> Graph:
     """The graph of one model step over ``tokens`` tokens (see the module docstring).
 
     ``fuse``: q, k, v are one projection (weights concatenated along N) followed by a split,
     and so are gate and up (per-call overhead: each GEMV is a parallel launch); GPTQ's
     Hessian capture builds the unfused graph, whose dense nodes name each projection.
-    ``kv_cache``: the quantized cache's layout (:func:`kv_cache_layout`), None for f32."""
-    b = _Builder(spec, tokens, max_context)
+    ``kv_cache``: the quantized cache's layout (:func:`kv_cache_layout`), None for f32.
+    ``act_bits=8``: the int4 projections (K and group multiples of 32) quantize their input
+    to int8 blocks of 32 (``dense_wq{act_bits=8}``: integer dot products, as llama.cpp's Q4 x
+    Q8; :data:`DECODE_ACTIVATIONS`)."""
+    b = _Builder(spec, tokens, max_context, act_bits)
     g, s = b.g, spec
     ids = g.add_input(INPUT_IDS, TensorType((tokens,), "i32"))
     pos = g.add_input(INPUT_POS, TensorType((1,), "i32"))
