@@ -66,8 +66,10 @@ def _run(case_ins, attrs, op, consts, tmp_path):
     return got[0], reference(c)[0]
 
 
+@pytest.mark.parametrize("per_channel_y", [False, True])
 @pytest.mark.parametrize("K", [384, 30])   # VNNI micro-kernel where the CPU has it; generic
-def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, tmp_path):
+def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, per_channel_y, tmp_path):
+    """Per-channel y: the SmoothQuant-folded quantize (scale / smoothing factor)."""
     M, N = 16, 48
     x = RNG.integers(0, 256, (M, K)).astype(np.uint8)
     w = RNG.integers(-127, 128, (N, K)).astype(np.int8)
@@ -75,6 +77,9 @@ def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, tmp_path):
     ws = (RNG.random(N) * 0.002 + 0.0005).astype(np.float32)
     xs, xz = np.asarray(0.02, np.float32), np.asarray(120, np.uint8)
     ys, yz = np.asarray(0.01, np.float32), np.asarray(17, np.uint8)
+    if per_channel_y:
+        ys = (ys / (RNG.random(N) * 3 + 0.5)).astype(np.float32)
+        yz = np.full(N, 17, np.uint8)
     ins = [x, w, b, xs, xz, ws, ys, yz]
     got, want = _run(ins, {"out_dtype": "u8", "activation": "gelu"}, "qdense",
                      tuple(range(1, 8)), tmp_path)

@@ -7,17 +7,19 @@ Rules (each counted in the pass stats):
   reading ``xq`` and the i8 weight directly (stored int8 in the package); the float bias
   becomes i32 at scale ``x_scale * w_scale``. ``matmul(dequantize(a), dequantize(b))``
   becomes ``qmatmul``.
-- The result: when its only reader is a per-tensor ``quantize`` to u8/i8, the integer op
-  produces that quantize's result (``out_dtype`` u8/i8) and the quantize goes: requantized in
-  fixed point with the activation none/relu/relu6/clip as a clamp, or (qdense/qconv2d with
-  any other activation, e.g. gelu) the f32 result quantized in the epilogue; otherwise
-  ``out_dtype=f32`` (dequantized in the epilogue).
+- The result: when its only reader is a ``quantize`` to u8/i8 (per tensor, or for
+  qdense/qconv2d NHWC per output channel), the integer op produces that quantize's result
+  (``out_dtype`` u8/i8) and the quantize goes: requantized in fixed point with the
+  activation none/relu/relu6/clip as a clamp, or (any other activation, e.g. gelu, or
+  per-channel scales) the f32 result quantized in the epilogue; otherwise ``out_dtype=f32``
+  (dequantized in the epilogue).
 - ``quantize(dequantize(q, s, z), s, z)`` is ``q``; with other per-tensor parameters it is
   ``requantize``.
 - ``quantize(reshape(x))`` / ``quantize(transpose(x))`` become ``reshape(quantize(x))`` first,
   so the op producing ``x`` can requantize in its epilogue.
 - ``quantize(mul(x, c), s, z)`` with a per-channel constant ``c`` over the last axis (the
-  ``quantize`` pass's SmoothQuant divide) is ``quantize{axis=-1}(x, s / c, z)``.
+  ``quantize`` pass's SmoothQuant divide) is ``quantize{axis=-1}(x, s / c, z)`` (before the
+  integer ops are formed, so a qdense/qconv2d producing x takes it into its epilogue).
 
 After: no dequantize feeds a dense/conv2d/matmul that could be lowered.
 """
@@ -49,7 +51,9 @@ def _dq(graph: Graph, v: Value, per_tensor: bool = True) -> Node | None:
     return n
 
 
-def _only_quantize(graph: Graph, v: Value) -> Node | None:
+def _only_quantize(graph: Graph, v: Value, channels: int = 0) -> Node | None:
+    """v's only reader, if it is a quantize to u8/i8 with constant parameters per tensor (or,
+    given ``channels``, per channel on v's last axis)."""
     if any(o is v for o in graph.outputs):
         return None
     users = v.users()
@@ -58,9 +62,11 @@ def _only_quantize(graph: Graph, v: Value) -> Node | None:
     q = users[0]
     if q.op != "quantize" or q.inputs[0] is not v or q.attrs["dtype"] not in ("u8", "i8"):
         return None
-    if graph.const_value(q.inputs[1]) is None or np.ndim(graph.const_value(q.inputs[1])) != 0:
+    s, z = graph.const_value(q.inputs[1]), graph.const_value(q.inputs[2])
+    if s is None or z is None:
         return None
-    if graph.const_value(q.inputs[2]) is None:
+    last = q.attrs["axis"] % max(v.type.rank, 1) == v.type.rank - 1
+    if np.ndim(s) != 0 and not (channels and last and np.shape(s) == (channels,)):
         return None
     return q
 
@@ -77,6 +83,7 @@ def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
             return False
         ins = [x_dq.inputs[0], b_dq.inputs[0], *x_dq.inputs[1:], *b_dq.inputs[1:]]
         attrs: dict[str, Any] = {}
+        channels = 0   # per-tensor result scales only
     else:
         w_dq = _dq(graph, node.inputs[1], per_tensor=False)
         if w_dq is None or w_dq.inputs[0].dtype != "i8" \
@@ -104,7 +111,9 @@ def _lower(graph: Graph, node: Node, stats: dict[str, int]) -> bool:
         ins = [x_dq.inputs[0], w_dq.inputs[0], bias_v, x_dq.inputs[1], x_dq.inputs[2],
                w_dq.inputs[1]]
         attrs = dict(node.attrs)
-    q = _only_quantize(graph, node.output)
+        # per-channel result scales on the last axis (the SmoothQuant-folded quantize)
+        channels = n_out if node.op == "dense" or node.attrs["layout"] == "NHWC" else 0
+    q = _only_quantize(graph, node.output, channels)
     if q is not None:
         ins += [q.inputs[1], q.inputs[2]]
         attrs["out_dtype"] = q.attrs["dtype"]
@@ -228,12 +237,15 @@ class LowerQuantized(Pass):
             changed |= bool(hoisted)
             if not hoisted:
                 break
+        # smoothing first: the per-channel quantize it leaves may then fold into its producer
+        for node in list(graph.nodes):
+            if node in graph.nodes and _fold_smoothing(graph, node, stats):
+                changed = True
         for node in list(graph.nodes):
             if node in graph.nodes and _lower(graph, node, stats):
                 changed = True
         for node in list(graph.nodes):
-            if node in graph.nodes and (_fold_qdq(graph, node, stats)
-                                        or _fold_smoothing(graph, node, stats)):
+            if node in graph.nodes and _fold_qdq(graph, node, stats):
                 changed = True
         graph.toposort()
         graph.remove_dead()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from compiler.ir.ops.quant import INT_ACTIVATIONS, qrange
+from compiler.ir.ops.quant import float_requant, qrange
 from targets.kernels._te import tvm_dtype
 from targets.kernels.base import KernelRequest
 
@@ -79,15 +79,16 @@ def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shif
         v = v - zp * wsum
     ws = w_scale[n] if per_channel else w_scale[()]
     act = attrs.get("activation", "none")
-    if out_dt == "f32" or act not in INT_ACTIVATIONS:
+    if out_dt == "f32" or float_requant(attrs, _y_shape(req)):
         y = v.astype("float32") * (x_scale[()] * ws)
         y = activation(y, act, attrs.get("clip_min", 0.0), attrs.get("clip_max", 6.0))
         if out_dt == "f32":
             return y
-        # a float activation quantized in place, as quantize() would (round half to even:
+        # the f32 result quantized in place, as quantize() would (round half to even:
         # tirx.round is LLVM's nearbyint, and it vectorises where tirx.nearbyint does not)
         lo, hi = qrange(out_dt)
-        q = tirx.round(y / ins[6][()]) + ins[7][()].astype("float32")
+        at = (n,) if _y_shape(req) else ()
+        q = tirx.round(y / ins[6][at]) + ins[7][at].astype("float32")
         q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
         return q.astype(tvm_dtype(out_dt))
     y_scale, y_zp = ins[6], ins[7]
@@ -104,12 +105,15 @@ def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shif
     return r.astype(tvm_dtype(out_dt))
 
 
+def _y_shape(req: KernelRequest) -> tuple[int, ...]:
+    return tuple(req.input_types[6].shape) if len(req.input_types) > 6 else ()
+
+
 def mult_shift_stage(req: KernelRequest, ins, n_ch: int, per_channel: bool):
     """Root-level [n_ch] stages with the fixed-point multiplier and shift (int out only)."""
     from tvm import te
 
-    if req.attrs["out_dtype"] == "f32" or \
-            req.attrs.get("activation", "none") not in INT_ACTIVATIONS:
+    if req.attrs["out_dtype"] == "f32" or float_requant(req.attrs, _y_shape(req)):
         return None
     x_scale, w_scale, y_scale = ins[3], ins[5], ins[6]
 

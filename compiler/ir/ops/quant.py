@@ -14,8 +14,8 @@ the output channels (``w_scale`` of qdense / qconv2d).
   symmetric, bias i32 at scale ``x_scale * w_scale``). ``out_dtype`` f32: ``acc *
   f32(x_scale * w_scale[n])`` then the activation (any); u8/i8: requantized with ``y_scale,
   y_zp`` and the activation (none/relu/relu6/clip) as a clamp; with any other (float)
-  activation, the f32 result quantized: ``clip(round_half_even(f32 result / y_scale) +
-  y_zp)`` (the f32 result never reaches memory).
+  activation or per-channel ``y_scale, y_zp`` (``[N]``), the f32 result quantized:
+  ``clip(round_half_even(f32 result / y_scale) + y_zp)`` (it never reaches memory).
 - ``qconv2d(xq, wq, bias, x_scale, x_zp, w_scale[, y_scale, y_zp]){conv2d's attributes,
   out_dtype}``: the same for a convolution (padding reads the zero point: exact zero).
 - ``qmatmul(aq, bq, a_scale, a_zp, b_scale, b_zp[, y_scale, y_zp]){out_dtype}``:
@@ -49,11 +49,18 @@ from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
 __all__ = ["quantize_multiplier", "requantize_acc", "qrange", "QDTYPES", "round_half_even",
-           "int_clamp_bounds", "INT_ACTIVATIONS"]
+           "int_clamp_bounds", "INT_ACTIVATIONS", "float_requant"]
 
 # Activations an integer result applies as a clamp (fixed-point path); any other activation
 # with an integer result is computed in f32 and then quantized.
 INT_ACTIVATIONS = ("none", "relu", "relu6", "clip")
+
+
+def float_requant(attrs: dict, y_scale_shape: tuple[int, ...]) -> bool:
+    """Whether a qdense/qconv2d with an integer result computes it as the f32 result
+    quantized (a float activation, or per-channel output scales) rather than in fixed
+    point."""
+    return attrs.get("activation", "none") not in INT_ACTIVATIONS or len(y_scale_shape) > 0
 
 QDTYPES = ("u8", "i8", "u16", "i16", "i32")
 _RANGES = {"u8": (0, 255), "i8": (-128, 127), "u16": (0, 65535), "i16": (-32768, 32767),
@@ -238,8 +245,10 @@ def _check_tail(types, attrs, what: str, x: TensorType, n_out: int, w_rank_ok: b
         if len(types) != first_params + 2:
             raise OpError(f"{what}: out_dtype={out} needs y_scale and y_zp operands")
         ys, yz = types[first_params], types[first_params + 1]
-        if ys.rank != 0 or ys.dtype != "f32" or yz.rank != 0 or yz.dtype != out:
-            raise OpError(f"{what}: y_scale must be f32[] and y_zp {out}[], got {ys}, {yz}")
+        if ys.shape not in ((), (n_out,)) or ys.dtype != "f32" or yz.shape != ys.shape \
+                or yz.dtype != out:
+            raise OpError(f"{what}: y_scale must be f32[] or f32[{n_out}] and y_zp {out} of "
+                          f"the same shape, got {ys}, {yz}")
 
 
 def _qdense_infer(types, attrs):
@@ -262,13 +271,14 @@ def _qdense_infer(types, attrs):
 def _finish(acc: np.ndarray, xs, attrs, x_scale, w_scale, axis: int) -> np.ndarray:
     """int64 accumulator -> the result (float, or requantized), per-channel on ``axis``."""
     out = attrs["out_dtype"]
-    if out == "f32" or attrs["activation"] not in INT_ACTIVATIONS:
+    if out == "f32" or float_requant(attrs, np.shape(xs[6])):
         comb = np.float32(x_scale) * w_scale.astype(np.float32)
         y = acc.astype(np.int32).astype(np.float32) * _bcast(comb, acc.ndim, axis)
         y = apply_activation(y, attrs).astype(np.float32)
         if out == "f32":
             return y
-        q = round_half_even(y / np.float32(xs[6])) + np.float32(xs[7])
+        ys = _bcast(np.asarray(xs[6], np.float32), acc.ndim, axis)
+        q = round_half_even(y / ys) + _bcast(np.asarray(xs[7]), acc.ndim, axis)
         return np.clip(q, *qrange(out)).astype(_np(out))
     y_scale, y_zp = np.float32(xs[6]), int(xs[7])
     mult = np.float64(x_scale) * w_scale.astype(np.float64) / np.float64(y_scale)
