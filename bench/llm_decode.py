@@ -30,6 +30,12 @@ Printed:
   tokens of the evaluation text, then ``--new`` tokens), where reading the cache is a large
   part of a step, in the same alternating rounds.
 
+A scheme ending in ``+a8`` (``int4-g32+a8``) is compiled with ``decode_activations="int8"``:
+the decode step's int4 projections quantize their input to int8 blocks of 32 and take
+integer dot products (llama.cpp's Q4 x Q8); its perplexity is measured through the decode
+graph, token by token (the prefill graph keeps f32 inputs), so it shows what that rounding
+costs.
+
 Run: ``python bench/llm_decode.py`` (about 10 minutes on 2 cores; packages are kept in
 ``--work`` and reused with ``--reuse``).
 """
@@ -55,8 +61,10 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCHEMES = ["f32", "int8", "int4-g128", "int4-g128-gptq", "int4-g32", "int4-g32-gptq",
-           "int4-g128-asym", "int4-g128-gptq-asym", "int4-g32-asym", "int4-g32-gptq-asym"]
-DECODE = ["f32", "int8", "int4-g32", "int4-g32-asym"]
+           "int4-g128-asym", "int4-g128-gptq-asym", "int4-g32-asym", "int4-g32-gptq-asym",
+           "int4-g32+a8", "int4-g32-asym+a8"]
+DECODE = ["f32", "int8", "int4-g32", "int4-g32-asym", "int4-g32+a8", "int4-g32-asym+a8"]
+A8 = "+a8"   # scheme suffix: compile_llm(decode_activations="int8")
 KV_CACHES = ["int8", "k4v8"]
 KV_WEIGHTS = ["f32", "int4-g32"]
 
@@ -350,14 +358,18 @@ def bench(a: argparse.Namespace) -> int:
     for scheme in a.schemes.split(","):
         pkg = work / f"smol-{scheme}.npkg"
         t0 = time.perf_counter()
+        a8 = scheme.endswith(A8)
         if not (a.reuse and pkg.exists()):
-            compile_llm(quantized(spec, scheme, calib, work), chunk=32,
-                        max_context=max(a.window, a.prompt + a.new + 1), output=pkg)
+            compile_llm(quantized(spec, scheme.removesuffix(A8), calib, work), chunk=32,
+                        max_context=max(a.window, a.prompt + a.new + 1), output=pkg,
+                        decode_activations="int8" if a8 else "f32")
         from runtime.llm import load
 
         m = load(pkg)
+        # +a8 changes the decode graph only: its perplexity is the decode graph's
+        logits_fn = (lambda w, m=m: m.step_logits(w[:1], w[1:])) if a8 else m.logits
         row = rows[scheme] = {"compile_s": time.perf_counter() - t0, "ppl": float("nan")
-                              if a.speed_only else perplexity(m.logits, windows)}
+                              if a.speed_only else perplexity(logits_fn, windows)}
         if scheme in a.decode.split(","):
             speed[scheme] = ["--worker", "npucc", str(pkg), json.dumps(prompt), str(a.new)], None
         row.setdefault("package_bytes", m.stats()["package_bytes"])
