@@ -11,22 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from tests.test_llm_mixed import tiny as tiny_llama  # noqa: F401  (a fixture)
+
 MAX_CONTEXT, CHUNK = 64, 8
 CALIB = [(7 * i + 3) % 256 for i in range(48)]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, initializer_range=0.2)
+def tiny(tiny_llama):  # noqa: F811  (the imported fixture, requested by name)
+    """test_llm_mixed's small random Llama (tied embedding, K = 64 and 128) as a spec."""
     from compiler.llm.compile import load_spec
 
-    return load_spec(transformers.LlamaForCausalLM(cfg).eval())
+    return load_spec(tiny_llama)
 
 
 @pytest.fixture(scope="module")
