@@ -118,19 +118,10 @@ def sparsegpt_quantize(w: np.ndarray, H: np.ndarray, group: int, *, damp: float 
                        block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SparseGPT 2:4 with int4 GPTQ (module docstring): ``(q i8 [N, K/2] kept codes, scales
     f16 [N, K/(2 group)], positions i8 [N, K/2])``."""
-    from passes.quantization.gptq import group_scales, upper_cholesky_of_inverse
+    from passes.quantization.gptq import damped_inverse_factor, group_scales
 
     n, k = w.shape
-    W = np.array(w, np.float64)
-    H = np.array(H, np.float64)
-    if H.shape != (k, k):
-        raise NpuccError(f"SparseGPT: the Hessian is {list(H.shape)}, the weight has K={k}")
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    mean_diag = float(np.mean(np.diag(H)))
-    H[np.diag_indices(k)] += damp * (mean_diag if mean_diag > 0 else 1.0)
-    U = upper_cholesky_of_inverse(H)
+    W, U = damped_inverse_factor(w, H, damp, "SparseGPT")
     span = 2 * group                                   # inputs per scale
     block = max(span, (block // span) * span)
     Q = np.zeros((n, k), np.int8)

@@ -33,7 +33,7 @@ from compiler.ir.interpreter import check_inputs, interpret
 
 __all__ = ["group_scales", "quantize_with_scales", "quantize_rtn", "gptq_quantize",
            "gptq_quantize_asym",
-           "capture_hessians", "upper_cholesky_of_inverse", "QRANGE"]
+           "capture_hessians", "damped_inverse_factor", "QRANGE"]
 
 QRANGE = {4: (-8, 7), 8: (-127, 127)}
 
@@ -117,16 +117,7 @@ def _gptq(w: np.ndarray, H: np.ndarray, group: int, choose, lo: int, hi: int, da
     """The GPTQ loop; ``choose(w_group [N, g]) -> (scales f16 [N], offsets [N])`` picks a
     group's grid ``w ~= q * scale + offset`` when its first column is reached."""
     n, k = w.shape
-    W = np.array(w, np.float64)
-    H = np.array(H, np.float64)
-    if H.shape != (k, k):
-        raise NpuccError(f"GPTQ: the Hessian is {list(H.shape)}, the weight has K={k}")
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    mean_diag = float(np.mean(np.diag(H)))
-    H[np.diag_indices(k)] += damp * (mean_diag if mean_diag > 0 else 1.0)
-    Hinv = _upper_cholesky_of_inverse(H)
+    W, Hinv = damped_inverse_factor(w, H, damp)
     block = max(group, (block // group) * group)
     Q = np.zeros((n, k), np.int8)
     S = np.zeros((n, k // group), np.float16)
@@ -172,7 +163,22 @@ def _upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
     raise NpuccError("GPTQ: the layer's Hessian is not positive definite even after damping")
 
 
-upper_cholesky_of_inverse = _upper_cholesky_of_inverse   # public: SparseGPT shares it
+def damped_inverse_factor(w: np.ndarray, H: np.ndarray, damp: float, what: str = "GPTQ"
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, U)`` for a column-by-column OBS update of ``w[N, K]`` (GPTQ, SparseGPT): ``W`` a
+    float64 copy with dead inputs (``H[k, k] == 0``) zeroed, ``U`` the upper Cholesky factor
+    of ``H^-1`` after damping ``H`` by ``damp * mean(diag H)``."""
+    k = w.shape[1]
+    W = np.array(w, np.float64)
+    H = np.array(H, np.float64)
+    if H.shape != (k, k):
+        raise NpuccError(f"{what}: the Hessian is {list(H.shape)}, the weight has K={k}")
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    mean_diag = float(np.mean(np.diag(H)))
+    H[np.diag_indices(k)] += damp * (mean_diag if mean_diag > 0 else 1.0)
+    return W, _upper_cholesky_of_inverse(H)
 
 
 def capture_hessians(graph, samples: Sequence[Mapping[str, np.ndarray]],
