@@ -77,8 +77,8 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
             for kk in range(g):
                 xs[gi] = xs[gi] + xf[gi * g + kk]
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32", scope="local")
-            part = T.alloc_buffer((nb,), "float32", scope="local")
+            acc = T.alloc_buffer((nb,), "float32")
+            part = T.alloc_buffer((nb,), "float32")
             for j in T.vectorized(nb):
                 acc[j] = T.float32(0)
             for gi in range(groups):
@@ -118,8 +118,8 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
                 xs[gi] = xs[gi] + xf[gi * g + kk]
                 xo[gi] = xo[gi] + xin[gi * g + kk]
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32", scope="local")
-            part = T.alloc_buffer((nb,), "float32", scope="local")
+            acc = T.alloc_buffer((nb,), "float32")
+            part = T.alloc_buffer((nb,), "float32")
             for j in T.vectorized(nb):
                 acc[j] = T.float32(0)
             for gi in range(groups):
@@ -148,8 +148,8 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
         xf = T.decl_buffer((k,), "float32", data=x.data)
         of = T.decl_buffer((n,), "float32", data=out.data)
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32", scope="local")
-            part = T.alloc_buffer((nb,), "float32", scope="local")
+            acc = T.alloc_buffer((nb,), "float32")
+            part = T.alloc_buffer((nb,), "float32")
             for j in T.vectorized(nb):
                 acc[j] = T.float32(0)
             for gi in range(groups):
@@ -214,10 +214,10 @@ def dense_wq_lowbit(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl
             for kk in range(g):
                 xs[r, gi] = xs[r, gi] + xf[r, gi * g + kk]
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((m, nb), "float32", scope="local")
-            part = T.alloc_buffer((m, nb), "float32", scope="local")
-            word = T.alloc_buffer((nb,), "uint32", scope="local")
-            dq = T.alloc_buffer((per, nb), "float32", scope="local")
+            acc = T.alloc_buffer((m, nb), "float32")
+            part = T.alloc_buffer((m, nb), "float32")
+            word = T.alloc_buffer((nb,), "uint32")
+            dq = T.alloc_buffer((per, nb), "float32")
             for r in range(m):
                 for j in T.vectorized(nb):
                     acc[r, j] = T.float32(0)

@@ -176,12 +176,12 @@ def cached_attention(req: KernelRequest) -> KernelImpl:
              v: T.Buffer((c, hkv, dh), "float32"), pos: T.Buffer((1,), "int32"),
              out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((padded_scores(c),), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            acc = T.alloc_buffer((dh,), "float32", scope="local")
-            mx = T.alloc_buffer((1,), "float32", scope="local")
-            dot = T.alloc_buffer((1,), "float32", scope="local")
-            tot = T.alloc_buffer((1,), "float32", scope="local")
+            s = T.alloc_buffer((padded_scores(c),), "float32")
+            part = T.alloc_buffer((lanes,), "float32")
+            acc = T.alloc_buffer((dh,), "float32")
+            mx = T.alloc_buffer((1,), "float32")
+            dot = T.alloc_buffer((1,), "float32")
+            tot = T.alloc_buffer((1,), "float32")
             n = T.min(pos[0] + th // hq, c - 1) + 1
             mx[0] = T.float32(neg)
             for j in range(n):
@@ -239,7 +239,7 @@ def dense_rows(req: KernelRequest) -> KernelImpl:
     def plain(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, k, nb), wdt),
               out: T.Buffer((m, n), "float32")):
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32", scope="local")
+            acc = T.alloc_buffer((nb,), "float32")
             for i in range(m):
                 for j in T.vectorized(nb):
                     acc[j] = T.float32(0)
@@ -254,7 +254,7 @@ def dense_rows(req: KernelRequest) -> KernelImpl:
     def scaled(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, k, nb), wdt),
                rs: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32", scope="local")
+            acc = T.alloc_buffer((nb,), "float32")
             for i in range(m):
                 for j in T.vectorized(nb):
                     acc[j] = T.float32(0)

@@ -39,8 +39,8 @@ def kv_write_q(req: KernelRequest) -> KernelImpl:
            ocodes: T.Buffer((c, hkv, dh), "int8"), oscales: T.Buffer((c, hkv, ng), "float32")):
         for t, h, g in T.grid(tn, hkv, ng):
             if pos[0] + t < c:
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                inv = T.alloc_buffer((1,), "float32", scope="local")
+                amax = T.alloc_buffer((1,), "float32")
+                inv = T.alloc_buffer((1,), "float32")
                 amax[0] = T.float32(0)
                 for e in range(group):
                     amax[0] = T.max(amax[0], T.fabs(new[t, h, g * group + e]))
@@ -59,9 +59,9 @@ def kv_write_q(req: KernelRequest) -> KernelImpl:
            oscales: T.Buffer((c, hkv, ng), "float32"), omins: T.Buffer((c, hkv, ng), "float32")):
         for t, h, g in T.grid(tn, hkv, ng):
             if pos[0] + t < c:
-                lo = T.alloc_buffer((1,), "float32", scope="local")
-                hi = T.alloc_buffer((1,), "float32", scope="local")
-                inv = T.alloc_buffer((1,), "float32", scope="local")
+                lo = T.alloc_buffer((1,), "float32")
+                hi = T.alloc_buffer((1,), "float32")
+                inv = T.alloc_buffer((1,), "float32")
                 lo[0] = new[t, h, g * group]
                 hi[0] = new[t, h, g * group]
                 for e in range(group):
@@ -123,13 +123,13 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
            vc: T.Buffer((c, hkv, dh), "int8"), vs: T.Buffer((c, hkv, vng), "float32"),
            pos: T.Buffer((1,), "int32"), out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((cpad,), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            acc = T.alloc_buffer((dh,), "float32", scope="local")
-            qs = T.alloc_buffer((kng,), "float32", scope="local")
-            mx = T.alloc_buffer((1,), "float32", scope="local")
-            dot = T.alloc_buffer((1,), "float32", scope="local")
-            tot = T.alloc_buffer((1,), "float32", scope="local")
+            s = T.alloc_buffer((cpad,), "float32")
+            part = T.alloc_buffer((lanes,), "float32")
+            acc = T.alloc_buffer((dh,), "float32")
+            qs = T.alloc_buffer((kng,), "float32")
+            mx = T.alloc_buffer((1,), "float32")
+            dot = T.alloc_buffer((1,), "float32")
+            tot = T.alloc_buffer((1,), "float32")
             n = T.min(pos[0] + th // hq, c - 1) + 1
             for g in range(kng):
                 qs[g] = T.float32(0)
@@ -166,12 +166,12 @@ def cached_attention_q(req: KernelRequest) -> KernelImpl:
            vc: T.Buffer((c, hkv, dh), "int8"), vs: T.Buffer((c, hkv, vng), "float32"),
            pos: T.Buffer((1,), "int32"), out: T.Buffer((tn, hq * dh), "float32")):
         for th in T.parallel(pairs):
-            s = T.alloc_buffer((cpad,), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            acc = T.alloc_buffer((dh,), "float32", scope="local")
-            mx = T.alloc_buffer((1,), "float32", scope="local")
-            dot = T.alloc_buffer((1,), "float32", scope="local")
-            tot = T.alloc_buffer((1,), "float32", scope="local")
+            s = T.alloc_buffer((cpad,), "float32")
+            part = T.alloc_buffer((lanes,), "float32")
+            acc = T.alloc_buffer((dh,), "float32")
+            mx = T.alloc_buffer((1,), "float32")
+            dot = T.alloc_buffer((1,), "float32")
+            tot = T.alloc_buffer((1,), "float32")
             n = T.min(pos[0] + th // hq, c - 1) + 1
             mx[0] = T.float32(neg)
             for j in range(n):
