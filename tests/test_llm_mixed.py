@@ -109,14 +109,10 @@ def test_solver_is_the_exact_optimum():
 @pytest.fixture(scope="module")
 def tiny():
     """A small random Llama (K = 64 and 128: 3-bit words and 2-bit groups fit)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, initializer_range=0.2)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from tests.llm_tiny import tiny_llama
+
+    return tiny_llama()
 
 
 def test_budget_compile_meets_the_budget_and_records_the_plan(tiny, tmp_path):

@@ -78,19 +78,6 @@ def test_kernel_matches_the_dense_product(tmp_path, m, n, k, group, bias):
     check_cases([case], tmp_path / "ref", rtol=1e-4, atol=1e-4)   # and the op's reference
 
 
-def _tiny():
-    """A random Llama with GQA and tied embeddings, K = 64 and 128 (every group size fits)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, initializer_range=0.2)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("scheme", ["int4-g32-2:4", "int4-g16-2:4-sparsegpt"])
 def test_tiny_llama_equals_torch_on_the_sparse_weights(tmp_path, scheme):
     """The compiled package (prefill and decode) computes what transformers computes with the
@@ -100,8 +87,9 @@ def test_tiny_llama_equals_torch_on_the_sparse_weights(tmp_path, scheme):
     from compiler import compile_llm
     from compiler.llm.compile import load_spec
     from compiler.llm.quantize import parse_scheme, quantize_spec
+    from tests.llm_tiny import tiny_llama
 
-    hf = _tiny()
+    hf = tiny_llama()
     calib = [int(i) for i in np.random.default_rng(3).integers(0, 256, 64)]
     spec = quantize_spec(load_spec(hf), parse_scheme(scheme), calibration=calib)
     assert spec.scheme == scheme and spec.quant["l0.q"] == (4, int(scheme[6:8]))
