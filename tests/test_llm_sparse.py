@@ -17,7 +17,7 @@ from compiler.ir.ops.quant_sparse import (
     pack_sparse24,
     unpack_index,
 )
-from tests.kernel_harness import Case, check_cases
+from tests.kernel_harness import Case
 
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
@@ -60,22 +60,26 @@ def test_dequantization_places_each_kept_weight():
     assert ((dense.reshape(5, 16, 4) != 0).sum(-1) <= 2).all()
 
 
-@pytest.mark.parametrize("m,n,k,group,bias", [(1, 40, 256, 32, False), (1, 96, 512, 128, True),
-                                              (1, 7, 64, 16, True), (5, 33, 128, 32, False)])
-def test_kernel_matches_the_dense_product(tmp_path, m, n, k, group, bias):
-    """Decode (one row) and prefill (several) against x @ W^T with W built by hand."""
-    rng = np.random.default_rng(m * n + k)
-    (wq, idx, s), dense = _sparse(n, k, group, rng)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    b = rng.standard_normal(n).astype(np.float32)
-    ins = [x, wq, idx, s] + ([b] if bias else [])
-    case = Case("dense_wq24", ins, {"group_size": group}, consts=tuple(range(1, len(ins))))
-    from tests.kernel_harness import run_cases
+def test_kernel_matches_the_dense_product(tmp_path):
+    """Decode (one row) and prefill (several rows), with and without bias, group sizes 16 to
+    128, N not a multiple of the panel: the kernel equals x @ W^T with W built by hand, and
+    the op's reference."""
+    from tests.kernel_harness import reference, run_cases
 
-    got = run_cases([case], tmp_path)[0][0]
-    want = x.astype(np.float64) @ dense.T.astype(np.float64) + (b if bias else 0)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    check_cases([case], tmp_path / "ref", rtol=1e-4, atol=1e-4)   # and the op's reference
+    cases, wants = [], []
+    for m, n, k, group, bias in [(1, 40, 256, 32, False), (1, 96, 512, 128, True),
+                                 (1, 7, 64, 16, True), (5, 33, 128, 32, False)]:
+        rng = np.random.default_rng(m * n + k)
+        (wq, idx, s), dense = _sparse(n, k, group, rng)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        ins = [x, wq, idx, s] + ([b] if bias else [])
+        cases.append(Case("dense_wq24", ins, {"group_size": group},
+                          consts=tuple(range(1, len(ins)))))
+        wants.append(x.astype(np.float64) @ dense.T.astype(np.float64) + (b if bias else 0))
+    for case, want, got in zip(cases, wants, run_cases(cases, tmp_path), strict=True):
+        np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[0], reference(case)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["int4-g32-2:4", "int4-g16-2:4-sparsegpt"])
