@@ -198,12 +198,16 @@ def speed(rows: dict, prompt: list[int], a) -> None:
 
 def report(rows: dict, params: int, a) -> None:
     ref = rows["float"]["ppl"]
-    print(f"\n| row | perplexity | vs float | weights.bin MB (plan_bytes) | package MB | "
-          f"bits/weight | decode tok/s (median; rounds) | {a.target} ms/token @{a.position} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| row | embedding | perplexity | vs float | weights.bin MB (plan_bytes) | "
+          f"package MB | bits/weight | decode tok/s (median; rounds) | "
+          f"{a.target} ms/token @{a.position} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, r in rows.items():
         plan = f" ({r['plan_bytes'] / MB:.2f})" if r["plan_bytes"] else ""
-        print(f"| {n} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.1f}% | "
+        ratio = r["ppl"] / ref
+        vs = f"x{ratio:.3g}" if ratio > 10 else f"{100 * (ratio - 1):+.1f}%"
+        emb = r["embed"] or ("f32" if n == "float" else "int8 rows")
+        print(f"| {n} | {emb} | {r['ppl']:.3f} | {vs} | "
               f"{r['weight_bytes'] / MB:.2f}{plan} | {r['package_bytes'] / MB:.2f} | "
               f"{8 * r['weight_bytes'] / params:.2f} | {r['tok_s']:.1f} "
               f"({', '.join(f'{x:.0f}' for x in r['tok_s_runs'])}) | {r['est_ms']:.2f} |")
@@ -222,7 +226,7 @@ def report_1_7b(big, plan, int4, rows: dict, a) -> None:
           f"sensitivity by kind and relative depth)")
     print(plan.table())
     recipe = rows[f"1.7B {a.budget_mb:g} MB plan's recipe"]
-    per_layer = {"int4 g32": rows["int4 g32"]["launches"] / rows["int4 g32"]["layers"],
+    per_layer = {int4.name: rows["int4 g32"]["launches"] / rows["int4 g32"]["layers"],
                  plan.name: recipe["launches"] / recipe["layers"]}
     print(f"\n{a.target} decode estimate at 1.7B, position {a.position} (bytes: "
           f"compiler.llm.mixed.plan_bytes; launches per layer: the SmolLM2 package of the same "
