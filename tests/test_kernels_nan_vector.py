@@ -68,3 +68,21 @@ def test_relu_keeps_nan_in_other_float_widths(dtype):
     assert got.dtype == dtype
     assert np.array_equal(np.isnan(got), np.isnan(x))
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the reference on NaN rows
+@pytest.mark.parametrize("n", [197, 50])
+def test_softmax_rows_padded_to_whole_vectors(n):
+    """Rows that are not whole vectors (ViT's 197 tokens) run over a -inf-padded row buffer:
+    same values as the reference, NaN / +inf / all -inf rows included, no gathers."""
+    x = np.random.default_rng(n).standard_normal((2, 3, n)).astype(np.float32) * 4
+    x[0, 0, 5] = np.nan
+    x[0, 1, n - 1] = np.inf
+    x[1, 2, :] = -np.inf
+    ex, got, ref, cpu = _build("softmax", [x], {"axis": -1})
+    assert np.array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    assert np.isnan(got[0, 0]).all() and np.isnan(got[1, 2]).all()
+    np.testing.assert_allclose(got[1, :2].sum(-1), 1.0, rtol=1e-5)
+    if cpu.arch == "x86_64":
+        assert not re.search(r"\bvgather|\bvscatter", ex.mod.inspect_source("asm"))

@@ -32,10 +32,13 @@ __all__: list[str] = []
 
 
 def row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,
-                  lanes: int, row_buffers: frozenset[str] = frozenset()):
+                  lanes: int, row_buffers: frozenset[str] = frozenset(),
+                  out_length: int | None = None):
     """Schedule ``out`` row by row. ``blocks`` (consumers first) are computed per row:
     reductions (row statistics) rfactor-ed over ``lanes`` when the row length allows, names
-    in ``row_buffers`` are row-sized intermediates, vectorised."""
+    in ``row_buffers`` are row-sized intermediates, vectorised. ``out_length``: the output's
+    row when the intermediates' rows are padded to ``length`` (the output pass then stays a
+    plain loop unless it divides too)."""
 
     def schedule(sch) -> None:
         from targets.kernels._te import inline_all
@@ -49,7 +52,7 @@ def row_schedule(cpu: CpuInfo, blocks: list[str], n_rows_dims: int, length: int,
         # at least two vectors a row: with one, the split's outer loop has extent 1 and
         # compute_at drops it, so the rfactor block has no loop pair to reorder
         vec = lanes if lanes > 1 and length % lanes == 0 and length >= 2 * lanes else 0
-        if vec:
+        if vec and (out_length is None or out_length % vec == 0):
             _, kv = sch.split(k, [None, vec])
             sch.vectorize(kv)
         if not rows:
@@ -97,17 +100,29 @@ def softmax(req: KernelRequest) -> KernelImpl:
     axis = req.attrs["axis"] % xt.rank
     n = xt.shape[axis]
     stat_shape = tuple(d for i, d in enumerate(xt.shape) if i != axis)
+    lanes = req.cpu.lanes(xt.dtype)
+    # softmax rows of a length that is not whole vectors (ViT: 197 tokens) would run scalar:
+    # the row is first copied into a row buffer padded with -inf to whole vectors (exp gives
+    # 0 there), the max, exp and sum run over it vectorised; only the scaled output has the
+    # row's length
+    pad = -(-n // lanes) * lanes if (req.op == "softmax" and _last_axis(req) and lanes > 1
+                                     and n % lanes and n >= 2 * lanes) else n
+    src_x = X
+    if pad != n:
+        src_x = te.compute(xt.shape[:-1] + (pad,), lambda *i: tirx.Select(
+            i[-1] < n, _load(X, i[:-1] + (tirx.min(i[-1], n - 1),)),
+            tirx.const(-math.inf, dt)), name="rowx")
 
     def at(i, k):
         src = list(i)
         src.insert(axis, k)
-        return _load(X, src)
+        return _load(src_x, src)
 
     def stat_idx(i):
         return tuple(v for j, v in enumerate(i) if j != axis)
 
     def row_max(*i):
-        k = te.reduce_axis((0, n), "k")
+        k = te.reduce_axis((0, pad), "k")
         # te.max may drop a NaN, but exp(NaN - m) is NaN and so is the row's sum: a NaN row
         # still gives NaN (and rfactor needs a built-in reducer)
         return te.max(at(i, k), axis=k)
@@ -123,11 +138,11 @@ def softmax(req: KernelRequest) -> KernelImpl:
 
     if req.op == "softmax":
         # exp once per element into a row buffer, summed, then scaled by 1/sum
-        ex = te.compute(xt.shape, lambda *i: fast_exp(shifted(stat_idx(i), i[axis])),
-                        name="rowexp")
+        ex = te.compute(xt.shape[:-1] + (pad,) if pad != n else xt.shape,
+                        lambda *i: fast_exp(shifted(stat_idx(i), i[axis])), name="rowexp")
 
         def row_sum(*i):
-            k = te.reduce_axis((0, n), "k")
+            k = te.reduce_axis((0, pad), "k")
             src = list(i)
             src.insert(axis, k)
             return te.sum(_load(ex, src), axis=k)
@@ -149,9 +164,12 @@ def softmax(req: KernelRequest) -> KernelImpl:
     if _last_axis(req):
         blocks = ["rowsum", "rowexp", "rowmax"] if req.op == "softmax" \
             else ["rowsum", "rowmax"]
-        sched = row_schedule(req.cpu, blocks, xt.rank - 1, n, req.cpu.lanes(xt.dtype),
-                              frozenset({"rowexp"} if req.op == "softmax" else ()))
-        note = f"{req.op} rows of {n}, row-parallel, vectorised"
+        bufs = {"rowexp"} if req.op == "softmax" else set()
+        if pad != n:
+            blocks, bufs = blocks + ["rowx"], bufs | {"rowx"}
+        sched = row_schedule(req.cpu, blocks, xt.rank - 1, pad, lanes, frozenset(bufs), n)
+        note = (f"{req.op} rows of {n}, row-parallel, vectorised"
+                f"{f' (padded to {pad})' if pad != n else ''}")
     else:
         sched, note = generic(req.cpu, xt.dtype), f"{req.op} over axis {axis}"
     return KernelImpl(prim_func([X, Y], sched), note=note)
