@@ -96,6 +96,10 @@ class LibraryPool:
         self._stall = handle.npucc_pool_stall_thread
         self._stall.argtypes = [ctypes.c_int]
         self._stall.restype = None
+        self._stall_us = getattr(handle, "npucc_pool_stall_us", None)  # older libraries: none
+        if self._stall_us is not None:
+            self._stall_us.argtypes = [ctypes.c_int]
+            self._stall_us.restype = None
         self.threads = 1
 
     def configure(self, threads: int, chunks_per_thread: int = DEFAULT_CHUNKS,
@@ -120,9 +124,14 @@ class LibraryPool:
     def reset_stats(self) -> None:
         self._reset()
 
-    def stall_thread(self, index: int | None) -> None:
+    def stall_thread(self, index: int | None, hold_us: int = 0) -> None:
         """Tests: thread ``index`` (0 = the launching thread) holds every chunk it takes until
-        all chunks of the launch are taken, as a descheduled thread would; None: no stall."""
+        all chunks of the launch are taken, as a descheduled thread would, then sleeps
+        ``hold_us`` µs more before running it (its time off the core); None: no stall."""
+        if hold_us and self._stall_us is None:
+            raise RuntimeError("this library's launcher predates stall holds; rebuild it")
+        if self._stall_us is not None:
+            self._stall_us(int(hold_us) if index is not None else 0)
         self._stall(-1 if index is None else int(index))
 
 

@@ -4,7 +4,8 @@ Kernels built by compile_funcs carry the launcher; loading them points their par
 at it. Checked: results against numpy for chunk counts that do not divide the loop, at several
 thread counts; that work is shared dynamically (a thread held on its first chunk, as a
 descheduled thread would be, ends with at most one chunk per launch and the other threads run
-the rest; without a stall the chunk counts add up); concurrent and nested launches; that a
+the rest; without a stall the chunk counts add up); that the launching thread blocks rather
+than spins while such a thread holds the last chunk; concurrent and nested launches; that a
 library built without the launcher keeps TVM's pool; that every package loader (the sealed
 in-memory library) installs it; the clear error when no C compiler exists, and the fallback
 when the launcher does not compile.
@@ -35,8 +36,13 @@ def _funcs():
     y = te.compute((ROWS, COLS), lambda i, j: x[i, j] * (i + 1).astype("float32"), "Y")
     r = te.reduce_axis((0, COLS), "r")
     s = te.compute((ROWS,), lambda i: te.sum(x[i, r], axis=r), "S")
+    # heavy: a few ms of work, so that a worker is on a core before the caller took every chunk
+    h = te.placeholder((64, 1 << 16), "float32", "H")
+    rh = te.reduce_axis((0, 1 << 16), "rh")
+    hs = te.compute((64,), lambda i: te.sum(te.sqrt(te.abs(h[i, rh])), axis=rh), "HS")
     out = {}
-    for name, (args, blk) in {"scale": ([x, y], "Y"), "rowsum": ([x, s], "S")}.items():
+    for name, (args, blk) in {"scale": ([x, y], "Y"), "rowsum": ([x, s], "S"),
+                              "heavy": ([h, hs], "HS")}.items():
         sch = s_tir.Schedule(te.create_prim_func(args))
         sch.parallel(sch.get_loops(sch.get_sblock(blk))[0])
         out[name] = sch.mod["main"]
@@ -105,6 +111,38 @@ def test_a_stalled_thread_takes_fewer_chunks(built, stalled):
     assert st.launches == launches and sum(st.chunks) == launches * 16
     assert st.chunks[stalled] <= launches           # at most one chunk per launch
     assert st.chunks[1 - stalled] >= launches * 15  # the other thread ran the rest
+
+
+def test_launching_thread_blocks_while_a_stalled_worker_holds_a_chunk(built):
+    """A worker off its core with the last chunk: the launching thread, out of chunks, blocks
+    (so the kernel can move that worker onto its idle core) rather than spinning or yielding
+    on its core for the whole stall. Its CPU time stays a small part of the wall time."""
+    import time
+
+    tvm, path = built
+    mod = load_library(tvm, path, require=True)
+    pool = library_pool(mod)
+    pool.configure(2, 4, spin_us=1_000_000)   # the worker spins: it claims chunks at once
+    h = np.random.default_rng(3).standard_normal((64, 1 << 16), np.float32)
+    th, ts = tvm.runtime.tensor(h), tvm.runtime.tensor(np.zeros(64, np.float32))
+    mod["heavy"](th, ts)                   # workers started
+    pool.reset_stats()
+    pool.stall_thread(1, hold_us=20_000)   # 20 ms off the core for each chunk it takes
+    try:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(40):
+            mod["heavy"](th, ts)
+            if pool.stats().chunks[1] >= 3:
+                break
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    finally:
+        pool.stall_thread(None)
+        pool.configure(2, 4)
+    np.testing.assert_allclose(ts.numpy(), np.sqrt(np.abs(h)).sum(1, dtype=np.float64), rtol=1e-4)
+    held = pool.stats().chunks[1]
+    assert held >= 3, "the worker never took a chunk"
+    assert wall >= held * 0.020             # every held chunk was waited for
+    assert cpu < 0.5 * wall, f"launching thread busy {cpu * 1e3:.1f} of {wall * 1e3:.1f} ms"
 
 
 def test_concurrent_callers(built):

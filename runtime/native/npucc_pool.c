@@ -11,6 +11,9 @@
  *
  * - Workers spin for a while after a launch, then sleep on a condition variable: an idle
  *   runtime uses no CPU.
+ * - The launching thread, out of chunks, spins briefly for the workers' last ones, then
+ *   blocks until the last one is done (wait_done), so the kernel may move a descheduled worker
+ *   onto its core.
  * - A launch from inside a chunk, or while another thread's launch holds the pool, runs all
  *   of its slices on the calling thread (correct, never blocked).
  * - TVMBackendParallelBarrier assumes every task runs at once; a library whose code calls it
@@ -48,6 +51,7 @@ int TVMFFIObjectDecRef(void* obj) __attribute__((weak));
 
 #define NPUCC_MAX_THREADS 64
 #define NPUCC_LINE 64
+#define NPUCC_WAIT_SPINS 4096  /* pause loops the launching thread spins before it blocks */
 
 typedef struct {
   int64_t chunks;            /* chunks this thread ran */
@@ -66,6 +70,8 @@ static struct {
   pthread_cond_t sleep_cv;
   int sleepers;
   int stop;
+  pthread_cond_t done_cv;    /* the launching thread blocks on it (sleep_mu) for the last chunks */
+  int caller_waits;          /* it does: the thread finishing the last chunk signals */
   /* the current launch: `state` packs (generation << 32 | next chunk). A thread claims a
    * chunk with a CAS on it, which also proves that the job fields it read belong to that
    * generation (they are rewritten only after all of a generation's chunks ran). */
@@ -76,6 +82,7 @@ static struct {
   void* error;               /* a worker's tvm_ffi error (owned) */
   int failed;
   int stall_thread;          /* tests: this thread holds its chunk until all are claimed */
+  int stall_us;              /* ... and then sleeps this long more (time off its core) */
   int64_t launches, serial_launches;
   npucc_counter counts[NPUCC_MAX_THREADS];
 } P;  /* static storage: zero-initialized */
@@ -129,6 +136,11 @@ static void run_chunks(uint32_t gen, int self) {
         cpu_relax();
         t = __atomic_load_n(&P.state, __ATOMIC_ACQUIRE);
       } while ((uint32_t)(t >> 32) == gen && (int)(uint32_t)t < n);
+      int us = __atomic_load_n(&P.stall_us, __ATOMIC_RELAXED);
+      if (us > 0) {
+        struct timespec ts = {us / 1000000, (long)(us % 1000000) * 1000};
+        nanosleep(&ts, NULL);
+      }
     }
     env.num_task = n;
     t_in_task = 1;
@@ -144,7 +156,12 @@ static void run_chunks(uint32_t gen, int self) {
       }
     }
     __atomic_add_fetch(&P.counts[self].chunks, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&P.done, 1, __ATOMIC_RELEASE);
+    if (__atomic_add_fetch(&P.done, 1, __ATOMIC_SEQ_CST) == n &&
+        __atomic_load_n(&P.caller_waits, __ATOMIC_SEQ_CST)) {
+      pthread_mutex_lock(&P.sleep_mu);
+      pthread_cond_broadcast(&P.done_cv);
+      pthread_mutex_unlock(&P.sleep_mu);
+    }
     s = __atomic_load_n(&P.state, __ATOMIC_ACQUIRE);
   }
 }
@@ -212,10 +229,33 @@ static void after_fork_child(void) {
   pthread_mutex_init(&P.launch_mu, NULL);
   pthread_mutex_init(&P.sleep_mu, NULL);
   pthread_cond_init(&P.sleep_cv, NULL);
+  pthread_cond_init(&P.done_cv, NULL);
+  P.caller_waits = 0;
   P.started = 0;
   P.sleepers = 0;
   P.stop = 0;
   t_in_task = 0;
+}
+
+/* The launching thread, out of chunks, waits for the workers' last ones: it spins briefly
+ * (a running worker finishes within microseconds), then blocks. Blocking, not yielding: a
+ * worker that holds a chunk but was descheduled (another process took its core) is then
+ * pulled onto this thread's idle core by the kernel's idle balancing, instead of waiting
+ * for its turn behind the other process. */
+static void wait_done(int chunks) {
+  int spins = 0;
+  while (__atomic_load_n(&P.done, __ATOMIC_ACQUIRE) < chunks) {
+    if (++spins < NPUCC_WAIT_SPINS) {
+      cpu_relax();
+      continue;
+    }
+    pthread_mutex_lock(&P.sleep_mu);
+    __atomic_store_n(&P.caller_waits, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&P.done, __ATOMIC_SEQ_CST) < chunks)
+      pthread_cond_wait(&P.done_cv, &P.sleep_mu);
+    __atomic_store_n(&P.caller_waits, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&P.sleep_mu);
+  }
 }
 
 int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
@@ -244,13 +284,7 @@ int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
     pthread_mutex_unlock(&P.sleep_mu);
   }
   run_chunks(gen, 0);
-  {
-    int spins = 0;
-    while (__atomic_load_n(&P.done, __ATOMIC_ACQUIRE) < chunks) {
-      if (++spins < 4096) cpu_relax();
-      else sched_yield();  /* a worker holding a chunk is not running: give way */
-    }
-  }
+  wait_done(chunks);
   __atomic_add_fetch(&P.launches, 1, __ATOMIC_RELAXED);
   failed = __atomic_load_n(&P.failed, __ATOMIC_ACQUIRE);
   if (failed) {
@@ -274,6 +308,7 @@ int npucc_pool_configure(int n_threads, int chunks_per_thread, int spin_us) {
     pthread_mutex_init(&P.launch_mu, NULL);
     pthread_mutex_init(&P.sleep_mu, NULL);
     pthread_cond_init(&P.sleep_cv, NULL);
+    pthread_cond_init(&P.done_cv, NULL);
     P.stall_thread = -1;
     pthread_atfork(NULL, NULL, after_fork_child);
   }
@@ -309,6 +344,9 @@ void npucc_pool_reset_stats(void) {
 /* Tests: thread `index` (0: the launching thread, -1: none) holds each chunk it claims until
  * every chunk of the launch is claimed, as a descheduled thread would. */
 void npucc_pool_stall_thread(int index) { __atomic_store_n(&P.stall_thread, index, __ATOMIC_RELAXED); }
+
+/* Tests: the stalled thread then sleeps `us` microseconds more before it runs its chunk. */
+void npucc_pool_stall_us(int us) { __atomic_store_n(&P.stall_us, us, __ATOMIC_RELAXED); }
 
 __attribute__((destructor)) static void npucc_pool_unload(void) {
   /* dlclose: the workers' code is about to be unmapped, stop them. At exit() another
