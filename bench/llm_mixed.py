@@ -9,8 +9,8 @@
   preset's weights size;
 - ``solver@small``: the solver at the "500 MB at 1.7B" bits per weight (``--bpw`` 2.3).
   Literally, 2.3 bits per weight over all of SmolLM2's matrices is below what this compiler
-  can store (its tied embedding, 21 % of the parameters, is int8 or int16 rows): that budget
-  is tried and its refusal printed; the row is the solver at 2.3 bits/weight over the
+  can store (every matrix with K=576, the tied embedding included, takes 2-bit groups of at
+  most 64: 2.5 bits per weight): that budget is tried and its refusal printed; the row is the solver at 2.3 bits/weight over the
   transformer blocks plus the embedding in int8, or, when that is below the smallest plan
   (K=576 matrices take 2-bit groups of 64), ``--slack`` above the smallest plan;
 - ``int3-g32`` / ``int2-g64`` uniform rows for reference (``--uniform``).
