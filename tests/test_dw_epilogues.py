@@ -45,6 +45,7 @@ def _model(act, gate) -> torch.nn.Module:
     return m.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,act,gate", [
     ("mobilenet_v3", torch.nn.Hardswish, torch.nn.Hardsigmoid),
     ("efficientnet", torch.nn.SiLU, torch.nn.Sigmoid),
