@@ -85,10 +85,8 @@ def test_dense_wq_asym(tmp_path, rows, bias):
                       consts=tuple(range(1, len(ins))))], tmp_path, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("group,asym,bias", [(32, False, False), (128, False, True),
-                                             (32, True, True), (64, True, False)])
 @pytest.mark.parametrize("cpu", [None, "x86-64-v3"])
-def test_dense_wq_gemv_int8_input(tmp_path, group, asym, bias, cpu):
+def test_dense_wq_gemv_int8_input(tmp_path, cpu):
     """dense_wq{act_bits=8}: the input quantized to int8 per block of 32 — the VNNI kernel
     (integer dot products, gemv_q.dense_wq_gemv_x8) where the CPU has it, the f32 GEMV over the
     quantized input elsewhere (x86-64-v3 here) — against the op's reference, which differs
@@ -104,28 +102,32 @@ def test_dense_wq_gemv_int8_input(tmp_path, group, asym, bias, cpu):
     from tests.kernel_harness import build_cases, reference
 
     n, k = 72, 256
-    w = f32(n, k)
-    x = f32(1, k)
-    x[0, 32:64] = 0                      # an all-zero block: step 0, codes 0
-    if asym:
-        q, s, c = quantize_asym(w, group)
-        ins = [x, pack_int4(q), s, c]
-    else:
-        q, s = quantize_rtn(w, 4, group)
-        ins = [x, pack_int4(q), s]
-    ins += [f32(n)] if bias else []
-    attrs = {"bits": 4, "group_size": group, "asym": asym}
-    cases = [Case("dense_wq", ins, dict(attrs, act_bits=8), consts=tuple(range(1, len(ins))))]
     target = host_cpu(cpu)
-    assert has_dot_gemv(target, 32, k, group) == (cpu is None and has_dot_gemv(host_cpu(), 32,
-                                                                               k, group))
+    assert has_dot_gemv(target, 32, k, 32) == (cpu is None and has_dot_gemv(host_cpu(), 32,
+                                                                            k, 32))
+    cases, plain = [], []
+    for group, asym, bias in [(32, False, False), (128, False, True), (32, True, True),
+                              (64, True, False)]:
+        w, x = f32(n, k), f32(1, k)
+        x[0, 32:64] = 0                  # an all-zero block: step 0, codes 0
+        if asym:
+            q, s, c = quantize_asym(w, group)
+            ins = [x, pack_int4(q), s, c]
+        else:
+            q, s = quantize_rtn(w, 4, group)
+            ins = [x, pack_int4(q), s]
+        ins += [f32(n)] if bias else []
+        attrs = {"bits": 4, "group_size": group, "asym": asym}
+        cases.append(Case("dense_wq", ins, dict(attrs, act_bits=8),
+                          consts=tuple(range(1, len(ins)))))
+        plain.append(Case("dense_wq", ins, attrs))
     lib_path, calls = build_cases(cases, tmp_path, cpu=target)
     lib = load_library(tvm, lib_path, require=True)
-    sym, args, otypes = calls[0]
-    out = tvm.runtime.tensor(np.zeros(otypes[0].shape, np.float32))
-    lib[sym](*[tvm.runtime.tensor(a) for a in args], out)
-    got, ref = out.numpy(), reference(cases[0])[0]
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    f32_ref = reference(Case("dense_wq", ins, attrs))[0]
-    rel = np.abs(got - f32_ref).max() / np.abs(f32_ref).max()
-    assert 1e-4 < rel < 3e-2, rel        # the input's int8 rounding, no more
+    for case, f32_case, (sym, args, otypes) in zip(cases, plain, calls, strict=True):
+        out = tvm.runtime.tensor(np.zeros(otypes[0].shape, np.float32))
+        lib[sym](*[tvm.runtime.tensor(a) for a in args], out)
+        got, ref = out.numpy(), reference(case)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=str(case.attrs))
+        f32_ref = reference(f32_case)[0]
+        rel = np.abs(got - f32_ref).max() / np.abs(f32_ref).max()
+        assert 1e-4 < rel < 3e-2, (case.attrs, rel)   # the input's int8 rounding, no more

@@ -348,17 +348,22 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
                     gs[hc * half + i] = gs[hc * half + i] + dx[gi * bpg + bb] * T.Cast(
                         "float32", ia[2 * hc, i] + ia[2 * hc + 1, i] - sx[gi * bpg + bb])
 
-    @T.prim_func
-    def gemv_x8(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
-                s: T.Buffer((panels, groups, nb), "float16"), b: T.Buffer((n,), "float32"),
-                out: T.Buffer(xshape[:-1] + (n,), "float32")):
+    @T.macro
+    def x8_body(x, w, s, c, b, out):
+        """The whole kernel; ``c`` (the offsets) is None without asym."""
         xf = T.decl_buffer((k,), "float32", data=x.data)
         of = T.decl_buffer((n,), "float32", data=out.data)
         x8 = T.alloc_buffer((k,), "int32")
         xq = T.alloc_buffer((k // 8, 2), "int32")
         dx = T.alloc_buffer((blocks,), "float32")
         sx = T.alloc_buffer((blocks,), "int32")
+        xs = T.alloc_buffer((groups,), "float32")    # f32 input sums: the offsets'
         quantize_x(xf, x8, xq, dx, sx)
+        if c is not None:
+            for gi in range(groups):
+                xs[gi] = T.float32(0)
+                for kk in range(g):
+                    xs[gi] = xs[gi] + xf[gi * g + kk]
         for p in T.parallel(panels):
             acc = T.alloc_buffer((nb,), "float32")
             gs = T.alloc_buffer((nb,), "float32")
@@ -367,43 +372,29 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
                 acc[j] = T.float32(0)
             for gi in range(groups):
                 panel_group(w, xq, dx, sx, gs, ia, p, gi)
-                for j in T.vectorized(nb):
-                    acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j]
+                if c is not None:
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j] \
+                            + c[p, gi, j] * xs[gi]
+                else:
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j]
             for j in range(nb):
                 if p * nb + j < n:
                     of[p * nb + j] = acc[j] + b[p * nb + j]
+
+    @T.prim_func
+    def gemv_x8(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
+                s: T.Buffer((panels, groups, nb), "float16"), b: T.Buffer((n,), "float32"),
+                out: T.Buffer(xshape[:-1] + (n,), "float32")):
+        x8_body(x, w, s, None, b, out)
 
     @T.prim_func
     def gemv_x8a(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
                  s: T.Buffer((panels, groups, nb), "float16"),
                  c: T.Buffer((panels, groups, nb), "float32"), b: T.Buffer((n,), "float32"),
                  out: T.Buffer(xshape[:-1] + (n,), "float32")):
-        xf = T.decl_buffer((k,), "float32", data=x.data)
-        of = T.decl_buffer((n,), "float32", data=out.data)
-        x8 = T.alloc_buffer((k,), "int32")
-        xq = T.alloc_buffer((k // 8, 2), "int32")
-        dx = T.alloc_buffer((blocks,), "float32")
-        sx = T.alloc_buffer((blocks,), "int32")
-        xs = T.alloc_buffer((groups,), "float32")
-        quantize_x(xf, x8, xq, dx, sx)
-        for gi in range(groups):
-            xs[gi] = T.float32(0)
-            for kk in range(g):
-                xs[gi] = xs[gi] + xf[gi * g + kk]
-        for p in T.parallel(panels):
-            acc = T.alloc_buffer((nb,), "float32")
-            gs = T.alloc_buffer((nb,), "float32")
-            ia = T.alloc_buffer((4, half), "int32")
-            for j in T.vectorized(nb):
-                acc[j] = T.float32(0)
-            for gi in range(groups):
-                panel_group(w, xq, dx, sx, gs, ia, p, gi)
-                for j in T.vectorized(nb):
-                    acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j] \
-                        + c[p, gi, j] * xs[gi]
-            for j in range(nb):
-                if p * nb + j < n:
-                    of[p * nb + j] = acc[j] + b[p * nb + j]
+        x8_body(x, w, s, c, b, out)
 
     extra = [] if has_bias else [np.zeros(n, np.float32)]
     return KernelImpl(gemv_x8a if asym else gemv_x8, transforms, extra_const_inputs=extra,
