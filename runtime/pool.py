@@ -16,7 +16,12 @@ Settings, read when a library is loaded:
 - threads: ``TVM_NUM_THREADS`` if the user set it, else the package target's cores that this
   process may use (``runtime._tvm.default_threads`` sets it; :func:`pool_threads`);
 - ``NPUCC_POOL_CHUNKS``: chunks per thread and launch (default 4);
-- ``NPUCC_POOL_SPIN_US``: how long an idle worker spins before it sleeps (default 200 µs);
+- ``NPUCC_POOL_SPIN_US``: how long an idle worker spins before it sleeps (default 50 µs:
+  enough to bridge the gap between one kernel's launches and the next's; a spinning worker
+  competes with other processes for the core. With a busy-loop process on one core of
+  two (bench/threads_burner.py, machine at load 9-17) resnet50's burner-case median was
+  lowest with 0-20 µs and highest with 200 µs in three alternating runs; quiet-case
+  differences were within that load's noise);
 - ``NPUCC_POOL=tvm``: keep TVM's pool for every library (for comparisons).
 """
 
@@ -37,7 +42,7 @@ SLOT = "__TVMBackendParallelLaunch"
 BARRIER = "__TVMBackendParallelBarrier"
 MAX_THREADS = 64
 DEFAULT_CHUNKS = 4
-DEFAULT_SPIN_US = 200
+DEFAULT_SPIN_US = 50
 
 # id(tvm module) -> its LibraryPool, or None. Written at every load_library (TVM modules take
 # no weak references): an id reused by a later module is overwritten before it is looked up
