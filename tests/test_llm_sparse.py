@@ -159,3 +159,14 @@ def test_sizes_and_errors():
         quantize_sparse(np.ones((4, 64), np.float32), parse_scheme("int4-g32-2:4-wanda"))
     with pytest.raises(NpuccError, match="multiple of 8"):
         quantize_sparse(np.ones((4, 36), np.float32), sch)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=32, max_size=32), st.booleans())
+def test_top2_keeps_the_two_largest_per_quad(values, negate):
+    """Per quad the two largest scores (ties: the lower position), as argsort would pick."""
+    from compiler.llm.sparse import top2_positions
+
+    score = np.array(values, np.float32).reshape(2, 16) * (-1 if negate else 1)
+    want = np.sort(np.argsort(-score.reshape(2, 4, 4), axis=-1, kind="stable")[..., :2], -1)
+    np.testing.assert_array_equal(top2_positions(score), want.reshape(2, 8))

@@ -69,9 +69,16 @@ def top2_positions(score: np.ndarray) -> np.ndarray:
     """Per quad of ``score[N, K]`` the positions ``a < b`` of its two largest entries (ties:
     the lower position), as i8 ``[N, K/2]`` (pairs)."""
     n, k = score.shape
-    s = np.asarray(score, np.float64).reshape(n, k // 4, 4)
-    top = np.argsort(-s, axis=-1, kind="stable")[..., :2]
-    return np.sort(top, axis=-1).reshape(n, k // 2).astype(np.int8)
+    s = np.asarray(score).reshape(n, k // 4, 4)
+    rank = np.zeros(s.shape, np.int8)    # entries above it, ties counted for the lower position
+    for i in range(4):
+        for j in range(4):
+            if j != i:
+                rank[..., i] += (s[..., j] >= s[..., i]) if j < i else (s[..., j] > s[..., i])
+    keep = rank < 2
+    a = keep.argmax(-1)
+    b = 3 - keep[..., ::-1].argmax(-1)
+    return np.stack([a, b], -1).reshape(n, k // 2).astype(np.int8)
 
 
 def wanda_scores(w: np.ndarray, hessian: np.ndarray) -> np.ndarray:
