@@ -59,7 +59,7 @@ def _unary_fns() -> dict[str, Callable]:
         "exp": fast_exp, "log": te.log, "sqrt": te.sqrt, "tanh": fast_tanh,
         "sigmoid": fast_sigmoid, "erf": fast_erf, "reciprocal": lambda x: c(1, x) / x,
         "sin": te.sin, "cos": te.cos, "floor": te.floor, "ceil": te.ceil,
-        "round": tirx.nearbyint, "softplus": softplus, "hard_swish": hard_swish,
+        "round": tirx.round, "softplus": softplus, "hard_swish": hard_swish,
         "neg": lambda x: -x, "abs": te.abs, "sign": sign,
         "relu": lambda x: keep_nan(x, te.max(x, c(0, x))),
     }
