@@ -14,7 +14,7 @@ the float models of each. Latency: 2 threads, each runtime with its default thre
 (spinning workers); configurations take turns on the same input, ``--repeat`` rounds of
 (2 untimed + 3 timed runs) each, so a runtime's spinning workers have gone idle before the
 next is timed; median per configuration. Also the int8/float ratio
-of npucc's dense kernels (``profile`` sums).
+of npucc's dense kernels (``profile`` sums), and npucc int8's kernel time by op.
 """
 
 from __future__ import annotations
@@ -176,6 +176,13 @@ def main() -> None:
               f"{statistics.median(times[label]):12.2f}")
     print(f"npucc dense kernels: float {fdense:.2f} ms, int8 qdense {qdense:.2f} ms -> "
           f"{fdense / max(qdense, 1e-9):.2f}x faster")
+    by_op: dict[str, float] = {}
+    for st in qp.steps:
+        by_op[st.op] = by_op.get(st.op, 0.0) + st.median_ms
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    print("npucc int8 kernels by op (profile sums, ms): "
+          + ", ".join(f"{op} {ms:.2f}" for op, ms in top)
+          + f"; {len(qp.steps)} steps, {qp.total_ms:.2f} ms per run")
     print(f"npucc weight bytes: float {fw}, int8 {qw} ({qw / fw:.3f}x)")
     ours = results[f"npucc int8 static ({args.method})"]["mean"]
     int8_labels = [k for k in runners if k.startswith(("ort static", "ort dynamic", "torch dyn"))]
@@ -188,6 +195,9 @@ def main() -> None:
     ours_lat = lat[f"npucc int8 static ({args.method})"]
     print(f"latency: npucc int8 {ours_lat:.2f} ms vs fastest ort dynamic int8 {ort_dyn:.2f} ms "
           f"({ort_dyn / ours_lat:.2f}x)")
+    ok = ort_dyn / ours_lat >= 2.0 and ours >= 0.997
+    print(f"acceptance (issue 18): >= 2x faster than ort dynamic int8 at mean cosine >= 0.997: "
+          f"{'PASS' if ok else 'FAIL'}")
 
 
 if __name__ == "__main__":
