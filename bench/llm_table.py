@@ -3,7 +3,11 @@ perplexity on the same held-out text, weights and package size, decode tok/s and
 cost-model ms/token; and the 1.7B plan at 500 MB with its kirin990 estimate beside the int4 g32
 package's, each printed with the formula's inputs.
 
-    python bench/llm_table.py [--work DIR] [--reuse]      # ~15 minutes on a quiet 2-core machine
+    python bench/llm_table.py [--work DIR] [--reuse]
+
+(25 minutes on 2 AMD EPYC cores at load 7-15 from other jobs: sensitivity 2 min, each row's
+compile and perplexity 2-2.5 min, 3 decode rounds 3 min; ``--reuse`` skips the compiles and the
+sensitivity.)
 
 Rows: float; int4 g32; int4 g32 + KV K4/V8; int4 g32 + KV int8; the seed-2b preset; the
 size-budget solver at the seed preset's size; the 1.7B model's 500 MB plan applied to SmolLM2
