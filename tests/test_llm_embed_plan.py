@@ -11,18 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tests.test_llm_mixed import tiny as tiny_llama  # noqa: F401  (a fixture)
-
 MAX_CONTEXT, CHUNK = 64, 8
 CALIB = [(7 * i + 3) % 256 for i in range(48)]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llama):  # noqa: F811  (the imported fixture, requested by name)
-    """test_llm_mixed's small random Llama (tied embedding, K = 64 and 128) as a spec."""
+def tiny():
+    """tests/llm_tiny.py's small random Llama (tied embedding, K = 64 and 128) as a spec."""
+    pytest.importorskip("transformers")
     from compiler.llm.compile import load_spec
+    from tests.llm_tiny import tiny_llama
 
-    return load_spec(tiny_llama)
+    return load_spec(tiny_llama())
 
 
 @pytest.fixture(scope="module")
