@@ -76,7 +76,8 @@ def main() -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--work", default="/tmp/npucc-bench-llm-sparse")
-    p.add_argument("--reuse", action="store_true", help="reuse specs and packages in --work")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse specs, packages and their perplexities in --work")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -104,8 +105,13 @@ def main() -> int:
     calib, evaluation = texts()
     windows = eval_windows(spec.tokenizer_json, evaluation, a.window, a.eval_tokens)
     prompt = windows[0][:a.prompt]
-    with torch.no_grad():
-        ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
+    ref_file = work / f"float-ppl-{a.window}-{a.eval_tokens}.json"
+    if a.reuse and ref_file.exists():
+        ref = json.loads(ref_file.read_text())["ppl"]
+    else:
+        with torch.no_grad():
+            ref = perplexity(lambda w: hf(torch.tensor([w])).logits[0].numpy(), windows)
+        ref_file.write_text(json.dumps({"ppl": ref}))
     print(f"# SmolLM2-135M-Instruct; perplexity of each npucc package on {len(windows)} x "
           f"{a.window} held-out tokens (float in transformers: {ref:.3f}); decode {a.new} "
           f"tokens after {a.prompt}, 2 threads, own process per run", flush=True)
@@ -121,15 +127,20 @@ def main() -> int:
         if not (a.reuse and pkg.exists()):
             compile_llm(q, chunk=32, max_context=max(a.window, a.prompt + a.new + 1),
                         output=pkg)
-        m = load(pkg)
-        st = m.stats()
-        rows[scheme] = {"ppl": perplexity(m.logits, windows), "quant_s": t_quant,
-                        "bits": projection_bits(q), "package_bytes": st["package_bytes"],
-                        "weight_bytes": st["weight_bytes"]}
+        row_file = work / f"row-{scheme}-{a.window}-{a.eval_tokens}.json"
+        if a.reuse and row_file.exists() and pkg.exists():
+            rows[scheme] = json.loads(row_file.read_text())
+        else:
+            m = load(pkg)
+            st = m.stats()
+            rows[scheme] = {"ppl": perplexity(m.logits, windows), "quant_s": t_quant,
+                            "bits": projection_bits(q), "package_bytes": st["package_bytes"],
+                            "weight_bytes": st["weight_bytes"]}
+            row_file.write_text(json.dumps(rows[scheme]))
+            del m
         speed[scheme] = ["--worker", "npucc", str(pkg), json.dumps(prompt), str(a.new)], None
-        print(f"  {scheme}: ppl {rows[scheme]['ppl']:.3f} (quantized in {t_quant:.0f} s)",
-              flush=True)
-        del m
+        print(f"  {scheme}: ppl {rows[scheme]['ppl']:.3f} (quantized in "
+              f"{rows[scheme]['quant_s']:.0f} s)", flush=True)
     decode_rounds(rows, speed, a.rounds)
     bw = run_worker(["--worker", "bandwidth"])["read_gb_s"]
     report(rows, ref, bw, SHAPE_1_7B, kernels_per_layer(work), decode_ms_per_token)
