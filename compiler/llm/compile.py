@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,29 @@ def compile_llm(source: Any, target: Any = "host", *, max_context: int = 2048, c
                              f"{spec.max_positions} learned positions")
         path = _build(spec, target, max_context, chunk, kv_cache, work, scratch, output, say,
                       act_bits)
+    except BaseException:
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if store is not None:
             store.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return LanguageModel(LlmPackage.load(path, written_here=True))
+    package = LlmPackage.load(path, written_here=True)
+    if work_dir is None:
+        _own_work_folder(package, work, package_inside=output is None)
+    return LanguageModel(package)
+
+
+def _own_work_folder(package: Any, work: Path, package_inside: bool) -> None:
+    """The temporary folder compile_llm made goes when it is no longer needed: at once if the
+    package was written elsewhere (only the build folders are in it), else when the loaded
+    ``package`` is garbage-collected (mapped weights and loaded libraries survive the unlink
+    on POSIX; ``m.save(path)`` copies the folder while the model lives)."""
+    if package_inside:
+        weakref.finalize(package, shutil.rmtree, str(work), True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _build(spec: LlmSpec, target: Any, max_context: int, chunk: int, kv_cache: str, work: Path,
