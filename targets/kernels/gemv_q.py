@@ -22,7 +22,21 @@ import numpy as np
 
 from targets.kernels.base import KernelImpl, KernelRequest
 
-__all__ = ["dense_wq_gemv", "dense_wq_lowbit"]
+__all__ = ["dense_wq_gemv", "dense_wq_lowbit", "dense_wq_gemv_x8", "has_dot_gemv", "group_sums_macro"]
+
+
+def group_sums_macro(groups: int, g: int):
+    """TIR macro ``group_sums(src, xs)``: ``xs[gi] = sum(src[gi * g : (gi + 1) * g])``."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def group_sums(src, xs):
+        for gi in range(groups):
+            xs[gi] = T.float32(0)
+            for kk in range(g):
+                xs[gi] = xs[gi] + src[gi * g + kk]
+
+    return group_sums
 
 
 def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
@@ -44,6 +58,7 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
     act8 = int(req.attrs.get("act_bits", 0)) == 8
     if act8 and has_dot_gemv(req.cpu, nb, k, g):
         return dense_wq_gemv_x8(req, nb, transforms)
+    group_sums = group_sums_macro(groups, g)
 
     @T.macro
     def stage_input(xin, xf):
@@ -72,10 +87,7 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
         xf = T.alloc_buffer((k,), "float32")
         stage_input(xin, xf)
         xs = T.alloc_buffer((groups,), "float32")
-        for gi in range(groups):
-            xs[gi] = T.float32(0)
-            for kk in range(g):
-                xs[gi] = xs[gi] + xf[gi * g + kk]
+        group_sums(xf, xs)
         for p in T.parallel(panels):
             acc = T.alloc_buffer((nb,), "float32")
             part = T.alloc_buffer((nb,), "float32")
@@ -111,12 +123,8 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
         stage_input(xin, xf)
         xs = T.alloc_buffer((groups,), "float32")    # of the (quantized) input
         xo = T.alloc_buffer((groups,), "float32")    # of the f32 input: the offsets'
-        for gi in range(groups):
-            xs[gi] = T.float32(0)
-            xo[gi] = T.float32(0)
-            for kk in range(g):
-                xs[gi] = xs[gi] + xf[gi * g + kk]
-                xo[gi] = xo[gi] + xin[gi * g + kk]
+        group_sums(xf, xs)
+        group_sums(xin, xo)
         for p in T.parallel(panels):
             acc = T.alloc_buffer((nb,), "float32")
             part = T.alloc_buffer((nb,), "float32")
@@ -291,6 +299,7 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
     # out byte 4c + r <- byte (row r, column c) of 4 rows x 32 columns, columns c0 .. c0 + 15
     perms = [[32 * (q % 4) + c0 + q // 4 for q in range(64)] for c0 in (0, half)]
     vdot = "llvm.x86.avx512.vpdpbusd.512"
+    group_sums = group_sums_macro(groups, g)
 
     @T.macro
     def quantize_x(xf, x8, xq, dx, sx):
@@ -360,10 +369,7 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
         xs = T.alloc_buffer((groups,), "float32")    # f32 input sums: the offsets'
         quantize_x(xf, x8, xq, dx, sx)
         if c is not None:
-            for gi in range(groups):
-                xs[gi] = T.float32(0)
-                for kk in range(g):
-                    xs[gi] = xs[gi] + xf[gi * g + kk]
+            group_sums(xf, xs)
         for p in T.parallel(panels):
             acc = T.alloc_buffer((nb,), "float32")
             gs = T.alloc_buffer((nb,), "float32")
