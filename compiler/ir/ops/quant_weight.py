@@ -173,7 +173,7 @@ def _dense_wq_infer(types, attrs):
     b = 4 if asym else 3
     if len(types) == b + 1 and (types[b].shape != (n,) or types[b].dtype != "f32"):
         raise OpError(f"dense_wq: bias must be f32[{n}], got {types[b]}")
-    if attrs["act_bits"] and (bits != 4 or k % ACT_BLOCK or g % ACT_BLOCK):
+    if attrs.get("act_bits", 0) and (bits != 4 or k % ACT_BLOCK or g % ACT_BLOCK):
         raise OpError(f"dense_wq act_bits=8 needs bits=4 and K, group_size multiples of "
                       f"{ACT_BLOCK}; got bits={bits}, K={k}, group_size={g}")
     return [TensorType(x.shape[:-1] + (n,), "f32")]
@@ -186,7 +186,7 @@ def _dense_wq_ref(xs, attrs):
     b = 4 if attrs["asym"] else 3
     off = np.repeat(np.asarray(xs[3], np.float32), w.shape[1] // xs[3].shape[1], axis=1) \
         if attrs["asym"] else None
-    if attrs["act_bits"]:   # the codes meet the quantized input, the offsets the f32 one
+    if attrs.get("act_bits", 0):   # the codes meet the quantized input, the offsets the f32 one
         y = np.matmul(quantize_input_blocks(x), w.T)
         if off is not None:
             y = y + np.matmul(x, off.T)
