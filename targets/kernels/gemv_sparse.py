@@ -50,10 +50,10 @@ def dense_wq24(req: KernelRequest) -> KernelImpl:
         xf = T.decl_buffer((m, k), "float32", data=x.data)
         of = T.decl_buffer((m, n), "float32", data=out.data)
         for p in T.parallel(panels):
-            acc = T.alloc_buffer((m, nb), "float32", scope="local")
-            part = T.alloc_buffer((m, nb), "float32", scope="local")
-            code = T.alloc_buffer((4, nb), "float32", scope="local")
-            pat = T.alloc_buffer((nb,), "int32", scope="local")
+            acc = T.alloc_buffer((m, nb), "float32")
+            part = T.alloc_buffer((m, nb), "float32")
+            code = T.alloc_buffer((4, nb), "float32")
+            pat = T.alloc_buffer((nb,), "int32")
             for r in range(m):
                 for j in T.vectorized(nb):
                     acc[r, j] = T.float32(0)
