@@ -10,18 +10,22 @@ on the 200 other EVALUATION sentences: mean (and min) cosine to the float torch 
 Configurations: npucc int8 static (dense layers, per-channel weights, u8 activations);
 onnxruntime ``quantize_static`` (QDQ, per-channel, op types MatMul / MatMul+Gemm / all) and
 ``quantize_dynamic`` (per-tensor, per-channel); torch ``quantize_dynamic`` on nn.Linear; and
-the float models of each. Latency: 2 threads, each runtime with its default thread pool
-(spinning workers); configurations take turns on the same input, ``--repeat`` rounds of
-(2 untimed + 3 timed runs) each, so a runtime's spinning workers have gone idle before the
-next is timed; median per configuration. Also the int8/float ratio
-of npucc's dense kernels (``profile`` sums), and npucc int8's kernel time by op.
+the float models of each. Latency: 2 threads, each runtime with its default thread pool;
+by default every npucc and onnxruntime configuration is timed in its own process (``--rounds``
+alternating rounds of one fresh process per configuration, ``--repeat`` timed calls each
+after 3 untimed; median), so no other runtime's spinning workers share the cores; torch's
+two are timed in this process once the others are idle. ``--same-process`` times them all
+here instead, taking turns (2 untimed + 3 timed runs per turn). Also the int8/float ratio of
+npucc's dense kernels (``profile`` sums), and npucc int8's kernel time by op.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,13 +93,65 @@ def ort_configs(fp32: Path, calib: list[dict], work: Path) -> dict[str, Path]:
     return out
 
 
+def child_times(kind: str, path: str, inputs: str, repeat: int) -> list[float]:
+    """In a fresh process: load one configuration (an npucc package or an ONNX file, its
+    runtime at its defaults with 2 threads) and time ``repeat`` calls after 3 untimed."""
+    data = np.load(inputs)
+    feeds = {k: data[k] for k in data.files}
+    if kind == "npucc":
+        import runtime
+
+        m = runtime.load(path)
+        ours = {k: feeds[k] for k in m.input_names}
+        call = lambda: m.run(ours)  # noqa: E731
+    else:
+        sess = ort_session(Path(path))
+        names = [i.name for i in sess.get_inputs()]
+        call = lambda: sess.run(None, {k: feeds[k] for k in names})  # noqa: E731
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - t))
+    return times
+
+
+def separate_times(configs: dict[str, tuple[str, str]], inputs: Path, rounds: int,
+                   repeat: int) -> dict[str, list[float]]:
+    """``rounds`` alternating rounds of one fresh process per configuration."""
+    env = {**os.environ, "TVM_NUM_THREADS": str(THREADS)}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for label, (kind, path) in configs.items():
+            proc = subprocess.run([sys.executable, __file__, "--child", kind, path, str(inputs),
+                                   "--repeat", str(repeat)], env=env, capture_output=True,
+                                  text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
+                        None)
+            if proc.returncode != 0 or line is None:
+                raise RuntimeError(f"{label}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+            times[label] += json.loads(line[len("RESULT "):])
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="minmax",
                     choices=("minmax", "percentile", "entropy", "mse"))
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="separate-process rounds")
+    ap.add_argument("--same-process", action="store_true",
+                    help="time every configuration in this process, taking turns")
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "INPUTS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
+        print("RESULT " + json.dumps(child_times(*args.child, args.repeat)))
+        return
     print(cpu_header(), flush=True)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     import torch
@@ -140,8 +196,8 @@ def main() -> None:
     def ort_run(sess) -> Callable[[dict], np.ndarray]:
         return lambda f: sess.run(None, {k: f[k] for k in names})[0]
     runners["ort float"] = ort_run(ort_float)
-    for label, path in ort_configs(fp32, [{k: c[k] for k in names} for c in calib],
-                                   work).items():
+    ort_paths = ort_configs(fp32, [{k: c[k] for k in names} for c in calib], work)
+    for label, path in ort_paths.items():
         runners[label] = ort_run(ort_session(path))
 
     ref = [mean_pool(runners["torch float"](f), f["attention_mask"]) for f in evals]
@@ -151,9 +207,22 @@ def main() -> None:
         c = cosines(ref, emb)
         results[label] = {"mean": float(c.mean()), "min": float(c.min())}
     x = evals[0]
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    timed_here = runners
+    if not args.same_process:
+        np.savez(work / "inputs.npz", **x)
+        fm.save(work / "float.npkg")
+        qm.save(work / "int8.npkg")
+        configs = {"npucc float": ("npucc", str(work / "float.npkg")),
+                   f"npucc int8 static ({args.method})": ("npucc", str(work / "int8.npkg")),
+                   "ort float": ("ort", str(fp32)),
+                   **{k: ("ort", str(v)) for k, v in ort_paths.items()}}
+        times = separate_times(configs, work / "inputs.npz", args.rounds, args.repeat)
+        timed_here = {k: v for k, v in runners.items() if k.startswith("torch")}
+    else:
+        times = {}
+    times.update({k: [] for k in timed_here})
     for _ in range(args.repeat):
-        for label, run in runners.items():
+        for label, run in timed_here.items():
             for _ in range(2):   # let the previous runtime's worker threads go idle
                 run(x)
             for _ in range(3):
@@ -168,7 +237,10 @@ def main() -> None:
     fw, qw = fm.stats()["weight_bytes"], qm.stats()["weight_bytes"]
 
     print(f"MiniLM-L6 (all-MiniLM-L6-v2), seq 128, batch 1, {len(evals)} evaluation sentences, "
-          f"64 calibration sentences, {THREADS} threads; npucc compiles {t_npucc:.0f} s")
+          f"64 calibration sentences, {THREADS} threads; npucc compiles {t_npucc:.0f} s; latency "
+          + ("all in one process, taking turns" if args.same_process else
+             f"npucc and onnxruntime each in its own process ({args.rounds} rounds x "
+             f"{args.repeat} calls), torch in this one"))
     print(f"{'configuration':44}{'mean cos':>10}{'min cos':>10}{'latency ms':>12}")
     for label in runners:
         r = results[label]
