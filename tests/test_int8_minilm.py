@@ -23,7 +23,7 @@ from targets.kernels.base import KernelRequest, get_kernel_builder
 RNG = np.random.default_rng(18)
 
 LEVELS = {
-    "znver4": {"kind": "llvm", "mcpu": "znver4", "num-cores": 2},
+    "x86-64-v4": {"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 2},
     "x86-64-v3": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
     "cortex-a76": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
                    "mattr": ["+neon", "+dotprod", "+fullfp16"], "num-cores": 2},
