@@ -64,6 +64,8 @@ VIEW_OPS = ops_with("view")
 _DATA_MOVEMENT = ops_with("data-movement")
 _REDUCTIONS = ops_with("reduction")
 _PARTIAL_READS = frozenset({"gather", "slice"})   # read only the part of the input they copy
+# row lookups in a (quantized) table: op -> (ids operand, the per-row table operands)
+_ROW_READS = {"embed_rows": (0, (1, 2)), "embed_wq": (0, (1, 2, 3)), "gather_q": (2, (0, 1))}
 _INT_DTYPES_8 = frozenset({"i8", "u8", "i4", "u4"})
 
 
@@ -223,14 +225,22 @@ def _value_bytes(v: Value, npu_float_bytes: int | None) -> int:
 def node_bytes(node: Node, npu_float_bytes: int | None = None) -> int:
     """DRAM bytes a node moves: its operands (weights included) and results.
 
-    gather and slice read only what they return from their first operand (an embedding
-    lookup does not stream the whole table).
+    gather and slice read only what they return from their first operand, and the quantized
+    row lookups (``embed_rows``, ``embed_wq``, ``gather_q``) only the rows of their table and
+    row scales they return (an embedding lookup does not stream the whole table).
     """
     if node.op in VIEW_OPS or node.op == "const":
         return 0
     sizes = [_value_bytes(v, npu_float_bytes) for v in [*node.inputs, *node.outputs]]
     if node.op in _PARTIAL_READS and node.inputs:
         sizes[0] = min(sizes[0], _value_bytes(node.outputs[0], npu_float_bytes))
+    if node.op in _ROW_READS:
+        ids, tables = _ROW_READS[node.op]
+        rows = node.inputs[ids].type.size
+        for i in tables:
+            if i < len(node.inputs) and node.inputs[i].type.shape:
+                total = node.inputs[i].type.shape[0]
+                sizes[i] = sizes[i] * min(rows, total) // max(total, 1)
     return sum(sizes)
 
 

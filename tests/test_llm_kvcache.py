@@ -193,6 +193,25 @@ def test_graph_decode_estimate_reads_the_quantized_cache_to_the_position():
     assert kv["int8"] / kv["f32"] == pytest.approx(2 * (64 + 2 * 4) / (2 * 64 * 4))
 
 
+def test_graph_decode_estimate_reads_one_embedding_row_not_the_table():
+    """A decode step looks up one row of the tied table: the estimate reads that row (and its
+    scale), and the table's bytes once, through the output projection."""
+    from compiler.llm.compile import load_spec
+    from compiler.llm.graphs import build_step_graph, kv_cache_layout
+    from targets.llm_cost import decode_estimate
+
+    spec = load_spec(_hf())
+    g = build_step_graph(spec, 1, 48, kv_cache=kv_cache_layout("f32", 64))
+    est = decode_estimate(g, "kirin990", position=40)
+    lookups = [r for r in est["nodes"] if r["op"] in ("embed_rows", "embed_wq", "gather_q",
+                                                       "gather")]
+    assert lookups, sorted({r["op"] for r in est["nodes"]})
+    row = max(r["bytes"] for r in lookups)
+    assert spec.tied
+    assert row <= 2 * 4 * spec.hidden + 16, row        # one f32 row in, one out, the id
+    assert sum(r["bytes"] for r in est["nodes"]) < 2 * est["weights_bytes"] + 10 * 2**20
+
+
 def test_an_unknown_kv_cache_type_is_refused_with_the_valid_ones(tmp_path, capsys):
     from compiler import compile_llm
     from compiler.cli import main
