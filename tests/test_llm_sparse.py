@@ -170,3 +170,14 @@ def test_top2_keeps_the_two_largest_per_quad(values, negate):
     score = np.array(values, np.float32).reshape(2, 16) * (-1 if negate else 1)
     want = np.sort(np.argsort(-score.reshape(2, 4, 4), axis=-1, kind="stable")[..., :2], -1)
     np.testing.assert_array_equal(top2_positions(score), want.reshape(2, 8))
+
+
+def test_compile_llm_help_lists_the_sparse_schemes(capsys):
+    from compiler.cli import main
+    from compiler.llm.sparse import SPARSE_SCHEMES
+
+    with pytest.raises(SystemExit):
+        main(["compile-llm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for scheme in SPARSE_SCHEMES:
+        assert scheme in text.replace("- ", "-")

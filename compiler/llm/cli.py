@@ -13,13 +13,15 @@ def configure_compile_llm(p: argparse.ArgumentParser) -> None:
     from compiler.llm.graphs import KV_CACHES
     from compiler.llm.mixed import PRESETS
     from compiler.llm.quantize import SCHEMES
+    from compiler.llm.sparse import SPARSE_SCHEMES
 
     p.add_argument("model", help="a .gguf file or a transformers model folder")
     p.add_argument("-t", "--target", default="host", help="target name or .toml (default host)")
     p.add_argument("-o", "--output", required=True, help="the package directory to write")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
-                   help=f"weight-only quantization: {', '.join(SCHEMES)}, or a mixed-"
-                        f"precision preset: {', '.join(PRESETS)} (default: f32)")
+                   help=f"weight-only quantization: {', '.join(SCHEMES)}; 2:4 sparse int4: "
+                        f"{', '.join(SPARSE_SCHEMES)}; or a mixed-precision preset: "
+                        f"{', '.join(PRESETS)} (default: f32)")
     p.add_argument("--size-budget-mb", type=float, default=None, metavar="N",
                    help="mixed precision: bits per matrix (8/4/3/2) chosen by sensitivity to "
                         "fit the package's weights in N MB (10^6 bytes); prints the plan")
