@@ -15,6 +15,7 @@ PASS_MODULES: dict[str, str] = {
                      "canonicalize"), "passes.canonicalize"),
     **dict.fromkeys(("fuse-matmul-add", "fuse-gemm", "fuse-conv-act", "fuse-conv-relu",
                      "fuse-dense-act"), "passes.fusion"),
+    "fuse-attention": "passes.attention",
     "to-nhwc": "passes.layout",
     "quantize": "passes.quantization.insert",
     "lower-quantized": "passes.quantization.lower",
@@ -22,7 +23,8 @@ PASS_MODULES: dict[str, str] = {
     "npu-numerics": "passes.npu_numerics",
     "prune": "passes.pruning",
 }
-FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.layout")
+FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.attention",
+                             "passes.layout")
 
 # The graph-level pipeline every target starts from (targets may replace or extend it).
 # fold-batchnorm runs after the fusions to dense so BN reading a conv folds into it first;

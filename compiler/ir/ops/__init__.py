@@ -1,6 +1,7 @@
 """Op families. Importing this package registers every op in the registry."""
 
 from compiler.ir.ops import (
+    attention,  # noqa: F401
     core,  # noqa: F401
     elementwise,  # noqa: F401
     embed_q,  # noqa: F401
@@ -9,6 +10,7 @@ from compiler.ir.ops import (
     llm,  # noqa: F401
     llm_kv,  # noqa: F401
     nn,  # noqa: F401
+    nn_fused,  # noqa: F401
     nn_norm,  # noqa: F401
     nn_resize,  # noqa: F401
     quant,  # noqa: F401
