@@ -1,6 +1,13 @@
 """int8 vs float kernels on the layers of real models: ResNet-50 convs, MiniLM dense layers.
 
-    python bench/quant_int8_kernels.py [--models resnet50,minilm] [--repeat 20]
+    python bench/quant_int8_kernels.py [--models resnet50,minilm] [--repeat 20] [--peak]
+
+``--peak`` prints only this CPU's int8 dot-product peak (:func:`int8_peak`, GMAC/s per core
+at 1 thread and at 2): on CPUs with AVX512-VNNI a tight loop of ``vpdpbusd`` on 12
+independent zmm accumulators (no memory traffic but one L1-resident operand), built through
+TVM like every kernel; elsewhere the best of the MiniLM qdense shapes built by the kernel
+registry (then a lower bound on the peak). ``bench/quant_minilm.py`` divides MiniLM's dense
+MACs by it for the dense-work floor.
 
 For every conv2d / dense node of the model after the host pipeline (NHWC, OHWI), the float
 kernel npucc builds for it and the int8 kernel (qconv2d / qdense: u8 activations, i8
@@ -84,12 +91,130 @@ def args_for(req, impl) -> list[np.ndarray]:
     return out + list(impl.extra_const_inputs)
 
 
+PEAK_CHAINS = 12   # independent accumulators: more than vpdpbusd's latency x throughput
+
+
+def vnni_peak_kernel(threads: int, iters: int):
+    """``threads`` parallel tasks, each ``iters`` x PEAK_CHAINS ``vpdpbusd`` (64 u8 x i8 MACs
+    each) into register accumulators; the sums are stored so nothing is dead code."""
+    from tvm.script import tirx as T
+
+    from targets.kernels.vnni import VNNI_LLVM_INTRIN
+
+    chains = PEAK_CHAINS
+
+    @T.prim_func(s_tir=True)
+    def peak(a: T.Buffer((128,), "int8"), out: T.Buffer((threads, chains * 16), "int32")):
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((chains * 16,), "int32", scope="local")
+            for j in T.unroll(chains):
+                acc[T.ramp(j * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+            for _r in T.serial(iters):
+                for j in T.unroll(chains):
+                    acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(VNNI_LLVM_INTRIN),
+                        acc.vload([j * 16], dtype="int32x16"),
+                        a.vload([0], dtype="int8x64"), a.vload([64], dtype="int8x64"),
+                        dtype="int32x16")
+            for j in T.serial(chains * 16):
+                out[t, j] = acc[j]
+    return peak
+
+
+def _best_ms(fn, args, repeat: int, calls: int = 5) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn(*args)
+        best = min(best, (time.perf_counter() - t) / calls)
+    return 1e3 * best
+
+
+def int8_peak(cpu=None, threads: int = 2, repeat: int = 15) -> dict:
+    """This CPU's int8 multiply-accumulate peak, GMAC/s per core at 1 and ``threads`` threads
+    (best of ``repeat``: the machine may be shared), and how it was measured."""
+    import tvm
+
+    from targets.kernels.vnni import has_vnni
+    from targets.tvm_codegen import compile_funcs, host_cpu
+
+    cpu = cpu or host_cpu()
+    tmp = Path(tempfile.mkdtemp(prefix="int8-peak-"))
+    if not has_vnni(cpu):
+        return _qdense_peak(cpu, threads, repeat, tmp)
+    iters = 20000
+    funcs = {f"peak{t}": vnni_peak_kernel(t, iters) for t in (1, threads)}
+    lib = tvm.runtime.load_module(str(compile_funcs(funcs, cpu, tmp / "peak.so")))
+    a = tvm.runtime.tensor(np.ones(128, np.int8))
+    per_core = {}
+    for t in (1, threads):
+        out = tvm.runtime.tensor(np.zeros((t, PEAK_CHAINS * 16), np.int32))
+        ms = _best_ms(lib[f"peak{t}"], [a, out], repeat)
+        if int(out.numpy()[0, 0]) != iters * 4:   # 4 products of 1 x 1 per lane and step
+            raise RuntimeError("the vpdpbusd peak kernel computed a wrong sum")
+        per_core[t] = iters * PEAK_CHAINS * 64 / (ms * 1e-3) / 1e9
+    return {"per_core": per_core, "how": f"tight vpdpbusd loop ({PEAK_CHAINS} zmm accumulators)"}
+
+
+def _qdense_peak(cpu, threads: int, repeat: int, tmp: Path) -> dict:
+    """Without VNNI: the best GMAC/s of the MiniLM qdense shapes (registry kernels) at the
+    process's thread count, as a per-core figure; a lower bound on the true peak."""
+    import tvm
+
+    from targets.kernels.base import get_kernel_builder
+    from targets.tvm_codegen import compile_funcs
+
+    best = 0.0
+    for m, k, n in MINILM_DENSE_SHAPES:
+        req = qdense_request(m, k, n, cpu)
+        impl = get_kernel_builder("qdense")(req)
+        lib = tvm.runtime.load_module(str(compile_funcs({"q": impl.prim_func}, cpu,
+                                                        tmp / f"q{k}_{n}.so")))
+        args = [tvm.runtime.tensor(a) for a in args_for(req, impl)]
+        out = tvm.runtime.tensor(np.zeros(req.output_types[0].shape, np.float32))
+        ms = _best_ms(lib["q"], [*args, out], repeat)
+        best = max(best, m * k * n / (ms * 1e-3) / 1e9)
+    return {"per_core": {threads: best / threads},
+            "how": "best MiniLM qdense shape (no AVX512-VNNI: a lower bound on the peak)"}
+
+
+MINILM_DENSE_SHAPES = ((128, 384, 384), (128, 384, 1536), (128, 1536, 384))
+
+
+def qdense_request(m: int, k: int, n: int, cpu):
+    """A qdense request [1, m, k] u8 x [n, k] i8 (per-channel scales) -> f32."""
+    from compiler.ir.registry import get_op
+    from compiler.ir.types import TensorType
+    from targets.kernels.base import KernelRequest
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    consts = {1: w, 2: np.zeros(n, np.int32), 3: np.asarray(0.02, np.float32),
+              4: np.asarray(128, np.uint8), 5: (rng.random(n) * 0.01 + 1e-3).astype(np.float32)}
+    types = [TensorType((1, m, k), "u8")] + [TensorType.of(consts[i]) for i in range(1, 6)]
+    return KernelRequest("qdense", get_op("qdense").normalize_attrs({"out_dtype": "f32"}),
+                         types, [TensorType((1, m, n), "f32")], consts, cpu)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,minilm")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--peak", action="store_true", help="print the int8 peak only")
     args = ap.parse_args()
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    if args.peak:
+        os.environ.setdefault("TVM_NUM_THREADS", "2")
+        from bench.common import cpu_header
+
+        print(cpu_header())
+        pk = int8_peak()
+        print(f"int8 peak ({pk['how']}): " + ", ".join(
+            f"{t} thread{'s' * (t > 1)} {g:.0f} GMAC/s per core" for t, g in
+            pk["per_core"].items()) + f"; load {os.getloadavg()[0]:.1f}")
+        return
     import tvm
 
     from targets.kernels.base import get_kernel_builder

@@ -17,6 +17,12 @@ after 3 untimed; median), so no other runtime's spinning workers share the cores
 two are timed in this process once the others are idle. ``--same-process`` times them all
 here instead, taking turns (2 untimed + 3 timed runs per turn). Also the int8/float ratio of
 npucc's dense kernels (``profile`` sums), and npucc int8's kernel time by op.
+
+The bound: this CPU's int8 dot-product peak (``bench.quant_int8_kernels.int8_peak``, measured
+here: a tight vpdpbusd loop on AVX512-VNNI CPUs) at 1 and 2 threads, the int8 package's dense
+work (the MACs of its qdense steps, from the package) over the 2-thread peak = the time no
+int8 MiniLM can beat on this CPU with these dense layers, and the best ratio over onnxruntime
+dynamic int8 that floor allows; then every qdense kernel's share of the peak (profile).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
 from bench.common import cosine, cpu_header, mean_pool  # noqa: E402
+from bench.quant_int8_kernels import int8_peak  # noqa: E402
 
 THREADS = 2
 
@@ -136,6 +143,51 @@ def separate_times(configs: dict[str, tuple[str, str]], inputs: Path, rounds: in
     return times
 
 
+def qdense_macs(package) -> dict[str, tuple[int, int, int]]:
+    """Each qdense step's node -> (M, K, N), from the package's plan and tensor table."""
+    shapes = {t["name"]: t["shape"] for t in package.manifest["tensors"]}
+    out = {}
+    for st in package.manifest["steps"]:
+        if st["op"] == "qdense":
+            x, y = shapes[st["inputs"][0]], shapes[st["outputs"][0]]
+            out[st["node"]] = (int(np.prod(x[:-1])), int(x[-1]), int(y[-1]))
+    return out
+
+
+def print_bound(qm, qp, ours_ms: float, ort_ms: float, first: dict) -> None:
+    """The dense-work floor on this CPU and each qdense kernel's share of the peak. The peak
+    is measured again here and the higher of this and ``first`` (measured before the other
+    work) kept per thread count: a hardware limit only looks lower when something else ran."""
+    pk = int8_peak(threads=THREADS)
+    peak = {t: max(g, first["per_core"].get(t, 0.0)) for t, g in pk["per_core"].items()}
+    cores = max(peak)
+    macs = qdense_macs(qm.package)
+    total = sum(m * k * n for m, k, n in macs.values())
+    floor_ms = total / (peak[cores] * cores * 1e9) * 1e3
+    print(f"int8 peak ({pk['how']}): " + ", ".join(
+        f"{t} thread{'s' * (t > 1)} {g:.0f} GMAC/s per core" for t, g in peak.items()))
+    print(f"bound: {len(macs)} qdense, {total / 1e9:.3f} GMAC per call -> dense-work floor "
+          f"{floor_ms:.2f} ms at {cores} threads; best ratio over ort dynamic int8 that floor "
+          f"allows {ort_ms / floor_ms:.2f}x (everything else free); measured {ours_ms:.2f} ms "
+          f"= {ort_ms / ours_ms:.2f}x")
+    rows: dict[tuple, list[float]] = {}
+    for st in qp.steps:
+        if st.node in macs:
+            rows.setdefault((st.kernel, macs[st.node]), []).append(st.median_ms)
+    print(f"{'qdense kernel':28}{'M x K -> N':>18}{'calls':>6}{'ms each':>9}{'GMAC/s':>8}"
+          f"{'% peak':>8}")
+    spent = 0.0
+    for (kernel, (m, k, n)), ms in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+        each = statistics.median(ms)
+        spent += sum(ms)
+        g = m * k * n / (each * 1e-3) / 1e9
+        print(f"{kernel:28}{f'{m} x {k} -> {n}':>18}{len(ms):6d}{each:9.4f}{g:8.0f}"
+              f"{100 * g / (peak[cores] * cores):7.0f}%")
+    print(f"qdense total {spent:.2f} ms = {100 * floor_ms / spent:.0f}% of peak overall; "
+          f"the rest of the kernels {qp.total_ms - spent:.2f} ms; load now "
+          f"{os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="minmax",
@@ -153,6 +205,8 @@ def main() -> None:
         print("RESULT " + json.dumps(child_times(*args.child, args.repeat)))
         return
     print(cpu_header(), flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    peak0 = int8_peak(threads=THREADS)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     import torch
 
@@ -267,6 +321,7 @@ def main() -> None:
     ours_lat = lat[f"npucc int8 static ({args.method})"]
     print(f"latency: npucc int8 {ours_lat:.2f} ms vs fastest ort dynamic int8 {ort_dyn:.2f} ms "
           f"({ort_dyn / ours_lat:.2f}x)")
+    print_bound(qm, qp, ours_lat, ort_dyn, peak0)
     ok = ort_dyn / ours_lat >= 2.0 and ours >= 0.997
     print(f"acceptance (issue 18): >= 2x faster than ort dynamic int8 at mean cosine >= 0.997: "
           f"{'PASS' if ok else 'FAIL'}")

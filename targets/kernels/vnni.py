@@ -28,9 +28,10 @@ from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
 from targets.kernels.int8_epilogue import epilogue, mult_shift_stage
 
 __all__ = ["has_vnni", "pack_vnni", "pack_conv_vnni", "vnni_qdense", "vnni_qconv",
-           "VNNI_INTRIN"]
+           "VNNI_INTRIN", "VNNI_LLVM_INTRIN"]
 
 VNNI_INTRIN = "npucc_vnni_u8i8i32_16x4"
+VNNI_LLVM_INTRIN = "llvm.x86.avx512.vpdpbusd.512"   # 16 x (4 u8 . 4 i8) into 16 int32
 
 
 def has_vnni(cpu: CpuInfo) -> bool:
@@ -68,7 +69,7 @@ def _register_intrin() -> str:
             T.writes(C[0:16])
             a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                T.llvm_lookup_intrinsic_id(VNNI_LLVM_INTRIN),
                 C.vload([0], dtype="int32x16"),
                 T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"),
