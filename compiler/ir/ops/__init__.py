@@ -1,6 +1,7 @@
 """Op families. Importing this package registers every op in the registry."""
 
 from compiler.ir.ops import (
+    add_norm,  # noqa: F401
     attention,  # noqa: F401
     core,  # noqa: F401
     elementwise,  # noqa: F401
