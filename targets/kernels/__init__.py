@@ -1,6 +1,7 @@
 """Kernel families; importing this package registers every kernel builder."""
 
 from targets.kernels import (  # noqa: F401
+    attention,
     conv,
     elementwise,
     embed_q,

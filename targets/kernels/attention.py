@@ -1,0 +1,170 @@
+"""The ``attention`` kernel (:mod:`compiler.ir.ops.attention`): one pass over each head, no
+``[B, H, S, Sk]`` score tensor in memory, no transposes.
+
+Written as TIR (like ``cached_attention`` in :mod:`targets.kernels.llm`): the loop structure is
+the schedule.
+
+- Parallel over (batch, head, query block): blocks per head are chosen so that the number of
+  iterations is a multiple of the cores and at least ``4 x cores`` when the heads alone are
+  fewer (DeiT-tiny: 3 heads x 4 blocks of 52 rows), so 2 threads split evenly and a
+  descheduled thread leaves small pieces behind.
+- Per iteration, the head's keys are copied once into ``kt[D, Skp]`` (transposed, padded to
+  whole vectors): the q.k products then run as ``R x lanes`` register tiles (``R = 4`` query
+  rows, ``lanes`` keys; a broadcast q value times a vector of ``kt``), no horizontal sums.
+- Per tile of ``R`` query rows: the scores ``sc[R, Skp]`` (scale, mask, causal -inf, padding
+  -inf), the row max (vector partial maxima, a row of -inf taken as 0 as softmax does), the exp
+  (``fast_exp``, NaN kept) and its sum in vectors, then ``P @ V`` accumulated over the keys
+  into ``R x D`` outputs (vectors over the head's columns, which are contiguous in ``v``), each
+  row divided by its sum once when written.
+
+Every per-iteration buffer is in the default scope (TVM served ``local`` with a workspace
+alloc/free per parallel iteration; see :mod:`targets.kernels.llm_kv`). The vector width is the
+CPU's (``CpuInfo.lanes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from targets.kernels._te import fast_exp
+from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+
+__all__ = ["query_blocks"]
+
+ROWS = 4    # query rows per register tile
+
+
+def query_blocks(batch_heads: int, rows: int, cores: int) -> int:
+    """Query blocks per head: the smallest count giving a multiple of ``cores`` iterations and
+    at least ``4 * cores`` of them (or one block per tile of rows, if fewer)."""
+    tiles = -(-rows // ROWS)
+    for nb in range(1, tiles + 1):
+        it = batch_heads * nb
+        if it % max(cores, 1) == 0 and it >= 4 * cores:
+            return nb
+    return min(tiles, max(1, -(-4 * cores // batch_heads)))
+
+
+@register_kernel("attention")
+def attention(req: KernelRequest) -> KernelImpl:
+    from tvm.script import tirx as T
+
+    a = req.attrs
+    qt, kt_, vt = req.input_types[:3]
+    bsz, s, nq = qt.shape
+    sk, nk, nv = kt_.shape[1], kt_.shape[2], vt.shape[2]
+    h, d = int(a["heads"]), int(a["head_dim"])
+    oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
+    scale, causal = float(a["scale"]), bool(a["causal"])
+    has_mask = len(req.input_types) == 4
+    mshape = req.input_types[3].shape if has_mask else (1, 1, 1, sk)
+    # 0 or 1: the mask's index along a broadcast axis is 0
+    mb, mh, ms = (int(x > 1) for x in mshape[:3])
+    lanes = req.cpu.lanes("f32")
+    skp = -(-sk // lanes) * lanes
+    nb = query_blocks(bsz * h, s, max(1, req.cpu.num_cores))
+    qb = -(-math.ceil(s / nb) // ROWS) * ROWS       # rows per block, whole tiles
+    tiles = qb // ROWS
+    its = bsz * h * nb
+    # query i sees keys 0..i + cshift (causal), or all of them
+    cshift = sk - s if causal else sk
+    neg = -math.inf
+
+    @T.macro
+    def score(sc, acc, mask, b, hh, i0, r, j, ln):
+        if has_mask:
+            sc[r, j] = T.Select(
+                j <= T.min(sk - 1, i0 + r + cshift), acc[r, ln] * T.float32(scale)
+                + mask[b * mb, hh * mh, T.min(i0 + r, s - 1) * ms, T.min(j, sk - 1)],
+                T.float32(neg))
+        else:
+            sc[r, j] = T.Select(j <= T.min(sk - 1, i0 + r + cshift),
+                                      acc[r, ln] * T.float32(scale), T.float32(neg))
+
+    @T.macro
+    def softmax_row(sc, acc, mx, tot, r):
+        for ln in T.vectorized(lanes):
+            acc[r, ln] = T.float32(neg)
+        for jb in range(skp // lanes):
+            for ln in T.vectorized(lanes):
+                acc[r, ln] = T.max(acc[r, ln], sc[r, jb * lanes + ln])
+        mx[r] = T.float32(neg)
+        for ln in range(lanes):
+            mx[r] = T.max(mx[r], acc[r, ln])
+        # a row of -inf (every key masked): max 0, exp 0, sum 0, 0/0 = NaN as softmax gives
+        mx[r] = T.Select(mx[r] == T.float32(neg), T.float32(0), mx[r])
+        for ln in T.vectorized(lanes):
+            acc[r, ln] = T.float32(0)
+        for jb in range(skp // lanes):
+            for ln in T.vectorized(lanes):
+                sc[r, jb * lanes + ln] = fast_exp(sc[r, jb * lanes + ln] - mx[r])
+                acc[r, ln] = acc[r, ln] + sc[r, jb * lanes + ln]
+        tot[r] = T.float32(0)
+        for ln in range(lanes):
+            tot[r] = tot[r] + acc[r, ln]
+
+    @T.macro
+    def head_block(q, k, v, mask, out):
+        for it in T.parallel(its):
+            kt = T.alloc_buffer((d, skp), "float32")
+            sc = T.alloc_buffer((ROWS, skp), "float32")
+            acc = T.alloc_buffer((ROWS, lanes), "float32")
+            oacc = T.alloc_buffer((ROWS, d), "float32")
+            mx = T.alloc_buffer((ROWS,), "float32")
+            tot = T.alloc_buffer((ROWS,), "float32")
+            b = it // (h * nb)
+            hh = it // nb % h
+            for j, dd in T.grid(skp, d):
+                kt[dd, j] = T.Select(j < sk, k[b, T.min(j, sk - 1), ok + hh * d + dd],
+                                           T.float32(0))
+            for t in range(tiles):
+                i0 = it % nb * qb + t * ROWS
+                if i0 < s:
+                    for jb in range(skp // lanes):
+                        for r, ln in T.grid(ROWS, lanes):
+                            acc[r, ln] = T.float32(0)
+                        for dd in range(d):
+                            for r in T.unroll(ROWS):
+                                for ln in T.vectorized(lanes):
+                                    acc[r, ln] = acc[r, ln] + q[
+                                        b, T.min(i0 + r, s - 1), oq + hh * d + dd
+                                    ] * kt[dd, jb * lanes + ln]
+                        for r in T.unroll(ROWS):
+                            for ln in T.vectorized(lanes):
+                                score(sc, acc, mask, b, hh, i0, r, jb * lanes + ln, ln)
+                    for r in T.unroll(ROWS):
+                        softmax_row(sc, acc, mx, tot, r)
+                    for r, dd in T.grid(ROWS, d):
+                        oacc[r, dd] = T.float32(0)
+                    for j in range(T.min(sk, i0 + ROWS + cshift)):
+                        for r in T.unroll(ROWS):
+                            for dd in T.vectorized(d):
+                                oacc[r, dd] = oacc[r, dd] + sc[r, j] * v[b, j, ov + hh * d + dd]
+                    for r in range(ROWS):
+                        if i0 + r < s:
+                            for dd in T.vectorized(d):
+                                out[b, i0 + r, hh * d + dd] = oacc[r, dd] * (
+                                    T.float32(1) / tot[r])
+
+    if has_mask:
+        bm, hm, sm, _ = mshape
+
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 mask: T.Buffer((bm, hm, sm, sk), "float32"),
+                 out: T.Buffer((bsz, s, h * d), "float32")):
+            T.func_attr({"tir.noalias": True})
+            head_block(q, k, v, mask, out)
+    else:
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 out: T.Buffer((bsz, s, h * d), "float32")):
+            T.func_attr({"tir.noalias": True})
+            head_block(q, k, v, q, out)
+
+    return KernelImpl(func, note=(
+        f"attention {h} heads x {d}, {s} queries x {sk} keys, {nb} blocks of {qb} rows per "
+        f"head ({its} parallel iterations), {ROWS}x{lanes} score tiles"
+        f"{', masked' if has_mask else ''}{', causal' if causal else ''}"))
