@@ -17,6 +17,7 @@ PASS_MODULES: dict[str, str] = {
                      "fuse-dense-act"), "passes.fusion"),
     "fuse-attention": "passes.attention",
     "to-nhwc": "passes.layout",
+    "fuse-conv-blocks": "passes.fuse_blocks",
     "quantize": "passes.quantization.insert",
     "lower-quantized": "passes.quantization.lower",
     "partition": "passes.partition",
@@ -24,7 +25,7 @@ PASS_MODULES: dict[str, str] = {
     "prune": "passes.pruning",
 }
 FAMILIES: tuple[str, ...] = ("passes.canonicalize", "passes.fusion", "passes.attention",
-                             "passes.layout")
+                             "passes.layout", "passes.fuse_blocks")
 
 # The graph-level pipeline every target starts from (targets may replace or extend it).
 # fold-batchnorm runs after the fusions to dense so BN reading a conv folds into it first;

@@ -23,7 +23,7 @@ from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import const_array, erase_dead, is_const, new_const, only_user, replace_node
 
 __all__ = ["FuseMatmulAdd", "FuseGemm", "FuseConvAct", "FuseConvRelu", "FuseDenseAct",
-           "activation_of", "erf_gelu_tail"]
+           "Activation", "activation_of", "erf_gelu_tail", "fuse_activation", "check_activations"]
 
 _ALL_ACTS = tuple(a for a in ACTIVATIONS if a != "none")   # the fused-activation attribute
 Activation = Literal[_ALL_ACTS]  # type: ignore[valid-type]  (one list: ir/ops/nn.py)
@@ -346,7 +346,8 @@ def _written_out_act(graph: Graph, v: Value, allowed: tuple[str, ...]
     return None
 
 
-def _check_activations(name: str, acts: tuple[str, ...]) -> None:
+def check_activations(name: str, acts: tuple[str, ...]) -> None:
+    """Raise PipelineError naming every activation of ``acts`` that is not a fused one."""
     bad = [a for a in acts if a not in _ALL_ACTS]
     if bad:
 
@@ -354,7 +355,10 @@ def _check_activations(name: str, acts: tuple[str, ...]) -> None:
                             f"known: {', '.join(_ALL_ACTS)}")
 
 
-def _fuse_act(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str) -> PassResult:
+def fuse_activation(graph: Graph, anchor: str, allowed: tuple[str, ...], rule: str
+                    ) -> PassResult:
+    """Every ``anchor`` node without activation whose only reader is an activation in
+    ``allowed`` (or a GELU / SiLU written out) takes it as its ``activation`` attribute."""
     stats: dict[str, int] = {}
     for node in graph.find(anchor):
         if node.attrs["activation"] != "none":
@@ -404,10 +408,10 @@ class FuseConvAct(Pass):
     activations: tuple[Activation, ...] = _DEFAULT_ACTS
 
     def __post_init__(self) -> None:
-        _check_activations(self.name, self.activations)
+        check_activations(self.name, self.activations)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        return _fuse_act(graph, "conv2d", self.activations, self.name)
+        return fuse_activation(graph, "conv2d", self.activations, self.name)
 
 
 @register_pass
@@ -432,7 +436,7 @@ class FuseDenseAct(Pass):
     activations: tuple[Activation, ...] = _DEFAULT_ACTS
 
     def __post_init__(self) -> None:
-        _check_activations(self.name, self.activations)
+        check_activations(self.name, self.activations)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        return _fuse_act(graph, "dense", self.activations, self.name)
+        return fuse_activation(graph, "dense", self.activations, self.name)

@@ -16,4 +16,5 @@ from targets.kernels import (  # noqa: F401
     quant_weight,
     reduce,
     shape,
+    squeeze_excite,
 )

@@ -42,8 +42,8 @@ from targets.kernels.conv_common import (
     transpose_weight_to_conv,
 )
 
-__all__ = ["conv2d", "conv_transpose2d", "input_stage", "conv_epilogue", "schedule_stage",
-           "acc_ir_dtype", "PARALLEL_MIN_MACS"]
+__all__ = ["conv2d", "conv2d_fused", "conv_transpose2d", "input_stage", "conv_epilogue",
+           "schedule_stage", "fused_operands", "acc_ir_dtype", "PARALLEL_MIN_MACS"]
 
 # Below this many multiply-adds (~10-25 µs on one AVX-512 core) a conv runs on one thread: a
 # parallel launch costs µs, and on a busy machine a descheduled worker stalls the whole call.
@@ -56,6 +56,21 @@ def acc_ir_dtype(dtype: str) -> str:
 
 
 # ---------------------------------------------------------------- TE stages
+
+def fused_operands(req: KernelRequest, dtype: str):
+    """``(bias, scale, residual)`` placeholders of a conv2d / conv2d_fused request, None where
+    the node has no such operand (conv2d_fused: ``b`` always, ``scale`` with ``input_scale``,
+    ``residual`` last with ``residual``)."""
+    from tvm import te
+
+    types = req.input_types
+    bias = te.placeholder(types[2].shape, dtype, name="in2") if len(types) > 2 else None
+    scale = (te.placeholder(types[3].shape, dtype, name="in3")
+             if req.attrs.get("input_scale") else None)
+    residual = (te.placeholder(types[-1].shape, dtype, name=f"in{len(types) - 1}")
+                if req.attrs.get("residual") else None)
+    return bias, scale, residual
+
 
 def input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int, ws: int,
                  top: int, left: int, up_h: int = 1, up_w: int = 1):
@@ -88,15 +103,20 @@ def _activation(v, attrs: dict[str, Any]):
                       float(attrs.get("clip_min", 0.0)), float(attrs.get("clip_max", 6.0)))
 
 
-def conv_epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str | None = None):
-    """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc])`` in ``out_layout``, rounded to
-    ``out_dt`` when the accumulator is wider (f16 convs sum in f32)."""
+def conv_epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str | None = None,
+                  residual=None):
+    """The output tensor: ``act(acc_at(n, y, x, oc) + bias[oc] + residual[...])`` in
+    ``out_layout``, rounded to ``out_dt`` when the accumulator is wider (f16 convs sum in f32);
+    ``residual`` (optional) is shaped like the output."""
     from tvm import te
 
     def val(b, y, x, oc):
         v = expr(acc_at(b, y, x, oc))
         if bias is not None:
             v = v + bias[oc]
+        if residual is not None:
+            r = residual[b, y, x, oc] if out_layout == "NHWC" else residual[b, oc, y, x]
+            v = v + r.astype(dtype_of(v))
         v = _activation(v, attrs)
         return v if out_dt is None or dtype_of(v) == out_dt else v.astype(out_dt)
 
@@ -106,8 +126,11 @@ def conv_epilogue(acc_at, bias, attrs, g: ConvGeom, out_layout: str, out_dt: str
     return te.compute((g.n, g.oc, g.oh, g.ow), lambda b, oc, y, x: val(b, y, x, oc), name="out")
 
 
-def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles):
-    """``C[n, y, x, blk, oci]`` = the conv of the NHWC stage ``xs`` with packed weights."""
+def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles, scale_at=None):
+    """``C[n, y, x, blk, oci]`` = the conv of the NHWC stage ``xs`` with packed weights.
+    ``scale_at(n, ic)`` (optional) scales the input channels: it multiplies the weight vector
+    as it is loaded (one multiply per weight vector and column tile, not one per input
+    pixel)."""
     from tvm import te
 
     rc = te.reduce_axis((0, g.icg), "rc")
@@ -117,8 +140,11 @@ def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles):
     def body(b, y, x, blk, oci):
         ch = rc if g.groups == 1 else (blk // t.nb_g) * g.icg + rc
         acc = accumulator_dtype(str(xs.dtype))
+        w = wp[blk, ry, rx, rc, oci].astype(acc)
+        if scale_at is not None:
+            w = w * scale_at(b, ch).astype(acc)
         return te.sum(xs[b, y * g.sh + ry * g.dh, x * g.sw + rx * g.dw, ch].astype(acc)
-                      * wp[blk, ry, rx, rc, oci].astype(acc), axis=[rc, ry, rx])
+                      * w, axis=[rc, ry, rx])
 
     return te.compute((g.n, g.oh, t.owp, g.groups * t.nb_g, t.ob), body, name="conv")
 
@@ -216,9 +242,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     else:
         W = te.placeholder(req.input_types[1].shape, dtype, name="in1")
         wp = wstage(W, t)
-    bias = None
-    if len(req.input_types) > 2:
-        bias = te.placeholder(req.input_types[2].shape, dtype, name="in2")
+    bias, scale, residual = fused_operands(req, dtype)
     hs = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1
     ws = (t.owp - 1) * g.sw + g.dw * (g.kw - 1) + 1
     sa = stage_args
@@ -229,7 +253,11 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
                           sa["left"], sa.get("up_h", 1), sa.get("up_w", 1))
     else:
         xs = X
-    C = _conv_core(xs, wp, g, t)
+    scale_at = None
+    if scale is not None:
+        scale_at = (lambda b, ch: scale[b, 0, 0, ch]) if layout == "NHWC" else \
+            (lambda b, ch: scale[b, ch, 0, 0])
+    C = _conv_core(xs, wp, g, t, scale_at)
     simple = g.groups == 1 or g.ocg % t.ob == 0
 
     def acc_at(b, y, x, oc):
@@ -238,8 +266,8 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
         r = oc % g.ocg
         return C[b, y, x, (oc // g.ocg) * t.nb_g + r // t.ob, r % t.ob]
 
-    out = conv_epilogue(acc_at, bias, req.attrs, g, out_layout, dtype)
-    args = [X, W] + ([bias] if bias is not None else []) + [out]
+    out = conv_epilogue(acc_at, bias, req.attrs, g, out_layout, dtype, residual)
+    args = [X, W, *(p for p in (bias, scale, residual) if p is not None), out]
     func = te.create_prim_func(args)
     from tvm.s_tir import Schedule
 
@@ -262,27 +290,40 @@ def _check_out(req: KernelRequest, shape: tuple[int, ...], label: str) -> None:
 
 @register_kernel("conv2d")
 def conv2d(req: KernelRequest) -> KernelImpl:
-    label = f"conv2d {req.node_label}".strip()
+    return _conv2d_any(req, "conv2d")
+
+
+@register_kernel("conv2d_fused")
+def conv2d_fused(req: KernelRequest) -> KernelImpl:
+    """conv2d with an input channel scale (in the weight loads), a residual (in the epilogue)
+    and another result layout (the NCHW input read through the input stage)."""
+    return _conv2d_any(req, "conv2d_fused")
+
+
+def _conv2d_any(req: KernelRequest, op: str) -> KernelImpl:
+    label = f"{op} {req.node_label}".strip()
     layout = str(req.attrs.get("layout", "NCHW"))
+    out_layout = str(req.attrs.get("out_layout") or layout)
     kl = str(req.attrs.get("kernel_layout", "OIHW"))
     g = conv_geom(req.input_types[0].shape, layout, req.input_types[1].shape, kl, req.attrs,
                   label)
-    _check_out(req, (g.n, g.oh, g.ow, g.oc) if layout == "NHWC" else (g.n, g.oc, g.oh, g.ow),
-               label)
-    if g.depthwise:
+    _check_out(req, (g.n, g.oh, g.ow, g.oc) if out_layout == "NHWC" else
+               (g.n, g.oc, g.oh, g.ow), label)
+    plain = op == "conv2d"
+    if g.depthwise and plain:
         from targets.kernels.depthwise import depthwise_conv2d  # imports this module
 
         return depthwise_conv2d(req, g, layout, kl)
     from targets.kernels import winograd  # imports this module
 
     m = winograd.winograd_tile(g, req.cpu, req.output_types[0].dtype, 1 in req.const_inputs)
-    if m:
+    if m and (plain or (out_layout == layout and not req.attrs.get("input_scale"))):
         return winograd.winograd_conv2d(req, g, layout, kl, m)
     stage = {"src_h": g.h, "src_w": g.w, "top": g.pt, "left": g.pl}
     return _conv_impl(
-        req, g, layout, layout, stage,
+        req, g, layout, out_layout, stage,
         lambda t: (lambda w: pack_conv_weight(to_oihw(w, kl), g.groups, t.ob)),
-        lambda W, t: _weight_stage(W, kl, g, t, transposed=False), "conv2d")
+        lambda W, t: _weight_stage(W, kl, g, t, transposed=False), op)
 
 
 @register_kernel("conv_transpose2d")

@@ -30,6 +30,7 @@ from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
 from targets.kernels.conv import (
     PARALLEL_MIN_MACS,
     conv_epilogue,
+    fused_operands,
     input_stage,
     schedule_stage,
 )
@@ -182,8 +183,7 @@ def winograd_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
     a, lanes = p.a, req.cpu.lanes("f32")
     X = te.placeholder(req.input_types[0].shape, dtype, name="in0")
     U = te.placeholder((a, a, p.nb, g.ic, p.ob), dtype, name="in1")
-    bias = te.placeholder(req.input_types[2].shape, dtype, name="in2") \
-        if len(req.input_types) > 2 else None
+    bias, _, residual = fused_operands(req, dtype)  # conv2d_fused: no input scale here
     hs, ws = p.th * m + 2, p.tw * m + 2
     need_stage = layout == "NCHW" or g.pt or g.pl or hs > g.h or ws > g.w
     xs = input_stage(X, layout, g.n, g.ic, g.h, g.w, hs, ws, g.pt, g.pl) if need_stage else X
@@ -225,8 +225,8 @@ def winograd_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout:
                        j, [_lincomb(at_m[k], [A1[b, ty, tx, i, nu, oc] for nu in range(a)])
                            for k in range(m)]), name="ot")
     out = conv_epilogue(lambda b, y, x, oc: Y[b, y // m, x // m, y % m, x % m, oc], bias,
-                        req.attrs, g, layout, dtype)
-    args = [X, U] + ([bias] if bias is not None else []) + [out]
+                        req.attrs, g, layout, dtype, residual)
+    args = [X, U, *(p for p in (bias, residual) if p is not None), out]
     sch = Schedule(te.create_prim_func(args))
     par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
     rb = _schedule_output(sch, p, layout, lanes, par)
