@@ -22,6 +22,15 @@ Settings, read when a library is loaded:
   two (bench/threads_burner.py, machine at load 9-17) resnet50's burner-case median was
   lowest with 0-20 µs and highest with 200 µs in three alternating runs; quiet-case
   differences were within that load's noise);
+- ``NPUCC_POOL_PROBE_US``: the per-loop launch decision (default 200 µs; 0: off, every launch
+  is shared out). Each parallel loop's first launches are shared out and timed; a loop whose
+  best such launch took less than this is then timed on the calling thread alone, and from
+  then on runs the way that measured faster (re-measured every 2048 launches of the loop).
+  Like onnxruntime's per-op cost check (TryParallelFor), small kernels stay on the caller
+  when waking and feeding a second thread costs more than it gains; the threshold between
+  the two is each loop's own timing on the machine it runs on, not a tuned constant (the
+  200 µs only bounds which loops are worth timing serially: above it, half the work saved
+  outweighs any hand-off);
 - ``NPUCC_POOL=tvm``: keep TVM's pool for every library (for comparisons).
 """
 
@@ -43,6 +52,7 @@ BARRIER = "__TVMBackendParallelBarrier"
 MAX_THREADS = 64
 DEFAULT_CHUNKS = 4
 DEFAULT_SPIN_US = 50
+DEFAULT_PROBE_US = 200
 
 # id(tvm module) -> its LibraryPool, or None. Written at every load_library (TVM modules take
 # no weak references): an id reused by a later module is overwritten before it is looked up
@@ -55,6 +65,10 @@ class PoolStats:
     launches: int          # parallel launches shared out by the pool
     serial_launches: int   # launches run on the calling thread (nested, concurrent, 1 thread)
     chunks: tuple[int, ...]   # chunks run per thread; [0] is the launching thread
+    caller_launches: int = 0  # launches the per-loop decision kept on the calling thread
+    caller_loops: int = 0     # parallel loops decided "calling thread alone"
+    shared_loops: int = 0     # parallel loops decided "shared out"
+    wakes: int = 0            # launches that had to wake sleeping workers
 
 
 def pool_threads() -> int:
@@ -105,6 +119,13 @@ class LibraryPool:
         if self._stall_us is not None:
             self._stall_us.argtypes = [ctypes.c_int]
             self._stall_us.restype = None
+        self._adaptive = getattr(handle, "npucc_pool_adaptive", None)   # older: none
+        if self._adaptive is not None:
+            self._adaptive.argtypes = [ctypes.c_int, ctypes.c_int]
+            self._adaptive.restype = None
+            self._adaptive_stats = handle.npucc_pool_adaptive_stats
+            self._adaptive_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+            self._adaptive_stats.restype = None
         self.threads = 1
 
     def configure(self, threads: int, chunks_per_thread: int = DEFAULT_CHUNKS,
@@ -113,6 +134,16 @@ class LibraryPool:
         workers are stopped and restarted at the next launch."""
         self.threads = int(self._configure(int(threads), int(chunks_per_thread), int(spin_us)))
         return self.threads
+
+    def decide_per_loop(self, probe_us: int = DEFAULT_PROBE_US) -> bool:
+        """Turn the per-loop launch decision on (``probe_us`` > 0: loops whose best shared-out
+        launch is under ``probe_us`` µs are also timed on the calling thread alone) or off (0:
+        every launch is shared out); forgets the decisions taken. False if this library's
+        launcher predates it (then every launch is shared out)."""
+        if self._adaptive is None:
+            return False
+        self._adaptive(int(probe_us > 0), max(0, int(probe_us)))
+        return True
 
     def use(self, launcher: str) -> None:
         """Send this library's parallel launches to ``"npucc"`` (this pool) or ``"tvm"``
@@ -124,7 +155,10 @@ class LibraryPool:
     def stats(self) -> PoolStats:
         buf = (ctypes.c_int64 * (2 + MAX_THREADS))()
         n = self._stats(buf, MAX_THREADS)
-        return PoolStats(n, buf[0], buf[1], tuple(buf[2:2 + n]))
+        extra = (ctypes.c_int64 * 4)()
+        if self._adaptive is not None:
+            self._adaptive_stats(extra)
+        return PoolStats(n, buf[0], buf[1], tuple(buf[2:2 + n]), *extra)
 
     def reset_stats(self) -> None:
         self._reset()
@@ -166,6 +200,7 @@ def _attach(module: Any, path: str) -> str:
         pool = LibraryPool(handle, slot)
         pool.configure(pool_threads(), max(1, _env_int("NPUCC_POOL_CHUNKS", DEFAULT_CHUNKS)),
                        max(0, _env_int("NPUCC_POOL_SPIN_US", DEFAULT_SPIN_US)))
+        pool.decide_per_loop(max(0, _env_int("NPUCC_POOL_PROBE_US", DEFAULT_PROBE_US)))
         pool.use("npucc")
     finally:
         # drop the reference RTLD_NOLOAD took: the library stays loaded exactly as long as

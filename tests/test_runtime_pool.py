@@ -4,7 +4,9 @@ Kernels built by compile_funcs carry the launcher; loading them points their par
 at it. Checked: results against numpy for chunk counts that do not divide the loop, at several
 thread counts; that work is shared dynamically (a thread held on its first chunk, as a
 descheduled thread would be, ends with at most one chunk per launch and the other threads run
-the rest; without a stall the chunk counts add up); that the launching thread blocks rather
+the rest; without a stall the chunk counts add up); the per-loop launch decision (a tiny loop
+ends on the caller, a long one stays shared out, decisions are measured again); that the
+launching thread blocks rather
 than spins while such a thread holds the last chunk; concurrent and nested launches; that a
 library built without the launcher keeps TVM's pool; that every package loader (the sealed
 in-memory library) installs it; the clear error when no C compiler exists, and the fallback
@@ -76,6 +78,7 @@ def test_results_at_any_split(built, threads, chunks):
     pool = library_pool(mod)
     assert pool is not None
     pool.configure(threads, chunks)
+    assert pool.decide_per_loop(0)   # every launch shared out, however small
     pool.reset_stats()
     x = np.random.default_rng(threads * 100 + chunks).standard_normal((ROWS, COLS), np.float32)
     for _ in range(20):
@@ -98,6 +101,7 @@ def test_a_stalled_thread_takes_fewer_chunks(built, stalled):
     mod = load_library(tvm, path, require=True)
     pool = library_pool(mod)
     pool.configure(2, 8)
+    pool.decide_per_loop(0)
     pool.reset_stats()
     pool.stall_thread(stalled)
     x = np.random.default_rng(7).standard_normal((ROWS, COLS), np.float32)
@@ -123,6 +127,7 @@ def test_launching_thread_blocks_while_a_stalled_worker_holds_a_chunk(built):
     mod = load_library(tvm, path, require=True)
     pool = library_pool(mod)
     pool.configure(2, 4, spin_us=1_000_000)   # the worker spins: it claims chunks at once
+    pool.decide_per_loop(0)
     h = np.random.default_rng(3).standard_normal((64, 1 << 16), np.float32)
     th, ts = tvm.runtime.tensor(h), tvm.runtime.tensor(np.zeros(64, np.float32))
     mod["heavy"](th, ts)                   # workers started
@@ -145,6 +150,67 @@ def test_launching_thread_blocks_while_a_stalled_worker_holds_a_chunk(built):
     assert cpu < 0.5 * wall, f"launching thread busy {cpu * 1e3:.1f} of {wall * 1e3:.1f} ms"
 
 
+def _heavy(tvm, rows=64):
+    h = np.random.default_rng(3).standard_normal((rows, 1 << 16), np.float32)
+    return h, tvm.runtime.tensor(h), tvm.runtime.tensor(np.zeros(rows, np.float32))
+
+
+def test_small_loop_runs_on_the_caller_big_loop_is_shared(built):
+    """The per-loop launch decision: a 37x64 loop (well under a microsecond of work) is timed
+    shared out, then on the caller alone, and stays on the caller; a loop of milliseconds is
+    never timed serially and stays shared out. Results are the same either way."""
+    tvm, path = built
+    mod = load_library(tvm, path, require=True)
+    pool = library_pool(mod)
+    pool.configure(2, 4)
+    assert pool.decide_per_loop(200)
+    pool.reset_stats()
+    x = np.random.default_rng(11).standard_normal((ROWS, COLS), np.float32)
+    tx = tvm.runtime.tensor(x)
+    ty = tvm.runtime.tensor(np.zeros((ROWS, COLS), np.float32))
+    want = x * np.arange(1, ROWS + 1, dtype=np.float32)[:, None]
+    for _ in range(20):
+        ty.copyfrom(np.zeros((ROWS, COLS), np.float32))
+        mod["scale"](tx, ty)
+        np.testing.assert_array_equal(ty.numpy(), want)
+    st = pool.stats()
+    assert (st.launches, st.caller_launches, st.caller_loops) == (3, 17, 1), st
+    assert st.serial_launches == 17 and sum(st.chunks) == 3 * 2 * 4
+
+    h, th, ts = _heavy(tvm)
+    pool.reset_stats()
+    for _ in range(8):
+        mod["heavy"](th, ts)
+    np.testing.assert_allclose(ts.numpy(), np.sqrt(np.abs(h)).sum(1, dtype=np.float64), rtol=1e-4)
+    st = pool.stats()
+    assert st.launches == 8 and st.caller_launches == 0 and st.shared_loops == 1, st
+    pool.decide_per_loop(0)
+
+
+def test_loop_decision_is_measured_again(built):
+    """A decision is re-measured after 2048 launches of its loop (load changes): three shared
+    launches, three on the caller, then the decision again."""
+    tvm, path = built
+    mod = load_library(tvm, path, require=True)
+    pool = library_pool(mod)
+    pool.configure(2, 4)
+    pool.decide_per_loop(200)
+    pool.reset_stats()
+    x = np.random.default_rng(12).standard_normal((ROWS, COLS), np.float32)
+    tx = tvm.runtime.tensor(x)
+    ty = tvm.runtime.tensor(np.zeros((ROWS, COLS), np.float32))
+    f = mod["scale"]
+    for _ in range(6 + 2048):
+        f(tx, ty)
+    assert pool.stats().launches == 3
+    for _ in range(6):
+        f(tx, ty)
+    st = pool.stats()
+    assert st.launches == 6 and st.caller_launches == 3 + 2048 + 3 and st.caller_loops == 1, st
+    np.testing.assert_array_equal(ty.numpy(), x * np.arange(1, ROWS + 1, dtype=np.float32)[:, None])
+    pool.decide_per_loop(0)
+
+
 def test_concurrent_callers(built):
     """Launches from several Python threads at once: one holds the pool, the others run
     serially on their own thread; every result is right."""
@@ -152,6 +218,7 @@ def test_concurrent_callers(built):
     mod = load_library(tvm, path, require=True)
     pool = library_pool(mod)
     pool.configure(2, 4)
+    pool.decide_per_loop(200)   # concurrent callers while loops are being decided
     pool.reset_stats()
     errors = []
 

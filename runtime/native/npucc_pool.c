@@ -16,6 +16,13 @@
  *   onto its core.
  * - A launch from inside a chunk, or while another thread's launch holds the pool, runs all
  *   of its slices on the calling thread (correct, never blocked).
+ * - Per parallel loop (its lambda's address), a launch cost check in the spirit of
+ *   onnxruntime's TryParallelFor: the first launches of a loop run shared out and timed; if
+ *   the best took under `probe_ns`, the next ones run on the calling thread alone and are
+ *   timed too; from then on the loop runs the way that measured faster (a small kernel, where
+ *   waking and handing out chunks costs more than the second thread gains, stays on the
+ *   caller). The decision is measured again every NPUCC_REPROBE launches of the loop (the
+ *   machine's load changes). No CPU-specific threshold: each loop is timed where it runs.
  * - TVMBackendParallelBarrier assumes every task runs at once; a library whose code calls it
  *   is left on TVM's pool (runtime/pool.py checks for `__TVMBackendParallelBarrier`).
  * - After fork() the child has no workers; they are started again at its first launch.
@@ -52,6 +59,18 @@ int TVMFFIObjectDecRef(void* obj) __attribute__((weak));
 #define NPUCC_MAX_THREADS 64
 #define NPUCC_LINE 64
 #define NPUCC_WAIT_SPINS 4096  /* pause loops the launching thread spins before it blocks */
+#define NPUCC_SITES 1024       /* parallel loops whose launch decision is kept (power of 2) */
+#define NPUCC_PROBES 3         /* timed launches per way (shared out, caller only) */
+#define NPUCC_REPROBE 2048     /* launches of a loop before its decision is measured again */
+
+enum { SITE_PROBE_PAR = 0, SITE_PROBE_SER, SITE_PARALLEL, SITE_SERIAL };
+
+typedef struct {
+  uintptr_t f;               /* the loop's lambda; 0: free slot */
+  int32_t state;             /* SITE_* */
+  int32_t runs;              /* launches in this state */
+  int64_t par_ns, ser_ns;    /* best timed launch each way */
+} npucc_site;
 
 typedef struct {
   int64_t chunks;            /* chunks this thread ran */
@@ -84,6 +103,12 @@ static struct {
   int stall_thread;          /* tests: this thread holds its chunk until all are claimed */
   int stall_us;              /* ... and then sleeps this long more (time off its core) */
   int64_t launches, serial_launches;
+  int adaptive;              /* per-loop launch decision on (npucc_pool_adaptive) */
+  int64_t probe_ns;          /* a loop whose best shared-out launch took less is also timed
+                              * on the caller alone */
+  int64_t caller_launches;   /* launches the decision ran on the caller alone */
+  int64_t wakes;             /* launches that had to wake sleeping workers */
+  npucc_site sites[NPUCC_SITES];  /* read and written under launch_mu only */
   npucc_counter counts[NPUCC_MAX_THREADS];
 } P;  /* static storage: zero-initialized */
 
@@ -258,16 +283,78 @@ static void wait_done(int chunks) {
   }
 }
 
+/* The decision slot of loop `f` (launch_mu held); NULL when the table is full. */
+static npucc_site* find_site(FTVMParallelLambda f) {
+  uintptr_t key = (uintptr_t)f;
+  size_t h = (size_t)((key >> 4) * 0x9E3779B97F4A7C15ull) & (NPUCC_SITES - 1);
+  int i;
+  for (i = 0; i < NPUCC_SITES; ++i, h = (h + 1) & (NPUCC_SITES - 1)) {
+    npucc_site* site = &P.sites[h];
+    if (site->f == key) return site;
+    if (site->f == 0) {
+      memset(site, 0, sizeof(*site));
+      site->f = key;
+      return site;
+    }
+  }
+  return NULL;
+}
+
+/* After a launch of `site` that took `ns` (shared out if `par`): the next state. */
+static void site_record(npucc_site* site, int par, int64_t ns) {
+  int64_t* best = par ? &site->par_ns : &site->ser_ns;
+  if (site->state == SITE_PROBE_PAR || site->state == SITE_PROBE_SER) {
+    if (site->runs == 0 || ns < *best) *best = ns;
+    if (++site->runs < NPUCC_PROBES) return;
+    site->runs = 0;
+    if (site->state == SITE_PROBE_PAR)
+      site->state = site->par_ns < P.probe_ns ? SITE_PROBE_SER : SITE_PARALLEL;
+    else
+      site->state = site->ser_ns < site->par_ns ? SITE_SERIAL : SITE_PARALLEL;
+    return;
+  }
+  if (++site->runs >= NPUCC_REPROBE) {  /* measure again */
+    site->state = SITE_PROBE_PAR;
+    site->runs = 0;
+  }
+}
+
+/* Shares the loop out (launch_mu held, workers started); returns the launch's result. */
+static int launch_shared(FTVMParallelLambda f, void* cdata, int num_task);
+
 int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
-  int n, chunks, failed;
-  uint64_t s;
-  uint32_t gen;
+  npucc_site* site;
+  int64_t t0;
+  int rc, par;
   if (P.n_threads <= 1 || t_in_task || pthread_mutex_trylock(&P.launch_mu) != 0)
     return run_serial(f, cdata, num_task);
   if (start_workers() <= 1) {
     pthread_mutex_unlock(&P.launch_mu);
     return run_serial(f, cdata, num_task);
   }
+  site = P.adaptive ? find_site(f) : NULL;
+  if (site == NULL) {
+    rc = launch_shared(f, cdata, num_task);
+    pthread_mutex_unlock(&P.launch_mu);
+    return rc;
+  }
+  par = site->state != SITE_SERIAL && site->state != SITE_PROBE_SER;
+  t0 = now_ns();
+  if (par) {
+    rc = launch_shared(f, cdata, num_task);
+  } else {
+    __atomic_add_fetch(&P.caller_launches, 1, __ATOMIC_RELAXED);
+    rc = run_serial(f, cdata, num_task);
+  }
+  site_record(site, par, now_ns() - t0);
+  pthread_mutex_unlock(&P.launch_mu);
+  return rc;
+}
+
+static int launch_shared(FTVMParallelLambda f, void* cdata, int num_task) {
+  int n, chunks, failed;
+  uint64_t s;
+  uint32_t gen;
   n = P.n_threads;
   chunks = num_task > 0 ? num_task : n * P.chunks_per_thread;
   __atomic_store_n(&P.job_f, (uintptr_t)f, __ATOMIC_RELAXED);
@@ -279,6 +366,7 @@ int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
   gen = (uint32_t)(s >> 32) + 1;
   __atomic_store_n(&P.state, (uint64_t)gen << 32, __ATOMIC_SEQ_CST);
   if (__atomic_load_n(&P.sleepers, __ATOMIC_SEQ_CST) > 0) {
+    __atomic_add_fetch(&P.wakes, 1, __ATOMIC_RELAXED);
     pthread_mutex_lock(&P.sleep_mu);
     pthread_cond_broadcast(&P.sleep_cv);
     pthread_mutex_unlock(&P.sleep_mu);
@@ -294,7 +382,6 @@ int npucc_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
       if (TVMFFIObjectDecRef) TVMFFIObjectDecRef(err);
     }
   }
-  pthread_mutex_unlock(&P.launch_mu);
   return failed ? -1 : 0;
 }
 
@@ -334,8 +421,39 @@ int npucc_pool_stats(int64_t* out, int n) {
   return P.n_threads;
 }
 
+/* The per-loop launch decision: on (`probe_us` > 0: loops whose best shared-out launch
+ * takes less than that many µs are timed on the caller alone too) or off (every launch is
+ * shared out); decisions already taken are forgotten. */
+void npucc_pool_adaptive(int on, int probe_us) {
+  pthread_mutex_lock(&P.launch_mu);
+  P.adaptive = on && probe_us > 0;
+  P.probe_ns = (int64_t)(probe_us > 0 ? probe_us : 0) * 1000;
+  memset(P.sites, 0, sizeof(P.sites));
+  pthread_mutex_unlock(&P.launch_mu);
+}
+
+/* out[0]: launches the decision ran on the caller alone, out[1]: loops decided "caller
+ * alone" now, out[2]: loops decided "shared out", out[3]: launches that woke workers. */
+void npucc_pool_adaptive_stats(int64_t* out) {
+  int i;
+  int64_t ser = 0, par = 0;
+  pthread_mutex_lock(&P.launch_mu);
+  for (i = 0; i < NPUCC_SITES; ++i) {
+    if (P.sites[i].f == 0) continue;
+    ser += P.sites[i].state == SITE_SERIAL;
+    par += P.sites[i].state == SITE_PARALLEL;
+  }
+  pthread_mutex_unlock(&P.launch_mu);
+  out[0] = __atomic_load_n(&P.caller_launches, __ATOMIC_RELAXED);
+  out[1] = ser;
+  out[2] = par;
+  out[3] = __atomic_load_n(&P.wakes, __ATOMIC_RELAXED);
+}
+
 void npucc_pool_reset_stats(void) {
   int i;
+  __atomic_store_n(&P.caller_launches, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&P.wakes, 0, __ATOMIC_RELAXED);
   __atomic_store_n(&P.launches, 0, __ATOMIC_RELAXED);
   __atomic_store_n(&P.serial_launches, 0, __ATOMIC_RELAXED);
   for (i = 0; i < NPUCC_MAX_THREADS; ++i) __atomic_store_n(&P.counts[i].chunks, 0, __ATOMIC_RELAXED);
