@@ -37,6 +37,7 @@ CASES = [
     (9, 11, 24, 3, 1, "sigmoid", "NHWC", False),       # runtime weight (wpack stage)
     (12, 12, 32, 3, 2, "silu", "NCHW", True),          # NCHW: the transposing pad stage
     (20, 20, 16, 3, 1, "none", "NHWC", True),
+    (7, 7, 960, 3, 1, "relu6", "NHWC", True),        # 423k MACs: parallel over 7 x 60 tiles
 ]
 
 
@@ -118,3 +119,20 @@ def test_other_cpu_kind_gets_other_tiles():
     g = conv_geom((1, 14, 14, 256), "NHWC", (256, 5, 5, 1), "OHWI",
                   {"groups": 256, "pads": [2, 2, 2, 2]})
     assert dw_tiles(g, AVX2, "f32")[0] == 8 and dw_tiles(g, wide, "f32")[0] == 16
+
+
+@pytest.mark.parametrize("cpu", [HOST, AVX2, A76], ids=["host", "x86-64-v3", "a76"])
+def test_small_maps_split_over_rows_and_channel_tiles(cpu):
+    """A 7x7x960 depthwise (well under a million MACs) is one parallel loop over rows x
+    channel tiles when the CPU has cores to share it (the launcher times whether sharing pays);
+    on one core it has none."""
+    import re
+
+    for cores in (cpu.num_cores, 1):
+        c = dataclasses.replace(cpu, num_cores=max(2, cores) if cores > 1 else 1)
+        req, _, _ = _case(7, 7, 960, 3, 1, "relu6", "NHWC", True, c)
+        impl = get_kernel_builder("conv2d")(req)
+        cb = dw_tiles(conv_geom((1, 7, 7, 960), "NHWC", (960, 3, 3, 1), "OHWI",
+                                {"groups": 960, "pads": [1] * 4}), c, "f32")[0]
+        par = re.findall(r"T\.parallel\((\d+)\)", impl.prim_func.script())
+        assert par == ([str(7 * 960 // cb)] if c.num_cores > 1 else []), (c.num_cores, par)

@@ -9,6 +9,10 @@ Moved out of conv.py; ``conv.conv2d`` delegates here when ``ConvGeom.depthwise``
 - NHWC padding is inlined as conditions (memory-bound: a padded copy would double the
   traffic); an NCHW input keeps conv.py's transposing ``pad`` stage.
 - Bias and the fused activation are the epilogue, applied as each tile is written.
+- Rows x channel tiles are one parallel loop (7x7x960 is 7 x 60 tasks: balanced on any
+  thread count), parallel whenever it has a few tasks per core: whether a small one is worth
+  sharing out is timed per loop by the runtime's launcher (``runtime/pool.py``), not guessed
+  from its MAC count here.
 """
 
 from __future__ import annotations
@@ -56,7 +60,6 @@ def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout
     from tvm.s_tir import Schedule
 
     from targets.kernels.conv import (
-        PARALLEL_MIN_MACS,
         acc_ir_dtype,
         conv_epilogue,
         input_stage,
@@ -99,7 +102,8 @@ def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout
     out = conv_epilogue(lambda b, y, x, ch: D[b, y, x, ch], bias, req.attrs, g, layout, dtype)
     args = [X, W] + ([bias] if bias is not None else []) + [out]
     sch = Schedule(te.create_prim_func(args))
-    par = req.cpu.num_cores > 1 and g.macs >= PARALLEL_MIN_MACS
+    tasks = g.n * g.oh * (g.oc // cb)
+    par = req.cpu.num_cores > 1 and tasks >= 2 * req.cpu.num_cores
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
     b, y, x, ch, ry_, rx_ = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, owb])
