@@ -173,12 +173,15 @@ def _scores(graph: Graph, sm: Node) -> tuple[Node, float, Value | None, bool]:
         f = _scalar(graph, node, src)
         if f is not None:
             scale, seen_scale = scale * f, True
-        elif not seen_scale and mask is None and _mask(node, src, cur.shape) is not None:
+        elif node.op in ("add", "where") and seen_scale:
+            raise NoMatch("mask_before_scale")
+        elif node.op == "add" and mask is None and _mask(node, src, cur.shape) is not None:
             mask = _mask(node, src, cur.shape)
-        elif not seen_scale and not causal and _causal(graph, node, src, s, sk):
+        elif node.op == "where" and not causal and _causal(graph, node, src, s, sk):
             causal = True
         else:
-            raise NoMatch(f"unknown_score_op_{node.op}")
+            raise NoMatch({"add": "mask_not_additive_f32_b_h_s_sk", "where":
+                           "where_not_a_causal_triangle"}.get(node.op, f"score_op_{node.op}"))
         cur = src
     if only_user(graph, cur) is None:
         raise NoMatch("scores_read_elsewhere")
