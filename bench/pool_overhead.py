@@ -67,6 +67,7 @@ static void timed(const char* what, Job* j, int reps, int64_t gap_us, double* me
 }
 int main(int argc, char** argv) {
   int threads = atoi(argv[1]), reps = atoi(argv[2]), spin_us = atoi(argv[3]), k;
+  int chunks = @CHUNKS@;
   Job cal = {2e6};
   int64_t t0, best = INT64_MAX;
   npucc_pool_configure(1, 4, spin_us);
@@ -81,7 +82,7 @@ int main(int argc, char** argv) {
     Job j = {w * iters_per_us};
     npucc_pool_configure(1, 4, spin_us); npucc_pool_adaptive(0, 0);
     timed("1", &j, reps, 0, &m1, &q1);
-    npucc_pool_configure(threads, 4, spin_us); npucc_pool_adaptive(0, 0);
+    npucc_pool_configure(threads, chunks, spin_us); npucc_pool_adaptive(0, 0);
     timed("N", &j, reps, 0, &m2, &q2);
     timed("woken", &j, reps / 10 + 10, 4 * spin_us + 200, &m3, &q3);
     npucc_pool_adaptive(1, @PROBE@);
@@ -97,12 +98,13 @@ int main(int argc, char** argv) {
 """
 
 
-def build(tmp: Path, probe_us: int) -> Path:
+def build(tmp: Path, probe_us: int, chunks: int) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise SystemExit("no C compiler (set CC or install gcc)")
     src = tmp / "driver.c"
-    src.write_text(DRIVER.replace("@POOL@", str(POOL_C)).replace("@PROBE@", str(probe_us)))
+    src.write_text(DRIVER.replace("@POOL@", str(POOL_C)).replace("@PROBE@", str(probe_us))
+                   .replace("@CHUNKS@", str(chunks)))
     exe = tmp / "driver"
     subprocess.run([cc, "-O2", "-o", str(exe), str(src), "-lpthread"], check=True)
     return exe
@@ -115,18 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--spin-us", type=int, default=50, help="workers' spin before sleeping")
     ap.add_argument("--probe-us", type=int, default=200, help="the launch decision's bound")
+    ap.add_argument("--chunks", type=int, default=None,
+                    help="chunks per thread and launch (default: runtime.pool's)")
     args = ap.parse_args(argv)
     from bench.common import cpu_header
 
     print(cpu_header())
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pool-overhead-") as tmp:
-        exe = build(Path(tmp), args.probe_us)
+        from runtime.pool import DEFAULT_CHUNKS
+
+        exe = build(Path(tmp), args.probe_us, args.chunks or DEFAULT_CHUNKS)
         out = subprocess.run([str(exe), str(args.threads), str(args.reps), str(args.spin_us),
                               *args.work_us.split(",")], check=True, capture_output=True,
                              text=True).stdout
     n = args.threads
-    print(f"µs per launch, median (p10); {n} threads shared out vs the caller alone")
+    print(f"µs per launch, median (p10); {n} threads shared out ({args.chunks or 'default'} "
+          f"chunks per thread) vs the caller alone")
     print(f"{'work us':>8}{'1 thread':>16}{f'{n} threads':>16}{f'{n}, woken':>16}"
           f"{'decided':>16}  speedup  decision")
     for line in out.splitlines():
