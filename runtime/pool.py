@@ -29,8 +29,8 @@ Settings, read when a library is loaded:
   differences were within that load's noise);
 - ``NPUCC_POOL_PROBE_US``: the per-loop launch decision (default 200 µs; 0: off, every launch
   is shared out). Each parallel loop's first launches are shared out and timed; a loop whose
-  best such launch took less than this is then timed on the calling thread alone, and from
-  then on runs the way that measured faster (re-measured every 2048 launches of the loop).
+  best such launch took less than this is then timed on the calling thread alone (once, if
+  that is 25% slower; else three times), and from then on runs the way that measured faster (re-measured every 2048 launches of the loop).
   Like onnxruntime's per-op cost check (TryParallelFor), small kernels stay on the caller
   when waking and feeding a second thread costs more than it gains; the threshold between
   the two is each loop's own timing on the machine it runs on, not a tuned constant (the

@@ -19,7 +19,7 @@
  * - Per parallel loop (its lambda's address), a launch cost check in the spirit of
  *   onnxruntime's TryParallelFor: the first launches of a loop run shared out and timed; if
  *   the best took under `probe_ns`, the next ones run on the calling thread alone and are
- *   timed too; from then on the loop runs the way that measured faster (a small kernel, where
+ *   timed too (one is enough if it is 25% slower than the best shared one); from then on the loop runs the way that measured faster (a small kernel, where
  *   waking and handing out chunks costs more than the second thread gains, stays on the
  *   caller). The decision is measured again every NPUCC_REPROBE launches of the loop (the
  *   machine's load changes). No CPU-specific threshold: each loop is timed where it runs.
@@ -305,6 +305,12 @@ static void site_record(npucc_site* site, int par, int64_t ns) {
   int64_t* best = par ? &site->par_ns : &site->ser_ns;
   if (site->state == SITE_PROBE_PAR || site->state == SITE_PROBE_SER) {
     if (site->runs == 0 || ns < *best) *best = ns;
+    if (!par && ns > site->par_ns + site->par_ns / 4) {
+      /* clearly slower alone (a loop that scales): one serial launch is enough to know */
+      site->state = SITE_PARALLEL;
+      site->runs = 0;
+      return;
+    }
     if (++site->runs < NPUCC_PROBES) return;
     site->runs = 0;
     if (site->state == SITE_PROBE_PAR)
