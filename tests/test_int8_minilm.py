@@ -7,7 +7,9 @@ Regressions caught here cost MiniLM int8 its speed without changing a single res
   stays a vector op);
 - a qdense with a float activation (gelu) whose result is quantized writes u8 directly
   (``out_dtype=u8``, f32 result quantized in the epilogue) and matches the reference
-  (qdense f32 then quantize) exactly.
+  (qdense f32 then quantize) exactly;
+- each residual add + layer_norm is one add_layer_norm that also writes the next dense's u8
+  input (tests/test_int8_add_norm.py checks its numerics).
 """
 
 from __future__ import annotations
@@ -120,3 +122,10 @@ def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
             and n.inputs[0].producer.op == "qdense"] == []
     gelu = [n for n in g.find("qdense") if n.attrs["activation"] == "gelu"]
     assert len(gelu) == 6 and all(n.attrs["out_dtype"] == "u8" for n in gelu)
+    # every residual add + layer_norm is one add_layer_norm (the embeddings' and two per
+    # layer), and each but the last writes the u8 input of the next dense itself: the only
+    # quantizes left read the attention output and the pooler's token
+    norms = g.find("add_layer_norm")
+    assert counts.get("layer_norm", 0) == 0 and len(norms) == 13
+    assert [len(n.outputs) for n in norms] == [2] * 12 + [1]
+    assert not [q for q in g.find("quantize") if q.inputs[0].producer in norms]

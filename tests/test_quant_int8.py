@@ -167,9 +167,10 @@ def _named_graph() -> Graph:
 def test_config_patterns_select_nodes():
     g = _named_graph()
     q, up, ln = (n for n in g.nodes if n.op != "const")
-    plan = plan_precisions(g, {"default": "int8", "attention": "float",
+    # "\\.attention\\." is a name pattern ("attention" alone names the fused attention op)
+    plan = plan_precisions(g, {"default": "int8", "\\.attention\\.": "float",
                                "layer_norm": "fp16", "dense": {"precision": "w8"}})
-    assert plan[q].precision == "float" and plan[q].source == "attention"   # name beats op
+    assert plan[q].precision == "float" and plan[q].source == "\\.attention\\."   # name > op
     assert plan[up].precision == "w8" and plan[ln].precision == "fp16"
     plan = plan_precisions(g, "int8")
     assert {s.precision for s in plan.values()} == {"int8"}

@@ -20,6 +20,8 @@ Rules (each counted in the pass stats):
 - ``quantize(mul(x, c), s, z)`` with a per-channel constant ``c`` over the last axis (the
   ``quantize`` pass's SmoothQuant divide) is ``quantize{axis=-1}(x, s / c, z)`` (before the
   integer ops are formed, so a qdense/qconv2d producing x takes it into its epilogue).
+- Last (option ``fuse-norm``, on by default): ``layer_norm(add(x, r))`` is ``add_layer_norm``,
+  which also writes the result of a per-tensor ``quantize`` reading it (``fuse_norm.py``).
 
 After: no dequantize feeds a dense/conv2d/matmul that could be lowered.
 """
@@ -34,6 +36,7 @@ import numpy as np
 from compiler.ir.graph import Graph, Node, Value
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import erase_dead
+from passes.quantization.fuse_norm import fuse_add_layer_norm
 
 __all__ = ["LowerQuantized"]
 
@@ -225,9 +228,11 @@ class LowerQuantized(Pass):
     redundant quantize/dequantize pairs (see the module docstring).
 
     Before: a QDQ graph (the ``quantize`` pass's result). After: integer ops with i8 weights
-    and i32 biases; float ops keep their dequantize/quantize edges."""
+    and i32 biases; float ops keep their dequantize/quantize edges; with ``fuse_norm``, no
+    ``layer_norm`` reads an add it could fuse."""
 
     name: ClassVar[str] = "lower-quantized"
+    fuse_norm: bool = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, int] = {}
@@ -247,6 +252,8 @@ class LowerQuantized(Pass):
         for node in list(graph.nodes):
             if node in graph.nodes and _fold_qdq(graph, node, stats):
                 changed = True
+        if self.fuse_norm:
+            changed |= fuse_add_layer_norm(graph, stats)
         graph.toposort()
         graph.remove_dead()
         return PassResult(graph, changed, stats)

@@ -13,7 +13,9 @@ import math
 
 import numpy as np
 
+from compiler.ir.ops.add_norm import split_operands
 from compiler.ir.ops.nn_resize import resize_axis
+from compiler.ir.ops.quant import qrange
 from targets.kernels._te import (
     PARALLEL_MIN,
     broadcast_index,
@@ -175,13 +177,21 @@ def softmax(req: KernelRequest) -> KernelImpl:
     return KernelImpl(prim_func([X, Y], sched), note=note)
 
 
-@register_kernel("layer_norm")
+@register_kernel("layer_norm", "add_layer_norm")
 def layer_norm(req: KernelRequest) -> KernelImpl:
+    """layer_norm, or add_layer_norm: the residual add inlined into every read of a row, and
+    (with y_scale, y_zp) the quantized result written beside the f32 one by the same loop."""
     from tvm import te, tirx
 
     ins = placeholders(req)
-    X = ins[0]
     xt = req.input_types[0]
+    if req.op == "add_layer_norm":
+        has_bias, quantized = split_operands(len(ins))
+        X = te.compute(xt.shape, lambda *i: ins[0][i] + ins[1][i], name="residual_add")
+        norm, norm_t = ins[2:3 + has_bias], req.input_types[2:3 + has_bias]
+    else:
+        quantized = False
+        X, norm, norm_t = ins[0], ins[1:], req.input_types[1:]
     dt = tvm_dtype(xt.dtype)
     axis = req.attrs["axis"] % xt.rank
     eps = float(req.attrs["epsilon"])
@@ -207,19 +217,47 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
     def body(*i):
         row, inner = i[:axis], i[axis:]
         y = centred(row, inner) * te.rsqrt(_load(var, row) * inv_n + tirx.const(eps, dt))
-        y = y * _load(ins[1], broadcast_index(inner, normed, req.input_types[1].shape))
-        if len(ins) > 2:
-            y = y + _load(ins[2], broadcast_index(inner, normed, req.input_types[2].shape))
+        for p, t in zip(norm, norm_t, strict=True):
+            v = _load(p, broadcast_index(inner, normed, t.shape))
+            y = y * v if p is norm[0] else y + v
         return y
 
-    Y = te.compute(xt.shape, body, name="out")
+    outs = [te.compute(xt.shape, body, name="out")]
+    if quantized:
+        s, z = ins[-2], ins[-1]
+        lo, hi = qrange(req.output_types[1].dtype)
+        Y = outs[0]
+
+        def quant(*i):
+            # as the quantize kernel: tirx.round is LLVM's nearbyint (half to even)
+            at = (i[-1],) if req.input_types[-1].rank else ()
+            q = tirx.round(Y[i] / s[at]) + z[at].astype("float32")
+            q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
+            return q.astype(tvm_dtype(req.output_types[1].dtype))
+        outs.append(te.compute(xt.shape, quant, name="quantized"))
+    what = req.op + (" +quantize" if quantized else "")
     if axis == xt.rank - 1:
-        sched = row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
-                              req.cpu.lanes(xt.dtype))
-        note = f"layer_norm rows of {count}, row-parallel, vectorised"
+        rows = row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
+                            req.cpu.lanes(xt.dtype))
+        sched = _then_quantized_rows(rows, req.cpu.lanes(xt.dtype), count) if quantized \
+            else rows
+        note = f"{what} rows of {count}, row-parallel, vectorised"
     else:
-        sched, note = generic(req.cpu, xt.dtype), f"layer_norm over axes {axis}.."
-    return KernelImpl(prim_func([*ins, Y], sched), note=note)
+        sched, note = generic(req.cpu, xt.dtype), f"{what} over axes {axis}.."
+    return KernelImpl(prim_func([*ins, *outs], sched), note=note)
+
+
+def _then_quantized_rows(rows, lanes: int, length: int):
+    """After the row schedule of ``out``: each row of ``quantized`` (which reads ``out``) is
+    written right after that row of ``out``, vectorised, while the row is in L1."""
+    def schedule(sch) -> None:
+        rows(sch)
+        q = sch.get_sblock("quantized")
+        sch.reverse_compute_at(q, sch.get_loops(sch.get_sblock("out"))[0])
+        if lanes > 1 and length % lanes == 0:
+            _, v = sch.split(sch.get_loops(q)[-1], [None, lanes])
+            sch.vectorize(v)
+    return schedule
 
 
 @register_kernel("batch_norm")

@@ -4,9 +4,10 @@
 
 - ``s = x + residual`` (f32, the same shape; the add of a transformer's residual branch);
 - result 0: ``layer_norm(s, scale, bias){axis, epsilon}`` in f32 (the next residual);
-- with ``y_scale, y_zp`` (per tensor; 5 operands without a bias, 6 with one): result 1 is
-  ``quantize(result 0, y_scale, y_zp)`` in ``y_zp``'s dtype (u8/i8), the input of the next
-  integer dense, so no separate quantize pass over the tensor runs.
+- with ``y_scale, y_zp`` (5 operands without a bias, 6 with one; per tensor, or ``[C]`` per
+  channel of the last axis, as the SmoothQuant-folded quantize has them): result 1 is
+  ``quantize{axis=-1}(result 0, y_scale, y_zp)`` in ``y_zp``'s dtype (u8/i8), the input of the
+  next integer dense, so no separate quantize pass over the tensor runs.
 
 The reference is exactly the unfused chain (``add``, ``layer_norm``, ``quantize``), which is
 what ``lower-quantized`` replaces (passes/quantization/fuse_norm.py).
@@ -40,9 +41,11 @@ def _infer(types, attrs):
     if not quantized:
         return [y]
     s, z = types[-2], types[-1]
-    if s.dtype != "f32" or s.rank != 0 or z.rank != 0 or z.dtype not in _QDTYPES:
-        raise OpError(f"add_layer_norm's quantized result needs a scalar f32 y_scale and a "
-                      f"scalar u8/i8 y_zp, got {s} and {z}")
+    per = ((), (x.shape[-1],)) if x.rank else ((),)
+    if s.dtype != "f32" or s.shape not in per or z.shape != s.shape or z.dtype not in _QDTYPES:
+        raise OpError(f"add_layer_norm's quantized result needs an f32 y_scale and a u8/i8 "
+                      f"y_zp, both [] or [{x.shape[-1] if x.rank else ''}] (the last axis), "
+                      f"got {s} and {z}")
     return [y, y.with_dtype(z.dtype)]
 
 
