@@ -7,13 +7,15 @@ TFLite-style fixed-point requantization derived in the kernel from the f32 scale
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from compiler.ir.ops.quant import float_requant, qrange
 from targets.kernels._te import tvm_dtype
 from targets.kernels.base import KernelRequest
 
-__all__ = ["fixed_point", "int_bounds", "epilogue", "mult_shift_stage"]
+__all__ = ["fixed_point", "int_bounds", "epilogue", "mult_shift_stage", "channel_stages",
+           "ChannelStages"]
 
 
 def fixed_point(m64):
@@ -62,25 +64,71 @@ def int_bounds(attrs: dict[str, Any], out_dt: str, y_scale, y_zp):
     return lo, hi
 
 
-def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shift=None):
-    """acc (i32, without bias/zero-point terms) -> the result element for channel n."""
+@dataclass(frozen=True)
+class ChannelStages:
+    """Per-output-channel values a GEMM-shaped kernel computes once per call (root-level
+    ``[N]`` stages) instead of once per result element: the int32 bias with the zero-point
+    term folded in (``bias - zp * sum_k w``), the f32 dequantization scale (``x_scale *
+    w_scale``), and, where the result is the f32 value quantized, ``1 / y_scale`` (a multiply
+    per element instead of a divide)."""
+
+    bias: Any
+    deq: Any
+    inv_y: Any | None
+
+
+def channel_stages(req: KernelRequest, ins, n_ch: int, per_channel: bool, wsum) -> ChannelStages:
+    """The :class:`ChannelStages` of a qdense/qconv2d; ``wsum(n)`` is channel n's weight sum."""
+    from tvm import te
+
+    bias, x_scale, w_scale = ins[2], ins[3], ins[5]
+    zp = _x_zp(req, ins)
+    b = te.compute((n_ch,), lambda n: bias[n] - zp * wsum(n), name="bias_zp")
+    deq = te.compute((n_ch,), lambda n: x_scale[()] * (w_scale[n] if per_channel
+                                                       else w_scale[()]), name="deq")
+    inv_y = None
+    if req.attrs["out_dtype"] != "f32" and float_requant(req.attrs, _y_shape(req)):
+        ys = ins[6]
+        inv_y = te.compute((n_ch,), lambda n: 1.0 / (ys[n] if _y_shape(req) else ys[()]),
+                           name="inv_y")
+    return ChannelStages(b, deq, inv_y)
+
+
+def _x_zp(req: KernelRequest, ins):
+    """The activation zero point as int32; i8 activations are read as u8 (x + 128) by the
+    VNNI kernels, whose zero point is then zp + 128."""
+    from tvm import tirx
+
+    zp = ins[4][()].astype("int32")
+    return zp + tirx.const(128, "int32") if req.input_types[0].dtype == "i8" else zp
+
+
+def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shift=None,
+             stages: ChannelStages | None = None):
+    """acc (i32, without bias/zero-point terms) -> the result element for channel n.
+
+    ``wsum``: channel n's weight sum when ``acc`` is ``sum x w`` of raw activations (the
+    zero-point term is then subtracted here), None when ``acc`` already is ``sum (x - zp) w``.
+    ``stages``: per-channel precomputed values (:func:`channel_stages`, the bias there
+    already has the zero-point term); ``wsum`` is then unused."""
     from tvm import te, tirx
 
     from targets.kernels._te import activation
 
     attrs = req.attrs
     out_dt = attrs["out_dtype"]
-    bias, x_scale, x_zp, w_scale = ins[2], ins[3], ins[4], ins[5]
-    zp = x_zp[()].astype("int32")
-    if req.input_types[0].dtype == "i8" and wsum is not None:
-        zp = zp + tirx.const(128, "int32")
-    v = acc + bias[n]
-    if wsum is not None:
-        v = v - zp * wsum
+    bias, x_scale, w_scale = ins[2], ins[3], ins[5]
+    if stages is not None:
+        v = acc + stages.bias[n]
+    else:
+        v = acc + bias[n]
+        if wsum is not None:
+            v = v - _x_zp(req, ins) * wsum
     ws = w_scale[n] if per_channel else w_scale[()]
     act = attrs.get("activation", "none")
     if out_dt == "f32" or float_requant(attrs, _y_shape(req)):
-        y = v.astype("float32") * (x_scale[()] * ws)
+        deq = stages.deq[n] if stages is not None else x_scale[()] * ws
+        y = v.astype("float32") * deq
         y = activation(y, act, attrs.get("clip_min", 0.0), attrs.get("clip_max", 6.0))
         if out_dt == "f32":
             return y
@@ -88,7 +136,8 @@ def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shif
         # tirx.round is LLVM's nearbyint, and it vectorises where tirx.nearbyint does not)
         lo, hi = qrange(out_dt)
         at = (n,) if _y_shape(req) else ()
-        q = tirx.round(y / ins[6][at]) + ins[7][at].astype("float32")
+        scaled = y * stages.inv_y[n] if stages is not None else y / ins[6][at]
+        q = tirx.round(scaled) + ins[7][at].astype("float32")
         q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
         return q.astype(tvm_dtype(out_dt))
     y_scale, y_zp = ins[6], ins[7]

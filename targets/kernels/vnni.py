@@ -25,7 +25,7 @@ import numpy as np
 from compiler.ir.types import TensorType
 from targets.kernels._te import placeholders
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
-from targets.kernels.int8_epilogue import epilogue, mult_shift_stage
+from targets.kernels.int8_epilogue import channel_stages, epilogue, mult_shift_stage
 
 __all__ = ["has_vnni", "pack_vnni", "pack_conv_vnni", "vnni_qdense", "vnni_qconv",
            "VNNI_INTRIN", "VNNI_LLVM_INTRIN"]
@@ -142,13 +142,14 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
                       * w_at(n, rax, kax).astype("int32"), axis=[*rax, kax])
     C = te.compute(tuple(rows_shape) + (npad,), c_body, name="C")
     W = ins[1]
-    WS = te.compute((npad,), lambda n: _wsum(W, n, int(W.shape[1]) - 1), name="wsum")
+    pre = channel_stages(req, ins, n_ch, per_channel,
+                         lambda n: _wsum(W, n, int(W.shape[1]) - 1))
     ms = mult_shift_stage(req, ins, n_ch, per_channel)
 
     def out_body(*idx):
         n = idx[-1]
         mult_shift = (ms[0][n], ms[1][n]) if ms is not None else None
-        return epilogue(req, C[idx], n, ins, WS[n], per_channel, mult_shift)
+        return epilogue(req, C[idx], n, ins, None, per_channel, mult_shift, pre)
     Y = te.compute(out_t.shape, out_body, name="out")
     sch = Schedule(te.create_prim_func([*ins, Y]))
     cblk, oblk = sch.get_sblock("C"), sch.get_sblock("out")
