@@ -68,8 +68,14 @@ def test_block_matches_onnxruntime(tmp_path, name, act, gate):
     got = m.run({m.input_names[0]: x.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     ops = [n.op for n in m.graph.nodes]
-    acts = sorted({n.attrs["activation"] for n in m.graph.nodes if n.op == "conv2d"})
+    acts = sorted({n.attrs["activation"] for n in m.graph.nodes
+                   if n.op in ("conv2d", "conv2d_fused")})
+    gates = {(n.attrs["activation"], n.attrs["gate"]) for n in m.graph.nodes
+             if n.op == "squeeze_excite"}
     assert not {"hard_swish", "hard_sigmoid", "sigmoid"} & set(ops), ops
-    assert ops.count("mul") == 2, ops            # the two squeeze-excitation scales
-    assert acts == (["hard_sigmoid", "hard_swish", "none", "relu"] if act is torch.nn.Hardswish
-                    else ["none", "relu", "sigmoid", "silu"]), acts
+    # the two squeeze-excitation blocks are squeeze_excite nodes, their channel multiplies
+    # the projection convs' input scales (fuse-conv-blocks)
+    assert ops.count("mul") == 0 and ops.count("squeeze_excite") == 2, ops
+    hs = act is torch.nn.Hardswish
+    assert acts == (["hard_swish", "none"] if hs else ["none", "silu"]), acts
+    assert gates == {("relu", "hard_sigmoid" if hs else "sigmoid")}, gates
