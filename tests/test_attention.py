@@ -178,3 +178,33 @@ def test_vit_block_fused_matches_onnxruntime():
 
     x = torch.randn(1, 197, 192, generator=torch.Generator().manual_seed(1))
     _compare(export_onnx(Wrapped(), x, input_names=["x"]), {"x": x.numpy()}, 1, False)
+
+
+@pytest.mark.parametrize("level", ["x86-64-v3", "cortex-a76"])
+def test_kernel_builds_vector_code_for_other_cpus(level):
+    """Built (not run) for AVX2 and the Cortex-A76: the lanes come from the target (8 and 4
+    f32), and the products are vector FMAs of that width."""
+    import re
+
+    import tvm
+
+    from compiler.ir.registry import get_op
+    from compiler.ir.types import TensorType
+    from targets.host import cpu_info_for
+    from targets.kernels.base import KernelRequest, get_kernel_builder
+
+    target = {"x86-64-v3": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
+              "cortex-a76": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                             "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"],
+                             "num-cores": 2}}[level]
+    cpu = cpu_info_for(target)
+    attrs = get_op("attention").normalize_attrs(
+        {"heads": 3, "head_dim": 64, "scale": 0.125, "k_offset": 192, "v_offset": 384})
+    req = KernelRequest("attention", attrs, [TensorType((1, 197, 576), "f32")] * 3,
+                        [TensorType((1, 197, 192), "f32")], {}, cpu)
+    func = get_kernel_builder("attention")(req).prim_func
+    mod = tvm.IRModule({"f": func.with_attr("global_symbol", "f")})
+    ll = tvm.compile(mod, target=tvm.target.Target(cpu.tvm_target)).mod.inspect_source("ll")
+    lanes = cpu.lanes("f32")
+    assert lanes == {"x86-64-v3": 8, "cortex-a76": 4}[level]
+    assert len(re.findall(rf"@llvm\.fmuladd\.v{lanes}f32", ll)) >= 8
