@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header", "peak_rss_bytes"]
+__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header", "peak_rss_bytes",
+           "run_child"]
 
 
 def interleaved_ms(runs: Sequence[Callable[[], object]], repeat: int, warmup: int = 3
@@ -58,3 +59,18 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_child(script: str, args: list[str], env: dict[str, str]) -> dict:
+    """Run ``python script *args`` and return the JSON of its ``RESULT `` line; RuntimeError
+    with the end of its stderr when it fails or prints none."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
+                          text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
