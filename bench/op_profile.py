@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -160,12 +159,9 @@ def profile_ort(onnx_path: str, inputs: str, names: list[str], threads: int,
 
 # -- parent --------------------------------------------------------------------------------
 def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                          text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    from bench.common import run_child
+
+    return run_child(__file__, args, env)
 
 
 def prepare(name: str, reuse: bool) -> dict[str, Any]:

@@ -155,16 +155,23 @@ def _heavy(tvm, rows=64):
     return h, tvm.runtime.tensor(h), tvm.runtime.tensor(np.zeros(rows, np.float32))
 
 
-def test_small_loop_runs_on_the_caller_big_loop_is_shared(built):
-    """The per-loop launch decision: a 37x64 loop (well under a microsecond of work) is timed
-    shared out, then on the caller alone, and stays on the caller; a loop of milliseconds is
-    never timed serially and stays shared out. Results are the same either way."""
+def _decided_pool(built, probe_us: int = 200):
+    """The built library loaded on 2 threads x 4 chunks, its per-loop decision at
+    ``probe_us``, statistics reset."""
     tvm, path = built
     mod = load_library(tvm, path, require=True)
     pool = library_pool(mod)
     pool.configure(2, 4)
-    assert pool.decide_per_loop(200)
+    assert pool.decide_per_loop(probe_us)
     pool.reset_stats()
+    return tvm, mod, pool
+
+
+def test_small_loop_runs_on_the_caller_big_loop_is_shared(built):
+    """The per-loop launch decision: a 37x64 loop (well under a microsecond of work) is timed
+    shared out, then on the caller alone, and stays on the caller; a loop of milliseconds is
+    never timed serially and stays shared out. Results are the same either way."""
+    tvm, mod, pool = _decided_pool(built)
     x = np.random.default_rng(11).standard_normal((ROWS, COLS), np.float32)
     tx = tvm.runtime.tensor(x)
     ty = tvm.runtime.tensor(np.zeros((ROWS, COLS), np.float32))
@@ -190,12 +197,7 @@ def test_small_loop_runs_on_the_caller_big_loop_is_shared(built):
 def test_loop_decision_is_measured_again(built):
     """A decision is re-measured after 2048 launches of its loop (load changes): three shared
     launches, three on the caller, then the decision again."""
-    tvm, path = built
-    mod = load_library(tvm, path, require=True)
-    pool = library_pool(mod)
-    pool.configure(2, 4)
-    pool.decide_per_loop(200)
-    pool.reset_stats()
+    tvm, mod, pool = _decided_pool(built)
     x = np.random.default_rng(12).standard_normal((ROWS, COLS), np.float32)
     tx = tvm.runtime.tensor(x)
     ty = tvm.runtime.tensor(np.zeros((ROWS, COLS), np.float32))
