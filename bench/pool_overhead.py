@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-us", default="0,1,2,5,10,20,50,100")
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--spin-us", type=int, default=50, help="workers' spin before sleeping")
-    ap.add_argument("--probe-us", type=int, default=200, help="the launch decision's bound")
+    ap.add_argument("--probe-us", type=int, default=None,
+                    help="the launch decision's bound (default: runtime.pool's)")
     ap.add_argument("--chunks", type=int, default=None,
                     help="chunks per thread and launch (default: runtime.pool's)")
     args = ap.parse_args(argv)
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_header())
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pool-overhead-") as tmp:
-        from runtime.pool import DEFAULT_CHUNKS
+        from runtime.pool import DEFAULT_CHUNKS, DEFAULT_PROBE_US
 
-        exe = build(Path(tmp), args.probe_us, args.chunks or DEFAULT_CHUNKS)
+        probe = DEFAULT_PROBE_US if args.probe_us is None else args.probe_us
+        exe = build(Path(tmp), probe, args.chunks or DEFAULT_CHUNKS)
         out = subprocess.run([str(exe), str(args.threads), str(args.reps), str(args.spin_us),
                               *args.work_us.split(",")], check=True, capture_output=True,
                              text=True).stdout

@@ -27,15 +27,17 @@ Settings, read when a library is loaded:
   two (bench/threads_burner.py, machine at load 9-17) resnet50's burner-case median was
   lowest with 0-20 µs and highest with 200 µs in three alternating runs; quiet-case
   differences were within that load's noise);
-- ``NPUCC_POOL_PROBE_US``: the per-loop launch decision (default 200 µs; 0: off, every launch
+- ``NPUCC_POOL_PROBE_US``: the per-loop launch decision (default 50 µs; 0: off, every launch
   is shared out). Each parallel loop's first launches are shared out and timed; a loop whose
   best such launch took less than this is then timed on the calling thread alone (once, if
-  that is 25% slower; else three times), and from then on runs the way that measured faster (re-measured every 2048 launches of the loop).
-  Like onnxruntime's per-op cost check (TryParallelFor), small kernels stay on the caller
-  when waking and feeding a second thread costs more than it gains; the threshold between
-  the two is each loop's own timing on the machine it runs on, not a tuned constant (the
-  200 µs only bounds which loops are worth timing serially: above it, half the work saved
-  outweighs any hand-off);
+  that is 25% slower; else three times), and from then on runs the way that measured faster
+  (re-measured every 2048 launches of the loop). Like onnxruntime's per-op cost check
+  (TryParallelFor), small kernels stay on the caller when waking and feeding a second thread
+  costs more than it gains; where that happens is each loop's own timing on the machine it
+  runs on, not a tuned constant. The 50 µs only bounds which loops are worth a serial
+  launch to find out: a launch costs 0.1-0.2 µs with the workers spinning and ~3 µs when
+  they must be woken (bench/pool_overhead.py), under 10% of a 50 µs loop, so a longer loop
+  could only win alone if it did not scale at all;
 - ``NPUCC_POOL=tvm``: keep TVM's pool for every library (for comparisons).
 """
 
@@ -57,7 +59,7 @@ BARRIER = "__TVMBackendParallelBarrier"
 MAX_THREADS = 64
 DEFAULT_CHUNKS = 8
 DEFAULT_SPIN_US = 50
-DEFAULT_PROBE_US = 200
+DEFAULT_PROBE_US = 50
 
 # id(tvm module) -> its LibraryPool, or None. Written at every load_library (TVM modules take
 # no weak references): an id reused by a later module is overwritten before it is looked up
