@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.kernel_harness import Case, assert_matches_reference, run_cases
+from tests.kernel_harness import Case, assert_matches_reference, build_cases, run_cases
 
 RNG = np.random.default_rng(0)
 
@@ -66,10 +66,35 @@ def _se_cases() -> list[Case]:
     ]
 
 
+def _run(cases: list[Case], tmp_path, cpu: str | None) -> list[list[np.ndarray]]:
+    if cpu is None:
+        return run_cases(cases, tmp_path)
+    import platform
+
+    import tvm
+
+    from runtime.pool import load_library
+    from targets.tvm_codegen import host_cpu
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"{cpu} code runs on x86-64 hosts only")
+    path, calls = build_cases(cases, tmp_path, host_cpu(cpu))
+    lib = load_library(tvm, path, require=True)
+    got = []
+    for sym, args, otypes in calls:
+        outs = [tvm.runtime.tensor(np.zeros(t.shape, t.np_dtype)) for t in otypes]
+        lib[sym](*[tvm.runtime.tensor(a) for a in args], *outs)
+        got.append([o.numpy() for o in outs])
+    return got
+
+
 @pytest.mark.slow
-def test_fused_kernels_match_reference(tmp_path):
+@pytest.mark.parametrize("cpu", [None, "x86-64-v3"], ids=["host", "x86-64-v3"])
+def test_fused_kernels_match_reference(tmp_path, cpu):
+    """On the detected host and built for the AVX2 level (16 vector registers: the other
+    register budget and vector width)."""
     cases = _conv_cases() + _se_cases()
-    got = run_cases(cases, tmp_path)
+    got = _run(cases, tmp_path, cpu)
     for i, (case, res) in enumerate(zip(cases, got, strict=True)):
         assert_matches_reference(f"case {i} {case.op}", case, res, atol=1e-4)
     # NaN in, NaN out, and only where the NaN reaches: one pixel's outputs; every gate
