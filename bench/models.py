@@ -1,7 +1,7 @@
 """Latency of compiled models vs onnxruntime and torch eager, each at its own defaults, batch 1.
 
     python bench/models.py [--models minilm,resnet50,mobilenet_v2,gpt2] [--rounds 3]
-                           [--repeat 20] [--same-process --no-spin]
+                           [--repeat 20] [--same-process --no-spin] [--pipeline TEXT]
 
 Each engine runs in its own process, as a user would run it, with the settings it ships with:
 
@@ -214,8 +214,9 @@ def _work_dir(name: str) -> Path:
     return d
 
 
-def prepare(name: str) -> dict[str, Any]:
-    """Child: build, export, compile and save; outputs checked against onnxruntime."""
+def prepare(name: str, pipeline: str | None = None) -> dict[str, Any]:
+    """Child: build, export, compile (with ``pipeline`` instead of the host's default when
+    given) and save; outputs checked against onnxruntime."""
     import numpy as np
     import onnxruntime as ort
 
@@ -223,7 +224,7 @@ def prepare(name: str) -> dict[str, Any]:
 
     path, feeds, run_torch, desc = BUILDERS[name]()
     t0 = time.perf_counter()
-    m = npucc_compile(path, target="host", progress=False)
+    m = npucc_compile(path, target="host", pipeline=pipeline, progress=False)
     compile_s = time.perf_counter() - t0
     d = _work_dir(name)
     pkg = m.save(d / "model.npkg")
@@ -297,9 +298,10 @@ def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return json.loads(line[len("RESULT "):])
 
 
-def separate(name: str, rounds: int, repeat: int, env: dict[str, str]) -> dict[str, Any]:
+def separate(name: str, rounds: int, repeat: int, env: dict[str, str],
+             pipeline: str | None = None) -> dict[str, Any]:
     """Parent: prepare once, then ``rounds`` rounds of one fresh process per engine."""
-    prep = _child(["--prepare", name], env)
+    prep = _child(["--prepare", name] + (["--pipeline", pipeline] if pipeline else []), env)
     engines = [e for e in ENGINES if e != "torch" or prep["torch"]]
     times: dict[str, list[float]] = {e: [] for e in engines}
     rss: dict[str, int] = {e: 0 for e in engines}
@@ -398,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --same-process: keep the pools' busy-waiting")
     ap.add_argument("--gap-ms", type=float, default=20.0,
                     help="with --same-process: idle time before each timed call")
+    ap.add_argument("--pipeline", default=None,
+                    help="npucc's pass pipeline instead of the host target's default (e.g. "
+                         "to measure one pass's effect); printed with the results")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)      # same-process child
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # separate: build
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)   # separate: time one
@@ -408,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if args.prepare:
-        print("RESULT " + json.dumps(prepare(args.prepare)), flush=True)
+        print("RESULT " + json.dumps(prepare(args.prepare, args.pipeline)), flush=True)
         return 0
     if args.engine:
         res = time_engine(json.loads(args.prep), args.engine, args.repeat)
@@ -417,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import cpu_header
 
     print(cpu_header(), flush=True)
+    if args.pipeline:
+        if args.same_process:
+            ap.error("--pipeline applies to the separate-process mode only")
+        print(f"npucc pipeline: {args.pipeline}", flush=True)
     names = selected_models(ap, args.models)
     env = child_env()
     if args.same_process:
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--gap-ms", str(args.gap_ms)]
                                       + (["--spin"] if args.spin else []), env))
             else:
-                results.append(separate(name, args.rounds, args.repeat, env))
+                results.append(separate(name, args.rounds, args.repeat, env, args.pipeline))
         except RuntimeError as e:
             print(f"== {name}: FAILED\n{e}", flush=True)
             continue
