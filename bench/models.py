@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -290,12 +289,9 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
 
 
 def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                          text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    from bench.common import run_child
+
+    return run_child(__file__, args, env)
 
 
 def separate(name: str, rounds: int, repeat: int, env: dict[str, str],

@@ -75,11 +75,12 @@ def build_cases(cases: list[Case], tmp: Path, cpu=None, cross_compiler=None):
     return lib_path, calls
 
 
-def run_cases(cases: list[Case], tmp: Path) -> list[list[np.ndarray]]:
-    """Build every case's kernel into one library, run each once, return its results."""
+def run_cases(cases: list[Case], tmp: Path, cpu=None) -> list[list[np.ndarray]]:
+    """Build every case's kernel into one library (for ``cpu``, default the detected host;
+    it must run here), run each once, return its results."""
     import tvm
 
-    lib_path, calls = build_cases(cases, tmp)
+    lib_path, calls = build_cases(cases, tmp, cpu)
     lib = load_library(tvm, lib_path, require=True)   # parallel loops on npucc's launcher
     results = []
     for sym, args, otypes in calls:

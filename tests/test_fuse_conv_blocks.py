@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.kernel_harness import Case, assert_matches_reference, build_cases, run_cases
+from tests.kernel_harness import Case, assert_matches_reference, run_cases
 
 RNG = np.random.default_rng(0)
 
@@ -71,21 +71,11 @@ def _run(cases: list[Case], tmp_path, cpu: str | None) -> list[list[np.ndarray]]
         return run_cases(cases, tmp_path)
     import platform
 
-    import tvm
-
-    from runtime.pool import load_library
     from targets.tvm_codegen import host_cpu
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"{cpu} code runs on x86-64 hosts only")
-    path, calls = build_cases(cases, tmp_path, host_cpu(cpu))
-    lib = load_library(tvm, path, require=True)
-    got = []
-    for sym, args, otypes in calls:
-        outs = [tvm.runtime.tensor(np.zeros(t.shape, t.np_dtype)) for t in otypes]
-        lib[sym](*[tvm.runtime.tensor(a) for a in args], *outs)
-        got.append([o.numpy() for o in outs])
-    return got
+    return run_cases(cases, tmp_path, host_cpu(cpu))
 
 
 @pytest.mark.slow
