@@ -132,9 +132,10 @@ def _best_ms(fn, args, repeat: int, calls: int = 5) -> float:
     return 1e3 * best
 
 
-def int8_peak(cpu=None, threads: int = 2, repeat: int = 15) -> dict:
+def int8_peak(cpu=None, threads: int = 2, repeat: int = 60) -> dict:
     """This CPU's int8 multiply-accumulate peak, GMAC/s per core at 1 and ``threads`` threads
-    (best of ``repeat``: the machine may be shared), and how it was measured."""
+    (best of ``repeat`` short calls, ~0.2 ms each: on a shared machine some fall between
+    other processes' time slices), and how it was measured."""
     import tvm
 
     from targets.kernels.vnni import has_vnni
@@ -144,14 +145,14 @@ def int8_peak(cpu=None, threads: int = 2, repeat: int = 15) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="int8-peak-"))
     if not has_vnni(cpu):
         return _qdense_peak(cpu, threads, repeat, tmp)
-    iters = 20000
+    iters = 4000
     funcs = {f"peak{t}": vnni_peak_kernel(t, iters) for t in (1, threads)}
     lib = tvm.runtime.load_module(str(compile_funcs(funcs, cpu, tmp / "peak.so")))
     a = tvm.runtime.tensor(np.ones(128, np.int8))
     per_core = {}
     for t in (1, threads):
         out = tvm.runtime.tensor(np.zeros((t, PEAK_CHAINS * 16), np.int32))
-        ms = _best_ms(lib[f"peak{t}"], [a, out], repeat)
+        ms = _best_ms(lib[f"peak{t}"], [a, out], repeat, calls=1)
         if int(out.numpy()[0, 0]) != iters * 4:   # 4 products of 1 x 1 per lane and step
             raise RuntimeError("the vpdpbusd peak kernel computed a wrong sum")
         per_core[t] = iters * PEAK_CHAINS * 64 / (ms * 1e-3) / 1e9
