@@ -84,7 +84,7 @@ def _act(node: Node) -> int:
 def _conv_flops(node: Node, align: int) -> float:
     out = node.outputs[0]
     n = out.shape[0]
-    nhwc = node.attrs.get("layout") == "NHWC"
+    nhwc = (node.attrs.get("out_layout") or node.attrs.get("layout")) == "NHWC"
     oc, oh, ow = (out.shape[3], out.shape[1], out.shape[2]) if nhwc else out.shape[1:4]
     w = node.inputs[1].shape
     kl = node.attrs.get("kernel_layout", "OIHW")
@@ -153,8 +153,9 @@ _FLOPS: dict[str, Callable[[Node, int], float]] = {
     "matmul": _matmul_flops, "gemm": _gemm_flops, "max_pool2d": _pool_flops,
     "avg_pool2d": _pool_flops, "qconv2d": _conv_flops, "qdense": _qdense_flops,
     "qmatmul": _matmul_flops, "dense_wq": _qdense_flops, "dense_rows": _qdense_flops,
+    "conv2d_fused": _conv_flops,
 }
-_CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d"})
+_CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d", "conv2d_fused"})
 _DENSE = frozenset({"dense", "gemm", "qdense", "dense_wq", "dense_rows"})
 _MATMUL = frozenset({"matmul", "qmatmul"})
 _ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention", "cached_attention_q"})
