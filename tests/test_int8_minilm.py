@@ -60,6 +60,28 @@ def test_quantize_kernel_is_vector_code(level):
         assert "vgather" not in asm and "vpextrb" not in asm
 
 
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_add_layer_norm_quantized_is_vector_code(level):
+    """Built (not run) for each CPU kind: the fused residual add + layer_norm + quantize
+    rounds whole SIMD registers of floats (the quantized row is vectorised as well as the
+    f32 one) and x86 code has no gathers."""
+    cpu = cpu_info_for(LEVELS[level])
+    x, p = TensorType((1, 128, 384), "f32"), TensorType((384,), "f32")
+    s, z = np.full(384, 0.02, np.float32), np.full(384, 128, np.uint8)
+    op = get_op("add_layer_norm")
+    attrs = op.normalize_attrs({"epsilon": 1e-12})
+    types = [x, x, p, p, TensorType.of(s), TensorType.of(z)]
+    req = KernelRequest("add_layer_norm", attrs, types, op.infer(types, attrs),
+                        {2: np.ones(384, np.float32), 3: np.zeros(384, np.float32), 4: s, 5: z},
+                        cpu)
+    impl = get_kernel_builder("add_layer_norm")(req)
+    ll = _compiled(impl, cpu, "ll")
+    assert f"@llvm.nearbyint.v{cpu.lanes('f32')}f32" in ll
+    assert "@llvm.nearbyint.f32(" not in ll
+    if cpu.arch == "x86_64":
+        assert "vgather" not in _compiled(impl, cpu, "asm")
+
+
 def _run(case_ins, attrs, op, consts, tmp_path):
     from kernel_harness import Case, reference, run_cases
 
