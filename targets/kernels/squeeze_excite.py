@@ -26,6 +26,8 @@ __all__ = ["squeeze_excite"]
 # channel sums run on several threads above this many input elements (a parallel launch
 # costs microseconds; a 14x14x240 map sums in about that)
 _PARALLEL_MIN = 200_000
+# accumulator vectors of one FC tile (registers; 8 leaves room on a 16-register ISA)
+_FC_VECTORS = 8
 
 
 def _pad_to(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -99,6 +101,23 @@ def _vector(sch, block, loop, lanes: int):
     return sch.split(loop, [None, vec])
 
 
+def _schedule_fc(sch, blk, lanes: int) -> None:
+    """``out[b, j] = sum_r a[b, r] * w[r, j]``: up to ``_FC_VECTORS`` vectors of ``j`` per
+    tile accumulate in registers (independent FMA chains, one broadcast of ``a[b, r]`` each),
+    written once after the reduction."""
+    b, j, r = sch.get_loops(blk)
+    vecs = int(sch.get(j).extent) // lanes
+    per = max(d for d in range(1, min(vecs, _FC_VECTORS) + 1) if vecs % d == 0)
+    jo, jm, ji = sch.split(j, [None, per, lanes])
+    sch.reorder(b, jo, r, jm, ji)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, jo)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.unroll(jm)
+    sch.vectorize(ji)
+    sch.decompose_reduction(blk, r)
+
+
 def _schedule(sch, layout: str, lanes: int, par: bool) -> None:
     mean = sch.get_sblock("mean")
     b, ch, ry, rx = sch.get_loops(mean)
@@ -116,12 +135,7 @@ def _schedule(sch, layout: str, lanes: int, par: bool) -> None:
     elif par:
         sch.parallel(sch.fuse(b, ch))
     for name in ("fc1", "fc2"):
-        blk = sch.get_sblock(name)
-        b, j, r = sch.get_loops(blk)
-        jo, ji = sch.split(j, [None, lanes])
-        sch.reorder(b, jo, r, ji)
-        sch.vectorize(ji)
-        sch.decompose_reduction(blk, r)
+        _schedule_fc(sch, sch.get_sblock(name), lanes)
     act1 = sch.get_sblock("act1")
     _, j = sch.get_loops(act1)
     _, ji = sch.split(j, [None, lanes])
