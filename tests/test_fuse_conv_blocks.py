@@ -41,6 +41,12 @@ def _conv_cases() -> list[Case]:
         Case("conv2d_fused", [_r(1, 3, 17, 17), _r(16, 3, 3, 3), _r(16)],
              {"kernel_layout": "OHWI", "pads": [1, 1, 1, 1], "strides": [2, 2],
               "activation": "relu6", "out_layout": "NHWC"}, consts=(1,)),
+        # many output channels: the scale is a stage over the input (NHWC, and NCHW)
+        Case("conv2d_fused", [_r(2, 5, 5, 24), _r(96, 1, 1, 24), _r(96), _r(2, 1, 1, 24)],
+             {**nhwc, "input_scale": True}, consts=(1,)),
+        Case("conv2d_fused", [_r(1, 8, 3, 3), _r(64, 8, 1, 1), _r(64), _r(1, 8, 1, 1),
+                              _r(1, 64, 3, 3)], {"input_scale": True, "residual": True},
+             consts=(1,)),
         # NCHW throughout, scale + residual, OIHW weight given at run time
         Case("conv2d_fused", [_r(1, 8, 5, 5), _r(8, 8, 1, 1), _r(8), _r(1, 8, 1, 1),
                               _r(1, 8, 5, 5)], {"input_scale": True, "residual": True}),
@@ -83,12 +89,13 @@ def _run(cases: list[Case], tmp_path, cpu: str | None) -> list[list[np.ndarray]]
 def test_fused_kernels_match_reference(tmp_path, cpu):
     """On the detected host and built for the AVX2 level (16 vector registers: the other
     register budget and vector width)."""
-    cases = _conv_cases() + _se_cases()
+    convs = _conv_cases()
+    cases = convs + _se_cases()
     got = _run(cases, tmp_path, cpu)
     for i, (case, res) in enumerate(zip(cases, got, strict=True)):
         assert_matches_reference(f"case {i} {case.op}", case, res, atol=1e-4)
     # NaN in, NaN out, and only where the NaN reaches: one pixel's outputs; every gate
-    assert np.isnan(got[1][0]).sum() == 24 and np.isnan(got[7][0]).sum() == 120
+    assert np.isnan(got[1][0]).sum() == 24 and np.isnan(got[len(convs) + 1][0]).sum() == 120
 
 
 def test_bad_operands_are_refused_naming_them():
