@@ -21,9 +21,10 @@ the schedule.
   into ``R x D`` outputs (vectors over the head's columns, which are contiguous in ``v``), each
   row divided by its sum once when written.
 
-Every buffer is in the default scope (TVM served ``local`` with a workspace
-alloc/free per parallel iteration; see :mod:`targets.kernels.llm_kv`). The vector width is the
-CPU's (``CpuInfo.lanes``).
+Causal: a tile scores and reads only the key blocks up to its last visible key (GPT-2 bench
+decoder layer 0.056 -> 0.050 ms). Every buffer is in the default scope (TVM served ``local``
+with a workspace alloc/free per parallel iteration; see :mod:`targets.kernels.llm_kv`). The
+vector width is the CPU's (``CpuInfo.lanes``).
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def attention(req: KernelRequest) -> KernelImpl:
                                       acc[r, ln] * T.float32(scale), T.float32(neg))
 
     @T.macro
-    def softmax_row(sc, acc, mx, tot, r):
+    def softmax_row(sc, acc, mx, tot, r, nblk):
         for ln in T.vectorized(lanes):
             acc[r, ln] = T.float32(neg)
-        for jb in range(skp // lanes):
+        for jb in range(nblk):
             for ln in T.vectorized(lanes):
                 acc[r, ln] = T.max(acc[r, ln], sc[r, jb * lanes + ln])
         mx[r] = T.float32(neg)
@@ -99,7 +100,7 @@ def attention(req: KernelRequest) -> KernelImpl:
         mx[r] = T.Select(mx[r] == T.float32(neg), T.float32(0), mx[r])
         for ln in T.vectorized(lanes):
             acc[r, ln] = T.float32(0)
-        for jb in range(skp // lanes):
+        for jb in range(nblk):
             for ln in T.vectorized(lanes):
                 sc[r, jb * lanes + ln] = fast_exp(sc[r, jb * lanes + ln] - mx[r])
                 acc[r, ln] = acc[r, ln] + sc[r, jb * lanes + ln]
@@ -125,7 +126,10 @@ def attention(req: KernelRequest) -> KernelImpl:
             for t in range(tiles):
                 i0 = it % nb * qb + t * ROWS
                 if i0 < s:
-                    for jb in range(skp // lanes):
+                    # causal: key blocks past the tile's last visible key are neither scored
+                    # nor read (for other kernels this is all skp // lanes blocks)
+                    nblk = T.min(skp // lanes, (i0 + ROWS + cshift + lanes - 1) // lanes)
+                    for jb in range(nblk):
                         for r, ln in T.grid(ROWS, lanes):
                             acc[r, ln] = T.float32(0)
                         for dd in range(d):
@@ -138,7 +142,7 @@ def attention(req: KernelRequest) -> KernelImpl:
                             for ln in T.vectorized(lanes):
                                 score(sc, acc, mask, b, hh, i0, r, jb * lanes + ln, ln)
                     for r in T.unroll(ROWS):
-                        softmax_row(sc, acc, mx, tot, r)
+                        softmax_row(sc, acc, mx, tot, r, nblk)
                     for r, dd in T.grid(ROWS, d):
                         oacc[r, dd] = T.float32(0)
                     for j in range(T.min(sk, i0 + ROWS + cshift)):
