@@ -43,7 +43,8 @@ from targets.kernels.conv_common import (
 )
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d", "input_stage", "conv_epilogue",
-           "schedule_stage", "fused_operands", "acc_ir_dtype", "PARALLEL_MIN_MACS"]
+           "schedule_stage", "fused_operands", "accumulate_in_registers", "acc_ir_dtype",
+           "PARALLEL_MIN_MACS"]
 
 # Below this many multiply-adds (~10-25 µs on one AVX-512 core) a conv runs on one thread: a
 # parallel launch costs µs, and on a busy machine a descheduled worker stalls the whole call.
@@ -192,6 +193,18 @@ def schedule_stage(sch, name: str, lanes: int, parallel: bool) -> None:
         sch.vectorize(vi)
     if parallel:
         sch.parallel(sch.fuse(loops[0], loops[1]))
+
+
+def accumulate_in_registers(sch, blk, at, unrolled, vector, red) -> None:
+    """``blk``'s result tile under loop ``at`` lives in a local (register) buffer written back
+    once, vectorised; ``unrolled`` is unrolled, ``vector`` vectorised, and the reduction's
+    initialisation split off at loop ``red`` (a GEMM register tile)."""
+    wb = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(wb, at)
+    sch.vectorize(sch.get_loops(wb)[-1])
+    sch.unroll(unrolled)
+    sch.vectorize(vector)
+    sch.decompose_reduction(blk, red)
 
 
 def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,

@@ -20,6 +20,7 @@ import numpy as np
 from compiler.errors import OpError
 from targets.kernels._te import accumulator_dtype, activation, tvm_dtype
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+from targets.kernels.conv import accumulate_in_registers
 
 __all__ = ["squeeze_excite"]
 
@@ -110,12 +111,7 @@ def _schedule_fc(sch, blk, lanes: int) -> None:
     per = max(d for d in range(1, min(vecs, _FC_VECTORS) + 1) if vecs % d == 0)
     jo, jm, ji = sch.split(j, [None, per, lanes])
     sch.reorder(b, jo, r, jm, ji)
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, jo)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.unroll(jm)
-    sch.vectorize(ji)
-    sch.decompose_reduction(blk, r)
+    accumulate_in_registers(sch, blk, jo, jm, ji, r)
 
 
 def _schedule(sch, layout: str, lanes: int, par: bool) -> None:

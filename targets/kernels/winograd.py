@@ -29,6 +29,7 @@ from targets.kernels._te import accumulator_dtype, tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
 from targets.kernels.conv import (
     PARALLEL_MIN_MACS,
+    accumulate_in_registers,
     conv_epilogue,
     fused_operands,
     input_stage,
@@ -283,12 +284,7 @@ def _schedule_gemm(sch, p: WinogradPlan, par: bool) -> None:
     fused = sch.fuse(*outer)
     if par:
         sch.parallel(fused)
-    wb = sch.cache_write(mm, 0, "local")
-    sch.reverse_compute_at(wb, to)
-    sch.vectorize(sch.get_loops(wb)[-1])
-    sch.unroll(ti)
-    sch.vectorize(oci)
-    sch.decompose_reduction(mm, rc)
+    accumulate_in_registers(sch, mm, to, ti, oci, rc)
 
 
 def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool):
