@@ -29,9 +29,11 @@ Settings, read when a library is loaded:
   differences were within that load's noise);
 - ``NPUCC_POOL_PROBE_US``: the per-loop launch decision (default 50 µs; 0: off, every launch
   is shared out). Each parallel loop's first launches are shared out and timed; a loop whose
-  best such launch took less than this is then timed on the calling thread alone (once, if
-  that is 25% slower; else three times), and from then on runs the way that measured faster
-  (re-measured every 2048 launches of the loop). Like onnxruntime's per-op cost check
+  best such launch took less than this is then timed on the calling thread alone (twice, if
+  both are 25% slower; else three times), and from then on runs alone if that measured a
+  fifth faster, else shared out (re-measured every 2048 launches of the loop; the margin
+  keeps a loop timed while another process held the second core from staying on one thread
+  once the core is free: mobilenet_v3_small decided at load 8 put 20 of 27 loops alone). Like onnxruntime's per-op cost check
   (TryParallelFor), small kernels stay on the caller when waking and feeding a second thread
   costs more than it gains; where that happens is each loop's own timing on the machine it
   runs on, not a tuned constant. The 50 µs only bounds which loops are worth a serial

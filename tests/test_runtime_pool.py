@@ -156,12 +156,14 @@ def _heavy(tvm, rows=64):
 
 
 def _decided_pool(built, probe_us: int = 200):
-    """The built library loaded on 2 threads x 4 chunks, its per-loop decision at
-    ``probe_us``, statistics reset."""
+    """The built library loaded on 2 threads x 64 chunks (a launch of the 37-row loop then
+    hands out 128 chunks, most of them empty: clearly slower than one call on the caller,
+    whether the worker is on a core or not), its per-loop decision at ``probe_us``,
+    statistics reset."""
     tvm, path = built
     mod = load_library(tvm, path, require=True)
     pool = library_pool(mod)
-    pool.configure(2, 4)
+    pool.configure(2, 64)
     assert pool.decide_per_loop(probe_us)
     pool.reset_stats()
     return tvm, mod, pool
@@ -182,7 +184,7 @@ def test_small_loop_runs_on_the_caller_big_loop_is_shared(built):
         np.testing.assert_array_equal(ty.numpy(), want)
     st = pool.stats()
     assert (st.launches, st.caller_launches, st.caller_loops) == (3, 17, 1), st
-    assert st.serial_launches == 17 and sum(st.chunks) == 3 * 2 * 4
+    assert st.serial_launches == 17 and sum(st.chunks) == 3 * 2 * 64
 
     h, th, ts = _heavy(tvm)
     pool.reset_stats()

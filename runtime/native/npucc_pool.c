@@ -19,9 +19,10 @@
  * - Per parallel loop (its lambda's address), a launch cost check in the spirit of
  *   onnxruntime's TryParallelFor: the first launches of a loop run shared out and timed; if
  *   the best took under `probe_ns`, the next ones run on the calling thread alone and are
- *   timed too (one is enough if it is 25% slower than the best shared one); from then on the loop runs the way that measured faster (a small kernel, where
- *   waking and handing out chunks costs more than the second thread gains, stays on the
- *   caller). The decision is measured again every NPUCC_REPROBE launches of the loop (the
+ *   timed too (two are enough if both are 25% slower than the best shared one); then
+ *   the loop runs alone if that measured a fifth faster, else shared out (a small kernel,
+ *   where waking and handing out chunks costs more than the second thread gains, stays on
+ *   the caller). The decision is measured again every NPUCC_REPROBE launches of the loop (the
  *   machine's load changes). No CPU-specific threshold: each loop is timed where it runs.
  * - TVMBackendParallelBarrier assumes every task runs at once; a library whose code calls it
  *   is left on TVM's pool (runtime/pool.py checks for `__TVMBackendParallelBarrier`).
@@ -305,8 +306,9 @@ static void site_record(npucc_site* site, int par, int64_t ns) {
   int64_t* best = par ? &site->par_ns : &site->ser_ns;
   if (site->state == SITE_PROBE_PAR || site->state == SITE_PROBE_SER) {
     if (site->runs == 0 || ns < *best) *best = ns;
-    if (!par && ns > site->par_ns + site->par_ns / 4) {
-      /* clearly slower alone (a loop that scales): one serial launch is enough to know */
+    if (!par && site->runs >= 1 && *best > site->par_ns + site->par_ns / 4) {
+      /* clearly slower alone (a loop that scales): two serial launches are enough to know
+       * (not one: a single launch may have been preempted) */
       site->state = SITE_PARALLEL;
       site->runs = 0;
       return;
@@ -316,7 +318,9 @@ static void site_record(npucc_site* site, int par, int64_t ns) {
     if (site->state == SITE_PROBE_PAR)
       site->state = site->par_ns < P.probe_ns ? SITE_PROBE_SER : SITE_PARALLEL;
     else
-      site->state = site->ser_ns < site->par_ns ? SITE_SERIAL : SITE_PARALLEL;
+      /* alone only when clearly faster (by a fifth): a loop decided while another process
+       * held the second core must not stay on one thread once the core is free again */
+      site->state = site->ser_ns * 5 < site->par_ns * 4 ? SITE_SERIAL : SITE_PARALLEL;
     return;
   }
   if (++site->runs >= NPUCC_REPROBE) {  /* measure again */
