@@ -186,6 +186,10 @@ def print_bound(qm, qp, ours_ms: float, ort_ms: float, first: dict) -> None:
     print(f"qdense total {spent:.2f} ms = {100 * floor_ms / spent:.0f}% of peak overall; "
           f"the rest of the kernels {qp.total_ms - spent:.2f} ms; load now "
           f"{os.getloadavg()[0]:.1f}")
+    if floor_ms > spent:
+        print("note: the qdense kernels ran faster than the measured peak allows: other work "
+              "held the cores while the peak loop ran, so peak and floor are understated here "
+              "(measure on a quiet machine)")
 
 
 def main() -> None:
