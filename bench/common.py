@@ -46,6 +46,26 @@ def cpu_header() -> str:
     return f"CPU: {h.summary()}\nISA features: {' '.join(sorted(h.features))}"
 
 
+def cpu_steal_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat (Linux; None elsewhere).
+    Steal is time the hypervisor gave our virtual CPUs to someone else: a bench prints its
+    share over the timed calls, so a slow round on a shared host is seen as such."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The fraction of CPU time stolen between two :func:`cpu_steal_ticks` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def peak_rss_bytes() -> int:
     """This process's peak RSS: VmHWM (Linux; ru_maxrss would include the RSS of the parent
     that forked it), else ru_maxrss."""

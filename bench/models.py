@@ -255,7 +255,7 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
     """Child: load one engine at its defaults and time ``repeat`` calls (ms each)."""
     import numpy as np
 
-    from bench.common import peak_rss_bytes
+    from bench.common import cpu_steal_ticks, peak_rss_bytes
 
     data = np.load(prep["inputs"])
     feeds = {n: data[n] for n in prep["input_names"]}
@@ -281,11 +281,13 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
     for _ in range(warmup):
         call()
     times = []
+    steal0 = cpu_steal_ticks()
     for _ in range(repeat):
         t = time.perf_counter()
         call()
         times.append((time.perf_counter() - t) * 1e3)
-    return {"engine": engine, "times_ms": times, "peak_rss_bytes": peak_rss_bytes()}
+    return {"engine": engine, "times_ms": times, "peak_rss_bytes": peak_rss_bytes(),
+            "steal_ticks": [steal0, cpu_steal_ticks()]}
 
 
 def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -300,22 +302,44 @@ def separate(name: str, rounds: int, repeat: int, env: dict[str, str],
     prep = _child(["--prepare", name] + (["--pipeline", pipeline] if pipeline else []), env)
     engines = [e for e in ENGINES if e != "torch" or prep["torch"]]
     times: dict[str, list[float]] = {e: [] for e in engines}
+    rounds_ms: dict[str, list[float]] = {e: [] for e in engines}
+    steal: dict[str, list[int]] = {e: [0, 0] for e in engines}
     rss: dict[str, int] = {e: 0 for e in engines}
     for _ in range(rounds):
         for e in engines:
             r = _child(["--engine", e, "--prep", json.dumps(prep), "--repeat", str(repeat)],
                        env)
             times[e] += r["times_ms"]
+            rounds_ms[e].append(_percentile(r["times_ms"], 50))
             rss[e] = max(rss[e], r["peak_rss_bytes"])
+            before, after = r["steal_ticks"]
+            if before is not None and after is not None:
+                steal[e] = [steal[e][0] + after[0] - before[0], steal[e][1] + after[1] - before[1]]
     return {**prep, "repeat": repeat, "rounds": rounds, "mode": "separate processes, defaults",
             "latency_ms": {e: {"median": _percentile(t, 50), "p90": _percentile(t, 90)}
                            for e, t in times.items()},
+            "round_medians_ms": rounds_ms,
+            "steal_by_engine": {e: (s / t if t else None) for e, (s, t) in steal.items()},
             "peak_rss_by_engine": rss, "peak_rss_bytes": rss["npucc"]}
 
 
 # -- the report (parent process) -------------------------------------------------------
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _round_lines(r: dict[str, Any]) -> list[str]:
+    """Each round's median per engine, and the CPU time the hypervisor stole while each engine
+    was timed (separate-process mode): a round far from the others is the host, not a
+    runtime, when its steal share is high."""
+    if "round_medians_ms" not in r:
+        return []
+    per = "; ".join(f"{e} " + " / ".join(f"{m:.2f}" for m in ms)
+                    for e, ms in r["round_medians_ms"].items())
+    st = ", ".join(f"{e} {v * 100:.1f}%" for e, v in r["steal_by_engine"].items()
+                   if v is not None)
+    return [f"   round medians ms: {per}"] + ([f"   CPU stolen by the host while timing: {st}"]
+                                             if st else [])
 
 
 def report(r: dict[str, Any]) -> str:
@@ -337,6 +361,7 @@ def report(r: dict[str, Any]) -> str:
     lines += [
         f"   ours / onnxruntime: {ratio:.2f}x{vs_torch}   (max rel diff of outputs "
         f"{r['max_rel_diff_vs_ort']:.1e}, {reps})",
+        *_round_lines(r),
         f"   compile {r['compile_s']:.1f} s ({ph})",
         f"   arena {_mib(r['arena_bytes'])} vs lower bound {_mib(r['lower_bound_bytes'])} "
         f"({r['arena_bytes'] / r['lower_bound_bytes']:.3f}x; naive {_mib(r['naive_bytes'])}), "
