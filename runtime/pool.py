@@ -20,7 +20,7 @@ Settings, read when a library is loaded:
   14, 21, 28, 35 and 42 that CNNs' 14x14 and 7x7 stages give (rows, row x channel tiles) ran
   as 7 chunks, 4 on one thread and 3 on the other (the kernel 14% slower than an even split);
   16 chunks split them evenly. An uncontended chunk claim costs ~5 ns (an empty 2-thread
-  launch 0.09 -> 0.17 µs, bench/pool_overhead.py on an AMD EPYC znver4 at load 7);
+  launch 0.09 -> 0.17 µs, bench/pool_overhead.py on a loaded 2-core x86 host);
 - ``NPUCC_POOL_SPIN_US``: how long an idle worker spins before it sleeps (default 50 µs:
   enough to bridge the gap between one kernel's launches and the next's; a spinning worker
   competes with other processes for the core. With a busy-loop process on one core of
