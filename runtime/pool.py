@@ -33,9 +33,9 @@ Settings, read when a library is loaded:
   both are 25% slower; else three times), and from then on runs alone if that measured a
   fifth faster, else shared out (re-measured every 2048 launches of the loop; the margin
   keeps a loop timed while another process held the second core from staying on one thread
-  once the core is free: mobilenet_v3_small decided at load 8 put 20 of 27 loops alone). Like onnxruntime's per-op cost check
-  (TryParallelFor), small kernels stay on the caller when waking and feeding a second thread
-  costs more than it gains; where that happens is each loop's own timing on the machine it
+  once the core is free: mobilenet_v3_small decided at load 8 put 20 of 27 loops alone).
+  Like onnxruntime's per-op cost check (TryParallelFor), small kernels stay on the caller
+  when waking and feeding a second thread costs more than it gains; where that happens is each loop's own timing on the machine it
   runs on, not a tuned constant. The 50 µs only bounds which loops are worth a serial
   launch to find out: a launch costs 0.1-0.2 µs with the workers spinning and ~3 µs when
   they must be woken (bench/pool_overhead.py), under 10% of a 50 µs loop, so a longer loop

@@ -9,8 +9,8 @@ the schedule.
   ``R x lanes`` register tiles (``R = 4`` query rows, ``lanes`` keys; a broadcast q value
   times a vector of ``kt``), no horizontal sums. (Copied per query block, with 4 x cores
   iterations, DeiT-tiny's attention took 0.92 ms a layer against 0.67 ms; 8-row tiles for
-  32-wide heads spilled and were slower: 0.59 against 0.39 ms for MiniLM's. Measured on a 2-core AVX-512 x86 host,
-  other jobs running.)
+  32-wide heads spilled and were slower: 0.59 against 0.39 ms for MiniLM's. Measured on a
+  2-core AVX-512 x86 host, other jobs running.)
 - Then parallel over (batch, head, query block): blocks per head are chosen so that the
   number of iterations is a multiple of the cores and at least ``8 x cores`` (MiniLM: 12
   heads x 2 blocks of 64 rows; DeiT-tiny: 3 heads x 6 blocks of 36), so the launcher's chunks

@@ -132,10 +132,10 @@ def _conv_core(xs, wp, g: ConvGeom, t: ConvTiles, scale_at=None):
     ``scale_at(n, ic)`` (optional) scales the input channels: it multiplies the weight vector
     as it is loaded (one multiply per weight vector and column tile, not one per input
     pixel). A conv with many output channels scales its input in a ``scale`` stage instead
-    (measured on a 2-core AVX-512 x86 host under load, see the commit; conv + mul kernels / scale in the weight
-    loads / scale stage: 1152->192 @7x7 212 / 261 / 210 us, 480->80 @14x14 189 / 207 /
-    176 us; 32->16 @112x112 177 / 141 us and 144->24 @56x56 351 / 301-351 us keep it in
-    the weight loads)."""
+    (measured on a 2-core AVX-512 x86 host under load, see the commit; conv + mul kernels /
+    scale in the weight loads / scale stage: 1152->192 @7x7 212 / 261 / 210 us, 480->80
+    @14x14 189 / 207 / 176 us; 32->16 @112x112 177 / 141 us and 144->24 @56x56 351 /
+    301-351 us keep it in the weight loads)."""
     from tvm import te
 
     rc = te.reduce_axis((0, g.icg), "rc")
