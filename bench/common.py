@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header", "peak_rss_bytes",
-           "run_child"]
+__all__ = ["interleaved_ms", "mean_pool", "cosine", "cpu_header", "cpu_steal_ticks",
+           "peak_rss_bytes", "run_child"]
 
 
 def interleaved_ms(runs: Sequence[Callable[[], object]], repeat: int, warmup: int = 3
@@ -57,13 +57,6 @@ def cpu_steal_ticks() -> tuple[int, int] | None:
         return None
     # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
     return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
-
-
-def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """The fraction of CPU time stolen between two :func:`cpu_steal_ticks` readings."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def peak_rss_bytes() -> int:
