@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench.<name> only, never bare
 
-from bench.common import cosine, cpu_header, mean_pool  # noqa: E402
+from bench.common import cosine, cpu_header, mean_pool, run_child  # noqa: E402
 from bench.quant_int8_kernels import int8_peak  # noqa: E402
 
 THREADS = 2
@@ -132,14 +131,8 @@ def separate_times(configs: dict[str, tuple[str, str]], inputs: Path, rounds: in
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(rounds):
         for label, (kind, path) in configs.items():
-            proc = subprocess.run([sys.executable, __file__, "--child", kind, path, str(inputs),
-                                   "--repeat", str(repeat)], env=env, capture_output=True,
-                                  text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
-                        None)
-            if proc.returncode != 0 or line is None:
-                raise RuntimeError(f"{label}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-            times[label] += json.loads(line[len("RESULT "):])
+            times[label] += run_child(__file__, ["--child", kind, path, str(inputs),
+                                                 "--repeat", str(repeat)], env)
     return times
 
 
