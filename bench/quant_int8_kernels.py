@@ -106,7 +106,7 @@ def vnni_peak_kernel(threads: int, iters: int):
     @T.prim_func(s_tir=True)
     def peak(a: T.Buffer((128,), "int8"), out: T.Buffer((threads, chains * 16), "int32")):
         for t in T.parallel(threads):
-            acc = T.alloc_buffer((chains * 16,), "int32", scope="local")
+            acc = T.alloc_buffer((chains * 16,), "int32")   # default scope: an alloca LLVM promotes
             for j in T.unroll(chains):
                 acc[T.ramp(j * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
             for _r in T.serial(iters):
@@ -134,10 +134,11 @@ def _best_ms(fn, args, repeat: int, calls: int = 5) -> float:
 
 def int8_peak(cpu=None, threads: int = 2, repeat: int = 60) -> dict:
     """This CPU's int8 multiply-accumulate peak, GMAC/s per core at 1 and ``threads`` threads
-    (best of ``repeat`` short calls, ~0.2 ms each: on a shared machine some fall between
+    (best of ``repeat`` calls, ~0.13 ms per task: on a shared machine some fall between
     other processes' time slices), and how it was measured."""
     import tvm
 
+    from runtime.pool import load_library
     from targets.kernels.vnni import has_vnni
     from targets.tvm_codegen import compile_funcs, host_cpu
 
@@ -145,9 +146,9 @@ def int8_peak(cpu=None, threads: int = 2, repeat: int = 60) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="int8-peak-"))
     if not has_vnni(cpu):
         return _qdense_peak(cpu, threads, repeat, tmp)
-    iters = 4000
+    iters = 40000   # ~0.13 ms per task: long against a launch, so both threads really run
     funcs = {f"peak{t}": vnni_peak_kernel(t, iters) for t in (1, threads)}
-    lib = tvm.runtime.load_module(str(compile_funcs(funcs, cpu, tmp / "peak.so")))
+    lib = load_library(tvm, compile_funcs(funcs, cpu, tmp / "peak.so"))
     a = tvm.runtime.tensor(np.ones(128, np.int8))
     per_core = {}
     for t in (1, threads):
@@ -164,6 +165,7 @@ def _qdense_peak(cpu, threads: int, repeat: int, tmp: Path) -> dict:
     process's thread count, as a per-core figure; a lower bound on the true peak."""
     import tvm
 
+    from runtime.pool import load_library
     from targets.kernels.base import get_kernel_builder
     from targets.tvm_codegen import compile_funcs
 
@@ -171,8 +173,7 @@ def _qdense_peak(cpu, threads: int, repeat: int, tmp: Path) -> dict:
     for m, k, n in MINILM_DENSE_SHAPES:
         req = qdense_request(m, k, n, cpu)
         impl = get_kernel_builder("qdense")(req)
-        lib = tvm.runtime.load_module(str(compile_funcs({"q": impl.prim_func}, cpu,
-                                                        tmp / f"q{k}_{n}.so")))
+        lib = load_library(tvm, compile_funcs({"q": impl.prim_func}, cpu, tmp / f"q{k}_{n}.so"))
         args = [tvm.runtime.tensor(a) for a in args_for(req, impl)]
         out = tvm.runtime.tensor(np.zeros(req.output_types[0].shape, np.float32))
         ms = _best_ms(lib["q"], [*args, out], repeat)
@@ -218,6 +219,7 @@ def main() -> None:
         return
     import tvm
 
+    from runtime.pool import load_library
     from targets.kernels.base import get_kernel_builder
     from targets.tvm_codegen import compile_funcs, host_cpu, request_for
 
@@ -239,8 +241,7 @@ def main() -> None:
                 sym, impl = built[req.key]
                 pair.append((sym, req, impl))
             calls.append(pair)
-        lib = tvm.runtime.load_module(str(compile_funcs(
-            funcs, cpu, Path(tempfile.mkdtemp()) / "k.so")))
+        lib = load_library(tvm, compile_funcs(funcs, cpu, Path(tempfile.mkdtemp()) / "k.so"))
         totals = [0.0, 0.0]
         vnni = sum("VNNI" in impl.note for _, impl in built.values())
         for pair in calls:
