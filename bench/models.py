@@ -1,7 +1,8 @@
 """Latency of compiled models vs onnxruntime and torch eager, each at its own defaults, batch 1.
 
     python bench/models.py [--models minilm,resnet50,mobilenet_v2,gpt2] [--rounds 3]
-                           [--repeat 20] [--same-process --no-spin] [--pipeline TEXT]
+                           [--repeat 20] [--block 5] [--same-process --no-spin]
+                           [--pipeline TEXT]
 
 Each engine runs in its own process, as a user would run it, with the settings it ships with:
 
@@ -12,11 +13,15 @@ Each engine runs in its own process, as a user would run it, with the settings i
 - torch eager: default threads, ``torch.inference_mode()``.
 
 A first child per model builds the model, exports the ONNX file, compiles and saves our
-package, and checks our outputs against onnxruntime's. Then ``--rounds`` rounds alternate the
-engines (npucc, onnxruntime, torch, npucc, ...), each round a fresh process per engine timing
-``--repeat`` calls after warm-up, so drift on the machine hits every engine alike. Reported:
-the median and p90 over all rounds' calls, ours / onnxruntime and ours / torch, and each
-engine process's peak RSS.
+package, and checks our outputs against onnxruntime's. Then each of ``--rounds`` rounds starts
+a fresh process per engine and the live processes take turns (``bench/paired.py``): a block
+of ``--block`` calls by one engine while the others are stopped, the first engine of a turn
+rotating, until each has made ``--repeat`` timed calls. The speed of this kind of shared
+virtual machine drifts by up to ~1.8x over seconds; engines timed one after the other carry
+that drift into their ratio, engines taking turns ~100 ms apart do not. Reported: the median
+and p90 over all calls, each round's median, the CPU share the hypervisor stole while each
+engine ran, each engine process's peak RSS, and ours / onnxruntime and ours / torch as the
+**median of the per-turn ratios** (with p10-p90, and the ratio of the all-call medians).
 
 ``--same-process`` keeps the older mode: the three runtimes in one process, interleaved call
 by call, with every pool's spinning turned off (``--no-spin``, the default there) so idle
@@ -250,12 +255,9 @@ def prepare(name: str, pipeline: str | None = None) -> dict[str, Any]:
                             for k in top]}
 
 
-def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
-                ) -> dict[str, Any]:
-    """Child: load one engine at its defaults and time ``repeat`` calls (ms each)."""
+def engine_call(prep: dict[str, Any], engine: str) -> Any:
+    """Child: load one engine at its defaults; a function running one call on the inputs."""
     import numpy as np
-
-    from bench.common import cpu_steal_ticks, peak_rss_bytes
 
     data = np.load(prep["inputs"])
     feeds = {n: data[n] for n in prep["input_names"]}
@@ -264,20 +266,28 @@ def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
 
         m = runtime.load(prep["package"])
         ours = dict(zip(m.input_names, feeds.values(), strict=True))
-        call = lambda: m.run(ours)  # noqa: E731
-    elif engine == "onnxruntime":
+        return lambda: m.run(ours)
+    if engine == "onnxruntime":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(prep["onnx"], providers=["CPUExecutionProvider"])
-        call = lambda: sess.run(None, feeds)  # noqa: E731
-    else:
-        import torch
+        return lambda: sess.run(None, feeds)
+    import torch
 
-        _, _, run_torch, _ = BUILDERS[prep["model"]]()
+    _, _, run_torch, _ = BUILDERS[prep["model"]]()
 
-        def call():
-            with torch.inference_mode():
-                return run_torch()
+    def call():
+        with torch.inference_mode():
+            return run_torch()
+    return call
+
+
+def time_engine(prep: dict[str, Any], engine: str, repeat: int, warmup: int = 3
+                ) -> dict[str, Any]:
+    """Child: load one engine at its defaults and time ``repeat`` calls (ms each)."""
+    from bench.common import cpu_steal_ticks, peak_rss_bytes
+
+    call = engine_call(prep, engine)
     for _ in range(warmup):
         call()
     times = []
@@ -297,101 +307,25 @@ def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def separate(name: str, rounds: int, repeat: int, env: dict[str, str],
-             pipeline: str | None = None) -> dict[str, Any]:
-    """Parent: prepare once, then ``rounds`` rounds of one fresh process per engine."""
+             pipeline: str | None = None, block: int = 5) -> dict[str, Any]:
+    """Parent: prepare once, then ``rounds`` rounds of one live process per engine, taking
+    turns in blocks of ``block`` calls (bench.paired)."""
+    from bench.paired import Engine, paired_rounds
+
     prep = _child(["--prepare", name] + (["--pipeline", pipeline] if pipeline else []), env)
     engines = [e for e in ENGINES if e != "torch" or prep["torch"]]
-    times: dict[str, list[float]] = {e: [] for e in engines}
-    rounds_ms: dict[str, list[float]] = {e: [] for e in engines}
-    steal: dict[str, list[int]] = {e: [0, 0] for e in engines}
-    rss: dict[str, int] = {e: 0 for e in engines}
-    for _ in range(rounds):
-        for e in engines:
-            r = _child(["--engine", e, "--prep", json.dumps(prep), "--repeat", str(repeat)],
-                       env)
-            times[e] += r["times_ms"]
-            rounds_ms[e].append(_percentile(r["times_ms"], 50))
-            rss[e] = max(rss[e], r["peak_rss_bytes"])
-            before, after = r["steal_ticks"]
-            if before is not None and after is not None:
-                steal[e] = [steal[e][0] + after[0] - before[0], steal[e][1] + after[1] - before[1]]
-    return {**prep, "repeat": repeat, "rounds": rounds, "mode": "separate processes, defaults",
+    spawn = lambda e: Engine(e, __file__, ["--serve", e, "--prep", json.dumps(prep)], env)  # noqa: E731
+    p = paired_rounds(spawn, engines, rounds, repeat, block)
+    return {**prep, "repeat": repeat, "rounds": rounds,
+            "mode": f"separate processes at their defaults, taking turns in blocks of {block}",
             "latency_ms": {e: {"median": _percentile(t, 50), "p90": _percentile(t, 90)}
-                           for e, t in times.items()},
-            "round_medians_ms": rounds_ms,
-            "steal_by_engine": {e: (s / t if t else None) for e, (s, t) in steal.items()},
-            "peak_rss_by_engine": rss, "peak_rss_bytes": rss["npucc"]}
-
-
-# -- the report (parent process) -------------------------------------------------------
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _round_lines(r: dict[str, Any]) -> list[str]:
-    """Each round's median per engine, and the CPU time the hypervisor stole while each engine
-    was timed (separate-process mode): a round far from the others is the host, not a
-    runtime, when its steal share is high."""
-    if "round_medians_ms" not in r:
-        return []
-    per = "; ".join(f"{e} " + " / ".join(f"{m:.2f}" for m in ms)
-                    for e, ms in r["round_medians_ms"].items())
-    st = ", ".join(f"{e} {v * 100:.1f}%" for e, v in r["steal_by_engine"].items()
-                   if v is not None)
-    return [f"   round medians ms: {per}"] + ([f"   CPU stolen by the host while timing: {st}"]
-                                             if st else [])
-
-
-def report(r: dict[str, Any]) -> str:
-    lat = r["latency_ms"]
-    lines = [f"== {r['model']}: {r['desc']}", f"   mode: {r.get('mode', 'same process')}"]
-    rss = r.get("peak_rss_by_engine", {})
-    lines.append(f"   {'runtime':<12} {'median ms':>10} {'p90 ms':>10} {'peak RSS':>10}")
-    for k, v in lat.items():
-        mem = _mib(rss[k]) if k in rss else ""
-        lines.append(f"   {k:<12} {v['median']:>10.2f} {v['p90']:>10.2f} {mem:>10}")
-    if "torch" not in lat:
-        lines.append(f"   {'torch':<12} {'skipped':>10}")
-    ratio = lat["npucc"]["median"] / lat["onnxruntime"]["median"]
-    vs_torch = (f", ours / torch: {lat['npucc']['median'] / lat['torch']['median']:.2f}x"
-                if "torch" in lat else "")
-    reps = (f"{r['rounds']} rounds x {r['repeat']} calls per engine" if "rounds" in r
-            else f"{r['repeat']} interleaved repetitions")
-    ph = ", ".join(f"{k} {v:.1f}s" for k, v in r["compile_phases"].items())
-    lines += [
-        f"   ours / onnxruntime: {ratio:.2f}x{vs_torch}   (max rel diff of outputs "
-        f"{r['max_rel_diff_vs_ort']:.1e}, {reps})",
-        *_round_lines(r),
-        f"   compile {r['compile_s']:.1f} s ({ph})",
-        f"   arena {_mib(r['arena_bytes'])} vs lower bound {_mib(r['lower_bound_bytes'])} "
-        f"({r['arena_bytes'] / r['lower_bound_bytes']:.3f}x; naive {_mib(r['naive_bytes'])}), "
-        f"weights {_mib(r['weight_bytes'])}, peak RSS {_mib(r['peak_rss_bytes'])}",
-        f"   top 5 kernels (of {r['steps']} steps, kernels {r['profile_kernel_ms']:.2f} ms, "
-        f"run {r['profile_total_ms']:.2f} ms):",
-    ]
-    lines += [f"     {k['ms']:>8.3f} ms  {k['op']:<16} {k['node'][:28]:<28} {k['kernel']}"
-              for k in r["top_kernels"]]
-    return "\n".join(lines)
-
-
-def summary(results: list[dict[str, Any]]) -> str:
-    head = (f"{'model':<13} {'npucc':>9} {'ort':>9} {'torch':>9} {'ours/ort':>9} "
-            f"{'ours/torch':>10} "
-            f"{'compile s':>10} {'arena/lb':>9} {'peak RSS':>10}")
-    rows = [head, "-" * len(head)]
-    for r in results:
-        lat = r["latency_ms"]
-        t = f"{lat['torch']['median']:>9.2f}" if "torch" in lat else f"{'-':>9}"
-        vt = (f"{lat['npucc']['median'] / lat['torch']['median']:>9.2f}x" if "torch" in lat
-              else f"{'-':>10}")
-        rows.append(
-            f"{r['model']:<13} {lat['npucc']['median']:>9.2f} {lat['onnxruntime']['median']:>9.2f}"
-            f" {t} {lat['npucc']['median'] / lat['onnxruntime']['median']:>8.2f}x {vt} "
-            f"{r['compile_s']:>10.1f} {r['arena_bytes'] / r['lower_bound_bytes']:>9.3f} "
-            f"{_mib(r['peak_rss_bytes']):>10}")
-    mode = results[0].get("mode", "same process, 2 threads each, no spinning")
-    rows.append(f"(median latency in ms, batch 1; {mode})")
-    return "\n".join(rows)
+                           for e, t in p["times_ms"].items()},
+            "paired": {e: {"median": _percentile(r, 50), "p10": _percentile(r, 10),
+                           "p90": _percentile(r, 90), "turns": len(r)}
+                       for e, r in p["turn_ratios"].items()},
+            "round_medians_ms": p["round_medians_ms"], "steal_by_engine": p["steal_by_engine"],
+            "peak_rss_by_engine": p["peak_rss_by_engine"],
+            "peak_rss_bytes": p["peak_rss_by_engine"]["npucc"]}
 
 
 def selected_models(ap: argparse.ArgumentParser, text: str) -> list[str]:
@@ -426,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                          "to measure one pass's effect); printed with the results")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)      # same-process child
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # separate: build
-    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)   # separate: time one
+    ap.add_argument("--block", type=int, default=5,
+                    help="calls per turn: the engines' live processes take turns in blocks "
+                         "of this many calls (bench/paired.py)")
+    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)   # one-shot timing
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)    # a paired engine
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -436,11 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         print("RESULT " + json.dumps(prepare(args.prepare, args.pipeline)), flush=True)
         return 0
+    if args.serve:
+        from bench.paired import serve
+
+        serve(engine_call(json.loads(args.prep), args.serve))
+        return 0
     if args.engine:
         res = time_engine(json.loads(args.prep), args.engine, args.repeat)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     from bench.common import cpu_header
+    from bench.models_report import report, summary
 
     print(cpu_header(), flush=True)
     if args.pipeline:
@@ -462,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "--gap-ms", str(args.gap_ms)]
                                       + (["--spin"] if args.spin else []), env))
             else:
-                results.append(separate(name, args.rounds, args.repeat, env, args.pipeline))
+                results.append(separate(name, args.rounds, args.repeat, env, args.pipeline,
+                                        args.block))
         except RuntimeError as e:
             print(f"== {name}: FAILED\n{e}", flush=True)
             continue
