@@ -310,20 +310,23 @@ def separate(name: str, rounds: int, repeat: int, env: dict[str, str],
              pipeline: str | None = None, block: int = 5) -> dict[str, Any]:
     """Parent: prepare once, then ``rounds`` rounds of one live process per engine, taking
     turns in blocks of ``block`` calls (bench.paired)."""
-    from bench.paired import Engine, paired_rounds
+    from bench.paired import Engine, paired_rounds, turn_ratios
 
     prep = _child(["--prepare", name] + (["--pipeline", pipeline] if pipeline else []), env)
     engines = [e for e in ENGINES if e != "torch" or prep["torch"]]
     spawn = lambda e: Engine(e, __file__, ["--serve", e, "--prep", json.dumps(prep)], env)  # noqa: E731
     p = paired_rounds(spawn, engines, rounds, repeat, block)
+    times = {e: by[""] for e, by in p["times_ms"].items()}
+    paired = {e: turn_ratios(p["turns"], ("npucc", ""), (e, "")) for e in engines[1:]}
     return {**prep, "repeat": repeat, "rounds": rounds,
             "mode": f"separate processes at their defaults, taking turns in blocks of {block}",
             "latency_ms": {e: {"median": _percentile(t, 50), "p90": _percentile(t, 90)}
-                           for e, t in p["times_ms"].items()},
+                           for e, t in times.items()},
             "paired": {e: {"median": _percentile(r, 50), "p10": _percentile(r, 10),
                            "p90": _percentile(r, 90), "turns": len(r)}
-                       for e, r in p["turn_ratios"].items()},
-            "round_medians_ms": p["round_medians_ms"], "steal_by_engine": p["steal_by_engine"],
+                       for e, r in paired.items()},
+            "round_medians_ms": {e: by[""] for e, by in p["round_medians_ms"].items()},
+            "steal_by_engine": p["steal_by_engine"],
             "peak_rss_by_engine": p["peak_rss_by_engine"],
             "peak_rss_bytes": p["peak_rss_by_engine"]["npucc"]}
 

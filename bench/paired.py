@@ -11,11 +11,13 @@ of the same turn, which ran within ~100 ms of it: the **paired ratio** is the me
 per-turn ratios, and drift between turns cancels out of it.
 
 Child side: :func:`serve` (warm up, answer ``run N`` with the N call times). Parent side:
-:func:`paired_rounds` with a ``spawn(engine) -> Engine``.
+:func:`paired_rounds` with a ``spawn(engine) -> Engine`` (and optional conditions such as
+a burner process taking a core, each turn running every condition), :func:`turn_ratios`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,11 +26,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import numpy as np
 
-__all__ = ["serve", "Engine", "paired_rounds"]
+__all__ = ["serve", "Engine", "paired_rounds", "turn_ratios"]
 
 _READY = "READY"
 _TIMES = "TIMES "
@@ -117,46 +120,60 @@ class Engine:
 
 
 def paired_rounds(spawn: Callable[[str], Engine], engines: Sequence[str], rounds: int,
-                  repeat: int, block: int = 5) -> dict[str, Any]:
+                  repeat: int, block: int = 5,
+                  conditions: dict[str, Callable[[], ContextManager]] | None = None
+                  ) -> dict[str, Any]:
     """``rounds`` rounds of fresh processes (``spawn(engine)``), each timing ``repeat`` calls
-    per engine in turns of ``block`` calls (the first engine of a turn rotates). Returns
-    every call's time, each round's median, per-turn ratios of each engine to the first,
-    the stolen CPU share while each engine was timed, and each engine's peak RSS."""
+    per engine and condition in turns of ``block`` calls. A turn runs every condition in
+    order (``conditions``: name -> context manager factory, e.g. a burner process; default
+    one plain condition ``""``), and within it every engine, the first engine rotating from
+    turn to turn. Returns ``times_ms[engine][condition]`` (every call),
+    ``round_medians_ms[engine][condition]``, ``turns`` (per turn,
+    ``[engine][condition]`` -> that block's median; see :func:`turn_ratios`), the stolen CPU
+    share while each engine was timed, and each engine's peak RSS."""
     engines = list(engines)
-    times: dict[str, list[float]] = {e: [] for e in engines}
-    rounds_ms: dict[str, list[float]] = {e: [] for e in engines}
-    turn_ratios: dict[str, list[float]] = {e: [] for e in engines[1:]}
+    conditions = conditions or {"": contextlib.nullcontext}
+    times = {e: {c: [] for c in conditions} for e in engines}
+    rounds_ms = {e: {c: [] for c in conditions} for e in engines}
+    turns: list[dict[str, dict[str, float]]] = []
     steal = {e: [0, 0] for e in engines}
     rss = {e: 0 for e in engines}
-    turns = -(-repeat // block)
     for _ in range(rounds):
         live: dict[str, Engine] = {}
         try:
             for e in engines:
                 live[e] = spawn(e)
                 live[e].pause()
-            per_round: dict[str, list[float]] = {e: [] for e in engines}
-            for t in range(turns):
+            per_round = {e: {c: [] for c in conditions} for e in engines}
+            for t in range(-(-repeat // block)):
                 n = min(block, repeat - t * block)
-                medians = {}
-                for e in engines[t % len(engines):] + engines[:t % len(engines)]:
-                    r = live[e].run(n)
-                    live[e].pause()
-                    per_round[e] += r["times_ms"]
-                    medians[e] = float(np.median(r["times_ms"]))
-                    before, after = r["steal_ticks"]
-                    if before is not None and after is not None:
-                        steal[e] = [steal[e][0] + after[0] - before[0],
-                                    steal[e][1] + after[1] - before[1]]
-                for e in engines[1:]:
-                    turn_ratios[e].append(medians[engines[0]] / medians[e])
+                medians: dict[str, dict[str, float]] = {e: {} for e in engines}
+                for c, context in conditions.items():
+                    with context():
+                        for e in engines[t % len(engines):] + engines[:t % len(engines)]:
+                            r = live[e].run(n)
+                            live[e].pause()
+                            per_round[e][c] += r["times_ms"]
+                            medians[e][c] = float(np.median(r["times_ms"]))
+                            before, after = r["steal_ticks"]
+                            if before is not None and after is not None:
+                                steal[e] = [steal[e][0] + after[0] - before[0],
+                                            steal[e][1] + after[1] - before[1]]
+                turns.append(medians)
             for e in engines:
-                times[e] += per_round[e]
-                rounds_ms[e].append(float(np.median(per_round[e])))
+                for c in conditions:
+                    times[e][c] += per_round[e][c]
+                    rounds_ms[e][c].append(float(np.median(per_round[e][c])))
                 rss[e] = max(rss[e], live.pop(e).close())
         finally:
             for p in live.values():
                 p.kill()
-    return {"times_ms": times, "round_medians_ms": rounds_ms, "turn_ratios": turn_ratios,
+    return {"times_ms": times, "round_medians_ms": rounds_ms, "turns": turns,
             "steal_by_engine": {e: (s / tot if tot else None) for e, (s, tot) in steal.items()},
             "peak_rss_by_engine": rss, "block": block}
+
+
+def turn_ratios(turns: list[dict[str, dict[str, float]]], num: tuple[str, str],
+                den: tuple[str, str]) -> list[float]:
+    """Per turn, the block median of ``num`` = (engine, condition) over that of ``den``."""
+    return [t[num[0]][num[1]] / t[den[0]][den[1]] for t in turns]
