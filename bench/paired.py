@@ -89,6 +89,10 @@ class Engine:
         self._proc.stdin.flush()
         return json.loads(self._expect(_TIMES))
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def pause(self) -> None:
         """Stop the whole process (every thread) until :meth:`resume`."""
         self._proc.send_signal(signal.SIGSTOP)
