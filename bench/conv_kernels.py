@@ -1,11 +1,14 @@
 """Conv kernels vs onnxruntime and torch, side by side in one run (2 threads each).
 
 Shapes: every conv of ResNet-50 (the light_resnet50 ONNX test model, batch 1, 224x224; count =
-how often the shape occurs) and every conv of MobileNetV2 (1x1 and stem, then depthwise). Our kernels run NHWC with
-compile-time packed weights, bias and a fused activation, which is what the graph passes
-deliver; onnxruntime runs a one-node Conv(+Relu) NCHW model, torch ``conv2d`` + ``relu``.
+how often the shape occurs), every conv of MobileNetV2 (1x1 and stem, then depthwise) and every
+depthwise conv of EfficientNet-B0 (3x3 and 5x5, SiLU). Our kernels run NHWC with compile-time
+packed weights, bias and a fused activation, which is what the graph passes deliver, from a
+library loaded as packages load theirs (``runtime.pool.load_library``: npucc's launcher);
+onnxruntime runs a Conv + activation NCHW model (Relu, Clip, or x * Sigmoid(x), which it fuses
+to QuickGelu), torch ``conv2d`` + the activation.
 
-    python bench/conv_kernels.py [--cpu x86-64-v3] [--only resnet|mobilenet]
+    python bench/conv_kernels.py [--cpu x86-64-v3] [--only resnet|mobilenet|efficientnet]
                                  [--threads 2] [--rounds 30] [--no-torch]
 
 Every number is the best batch over ``--rounds`` rounds in which the three frameworks take
@@ -56,6 +59,13 @@ MOBILENET_PW = [
     (1, 960, 7, 320, 1, 1, 0), (1, 320, 7, 1280, 1, 1, 0),
 ]
 
+# (count, C, H, K, stride) — EfficientNet-B0 depthwise convs, pad K // 2, SiLU
+EFFICIENTNET_DW = [
+    (1, 32, 112, 3, 1), (1, 96, 112, 3, 2), (1, 144, 56, 3, 1), (1, 144, 56, 5, 2),
+    (1, 240, 28, 5, 1), (1, 240, 28, 3, 2), (2, 480, 14, 3, 1), (1, 480, 14, 5, 1),
+    (2, 672, 14, 5, 1), (1, 672, 14, 5, 2), (3, 1152, 7, 5, 1), (1, 1152, 7, 3, 1),
+]
+
 
 def _resnet_shapes():
     for cnt, ic, h, oc, k, s, p in RESNET50:
@@ -67,6 +77,18 @@ def _mobilenet_shapes():
         yield ("mobilenet", f"{k}x{k}/{s} {ic}->{oc} @{h}", cnt, ic, h, oc, k, s, p, 1)
     for cnt, c, h, s in MOBILENET_DW:
         yield ("mobilenet", f"dw3x3/{s} {c} @{h}", cnt, c, h, c, 3, s, 1, c)
+
+
+def _efficientnet_shapes():
+    for cnt, c, h, k, s in EFFICIENTNET_DW:
+        yield ("efficientnet", f"dw{k}x{k}/{s} {c} @{h}", cnt, c, h, c, k, s, k // 2, c)
+
+
+def _activation(model: str, groups: int) -> str:
+    """The activation fused after each conv of the bench: the models' own."""
+    if model == "efficientnet":
+        return "silu"
+    return "relu6" if groups > 1 else "relu"
 
 
 def _batch(fn, seconds: float = 0.003) -> tuple[int, float]:
@@ -96,24 +118,26 @@ def measure(fns: list[list], rounds: int) -> list[list[float]]:
 
 def prepare_tvm(shapes, cpu_name: str | None) -> list[tuple]:
     import dataclasses
+    import tempfile
 
     import tvm
 
     from compiler.ir.types import TensorType
+    from runtime.pool import load_library
     from targets.kernels.base import KernelRequest, get_kernel_builder
-    from targets.tvm_codegen import host_cpu
+    from targets.tvm_codegen import export_with_launcher, host_cpu
 
     base = host_cpu(cpu_name)   # detected, or the named level
     cpu = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": THREADS},
                               num_cores=THREADS)
     rng = np.random.default_rng(0)
     funcs, calls = {}, []
-    for i, (_, _, _, ic, h, oc, k, s, p, g) in enumerate(shapes):
+    for i, (model, _, _, ic, h, oc, k, s, p, g) in enumerate(shapes):
         x = rng.standard_normal((1, h, h, ic)).astype(np.float32)
         w = rng.standard_normal((oc, k, k, ic // g)).astype(np.float32) * 0.05
         b = rng.standard_normal(oc).astype(np.float32)
         oh = (h + 2 * p - k) // s + 1
-        act = "relu6" if g > 1 else "relu"
+        act = _activation(model, g)
         req = KernelRequest("conv2d", {"strides": [s, s], "pads": [p] * 4, "dilations": [1, 1],
                                        "groups": g, "layout": "NHWC", "kernel_layout": "OHWI",
                                        "activation": act, "clip_min": 0.0, "clip_max": 6.0},
@@ -127,8 +151,11 @@ def prepare_tvm(shapes, cpu_name: str | None) -> list[tuple]:
         calls.append((args, impl.note))
     t0 = time.perf_counter()
     ex = tvm.compile(tvm.IRModule(funcs), tvm.target.Target(cpu.tvm_target))
+    with tempfile.TemporaryDirectory(prefix="conv-kernels-") as tmp:
+        export_with_launcher(ex, f"{tmp}/k.so")
+        lib = load_library(tvm, f"{tmp}/k.so")
     print(f"built {len(funcs)} kernels in {time.perf_counter() - t0:.1f} s", flush=True)
-    return [(lambda f=ex[f"k{i}"], args=args: f(*args), note)
+    return [(lambda f=lib[f"k{i}"], args=args: f(*args), note)
             for i, (args, note) in enumerate(calls)]
 
 
@@ -138,19 +165,25 @@ def prepare_ort(shapes) -> list:
 
     rng = np.random.default_rng(0)
     res = []
-    for _, _, _, ic, h, oc, k, s, p, g in shapes:
+    for model, _, _, ic, h, oc, k, s, p, g in shapes:
         w = (rng.standard_normal((oc, ic // g, k, k)) * 0.05).astype(np.float32)
         b = rng.standard_normal(oc).astype(np.float32)
         conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[s, s], pads=[p] * 4,
                                 group=g, kernel_shape=[k, k])
-        relu = (helper.make_node("Clip", ["c", "lo", "hi"], ["y"]) if g > 1
-                else helper.make_node("Relu", ["c"], ["y"]))
+        act = _activation(model, g)
+        if act == "silu":
+            tail = [helper.make_node("Sigmoid", ["c"], ["sg"]),
+                    helper.make_node("Mul", ["c", "sg"], ["y"])]
+        elif act == "relu6":
+            tail = [helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+        else:
+            tail = [helper.make_node("Relu", ["c"], ["y"])]
         inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
-        if g > 1:
+        if act == "relu6":
             inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
                       numpy_helper.from_array(np.array(6, np.float32), "hi")]
         graph = helper.make_graph(
-            [conv, relu], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+            [conv, *tail], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                               [1, ic, h, h])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -171,11 +204,14 @@ def prepare_torch(shapes) -> list:
     torch.set_num_threads(THREADS)
     torch.set_grad_enabled(False)
     res = []
-    for _, _, _, ic, h, oc, k, s, p, g in shapes:
+    for model, _, _, ic, h, oc, k, s, p, g in shapes:
         x = torch.randn(1, ic, h, h)
         w = torch.randn(oc, ic // g, k, k) * 0.05
         b = torch.randn(oc)
-        if g > 1:
+        if _activation(model, g) == "silu":
+            def fn(x=x, w=w, b=b, s=s, p=p, g=g):
+                return torch.nn.functional.silu(torch.nn.functional.conv2d(x, w, b, s, p, 1, g))
+        elif g > 1:
             def fn(x=x, w=w, b=b, s=s, p=p, g=g):
                 return torch.nn.functional.conv2d(x, w, b, s, p, 1, g).clamp_(0, 6)
         else:
@@ -189,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", default=None,
                     help="a CPU level for our kernels (default: the detected CPU)")
-    ap.add_argument("--only", choices=["resnet", "mobilenet"])
+    ap.add_argument("--only", choices=["resnet", "mobilenet", "efficientnet"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
@@ -197,11 +233,9 @@ def main() -> None:
     global THREADS
     THREADS = args.threads
     os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(THREADS)
-    shapes = []
-    if args.only != "mobilenet":
-        shapes += list(_resnet_shapes())
-    if args.only != "resnet":
-        shapes += list(_mobilenet_shapes())
+    sets = {"resnet": _resnet_shapes, "mobilenet": _mobilenet_shapes,
+            "efficientnet": _efficientnet_shapes}
+    shapes = [sh for name, make in sets.items() if args.only in (None, name) for sh in make()]
     tv = prepare_tvm(shapes, args.cpu)
     fns = [[f] for f, _ in tv]
     for row, f in zip(fns, prepare_ort(shapes), strict=True):
