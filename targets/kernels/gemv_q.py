@@ -22,7 +22,8 @@ import numpy as np
 
 from targets.kernels.base import KernelImpl, KernelRequest
 
-__all__ = ["dense_wq_gemv", "dense_wq_lowbit", "dense_wq_gemv_x8", "has_dot_gemv", "group_sums_macro"]
+__all__ = ["dense_wq_gemv", "dense_wq_lowbit", "dense_wq_gemv_x8", "has_dot_gemv", "group_sums_macro",
+           "store_panel_macro"]
 
 
 def group_sums_macro(groups: int, g: int):
@@ -37,6 +38,20 @@ def group_sums_macro(groups: int, g: int):
                 xs[gi] = xs[gi] + src[gi * g + kk]
 
     return group_sums
+
+
+def store_panel_macro(nb: int, n: int):
+    """TIR macro ``store(of, acc, b, p)``: panel ``p``'s ``nb`` sums plus bias into the
+    output, the last panel's columns past ``n`` left out."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def store(of, acc, b, p):
+        for j in range(nb):
+            if p * nb + j < n:
+                of[p * nb + j] = acc[j] + b[p * nb + j]
+
+    return store
 
 
 def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
@@ -59,6 +74,20 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
     if act8 and has_dot_gemv(req.cpu, nb, k, g):
         return dense_wq_gemv_x8(req, nb, transforms)
     group_sums = group_sums_macro(groups, g)
+
+    @T.macro
+    def int4_part(part, xf, w, p, gi):
+        """part[j] = the group's raw codes of panel column j dotted with x (u = q + 8)."""
+        for j in T.vectorized(nb):
+            part[j] = T.float32(0)
+        for kb in range(g // 2):
+            for j in T.vectorized(nb):
+                part[j] = part[j] \
+                    + xf[gi * g + kb * 2] * T.Cast(
+                        "float32", T.bitwise_and(w[p, gi * (g // 2) + kb, j], T.uint8(15))) \
+                    + xf[gi * g + kb * 2 + 1] * T.Cast(
+                        "float32", T.shift_right(w[p, gi * (g // 2) + kb, j], T.uint8(4)))
+    store = store_panel_macro(nb, n)
 
     @T.macro
     def stage_input(xin, xf):
@@ -94,23 +123,11 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
             for j in T.vectorized(nb):
                 acc[j] = T.float32(0)
             for gi in range(groups):
-                for j in T.vectorized(nb):
-                    part[j] = T.float32(0)
-                for kb in range(g // 2):
-                    for j in T.vectorized(nb):
-                        part[j] = part[j] \
-                            + xf[gi * g + kb * 2] * T.Cast(
-                                "float32", T.bitwise_and(w[p, gi * (g // 2) + kb, j],
-                                                         T.uint8(15))) \
-                            + xf[gi * g + kb * 2 + 1] * T.Cast(
-                                "float32", T.shift_right(w[p, gi * (g // 2) + kb, j],
-                                                         T.uint8(4)))
+                int4_part(part, xf, w, p, gi)
                 for j in T.vectorized(nb):
                     acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) \
                         * (part[j] - T.float32(zero) * xs[gi])
-            for j in range(nb):
-                if p * nb + j < n:
-                    of[p * nb + j] = acc[j] + b[p * nb + j]
+            store(of, acc, b, p)
 
     @T.prim_func
     def gemv4a(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, kw, nb), wdt),
@@ -131,23 +148,11 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
             for j in T.vectorized(nb):
                 acc[j] = T.float32(0)
             for gi in range(groups):
-                for j in T.vectorized(nb):
-                    part[j] = T.float32(0)
-                for kb in range(g // 2):
-                    for j in T.vectorized(nb):
-                        part[j] = part[j] \
-                            + xf[gi * g + kb * 2] * T.Cast(
-                                "float32", T.bitwise_and(w[p, gi * (g // 2) + kb, j],
-                                                         T.uint8(15))) \
-                            + xf[gi * g + kb * 2 + 1] * T.Cast(
-                                "float32", T.shift_right(w[p, gi * (g // 2) + kb, j],
-                                                         T.uint8(4)))
+                int4_part(part, xf, w, p, gi)
                 for j in T.vectorized(nb):
                     acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) \
                         * (part[j] - T.float32(8) * xs[gi]) + c[p, gi, j] * xo[gi]
-            for j in range(nb):
-                if p * nb + j < n:
-                    of[p * nb + j] = acc[j] + b[p * nb + j]
+            store(of, acc, b, p)
 
     @T.prim_func
     def gemv8(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, kw, nb), wdt),
@@ -169,9 +174,7 @@ def dense_wq_gemv(req: KernelRequest, nb: int, transforms: dict) -> KernelImpl:
                             * T.Cast("float32", w[p, gi * g + kk, j])
                 for j in T.vectorized(nb):
                     acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * part[j]
-            for j in range(nb):
-                if p * nb + j < n:
-                    of[p * nb + j] = acc[j] + b[p * nb + j]
+            store(of, acc, b, p)
 
     asym = bool(req.attrs.get("asym", False))
     func = gemv4a if asym else gemv4 if bits == 4 else gemv8
@@ -300,6 +303,7 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
     perms = [[32 * (q % 4) + c0 + q // 4 for q in range(64)] for c0 in (0, half)]
     vdot = "llvm.x86.avx512.vpdpbusd.512"
     group_sums = group_sums_macro(groups, g)
+    store = store_panel_macro(nb, n)
 
     @T.macro
     def quantize_x(xf, x8, xq, dx, sx):
@@ -385,9 +389,7 @@ def dense_wq_gemv_x8(req: KernelRequest, nb: int, transforms: dict) -> KernelImp
                 else:
                     for j in T.vectorized(nb):
                         acc[j] = acc[j] + T.Cast("float32", s[p, gi, j]) * gs[j]
-            for j in range(nb):
-                if p * nb + j < n:
-                    of[p * nb + j] = acc[j] + b[p * nb + j]
+            store(of, acc, b, p)
 
     @T.prim_func
     def gemv_x8(x: T.Buffer(xshape, "float32"), w: T.Buffer((panels, k // 2, nb), "uint8"),
