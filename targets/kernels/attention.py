@@ -34,24 +34,34 @@ import math
 from targets.kernels._te import fast_exp
 from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["query_blocks"]
+__all__ = ["parallel_iterations", "value_chunk"]
 
 ROWS = 4    # query rows per register tile
+HALF = ROWS // 2
 
 
-def query_blocks(batch_heads: int, rows: int, cores: int) -> int:
-    """Query blocks per head: the smallest count giving a multiple of ``cores`` iterations and
-    at least ``8 * cores`` of them (or one block per tile of rows, if fewer)."""
-    tiles = -(-rows // ROWS)
-    for nb in range(1, tiles + 1):
-        it = batch_heads * nb
-        if it % max(cores, 1) == 0 and it >= 8 * cores:
-            return nb
-    return min(tiles, max(1, -(-8 * cores // batch_heads)))
+def parallel_iterations(tiles: int, cores: int) -> int:
+    """Iterations of the parallel tile loop: ``8 x cores`` (the launcher's chunks per thread
+    times the threads, so each chunk is one iteration), or one per tile if there are fewer.
+    Iteration ``i`` takes tiles ``i, i + its, i + 2 its, ...`` of the flattened (batch, head,
+    row tile) list: the counts differ by at most one, and a causal head's short early tiles and
+    long late ones are dealt round-robin rather than in blocks."""
+    return max(1, min(tiles, 8 * max(cores, 1)))
+
+
+def value_chunk(d: int, lanes: int) -> int:
+    """Columns of ``P @ V`` accumulated at once: ``ROWS x chunk`` outputs held in registers
+    (16 vectors for a 64-wide head on AVX-512). Each half of the tile (``HALF x chunk`` floats)
+    must stay under TVM's 1024-byte stack-allocation limit, else TVM serves it from its
+    workspace pool and LLVM, unable to prove it does not alias the inputs, stores the
+    accumulators to memory after every FMA."""
+    chunk = 4 * lanes
+    return chunk if d % chunk == 0 and d > chunk else d
 
 
 @register_kernel("attention")
 def attention(req: KernelRequest) -> KernelImpl:
+    from tvm import tirx
     from tvm.script import tirx as T
 
     a = req.attrs
@@ -67,30 +77,51 @@ def attention(req: KernelRequest) -> KernelImpl:
     mb, mh, ms = (int(x > 1) for x in mshape[:3])
     lanes = req.cpu.lanes("f32")
     skp = -(-sk // lanes) * lanes
-    nb = query_blocks(bsz * h, s, max(1, req.cpu.num_cores))
-    qb = -(-math.ceil(s / nb) // ROWS) * ROWS       # rows per block, whole tiles
-    tiles = qb // ROWS
-    its = bsz * h * nb
+    kblocks = skp // lanes
+    tiles = -(-s // ROWS)                       # row tiles per head
+    total = bsz * h * tiles
+    its = parallel_iterations(total, req.cpu.num_cores)
+    per = -(-total // its)
+    dc = value_chunk(d, lanes)
     # query i sees keys 0..i + cshift (causal), or all of them
     cshift = sk - s if causal else sk
     neg = -math.inf
 
-    @T.macro
-    def score(sc, acc, mask, b, hh, i0, r, j, ln):
-        if has_mask:
-            sc[r, j] = T.Select(
-                j <= T.min(sk - 1, i0 + r + cshift), acc[r, ln] * T.float32(scale)
-                + mask[b * mb, hh * mh, T.min(i0 + r, s - 1) * ms, T.min(j, sk - 1)],
-                T.float32(neg))
-        else:
-            sc[r, j] = T.Select(j <= T.min(sk - 1, i0 + r + cshift),
-                                      acc[r, ln] * T.float32(scale), T.float32(neg))
+    # a tile's coordinates from its flat index g (inlined expressions, never variables: TVM
+    # 0.27 keeps an assigned scalar of a parallel body in a workspace buffer)
+    def bat(g):
+        return g // (h * tiles)
+
+    def head(g):
+        return g // tiles % h
+
+    def row0(g):
+        return g % tiles * ROWS
+
+    def nblk(g):
+        # causal: key blocks past the tile's last visible key are neither scored nor read
+        return tirx.min(kblocks, (row0(g) + ROWS + cshift + lanes - 1) // lanes)
+
+    def nkeys(g):
+        return tirx.min(sk, row0(g) + ROWS + cshift)
 
     @T.macro
-    def softmax_row(sc, acc, mx, tot, r, nblk):
+    def score(sc, acc, mask, g, r, j, ln):
+        if has_mask:
+            sc[r, j] = T.Select(
+                j <= T.min(sk - 1, row0(g) + r + cshift), acc[r, ln] * T.float32(scale)
+                + mask[bat(g) * mb, head(g) * mh, T.min(row0(g) + r, s - 1) * ms,
+                       T.min(j, sk - 1)],
+                T.float32(neg))
+        else:
+            sc[r, j] = T.Select(j <= T.min(sk - 1, row0(g) + r + cshift),
+                                acc[r, ln] * T.float32(scale), T.float32(neg))
+
+    @T.macro
+    def softmax_row(sc, acc, mx, tot, r, nb):
         for ln in T.vectorized(lanes):
             acc[r, ln] = T.float32(neg)
-        for jb in range(nblk):
+        for jb in range(nb):
             for ln in T.vectorized(lanes):
                 acc[r, ln] = T.max(acc[r, ln], sc[r, jb * lanes + ln])
         mx[r] = T.float32(neg)
@@ -100,7 +131,7 @@ def attention(req: KernelRequest) -> KernelImpl:
         mx[r] = T.Select(mx[r] == T.float32(neg), T.float32(0), mx[r])
         for ln in T.vectorized(lanes):
             acc[r, ln] = T.float32(0)
-        for jb in range(nblk):
+        for jb in range(nb):
             for ln in T.vectorized(lanes):
                 sc[r, jb * lanes + ln] = fast_exp(sc[r, jb * lanes + ln] - mx[r])
                 acc[r, ln] = acc[r, ln] + sc[r, jb * lanes + ln]
@@ -109,51 +140,66 @@ def attention(req: KernelRequest) -> KernelImpl:
             tot[r] = tot[r] + acc[r, ln]
 
     @T.macro
+    def scores(q, kt, mask, sc, acc, g):
+        for jb in range(nblk(g)):
+            for r, ln in T.grid(ROWS, lanes):
+                acc[r, ln] = T.float32(0)
+            for dd in range(d):
+                for r in T.unroll(ROWS):
+                    for ln in T.vectorized(lanes):
+                        acc[r, ln] = acc[r, ln] + q[
+                            bat(g), T.min(row0(g) + r, s - 1), oq + head(g) * d + dd
+                        ] * kt[bat(g) * h + head(g), dd, jb * lanes + ln]
+            for r in T.unroll(ROWS):
+                for ln in T.vectorized(lanes):
+                    score(sc, acc, mask, g, r, jb * lanes + ln, ln)
+
+    @T.macro
+    def weighted_values(v, out, sc, tot, oa, ob, g):
+        # rows 0..HALF-1 accumulate in oa, the others in ob (two buffers under the limit)
+        for c in range(d // dc):
+            for r, dd in T.grid(HALF, dc):
+                oa[r, dd] = T.float32(0)
+                ob[r, dd] = T.float32(0)
+            for j in range(nkeys(g)):
+                for r in T.unroll(HALF):
+                    for dd in T.vectorized(dc):
+                        oa[r, dd] = oa[r, dd] + sc[r, j] * v[
+                            bat(g), j, ov + head(g) * d + c * dc + dd]
+                        ob[r, dd] = ob[r, dd] + sc[r + HALF, j] * v[
+                            bat(g), j, ov + head(g) * d + c * dc + dd]
+            for r in range(HALF):
+                if row0(g) + r < s:
+                    for dd in T.vectorized(dc):
+                        out[bat(g), row0(g) + r, head(g) * d + c * dc + dd] = oa[r, dd] * (
+                            T.float32(1) / tot[r])
+                if row0(g) + r + HALF < s:
+                    for dd in T.vectorized(dc):
+                        out[bat(g), row0(g) + r + HALF, head(g) * d + c * dc + dd] = ob[
+                            r, dd] * (T.float32(1) / tot[r + HALF])
+
+    @T.macro
     def head_block(q, k, v, mask, out):
         kt = T.alloc_buffer((bsz * h, d, skp), "float32")
-        for bh in T.parallel(bsz * h):
-            for j, dd in T.grid(skp, d):
-                kt[bh, dd, j] = T.Select(
-                    j < sk, k[bh // h, T.min(j, sk - 1), ok + bh % h * d + dd], T.float32(0))
+        for x in T.parallel(bsz * h * kblocks):
+            for j, dd in T.grid(lanes, d):
+                kt[x // kblocks, dd, x % kblocks * lanes + j] = T.Select(
+                    x % kblocks * lanes + j < sk,
+                    k[x // kblocks // h, T.min(x % kblocks * lanes + j, sk - 1),
+                      ok + x // kblocks % h * d + dd], T.float32(0))
         for it in T.parallel(its):
             sc = T.alloc_buffer((ROWS, skp), "float32")
             acc = T.alloc_buffer((ROWS, lanes), "float32")
-            oacc = T.alloc_buffer((ROWS, d), "float32")
+            oa = T.alloc_buffer((HALF, dc), "float32")
+            ob = T.alloc_buffer((HALF, dc), "float32")
             mx = T.alloc_buffer((ROWS,), "float32")
             tot = T.alloc_buffer((ROWS,), "float32")
-            b = it // (h * nb)
-            hh = it // nb % h
-            for t in range(tiles):
-                i0 = it % nb * qb + t * ROWS
-                if i0 < s:
-                    # causal: key blocks past the tile's last visible key are neither scored
-                    # nor read (for other kernels this is all skp // lanes blocks)
-                    nblk = T.min(skp // lanes, (i0 + ROWS + cshift + lanes - 1) // lanes)
-                    for jb in range(nblk):
-                        for r, ln in T.grid(ROWS, lanes):
-                            acc[r, ln] = T.float32(0)
-                        for dd in range(d):
-                            for r in T.unroll(ROWS):
-                                for ln in T.vectorized(lanes):
-                                    acc[r, ln] = acc[r, ln] + q[
-                                        b, T.min(i0 + r, s - 1), oq + hh * d + dd
-                                    ] * kt[b * h + hh, dd, jb * lanes + ln]
-                        for r in T.unroll(ROWS):
-                            for ln in T.vectorized(lanes):
-                                score(sc, acc, mask, b, hh, i0, r, jb * lanes + ln, ln)
+            for u in range(per):
+                if it + u * its < total:
+                    scores(q, kt, mask, sc, acc, it + u * its)
                     for r in T.unroll(ROWS):
-                        softmax_row(sc, acc, mx, tot, r, nblk)
-                    for r, dd in T.grid(ROWS, d):
-                        oacc[r, dd] = T.float32(0)
-                    for j in range(T.min(sk, i0 + ROWS + cshift)):
-                        for r in T.unroll(ROWS):
-                            for dd in T.vectorized(d):
-                                oacc[r, dd] = oacc[r, dd] + sc[r, j] * v[b, j, ov + hh * d + dd]
-                    for r in range(ROWS):
-                        if i0 + r < s:
-                            for dd in T.vectorized(d):
-                                out[b, i0 + r, hh * d + dd] = oacc[r, dd] * (
-                                    T.float32(1) / tot[r])
+                        softmax_row(sc, acc, mx, tot, r, nblk(it + u * its))
+                    weighted_values(v, out, sc, tot, oa, ob, it + u * its)
 
     if has_mask:
         bm, hm, sm, _ = mshape
@@ -174,6 +220,7 @@ def attention(req: KernelRequest) -> KernelImpl:
             head_block(q, k, v, q, out)
 
     return KernelImpl(func, note=(
-        f"attention {h} heads x {d}, {s} queries x {sk} keys, {nb} blocks of {qb} rows per "
-        f"head ({its} parallel iterations), {ROWS}x{lanes} score tiles"
+        f"attention {h} heads x {d}, {s} queries x {sk} keys, {total} tiles of {ROWS} rows "
+        f"dealt to {its} parallel iterations, {ROWS}x{lanes} score tiles, {ROWS}x{dc} value "
+        f"tiles"
         f"{', masked' if has_mask else ''}{', causal' if causal else ''}"))
