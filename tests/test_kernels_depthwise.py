@@ -136,3 +136,20 @@ def test_small_maps_split_over_rows_and_channel_tiles(cpu):
                                 {"groups": 960, "pads": [1] * 4}), c, "f32")[0]
         par = re.findall(r"T\.parallel\((\d+)\)", impl.prim_func.script())
         assert par == ([str(7 * 960 // cb)] if c.num_cores > 1 else []), (c.num_cores, par)
+
+
+@pytest.mark.parametrize("cpu", [HOST, AVX2, A76], ids=["host", "x86-64-v3", "a76"])
+def test_tile_accumulators_are_not_a_workspace(cpu):
+    """The register tile of an NHWC depthwise with constant weights is a stack alloca that
+    LLVM keeps in registers, not a ``TVMBackendAllocWorkspace`` buffer (a "local" scope in the
+    parallel body was one: LLVM stored the accumulators between window steps, 2x slower)."""
+    import tvm
+
+    for case in (CASES[0], CASES[2], CASES[3]):
+        req, _, _ = _case(*case, cpu)
+        impl = get_kernel_builder("conv2d")(req)
+        mod = tvm.IRModule({"k": impl.prim_func.with_attr("global_symbol", "k")})
+        lib = tvm.compile(mod, tvm.target.Target(cpu.tvm_target)).mod
+        asm = (lib.imports[0] if lib.imports else lib).inspect_source("asm")
+        assert "TVMBackendParallelLaunch" in asm, case
+        assert "TVMBackendAllocWorkspace" not in asm, f"{impl.note}: workspace accumulators"
