@@ -3,10 +3,12 @@
     python bench/op_profile.py [--model mobilenet_v2] [--threads 2,1] [--repeat 30] [--reuse]
 
 For one model of ``bench/models.py`` (its builders), at each thread count, in separate
-processes: npucc's per-step medians (``Executable.profile``, ``TVM_NUM_THREADS`` = threads)
-and onnxruntime's per-node kernel times (``SessionOptions.enable_profiling``, default
-optimizations, ``intra_op_num_threads`` = threads; the median of each node's ``*_kernel_time``
-over the runs). Both are summed by op kind:
+processes: npucc's per-step medians (``Executable.profile``, ``TVM_NUM_THREADS`` = threads;
+the median over 5 short profiles, each timing every step and then whole runs, so that the
+kernel sum and the whole run come from the same stretch of time) and onnxruntime's per-node
+kernel times (``SessionOptions.enable_profiling``, default optimizations,
+``intra_op_num_threads`` = threads; the median of each node's ``*_kernel_time`` over the
+runs). Both are summed by op kind:
 
 - ``stem conv`` (3 input channels), ``1x1 conv``, ``kxk conv`` (other dense convs),
   ``depthwise``, ``SE conv`` (a conv on a 1x1 map: squeeze-excite), ``dense``, ``pool``,
@@ -39,6 +41,7 @@ ACTIVATIONS = {"relu", "clip", "sigmoid", "hardsigmoid", "hardswish", "silu", "g
 POOLS = {"globalaveragepool", "averagepool", "maxpool", "reducemean", "global_avg_pool",
          "avg_pool2d", "max_pool2d", "global_max_pool"}
 DENSE = {"gemm", "fusedgemm", "matmul", "fusedmatmul", "dense", "linear", "batch_matmul"}
+ROUNDS = 5     # npucc: short profiles whose medians are combined (see profile_npucc)
 LAYOUT = {"transpose", "reorderinput", "reorderoutput", "reshape", "flatten", "squeeze",
           "unsqueeze"}
 
@@ -95,15 +98,19 @@ def profile_npucc(package: str, inputs: str, names: list[str], repeat: int) -> d
     m = runtime.load(package)
     data = np.load(inputs)
     feeds = dict(zip(m.input_names, (data[n] for n in names), strict=True))
-    prof = m.profile(feeds, repeat=repeat, warmup=3)
+    m.profile(feeds, repeat=1, warmup=3)
+    # ROUNDS short profiles, each timing every step and then whole runs: the kernel sum and
+    # the whole run come from the same stretch of time (one long profile timed the steps
+    # first and the runs after; on a shared host whose speed changes 1.7x between seconds the
+    # kernel sum read 24.6 ms against a 14.5 ms whole run)
+    profs = [m.profile(feeds, repeat=max(1, repeat // ROUNDS), warmup=0) for _ in range(ROUNDS)]
     tensors = m.package.tensors
-    steps = m.package.steps
     rows = []
-    for st, t in zip(steps, prof.steps, strict=True):
+    for j, st in enumerate(m.package.steps):
         shapes = [tuple(tensors[i]["shape"]) for i in st.inputs]
         kind = npucc_step_kind(st.op, shapes, tuple(tensors[st.outputs[0]]["shape"]))
-        rows.append((kind, t.median_ms))
-    return {"rows": rows, "total_ms": prof.total_ms}
+        rows.append((kind, statistics.median(p.steps[j].median_ms for p in profs)))
+    return {"rows": rows, "total_ms": statistics.median(p.total_ms for p in profs)}
 
 
 # -- onnxruntime (child) -------------------------------------------------------------------
