@@ -221,6 +221,18 @@ def test_aarch64_builds():
     assert ex is not None
 
 
+@pytest.mark.parametrize("cpu", [HOST, A76], ids=["host", "a76"])
+def test_conv_tile_is_not_a_workspace(cpu):
+    """The register tile of an NHWC conv with constant weights and no pad stage is a stack
+    alloca LLVM keeps in registers, not a ``TVMBackendAllocWorkspace`` buffer (what the "local"
+    scope in a parallel body became; EfficientNet/MobileNet 1x1 convs 3-16% faster without)."""
+    for case in (_conv(1, 576, 14, 14, 96, 1), _conv(1, 16, 56, 56, 96, 1, activation="silu")):
+        ex, _ = _build([case], cpu)
+        asm = (ex.mod.imports[0] if ex.mod.imports else ex.mod).inspect_source("asm")
+        assert "TVMBackendParallelLaunch" in asm
+        assert "TVMBackendAllocWorkspace" not in asm
+
+
 @pytest.mark.parametrize("attrs", [
     {"layout": "NCWH"}, {"kernel_layout": "IOHW"}, {"groups": 3},
 ])

@@ -228,8 +228,7 @@ def _schedule_conv(sch, g: ConvGeom, t: ConvTiles, cpu: CpuInfo, lanes: int,
         sch.parallel(fused)
     simple = g.groups == 1 or g.ocg % t.ob == 0
     if simple:
-        sch.reverse_compute_at(out, xo)
-        sch.set_scope(conv, 0, "local")
+        sch.reverse_compute_at(out, xo)   # the tile: default scope (see depthwise.py)
         if out_layout == "NHWC":
             sch.vectorize(sch.get_loops(out)[-1])
     else:  # per-group channel padding: the epilogue runs over the whole output afterwards
