@@ -82,6 +82,37 @@ def test_add_layer_norm_quantized_is_vector_code(level):
         assert "vgather" not in _compiled(impl, cpu, "asm")
 
 
+def _parallel_body(asm: str) -> str:
+    """The outlined body of the kernel's parallel loop in TVM's assembly."""
+    start = asm.index(".L__tvm_parallel_lambda:")
+    return asm[start:asm.index(".Lfunc_end", start)]
+
+
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384)])
+def test_vnni_qdense_tile_stays_in_registers(k, n):
+    """Built (not run) for a VNNI CPU, MiniLM's q/k/v and second FFN shapes: a task of the
+    parallel loop allocates nothing (no TVMBackendAllocWorkspace: the int32 tile is a stack
+    alloca LLVM promotes to zmm registers) and stores only its results (rows x 16-lane
+    vectors), never the accumulators; a 1 KiB ``local`` tile cost two workspace calls and 16
+    stores + reloads per task (60% -> 80% of the vpdpbusd peak at K=384)."""
+    cpu = cpu_info_for({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    w = RNG.integers(-127, 128, (n, k)).astype(np.int8)
+    consts = {1: w, 2: np.zeros(n, np.int32), 3: np.asarray(0.02, np.float32),
+              4: np.asarray(128, np.uint8), 5: np.full(n, 1e-3, np.float32)}
+    types = [TensorType((1, 128, k), "u8")] + [TensorType.of(consts[i]) for i in range(1, 6)]
+    req = KernelRequest("qdense", get_op("qdense").normalize_attrs({"out_dtype": "f32"}),
+                        types, [TensorType((1, 128, n), "f32")], consts, cpu)
+    impl = get_kernel_builder("qdense")(req)
+    assert "VNNI" in impl.note
+    body = _parallel_body(_compiled(impl, cpu, "asm"))
+    assert "vpdpbusd" in body
+    assert "Workspace" not in body
+    import re
+
+    stores = re.findall(r"vmov\w+\s+%zmm\d+, ", body)
+    assert 0 < len(stores) <= 8, stores   # the 4 x 32 f32 results of one task
+
+
 def _run(case_ins, attrs, op, consts, tmp_path):
     from kernel_harness import Case, reference, run_cases
 

@@ -9,9 +9,14 @@ k-row holds the 16 per-channel weight sums as int32 bytes, which the epilogue ne
 zero-point term ``sum_k (x - zp) w = sum_k x w - zp * sum_k w``. i8 activations are read as
 u8 with the sign bit flipped (``x ^ 0x80 = x + 128``) and zero point + 128.
 
-The register tile is ``mr`` rows x ``16 * nv`` channels of int32 accumulators (``local``
-scope, promoted to zmm registers); each k-step broadcasts 4 activation bytes of a row and
-issues ``nv`` vpdpbusd. The LLVM intrinsic takes ``<64 x i8>`` operands in LLVM 22 (the
+The register tile is ``mr`` rows x ``16 * nv`` channels of int32 accumulators; each k-step
+broadcasts 4 activation bytes of a row and issues ``nv`` vpdpbusd. The tile is a default-scope
+buffer of under 1 KiB inside the parallel body: TVM lowers that to a stack alloca, which LLVM
+promotes to zmm registers for the whole task (zeroed, accumulated and read by the epilogue
+without touching memory). A ``local``-scope buffer there, or one of 1 KiB or more, becomes a
+``TVMBackendAllocWorkspace`` call per task (and the intrinsic body has no scalar ``local``
+either): with K=384 those calls and the store/reload around them cost a fifth of the kernel
+(128x384 -> 384 at one thread: 60% -> 80% of the vpdpbusd peak). The LLVM intrinsic takes ``<64 x i8>`` operands in LLVM 22 (the
 ``<16 x i32>`` form TVM's own ``dot_16x4_vnni`` uses fails to build there).
 """
 
@@ -49,7 +54,7 @@ def _register_intrin() -> str:
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
@@ -63,15 +68,17 @@ def _register_intrin() -> str:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            # no named temporary: TVMScript makes it a scalar ``local`` buffer (a workspace
+            # call per task inside a parallel loop)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(VNNI_LLVM_INTRIN),
                 C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"),
+                                                        dtype="int32"), 16), dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16")
 
@@ -99,8 +106,16 @@ def _panel(n_ch: int) -> int:
     return 32 if n_ch > 16 else 16
 
 
-def _pick_mr(rows: int, limit: int = 8) -> int:
-    for mr in (limit, 4, 6, 7, 5, 3, 2):
+# TVM keeps a constant-size buffer under this many bytes on the stack (an alloca LLVM promotes
+# to registers); larger ones become a TVMBackendAllocWorkspace call wherever they are allocated
+STACK_ALLOCA_BYTES = 1024
+
+
+def _pick_mr(rows: int, nv: int) -> int:
+    """Rows per register tile: the most (at most 7, from 4, 6, 7, 5, 3, 2 in that order) that
+    divide ``rows`` and keep the ``mr x nv`` zmm tile under :data:`STACK_ALLOCA_BYTES`."""
+    limit = min(7, (STACK_ALLOCA_BYTES - 1) // (64 * nv))
+    for mr in (4, 6, 7, 5, 3, 2):
         if mr <= limit and rows % mr == 0:
             return mr
     return 1
@@ -155,13 +170,12 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
     cblk, oblk = sch.get_sblock("C"), sch.get_sblock("out")
     loops = sch.get_loops(oblk)
     rloops, nl = loops[:-1], loops[-1]
-    mr = _pick_mr(rows_shape[-1])
+    mr = _pick_mr(rows_shape[-1], nv)
     no, ni = sch.split(nl, [None, nb])
     ro, ri = sch.split(rloops[-1], [None, mr])
     outer = [*rloops[:-1], ro]
     sch.reorder(*outer, no, ri, ni)
-    sch.compute_at(cblk, no)
-    sch.set_scope(cblk, 0, "local")
+    sch.compute_at(cblk, no)   # default scope: the tile is a stack alloca in the task (above)
     work = out_t.size * math.prod(taps) * k4 * 4
     if req.cpu.num_cores > 1 and work >= 1 << 16:
         sch.parallel(sch.fuse(*outer, no))
@@ -182,6 +196,7 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(cn16, intrin)
     sch.vectorize(sch.get_loops(oblk)[-1])
+    sch.unroll(sch.get_loops(oblk)[-2])   # constant tile indices: the epilogue reads registers
     return sch.mod["main"]
 
 
