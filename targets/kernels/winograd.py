@@ -256,8 +256,7 @@ def _schedule_input(sch, p: WinogradPlan, par: bool) -> None:
     sch.reorder(t, co, e, nu, ci)
     if par:
         sch.parallel(t)
-    sch.compute_at(t1, co)
-    sch.set_scope(t1, 0, "local")
+    sch.compute_at(t1, co)   # default scope: a register alloca, not a workspace (conv.py)
     sch.unroll(e)
     sch.unroll(nu)
     sch.vectorize(ci)
@@ -304,9 +303,7 @@ def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool):
     if par:
         sch.parallel(rb)
     sch.compute_at(ot, oco)
-    sch.compute_at(a1, oco)
-    sch.set_scope(ot, 0, "local")
-    sch.set_scope(a1, 0, "local")
+    sch.compute_at(a1, oco)   # ot and a1 in the default scope (see _schedule_input)
     for blk in (a1, ot):
         _unroll_vectorize(sch, blk, 3 if p.rows else 2)
     sch.unroll(i)
