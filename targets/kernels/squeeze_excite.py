@@ -111,7 +111,7 @@ def _schedule_fc(sch, blk, lanes: int) -> None:
     per = max(d for d in range(1, min(vecs, _FC_VECTORS) + 1) if vecs % d == 0)
     jo, jm, ji = sch.split(j, [None, per, lanes])
     sch.reorder(b, jo, r, jm, ji)
-    accumulate_in_registers(sch, blk, jo, jm, ji, r)
+    accumulate_in_registers(sch, blk, jo, jm, ji, r, parallel=False)
 
 
 def _schedule(sch, layout: str, lanes: int, par: bool) -> None:

@@ -283,7 +283,7 @@ def _schedule_gemm(sch, p: WinogradPlan, par: bool) -> None:
     fused = sch.fuse(*outer)
     if par:
         sch.parallel(fused)
-    accumulate_in_registers(sch, mm, to, ti, oci, rc)
+    accumulate_in_registers(sch, mm, to, ti, oci, rc, parallel=par)
 
 
 def _schedule_output(sch, p: WinogradPlan, layout: str, lanes: int, par: bool):
