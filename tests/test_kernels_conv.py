@@ -100,7 +100,36 @@ def test_conv2d_nhwc():
         _conv(1, 8, 13, 13, 32, 3, dilations=[2, 2], pads=[2, 2, 2, 2], activation="gelu"),
         _conv(1, 8, 13, 17, 5, 3, activation="gelu_tanh"),               # OC below one vector
         _conv(1, 32, 15, 15, 64, 3, strides=[2, 2], **P1),
+        _conv(1, 40, 14, 14, 80, 1, activation="silu"),   # 5 one-vector blocks (16 lanes)
+        _conv(1, 24, 9, 9, 144, 3, **P1),                  # 9 blocks, 14-column tiles
     ])
+
+
+@pytest.mark.parametrize("cpu", [HOST, A76], ids=["host", "a76"])
+def test_conv_blocks_avoid_padded_channels(cpu):
+    """Channels that are a multiple of one vector but not of two are one-vector blocks (no
+    padded channels, twice the columns); multiples of two vectors are two-vector blocks; many
+    channels that are no multiple of a vector are two-vector blocks padded up."""
+    from targets.kernels.conv_common import (
+        accumulator_registers,
+        conv_geom,
+        conv_tiles,
+        pick_width,
+    )
+
+    lanes = cpu.lanes("f32")
+
+    def tiles(oc, hw=14):
+        return conv_tiles(conv_geom((1, hw, hw, 32), "NHWC", (oc, 1, 1, 32), "OHWI", {}), cpu)
+
+    for k in (5, 7, 9, 15):
+        t = tiles(k * lanes)
+        assert (t.ob, t.nb_g) == (lanes, k), (k, t)
+        assert t.owb == pick_width(14, accumulator_registers(cpu)), t
+    t = tiles(6 * lanes)
+    assert (t.ob, t.nb_g, t.owb) == (2 * lanes, 3, pick_width(14, accumulator_registers(cpu) // 2))
+    t = tiles(8 * lanes + lanes // 2)   # 8.5 vectors: two-vector blocks, padded
+    assert (t.ob, t.nb_g) == (2 * lanes, 5)
 
 
 def test_conv2d_groups_and_depthwise():
@@ -226,7 +255,8 @@ def test_conv_tile_is_not_a_workspace(cpu):
     """The register tile of an NHWC conv with constant weights and no pad stage is a stack
     alloca LLVM keeps in registers, not a ``TVMBackendAllocWorkspace`` buffer (what the "local"
     scope in a parallel body became; EfficientNet/MobileNet 1x1 convs 3-16% faster without)."""
-    for case in (_conv(1, 576, 14, 14, 96, 1), _conv(1, 16, 56, 56, 96, 1, activation="silu")):
+    # (widths the tiles divide on every vector width: no pad stage, which is a workspace)
+    for case in (_conv(1, 576, 12, 12, 96, 1), _conv(1, 16, 56, 56, 96, 1, activation="silu")):
         ex, _ = _build([case], cpu)
         asm = (ex.mod.imports[0] if ex.mod.imports else ex.mod).inspect_source("asm")
         assert "TVMBackendParallelLaunch" in asm
