@@ -23,7 +23,13 @@ import numpy as np
 from compiler.ir.types import TensorType
 
 __all__ = ["CpuInfo", "KernelRequest", "KernelImpl", "register_kernel", "get_kernel_builder",
-           "registered_ops"]
+           "registered_ops", "STACK_ALLOCA_BYTES"]
+
+# TVM (runtime::kMaxStackAlloca) serves a buffer allocated inside a parallel loop from its
+# workspace pool, an allocate and a free call per iteration that LLVM cannot prove free of
+# aliasing with the inputs, unless the buffer is in the global scope and smaller than this; a
+# smaller one becomes a stack slot (alloca) whose register tile LLVM keeps in registers
+STACK_ALLOCA_BYTES = 1024
 
 
 @dataclass(frozen=True)
