@@ -83,7 +83,7 @@ def _cases():
         return RNG.standard_normal(shape).astype(np.float32)
     pad = np.zeros((1, 1, 128, 128), np.float32)
     pad[..., 100:] = np.finfo(np.float32).min                  # BERT's padding mask
-    qkv_vit, qkv_gpt = x(1, 197, 576), x(1, 64, 768)
+    qkv_vit, qkv_gpt, qkv_wide = x(1, 197, 576), x(1, 64, 768), x(1, 9, 768)
     mask = x(2, 3, 5, 7)
     mask[1, 2, 3, :] = -np.inf                                  # a fully masked row
     q = x(2, 5, 48)
@@ -99,6 +99,9 @@ def _cases():
              {"heads": 3, "head_dim": 16, "scale": 0.25, "v_offset": 8}),
         Case("attention", [x(1, 5, 8), x(1, 7, 8), x(1, 7, 8)],
              {"heads": 2, "head_dim": 4, "scale": 0.5, "causal": True}),
+        # 128-wide heads: P @ V in column chunks (value_chunk), 9 rows: a ragged last tile
+        Case("attention", [qkv_wide] * 3, {"heads": 2, "head_dim": 128, "scale": 128 ** -0.5,
+                                           "k_offset": 256, "v_offset": 512}),
     ]
 
 

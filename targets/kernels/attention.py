@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 
 from targets.kernels._te import fast_exp
-from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 
 __all__ = ["parallel_iterations", "value_chunk"]
 
@@ -51,11 +51,13 @@ def parallel_iterations(tiles: int, cores: int) -> int:
 
 def value_chunk(d: int, lanes: int) -> int:
     """Columns of ``P @ V`` accumulated at once: ``ROWS x chunk`` outputs held in registers
-    (16 vectors for a 64-wide head on AVX-512). Each half of the tile (``HALF x chunk`` floats)
-    must stay under TVM's 1024-byte stack-allocation limit, else TVM serves it from its
-    workspace pool and LLVM, unable to prove it does not alias the inputs, stores the
-    accumulators to memory after every FMA."""
+    (16 vectors: a 64-wide head on AVX-512). Each half of the tile (``HALF x chunk`` floats)
+    must stay under :data:`STACK_ALLOCA_BYTES`, else TVM serves it from its workspace pool and
+    LLVM, unable to prove it does not alias the inputs, stores the accumulators to memory after
+    every FMA (a head too wide for that and not a multiple of the chunk still works, slower)."""
     chunk = 4 * lanes
+    while HALF * chunk * 4 >= STACK_ALLOCA_BYTES and chunk > lanes:
+        chunk -= lanes
     return chunk if d % chunk == 0 and d > chunk else d
 
 

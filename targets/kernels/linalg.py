@@ -35,15 +35,9 @@ from targets.kernels._te import (
     schedule_generic,
     tvm_dtype,
 )
-from targets.kernels.base import KernelImpl, KernelRequest, register_kernel
+from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["STACK_ALLOCA_BYTES", "pack_nk", "gemm_tiles"]
-
-
-# TVM serves a buffer allocated inside a parallel loop from its workspace pool (a call to
-# allocate and one to free per iteration) unless it is in the global scope and smaller than
-# this many bytes (runtime::kMaxStackAlloca); a smaller one becomes a stack slot (alloca)
-STACK_ALLOCA_BYTES = 1024
+__all__ = ["pack_nk", "gemm_tiles"]
 
 
 def gemm_tiles(req: KernelRequest, M: int, N: int) -> tuple[int, int]:
