@@ -309,7 +309,7 @@ def fast_silu(x):
     """x * sigmoid(x) for f32 as ``x / (1 + exp(-x))`` with exp's clamps but not its NaN and
     overflow selects: a NaN x stays NaN through the division, +inf gives +inf, x below -87
     gives a tiny normal number (never a denormal), and -inf gives NaN as x * sigmoid(x) does.
-    x * fast_sigmoid(x) otherwise. (EfficientNet-B0's SiLU epilogues, one AMD EPYC znver4
+    x * fast_sigmoid(x) otherwise. (EfficientNet-B0's SiLU epilogues, one AVX-512 x86
     thread, loaded machine: 1x1 16->96 @112 0.93 -> 0.70 ms, dw3x3 144 @56 0.31 -> 0.23.)"""
     x = expr(x)
     if dtype_of(x) != "float32":
