@@ -205,7 +205,7 @@ def accumulate_in_registers(sch, blk, at, unrolled, vector, red, parallel: bool)
     alloca that LLVM promotes to registers), because "local" there became a
     ``TVMBackendAllocWorkspace`` buffer LLVM could not tell apart from the inputs (it stored
     the accumulators between steps): Winograd F(4,3)/F(2,3) ResNet-50 3x3 convs, 2 threads,
-    AMD EPYC znver4 at load ~4, two alternating runs: 0.86-0.98x each, 13.8 -> 13.1 and
+    AVX-512 x86 host at load ~4, two alternating runs: 0.86-0.98x each, 13.8 -> 13.1 and
     13.5 -> 12.6 ms summed. Outside one "local" stays: squeeze_excite's (serial) FCs measured
     12-15% slower in the default scope (480 and 672 channels at 14x14, three runs)."""
     wb = sch.cache_write(blk, 0, "global" if parallel else "local")

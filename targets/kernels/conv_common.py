@@ -188,7 +188,7 @@ def conv_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str = "f32", acc_regs: int | No
     they are a multiple of one (no padded channels: with 16 lanes 80, 112, 144 and 240
     channels as 5, 7, 9 and 15 one-vector blocks of 14 columns instead of two-vector blocks
     of 7 padded to 96, 128, 160 and 256 — EfficientNet-B0 / MobileNetV2 1x1 convs to those
-    channels 0.70-0.95x, three alternating runs on AMD EPYC znver4, 2 threads, load ~3.5),
+    channels 0.70-0.95x, three alternating runs on a 2-core AVX-512 x86 host, load ~3.5),
     two padded up when there are many channels, else one, else a smaller power of two
     dividing them (24 channels: 3 blocks of 8), else padded up; ``owb`` keeps
     ``owb * ob / lanes`` accumulators near ``acc_regs`` (default

@@ -116,7 +116,7 @@ def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout
     # the tile stays in the default scope: a small buffer there becomes a stack alloca that
     # LLVM promotes to registers; "local" inside the parallel body was a workspace buffer,
     # which LLVM could not prove apart from the input, so it stored the accumulators between
-    # window steps (EfficientNet-B0 and MobileNetV2 depthwise, 2 threads, AMD EPYC znver4
+    # window steps (EfficientNet-B0 and MobileNetV2 depthwise, 2 threads, AVX-512 x86 host
     # at load ~6: 2.11 -> 0.99 ms summed, every shape 0.34-0.60x)
     if layout == "NHWC":
         sch.vectorize(sch.get_loops(out)[-1])
