@@ -48,14 +48,15 @@ def gemm_tiles(req: KernelRequest, M: int, N: int) -> tuple[int, int]:
     every tile (with 8 x 32 tiles, exactly 1 KiB, DeiT-tiny's 197x192x576 dense ran 0.404 ms
     on one thread against 0.386 ms under the limit). Among the rows that fit, a divisor of
     ``M`` (preferring 8, then 4, 6, 7, 5), else the count that pads ``M`` least. The tile
-    also fits the registers (:func:`accumulator_registers`): an x86-64-v3 build's 8 x 2 ymm
-    tile spilled (MiniLM's 128x384x1152 at 18.5 GMAC/s on one AMD EPYC znver4 thread)."""
-    from targets.kernels.conv_common import accumulator_registers
+    also leaves 4 of the CPU's vector registers free (two weight vectors, the broadcast, one
+    spare): an x86-64-v3 build's 8 x 2 ymm tile spilled (MiniLM's 128x384x1152 at 18.5
+    GMAC/s on one AMD EPYC znver4 thread, 54 with 6 x 2); 32-register ISAs keep 8 rows."""
+    from targets.kernels.conv_common import vector_registers
 
     lanes = req.cpu.lanes("f32")
     nb = lanes if N <= lanes else 2 * lanes
     most = max(1, min((STACK_ALLOCA_BYTES - 1) // (nb * 4),
-                      accumulator_registers(req.cpu) // (nb // lanes)))
+                      (vector_registers(req.cpu) - 4) // (nb // lanes)))
     if M <= min(8, most):
         return max(M, 1), nb
     fits = [mr for mr in (8, 4, 6, 7, 5) if mr <= most] or [most]
