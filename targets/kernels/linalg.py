@@ -50,7 +50,7 @@ def gemm_tiles(req: KernelRequest, M: int, N: int) -> tuple[int, int]:
     ``M`` (preferring 8, then 4, 6, 7, 5), else the count that pads ``M`` least. The tile
     also leaves 4 of the CPU's vector registers free (two weight vectors, the broadcast, one
     spare): an x86-64-v3 build's 8 x 2 ymm tile spilled (MiniLM's 128x384x1152 at 18.5
-    GMAC/s on one AMD EPYC znver4 thread, 54 with 6 x 2); 32-register ISAs keep 8 rows."""
+    GMAC/s on one thread of an AMD EPYC (Zen 4) host, 54 with 6 x 2); 32-register ISAs keep 8 rows."""
     from targets.kernels.conv_common import vector_registers
 
     lanes = req.cpu.lanes("f32")
