@@ -29,7 +29,7 @@ import numpy as np
 
 from compiler.ir.types import TensorType
 from targets.kernels._te import placeholders
-from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
+from targets.kernels.base import STACK_ALLOCA_BYTES, CpuInfo, KernelImpl, KernelRequest
 from targets.kernels.int8_epilogue import channel_stages, epilogue, mult_shift_stage
 
 __all__ = ["has_vnni", "pack_vnni", "pack_conv_vnni", "vnni_qdense", "vnni_qconv",
@@ -106,14 +106,9 @@ def _panel(n_ch: int) -> int:
     return 32 if n_ch > 16 else 16
 
 
-# TVM keeps a constant-size buffer under this many bytes on the stack (an alloca LLVM promotes
-# to registers); larger ones become a TVMBackendAllocWorkspace call wherever they are allocated
-STACK_ALLOCA_BYTES = 1024
-
-
 def _pick_mr(rows: int, nv: int) -> int:
     """Rows per register tile: the most (at most 7) that divide ``rows`` and keep the
-    ``mr x nv`` zmm tile under :data:`STACK_ALLOCA_BYTES` (MiniLM's 128 rows: 4; a conv's
+    ``mr x nv`` zmm tile under ``base.STACK_ALLOCA_BYTES`` (MiniLM's 128 rows: 4; a conv's
     56, 28, 14 or 7 output columns: 7)."""
     limit = min(7, (STACK_ALLOCA_BYTES - 1) // (64 * nv))
     for mr in (7, 6, 5, 4, 3, 2):
