@@ -76,7 +76,8 @@ def report(r: dict[str, Any]) -> str:
 
 
 def summary(results: list[dict[str, Any]]) -> str:
-    head = (f"{'model':<13} {'npucc':>9} {'ort':>9} {'torch':>9} {'ours/ort':>9} "
+    w = max([13] + [len(r["model"]) for r in results])
+    head = (f"{'model':<{w}} {'npucc':>9} {'ort':>9} {'torch':>9} {'ours/ort':>9} "
             f"{'ours/torch':>10} "
             f"{'compile s':>10} {'arena/lb':>9} {'peak RSS':>10}")
     rows = [head, "-" * len(head)]
@@ -85,7 +86,7 @@ def summary(results: list[dict[str, Any]]) -> str:
         t = f"{lat['torch']['median']:>9.2f}" if "torch" in lat else f"{'-':>9}"
         vt = f"{ratio(r, 'torch'):>9.2f}x" if "torch" in lat else f"{'-':>10}"
         rows.append(
-            f"{r['model']:<13} {lat['npucc']['median']:>9.2f} {lat['onnxruntime']['median']:>9.2f}"
+            f"{r['model']:<{w}} {lat['npucc']['median']:>9.2f} {lat['onnxruntime']['median']:>9.2f}"
             f" {t} {ratio(r, 'onnxruntime'):>8.2f}x {vt} "
             f"{r['compile_s']:>10.1f} {r['arena_bytes'] / r['lower_bound_bytes']:>9.3f} "
             f"{_mib(r['peak_rss_bytes']):>10}")
