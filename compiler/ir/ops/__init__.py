@@ -3,6 +3,7 @@
 from compiler.ir.ops import (
     add_norm,  # noqa: F401
     attention,  # noqa: F401
+    attention_q,  # noqa: F401
     core,  # noqa: F401
     elementwise,  # noqa: F401
     embed_q,  # noqa: F401
