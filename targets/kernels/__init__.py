@@ -2,6 +2,7 @@
 
 from targets.kernels import (  # noqa: F401
     attention,
+    attention_q,
     conv,
     elementwise,
     embed_q,

@@ -1,0 +1,327 @@
+"""The ``qattention`` kernel (:mod:`compiler.ir.ops.attention_q`): attention whose two products
+run on 8-bit integers, quantized from the f32 operands inside the kernel.
+
+TIR with the structure of the f32 ``attention`` kernel (:mod:`targets.kernels.attention`):
+
+- First, parallel over (batch, head): every query and key row quantized per row (scale
+  ``max|row| / 127``, the row's maximum reduced in a vector tree; a NaN or infinity makes it
+  NaN), every value column over the keys. Queries are stored as u8 (``q8 + 128``: the int8
+  dot product multiplies u8 by i8), keys as ``k8[B*H, D/4, Skp, 4]`` (16 keys per 64 bytes,
+  4 consecutive head columns per key) with ``128 * sum_d k8`` per key to take the +128 back
+  out, values as ``v8[B*H, Skp/4, Dv, 4]`` (16 head columns per 64 bytes, 4 consecutive keys
+  per column).
+- Then parallel over (batch, head, tile of ``ROWS`` query rows), tiles dealt as in the f32
+  kernel (:func:`targets.kernels.attention.parallel_iterations`). Per tile: ``ROWS x 16``
+  int32 score accumulators (one 4-byte broadcast of a query row and one 64-byte load of keys
+  per dot step), scores scaled and masked into f32, the row max, ``fast_exp``, the
+  probabilities stored as u8 ``round(e * 255)`` and summed, then ``ROWS x dc`` int32 value
+  accumulators (a 4-byte broadcast of 4 probabilities per dot step), each output column
+  scaled by ``s_v / sum`` once.
+
+The dot step is the AVX512-VNNI ``vpdpbusd`` where the CPU has it (``vnni.has_vnni``: 16
+lanes of 4 u8 x i8 products), else the same sums as plain int32 vector code (AVX2, Arm: one
+arithmetic, the same results, no special instruction). The accumulators are default-scope
+buffers under ``STACK_ALLOCA_BYTES`` inside the parallel body (stack allocas LLVM keeps in
+registers); the scores row block ``sc`` is the one larger buffer, as in the f32 kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+from targets.kernels._te import fast_exp
+from targets.kernels.attention import parallel_iterations
+from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
+from targets.kernels.vnni import VNNI_LLVM_INTRIN, has_vnni
+
+__all__ = ["value_chunk_q", "ROWS", "KEYS"]
+
+ROWS = 4        # query rows per register tile
+KEYS = 16       # keys per score vector, head columns per value vector (16 int32 lanes)
+FLT_MAX = 3.4028234663852886e38
+
+
+def value_chunk_q(dv: int) -> int:
+    """Value columns accumulated at once: the largest multiple of 16 dividing ``dv`` whose
+    ``ROWS x chunk`` int32 tile stays under :data:`STACK_ALLOCA_BYTES`."""
+    best = KEYS
+    for c in range(KEYS, dv + 1, KEYS):
+        if dv % c == 0 and ROWS * c * 4 < STACK_ALLOCA_BYTES:
+            best = c
+    return best
+
+
+def _dot_macros(vnni: bool):
+    """``dot(acc, ao, a, ai, b, bi)``: ``acc[ao + l] += sum_t a[ai + t] * b[bi + 4 l + t]`` for
+    16 lanes l and t < 4 (a u8, b i8, acc i32; flat buffers)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def vnni_dot(acc, ao, a, ai, b, bi):
+        acc[T.ramp(ao, 1, KEYS)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(VNNI_LLVM_INTRIN),
+            acc.vload([ao], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(a.vload([ai], "uint8x4"), dtype="int32"),
+                                      KEYS), dtype="int8x64"),
+            b.vload([bi], dtype="int8x64"),
+            dtype="int32x16")
+
+    @T.macro
+    def plain_dot(acc, ao, a, ai, b, bi):
+        for ln in T.vectorized(KEYS):
+            acc[ao + ln] = acc[ao + ln] + T.Cast("int32", a[ai]) * T.Cast(
+                "int32", b[bi + ln * 4]) + T.Cast("int32", a[ai + 1]) * T.Cast(
+                "int32", b[bi + ln * 4 + 1]) + T.Cast("int32", a[ai + 2]) * T.Cast(
+                "int32", b[bi + ln * 4 + 2]) + T.Cast("int32", a[ai + 3]) * T.Cast(
+                "int32", b[bi + ln * 4 + 3])
+
+    return vnni_dot if vnni else plain_dot
+
+
+@register_kernel("qattention")
+def qattention(req: KernelRequest) -> KernelImpl:
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    a = req.attrs
+    qt, kt_, vt = req.input_types[:3]
+    bsz, s, nq = qt.shape
+    sk, nk, nv = kt_.shape[1], kt_.shape[2], vt.shape[2]
+    h, d = int(a["heads"]), int(a["head_dim"])
+    oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
+    scale, causal = float(a["scale"]), bool(a["causal"])
+    has_mask = len(req.input_types) == 4
+    mshape = req.input_types[3].shape if has_mask else (1, 1, 1, sk)
+    mb, mh, ms = (int(x > 1) for x in mshape[:3])
+    vnni = has_vnni(req.cpu)
+    dot = _dot_macros(vnni)
+    d4 = -(-d // 4)
+    dq = d4 * 4                                  # q, k columns padded to whole 4-byte groups
+    dv = -(-d // KEYS) * KEYS                    # value columns padded to whole vectors
+    dvt = -(-dv // 16) * 16
+    skp = -(-sk // KEYS) * KEYS
+    kblocks = skp // KEYS
+    tiles = -(-s // ROWS)
+    total = bsz * h * tiles
+    bh_n = bsz * h
+    its = parallel_iterations(total, req.cpu.num_cores)
+    per = -(-total // its)
+    dc = value_chunk_q(dv)
+    cshift = sk - s if causal else sk
+    neg, inf, nan = -math.inf, math.inf, math.nan
+    # the row max's vector: the head's columns in 16-lane chunks, padded to a power of two
+    rl = 16
+    while rl < dq:
+        rl *= 2
+
+    def bat(g):
+        return g // (h * tiles)
+
+    def bh(g):
+        return g // tiles
+
+    def row0(g):
+        return g % tiles * ROWS
+
+    def nblk(g):
+        return tirx.min(kblocks, (row0(g) + ROWS + cshift + KEYS - 1) // KEYS)
+
+    def finite_abs(x):
+        # |x|, or +inf for a NaN or an infinity (the row's scale then becomes NaN)
+        return T.Select(T.abs(x) <= T.float32(FLT_MAX), T.abs(x), T.float32(inf))
+
+    def q_i8(x, sc):
+        # the symmetric int8 value of x at scale sc, as f32 (0 for a non-finite x)
+        return T.Select(T.abs(x) <= T.float32(FLT_MAX), T.max(T.min(T.round(
+            x / T.max(sc, T.float32(1e-30))), T.float32(127)), T.float32(-127)),
+            T.float32(0))
+
+    @T.macro
+    def row_scale(src, b, row, col, rv, rs):
+        # rs[0] = max|src[b, row, col .. col + d]| / 127, NaN for a non-finite value
+        for dd in T.vectorized(rl):
+            rv[dd] = T.Select(dd < d, finite_abs(src[b, row, col + T.min(dd, d - 1)]),
+                              T.float32(0))
+        for lvl in T.unroll(int(math.log2(rl))):
+            for dd in T.vectorized(rl // 2):
+                rv[dd] = T.max(rv[dd], rv[dd + (rl >> (lvl + 1))])
+        rs[0] = T.Select(rv[0] == T.float32(inf), T.float32(nan), rv[0] / T.float32(127))
+
+    @T.macro
+    def pack_head(q, k, v, q8, qs, k8, kz, ks, v8, vs, x):
+        rv = T.alloc_buffer((rl,), "float32")
+        rs = T.alloc_buffer((1,), "float32")
+        ki = T.alloc_buffer((rl,), "float32")
+        vm = T.alloc_buffer((dv,), "float32")
+        for i in range(s):
+            row_scale(q, x // h, i, oq + x % h * d, rv, rs)
+            qs[x * s + i] = rs[0]
+            for dd in T.vectorized(dq):
+                q8[(x * s + i) * dq + dd] = T.Cast("uint8", T.Select(dd < d, q_i8(
+                    q[x // h, i, oq + x % h * d + T.min(dd, d - 1)], rs[0]), T.float32(0))
+                    + T.float32(128))
+        for j in range(skp):
+            if j < sk:
+                row_scale(k, x // h, j, ok + x % h * d, rv, rs)
+                ks[x * skp + j] = rs[0]
+                for dd in T.vectorized(rl):
+                    ki[dd] = T.Select(dd < d, q_i8(
+                        k[x // h, j, ok + x % h * d + T.min(dd, d - 1)], rs[0]), T.float32(0))
+                for dd in range(dq):
+                    k8[((x * d4 + dd // 4) * skp + j) * 4 + dd % 4] = T.Cast("int8", ki[dd])
+                for lvl in T.unroll(int(math.log2(rl))):
+                    for dd in T.vectorized(rl // 2):
+                        ki[dd] = ki[dd] + ki[dd + (rl >> (lvl + 1))]
+                kz[x * skp + j] = T.Cast("int32", ki[0]) * 128
+            else:
+                ks[x * skp + j] = T.float32(0)
+                kz[x * skp + j] = 0
+                for dd in range(dq):
+                    k8[((x * d4 + dd // 4) * skp + j) * 4 + dd % 4] = T.int8(0)
+        for c in T.vectorized(dv):
+            vm[c] = T.float32(0)
+        for j in range(sk):
+            for c in T.vectorized(dv):
+                vm[c] = T.max(vm[c], T.Select(c < d, finite_abs(
+                    v[x // h, j, ov + x % h * d + T.min(c, d - 1)]), T.float32(0)))
+        for c in T.vectorized(dv):
+            vs[x * dvt + c] = T.Select(vm[c] == T.float32(inf), T.float32(nan),
+                                       vm[c] / T.float32(127))
+        for j4 in range(skp // 4):
+            for t in T.unroll(4):
+                for c in T.vectorized(dv):
+                    v8[((x * (skp // 4) + j4) * dv + c) * 4 + t] = T.Cast("int8", T.Select(
+                        j4 * 4 + t < sk and c < d, q_i8(
+                            v[x // h, T.min(j4 * 4 + t, sk - 1), ov + x % h * d
+                              + T.min(c, d - 1)], vs[x * dvt + c]), T.float32(0)))
+
+    @T.macro
+    def scores(q8, qs, k8, kz, ks, mask, sc, acc, g):
+        for jb in range(nblk(g)):
+            for ln in T.vectorized(ROWS * KEYS):
+                acc[ln] = 0
+            for dd in range(d4):
+                for r in T.unroll(ROWS):
+                    dot(acc, r * KEYS, q8, (bh(g) * s + T.min(row0(g) + r, s - 1)) * dq
+                        + dd * 4, k8, ((bh(g) * d4 + dd) * skp + jb * KEYS) * 4)
+            for r in T.unroll(ROWS):
+                for ln in T.vectorized(KEYS):
+                    if has_mask:
+                        sc[r * skp + jb * KEYS + ln] = T.Select(
+                            jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
+                            T.Cast("float32", acc[r * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
+                                                                      + ln])
+                            * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
+                               * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale))
+                            + mask[bat(g) * mb, bh(g) % h * mh,
+                                   T.min(row0(g) + r, s - 1) * ms,
+                                   T.min(jb * KEYS + ln, sk - 1)],
+                            T.float32(neg))
+                    else:
+                        sc[r * skp + jb * KEYS + ln] = T.Select(
+                            jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
+                            T.Cast("float32", acc[r * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
+                                                                      + ln])
+                            * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
+                               * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale)),
+                            T.float32(neg))
+
+    @T.macro
+    def softmax_row(sc, ep, part, mx, tot, r, nb):
+        for ln in T.vectorized(KEYS):
+            part[ln] = T.float32(neg)
+        for jb in range(nb):
+            for ln in T.vectorized(KEYS):
+                part[ln] = T.max(part[ln], sc[r * skp + jb * KEYS + ln])
+        mx[r] = T.float32(neg)
+        for ln in range(KEYS):
+            mx[r] = T.max(mx[r], part[ln])
+        mx[r] = T.Select(mx[r] == T.float32(neg), T.float32(0), mx[r])
+        for ln in T.vectorized(KEYS):
+            part[ln] = T.float32(0)
+        for jb in range(nb):
+            for ln in T.vectorized(KEYS):
+                # e8 = round(exp(s - max) * 255); a NaN score adds NaN to the sum (its u8 is
+                # meaningless, the row's result NaN)
+                ep[r * skp + jb * KEYS + ln] = T.Cast("uint8", T.max(T.round(fast_exp(
+                    sc[r * skp + jb * KEYS + ln] - mx[r]) * T.float32(255)), T.float32(0)))
+                part[ln] = part[ln] + T.Cast("float32", ep[r * skp + jb * KEYS + ln]) \
+                    + T.Select(sc[r * skp + jb * KEYS + ln] != sc[r * skp + jb * KEYS + ln],
+                               T.float32(nan), T.float32(0))
+        tot[r] = T.float32(0)
+        for ln in range(KEYS):
+            tot[r] = tot[r] + part[ln]
+
+    @T.macro
+    def weighted_values(v8, vs, out, ep, tot, oacc, g):
+        for c in range(dv // dc):
+            for ln in T.vectorized(ROWS * dc):
+                oacc[ln] = 0
+            for j4 in range(nblk(g) * (KEYS // 4)):
+                for r in T.unroll(ROWS):
+                    for cv in T.unroll(dc // KEYS):
+                        dot(oacc, r * dc + cv * KEYS, ep, r * skp + j4 * 4, v8,
+                            ((bh(g) * (skp // 4) + j4) * dv + c * dc + cv * KEYS) * 4)
+            for r in range(ROWS):
+                if row0(g) + r < s:
+                    if dv == d:
+                        for cc in T.vectorized(dc):
+                            out[bat(g), row0(g) + r, bh(g) % h * d + c * dc + cc] = T.Cast(
+                                "float32", oacc[r * dc + cc]) * vs[bh(g) * dvt + c * dc + cc] \
+                                * (T.float32(1) / tot[r])
+                    else:
+                        for cc in range(dc):
+                            if c * dc + cc < d:
+                                out[bat(g), row0(g) + r, bh(g) % h * d + c * dc + cc] = T.Cast(
+                                    "float32", oacc[r * dc + cc]) * vs[
+                                        bh(g) * dvt + c * dc + cc] * (T.float32(1) / tot[r])
+
+    @T.macro
+    def body(q, k, v, mask, out):
+        q8 = T.alloc_buffer((bh_n * s * dq,), "uint8")
+        qs = T.alloc_buffer((bh_n * s,), "float32")
+        k8 = T.alloc_buffer((bh_n * d4 * skp * 4,), "int8")
+        kz = T.alloc_buffer((bh_n * skp,), "int32")
+        ks = T.alloc_buffer((bh_n * skp,), "float32")
+        v8 = T.alloc_buffer((bh_n * skp * dv,), "int8")
+        vs = T.alloc_buffer((bh_n * dvt,), "float32")
+        for x in T.parallel(bh_n):
+            pack_head(q, k, v, q8, qs, k8, kz, ks, v8, vs, x)
+        for it in T.parallel(its):
+            sc = T.alloc_buffer((ROWS * skp,), "float32")
+            ep = T.alloc_buffer((ROWS * skp,), "uint8")
+            acc = T.alloc_buffer((ROWS * KEYS,), "int32")
+            oacc = T.alloc_buffer((ROWS * dc,), "int32")
+            part = T.alloc_buffer((KEYS,), "float32")
+            mx = T.alloc_buffer((ROWS,), "float32")
+            tot = T.alloc_buffer((ROWS,), "float32")
+            for u in range(per):
+                if it + u * its < total:
+                    scores(q8, qs, k8, kz, ks, mask, sc, acc, it + u * its)
+                    for r in T.unroll(ROWS):
+                        softmax_row(sc, ep, part, mx, tot, r, nblk(it + u * its))
+                    weighted_values(v8, vs, out, ep, tot, oacc, it + u * its)
+
+    if has_mask:
+        bm, hm, sm, _ = mshape
+
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 mask: T.Buffer((bm, hm, sm, sk), "float32"),
+                 out: T.Buffer((bsz, s, h * d), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(q, k, v, mask, out)
+    else:
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 out: T.Buffer((bsz, s, h * d), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(q, k, v, q, out)
+
+    return KernelImpl(func, note=(
+        f"qattention {h} heads x {d}, {s} queries x {sk} keys, int8 dot products "
+        f"({'vpdpbusd' if vnni else 'int32 vector code'}), {total} tiles of {ROWS} rows dealt "
+        f"to {its} parallel iterations, {ROWS}x{dc} value tiles"
+        f"{', masked' if has_mask else ''}{', causal' if causal else ''}"))
