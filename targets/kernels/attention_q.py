@@ -39,6 +39,8 @@ __all__ = ["value_chunk_q", "ROWS", "KEYS"]
 ROWS = 4        # query rows per register tile
 KEYS = 16       # keys per score vector, head columns per value vector (16 int32 lanes)
 FLT_MAX = 3.4028234663852886e38
+# exp(x) * 255 < 0.5 below this: the probability's u8 is 0 (ln(0.5 / 255) = -6.2344)
+SKIP_BELOW = -6.25
 
 
 def value_chunk_q(dv: int) -> int:
@@ -98,7 +100,6 @@ def qattention(req: KernelRequest) -> KernelImpl:
     d4 = -(-d // 4)
     dq = d4 * 4                                  # q, k columns padded to whole 4-byte groups
     dv = -(-d // KEYS) * KEYS                    # value columns padded to whole vectors
-    dvt = -(-dv // 16) * 16
     skp = -(-sk // KEYS) * KEYS
     kblocks = skp // KEYS
     tiles = -(-s // ROWS)
@@ -136,6 +137,16 @@ def qattention(req: KernelRequest) -> KernelImpl:
             x / T.max(sc, T.float32(1e-30))), T.float32(127)), T.float32(-127)),
             T.float32(0))
 
+    def v_i8(v, vs, x, j, c):
+        # value row j, column c of head x as int32 (0 past the keys or the head's columns)
+        return T.Select(tirx.all(j < sk, c < d), T.Cast("int32", q_i8(
+            v[x // h, T.min(j, sk - 1), ov + x % h * d + T.min(c, d - 1)],
+            vs[x * dv + c])), 0)
+
+    def word(b0, b1, b2, b3):
+        # four int8 values as the bytes of one int32, b0 lowest (little endian)
+        return (b0 & 255) | ((b1 & 255) << 8) | ((b2 & 255) << 16) | (b3 << 24)
+
     @T.macro
     def row_scale(src, b, row, col, rv, rs):
         # rs[0] = max|src[b, row, col .. col + d]| / 127, NaN for a non-finite value
@@ -148,11 +159,12 @@ def qattention(req: KernelRequest) -> KernelImpl:
         rs[0] = T.Select(rv[0] == T.float32(inf), T.float32(nan), rv[0] / T.float32(127))
 
     @T.macro
-    def pack_head(q, k, v, q8, qs, k8, kz, ks, v8, vs, x):
+    def pack_head(q, k, v, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, x):
         rv = T.alloc_buffer((rl,), "float32")
         rs = T.alloc_buffer((1,), "float32")
-        ki = T.alloc_buffer((rl,), "float32")
         vm = T.alloc_buffer((dv,), "float32")
+        ones = T.alloc_buffer((4,), "uint8")
+        kacc = T.alloc_buffer((KEYS,), "int32")
         for i in range(s):
             row_scale(q, x // h, i, oq + x % h * d, rv, rs)
             qs[x * s + i] = rs[0]
@@ -164,20 +176,29 @@ def qattention(req: KernelRequest) -> KernelImpl:
             if j < sk:
                 row_scale(k, x // h, j, ok + x % h * d, rv, rs)
                 ks[x * skp + j] = rs[0]
-                for dd in T.vectorized(rl):
-                    ki[dd] = T.Select(dd < d, q_i8(
-                        k[x // h, j, ok + x % h * d + T.min(dd, d - 1)], rs[0]), T.float32(0))
-                for dd in range(dq):
-                    k8[((x * d4 + dd // 4) * skp + j) * 4 + dd % 4] = T.Cast("int8", ki[dd])
-                for lvl in T.unroll(int(math.log2(rl))):
-                    for dd in T.vectorized(rl // 2):
-                        ki[dd] = ki[dd] + ki[dd + (rl >> (lvl + 1))]
-                kz[x * skp + j] = T.Cast("int32", ki[0]) * 128
+                for dd in T.vectorized(dq):
+                    kb[(x * skp + j) * dq + dd] = T.Cast("int8", T.Select(dd < d, q_i8(
+                        k[x // h, j, ok + x % h * d + T.min(dd, d - 1)], rs[0]),
+                        T.float32(0)))
             else:
                 ks[x * skp + j] = T.float32(0)
-                kz[x * skp + j] = 0
-                for dd in range(dq):
-                    k8[((x * d4 + dd // 4) * skp + j) * 4 + dd % 4] = T.int8(0)
+                for dd in T.vectorized(dq):
+                    kb[(x * skp + j) * dq + dd] = T.int8(0)
+        # the 4-byte groups of 16 keys side by side: a transpose of 32-bit words
+        for jb in range(kblocks):
+            for dd in range(d4):
+                for ln in T.vectorized(KEYS):
+                    k8w[(x * d4 + dd) * skp + jb * KEYS + ln] = kbw[
+                        (x * skp + jb * KEYS + ln) * d4 + dd]
+            # 128 * sum_d k8 per key: the dot product with 4 bytes of ones
+            for t in range(4):
+                ones[t] = T.uint8(1)
+            for ln in T.vectorized(KEYS):
+                kacc[ln] = 0
+            for dd in range(d4):
+                dot(kacc, 0, ones, 0, k8, ((x * d4 + dd) * skp + jb * KEYS) * 4)
+            for ln in T.vectorized(KEYS):
+                kz[x * skp + jb * KEYS + ln] = kacc[ln] * 128
         for c in T.vectorized(dv):
             vm[c] = T.float32(0)
         for j in range(sk):
@@ -185,15 +206,14 @@ def qattention(req: KernelRequest) -> KernelImpl:
                 vm[c] = T.max(vm[c], T.Select(c < d, finite_abs(
                     v[x // h, j, ov + x % h * d + T.min(c, d - 1)]), T.float32(0)))
         for c in T.vectorized(dv):
-            vs[x * dvt + c] = T.Select(vm[c] == T.float32(inf), T.float32(nan),
-                                       vm[c] / T.float32(127))
+            vs[x * dv + c] = T.Select(vm[c] == T.float32(inf), T.float32(nan),
+                                      vm[c] / T.float32(127))
+        # 16 columns x 4 keys per 64 bytes: each column's 4 keys packed into one word
         for j4 in range(skp // 4):
-            for t in T.unroll(4):
-                for c in T.vectorized(dv):
-                    v8[((x * (skp // 4) + j4) * dv + c) * 4 + t] = T.Cast("int8", T.Select(
-                        j4 * 4 + t < sk and c < d, q_i8(
-                            v[x // h, T.min(j4 * 4 + t, sk - 1), ov + x % h * d
-                              + T.min(c, d - 1)], vs[x * dvt + c]), T.float32(0)))
+            for c in T.vectorized(dv):
+                v8w[(x * (skp // 4) + j4) * dv + c] = word(
+                    v_i8(v, vs, x, j4 * 4, c), v_i8(v, vs, x, j4 * 4 + 1, c),
+                    v_i8(v, vs, x, j4 * 4 + 2, c), v_i8(v, vs, x, j4 * 4 + 3, c))
 
     @T.macro
     def scores(q8, qs, k8, kz, ks, mask, sc, acc, g):
@@ -227,80 +247,130 @@ def qattention(req: KernelRequest) -> KernelImpl:
                             T.float32(neg))
 
     @T.macro
-    def softmax_row(sc, ep, part, mx, tot, r, nb):
-        for ln in T.vectorized(KEYS):
-            part[ln] = T.float32(neg)
-        for jb in range(nb):
-            for ln in T.vectorized(KEYS):
-                part[ln] = T.max(part[ln], sc[r * skp + jb * KEYS + ln])
-        mx[r] = T.float32(neg)
-        for ln in range(KEYS):
-            mx[r] = T.max(mx[r], part[ln])
-        mx[r] = T.Select(mx[r] == T.float32(neg), T.float32(0), mx[r])
-        for ln in T.vectorized(KEYS):
-            part[ln] = T.float32(0)
-        for jb in range(nb):
-            for ln in T.vectorized(KEYS):
-                # e8 = round(exp(s - max) * 255); a NaN score adds NaN to the sum (its u8 is
-                # meaningless, the row's result NaN)
-                ep[r * skp + jb * KEYS + ln] = T.Cast("uint8", T.max(T.round(fast_exp(
-                    sc[r * skp + jb * KEYS + ln] - mx[r]) * T.float32(255)), T.float32(0)))
-                part[ln] = part[ln] + T.Cast("float32", ep[r * skp + jb * KEYS + ln]) \
-                    + T.Select(sc[r * skp + jb * KEYS + ln] != sc[r * skp + jb * KEYS + ln],
-                               T.float32(nan), T.float32(0))
-        tot[r] = T.float32(0)
-        for ln in range(KEYS):
-            tot[r] = tot[r] + part[ln]
+    def max_step(buf, o, w):
+        for ln in T.vectorized(w):
+            buf[o + ln] = T.max(buf[o + ln], buf[o + ln + w])
 
     @T.macro
-    def weighted_values(v8, vs, out, ep, tot, oacc, g):
+    def sum_step(buf, o, w):
+        for ln in T.vectorized(w):
+            buf[o + ln] = buf[o + ln] + buf[o + ln + w]
+
+    @T.macro
+    def tree_max(buf, o):
+        # buf[o] = the max of buf[o .. o + 16]
+        max_step(buf, o, 8)
+        max_step(buf, o, 4)
+        max_step(buf, o, 2)
+        max_step(buf, o, 1)
+
+    @T.macro
+    def tree_sum(buf, o):
+        sum_step(buf, o, 8)
+        sum_step(buf, o, 4)
+        sum_step(buf, o, 2)
+        sum_step(buf, o, 1)
+
+    @T.macro
+    def softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nb):
+        for r in T.unroll(ROWS):
+            for ln in T.vectorized(KEYS):
+                part[r * KEYS + ln] = T.float32(neg)
+                nacc[r * KEYS + ln] = T.float32(0)
+            for jb in range(nb):
+                for ln in T.vectorized(KEYS):
+                    part[r * KEYS + ln] = T.max(part[r * KEYS + ln],
+                                                sc[r * skp + jb * KEYS + ln])
+                    # max drops NaN: a NaN score reaches the row's sum (and result) here
+                    nacc[r * KEYS + ln] = nacc[r * KEYS + ln] + T.Select(
+                        sc[r * skp + jb * KEYS + ln] != sc[r * skp + jb * KEYS + ln],
+                        T.float32(nan), T.float32(0))
+            tree_max(part, r * KEYS)
+            # a row of -inf (every key masked): max 0, every e8 0, sum 0, 0/0 = NaN
+            mx[r] = T.Select(part[r * KEYS] == T.float32(neg), T.float32(0), part[r * KEYS])
+            for ln in T.vectorized(KEYS):
+                part[r * KEYS + ln] = T.float32(0)
+        for jb in range(nb):
+            # a block whose every score is below max - 6.25 has every e8 = round(e * 255) = 0
+            # (exp(-6.25) * 255 < 0.5): it is skipped here and in P @ V
+            for ln in T.vectorized(KEYS):
+                blk[ln] = sc[jb * KEYS + ln] - mx[0]
+            for r in T.unroll(ROWS - 1):
+                for ln in T.vectorized(KEYS):
+                    blk[ln] = T.max(blk[ln], sc[(r + 1) * skp + jb * KEYS + ln] - mx[r + 1])
+            tree_max(blk, 0)
+            live[jb] = T.Select(blk[0] >= T.float32(SKIP_BELOW), 1, 0)
+            if live[jb] == 1:
+                for r in T.unroll(ROWS):
+                    for ln in T.vectorized(KEYS):
+                        ep[r * skp + jb * KEYS + ln] = T.Cast("uint8", T.max(T.round(fast_exp(
+                            sc[r * skp + jb * KEYS + ln] - mx[r]) * T.float32(255)),
+                            T.float32(0)))
+                        part[r * KEYS + ln] = part[r * KEYS + ln] + T.Cast(
+                            "float32", ep[r * skp + jb * KEYS + ln])
+        for r in T.unroll(ROWS):
+            tree_sum(part, r * KEYS)
+            tree_sum(nacc, r * KEYS)
+            tot[r] = part[r * KEYS] + nacc[r * KEYS]
+
+    @T.macro
+    def weighted_values(v8, vs, out, ep, tot, oacc, live, g):
         for c in range(dv // dc):
             for ln in T.vectorized(ROWS * dc):
                 oacc[ln] = 0
-            for j4 in range(nblk(g) * (KEYS // 4)):
-                for r in T.unroll(ROWS):
-                    for cv in T.unroll(dc // KEYS):
-                        dot(oacc, r * dc + cv * KEYS, ep, r * skp + j4 * 4, v8,
-                            ((bh(g) * (skp // 4) + j4) * dv + c * dc + cv * KEYS) * 4)
+            for jb in range(nblk(g)):
+                if live[jb] == 1:
+                    for j4 in range(KEYS // 4):
+                        for r in T.unroll(ROWS):
+                            for cv in T.unroll(dc // KEYS):
+                                dot(oacc, r * dc + cv * KEYS, ep, r * skp + jb * KEYS + j4 * 4,
+                                    v8, ((bh(g) * (skp // 4) + jb * (KEYS // 4) + j4) * dv
+                                         + c * dc + cv * KEYS) * 4)
             for r in range(ROWS):
                 if row0(g) + r < s:
                     if dv == d:
                         for cc in T.vectorized(dc):
                             out[bat(g), row0(g) + r, bh(g) % h * d + c * dc + cc] = T.Cast(
-                                "float32", oacc[r * dc + cc]) * vs[bh(g) * dvt + c * dc + cc] \
+                                "float32", oacc[r * dc + cc]) * vs[bh(g) * dv + c * dc + cc] \
                                 * (T.float32(1) / tot[r])
                     else:
                         for cc in range(dc):
                             if c * dc + cc < d:
                                 out[bat(g), row0(g) + r, bh(g) % h * d + c * dc + cc] = T.Cast(
                                     "float32", oacc[r * dc + cc]) * vs[
-                                        bh(g) * dvt + c * dc + cc] * (T.float32(1) / tot[r])
+                                        bh(g) * dv + c * dc + cc] * (T.float32(1) / tot[r])
 
     @T.macro
     def body(q, k, v, mask, out):
         q8 = T.alloc_buffer((bh_n * s * dq,), "uint8")
         qs = T.alloc_buffer((bh_n * s,), "float32")
+        kb = T.alloc_buffer((bh_n * skp * dq,), "int8")
+        kbw = T.decl_buffer((bh_n * skp * d4,), "int32", data=kb.data)
         k8 = T.alloc_buffer((bh_n * d4 * skp * 4,), "int8")
+        k8w = T.decl_buffer((bh_n * d4 * skp,), "int32", data=k8.data)
         kz = T.alloc_buffer((bh_n * skp,), "int32")
         ks = T.alloc_buffer((bh_n * skp,), "float32")
         v8 = T.alloc_buffer((bh_n * skp * dv,), "int8")
-        vs = T.alloc_buffer((bh_n * dvt,), "float32")
+        v8w = T.decl_buffer((bh_n * skp // 4 * dv,), "int32", data=v8.data)
+        vs = T.alloc_buffer((bh_n * dv,), "float32")
         for x in T.parallel(bh_n):
-            pack_head(q, k, v, q8, qs, k8, kz, ks, v8, vs, x)
+            pack_head(q, k, v, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, x)
         for it in T.parallel(its):
             sc = T.alloc_buffer((ROWS * skp,), "float32")
             ep = T.alloc_buffer((ROWS * skp,), "uint8")
             acc = T.alloc_buffer((ROWS * KEYS,), "int32")
             oacc = T.alloc_buffer((ROWS * dc,), "int32")
-            part = T.alloc_buffer((KEYS,), "float32")
+            part = T.alloc_buffer((ROWS * KEYS,), "float32")
+            nacc = T.alloc_buffer((ROWS * KEYS,), "float32")
+            live = T.alloc_buffer((kblocks,), "int32")
+            blk = T.alloc_buffer((KEYS,), "float32")
             mx = T.alloc_buffer((ROWS,), "float32")
             tot = T.alloc_buffer((ROWS,), "float32")
             for u in range(per):
                 if it + u * its < total:
                     scores(q8, qs, k8, kz, ks, mask, sc, acc, it + u * its)
-                    for r in T.unroll(ROWS):
-                        softmax_row(sc, ep, part, mx, tot, r, nblk(it + u * its))
-                    weighted_values(v8, vs, out, ep, tot, oacc, it + u * its)
+                    softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nblk(it + u * its))
+                    weighted_values(v8, vs, out, ep, tot, oacc, live, it + u * its)
 
     if has_mask:
         bm, hm, sm, _ = mshape
