@@ -18,7 +18,16 @@ fusions. Four rewrites, each an option, each a fusion across values nothing else
    first conv (the model's input), read only by that conv, becomes the conv's own input
    stage: ``conv2d_fused{layout="NCHW", out_layout="NHWC"}``.
 
-Depthwise convs are left alone (their kernel is depthwise.py's, with no such operands).
+5. ``depthwise_pointwise`` (off by default; A/B it with
+   ``fuse-conv-blocks{depthwise_pointwise=true}``): a depthwise conv read only by a 1x1
+   stride-1 conv (a ``conv2d``, or a ``conv2d_fused`` with a residual and no input scale),
+   both NHWC f32 with constant weights, becomes one ``depthwise_pointwise`` node (the
+   MobileNet block's depthwise and projection: the expanded tensor never goes through
+   memory). It runs after the other rewrites and the activation fusion, so the 1x1 conv it
+   takes already carries its residual and activation.
+
+Depthwise convs are otherwise left alone (their kernel is depthwise.py's, with no such
+operands).
 """
 
 from __future__ import annotations
@@ -207,6 +216,48 @@ def _input_transpose(graph: Graph, tr: Node) -> str | None:
     return None
 
 
+# -- 5. a depthwise conv and the 1x1 conv reading it -------------------------------------
+def _pointwise_reason(graph: Graph, conv: Node) -> str | None:
+    a = conv.attrs
+    if a["layout"] != "NHWC" or conv_fused_out_layout(a) != "NHWC" or a.get("input_scale"):
+        return "not_plain_nhwc"
+    if a["groups"] != 1 or list(a["strides"]) != [1, 1] or any(a["pads"]):
+        return "not_1x1_stride_1"
+    if kernel_dims(tuple(conv.inputs[1].shape), a["kernel_layout"])[2:] != (1, 1):
+        return "not_1x1_stride_1"
+    if conv.output.dtype != "f32" or const_array(graph, conv.inputs[1]) is None:
+        return "not_f32_const_weight"
+    return None
+
+
+def _depthwise_pointwise(graph: Graph, conv: Node) -> str | None:
+    reason = _pointwise_reason(graph, conv)
+    if reason:
+        return reason
+    dw = conv.inputs[0].producer
+    if dw is None or dw.op != "conv2d" or not _is_depthwise(dw) \
+            or dw.output.shape[3] != dw.inputs[0].shape[3] \
+            or only_user(graph, dw.output) is not conv:
+        return "input_not_a_single_use_depthwise"
+    if dw.attrs["layout"] != "NHWC" or dw.attrs["kernel_layout"] != conv.attrs["kernel_layout"]:
+        return "depthwise_layout_differs"
+    if const_array(graph, dw.inputs[1]) is None:
+        return "depthwise_weight_not_const"
+    inputs, attrs = _fused_parts(conv)
+    inputs = _with_bias(graph, conv, inputs)
+    dwi = _with_bias(graph, dw, list(dw.inputs))
+    d = dw.attrs
+    new = {"strides": d["strides"], "pads": d["pads"], "dilations": d["dilations"],
+           "layout": "NHWC", "kernel_layout": d["kernel_layout"],
+           "dw_activation": d["activation"], "dw_clip_min": d["clip_min"],
+           "dw_clip_max": d["clip_max"], "residual": bool(attrs["residual"]),
+           **{k: attrs[k] for k in _ACT_KEYS}}
+    replace_node(graph, conv, "depthwise_pointwise", [*dwi, inputs[1], inputs[2],
+                                                      *inputs[3:]], new, rule=RULE)
+    erase_dead(graph, [dw])
+    return None
+
+
 _REWRITES = (("squeeze_excite", "global_avg_pool", _squeeze_excite),
              ("input_scale", "mul", _input_scale),
              ("residual", "add", _residual),
@@ -219,7 +270,8 @@ class FuseConvBlocks(Pass):
     """Squeeze-excitation gates, channel scales, residual adds and the input transpose fused
     into conv kernels (module docstring). Before: the NHWC graph of ``to-nhwc``. After: no
     ``mul`` by a per-channel gate, ``add`` of a single-use conv result or input transpose is
-    left where the conv could take it; every fused conv is ``conv2d_fused``."""
+    left where the conv could take it; every fused conv is ``conv2d_fused`` (or, with
+    ``depthwise_pointwise``, a ``depthwise_pointwise`` with the depthwise conv before it)."""
 
     name: ClassVar[str] = "fuse-conv-blocks"
     squeeze_excite: bool = True
@@ -227,6 +279,7 @@ class FuseConvBlocks(Pass):
     residual: bool = True
     input_transpose: bool = True
     activations: tuple[Activation, ...] = ("relu", "relu6", "clip")
+    depthwise_pointwise: bool = False
 
     def __post_init__(self) -> None:
         check_activations(self.name, self.activations)
@@ -242,6 +295,11 @@ class FuseConvBlocks(Pass):
         if self.residual:  # act(conv + b + r): the activation reading the add
             acts = fuse_activation(graph, "conv2d_fused", self.activations, self.name)
             stats.update({f"activation.{k}": v for k, v in acts.stats.items()})
+        if self.depthwise_pointwise:
+            for node in [n for n in graph.nodes if n.op in _CONVS]:
+                reason = _depthwise_pointwise(graph, node)
+                _count(stats, f"depthwise_pointwise.skipped.{reason}" if reason
+                       else "depthwise_pointwise")
         changed = any(k in stats for k, _, _ in _REWRITES) or \
-            stats.get("activation.fused", 0) > 0
+            "depthwise_pointwise" in stats or stats.get("activation.fused", 0) > 0
         return PassResult(graph, changed, stats)

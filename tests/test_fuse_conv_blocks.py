@@ -191,3 +191,21 @@ def test_compiled_mobilenet_v3_small_matches_onnxruntime_and_keeps_nan(tmp_path)
     bad = x.copy()
     bad[0, 1, 20, 30] = np.nan
     assert np.isnan(m.run({m.input_names[0]: bad})[0]).all()
+
+
+@pytest.mark.slow
+def test_compiled_mobilenet_v2_with_depthwise_pointwise_matches_onnxruntime(tmp_path):
+    """fuse-conv-blocks{depthwise_pointwise=true}: every depthwise conv of MobileNetV2 (17,
+    each read by its 1x1 projection) is fused with it, and the compiled model still matches."""
+    from compiler import compile as npucc_compile
+    from targets.description import load_target
+
+    path, x, want = _export("mobilenet_v2", tmp_path)
+    pipeline = load_target("host").default_pipeline.replace(
+        "fuse-conv-blocks", "fuse-conv-blocks{depthwise_pointwise=true}")
+    assert "depthwise_pointwise=true" in pipeline
+    m = npucc_compile(path, target="host", pipeline=pipeline, progress=False)
+    ops = [n.op for n in m.graph.nodes]
+    assert ops.count("depthwise_pointwise") == 17, ops
+    assert not [n for n in m.graph.nodes if n.op == "conv2d" and n.attrs["groups"] > 1]
+    assert _rel(m.run({m.input_names[0]: x})[0], want) <= 1e-4

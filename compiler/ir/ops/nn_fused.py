@@ -1,4 +1,4 @@
-"""Fused convolution blocks: ``conv2d_fused`` and ``squeeze_excite``.
+"""Fused convolution blocks: ``conv2d_fused``, ``depthwise_pointwise`` and ``squeeze_excite``.
 
 Made by ``passes/fuse_blocks.py`` after the layout pass, so that a depthwise-heavy network
 (MobileNet, EfficientNet) runs fewer, bigger kernels and fewer tensors go through memory.
@@ -13,6 +13,15 @@ Made by ``passes/fuse_blocks.py`` after the layout pass, so that a depthwise-hea
     - ``out_layout``: the result's layout when it differs from the input's ("" = the same):
       a stem conv reading the model's NCHW input and writing NHWC.
     ``b`` is required (zeros when the conv had none).
+
+``depthwise_pointwise(x, w_dw, b_dw, w_pw, b_pw, residual?)``
+    ``act(conv1x1(dw_act(depthwise(x, w_dw) + b_dw), w_pw) + b_pw + residual)``: a depthwise
+    conv (``strides``, ``pads``, ``dilations``; its activation ``dw_activation`` with
+    ``dw_clip_min`` / ``dw_clip_max``) whose result only the 1x1 conv reads, as one kernel
+    (the depthwise result is made row by row beside the 1x1 conv and never goes through
+    memory). ``w_dw`` is ``[C, 1, KH, KW]`` and ``w_pw`` ``[OC, C, 1, 1]`` in
+    ``kernel_layout``; ``residual`` (with ``residual``) is shaped like the result; the
+    depthwise result is rounded to the operands' dtype before the 1x1 conv, as unfused.
 
 ``squeeze_excite(x, w1, b1, w2, b2)``
     the gate of a squeeze-excitation block, ``gate(act(mean_hw(x) @ w1 + b1) @ w2 + b2)``,
@@ -37,12 +46,13 @@ from compiler.ir.ops.nn import (
     conv2d_nchw,
     conv_infer,
     from_nchw,
+    kernel_dims,
     to_nchw,
 )
 from compiler.ir.registry import Attr, OpDef, register_op
 from compiler.ir.types import TensorType, is_float
 
-__all__ = ["conv_fused_out_layout", "channel_shape"]
+__all__ = ["conv_fused_out_layout", "channel_shape", "dw_attrs", "pw_attrs"]
 
 
 def conv_fused_out_layout(attrs: dict) -> str:
@@ -114,6 +124,86 @@ register_op(OpDef(
      "out_layout": Attr("str", "", ("", *LAYOUTS), "the result's layout, '' = layout")},
     _conv_fused_infer, _conv_fused_ref, verify=check_activation, family="nn",
     doc="conv2d with an input channel scale, a residual add and a result layout"))
+
+
+def dw_attrs(attrs: dict, channels: int) -> dict:
+    """The depthwise conv2d's attributes inside a ``depthwise_pointwise`` node."""
+    return {"strides": attrs["strides"], "pads": attrs["pads"], "dilations": attrs["dilations"],
+            "groups": channels, "layout": attrs["layout"],
+            "kernel_layout": attrs["kernel_layout"], "activation": attrs["dw_activation"],
+            "clip_min": attrs["dw_clip_min"], "clip_max": attrs["dw_clip_max"]}
+
+
+def pw_attrs(attrs: dict) -> dict:
+    """The 1x1 conv's attributes inside a ``depthwise_pointwise`` node."""
+    return {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "groups": 1,
+            "layout": attrs["layout"], "kernel_layout": attrs["kernel_layout"],
+            "activation": attrs["activation"], "clip_min": attrs["clip_min"],
+            "clip_max": attrs["clip_max"]}
+
+
+def _dwpw_infer(types, attrs):
+    n_in = 5 + int(attrs["residual"])
+    if len(types) != n_in:
+        raise OpError(f"depthwise_pointwise takes x, w_dw, b_dw, w_pw, b_pw"
+                      f"{', residual' if attrs['residual'] else ''}: {n_in} operands, got "
+                      f"{len(types)}")
+    if not is_float(same_dtype(types, "depthwise_pointwise's operands")):
+        raise OpError(f"depthwise_pointwise needs float operands, got {types[0]}")
+    x, layout, kl = types[0], attrs["layout"], attrs["kernel_layout"]
+    if x.rank != 4:
+        raise OpError(f"depthwise_pointwise's input must be 4-D ({layout}), got {x}")
+    c = x.shape[1] if layout == "NCHW" else x.shape[3]
+    o, i, _, _ = kernel_dims(types[1].shape, kl) if types[1].rank == 4 else (0, 0, 0, 0)
+    if (o, i) != (c, 1):
+        raise OpError(f"depthwise_pointwise's w_dw must be a depthwise weight for {c} "
+                      f"channels ([{c}, 1, KH, KW] as {kl}), got {types[1]}")
+    dw = conv_infer(types[:3], dw_attrs(attrs, c))[0]
+    _, _, kh, kw = kernel_dims(types[3].shape, kl) if types[3].rank == 4 else (0, 0, 0, 0)
+    if (kh, kw) != (1, 1):
+        raise OpError(f"depthwise_pointwise's w_pw must be a 1x1 weight ({kl}), got "
+                      f"{types[3]}")
+    out = conv_infer([dw, types[3], types[4]], pw_attrs(attrs))[0]
+    if attrs["residual"] and types[5].shape != out.shape:
+        raise OpError(f"depthwise_pointwise's residual must be shaped like the result "
+                      f"{list(out.shape)}, got {types[5]}")
+    return [out]
+
+
+def _dwpw_ref(xs, attrs):
+    x = xs[0]
+    layout, kl = attrs["layout"], attrs["kernel_layout"]
+    c = x.shape[1] if layout == "NCHW" else x.shape[3]
+    dwa, pwa = dw_attrs(attrs, c), pw_attrs(attrs)
+    ws = [w.transpose(0, 3, 1, 2) if kl == "OHWI" else w.transpose(3, 2, 0, 1)
+          if kl == "HWIO" else w for w in (xs[1], xs[3])]
+    xn = to_nchw(x, layout)
+    d = conv2d_nchw(xn, ws[0], xs[2], dwa["strides"], dwa["pads"], dwa["dilations"], c,
+                    keep_acc=True)
+    d = apply_activation(d, dwa).astype(x.dtype, copy=False)
+    y = conv2d_nchw(d, ws[1], xs[4], [1, 1], [0, 0, 0, 0], [1, 1], 1, keep_acc=True)
+    if attrs["residual"]:
+        y = y + to_nchw(xs[5], layout).astype(y.dtype, copy=False)
+    return [from_nchw(apply_activation(y, pwa).astype(x.dtype, copy=False), layout)]
+
+
+def _dwpw_verify(attrs):
+    check_activation(attrs)
+    check_activation({"activation": attrs["dw_activation"], "clip_min": attrs["dw_clip_min"],
+                      "clip_max": attrs["dw_clip_max"]})
+
+
+register_op(OpDef(
+    "depthwise_pointwise", (5, 6),
+    {"strides": CONV_ATTRS["strides"], "pads": CONV_ATTRS["pads"],
+     "dilations": CONV_ATTRS["dilations"], "layout": Attr("str", "NHWC", LAYOUTS),
+     "kernel_layout": Attr("str", "OHWI", KERNEL_LAYOUTS), **ACTIVATION_ATTRS,
+     "dw_activation": Attr("str", "none", ACTIVATIONS, "the depthwise conv's activation"),
+     "dw_clip_min": Attr("float", 0.0, doc="lower bound when dw_activation is clip"),
+     "dw_clip_max": Attr("float", 6.0, doc="upper bound when dw_activation is clip"),
+     "residual": Attr("bool", False, doc="a residual operand added before the activation")},
+    _dwpw_infer, _dwpw_ref, verify=_dwpw_verify, family="nn",
+    doc="a depthwise conv and the 1x1 conv reading it, with a residual add"))
 
 
 def _se_infer(types, attrs):
