@@ -4,6 +4,7 @@ from targets.kernels import (  # noqa: F401
     attention,
     attention_q,
     conv,
+    dw_pointwise,
     elementwise,
     embed_q,
     gemv_sparse,
