@@ -239,17 +239,19 @@ def _exp_tail(r, n, c, dt, tirx):
     return y * two_n
 
 
-def fast_erf(x):
-    """erf for f32 as a rational polynomial (Eigen's; abs error < 1e-6) that vectorises."""
+def fast_erf(x, finite: bool = False):
+    """erf for f32 as a rational polynomial (Eigen's; abs error < 1e-6) that vectorises.
+    ``finite``: the caller knows ``x`` is never NaN (an integer accumulator times finite
+    scales), so the NaN guard (a compare and a blend per vector) is left out."""
     from tvm import te
 
     x = expr(x)
     if dtype_of(x) != "float32":
         return te.erf(x)
-    return _let(x, _fast_erf)
+    return _let(x, lambda v: _fast_erf(v, finite))
 
 
-def _fast_erf(x):
+def _fast_erf(x, finite: bool = False):
     from tvm import te, tirx
 
     dt = "float32"
@@ -257,7 +259,8 @@ def _fast_erf(x):
     def c(v):
         return tirx.const(v, dt)
     xc = te.min(te.max(x, c(-4.0)), c(4.0))
-    return keep_nan(x, _let(xc, lambda x: _erf_poly(x, c)))
+    y = _let(xc, lambda x: _erf_poly(x, c))
+    return y if finite else keep_nan(x, y)
 
 
 def _erf_poly(x, c):
