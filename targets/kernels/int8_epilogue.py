@@ -15,7 +15,7 @@ from targets.kernels._te import tvm_dtype
 from targets.kernels.base import KernelRequest
 
 __all__ = ["fixed_point", "int_bounds", "epilogue", "mult_shift_stage", "channel_stages",
-           "ChannelStages"]
+           "ChannelStages", "quantized_gelu"]
 
 
 def fixed_point(m64):
@@ -70,28 +70,57 @@ class ChannelStages:
     ``[N]`` stages) instead of once per result element: the int32 bias with the zero-point
     term folded in (``bias - zp * sum_k w``), the f32 dequantization scale (``x_scale *
     w_scale``), and, where the result is the f32 value quantized, ``1 / y_scale`` (a multiply
-    per element instead of a divide)."""
+    per element instead of a divide).
+
+    ``gelu_folded``: a GELU whose result is quantized; ``deq`` and ``inv_y`` then both carry
+    a factor ``1 / sqrt(2)`` (see :func:`quantized_gelu`)."""
 
     bias: Any
     deq: Any
     inv_y: Any | None
+    gelu_folded: bool = False
 
 
 def channel_stages(req: KernelRequest, ins, n_ch: int, per_channel: bool, wsum) -> ChannelStages:
     """The :class:`ChannelStages` of a qdense/qconv2d; ``wsum(n)`` is channel n's weight sum."""
-    from tvm import te
+    from tvm import te, tirx
 
     bias, x_scale, w_scale = ins[2], ins[3], ins[5]
     zp = _x_zp(req, ins)
     b = te.compute((n_ch,), lambda n: bias[n] - zp * wsum(n), name="bias_zp")
+    quantized = req.attrs["out_dtype"] != "f32" and float_requant(req.attrs, _y_shape(req))
+    fold = quantized and req.attrs.get("activation", "none") == "gelu"
+    root2 = tirx.const(_INV_SQRT2 if fold else 1.0, "float32")
     deq = te.compute((n_ch,), lambda n: x_scale[()] * (w_scale[n] if per_channel
-                                                       else w_scale[()]), name="deq")
+                                                       else w_scale[()]) * root2, name="deq")
     inv_y = None
-    if req.attrs["out_dtype"] != "f32" and float_requant(req.attrs, _y_shape(req)):
+    if quantized:
         ys = ins[6]
-        inv_y = te.compute((n_ch,), lambda n: 1.0 / (ys[n] if _y_shape(req) else ys[()]),
+        inv_y = te.compute((n_ch,), lambda n: root2 / (ys[n] if _y_shape(req) else ys[()]),
                            name="inv_y")
-    return ChannelStages(b, deq, inv_y)
+    return ChannelStages(b, deq, inv_y, fold)
+
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def quantized_gelu(v, n, stages: ChannelStages, y_zp, out_dt: str):
+    """``quantize(gelu(v * deq))`` for an int32 ``v`` in fewer vector operations than
+    activation() then the quantize: with ``u = y / sqrt(2)`` (the folded ``deq``),
+    ``gelu(y) / y_scale = (u + u * erf(u)) / (sqrt(2) * y_scale)`` (the folded ``inv_y``),
+    and erf without its NaN guard (``v`` is an integer, the scales finite). Rounds half to
+    even and adds the zero point after rounding, as quantize does."""
+    from tvm import te, tirx
+
+    from targets.kernels._te import fast_erf
+
+    u = v.astype("float32") * stages.deq[n]
+    lo, hi = qrange(out_dt)
+    uv = tirx.Var("u", "float32")
+    scaled = (uv + uv * fast_erf(uv, finite=True)) * stages.inv_y[n]
+    q = tirx.round(scaled) + y_zp.astype("float32")
+    q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
+    return tirx.Let(uv, u, q.astype(tvm_dtype(out_dt)))
 
 
 def _x_zp(req: KernelRequest, ins):
@@ -126,6 +155,8 @@ def epilogue(req: KernelRequest, acc, n, ins, wsum, per_channel: bool, mult_shif
             v = v - _x_zp(req, ins) * wsum
     ws = w_scale[n] if per_channel else w_scale[()]
     act = attrs.get("activation", "none")
+    if stages is not None and stages.gelu_folded:
+        return quantized_gelu(v, n, stages, ins[7][(n,) if _y_shape(req) else ()], out_dt)
     if out_dt == "f32" or float_requant(attrs, _y_shape(req)):
         deq = stages.deq[n] if stages is not None else x_scale[()] * ws
         y = v.astype("float32") * deq
