@@ -38,6 +38,7 @@ from compiler.ir.ops.quant import qrange
 from compiler.numeric import make_sample_inputs
 from compiler.pass_base import Pass, PassContext, PassResult, json_option, register_pass
 from compiler.samples import resolve_samples
+from passes.quantization.attention_q import quantize_attention
 from passes.quantization.calibrate import (
     METHODS,
     TensorStats,
@@ -214,10 +215,13 @@ class InsertQuantize(Pass):
             if spec.precision not in ("int8", "float"):
                 if _call_handler(spec.precision, graph, node, spec, ctx):
                     stats["other"] += 1
+        # an int8 attention is qattention, quantized per call: no calibration (attention_q.py)
+        stats["qattention"] = quantize_attention(graph, plan)
+        stats["int8"] += stats["qattention"]
         nodes = int8_candidates(graph, {n: s for n, s in plan.items() if n in graph.nodes})
         if not nodes:
-            stats["float"] = len(plan)
-            return PassResult(graph, stats["other"] > 0, stats)
+            stats["float"] = len(plan) - stats["int8"] - stats["other"]
+            return PassResult(graph, stats["other"] + stats["int8"] > 0, stats)
         acts: dict[str, tuple[Value, str]] = {}
         for n in nodes:
             spec = plan[n]
