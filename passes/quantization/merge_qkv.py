@@ -55,7 +55,7 @@ def match(graph: Graph, att: Node) -> tuple[list[Node] | None, str]:
 def merge_qkv(graph: Graph, stats: dict[str, int]) -> bool:
     """Apply the rule to every attention of ``graph``; counts ``merge_qkv`` in ``stats``."""
     changed = False
-    for att in list(graph.find("attention")):
+    for att in [*graph.find("attention"), *graph.find("qattention")]:
         nodes, _why = match(graph, att)
         if nodes is None:
             continue
@@ -76,7 +76,7 @@ def merge_qkv(graph: Graph, stats: dict[str, int]) -> bool:
         attrs = dict(att.attrs)
         for key, base in zip(_OFFSETS, np.cumsum([0, *sizes[:-1]]), strict=True):
             attrs[key] = int(attrs[key] + base)
-        new = graph.make_node("attention", [qkv.output] * 3 + list(att.inputs[3:]), attrs,
+        new = graph.make_node(att.op, [qkv.output] * 3 + list(att.inputs[3:]), attrs,
                               name=att.name, before=att, device=att.device)
         graph.replace_all_uses(att.output, new.output)
         erase_dead(graph, [att])
