@@ -39,7 +39,8 @@ from compiler.pipeline import parse_pipeline
 
 __all__ = ["build_report", "write_report", "render_html", "heatmap_png", "QUANT_OPS"]
 
-QUANT_OPS = frozenset({"dense_wq", "gather_q", "norm_f16", "qdense", "qconv2d", "qmatmul"})
+QUANT_OPS = frozenset({"dense_wq", "gather_q", "norm_f16", "qdense", "qconv2d", "qmatmul",
+                       "qattention"})
 BINS = 64
 
 
