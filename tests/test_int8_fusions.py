@@ -166,7 +166,7 @@ def test_merge_qkv_makes_one_qdense_read_at_offsets(tmp_path):
     off = run_pipeline(g.copy(), "quantize{calibration=@calib},lower-quantized{merge-qkv=false}",
                        ctx=ctx)
     assert low.op_counts()["qdense"] == 2 and off.op_counts()["qdense"] == 4
-    (att,) = low.find("attention")
+    (att,) = low.find("qattention")   # the int8 preset makes attention int8 too
     qkv = att.inputs[0].producer
     assert att.inputs[:3] == [qkv.output] * 3 and qkv.output.shape == (1, 12, 48)
     assert (att.attrs["q_offset"], att.attrs["k_offset"], att.attrs["v_offset"]) == (0, 16, 32)

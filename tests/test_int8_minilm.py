@@ -175,7 +175,7 @@ def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
     # 6 layers x (one merged q/k/v, output, 2 FFN) + the pooler: each attention reads its
     # layer's one q/k/v qdense at three column offsets
     assert counts.get("dense", 0) == 0 and counts["qdense"] == 25
-    atts = g.find("attention")
+    atts = g.find("qattention")   # int8 attention (passes/quantization/attention_q.py)
     assert len(atts) == 6 and all(len({id(v) for v in a.inputs[:3]}) == 1 for a in atts)
     assert [n.name for n in g.find("quantize") if n.inputs[0].producer is not None
             and n.inputs[0].producer.op == "qdense"] == []
