@@ -64,7 +64,7 @@ def test_quantize_kernel_is_vector_code(level):
 def test_add_layer_norm_quantized_is_vector_code(level):
     """Built (not run) for each CPU kind: the fused residual add + layer_norm + quantize
     rounds whole SIMD registers of floats (the quantized row is vectorised as well as the
-    f32 one) and x86 code has no gathers."""
+    f32 one), multiplies by 1 / y_scale instead of dividing, and x86 code has no gathers."""
     cpu = cpu_info_for(LEVELS[level])
     x, p = TensorType((1, 128, 384), "f32"), TensorType((384,), "f32")
     s, z = np.full(384, 0.02, np.float32), np.full(384, 128, np.uint8)
@@ -78,6 +78,9 @@ def test_add_layer_norm_quantized_is_vector_code(level):
     ll = _compiled(impl, cpu, "ll")
     assert f"@llvm.nearbyint.v{cpu.lanes('f32')}f32" in ll
     assert "@llvm.nearbyint.f32(" not in ll
+    # the constant y_scale arrives as its reciprocal: a multiply per vector, no divide
+    np.testing.assert_array_equal(impl.weight_transforms[4](s), np.float32(1) / s)
+    assert "fdiv <" not in ll
     if cpu.arch == "x86_64":
         assert "vgather" not in _compiled(impl, cpu, "asm")
 

@@ -223,15 +223,23 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
         return y
 
     outs = [te.compute(xt.shape, body, name="out")]
+    transforms = {}
     if quantized:
         s, z = ins[-2], ins[-1]
         lo, hi = qrange(req.output_types[1].dtype)
         Y = outs[0]
+        # a constant y_scale is passed as its reciprocal (a multiply per vector instead of a
+        # divide; results may move one step at a rounding boundary, as the f32 rows already
+        # may against the reference)
+        s_at = len(ins) - 2
+        if s_at in req.const_inputs:
+            transforms[s_at] = _reciprocal
 
         def quant(*i):
             # as the quantize kernel: tirx.round is LLVM's nearbyint (half to even)
             at = (i[-1],) if req.input_types[-1].rank else ()
-            q = tirx.round(Y[i] / s[at]) + z[at].astype("float32")
+            scaled = Y[i] * s[at] if transforms else Y[i] / s[at]
+            q = tirx.round(scaled) + z[at].astype("float32")
             q = te.min(te.max(q, tirx.const(lo, "float32")), tirx.const(hi, "float32"))
             return q.astype(tvm_dtype(req.output_types[1].dtype))
         outs.append(te.compute(xt.shape, quant, name="quantized"))
@@ -244,7 +252,12 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
         note = f"{what} rows of {count}, row-parallel, vectorised"
     else:
         sched, note = generic(req.cpu, xt.dtype), f"{what} over axes {axis}.."
-    return KernelImpl(prim_func([*ins, *outs], sched), note=note)
+    return KernelImpl(prim_func([*ins, *outs], sched), transforms, note=note)
+
+
+def _reciprocal(scale: np.ndarray) -> np.ndarray:
+    """``1 / y_scale`` in f32, as the kernel would compute it."""
+    return np.float32(1.0) / np.asarray(scale, np.float32)
 
 
 def _then_quantized_rows(rows, lanes: int, length: int):
