@@ -29,6 +29,7 @@ from targets.kernels._te import (
     load as _load,
 )
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest, register_kernel
+from targets.kernels.norm_rows import tree_row_schedule, tree_stats, tree_width
 
 __all__: list[str] = []
 
@@ -206,13 +207,21 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
         return body
 
     inv_n = tirx.const(1.0 / max(count, 1), dt)
-    mean = te.compute(stat_shape, row_sum(lambda i, ks: _load(X, list(i) + ks)), name="mean")
+    lanes = req.cpu.lanes(xt.dtype)
+    width = tree_width(count, lanes) if axis == xt.rank - 1 else 0
+    if width:
+        mean, var = tree_stats(lambda row, k: _load(X, [*row, k]), stat_shape, count, width,
+                               dt)
+    else:
+        mean = te.compute(stat_shape, row_sum(lambda i, ks: _load(X, list(i) + ks)),
+                          name="mean")
 
     def centred(i, ks):
         return _load(X, list(i) + list(ks)) - _load(mean, i) * inv_n
 
-    var = te.compute(stat_shape, row_sum(lambda i, ks: centred(i, ks) * centred(i, ks)),
-                     name="var")
+    if not width:
+        var = te.compute(stat_shape, row_sum(lambda i, ks: centred(i, ks) * centred(i, ks)),
+                         name="var")
 
     def body(*i):
         row, inner = i[:axis], i[axis:]
@@ -244,11 +253,15 @@ def layer_norm(req: KernelRequest) -> KernelImpl:
             return q.astype(tvm_dtype(req.output_types[1].dtype))
         outs.append(te.compute(xt.shape, quant, name="quantized"))
     what = req.op + (" +quantize" if quantized else "")
-    if axis == xt.rank - 1:
-        rows = row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count,
-                            req.cpu.lanes(xt.dtype))
-        sched = _then_quantized_rows(rows, req.cpu.lanes(xt.dtype), count) if quantized \
-            else rows
+    if width:
+        n_rows = math.prod(stat_shape)
+        rows = tree_row_schedule(req.cpu, xt.rank - 1, width, lanes,
+                                 n_rows * count >= PARALLEL_MIN and n_rows >= 2)
+        sched = _then_quantized_rows(rows, lanes, count) if quantized else rows
+        note = f"{what} rows of {count}, row-parallel, {width // lanes}-vector statistics"
+    elif axis == xt.rank - 1:
+        rows = row_schedule(req.cpu, ["var", "mean"], xt.rank - 1, count, lanes)
+        sched = _then_quantized_rows(rows, lanes, count) if quantized else rows
         note = f"{what} rows of {count}, row-parallel, vectorised"
     else:
         sched, note = generic(req.cpu, xt.dtype), f"{what} over axes {axis}.."
