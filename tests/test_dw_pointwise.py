@@ -50,6 +50,10 @@ def _cases() -> list[Case]:
         # a 7x7 map (channel-block groups per row on a multi-core host), residual + relu
         _case(_r(1, 7, 7, 32), 32, 320, {"pads": [1, 1, 1, 1], "dw_activation": "relu6",
                                          "activation": "relu"}, residual=True),
+        # 7x7 with an odd block count per channel-block group (groups of 3 and 2 blocks of
+        # 32 on a 2-core AVX-512 host)
+        _case(_r(1, 7, 7, 48), 48, 160, {"pads": [1, 1, 1, 1], "dw_activation": "relu6"},
+              residual=True),
         # stride 2, odd output channels (padded block), clip, HWIO weights
         _case(_r(1, 11, 11, 24), 24, 40, {"pads": [1, 1, 1, 1], "strides": [2, 2],
                                           "dw_activation": "clip", "dw_clip_min": -0.5,
@@ -78,9 +82,9 @@ def test_kernel_matches_reference(tmp_path, cpu):
     # the NaN pixel reaches the outputs whose dilated 3x3 window holds it: input row 4 is
     # output row y + 2 * ry - 2 for ry = 0, 1, 2 -> rows (and columns) 6, 4, 2 of sample 1,
     # all 16 channels; nothing in sample 0
-    nan_at = np.argwhere(np.isnan(got[3][0]).any(axis=3))
+    nan_at = np.argwhere(np.isnan(got[4][0]).any(axis=3))
     assert sorted(map(tuple, nan_at)) == [(1, y, x) for y in (2, 4, 6) for x in (2, 4, 6)]
-    assert np.isnan(got[3][0]).sum() == 9 * 16
+    assert np.isnan(got[4][0]).sum() == 9 * 16
 
 
 def test_reference_is_the_two_convs():
@@ -98,8 +102,12 @@ def test_short_maps_split_the_channel_blocks_when_the_recompute_is_cheap():
     # 7 rows on 2 cores: 10 blocks of 32 split in 2 (2 x 7 tasks; the depthwise row made
     # twice costs 9 of the 1x1 conv's 320 MACs per channel)
     assert row_splits(g7, ConvTiles(32, 7, 10, 7, True), cores=2) == 2
-    # 5 blocks: only 5 groups would give enough tasks, and 4 more depthwise rows cost too much
-    assert row_splits(g7, ConvTiles(32, 7, 5, 7, True), cores=2) == 1
+    # 5 blocks: groups of 3 and 2
+    assert row_splits(g7, ConvTiles(32, 7, 5, 7, True), cores=2) == 2
+    # 4 cores want 16 tasks: 3 groups, but 2 more depthwise rows (18 MACs per channel) cost
+    # more than a tenth of 2 blocks of 32 channels
+    assert row_splits(g7, ConvTiles(32, 7, 10, 7, True), cores=4) == 3
+    assert row_splits(g7, ConvTiles(32, 7, 2, 7, True), cores=4) == 1
     # enough rows, or one core: no split
     g14 = ConvGeom(1, 14, 14, 576, 576, 3, 3, 14, 14, pt=1, pl=1, pb=1, pr=1, groups=576)
     assert row_splits(g14, ConvTiles(32, 7, 10, 14, True), cores=2) == 1

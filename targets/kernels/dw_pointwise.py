@@ -7,7 +7,8 @@ memory between two kernels (one launch fewer per block, one write and one read o
 expanded tensor fewer).
 
 - One parallel task per output row (times ``splits`` groups of output-channel blocks when a
-  map has too few rows for the threads, each group making the row again).
+  map has too few rows for the threads, each group making the row again: 7 rows on 2 cores
+  are 4 + 3 tasks, 14 are balanced to a task).
 - Inside a task: the depthwise row, in depthwise.py's register tiles (``cb`` channels x
   ``owb`` columns, the window unrolled, bias and activation applied as a tile is stored),
   then the 1x1 conv over the row in conv.py's GEMM register tiles (``owb`` columns x ``ob``
@@ -40,16 +41,14 @@ RECOMPUTE_SHARE = 0.1
 
 
 def row_splits(g: ConvGeom, t: ConvTiles, cores: int) -> int:
-    """Groups of output-channel blocks per row: 1 unless the rows are fewer than 4 per core
-    and a divisor of the block count gives enough tasks at a small recompute cost."""
+    """Groups of output-channel blocks per row (the last group may hold fewer blocks): 1
+    unless the rows are fewer than 4 per core; then the fewest groups that give 4 tasks per
+    core, if making the depthwise row that many times costs little beside the 1x1 conv."""
     rows = g.n * g.oh
     if cores <= 1 or rows >= 4 * cores:
         return 1
-    nb = t.nb_g
-    for s in range(2, nb + 1):
-        if nb % s == 0 and rows * s >= 4 * cores:
-            return s if (s - 1) * g.kh * g.kw <= RECOMPUTE_SHARE * nb * t.ob else 1
-    return 1
+    s = min(t.nb_g, -(-4 * cores // rows))
+    return s if (s - 1) * g.kh * g.kw <= RECOMPUTE_SHARE * t.nb_g * t.ob else 1
 
 
 def _geoms(req: KernelRequest, label: str) -> tuple[ConvGeom, ConvGeom]:
