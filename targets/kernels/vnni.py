@@ -101,8 +101,13 @@ def pack_vnni(w_nk: np.ndarray, nb: int = 16) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([body, tail], axis=1))
 
 
-def _panel(n_ch: int) -> int:
-    """Output channels per register tile: 32 (two zmm) unless there are at most 16."""
+def _panel(n_ch: int, k: int = 0, l1d_bytes: int = 0) -> int:
+    """Output channels per register tile: 64 (four zmm) where the channels are whole panels
+    of 64 and one panel's ``k`` weight bytes per channel fit in ``l1d_bytes`` (a qdense with
+    panels outermost then reads its weights from L1 for every row tile); else 32 (two zmm)
+    unless there are at most 16."""
+    if n_ch % 64 == 0 and 0 < 64 * k <= l1d_bytes:
+        return 64
     return 32 if n_ch > 16 else 16
 
 
@@ -129,11 +134,13 @@ def _u8_view(req: KernelRequest, x):
 
 
 def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], n_ch: int,
-                 k4: int, a_at, taps: tuple[int, ...], w_at, cols_outer: bool = False):
+                 k4: int, a_at, taps: tuple[int, ...], w_at, nb: int,
+                 cols_outer: bool = False):
     """VNNI build of ``out[rows..., n]`` reducing over ``taps`` x (4 * k4).
 
     ``a_at(rows, taps_axes, k)`` is the u8 activation (a buffer access, for tensorization),
-    ``w_at(n, taps_axes, k)`` the packed weight access. ``cols_outer``: tiles ordered by
+    ``w_at(n, taps_axes, k)`` the packed weight access; ``nb`` channels per register tile
+    (:func:`_panel`, as packed). ``cols_outer``: tiles ordered by
     column panel, then rows (one panel's weights stay in L1 across the row tiles, and each
     thread's chunks read only their share of the weights); else by rows, then panels.
     """
@@ -142,7 +149,6 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
 
     intrin = _register_intrin()
     out_t = req.output_types[0]
-    nb = _panel(n_ch)
     nv = nb // 16
     per_channel = req.input_types[5].rank == 1
     rax = [te.reduce_axis((0, t), f"t{i}") for i, t in enumerate(taps)]
@@ -266,7 +272,7 @@ def vnni_qconv(req: KernelRequest) -> KernelImpl | None:
         return W[n // 16, (rax[0] * kw + rax[1]) * c4 + k // 4, n % 16, k % 4]
 
     func = _vnni_kernel(req, ins, rows_shape=tuple(out_t.shape[:3]), n_ch=o, k4=c4,
-                        a_at=a_at, taps=(kh, kw), w_at=w_at)
+                        a_at=a_at, taps=(kh, kw), w_at=w_at, nb=nb)
     return KernelImpl(func, {1: lambda w, nb=nb: pack_conv_vnni(w, nb)},
                       note=f"qconv2d VNNI {kh}x{kw}/{sh} {c}->{o}"
                            + (" padded copy" if need_pad else ""))
@@ -283,7 +289,7 @@ def vnni_qdense(req: KernelRequest) -> KernelImpl | None:
     if not (has_vnni(req.cpu) and K % 4 == 0 and 1 in req.const_inputs and M > 0):
         return None
     k4 = K // 4
-    nb = _panel(N)
+    nb = _panel(N, K, req.cpu.l1d_bytes)
     ins = placeholders(req, {1: TensorType((-(-N // nb) * nb // 16, k4 + 1, 16, 4), "i8")})
     X, W = _u8_view(req, ins[0]), ins[1]
     lead = xt.shape[:-1] or (1,)
@@ -298,7 +304,7 @@ def vnni_qdense(req: KernelRequest) -> KernelImpl | None:
     # (AMD EPYC znver4, 2 threads, 16 weight copies in turn): 128x384->384 61-63 -> 57 us,
     # ->1536 +GELU 248-250 -> 227-231 us, 1536->384 201-203 -> 197-199 us, ->1152 unchanged
     func = _vnni_kernel(req, ins, rows_shape=tuple(lead), n_ch=N, k4=k4, a_at=a_at, taps=(),
-                        w_at=w_at, cols_outer=True)
+                        w_at=w_at, nb=nb, cols_outer=True)
     return KernelImpl(func, {1: lambda w, nb=nb: pack_vnni(w, nb)},
                       note=f"qdense VNNI M={M} K={K} N={N}"
                            + (" (i8 x flipped to u8)" if xt.dtype == "i8" else ""))
