@@ -306,5 +306,6 @@ def vnni_qdense(req: KernelRequest) -> KernelImpl | None:
     func = _vnni_kernel(req, ins, rows_shape=tuple(lead), n_ch=N, k4=k4, a_at=a_at, taps=(),
                         w_at=w_at, nb=nb, cols_outer=True)
     return KernelImpl(func, {1: lambda w, nb=nb: pack_vnni(w, nb)},
-                      note=f"qdense VNNI M={M} K={K} N={N}"
+                      note=f"qdense VNNI M={M} K={K} N={N}, tiles {_pick_mr(lead[-1], nb // 16)}"
+                           f"x{nb} by panel"
                            + (" (i8 x flipped to u8)" if xt.dtype == "i8" else ""))
