@@ -294,3 +294,32 @@ def test_pool_windows_with_unit_extent(window):
         m = compile(g, progress=False)
         xv = np.random.default_rng(0).random((1, 64, 96, 1), dtype=np.float32)
         np.testing.assert_allclose(m(xv)[0], interpret(g, [xv])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_column_tile_clamps_its_reads_instead_of_a_pad_stage():
+    """A 1x1 conv on a 14- or 7-wide map built for x86-64-v3 (16 registers: 5- and 6-column
+    tiles that pad the row) reads the padded columns clamped to the last one, with no padded
+    copy of the input (a pad stage, a workspace buffer); a conv with real zero padding keeps
+    its stage. Numerics against the reference on this (x86-64) host."""
+    import platform
+
+    import tvm
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 code runs on x86-64 hosts only")
+    v3 = host_cpu("x86-64-v3")
+    cases = [_conv(1, 64, 14, 14, 96, 1, activation="relu6"), _conv(1, 96, 7, 7, 160, 1),
+             _conv(1, 16, 14, 14, 32, 3, **P1)]
+    ex, impls = _build(cases, v3)
+    notes = [impl.note for _, impl, _ in impls]
+    assert ["clamped columns" in n for n in notes] == [True, True, False], notes
+    assert ["pad stage" in n for n in notes] == [False, False, True], notes
+    for i, (case, (_req, impl, ref)) in enumerate(zip(cases, impls, strict=True)):
+        args = [impl.weight_transforms[j](a) if j in impl.weight_transforms else a
+                for j, a in enumerate(case[1])]
+        out = tvm.runtime.tensor(np.zeros(ref[0].shape, ref[0].dtype))
+        ex[f"case{i}"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), ref[0], rtol=1e-4, atol=1e-4, err_msg=notes[i])
+    one = _build(cases[:1], v3)[0]
+    asm = (one.mod.imports[0] if one.mod.imports else one.mod).inspect_source("asm")
+    assert "TVMBackendAllocWorkspace" not in asm

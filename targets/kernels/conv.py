@@ -44,7 +44,7 @@ from targets.kernels.conv_common import (
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d", "input_stage", "conv_epilogue",
            "schedule_stage", "fused_operands", "accumulate_in_registers", "acc_ir_dtype",
-           "PARALLEL_MIN_MACS"]
+           "PARALLEL_MIN_MACS", "ClampedColumns"]
 
 # Below this many multiply-adds (~10-25 µs on one AVX-512 core) a conv runs on one thread: a
 # parallel launch costs µs, and on a busy machine a descheduled worker stalls the whole call.
@@ -97,6 +97,20 @@ def input_stage(X, layout: str, n: int, c: int, src_h: int, src_w: int, hs: int,
         return tirx.if_then_else(tirx.all(*conds), v, zero)
 
     return te.compute((n, hs, ws, c), body, name="pad")
+
+
+class ClampedColumns:
+    """An NHWC tensor read at ``[n, y, min(x, width - 1), c]``: the input of a conv whose
+    padded last column tile reads past the input (those columns' results are discarded)."""
+
+    def __init__(self, x, width: int) -> None:
+        self.x, self.width, self.dtype = x, width, x.dtype
+
+    def __getitem__(self, idx):
+        from tvm import tirx
+
+        b, y, col, ch = idx
+        return self.x[b, y, tirx.min(col, self.width - 1), ch]
 
 
 def _activation(v, attrs: dict[str, Any]):
@@ -274,6 +288,13 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     sa = stage_args
     need_stage = (layout == "NCHW" or sa["top"] != 0 or sa["left"] != 0 or sa.get("up", 1) > 1
                   or hs > sa["src_h"] or ws > sa["src_w"])
+    # columns past the input only because the last column tile is padded (owp > ow, no zero
+    # padding a real output reads): clamp those reads to the last column instead of copying
+    # the whole input into a padded stage (their results are never stored)
+    clamp = need_stage and layout == "NHWC" and not (sa["top"] or sa["left"]) \
+        and sa.get("up", 1) == 1 and hs <= sa["src_h"] \
+        and (g.ow - 1) * g.sw + g.dw * (g.kw - 1) + 1 <= sa["src_w"]
+    need_stage = need_stage and not clamp
     xin, scale_at = X, None
     if scale is not None:
         def scale_of(b, ch):
@@ -286,7 +307,9 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
                 b, i3 if layout == "NHWC" else i1), name="scale")
         else:
             scale_at = scale_of
-    if need_stage:
+    if clamp:
+        xs = ClampedColumns(xin, sa["src_w"])
+    elif need_stage:
         xs = input_stage(xin, layout, g.n, g.ic, sa["src_h"], sa["src_w"], hs, ws, sa["top"],
                           sa["left"], sa.get("up_h", 1), sa.get("up_w", 1))
     else:
@@ -309,7 +332,7 @@ def _conv_impl(req: KernelRequest, g: ConvGeom, layout: str, out_layout: str,
     _schedule_conv(sch, g, t, req.cpu, lanes, out_layout)
     note = (f"{label} {layout}->{out_layout} {g.kh}x{g.kw}/{g.sh} g{g.groups}: tile "
             f"{t.owb}x{t.ob}, {'blocks' if t.blocks_outer else 'rows'} outer"
-            f"{', pad stage' if need_stage else ''}{', in-kernel weight packing' if not w_const else ''}")
+            f"{', pad stage' if need_stage else ''}{', clamped columns' if clamp else ''}{', in-kernel weight packing' if not w_const else ''}")
     return KernelImpl(sch.mod["main"], {1: wtransform(t)} if w_const else {}, note=note)
 
 
