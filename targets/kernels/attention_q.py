@@ -100,7 +100,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
     d4 = -(-d // 4)
     dq = d4 * 4                                  # q, k columns padded to whole 4-byte groups
     dv = -(-d // KEYS) * KEYS                    # value columns padded to whole vectors
-    skp = -(-sk // KEYS) * KEYS
+    skp = -(-sk // (2 * KEYS)) * 2 * KEYS      # keys padded to whole pairs of blocks
     kblocks = skp // KEYS
     tiles = -(-s // ROWS)
     total = bsz * h * tiles
@@ -110,10 +110,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
     dc = value_chunk_q(dv)
     cshift = sk - s if causal else sk
     neg, inf, nan = -math.inf, math.inf, math.nan
-    # the row max's vector: the head's columns in 16-lane chunks, padded to a power of two
-    rl = 16
-    while rl < dq:
-        rl *= 2
+    rchunks = -(-d // KEYS)                      # a row's max: its chunks of 16 columns
 
     def bat(g):
         return g // (h * tiles)
@@ -130,6 +127,9 @@ def qattention(req: KernelRequest) -> KernelImpl:
     def finite_abs(x):
         # |x|, or +inf for a NaN or an infinity (the row's scale then becomes NaN)
         return T.Select(T.abs(x) <= T.float32(FLT_MAX), T.abs(x), T.float32(inf))
+
+    def no_nan(x):
+        return T.Select(tirx.isnan(x), T.float32(inf), x)
 
     def q_i8(x, sc):
         # the symmetric int8 value of x at scale sc, as f32 (0 for a non-finite x)
@@ -148,19 +148,47 @@ def qattention(req: KernelRequest) -> KernelImpl:
         return (b0 & 255) | ((b1 & 255) << 8) | ((b2 & 255) << 16) | (b3 << 24)
 
     @T.macro
+    def max_step(buf, o, w):
+        for ln in T.vectorized(w):
+            buf[o + ln] = T.max(buf[o + ln], buf[o + ln + w])
+
+    @T.macro
+    def sum_step(buf, o, w):
+        for ln in T.vectorized(w):
+            buf[o + ln] = buf[o + ln] + buf[o + ln + w]
+
+    @T.macro
+    def tree_max(buf, o):
+        # buf[o] = the max of buf[o .. o + 16]
+        max_step(buf, o, 8)
+        max_step(buf, o, 4)
+        max_step(buf, o, 2)
+        max_step(buf, o, 1)
+
+    @T.macro
+    def tree_sum(buf, o):
+        sum_step(buf, o, 8)
+        sum_step(buf, o, 4)
+        sum_step(buf, o, 2)
+        sum_step(buf, o, 1)
+
+    @T.macro
     def row_scale(src, b, row, col, rv, rs):
-        # rs[0] = max|src[b, row, col .. col + d]| / 127, NaN for a non-finite value
-        for dd in T.vectorized(rl):
-            rv[dd] = T.Select(dd < d, finite_abs(src[b, row, col + T.min(dd, d - 1)]),
+        # rs[0] = max|src[b, row, col .. col + d]| / 127, NaN for a non-finite value: 16-lane
+        # partial maxima over the row's chunks of 16, then a halving tree
+        for ln in T.vectorized(KEYS):
+            rv[ln] = T.Select(ln < d, finite_abs(src[b, row, col + T.min(ln, d - 1)]),
                               T.float32(0))
-        for lvl in T.unroll(int(math.log2(rl))):
-            for dd in T.vectorized(rl // 2):
-                rv[dd] = T.max(rv[dd], rv[dd + (rl >> (lvl + 1))])
+        for ch in range(1, rchunks):
+            for ln in T.vectorized(KEYS):
+                rv[ln] = T.max(rv[ln], T.Select(ch * KEYS + ln < d, finite_abs(
+                    src[b, row, col + T.min(ch * KEYS + ln, d - 1)]), T.float32(0)))
+        tree_max(rv, 0)
         rs[0] = T.Select(rv[0] == T.float32(inf), T.float32(nan), rv[0] / T.float32(127))
 
     @T.macro
     def pack_head(q, k, v, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, x):
-        rv = T.alloc_buffer((rl,), "float32")
+        rv = T.alloc_buffer((KEYS,), "float32")
         rs = T.alloc_buffer((1,), "float32")
         vm = T.alloc_buffer((dv,), "float32")
         ones = T.alloc_buffer((4,), "uint8")
@@ -216,60 +244,43 @@ def qattention(req: KernelRequest) -> KernelImpl:
                     v_i8(v, vs, x, j4 * 4 + 2, c), v_i8(v, vs, x, j4 * 4 + 3, c))
 
     @T.macro
+    def score(qs, kz, ks, mask, sc, acc, g, r, p, jb, ln):
+        if has_mask:
+            sc[r * skp + jb * KEYS + ln] = T.Select(
+                jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
+                T.Cast("float32", acc[(r * 2 + p) * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
+                                                                    + ln])
+                * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
+                   * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale))
+                + mask[bat(g) * mb, bh(g) % h * mh, T.min(row0(g) + r, s - 1) * ms,
+                       T.min(jb * KEYS + ln, sk - 1)],
+                T.float32(neg))
+        else:
+            sc[r * skp + jb * KEYS + ln] = T.Select(
+                jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
+                T.Cast("float32", acc[(r * 2 + p) * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
+                                                                    + ln])
+                * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
+                   * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale)),
+                T.float32(neg))
+
+    @T.macro
     def scores(q8, qs, k8, kz, ks, mask, sc, acc, g):
-        for jb in range(nblk(g)):
-            for ln in T.vectorized(ROWS * KEYS):
+        # two key blocks at a time: 2 x ROWS independent accumulator chains hide the dot
+        # product's latency (one block's 4 chains left vpdpbusd half idle)
+        for jp in range((nblk(g) + 1) // 2):
+            for ln in T.vectorized(ROWS * 2 * KEYS):
                 acc[ln] = 0
             for dd in range(d4):
                 for r in T.unroll(ROWS):
-                    dot(acc, r * KEYS, q8, (bh(g) * s + T.min(row0(g) + r, s - 1)) * dq
-                        + dd * 4, k8, ((bh(g) * d4 + dd) * skp + jb * KEYS) * 4)
+                    for p in T.unroll(2):
+                        dot(acc, (r * 2 + p) * KEYS, q8,
+                            (bh(g) * s + T.min(row0(g) + r, s - 1)) * dq + dd * 4, k8,
+                            ((bh(g) * d4 + dd) * skp + (jp * 2 + p) * KEYS) * 4)
             for r in T.unroll(ROWS):
-                for ln in T.vectorized(KEYS):
-                    if has_mask:
-                        sc[r * skp + jb * KEYS + ln] = T.Select(
-                            jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
-                            T.Cast("float32", acc[r * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
-                                                                      + ln])
-                            * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
-                               * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale))
-                            + mask[bat(g) * mb, bh(g) % h * mh,
-                                   T.min(row0(g) + r, s - 1) * ms,
-                                   T.min(jb * KEYS + ln, sk - 1)],
-                            T.float32(neg))
-                    else:
-                        sc[r * skp + jb * KEYS + ln] = T.Select(
-                            jb * KEYS + ln <= T.min(sk - 1, row0(g) + r + cshift),
-                            T.Cast("float32", acc[r * KEYS + ln] - kz[bh(g) * skp + jb * KEYS
-                                                                      + ln])
-                            * (qs[bh(g) * s + T.min(row0(g) + r, s - 1)]
-                               * ks[bh(g) * skp + jb * KEYS + ln] * T.float32(scale)),
-                            T.float32(neg))
-
-    @T.macro
-    def max_step(buf, o, w):
-        for ln in T.vectorized(w):
-            buf[o + ln] = T.max(buf[o + ln], buf[o + ln + w])
-
-    @T.macro
-    def sum_step(buf, o, w):
-        for ln in T.vectorized(w):
-            buf[o + ln] = buf[o + ln] + buf[o + ln + w]
-
-    @T.macro
-    def tree_max(buf, o):
-        # buf[o] = the max of buf[o .. o + 16]
-        max_step(buf, o, 8)
-        max_step(buf, o, 4)
-        max_step(buf, o, 2)
-        max_step(buf, o, 1)
-
-    @T.macro
-    def tree_sum(buf, o):
-        sum_step(buf, o, 8)
-        sum_step(buf, o, 4)
-        sum_step(buf, o, 2)
-        sum_step(buf, o, 1)
+                for p in T.unroll(2):
+                    for ln in T.vectorized(KEYS):
+                        score(qs, kz, ks, mask, sc, acc, g, r, p, jp * 2 + p, ln)
 
     @T.macro
     def softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nb):
@@ -283,8 +294,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
                                                 sc[r * skp + jb * KEYS + ln])
                     # max drops NaN: a NaN score reaches the row's sum (and result) here
                     nacc[r * KEYS + ln] = nacc[r * KEYS + ln] + T.Select(
-                        sc[r * skp + jb * KEYS + ln] != sc[r * skp + jb * KEYS + ln],
-                        T.float32(nan), T.float32(0))
+                        tirx.isnan(sc[r * skp + jb * KEYS + ln]), T.float32(nan), T.float32(0))
             tree_max(part, r * KEYS)
             # a row of -inf (every key masked): max 0, every e8 0, sum 0, 0/0 = NaN
             mx[r] = T.Select(part[r * KEYS] == T.float32(neg), T.float32(0), part[r * KEYS])
@@ -293,13 +303,15 @@ def qattention(req: KernelRequest) -> KernelImpl:
         for jb in range(nb):
             # a block whose every score is below max - 6.25 has every e8 = round(e * 255) = 0
             # (exp(-6.25) * 255 < 0.5): it is skipped here and in P @ V
+            # (a NaN counts as +inf: its block is computed, its row's result NaN through nacc)
             for ln in T.vectorized(KEYS):
-                blk[ln] = sc[jb * KEYS + ln] - mx[0]
+                blk[ln] = no_nan(sc[jb * KEYS + ln] - mx[0])
             for r in T.unroll(ROWS - 1):
                 for ln in T.vectorized(KEYS):
-                    blk[ln] = T.max(blk[ln], sc[(r + 1) * skp + jb * KEYS + ln] - mx[r + 1])
+                    blk[ln] = T.max(blk[ln], no_nan(sc[(r + 1) * skp + jb * KEYS + ln]
+                                                    - mx[r + 1]))
             tree_max(blk, 0)
-            live[jb] = T.Select(blk[0] >= T.float32(SKIP_BELOW), 1, 0)
+            live[jb] = T.Select(blk[0] < T.float32(SKIP_BELOW), 0, 1)
             if live[jb] == 1:
                 for r in T.unroll(ROWS):
                     for ln in T.vectorized(KEYS):
@@ -358,7 +370,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
         for it in T.parallel(its):
             sc = T.alloc_buffer((ROWS * skp,), "float32")
             ep = T.alloc_buffer((ROWS * skp,), "uint8")
-            acc = T.alloc_buffer((ROWS * KEYS,), "int32")
+            acc = T.alloc_buffer((ROWS * 2 * KEYS,), "int32")
             oacc = T.alloc_buffer((ROWS * dc,), "int32")
             part = T.alloc_buffer((ROWS * KEYS,), "float32")
             nacc = T.alloc_buffer((ROWS * KEYS,), "float32")
