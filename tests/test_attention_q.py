@@ -56,8 +56,9 @@ def _cases() -> dict[str, Case]:
         # MiniLM: 12 heads x 32, 128 tokens of which 23 real, BERT's padding mask
         "minilm": Case("qattention", [x, x, x, _padding_mask(1, 128, [23])], _attrs(12, 32)),
         "causal": Case("qattention", [causal] * 3, _attrs(2, 64, causal=True)),
-        # 37 tokens (not a multiple of 16 keys nor of 4 rows), head_dim 64, 2 batches
-        "odd": Case("qattention", [odd, odd, odd, _padding_mask(2, 37, [37, 30])],
+        # 37 tokens (not a multiple of 16 keys nor of 4 rows), head_dim 64, 2 batches, the
+        # second one all padding (every score finfo.min: a uniform softmax, no block dead)
+        "odd": Case("qattention", [odd, odd, odd, _padding_mask(2, 37, [30, 0])],
                     _attrs(3, 64)),
         # head_dim 20: not a multiple of 16 value columns; per-head mask rows
         "narrow": Case("qattention", [narrow] * 3 + [(RNG.standard_normal((1, 2, 21, 21))

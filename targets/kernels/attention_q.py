@@ -109,6 +109,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
     per = -(-total // its)
     dc = value_chunk_q(dv)
     cshift = sk - s if causal else sk
+    trim = has_mask and ms == 0 and not causal     # dead_blocks applies
     neg, inf, nan = -math.inf, math.inf, math.nan
     rchunks = -(-d // KEYS)                      # a row's max: its chunks of 16 columns
 
@@ -187,8 +188,36 @@ def qattention(req: KernelRequest) -> KernelImpl:
         rs[0] = T.Select(rv[0] == T.float32(inf), T.float32(nan), rv[0] / T.float32(127))
 
     @T.macro
-    def pack_head(q, k, v, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, x):
+    def dead_blocks(mask, qs, ks, dead, mm, x):
+        # A key block whose mask values are all far below the best mask value of the head can
+        # hold no probability: s_j - max <= mb - M + 2 B, with B = 127^2 D max s_q max s_k
+        # |scale| bounding |q8.k8 s_q s_k scale|; below -6.25 (with margin) every e8 is 0.
+        # Only for a mask shared by every query (padding) and no causal triangle, where some
+        # key with the best mask value is seen by every row; NaN anywhere keeps blocks live.
+        mm[0] = T.float32(0)
+        for i in range(s):
+            mm[0] = T.max(mm[0], no_nan(qs[x * s + i]))
+        mm[1] = T.float32(0)
+        for j in range(sk):
+            mm[1] = T.max(mm[1], no_nan(ks[x * skp + j]))
+        mm[2] = T.float32(2 * 127 * 127 * d * abs(scale)) * mm[0] * mm[1] + T.float32(7)
+        mm[3] = T.float32(neg)
+        for j in range(sk):
+            mm[3] = T.max(mm[3], T.Select(tirx.isnan(mask[x // h * mb, x % h * mh, 0, j]),
+                                          T.float32(neg), mask[x // h * mb, x % h * mh, 0, j]))
+        for jb in range(kblocks):
+            mm[4] = T.float32(-FLT_MAX)
+            for jj in range(KEYS):
+                if jb * KEYS + jj < sk:
+                    mm[4] = T.max(mm[4], no_nan(mask[x // h * mb, x % h * mh, 0,
+                                                     jb * KEYS + jj]))
+            dead[x * kblocks + jb] = T.Select(
+                mm[4] + mm[2] + T.float32(1e-6) * (T.abs(mm[4]) + T.abs(mm[3])) < mm[3], 1, 0)
+
+    @T.macro
+    def pack_head(q, k, v, mask, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, dead, x):
         rv = T.alloc_buffer((KEYS,), "float32")
+        mm = T.alloc_buffer((5,), "float32")
         rs = T.alloc_buffer((1,), "float32")
         vm = T.alloc_buffer((dv,), "float32")
         ones = T.alloc_buffer((4,), "uint8")
@@ -227,6 +256,8 @@ def qattention(req: KernelRequest) -> KernelImpl:
                 dot(kacc, 0, ones, 0, k8, ((x * d4 + dd) * skp + jb * KEYS) * 4)
             for ln in T.vectorized(KEYS):
                 kz[x * skp + jb * KEYS + ln] = kacc[ln] * 128
+        if trim:
+            dead_blocks(mask, qs, ks, dead, mm, x)
         for c in T.vectorized(dv):
             vm[c] = T.float32(0)
         for j in range(sk):
@@ -265,22 +296,34 @@ def qattention(req: KernelRequest) -> KernelImpl:
                 T.float32(neg))
 
     @T.macro
-    def scores(q8, qs, k8, kz, ks, mask, sc, acc, g):
-        # two key blocks at a time: 2 x ROWS independent accumulator chains hide the dot
-        # product's latency (one block's 4 chains left vpdpbusd half idle)
-        for jp in range((nblk(g) + 1) // 2):
-            for ln in T.vectorized(ROWS * 2 * KEYS):
-                acc[ln] = 0
-            for dd in range(d4):
-                for r in T.unroll(ROWS):
-                    for p in T.unroll(2):
-                        dot(acc, (r * 2 + p) * KEYS, q8,
-                            (bh(g) * s + T.min(row0(g) + r, s - 1)) * dq + dd * 4, k8,
-                            ((bh(g) * d4 + dd) * skp + (jp * 2 + p) * KEYS) * 4)
+    def score_pair(q8, qs, k8, kz, ks, mask, sc, acc, g, jp):
+        for ln in T.vectorized(ROWS * 2 * KEYS):
+            acc[ln] = 0
+        for dd in range(d4):
             for r in T.unroll(ROWS):
                 for p in T.unroll(2):
-                    for ln in T.vectorized(KEYS):
-                        score(qs, kz, ks, mask, sc, acc, g, r, p, jp * 2 + p, ln)
+                    dot(acc, (r * 2 + p) * KEYS, q8,
+                        (bh(g) * s + T.min(row0(g) + r, s - 1)) * dq + dd * 4, k8,
+                        ((bh(g) * d4 + dd) * skp + (jp * 2 + p) * KEYS) * 4)
+        for r in T.unroll(ROWS):
+            for p in T.unroll(2):
+                for ln in T.vectorized(KEYS):
+                    score(qs, kz, ks, mask, sc, acc, g, r, p, jp * 2 + p, ln)
+
+    @T.macro
+    def scores(q8, qs, k8, kz, ks, mask, sc, acc, dead, g):
+        # two key blocks at a time: 2 x ROWS independent accumulator chains hide the dot
+        # product's latency; a pair of dead blocks (dead_blocks) is not scored
+        for jp in range((nblk(g) + 1) // 2):
+            if trim:
+                if dead[bh(g) * kblocks + jp * 2] + dead[bh(g) * kblocks + jp * 2 + 1] == 2:
+                    for r in T.unroll(ROWS):
+                        for ln in T.vectorized(2 * KEYS):
+                            sc[r * skp + jp * 2 * KEYS + ln] = T.float32(neg)
+                else:
+                    score_pair(q8, qs, k8, kz, ks, mask, sc, acc, g, jp)
+            else:
+                score_pair(q8, qs, k8, kz, ks, mask, sc, acc, g, jp)
 
     @T.macro
     def softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nb):
@@ -365,8 +408,9 @@ def qattention(req: KernelRequest) -> KernelImpl:
         v8 = T.alloc_buffer((bh_n * skp * dv,), "int8")
         v8w = T.decl_buffer((bh_n * skp // 4 * dv,), "int32", data=v8.data)
         vs = T.alloc_buffer((bh_n * dv,), "float32")
+        dead = T.alloc_buffer((bh_n * kblocks,), "int32")
         for x in T.parallel(bh_n):
-            pack_head(q, k, v, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, x)
+            pack_head(q, k, v, mask, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, dead, x)
         for it in T.parallel(its):
             sc = T.alloc_buffer((ROWS * skp,), "float32")
             ep = T.alloc_buffer((ROWS * skp,), "uint8")
@@ -380,7 +424,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
             tot = T.alloc_buffer((ROWS,), "float32")
             for u in range(per):
                 if it + u * its < total:
-                    scores(q8, qs, k8, kz, ks, mask, sc, acc, it + u * its)
+                    scores(q8, qs, k8, kz, ks, mask, sc, acc, dead, it + u * its)
                     softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nblk(it + u * its))
                     weighted_values(v8, vs, out, ep, tot, oacc, live, it + u * its)
 
