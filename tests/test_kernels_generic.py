@@ -151,6 +151,9 @@ CASES["resize_linear_ac"] = Case("resize", [f32(1, 1, 4, 4)],
                                   "coordinate_transformation_mode": "align_corners"})
 CASES["resize_cubic"] = Case("resize", [f32(1, 1, 5, 5)],
                              {"scales": [1.0, 1.0, 1.6, 2.0], "mode": "cubic"})
+# rows of 128: the 4-vector tree statistics at every vector width (16, 8 and 4 lanes; small
+# enough for the aarch64 qemu run)
+CASES["layer_norm_tree_rows"] = Case("layer_norm", [f32(4, 128), f32(128), f32(128)])
 
 
 @pytest.fixture(scope="module")
