@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from compiler.ir.ops.attention_q import AMAX_FLOOR, P_LEVELS
 from targets.kernels._te import fast_exp
 from targets.kernels.attention import parallel_iterations
 from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
@@ -129,54 +130,46 @@ def qattention(req: KernelRequest) -> KernelImpl:
         # |x|, or +inf for a NaN or an infinity (the row's scale then becomes NaN)
         return T.Select(T.abs(x) <= T.float32(FLT_MAX), T.abs(x), T.float32(inf))
 
+    def hmax(buf, o):
+        # the largest of buf[o .. o + 16] by one integer vector reduction: a float's bits,
+        # negative ones flipped, order as int32 (LLVM's float max reduction is NaN-exact and
+        # slow; a NaN here is its row's, whose result is NaN anyway)
+        bits = tirx.reinterpret("int32x16", buf.vload([o], "float32x16"))
+        top = tirx.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax",
+                                         bits ^ ((bits >> 31) & 0x7FFFFFFF))
+        return tirx.reinterpret("float32", top ^ ((top >> 31) & 0x7FFFFFFF))
+
+    def hsum(buf, o):
+        return tirx.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add",
+                                          buf.vload([o], "int32x16"))
+
     def no_nan(x):
         return T.Select(tirx.isnan(x), T.float32(inf), x)
 
-    def q_i8(x, sc):
-        # the symmetric int8 value of x at scale sc, as f32 (0 for a non-finite x)
+    def q_i8(x, inv):
+        # the symmetric int8 value of x, inv = 127 / max|row|, as f32 (0 for a non-finite x)
         return T.Select(T.abs(x) <= T.float32(FLT_MAX), T.max(T.min(T.round(
-            x / T.max(sc, T.float32(1e-30))), T.float32(127)), T.float32(-127)),
-            T.float32(0))
+            x * inv), T.float32(127)), T.float32(-127)), T.float32(0))
 
-    def v_i8(v, vs, x, j, c):
+    def inverse(amax):
+        # 127 / max(amax, floor) in f32, as the reference (0 for a non-finite row: inf)
+        return T.float32(127) / T.max(amax, T.float32(AMAX_FLOOR))
+
+    def v_i8(v, vi, x, j, c):
         # value row j, column c of head x as int32 (0 past the keys or the head's columns)
         return T.Select(tirx.all(j < sk, c < d), T.Cast("int32", q_i8(
             v[x // h, T.min(j, sk - 1), ov + x % h * d + T.min(c, d - 1)],
-            vs[x * dv + c])), 0)
+            vi[c])), 0)
 
     def word(b0, b1, b2, b3):
         # four int8 values as the bytes of one int32, b0 lowest (little endian)
         return (b0 & 255) | ((b1 & 255) << 8) | ((b2 & 255) << 16) | (b3 << 24)
 
     @T.macro
-    def max_step(buf, o, w):
-        for ln in T.vectorized(w):
-            buf[o + ln] = T.max(buf[o + ln], buf[o + ln + w])
-
-    @T.macro
-    def sum_step(buf, o, w):
-        for ln in T.vectorized(w):
-            buf[o + ln] = buf[o + ln] + buf[o + ln + w]
-
-    @T.macro
-    def tree_max(buf, o):
-        # buf[o] = the max of buf[o .. o + 16]
-        max_step(buf, o, 8)
-        max_step(buf, o, 4)
-        max_step(buf, o, 2)
-        max_step(buf, o, 1)
-
-    @T.macro
-    def tree_sum(buf, o):
-        sum_step(buf, o, 8)
-        sum_step(buf, o, 4)
-        sum_step(buf, o, 2)
-        sum_step(buf, o, 1)
-
-    @T.macro
     def row_scale(src, b, row, col, rv, rs):
-        # rs[0] = max|src[b, row, col .. col + d]| / 127, NaN for a non-finite value: 16-lane
-        # partial maxima over the row's chunks of 16, then a halving tree
+        # rs[0] = max|src[b, row, col .. col + d]| / 127 (NaN for a non-finite value), rs[1]
+        # the inverse the values are multiplied by: 16-lane
+        # partial maxima over the row's chunks of 16, then one vector reduction
         for ln in T.vectorized(KEYS):
             rv[ln] = T.Select(ln < d, finite_abs(src[b, row, col + T.min(ln, d - 1)]),
                               T.float32(0))
@@ -184,8 +177,9 @@ def qattention(req: KernelRequest) -> KernelImpl:
             for ln in T.vectorized(KEYS):
                 rv[ln] = T.max(rv[ln], T.Select(ch * KEYS + ln < d, finite_abs(
                     src[b, row, col + T.min(ch * KEYS + ln, d - 1)]), T.float32(0)))
-        tree_max(rv, 0)
-        rs[0] = T.Select(rv[0] == T.float32(inf), T.float32(nan), rv[0] / T.float32(127))
+        rs[0] = T.Select(hmax(rv, 0) == T.float32(inf), T.float32(nan),
+                         hmax(rv, 0) / T.float32(127))
+        rs[1] = inverse(hmax(rv, 0))
 
     @T.macro
     def dead_blocks(mask, qs, ks, dead, mm, x):
@@ -218,8 +212,9 @@ def qattention(req: KernelRequest) -> KernelImpl:
     def pack_head(q, k, v, mask, q8, qs, kb, kbw, k8, k8w, kz, ks, v8w, vs, dead, x):
         rv = T.alloc_buffer((KEYS,), "float32")
         mm = T.alloc_buffer((5,), "float32")
-        rs = T.alloc_buffer((1,), "float32")
+        rs = T.alloc_buffer((2,), "float32")
         vm = T.alloc_buffer((dv,), "float32")
+        vi = T.alloc_buffer((dv,), "float32")
         ones = T.alloc_buffer((4,), "uint8")
         kacc = T.alloc_buffer((KEYS,), "int32")
         for i in range(s):
@@ -227,7 +222,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
             qs[x * s + i] = rs[0]
             for dd in T.vectorized(dq):
                 q8[(x * s + i) * dq + dd] = T.Cast("uint8", T.Select(dd < d, q_i8(
-                    q[x // h, i, oq + x % h * d + T.min(dd, d - 1)], rs[0]), T.float32(0))
+                    q[x // h, i, oq + x % h * d + T.min(dd, d - 1)], rs[1]), T.float32(0))
                     + T.float32(128))
         for j in range(skp):
             if j < sk:
@@ -235,7 +230,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
                 ks[x * skp + j] = rs[0]
                 for dd in T.vectorized(dq):
                     kb[(x * skp + j) * dq + dd] = T.Cast("int8", T.Select(dd < d, q_i8(
-                        k[x // h, j, ok + x % h * d + T.min(dd, d - 1)], rs[0]),
+                        k[x // h, j, ok + x % h * d + T.min(dd, d - 1)], rs[1]),
                         T.float32(0)))
             else:
                 ks[x * skp + j] = T.float32(0)
@@ -267,12 +262,13 @@ def qattention(req: KernelRequest) -> KernelImpl:
         for c in T.vectorized(dv):
             vs[x * dv + c] = T.Select(vm[c] == T.float32(inf), T.float32(nan),
                                       vm[c] / T.float32(127))
+            vi[c] = inverse(vm[c])
         # 16 columns x 4 keys per 64 bytes: each column's 4 keys packed into one word
         for j4 in range(skp // 4):
             for c in T.vectorized(dv):
                 v8w[(x * (skp // 4) + j4) * dv + c] = word(
-                    v_i8(v, vs, x, j4 * 4, c), v_i8(v, vs, x, j4 * 4 + 1, c),
-                    v_i8(v, vs, x, j4 * 4 + 2, c), v_i8(v, vs, x, j4 * 4 + 3, c))
+                    v_i8(v, vi, x, j4 * 4, c), v_i8(v, vi, x, j4 * 4 + 1, c),
+                    v_i8(v, vi, x, j4 * 4 + 2, c), v_i8(v, vi, x, j4 * 4 + 3, c))
 
     @T.macro
     def score(qs, kz, ks, mask, sc, acc, g, r, p, jb, ln):
@@ -326,47 +322,44 @@ def qattention(req: KernelRequest) -> KernelImpl:
                 score_pair(q8, qs, k8, kz, ks, mask, sc, acc, g, jp)
 
     @T.macro
-    def softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nb):
+    def softmax_tile(sc, ep, part, esum, nanc, blk, mx, tot, live, nb):
         for r in T.unroll(ROWS):
             for ln in T.vectorized(KEYS):
                 part[r * KEYS + ln] = T.float32(neg)
-                nacc[r * KEYS + ln] = T.float32(0)
+                nanc[r * KEYS + ln] = 0
+                esum[r * KEYS + ln] = 0
             for jb in range(nb):
                 for ln in T.vectorized(KEYS):
                     part[r * KEYS + ln] = T.max(part[r * KEYS + ln],
                                                 sc[r * skp + jb * KEYS + ln])
-                    # max drops NaN: a NaN score reaches the row's sum (and result) here
-                    nacc[r * KEYS + ln] = nacc[r * KEYS + ln] + T.Select(
-                        tirx.isnan(sc[r * skp + jb * KEYS + ln]), T.float32(nan), T.float32(0))
-            tree_max(part, r * KEYS)
+                    # the max may drop a NaN: the row's NaN scores are counted here
+                    nanc[r * KEYS + ln] = nanc[r * KEYS + ln] + T.Select(
+                        tirx.isnan(sc[r * skp + jb * KEYS + ln]), 1, 0)
             # a row of -inf (every key masked): max 0, every e8 0, sum 0, 0/0 = NaN
-            mx[r] = T.Select(part[r * KEYS] == T.float32(neg), T.float32(0), part[r * KEYS])
-            for ln in T.vectorized(KEYS):
-                part[r * KEYS + ln] = T.float32(0)
+            mx[r] = T.Select(hmax(part, r * KEYS) == T.float32(neg), T.float32(0),
+                             hmax(part, r * KEYS))
         for jb in range(nb):
             # a block whose every score is below max - 6.25 has every e8 = round(e * 255) = 0
             # (exp(-6.25) * 255 < 0.5): it is skipped here and in P @ V
-            # (a NaN counts as +inf: its block is computed, its row's result NaN through nacc)
+            # (a NaN is not below: its block is computed, its row's result NaN by nanc)
             for ln in T.vectorized(KEYS):
-                blk[ln] = no_nan(sc[jb * KEYS + ln] - mx[0])
+                blk[ln] = T.Select(sc[jb * KEYS + ln] - mx[0] < T.float32(SKIP_BELOW), 0, 1)
             for r in T.unroll(ROWS - 1):
                 for ln in T.vectorized(KEYS):
-                    blk[ln] = T.max(blk[ln], no_nan(sc[(r + 1) * skp + jb * KEYS + ln]
-                                                    - mx[r + 1]))
-            tree_max(blk, 0)
-            live[jb] = T.Select(blk[0] < T.float32(SKIP_BELOW), 0, 1)
+                    blk[ln] = blk[ln] | T.Select(sc[(r + 1) * skp + jb * KEYS + ln]
+                                                 - mx[r + 1] < T.float32(SKIP_BELOW), 0, 1)
+            live[jb] = T.Select(hsum(blk, 0) > 0, 1, 0)
             if live[jb] == 1:
                 for r in T.unroll(ROWS):
                     for ln in T.vectorized(KEYS):
                         ep[r * skp + jb * KEYS + ln] = T.Cast("uint8", T.max(T.round(fast_exp(
-                            sc[r * skp + jb * KEYS + ln] - mx[r]) * T.float32(255)),
+                            sc[r * skp + jb * KEYS + ln] - mx[r]) * T.float32(P_LEVELS)),
                             T.float32(0)))
-                        part[r * KEYS + ln] = part[r * KEYS + ln] + T.Cast(
-                            "float32", ep[r * skp + jb * KEYS + ln])
+                        esum[r * KEYS + ln] = esum[r * KEYS + ln] + T.Cast(
+                            "int32", ep[r * skp + jb * KEYS + ln])
         for r in T.unroll(ROWS):
-            tree_sum(part, r * KEYS)
-            tree_sum(nacc, r * KEYS)
-            tot[r] = part[r * KEYS] + nacc[r * KEYS]
+            tot[r] = T.Cast("float32", hsum(esum, r * KEYS)) + T.Select(
+                hsum(nanc, r * KEYS) > 0, T.float32(nan), T.float32(0))
 
     @T.macro
     def weighted_values(v8, vs, out, ep, tot, oacc, live, g):
@@ -417,15 +410,16 @@ def qattention(req: KernelRequest) -> KernelImpl:
             acc = T.alloc_buffer((ROWS * 2 * KEYS,), "int32")
             oacc = T.alloc_buffer((ROWS * dc,), "int32")
             part = T.alloc_buffer((ROWS * KEYS,), "float32")
-            nacc = T.alloc_buffer((ROWS * KEYS,), "float32")
+            esum = T.alloc_buffer((ROWS * KEYS,), "int32")
+            nanc = T.alloc_buffer((ROWS * KEYS,), "int32")
             live = T.alloc_buffer((kblocks,), "int32")
-            blk = T.alloc_buffer((KEYS,), "float32")
+            blk = T.alloc_buffer((KEYS,), "int32")
             mx = T.alloc_buffer((ROWS,), "float32")
             tot = T.alloc_buffer((ROWS,), "float32")
             for u in range(per):
                 if it + u * its < total:
                     scores(q8, qs, k8, kz, ks, mask, sc, acc, dead, it + u * its)
-                    softmax_tile(sc, ep, part, nacc, blk, mx, tot, live, nblk(it + u * its))
+                    softmax_tile(sc, ep, part, esum, nanc, blk, mx, tot, live, nblk(it + u * its))
                     weighted_values(v8, vs, out, ep, tot, oacc, live, it + u * its)
 
     if has_mask:

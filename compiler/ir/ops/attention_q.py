@@ -7,7 +7,8 @@ rows of a QKV dense, heads at column offsets, additive mask, causal triangle) an
 data of each call (no calibration). Per batch ``b`` and head ``h``:
 
 - ``q`` and ``k`` are quantized per row (each query's, each key's ``head_dim`` values):
-  ``s = max|row| / 127`` (f32), ``x8 = round(x / max(s, 1e-30))`` half to even, in -127..127;
+  ``s = max|row| / 127``, ``x8 = round(x * (127 / max(max|row|, 1e-28)))`` half to even, in
+  -127..127 (each step an f32 operation);
 - ``scores = (q8 . k8) * s_q * s_k * scale + mask`` (masked keys of a causal row: -inf);
 - ``e = exp(scores - row max)`` (a row of -inf takes max 0, as softmax) stored as the integers
   ``e8 = round(e * 255)`` in 0..255;
@@ -41,10 +42,10 @@ from compiler.errors import OpError
 from compiler.ir.ops.attention import attention_heads
 from compiler.ir.registry import OpDef, get_op, register_op
 
-__all__ = ["quantize_rows", "P_LEVELS", "SCALE_FLOOR"]
+__all__ = ["quantize_rows", "P_LEVELS", "AMAX_FLOOR"]
 
 P_LEVELS = 255        # e = exp(s - max) in (0, 1] as round(e * 255)
-SCALE_FLOOR = 1e-30   # x / max(s, floor): an all-zero row quantizes to zeros
+AMAX_FLOOR = 1e-28    # x * 127 / max(max|row|, floor): an all-zero row quantizes to zeros
 
 
 def quantize_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +54,10 @@ def quantize_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, np.float32)
     finite = np.isfinite(x)
     xs = np.where(finite, x, np.float32(0))
-    s = np.abs(xs).max(axis=axis, keepdims=True) / np.float32(127)
-    x8 = np.clip(np.round(xs / np.maximum(s, np.float32(SCALE_FLOOR))), -127, 127)
+    amax = np.abs(xs).max(axis=axis, keepdims=True)
+    s = amax / np.float32(127)
+    x8 = np.clip(np.round(xs * (np.float32(127) / np.maximum(amax, np.float32(AMAX_FLOOR)))),
+                 -127, 127)
     bad = ~finite.all(axis=axis, keepdims=True)
     return x8.astype(np.float64), np.where(bad, np.nan, s.astype(np.float64))
 
