@@ -120,9 +120,11 @@ def test_bad_operands_are_refused_naming_them():
 
 # -- the torchvision models ---------------------------------------------------------------
 
-# (model, squeeze_excite nodes, conv2d_fused nodes) at 64x64
-MODELS = {"mobilenet_v2": (0, 11), "mobilenet_v3_small": (9, 11),
-          "efficientnet_b0": (16, 17)}
+# (model, squeeze_excite, conv2d_fused, depthwise_pointwise nodes) at 64x64: MobileNetV2's
+# residual projections are depthwise_pointwise nodes with their depthwise convs (only the
+# stem is a conv2d_fused), V3-small's two blocks without squeeze-excitation too
+MODELS = {"mobilenet_v2": (0, 1, 17), "mobilenet_v3_small": (9, 10, 2),
+          "efficientnet_b0": (16, 17, 0)}
 
 
 def _export(name: str, tmp_path, size: int = 64):
@@ -171,8 +173,9 @@ def test_host_pipeline_fuses_the_blocks_and_matches_onnxruntime(name, tmp_path):
     path, x, want = _export(name, tmp_path)
     g = _host_graph(path)
     ops = g.op_counts()
-    se, fused = MODELS[name]
+    se, fused, dwpw = MODELS[name]
     assert ops.get("squeeze_excite", 0) == se and ops.get("conv2d_fused", 0) == fused, ops
+    assert ops.get("depthwise_pointwise", 0) == dwpw, ops
     # what is left: the classifier's pool, no channel multiply, residual add or transpose
     assert ops.get("global_avg_pool") == 1 and not {"mul", "add", "transpose"} & set(ops), ops
     got = interpret(g, {g.inputs[0].name: x})[0]
@@ -195,16 +198,15 @@ def test_compiled_mobilenet_v3_small_matches_onnxruntime_and_keeps_nan(tmp_path)
 
 @pytest.mark.slow
 def test_compiled_mobilenet_v2_with_depthwise_pointwise_matches_onnxruntime(tmp_path):
-    """fuse-conv-blocks{depthwise_pointwise=true}: every depthwise conv of MobileNetV2 (17,
-    each read by its 1x1 projection) is fused with it, and the compiled model still matches."""
+    """The host pipeline's fuse-conv-blocks{depthwise_pointwise=true}: every depthwise conv of
+    MobileNetV2 (17, each read by its 1x1 projection) is fused with it, and the compiled model
+    still matches."""
     from compiler import compile as npucc_compile
     from targets.description import load_target
 
     path, x, want = _export("mobilenet_v2", tmp_path)
-    pipeline = load_target("host").default_pipeline.replace(
-        "fuse-conv-blocks", "fuse-conv-blocks{depthwise_pointwise=true}")
-    assert "depthwise_pointwise=true" in pipeline
-    m = npucc_compile(path, target="host", pipeline=pipeline, progress=False)
+    assert "fuse-conv-blocks{depthwise_pointwise=true}" in load_target("host").default_pipeline
+    m = npucc_compile(path, target="host", progress=False)
     ops = [n.op for n in m.graph.nodes]
     assert ops.count("depthwise_pointwise") == 17, ops
     assert not [n for n in m.graph.nodes if n.op == "conv2d" and n.attrs["groups"] > 1]
