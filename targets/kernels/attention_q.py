@@ -333,9 +333,8 @@ def qattention(req: KernelRequest) -> KernelImpl:
                     part[r * KEYS + ln] = T.max(part[r * KEYS + ln],
                                                 sc[r * skp + jb * KEYS + ln])
                     # the max may drop a NaN: the row's NaN scores are counted here
-                    # (x == x, false for NaN only: tirx.isnan is not vectorised)
                     nanc[r * KEYS + ln] = nanc[r * KEYS + ln] + T.Select(
-                        sc[r * skp + jb * KEYS + ln] == sc[r * skp + jb * KEYS + ln], 0, 1)
+                        tirx.isnan(sc[r * skp + jb * KEYS + ln]), 1, 0)
             # a row of -inf (every key masked): max 0, every e8 0, sum 0, 0/0 = NaN
             mx[r] = T.Select(hmax(part, r * KEYS) == T.float32(neg), T.float32(0),
                              hmax(part, r * KEYS))
