@@ -21,7 +21,7 @@ from targets.kernels._te import accumulator_dtype, tvm_dtype
 from targets.kernels.base import CpuInfo, KernelImpl, KernelRequest
 from targets.kernels.conv_common import ConvGeom, pack_dw_weight, pick_width, to_oihw
 
-__all__ = ["depthwise_conv2d", "dw_tiles", "ACC_VECTORS"]
+__all__ = ["depthwise_conv2d", "dw_tiles", "window_tile", "ACC_VECTORS"]
 
 
 # accumulator vectors per register tile: half of a 16-register ISA (AVX2), leaving room for
@@ -51,6 +51,18 @@ def dw_tiles(g: ConvGeom, cpu: CpuInfo, dtype: str) -> tuple[int, int, int]:
     else:
         owb = pick_width(g.ow, max(1, ACC_VECTORS // vecs))
     return cb, owb, -(-g.ow // owb) * owb
+
+
+def window_tile(sch, blk, ry, rx, xi, ci, window: int) -> None:
+    """The depthwise register tile of block ``blk``, its loops ordered (ry, rx, xi, ci): the
+    window unrolled when it has at most 25 taps, the tile's columns ``xi`` unrolled, its
+    channels ``ci`` vectorised, the zeroing split off at ``ry``."""
+    if window <= 25:
+        sch.unroll(ry)
+        sch.unroll(rx)
+    sch.unroll(xi)
+    sch.vectorize(ci)
+    sch.decompose_reduction(blk, ry)
 
 
 def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout: str
@@ -120,12 +132,7 @@ def depthwise_conv2d(req: KernelRequest, g: ConvGeom, layout: str, kernel_layout
     # at load ~6: 2.11 -> 0.99 ms summed, every shape 0.34-0.60x)
     if layout == "NHWC":
         sch.vectorize(sch.get_loops(out)[-1])
-    if g.kh * g.kw <= 25:
-        sch.unroll(ry_)
-        sch.unroll(rx_)
-    sch.unroll(xi)
-    sch.vectorize(ci)
-    sch.decompose_reduction(conv, ry_)
+    window_tile(sch, conv, ry_, rx_, xi, ci, g.kh * g.kw)
     if need_stage and layout == "NHWC":  # a padded copy costs more than the conditions
         sch.compute_inline(sch.get_sblock("pad"))
     schedule_stage(sch, "pad", lanes, par)  # NCHW: the stage transposes to NHWC

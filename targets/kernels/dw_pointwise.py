@@ -72,7 +72,7 @@ def depthwise_pointwise(req: KernelRequest) -> KernelImpl:
     from tvm.s_tir import Schedule
 
     from targets.kernels.conv import conv_epilogue, input_stage
-    from targets.kernels.depthwise import dw_tiles
+    from targets.kernels.depthwise import dw_tiles, window_tile
 
     label = f"depthwise_pointwise {req.node_label}".strip()
     a = req.attrs
@@ -143,12 +143,7 @@ def depthwise_pointwise(req: KernelRequest) -> KernelImpl:
     sch.compute_at(dw, axo)
     dx, dch, dry, drx = sch.get_loops(dw)[-4:]
     sch.reorder(dry, drx, dx, dch)
-    if gd.kh * gd.kw <= 25:
-        sch.unroll(dry)
-        sch.unroll(drx)
-    sch.unroll(dx)
-    sch.vectorize(dch)
-    sch.decompose_reduction(dw, dry)
+    window_tile(sch, dw, dry, drx, dx, dch, gd.kh * gd.kw)
     sch.unroll(axi)
     sch.vectorize(aci)
     if need_stage:

@@ -72,14 +72,18 @@ def _relayout(shape: tuple[int, ...], src: str, dst: str) -> tuple[int, ...]:
         (shape[0], shape[2], shape[3], shape[1])
 
 
-def _conv_fused_infer(types, attrs):
-    n_in = 3 + int(attrs["input_scale"]) + int(attrs["residual"])
-    if len(types) != n_in:
-        raise OpError(f"conv2d_fused takes x, w, b{', scale' if attrs['input_scale'] else ''}"
-                      f"{', residual' if attrs['residual'] else ''}: {n_in} operands, got "
+def _float_operands(op: str, names: list[str], types) -> None:
+    """``types`` are one float operand per name of ``names``, else an OpError naming them."""
+    if len(types) != len(names):
+        raise OpError(f"{op} takes {', '.join(names)}: {len(names)} operands, got "
                       f"{len(types)}")
-    if not is_float(same_dtype(types, "conv2d_fused's operands")):
-        raise OpError(f"conv2d_fused needs float operands, got {types[0]}")
+    if not is_float(same_dtype(types, f"{op}'s operands")):
+        raise OpError(f"{op} needs float operands, got {types[0]}")
+
+
+def _conv_fused_infer(types, attrs):
+    _float_operands("conv2d_fused", ["x", "w", "b"] + ["scale"] * attrs["input_scale"]
+                    + ["residual"] * attrs["residual"], types)
     out = conv_infer(types[:3], attrs)[0]
     layout = attrs["layout"]
     x = types[0]
@@ -143,13 +147,8 @@ def pw_attrs(attrs: dict) -> dict:
 
 
 def _dwpw_infer(types, attrs):
-    n_in = 5 + int(attrs["residual"])
-    if len(types) != n_in:
-        raise OpError(f"depthwise_pointwise takes x, w_dw, b_dw, w_pw, b_pw"
-                      f"{', residual' if attrs['residual'] else ''}: {n_in} operands, got "
-                      f"{len(types)}")
-    if not is_float(same_dtype(types, "depthwise_pointwise's operands")):
-        raise OpError(f"depthwise_pointwise needs float operands, got {types[0]}")
+    _float_operands("depthwise_pointwise", ["x", "w_dw", "b_dw", "w_pw", "b_pw"]
+                    + ["residual"] * attrs["residual"], types)
     x, layout, kl = types[0], attrs["layout"], attrs["kernel_layout"]
     if x.rank != 4:
         raise OpError(f"depthwise_pointwise's input must be 4-D ({layout}), got {x}")
