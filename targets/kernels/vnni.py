@@ -140,9 +140,9 @@ def _vnni_kernel(req: KernelRequest, ins: list, *, rows_shape: tuple[int, ...], 
 
     ``a_at(rows, taps_axes, k)`` is the u8 activation (a buffer access, for tensorization),
     ``w_at(n, taps_axes, k)`` the packed weight access; ``nb`` channels per register tile
-    (:func:`_panel`, as packed). ``cols_outer``: tiles ordered by
-    column panel, then rows (one panel's weights stay in L1 across the row tiles, and each
-    thread's chunks read only their share of the weights); else by rows, then panels.
+    (:func:`_panel`, as packed). ``cols_outer``: tiles ordered by column panel, then rows
+    (one panel's weights stay in L1 across the row tiles, and each thread's chunks read only
+    their share of the weights); else by rows, then panels.
     """
     from tvm import te
     from tvm.s_tir import Schedule
