@@ -175,8 +175,26 @@ def gather_q(req: KernelRequest) -> KernelImpl:
         return T[iv, o[-1]].astype("float32") * S[iv]
 
     Y = te.compute(out.shape, body, name="out")
-    return KernelImpl(prim_func([T, S, Idx, Y], generic(req.cpu, "f32")),
-                      note=f"gather_q rows of {tt.shape[1]}")
+    lanes = req.cpu.lanes("f32")
+    if tt.shape[1] % lanes or out.rank < 2:
+        return KernelImpl(prim_func([T, S, Idx, Y], generic(req.cpu, "f32")),
+                          note=f"gather_q rows of {tt.shape[1]}")
+    return KernelImpl(prim_func([T, S, Idx, Y], _gathered_rows(req.cpu, lanes)),
+                      note=f"gather_q rows of {tt.shape[1]}, one index per row")
+
+
+def _gathered_rows(cpu, lanes: int):
+    """One task per gathered row (its index read, wrapped and clamped once), the row copied
+    in whole vectors: the generic schedule's fused loop recomputed the index per vector."""
+    def schedule(sch) -> None:
+        blk = sch.get_sblock("out")
+        loops = sch.get_loops(blk)
+        _, v = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(v)
+        rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        if cpu.num_cores > 1 and int(sch.get(rows).extent) >= 2:
+            sch.parallel(rows)
+    return schedule
 
 
 @register_kernel("norm_f16")
