@@ -4,19 +4,26 @@ run on 8-bit integers, quantized from the f32 operands inside the kernel.
 TIR with the structure of the f32 ``attention`` kernel (:mod:`targets.kernels.attention`):
 
 - First, parallel over (batch, head): every query and key row quantized per row (scale
-  ``max|row| / 127``, the row's maximum reduced in a vector tree; a NaN or infinity makes it
-  NaN), every value column over the keys. Queries are stored as u8 (``q8 + 128``: the int8
-  dot product multiplies u8 by i8), keys as ``k8[B*H, D/4, Skp, 4]`` (16 keys per 64 bytes,
-  4 consecutive head columns per key) with ``128 * sum_d k8`` per key to take the +128 back
-  out, values as ``v8[B*H, Skp/4, Dv, 4]`` (16 head columns per 64 bytes, 4 consecutive keys
-  per column).
+  ``max|row| / 127``, the row's maximum one vector reduction; a NaN or infinity makes it NaN;
+  values multiplied by ``127 / max``), every value column over the keys. Queries are stored
+  as u8 (``q8 + 128``: the int8 dot product multiplies u8 by i8); keys row by row, then as
+  ``k8[B*H, D/4, Skp, 4]`` (a transpose of 32-bit words: 16 keys per 64 bytes, 4 consecutive
+  head columns per key) with ``128 * sum_d k8`` per key to take the +128 back out; values as
+  ``v8[B*H, Skp/4, Dv, 4]`` (16 head columns per 64 bytes, each column's 4 consecutive keys
+  packed into one word by vector shifts). With a padding mask (one row for every query, not
+  causal), the key blocks whose mask is provably far below the head's best (BERT's
+  ``finfo.min`` padding) are marked dead (:func:`dead_blocks` inside the builder).
 - Then parallel over (batch, head, tile of ``ROWS`` query rows), tiles dealt as in the f32
-  kernel (:func:`targets.kernels.attention.parallel_iterations`). Per tile: ``ROWS x 16``
-  int32 score accumulators (one 4-byte broadcast of a query row and one 64-byte load of keys
-  per dot step), scores scaled and masked into f32, the row max, ``fast_exp``, the
-  probabilities stored as u8 ``round(e * 255)`` and summed, then ``ROWS x dc`` int32 value
-  accumulators (a 4-byte broadcast of 4 probabilities per dot step), each output column
-  scaled by ``s_v / sum`` once.
+  kernel (:func:`targets.kernels.attention.parallel_iterations`). Per tile, per pair of
+  16-key blocks not both dead: ``ROWS x 32`` int32 score accumulators (one 4-byte broadcast
+  of a query row and one 64-byte load of keys per dot step), scores scaled and masked into
+  f32; the row max; per block, unless every score is below the max - 6.25 (its u8
+  probabilities all round to 0), ``fast_exp`` and the probabilities stored as u8
+  ``round(e * 255)`` and summed; then ``ROWS x dc`` int32 value accumulators over the live
+  blocks (a 4-byte broadcast of 4 probabilities per dot step), each output column scaled by
+  ``s_v / sum`` once. The skipped blocks are exactly the ones whose u8 probabilities are 0:
+  the results are those of computing everything. MiniLM's sentences (a dozen tokens padded
+  to 128) leave one live block of eight.
 
 The dot step is the AVX512-VNNI ``vpdpbusd`` where the CPU has it (``vnni.has_vnni``: 16
 lanes of 4 u8 x i8 products), else the same sums as plain int32 vector code (AVX2, Arm: one
