@@ -99,6 +99,18 @@ def _conv_flops(node: Node, align: int) -> float:
     return flops + (out.type.size if len(node.inputs) > 2 else 0) + _act(node)
 
 
+def _dwpw_flops(node: Node, align: int) -> float:
+    """depthwise_pointwise: the depthwise conv's window and the 1x1 conv's product."""
+    w = node.inputs[1].shape
+    kh, kw = {"OIHW": (w[2], w[3]), "OHWI": (w[1], w[2]),
+              "HWIO": (w[0], w[1])}[node.attrs.get("kernel_layout", "OHWI")]
+    c, oc = node.inputs[1].shape[0], node.inputs[3].shape[0]  # OIHW / OHWI: O first
+    if node.attrs.get("kernel_layout") == "HWIO":
+        c, oc = w[3], node.inputs[3].shape[3]
+    px = node.outputs[0].type.size // oc
+    return 2.0 * px * _pad(c, align) * (kh * kw + _pad(oc, align)) + _act(node)
+
+
 def _convt_flops(node: Node, align: int) -> float:
     x, w = node.inputs[0].shape, node.inputs[1].shape
     g = node.attrs.get("groups", 1)
@@ -153,9 +165,10 @@ _FLOPS: dict[str, Callable[[Node, int], float]] = {
     "matmul": _matmul_flops, "gemm": _gemm_flops, "max_pool2d": _pool_flops,
     "avg_pool2d": _pool_flops, "qconv2d": _conv_flops, "qdense": _qdense_flops,
     "qmatmul": _matmul_flops, "dense_wq": _qdense_flops, "dense_rows": _qdense_flops,
-    "conv2d_fused": _conv_flops,
+    "conv2d_fused": _conv_flops, "depthwise_pointwise": _dwpw_flops,
 }
-_CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d", "conv2d_fused"})
+_CONV = frozenset({"conv2d", "qconv2d", "conv_transpose2d", "conv2d_fused",
+                   "depthwise_pointwise"})
 _DENSE = frozenset({"dense", "gemm", "qdense", "dense_wq", "dense_rows"})
 _MATMUL = frozenset({"matmul", "qmatmul"})
 _ATTENTION = frozenset({"softmax", "log_softmax", "cached_attention", "cached_attention_q"})
