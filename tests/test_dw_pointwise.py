@@ -136,3 +136,17 @@ def test_bad_operands_and_requests_are_refused_naming_them():
     with pytest.raises(OpError, match=r"both weights must be constants.*"
                                       r"depthwise_pointwise=false"):
         get_kernel_builder("depthwise_pointwise")(req)
+
+
+def test_cost_model_counts_both_convs():
+    """The cost model prices a depthwise_pointwise node as a conv doing the depthwise window
+    and the 1x1 product (not as an elementwise op over its result)."""
+    from compiler.ir import Graph
+    from targets.cost_model import node_flops, op_class
+
+    g = Graph("b")
+    x = g.add_input("x", TensorType((1, 14, 14, 64), "f32"))
+    ws = [g.add_const(_r(*s)) for s in ((64, 3, 3, 1), (64,), (96, 1, 1, 64), (96,))]
+    node = g.make_node("depthwise_pointwise", [x, *ws], {"pads": [1, 1, 1, 1]})
+    assert op_class(node) == "conv"
+    assert node_flops(node) == 2.0 * 196 * 64 * (9 + 96)
