@@ -60,6 +60,10 @@ def _cases() -> list[Case]:
                                           "dw_clip_max": 0.5}, weight_layout="HWIO"),
         # dilation 2, no padding on the right, batch 2 with a NaN pixel
         _case(nan, 24, 16, {"pads": [2, 2, 0, 0], "dilations": [2, 2]}),
+        # tile dimensions of 1 (the depthwise result as a whole stage): SSDlite's heads on a
+        # 1x1 map, 25 (odd) channels
+        _case(_r(1, 1, 1, 64), 64, 24, {"pads": [1, 1, 1, 1], "dw_activation": "relu6"}),
+        _case(_r(1, 5, 5, 25), 25, 16, {"pads": [1, 1, 1, 1]}),
     ]
 
 

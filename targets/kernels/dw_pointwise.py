@@ -132,23 +132,27 @@ def depthwise_pointwise(req: KernelRequest) -> KernelImpl:
     sch.unroll(xi)
     sch.vectorize(oci)
     sch.decompose_reduction(conv, rc_)
-    # the depthwise row, made in each task: its row buffer is the only thing in memory
-    act = sch.get_sblock("dwact")
-    sch.compute_at(act, task)
-    ax, ach = sch.get_loops(act)[-2:]
-    axo, axi = sch.split(ax, [None, owb_d])
-    aco, aci = sch.split(ach, [None, cb])
-    sch.reorder(aco, axo, axi, aci)
-    dw = sch.get_sblock("dw")
-    sch.compute_at(dw, axo)
-    dx, dch, dry, drx = sch.get_loops(dw)[-4:]
-    sch.reorder(dry, drx, dx, dch)
-    window_tile(sch, dw, dry, drx, dx, dch, gd.kh * gd.kw)
-    sch.unroll(axi)
-    sch.vectorize(aci)
+    # the depthwise row, made in each task: its row buffer is the only thing in memory.
+    # compute_at drops unit loops, so the tiles need every tile dimension > 1; otherwise (a
+    # 1-wide map, 1-wide window, odd channels) the depthwise result is a whole stage
+    tiled = min(t.owp, owb_d, cb, gd.kh, gd.kw) > 1
+    if tiled:
+        act = sch.get_sblock("dwact")
+        sch.compute_at(act, task)
+        ax, ach = sch.get_loops(act)[-2:]
+        axo, axi = sch.split(ax, [None, owb_d])
+        aco, aci = sch.split(ach, [None, cb])
+        sch.reorder(aco, axo, axi, aci)
+        dw = sch.get_sblock("dw")
+        sch.compute_at(dw, axo)
+        dx, dch, dry, drx = sch.get_loops(dw)[-4:]
+        sch.reorder(dry, drx, dx, dch)
+        window_tile(sch, dw, dry, drx, dx, dch, gd.kh * gd.kw)
+        sch.unroll(axi)
+        sch.vectorize(aci)
     if need_stage:
         sch.compute_inline(sch.get_sblock("pad"))
-    note = (f"depthwise {gd.kh}x{gd.kw}/{gd.sh} tile {owb_d}x{cb} -> 1x1 {c}->{gp.oc} tile "
+    note = (f"depthwise {gd.kh}x{gd.kw}/{gd.sh} {f'tile {owb_d}x{cb}' if tiled else 'stage'} -> 1x1 {c}->{gp.oc} tile "
             f"{t.owb}x{t.ob}, {splits} block group(s) per row")
     return KernelImpl(sch.mod["main"],
                       {1: lambda w: pack_dw_weight(to_oihw(w, kl)),
