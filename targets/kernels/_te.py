@@ -210,7 +210,7 @@ def _fast_exp(x):
     # kernels (softmax of masked attention -> P @ V) cost ~100x per operation on x86
     xc = te.min(te.max(x, c(-87.0)), c(88.3))
     # NaN stays NaN and exp overflows to +inf past log(FLT_MAX), as exp does
-    return tirx.Select(tirx.isnan(x), x, tirx.Select(
+    return tirx.Select(is_nan(x), x, tirx.Select(
         x > c(88.72284), c(math.inf),
         tirx.Select(x < c(-87.0), c(0.0), _let(xc, lambda x: _exp_core(x, c)))))
 
