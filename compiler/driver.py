@@ -310,6 +310,10 @@ def compile_pipeline(pipeline: str, opts: CompileOptions, desc, ctx) -> str:
         # pairs would otherwise stop to-nhwc's transposes; it goes before partitioning
         at = next((i for i, p in enumerate(passes) if p.name == "partition"), len(passes))
         passes[at:at] = [quantize, get_pass_class("lower-quantized")()]
+        # the float depthwise + 1x1 kernel would keep the 1x1 projections out of int8
+        passes = [dataclasses.replace(p, depthwise_pointwise=False)
+                  if p.name == "fuse-conv-blocks" and getattr(p, "depthwise_pointwise", False)
+                  else p for p in passes]
     ref = target_reference(desc)
     if ref is not None:
         passes = [dataclasses.replace(p, target=ref) if _reads_target(p) else p

@@ -211,3 +211,24 @@ def test_compiled_mobilenet_v2_with_depthwise_pointwise_matches_onnxruntime(tmp_
     assert ops.count("depthwise_pointwise") == 17, ops
     assert not [n for n in m.graph.nodes if n.op == "conv2d" and n.attrs["groups"] > 1]
     assert _rel(m.run({m.input_names[0]: x})[0], want) <= 1e-4
+
+
+def test_quantized_compile_keeps_the_projections_out_of_the_float_fused_kernel():
+    """The host pipeline fuses depthwise + 1x1 convs into a float kernel; when compile()
+    quantizes, the pipeline it runs turns that rule off, so the 1x1 projections can become
+    qconv2d (and says so in its text)."""
+    from compiler.driver import CompileOptions, compile_pipeline
+    from compiler.pass_base import PassContext
+    from targets.description import load_target
+
+    desc = load_target("host")
+    assert "depthwise_pointwise=true" in desc.default_pipeline
+
+    def text(**opts):
+        o = CompileOptions(**opts)
+        return compile_pipeline(desc.default_pipeline, o, desc, PassContext(target=desc))
+
+    assert "fuse-conv-blocks{depthwise-pointwise=true}" in text()
+    quantized = text(quantize="int8")
+    assert "fuse-conv-blocks" in quantized and "depthwise-pointwise=true" not in quantized
+    assert quantized.index("fuse-conv-blocks") < quantized.index("quantize")
