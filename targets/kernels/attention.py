@@ -34,7 +34,7 @@ import math
 from targets.kernels._te import fast_exp
 from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["parallel_iterations", "value_chunk"]
+__all__ = ["parallel_iterations", "value_chunk", "attention_prim_func"]
 
 ROWS = 4    # query rows per register tile
 HALF = ROWS // 2
@@ -69,7 +69,7 @@ def attention(req: KernelRequest) -> KernelImpl:
     a = req.attrs
     qt, kt_, vt = req.input_types[:3]
     bsz, s, nq = qt.shape
-    sk, nk, nv = kt_.shape[1], kt_.shape[2], vt.shape[2]
+    sk = kt_.shape[1]
     h, d = int(a["heads"]), int(a["head_dim"])
     oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
     scale, causal = float(a["scale"]), bool(a["causal"])
@@ -203,26 +203,39 @@ def attention(req: KernelRequest) -> KernelImpl:
                         softmax_row(sc, acc, mx, tot, r, nblk(it + u * its))
                     weighted_values(v, out, sc, tot, oa, ob, it + u * its)
 
-    if has_mask:
-        bm, hm, sm, _ = mshape
-
-        @T.prim_func
-        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
-                 v: T.Buffer((bsz, sk, nv), "float32"),
-                 mask: T.Buffer((bm, hm, sm, sk), "float32"),
-                 out: T.Buffer((bsz, s, h * d), "float32")):
-            T.func_attr({"tir.noalias": True})
-            head_block(q, k, v, mask, out)
-    else:
-        @T.prim_func
-        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
-                 v: T.Buffer((bsz, sk, nv), "float32"),
-                 out: T.Buffer((bsz, s, h * d), "float32")):
-            T.func_attr({"tir.noalias": True})
-            head_block(q, k, v, q, out)
-
+    func = attention_prim_func(head_block, req)
     return KernelImpl(func, note=(
         f"attention {h} heads x {d}, {s} queries x {sk} keys, {total} tiles of {ROWS} rows "
         f"dealt to {its} parallel iterations, {ROWS}x{lanes} score tiles, {ROWS}x{dc} value "
         f"tiles"
         f"{', masked' if has_mask else ''}{', causal' if causal else ''}"))
+
+
+def attention_prim_func(body, req: KernelRequest):
+    """The prim_func of an attention-shaped kernel (``attention``, ``qattention``): f32
+    ``q, k, v[, mask] -> out[B, S, H*D]`` as ``req`` types them, its body the TIR macro
+    ``body(q, k, v, mask, out)`` (without a mask, ``q`` stands in for it, never read)."""
+    from tvm.script import tirx as T
+
+    qt, kt_, vt = req.input_types[:3]
+    bsz, s, nq = qt.shape
+    sk, nk, nv = kt_.shape[1], kt_.shape[2], vt.shape[2]
+    hd = req.output_types[0].shape[2]
+    if len(req.input_types) == 4:
+        bm, hm, sm, _ = req.input_types[3].shape
+
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 mask: T.Buffer((bm, hm, sm, sk), "float32"),
+                 out: T.Buffer((bsz, s, hd), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(q, k, v, mask, out)
+    else:
+        @T.prim_func
+        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
+                 v: T.Buffer((bsz, sk, nv), "float32"),
+                 out: T.Buffer((bsz, s, hd), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(q, k, v, q, out)
+    return func

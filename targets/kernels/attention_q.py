@@ -38,7 +38,7 @@ import math
 
 from compiler.ir.ops.attention_q import AMAX_FLOOR, P_LEVELS
 from targets.kernels._te import fast_exp
-from targets.kernels.attention import parallel_iterations
+from targets.kernels.attention import attention_prim_func, parallel_iterations
 from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 from targets.kernels.vnni import VNNI_LLVM_INTRIN, has_vnni
 
@@ -96,7 +96,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
     a = req.attrs
     qt, kt_, vt = req.input_types[:3]
     bsz, s, nq = qt.shape
-    sk, nk, nv = kt_.shape[1], kt_.shape[2], vt.shape[2]
+    sk = kt_.shape[1]
     h, d = int(a["heads"]), int(a["head_dim"])
     oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
     scale, causal = float(a["scale"]), bool(a["causal"])
@@ -429,23 +429,7 @@ def qattention(req: KernelRequest) -> KernelImpl:
                     softmax_tile(sc, ep, part, esum, nanc, blk, mx, tot, live, nblk(it + u * its))
                     weighted_values(v8, vs, out, ep, tot, oacc, live, it + u * its)
 
-    if has_mask:
-        bm, hm, sm, _ = mshape
-
-        @T.prim_func
-        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
-                 v: T.Buffer((bsz, sk, nv), "float32"),
-                 mask: T.Buffer((bm, hm, sm, sk), "float32"),
-                 out: T.Buffer((bsz, s, h * d), "float32")):
-            T.func_attr({"tir.noalias": True})
-            body(q, k, v, mask, out)
-    else:
-        @T.prim_func
-        def func(q: T.Buffer((bsz, s, nq), "float32"), k: T.Buffer((bsz, sk, nk), "float32"),
-                 v: T.Buffer((bsz, sk, nv), "float32"),
-                 out: T.Buffer((bsz, s, h * d), "float32")):
-            T.func_attr({"tir.noalias": True})
-            body(q, k, v, q, out)
+    func = attention_prim_func(body, req)
 
     return KernelImpl(func, note=(
         f"qattention {h} heads x {d}, {s} queries x {sk} keys, int8 dot products "
