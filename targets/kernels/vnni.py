@@ -300,9 +300,9 @@ def vnni_qdense(req: KernelRequest) -> KernelImpl | None:
     def w_at(n, rax, k):
         return W[n // 16, k // 4, n % 16, k % 4]
 
-    # panels outermost: MiniLM's dense layers with weights cold in cache, as inside the model
-    # (AMD EPYC znver4, 2 threads, 16 weight copies in turn): 128x384->384 61-63 -> 57 us,
-    # ->1536 +GELU 248-250 -> 227-231 us, 1536->384 201-203 -> 197-199 us, ->1152 unchanged
+    # panels outermost: one panel's weights stay in L1 across the row tiles and each thread's
+    # chunks read only their share of the weights (a property of any cache hierarchy; the
+    # MiniLM figures, weights cold as inside the model: bench/minilm_int8_dense.py)
     func = _vnni_kernel(req, ins, rows_shape=tuple(lead), n_ch=N, k4=k4, a_at=a_at, taps=(),
                         w_at=w_at, nb=nb, cols_outer=True)
     return KernelImpl(func, {1: lambda w, nb=nb: pack_vnni(w, nb)},
