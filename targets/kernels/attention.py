@@ -34,7 +34,7 @@ import math
 from targets.kernels._te import fast_exp
 from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 
-__all__ = ["parallel_iterations", "value_chunk", "attention_prim_func"]
+__all__ = ["parallel_iterations", "value_chunk", "attention_prim_func", "attention_params"]
 
 ROWS = 4    # query rows per register tile
 HALF = ROWS // 2
@@ -61,22 +61,28 @@ def value_chunk(d: int, lanes: int) -> int:
     return chunk if d % chunk == 0 and d > chunk else d
 
 
+def attention_params(req: KernelRequest) -> tuple:
+    """An attention-shaped request (``attention``, ``qattention``) unpacked: ``batch, queries,
+    keys, heads, head_dim, (q_offset, k_offset, v_offset), scale, causal, has_mask, (mb, mh,
+    ms)``, the last three 0 or 1: 0 where the mask broadcasts along batch / head / query (its
+    index there is 0; all 0 without a mask)."""
+    a = req.attrs
+    bsz, s = req.input_types[0].shape[:2]
+    sk = req.input_types[1].shape[1]
+    has_mask = len(req.input_types) == 4
+    mshape = req.input_types[3].shape if has_mask else (1, 1, 1, sk)
+    return (bsz, s, sk, int(a["heads"]), int(a["head_dim"]),
+            (int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])), float(a["scale"]),
+            bool(a["causal"]), has_mask, tuple(int(x > 1) for x in mshape[:3]))
+
+
 @register_kernel("attention")
 def attention(req: KernelRequest) -> KernelImpl:
     from tvm import tirx
     from tvm.script import tirx as T
 
-    a = req.attrs
-    qt, kt_, vt = req.input_types[:3]
-    bsz, s, nq = qt.shape
-    sk = kt_.shape[1]
-    h, d = int(a["heads"]), int(a["head_dim"])
-    oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
-    scale, causal = float(a["scale"]), bool(a["causal"])
-    has_mask = len(req.input_types) == 4
-    mshape = req.input_types[3].shape if has_mask else (1, 1, 1, sk)
-    # 0 or 1: the mask's index along a broadcast axis is 0
-    mb, mh, ms = (int(x > 1) for x in mshape[:3])
+    bsz, s, sk, h, d, (oq, ok, ov), scale, causal, has_mask, (mb, mh, ms) = \
+        attention_params(req)
     lanes = req.cpu.lanes("f32")
     skp = -(-sk // lanes) * lanes
     kblocks = skp // lanes

@@ -38,7 +38,11 @@ import math
 
 from compiler.ir.ops.attention_q import AMAX_FLOOR, P_LEVELS
 from targets.kernels._te import fast_exp
-from targets.kernels.attention import attention_prim_func, parallel_iterations
+from targets.kernels.attention import (
+    attention_params,
+    attention_prim_func,
+    parallel_iterations,
+)
 from targets.kernels.base import STACK_ALLOCA_BYTES, KernelImpl, KernelRequest, register_kernel
 from targets.kernels.vnni import VNNI_LLVM_INTRIN, has_vnni
 
@@ -93,16 +97,8 @@ def qattention(req: KernelRequest) -> KernelImpl:
     from tvm import tirx
     from tvm.script import tirx as T
 
-    a = req.attrs
-    qt, kt_, vt = req.input_types[:3]
-    bsz, s, nq = qt.shape
-    sk = kt_.shape[1]
-    h, d = int(a["heads"]), int(a["head_dim"])
-    oq, ok, ov = int(a["q_offset"]), int(a["k_offset"]), int(a["v_offset"])
-    scale, causal = float(a["scale"]), bool(a["causal"])
-    has_mask = len(req.input_types) == 4
-    mshape = req.input_types[3].shape if has_mask else (1, 1, 1, sk)
-    mb, mh, ms = (int(x > 1) for x in mshape[:3])
+    bsz, s, sk, h, d, (oq, ok, ov), scale, causal, has_mask, (mb, mh, ms) = \
+        attention_params(req)
     vnni = has_vnni(req.cpu)
     dot = _dot_macros(vnni)
     d4 = -(-d // 4)
